@@ -1,0 +1,66 @@
+/**
+ * One error type for the whole package. Callers and tests match on `code`,
+ * never on message text; the message is one line that names the file (and
+ * tensor, where there is one) and says what to do.
+ */
+export type ErrorCode =
+  // safetensors container
+  | "HEADER_TOO_LARGE"
+  | "HEADER_INVALID"
+  | "TENSOR_INVALID"
+  | "INVALID_OFFSET"
+  | "DATA_INCOMPLETE"
+  | "METADATA_INVALID"
+  | "TENSOR_NOT_FOUND"
+  | "DTYPE_UNSUPPORTED"
+  // checkpoint folders
+  | "INDEX_INVALID"
+  | "PATH_ESCAPE"
+  | "PICKLE_REFUSED"
+  | "NOT_A_CHECKPOINT"
+  | "CONFIG_INVALID"
+  | "FAMILY_UNSUPPORTED"
+  | "FEATURE_UNSUPPORTED"
+  | "TENSOR_MISSING"
+  | "TENSOR_SHAPE"
+  // upcycling
+  | "SEED_MISMATCH"
+  | "OPTIONS_INVALID"
+  | "RECIPE_INVALID"
+  | "OUTPUT_EXISTS"
+  // runtime
+  | "IO_ERROR"
+  | "DISK_FULL"
+  | "ABORTED";
+
+export class BamError extends Error {
+  readonly code: ErrorCode;
+
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "BamError";
+    this.code = code;
+  }
+}
+
+export function isBamError(error: unknown, code?: ErrorCode): error is BamError {
+  return error instanceof BamError && (code === undefined || error.code === code);
+}
+
+/** Wraps a Node file-system error into a BamError naming the path. */
+export function ioError(path: string, error: unknown): BamError {
+  if (error instanceof BamError) return error;
+  const errno = (error as NodeJS.ErrnoException | undefined)?.code;
+  if (errno === "ENOSPC" || errno === "EDQUOT") {
+    return new BamError("DISK_FULL", `${path}: no space left on device; free some space or choose another output folder`, { cause: error });
+  }
+  if (errno === "ABORT_ERR" || (error as Error | undefined)?.name === "AbortError") {
+    return new BamError("ABORTED", `${path}: interrupted`, { cause: error });
+  }
+  const reason = errno === "ENOENT" ? "no such file or folder"
+    : errno === "EACCES" || errno === "EPERM" ? "permission denied"
+    : errno === "EISDIR" ? "is a folder, expected a file"
+    : errno === "ENOTDIR" ? "not a folder"
+    : (error as Error | undefined)?.message ?? String(error);
+  return new BamError("IO_ERROR", `${path}: ${reason}`, { cause: error });
+}

@@ -1,0 +1,139 @@
+/**
+ * Safetensors element types and exact float conversions between F32, F16
+ * and BF16. Byte buffers are little-endian, as in the file format; like every
+ * platform onnxruntime-node ships for, the host is assumed little-endian, so
+ * typed-array views read them directly.
+ */
+import { BamError } from "../errors.js";
+
+export type DType =
+  | "F64" | "F32" | "F16" | "BF16" | "F8_E4M3" | "F8_E5M2"
+  | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
+
+export const DTYPE_SIZE: Readonly<Record<DType, number>> = Object.freeze({
+  F64: 8, F32: 4, F16: 2, BF16: 2, F8_E4M3: 1, F8_E5M2: 1,
+  I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1,
+});
+
+export function isDType(value: unknown): value is DType {
+  return typeof value === "string" && Object.hasOwn(DTYPE_SIZE, value);
+}
+
+/** Array of non-negative safe integers, as a tensor shape must be. */
+export function isShape(value: unknown): value is number[] {
+  return Array.isArray(value) && value.every((dim) => Number.isSafeInteger(dim) && dim >= 0);
+}
+
+/** Bytes a tensor of this dtype and shape occupies; a bigint, since a lying shape can overflow a double. */
+export function tensorByteLength(dtype: DType, shape: readonly number[]): bigint {
+  return shape.reduce((bytes, dim) => bytes * BigInt(dim), BigInt(DTYPE_SIZE[dtype]));
+}
+
+export type FloatDType = "F32" | "F16" | "BF16";
+
+export function isFloatDType(d: DType): d is FloatDType {
+  return d === "F32" || d === "F16" || d === "BF16";
+}
+
+/** Decodes little-endian F32/F16/BF16 bytes; exact, NaN payloads kept. */
+export function toFloat32(bytes: Uint8Array, from: FloatDType): Float32Array {
+  const out = new Float32Array(elementCount(bytes, from));
+  if (from === "F32") {
+    new Uint8Array(out.buffer).set(bytes);
+    return out;
+  }
+  const halves = view16(bytes);
+  const bits = new Uint32Array(out.buffer);
+  const decode = from === "BF16" ? bf16ToF32Bits : f16ToF32Bits;
+  for (let i = 0; i < halves.length; i++) bits[i] = decode(halves[i]!);
+  return out;
+}
+
+/** Encodes to little-endian bytes, rounding to nearest even; NaN stays (quiet) NaN, overflow becomes Inf. */
+export function fromFloat32(values: Float32Array, to: FloatDType): Uint8Array {
+  const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
+  if (to === "F32") return bytes.slice();
+  const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
+  const halves = new Uint16Array(values.length);
+  const encode = to === "BF16" ? f32BitsToBf16 : f32BitsToF16;
+  for (let i = 0; i < bits.length; i++) halves[i] = encode(bits[i]!);
+  return new Uint8Array(halves.buffer);
+}
+
+/** Same dtype returns the input; otherwise goes through F32, which holds F16 and BF16 exactly (as torch's `.to()`). */
+export function convertFloats(bytes: Uint8Array, from: FloatDType, to: FloatDType): Uint8Array {
+  return from === to ? bytes : fromFloat32(toFloat32(bytes, from), to);
+}
+
+function elementCount(bytes: Uint8Array, dtype: FloatDType): number {
+  const size = DTYPE_SIZE[dtype];
+  if (bytes.length % size !== 0) {
+    throw new BamError("TENSOR_INVALID", `${bytes.length} bytes is not a whole number of ${dtype} values`);
+  }
+  return bytes.length / size;
+}
+
+/** 16-bit view of the bytes, copying only when they are not 2-byte aligned. */
+function view16(bytes: Uint8Array): Uint16Array {
+  const aligned = bytes.byteOffset % 2 === 0 ? bytes : bytes.slice();
+  return new Uint16Array(aligned.buffer, aligned.byteOffset, aligned.length / 2);
+}
+
+function bf16ToF32Bits(half: number): number {
+  return half << 16 >>> 0;
+}
+
+let f16Table: Uint32Array | undefined;
+
+/** F16 -> F32 bits through a 64K-entry table, built on first use. */
+function f16ToF32Bits(half: number): number {
+  f16Table ??= Uint32Array.from({ length: 0x10000 }, (_, h) => decodeF16(h));
+  return f16Table[half]!;
+}
+
+function decodeF16(half: number): number {
+  const sign = (half & 0x8000) << 16;
+  const exponent = (half >>> 10) & 0x1f;
+  let mantissa = half & 0x3ff;
+  if (exponent === 0x1f) return (sign | 0x7f800000 | (mantissa << 13)) >>> 0;
+  if (exponent !== 0) return (sign | ((exponent + 112) << 23) | (mantissa << 13)) >>> 0;
+  if (mantissa === 0) return sign >>> 0;
+  // Subnormal: shift the leading 1 into the implicit bit, lowering the exponent to match.
+  let f32Exponent = 113;
+  while ((mantissa & 0x400) === 0) {
+    mantissa <<= 1;
+    f32Exponent--;
+  }
+  return (sign | (f32Exponent << 23) | ((mantissa & 0x3ff) << 13)) >>> 0;
+}
+
+const F32_ABS = 0x7fffffff;
+const F32_INF = 0x7f800000;
+
+function f32BitsToBf16(bits: number): number {
+  const sign = (bits >>> 16) & 0x8000;
+  const abs = bits & F32_ABS;
+  if (abs > F32_INF) return sign | (abs >>> 16) | 0x40;
+  // A carry out of the mantissa bumps the exponent, which also turns overflow into Inf.
+  return sign | shiftRightRoundingToEven(abs, 16);
+}
+
+function f32BitsToF16(bits: number): number {
+  const sign = (bits >>> 16) & 0x8000;
+  const abs = bits & F32_ABS;
+  if (abs > F32_INF) return sign | 0x7e00 | ((abs >>> 13) & 0x3ff);
+  const exponent = (abs >>> 23) - 112; // rebias 127 -> 15
+  if (exponent >= 0x1f) return sign | 0x7c00;
+  if (exponent > 0) return sign | shiftRightRoundingToEven((exponent << 23) | (abs & 0x7fffff), 13);
+  // F16 subnormal (or zero): units of 2^-24 from the mantissa with its implicit bit.
+  if (exponent < -10) return sign;
+  return sign | shiftRightRoundingToEven((abs & 0x7fffff) | 0x800000, 14 - exponent);
+}
+
+/** value >> shift, rounded to nearest with ties to even; value < 2^31, 1 <= shift <= 24. */
+function shiftRightRoundingToEven(value: number, shift: number): number {
+  const kept = value >>> shift;
+  const rest = value & ((1 << shift) - 1);
+  const half = 1 << (shift - 1);
+  return rest > half || (rest === half && (kept & 1) === 1) ? kept + 1 : kept;
+}
