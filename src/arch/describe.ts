@@ -1,0 +1,116 @@
+/**
+ * What `bam inspect` reports about a model folder, as data (the CLI prints
+ * it as text or JSON).
+ */
+import { basename } from "node:path";
+import { BamError } from "../errors.js";
+import { isFloatDType, toFloat32 } from "../safetensors/index.js";
+import type { AttentionExperts, BlockKind, ModelTensor, OpenedModel } from "./model.js";
+import type { ArchFeatures } from "./types.js";
+
+export interface ParameterCounts {
+  total: number;
+  /** Parameters one token runs through: all attention experts (soft routing), k of E FFN experts. */
+  activePerToken: number;
+}
+
+export interface ModelSummary {
+  dir: string;
+  kind: "dense" | "bam";
+  family: string;
+  block: BlockKind;
+  layers: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  tiedEmbeddings: boolean;
+  parameters: ParameterCounts;
+  dtypes: Record<string, number>;
+  shards: string[];
+  tokenizerSha256: string | null;
+  experts: number;
+  expertsPerToken: number;
+  attentionExperts: AttentionExperts;
+  upcycledFrom: { name: string; sha256: string }[];
+  features: ArchFeatures;
+}
+
+const FFN_EXPERT = /^model\.layers\.\d+\.mlp\.experts\.\d+\./;
+
+export function countParameters(tensors: Iterable<Pick<ModelTensor, "name" | "shape">>, numExperts: number, expertsPerToken: number): ParameterCounts {
+  let total = 0;
+  let ffnExperts = 0;
+  for (const tensor of tensors) {
+    const size = tensor.shape.reduce((a, b) => a * b, 1);
+    total += size;
+    if (FFN_EXPERT.test(tensor.name)) ffnExperts += size;
+  }
+  return { total, activePerToken: total - ffnExperts + (ffnExperts * expertsPerToken) / numExperts };
+}
+
+export function describeModel(model: OpenedModel): ModelSummary {
+  const f = model.features;
+  const dtypes: Record<string, number> = {};
+  for (const tensor of model.tensors.values()) {
+    dtypes[tensor.dtype] = (dtypes[tensor.dtype] ?? 0) + 1;
+  }
+  return {
+    dir: model.dir,
+    kind: model.kind,
+    family: f.family,
+    block: model.moe.block,
+    layers: f.numLayers,
+    hiddenSize: f.hiddenSize,
+    intermediateSize: f.intermediateSize,
+    heads: f.numHeads,
+    kvHeads: f.numKvHeads,
+    headDim: f.headDim,
+    vocabSize: f.vocabSize,
+    tiedEmbeddings: f.tiedEmbeddings,
+    parameters: countParameters(model.tensors.values(), model.moe.numExperts, model.moe.expertsPerToken),
+    dtypes,
+    shards: model.files.map((file) => basename(file)),
+    tokenizerSha256: model.tokenizerHash,
+    experts: model.moe.numExperts,
+    expertsPerToken: model.moe.expertsPerToken,
+    attentionExperts: model.moe.attentionExperts,
+    upcycledFrom: model.moe.upcycledFrom,
+    features: f,
+  };
+}
+
+export interface ScanFinding {
+  tensor: string;
+  nan: number;
+  inf: number;
+}
+
+/** Reads every float tensor and counts NaN and Inf values; reports progress in bytes. */
+export async function scanModel(
+  model: OpenedModel,
+  options: { onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
+): Promise<ScanFinding[]> {
+  const tensors = [...model.tensors.values()].filter((t) => isFloatDType(t.dtype));
+  const sizeOf = (t: ModelTensor) => t.shape.reduce((a, b) => a * b, 1) * (t.dtype === "F32" ? 4 : 2);
+  const total = tensors.reduce((sum, t) => sum + sizeOf(t), 0);
+  const findings: ScanFinding[] = [];
+  let done = 0;
+  for (const tensor of tensors) {
+    if (options.signal?.aborted) throw new BamError("ABORTED", `${model.dir}: scan interrupted`);
+    if (!isFloatDType(tensor.dtype)) continue;
+    const values = toFloat32(await model.read(tensor.name), tensor.dtype);
+    let nan = 0;
+    let inf = 0;
+    for (const v of values) {
+      if (Number.isNaN(v)) nan += 1;
+      else if (!Number.isFinite(v)) inf += 1;
+    }
+    if (nan + inf > 0) findings.push({ tensor: tensor.name, nan, inf });
+    done += sizeOf(tensor);
+    options.onProgress?.(done, total);
+  }
+  return findings;
+}

@@ -1,0 +1,9 @@
+/** Model loaders: dense Hugging Face checkpoints -> the canonical description. */
+export { openSeed, parameterCount, type Seed } from "./load.js";
+export { featuresFromHfConfig, familyOf, readConfigFile, CONFIG_LIMITS, ROPE_SCALING_TYPES, type HfConfig } from "./config.js";
+export { canonicalLayout, type LayoutEntry } from "./layout.js";
+export { FAMILY_SPECS, familySpec, type FamilySpec } from "./families.js";
+export { featuresToConfig, featuresFromConfig, type FeatureConfig } from "./features.js";
+export * from "./types.js";
+export * from "./model.js";
+export * from "./describe.js";

@@ -1,0 +1,190 @@
+/**
+ * openSeed: a dense Hugging Face folder as the canonical DenseModel, with a
+ * reader that returns each canonical tensor in [out, in] layout.
+ */
+import { basename, isAbsolute, join, resolve } from "node:path";
+import { BamError } from "../errors.js";
+import { CheckpointFiles, DTYPE_SIZE } from "../safetensors/index.js";
+import { featuresFromHfConfig, familyOf, readConfigFile } from "./config.js";
+import { sha256File } from "./hash.js";
+import { mapCheckpoint } from "./layout.js";
+import type { CanonicalTensor, DenseModel, TensorSource } from "./types.js";
+
+export interface Seed extends DenseModel {
+  /** Absolute paths of the safetensors files holding the weights. */
+  files: readonly string[];
+  /** Checkpoint tensors nothing reads (not known-harmless buffers either); `bam inspect` warns about them. */
+  unusedTensors: string[];
+  /** Bytes of a canonical tensor in its stored dtype, little-endian, [out, in] layout. */
+  read(name: string): Promise<Uint8Array>;
+  /** Bytes of elements [start, start + count) of a canonical tensor, flattened row-major. */
+  readElements(name: string, start: number, count: number): Promise<Uint8Array>;
+  close(): Promise<void>;
+}
+
+export async function openSeed(dir: string): Promise<Seed> {
+  const config = await readConfigFile(dir);
+  // The whole config is checked before any weights file is opened.
+  const spec = familyOf(config);
+  const features = featuresFromHfConfig(config);
+  const checkpoint = await CheckpointFiles.open(dir);
+  try {
+    const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
+    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    const reader = new CanonicalReader(checkpoint);
+    const tensor = (name: string): CanonicalTensor => {
+      const found = tensors.get(name);
+      if (found === undefined) throw new BamError("TENSOR_NOT_FOUND", `${dir}: no canonical tensor "${name}" in this ${features.family} seed`);
+      return found;
+    };
+    return {
+      dir,
+      name: basename(resolve(dir)),
+      features,
+      tensors,
+      rawConfig: config.raw,
+      tokenizerHash,
+      files: checkpoint.files,
+      unusedTensors: unused,
+      read: async (name) => {
+        const t = tensor(name);
+        return reader.read(t, 0, elementCount(t.shape));
+      },
+      readElements: async (name, start, count) => {
+        const t = tensor(name);
+        const total = elementCount(t.shape);
+        if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
+          throw new BamError("INVALID_OFFSET", `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`);
+        }
+        return reader.read(t, start, count);
+      },
+      close: () => checkpoint.close(),
+    };
+  } catch (error) {
+    await checkpoint.close();
+    throw error;
+  }
+}
+
+/** The file that names the checkpoint's tensors: its only weights file, or the shard index. */
+function checkpointLabel(checkpoint: CheckpointFiles): string {
+  const only = checkpoint.files.length === 1 ? checkpoint.files[0] : undefined;
+  if (only === undefined) return join(checkpoint.dir, "model.safetensors.index.json");
+  return isAbsolute(only) ? only : join(checkpoint.dir, only);
+}
+
+/** Number of values of a model: every canonical tensor once (a tied head is the embedding). */
+export function parameterCount(model: Pick<DenseModel, "tensors">): number {
+  let total = 0;
+  for (const tensor of model.tensors.values()) total += elementCount(tensor.shape);
+  return total;
+}
+
+const elementCount = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+
+type ByteReader = Pick<CheckpointFiles, "read" | "readBytes">;
+
+/**
+ * Reads element ranges of canonical tensors. Without a transpose only the
+ * needed bytes are read, row splits included. A Conv1D weight (gpt2, at most
+ * tens of MB) is read whole and transposed once, then served from a
+ * one-tensor cache while it is read chunk by chunk.
+ */
+export class CanonicalReader {
+  private transposed: { tensor: CanonicalTensor; bytes: Promise<Uint8Array> } | undefined;
+
+  constructor(private readonly files: ByteReader) {}
+
+  async read(tensor: CanonicalTensor, start: number, count: number): Promise<Uint8Array> {
+    const { sourceName, dtype, transpose } = tensor.source;
+    const size = DTYPE_SIZE[dtype];
+    if (transpose) {
+      if (this.transposed?.tensor !== tensor) this.transposed = { tensor, bytes: readTransposed(this.files, tensor) };
+      // A copy: callers may keep or change what they get.
+      return (await this.transposed.bytes).slice(start * size, (start + count) * size);
+    }
+    const parts = await Promise.all(
+      sourceSegments(tensor.source, start, count).map(([offset, length]) => this.files.readBytes(sourceName, offset, length)),
+    );
+    return concat(parts);
+  }
+}
+
+/**
+ * Byte ranges of the stored tensor that hold canonical elements
+ * [start, start + count): the canonical tensor is the listed row ranges of
+ * the source, one after another (all rows when there is no split).
+ */
+export function sourceSegments(source: TensorSource, start: number, count: number): Array<[number, number]> {
+  const size = DTYPE_SIZE[source.dtype];
+  const rowLength = elementCount(source.sourceShape.slice(1));
+  const rows = source.rows ?? [[0, source.sourceShape[0] ?? 1]];
+  const end = start + count;
+  const segments: Array<[number, number]> = [];
+  let first = 0; // canonical index of the range's first element
+  for (const [row, rowCount] of rows) {
+    const last = first + rowCount * rowLength;
+    const from = Math.max(start, first);
+    const to = Math.min(end, last);
+    if (from < to) {
+      const offset = (row * rowLength + (from - first)) * size;
+      const previous = segments[segments.length - 1];
+      // Adjacent ranges become one read.
+      if (previous !== undefined && previous[0] + previous[1] === offset) previous[1] += (to - from) * size;
+      else segments.push([offset, (to - from) * size]);
+    }
+    first = last;
+  }
+  return segments;
+}
+
+async function readTransposed(files: ByteReader, tensor: CanonicalTensor): Promise<Uint8Array> {
+  const { sourceName, sourceShape, dtype, rows } = tensor.source;
+  const size = DTYPE_SIZE[dtype];
+  const [inner, outer] = sourceShape as [number, number];
+  const transposed = transpose2d(await files.read(sourceName), inner, outer, size);
+  if (rows === null) return transposed;
+  const rowBytes = inner * size;
+  return concat(rows.map(([row, count]) => transposed.subarray(row * rowBytes, (row + count) * rowBytes)));
+}
+
+function concat(parts: readonly Uint8Array[]): Uint8Array {
+  if (parts.length === 1) return parts[0]!;
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** [rows, cols] -> [cols, rows], moving whole elements (bit patterns untouched). */
+export function transpose2d(bytes: Uint8Array, rows: number, cols: number, elementSize: number): Uint8Array {
+  if (bytes.length !== rows * cols * elementSize) {
+    throw new BamError("DATA_INCOMPLETE", `transpose: expected ${rows * cols * elementSize} bytes, got ${bytes.length}`);
+  }
+  const out = new Uint8Array(bytes.length);
+  const View = ELEMENT_VIEWS[elementSize];
+  if (View !== undefined) {
+    // Typed views need aligned offsets; copy once if the input is not aligned.
+    const aligned = bytes.byteOffset % elementSize === 0 ? bytes : bytes.slice();
+    const src = new View(aligned.buffer as ArrayBuffer, aligned.byteOffset, rows * cols);
+    const dst = new View(out.buffer, 0, rows * cols);
+    for (let r = 0; r < rows; r++) {
+      const base = r * cols;
+      for (let c = 0; c < cols; c++) dst[c * rows + r] = src[base + c]!;
+    }
+    return out;
+  }
+  for (let r = 0; r < rows; r++) {
+    for (let c = 0; c < cols; c++) {
+      const from = (r * cols + c) * elementSize;
+      out.set(bytes.subarray(from, from + elementSize), (c * rows + r) * elementSize);
+    }
+  }
+  return out;
+}
+
+type ElementView = Uint8ArrayConstructor | Uint16ArrayConstructor | Uint32ArrayConstructor;
+const ELEMENT_VIEWS: Readonly<Record<number, ElementView>> = { 1: Uint8Array, 2: Uint16Array, 4: Uint32Array };

@@ -1,0 +1,168 @@
+/**
+ * Any model folder we read: a dense seed of a supported family, or a BAM
+ * folder written by the upcycler (or saved back by modeling_bam.py after
+ * fine-tuning). Both come out as the BAM view of BAM.md section 2: a dense
+ * seed is a BAM model with one expert, merged attention, no routers, and its
+ * FFN under mlp.experts.0.
+ */
+import { basename, join, resolve } from "node:path";
+import { BamError } from "../errors.js";
+import { CheckpointFiles } from "../safetensors/index.js";
+import type { DType } from "../safetensors/index.js";
+import { readConfigFile, type HfConfig } from "./config.js";
+import { featuresFromConfig } from "./features.js";
+import { openSeed } from "./load.js";
+import { sha256File } from "./hash.js";
+import type { ArchFeatures } from "./types.js";
+
+export type AttentionExperts = "moa" | "shared-kv" | "merged";
+export type BlockKind = "parallel" | "sequential";
+export const ATTENTION_EXPERTS: readonly AttentionExperts[] = ["moa", "shared-kv", "merged"];
+export const BLOCK_KINDS: readonly BlockKind[] = ["parallel", "sequential"];
+
+export interface SeedRecord {
+  name: string;
+  sha256: string;
+}
+
+/** The mixture part of a BAM config.json. */
+export interface MoeSettings {
+  numExperts: number;
+  expertsPerToken: number;
+  attentionExperts: AttentionExperts;
+  block: BlockKind;
+  routerAuxLossCoef: number;
+  routerZLossCoef: number;
+  upcycledFrom: SeedRecord[];
+}
+
+export interface ModelTensor {
+  name: string;
+  shape: number[];
+  dtype: DType;
+}
+
+export interface OpenedModel {
+  kind: "dense" | "bam";
+  dir: string;
+  name: string;
+  features: ArchFeatures;
+  moe: MoeSettings;
+  /** BAM-view name -> tensor, in file order. */
+  tensors: ReadonlyMap<string, ModelTensor>;
+  /** Safetensors files holding the weights. */
+  files: readonly string[];
+  tokenizerHash: string | null;
+  rawConfig: Record<string, unknown>;
+  /** Bytes of a tensor in its stored dtype, little-endian, [out, in] layout. */
+  read(name: string): Promise<Uint8Array>;
+  close(): Promise<void>;
+}
+
+/** Dense canonical name -> BAM-view name: the FFN becomes expert 0. */
+export function denseToBamName(name: string): string {
+  return name.replace(/^(model\.layers\.\d+\.mlp)\./, "$1.experts.0.");
+}
+
+export async function openModel(dir: string): Promise<OpenedModel> {
+  const config = await readConfigFile(dir);
+  return config.raw.model_type === "bam" ? openBam(dir, config) : openDense(dir);
+}
+
+async function openDense(dir: string): Promise<OpenedModel> {
+  const seed = await openSeed(dir);
+  const byBamName = new Map<string, string>();
+  const tensors = new Map<string, ModelTensor>();
+  for (const tensor of seed.tensors.values()) {
+    const bamName = denseToBamName(tensor.name);
+    byBamName.set(bamName, tensor.name);
+    tensors.set(bamName, { name: bamName, shape: tensor.shape, dtype: tensor.dtype });
+  }
+  return {
+    kind: "dense",
+    dir,
+    name: seed.name,
+    features: seed.features,
+    moe: {
+      numExperts: 1,
+      expertsPerToken: 1,
+      attentionExperts: "merged",
+      block: seed.features.parallelBlock ? "parallel" : "sequential",
+      routerAuxLossCoef: 0,
+      routerZLossCoef: 0,
+      upcycledFrom: [],
+    },
+    tensors,
+    files: seed.files,
+    tokenizerHash: seed.tokenizerHash,
+    rawConfig: seed.rawConfig,
+    read: (name) => {
+      const canonical = byBamName.get(name);
+      if (canonical === undefined) throw new BamError("TENSOR_NOT_FOUND", `${dir}: no tensor ${name}`);
+      return seed.read(canonical);
+    },
+    close: () => seed.close(),
+  };
+}
+
+async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<OpenedModel> {
+  const features = featuresFromConfig(config, file);
+  const moe = moeFromConfig(config, file);
+  const checkpoint = await CheckpointFiles.open(dir);
+  try {
+    const tensors = new Map<string, ModelTensor>();
+    for (const info of checkpoint.tensors.values()) {
+      tensors.set(info.name, { name: info.name, shape: info.shape, dtype: info.dtype });
+    }
+    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    return {
+      kind: "bam",
+      dir,
+      name: basename(resolve(dir)),
+      features,
+      moe,
+      tensors,
+      files: checkpoint.files,
+      tokenizerHash,
+      rawConfig: config,
+      read: (name) => checkpoint.read(name),
+      close: () => checkpoint.close(),
+    };
+  } catch (error) {
+    await checkpoint.close();
+    throw error;
+  }
+}
+
+export function moeFromConfig(config: Record<string, unknown>, file: string): MoeSettings {
+  const bad = (key: string, want: string): never => {
+    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${JSON.stringify(config[key])}`);
+  };
+  const int = (key: string): number => {
+    const v = config[key];
+    return typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= 4096 ? v : bad(key, "an integer from 1 to 4096");
+  };
+  const num = (key: string): number => {
+    const v = config[key];
+    return typeof v === "number" && Number.isFinite(v) && v >= 0 ? v : bad(key, "a non-negative number");
+  };
+  const numExperts = int("num_experts");
+  const expertsPerToken = int("num_experts_per_tok");
+  if (expertsPerToken > numExperts) bad("num_experts_per_tok", `at most num_experts (${numExperts})`);
+  const attention = config.attention_experts as AttentionExperts;
+  if (!ATTENTION_EXPERTS.includes(attention)) bad("attention_experts", ATTENTION_EXPERTS.join(" or "));
+  const block = config.block as BlockKind;
+  if (!BLOCK_KINDS.includes(block)) bad("block", BLOCK_KINDS.join(" or "));
+  const upcycledFrom = Array.isArray(config.upcycled_from)
+    ? config.upcycled_from.map((entry) => ({ name: String(entry?.name ?? "?"), sha256: String(entry?.sha256 ?? "") }))
+    : [];
+  return {
+    numExperts,
+    expertsPerToken,
+    attentionExperts: attention,
+    block,
+    routerAuxLossCoef: num("router_aux_loss_coef"),
+    routerZLossCoef: num("router_z_loss_coef"),
+    upcycledFrom,
+  };
+}

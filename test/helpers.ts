@@ -1,0 +1,38 @@
+/** Shared test helpers: fixture paths, temp folders, float comparison. */
+import { existsSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { FAMILIES, type Family } from "../src/arch/types.js";
+
+export const FIXTURES = resolve("fixtures");
+
+export function fixture(family: Family, variant: "base" | "code" | "math" | "sharded" | "bf16"): string {
+  return join(FIXTURES, family, variant);
+}
+
+/** Families whose fixtures have been made (scripts/make_fixtures.py). */
+export function fixtureFamilies(): Family[] {
+  return FAMILIES.filter((family) => existsSync(join(fixture(family, "base"), "config.json")));
+}
+
+export async function withTempDir<T>(body: (dir: string) => Promise<T>): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), "bam-test-"));
+  try {
+    return await body(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** Largest |a - b| over two equally long arrays. */
+export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  if (a.length !== b.length) throw new Error(`length ${a.length} vs ${b.length}`);
+  let worst = 0;
+  for (let i = 0; i < a.length; i++) worst = Math.max(worst, Math.abs(a[i]! - b[i]!));
+  return worst;
+}
+
+export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
+}
