@@ -1,0 +1,792 @@
+"""BAM (Branch-Attend-Mix) mixture-of-experts language model, in one file.
+
+One implementation for every seed family, driven only by the config's features
+(configuration_bam.py). Per layer (shared/BAM.md):
+  attention: soft Mixture of Attention, Attn(h) = sum_e g_e MHA_e(h), g = softmax(W_ar h) over all E
+             ("moa"); per-expert q/o with one shared k/v ("shared-kv"); or one plain attention ("merged")
+  FFN:       top-k of softmax router probabilities, renormalised to sum to 1 (BTX/Mixtral)
+  block:     parallel   y = x + MoA(Na x) + MoE(Nf x)
+             sequential h = x + MoA(Na x); y = h + MoE(Nf h)
+Loss = NLL + router_aux_loss_coef * load-balance (Switch) + router_z_loss_coef * z-loss (ST-MoE),
+both summed over layers. Router math runs in float32, autocast off.
+
+Layout: a pure-torch core (Norm, rope, Router, Attention, Expert, MoE, Block, BamModelCore,
+BamForCausalLMCore; tests build it on CPU without transformers), then thin transformers
+wrappers (BamPreTrainedModel, BamModel, BamForCausalLM) defined only when transformers imports.
+
+Tensor names are those of shared/BAM.md section 2: every expert is its own nn.Module
+(`attn.experts.{e}.q_proj`, `mlp.experts.{e}.gate_proj`, ...), so state_dict, save_pretrained
+and from_pretrained need no name mapping. The experts' weights are stacked on the fly
+(torch.cat / torch.stack, differentiable) into one matmul for attention and one grouped GEMM
+(torch.nn.functional.grouped_mm, CUDA bf16) for the FFN.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    from .configuration_bam import BamConfig
+except ImportError:  # imported as a top-level module (tests, scripts)
+    from configuration_bam import BamConfig
+
+_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+_HAS_SDPA = _TORCH >= (2, 1)  # scaled_dot_product_attention with `scale=`
+_HAS_GQA = _TORCH >= (2, 5)  # ... and `enable_gqa=`
+_HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
+GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
+
+
+def gelu_tanh(x):  # gelu_new, gelu_pytorch_tanh
+    return F.gelu(x, approximate="tanh")
+
+
+ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu}  # gelu: exact (erf)
+
+
+def hi(x):
+    """x in float32, or float64 when it already is (so float64 tests are exact)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def as_config(config):
+    return BamConfig(**config) if isinstance(config, dict) else config
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+def norm_fn(x, weight, bias, kind, eps, unit_offset):
+    """RMSNorm / LayerNorm over the last dim, statistics in float32 (weight broadcasts against x)."""
+    dtype = x.dtype
+    x = hi(x)
+    if kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:  # gemma: (x * (1 + w)) in float32, then cast
+        return (x * (1.0 + hi(weight))).to(dtype)
+    if kind == "rms":  # llama: cast, then scale
+        return weight * x.to(dtype)
+    x = x * hi(weight)  # LayerNorm (cohere's order): scale and shift in float32, then cast
+    if bias is not None:
+        x = x + hi(bias)
+    return x.to(dtype)
+
+
+class Norm(nn.Module):
+    """The model's norm; weight [*shape] ([H] for hidden states, [D] or [heads, D] for qk-norm)."""
+
+    def __init__(self, shape, c):
+        super().__init__()
+        self.kind, self.eps, self.unit_offset = c.norm_type, c.norm_eps, c.norm_unit_offset
+        self.weight = nn.Parameter(torch.zeros(shape) if self.unit_offset else torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if c.norm_type == "layer" and c.norm_bias else None
+
+    def forward(self, x):
+        return norm_fn(x, self.weight, self.bias, self.kind, self.eps, self.unit_offset)
+
+
+def stacked_norm(x, norms):
+    """x [B, T, E, heads, D]; norms: E qk-norms with weight [D] or [heads, D]: one call for all experts."""
+    w = torch.stack([n.weight for n in norms])  # [E, D] or [E, heads, D]
+    b = torch.stack([n.bias for n in norms]) if norms[0].bias is not None else None
+    if w.dim() == 2:
+        w, b = w[:, None], (b[:, None] if b is not None else None)  # [E, 1, D]
+    n = norms[0]
+    return norm_fn(x, w, b, n.kind, n.eps, n.unit_offset)
+
+
+# ----------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(c, seq_len, device):
+    """Inverse frequencies [rotary_dim/2] and the cos/sin scale, as transformers' modeling_rope_utils."""
+    dim, base = c.rotary_dim, c.rope_theta
+    exps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv = 1.0 / (base**exps)
+    sc = c.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    max_pos = c.max_position_embeddings
+    orig = sc.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None) or max_pos
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / sc["factor"], 1.0
+    if kind == "dynamic":  # NTK: base grows once the sequence outgrows max_position_embeddings
+        f, seq = sc["factor"], max(seq_len, max_pos)
+        base = base * ((f * seq / max_pos) - (f - 1)) ** (dim / (dim - 2))
+        return 1.0 / (base**exps), 1.0
+    if kind == "llama3":
+        f, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > orig / lo, inv / f, inv)
+        smooth = (orig / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = ~(wavelen < orig / hi) * ~(wavelen > orig / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        f = sc.get("factor") or max_pos / orig
+        mscale = lambda s, m=1.0: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1.0
+        attn = sc.get("attention_factor")
+        if attn is None:
+            m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+            attn = float(mscale(f, m) / mscale(f, m_all)) if m and m_all else mscale(f)
+        fast, slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+        corr = lambda rot: (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+        lo, hi = corr(fast), corr(slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        hi = hi + 0.001 if lo == hi else hi
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - lo) / (hi - lo)).clamp(0, 1)
+        extra = 1 - ramp  # 1 where frequencies are kept (extrapolated), 0 where divided by f
+        return (inv / f) * (1 - extra) + inv * extra, attn
+    if kind == "longrope":
+        f = sc.get("factor") or max_pos / orig
+        attn = sc.get("attention_factor")
+        if attn is None:
+            attn = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(orig))
+        ext = sc["long_factor"] if seq_len > orig else sc["short_factor"]
+        return inv / torch.tensor(ext, dtype=torch.float32, device=device), attn
+    raise ValueError(f"unsupported rope_scaling type {kind!r}")
+
+
+def rope_cos_sin(c, position_ids):
+    """position_ids [B, T] -> cos, sin [B, 1, T, rotary_dim] in float32 (None without rotary)."""
+    if not c.rotary_dim:
+        return None
+    kind = (c.rope_scaling or {}).get("rope_type", (c.rope_scaling or {}).get("type"))
+    seq_len = int(position_ids.max()) + 1 if kind in ("dynamic", "longrope") else 0  # host sync only there
+    with torch.autocast(position_ids.device.type, enabled=False):
+        inv, scale = rope_inv_freq(c, seq_len, position_ids.device)
+        freqs = position_ids[..., None].float() * inv  # [B, T, rotary_dim/2]
+        emb = torch.cat((freqs, freqs), -1) if c.rope_style == "half" else freqs.repeat_interleave(2, -1)
+        return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
+
+
+def apply_rope(x, cos, sin, style):
+    """x [B, heads, T, D]: rotate the first rotary_dim dims (in float32), pass the rest."""
+    r = cos.shape[-1]
+    xr = hi(x[..., :r])
+    if style == "half":  # rotate_half of llama / neox
+        x1, x2 = xr.chunk(2, -1)
+        rot = torch.cat((-x2, x1), -1)
+    else:  # interleaved pairs (x0, x1), (x2, x3), ... of cohere / gpt-j
+        rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
+    out = (xr * cos + rot * sin).to(x.dtype)
+    return torch.cat((out, x[..., r:]), -1) if r < x.shape[-1] else out
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class Router(nn.Module):
+    """Linear router, weight [E, H]; logits in float32 with autocast off (Switch / ST-MoE)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(c.num_experts, c.hidden_size))
+        self.jitter = c.router_jitter
+
+    def forward(self, x):  # [..., H] -> [..., E] float32
+        with torch.autocast(x.device.type, enabled=False):
+            x = hi(x)
+            if self.training and self.jitter > 0:  # multiplicative input noise (Switch)
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            return F.linear(x, self.weight.to(x.dtype))
+
+
+def add_attention_projections(m, c, q=True, kv=True):
+    """Gives module m the seed attention's tensors: q_proj, o_proj (+ q_norm) and/or k_proj, v_proj (+ k_norm)."""
+    H, D, nh, nkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    qk_shape = lambda heads: (D,) if c.qk_norm == "shared" else (heads, D)
+    if q:
+        m.q_proj = nn.Linear(H, nh * D, bias=c.qkv_bias)
+    if kv:
+        m.k_proj = nn.Linear(H, nkv * D, bias=c.qkv_bias)
+        m.v_proj = nn.Linear(H, nkv * D, bias=c.qkv_bias)
+    if q:
+        m.o_proj = nn.Linear(nh * D, H, bias=c.attn_out_bias)
+    if c.qk_norm != "none":
+        if q:
+            m.q_norm = Norm(qk_shape(nh), c)
+        if kv:
+            m.k_norm = Norm(qk_shape(nkv), c)
+
+
+class AttentionExpert(nn.Module):
+    """One seed's attention tensors (moa: q, k, v, o; shared-kv: q, o)."""
+
+    def __init__(self, c, kv):
+        super().__init__()
+        add_attention_projections(self, c, q=True, kv=kv)
+
+
+def attend(q, k, v, mask, causal, scale):
+    """q [B, hq, Tq, D], k/v [B, hk, Tk, D] (hq a multiple of hk, grouped heads) -> [B, hq, Tq, D]."""
+    if _HAS_SDPA:
+        gqa = {"enable_gqa": True} if _HAS_GQA and k.shape[1] != q.shape[1] else {}
+        if k.shape[1] != q.shape[1] and not gqa:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **gqa)
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
+    att = hi(q @ k.transpose(-2, -1)) * scale  # [B, hq, Tq, Tk]
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.softmax(-1).to(v.dtype) @ v
+
+
+class Attention(nn.Module):
+    """Soft mixture of attention experts ("moa", "shared-kv") or one attention ("merged").
+
+    All experts run as one: their q/k/v weights are concatenated into one matmul, attention
+    runs over (batch, E*heads) in one scaled_dot_product_attention, and the o projections are
+    one matmul over the concatenated, gate-weighted expert outputs. The KV cache holds
+    E*kv_heads heads for moa and kv_heads for shared-kv and merged.
+    """
+
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        self.c, self.layer_idx, self.mode = c, layer_idx, c.attention_experts
+        E = c.num_experts
+        self.router = Router(c) if E > 1 and self.mode != "merged" else None
+        if self.mode == "merged":
+            add_attention_projections(self, c)
+        else:
+            self.experts = nn.ModuleList(AttentionExpert(c, kv=self.mode == "moa") for _ in range(E))
+            if self.mode == "shared-kv":
+                add_attention_projections(self, c, q=False, kv=True)
+        self.scale = c.attention_scale if c.attention_scale is not None else c.head_dim**-0.5
+
+    def forward(self, h, rope, mask_fn, cache):
+        """h [B, T, H] (normed) -> out [B, T, H], router logits [B, T, E] float32 or None."""
+        c, (B, T, _) = self.c, h.shape
+        D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        qs = [self] if self.mode == "merged" else list(self.experts)  # modules holding q_proj, o_proj
+        kvs = qs if self.mode == "moa" else [self]  # modules holding k_proj, v_proj
+        Eq, Ek = len(qs), len(kvs)
+        # 1. every expert's q, k, v in one matmul
+        lins = [m.q_proj for m in qs] + [m.k_proj for m in kvs] + [m.v_proj for m in kvs]
+        w = torch.cat([l.weight for l in lins])  # [(Eq*nh + 2*Ek*nkv)*D, H]
+        b = torch.cat([l.bias for l in lins]) if c.qkv_bias else None
+        q, k, v = F.linear(h, w, b).split([Eq * nh * D, Ek * nkv * D, Ek * nkv * D], -1)
+        q, k, v = q.view(B, T, Eq, nh, D), k.view(B, T, Ek, nkv, D), v.view(B, T, Ek, nkv, D)
+        if c.qk_norm != "none":
+            q, k = stacked_norm(q, [m.q_norm for m in qs]), stacked_norm(k, [m.k_norm for m in kvs])
+        # 2. heads: moa keeps expert-major order (expert e's head i uses kv head e*nkv + i//group);
+        # shared-kv goes kv-major, so each shared kv head serves its query heads of every expert
+        q = q.view(B, T, Eq, nkv, nh // nkv, D)
+        if Ek == 1 and Eq > 1:
+            q = q.transpose(2, 3)  # [B, T, nkv, E, group, D]
+        q = q.reshape(B, T, Eq * nh, D).transpose(1, 2)  # [B, Eq*nh, T, D]
+        k = k.reshape(B, T, Ek * nkv, D).transpose(1, 2)  # [B, Ek*nkv, T, D]
+        v = v.reshape(B, T, Ek * nkv, D).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, c.rope_style), apply_rope(k, *rope, c.rope_style)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # all keys so far: [B, Ek*nkv, Tk, D]
+        mask, causal = mask_fn(k.shape[-2])
+        y = attend(q, k, v, mask, causal, self.scale).transpose(1, 2)  # [B, T, Eq*nh, D]
+        if Ek == 1 and Eq > 1:
+            y = y.reshape(B, T, nkv, Eq, nh // nkv, D).transpose(2, 3)
+        y = y.reshape(B, T, Eq, nh * D)
+        # 3. soft routing: sum_e g_e o_proj_e(y_e), one matmul over the concatenated experts
+        logits = None
+        if self.router is not None:
+            logits = self.router(h)  # [B, T, E]
+            g = logits.softmax(-1)
+            y = y * g[..., None].to(y.dtype)
+        out = F.linear(y.reshape(B, T, Eq * nh * D), torch.cat([m.o_proj.weight for m in qs], 1))
+        if c.attn_out_bias:
+            bo = torch.stack([m.o_proj.bias for m in qs])  # [Eq, H]
+            out = out + (g.to(bo.dtype) @ bo if self.router is not None else bo.sum(0))
+        return out, logits
+
+
+# ----------------------------------------------------------------------------- FFN experts
+
+
+class Expert(nn.Module):
+    """One seed's FFN: down(drop(act(gate x) * up x)), or down(drop(act(up x))) when not gated."""
+
+    def __init__(self, c):
+        super().__init__()
+        H, I, bias = c.hidden_size, c.intermediate_size, c.mlp_bias
+        if c.gated_mlp:
+            self.gate_proj = nn.Linear(H, I, bias=bias)
+        self.up_proj = nn.Linear(H, I, bias=bias)
+        self.down_proj = nn.Linear(I, H, bias=bias)
+        self.act, self.gated = ACT[c.hidden_act], c.gated_mlp
+        self.drop = nn.Dropout(c.expert_dropout)
+
+    def forward(self, x):
+        h = self.act(self.gate_proj(x)) * self.up_proj(x) if self.gated else self.act(self.up_proj(x))
+        return self.down_proj(self.drop(h))
+
+
+class MoE(nn.Module):
+    """Token-choice top-k MoE over E FFN experts (E == 1: a dense FFN, no router).
+
+    Dropless by default. With capacity_factor, each expert takes at most
+    ceil(cf * N * k / E) assignments, top-1 choices first, then in token order (Switch);
+    the overflow gets weight 0, so its token passes through the residual only.
+    """
+
+    grouped_mm = "auto"  # "auto" | True | False: use F.grouped_mm (CUDA, bf16) for the experts
+
+    def __init__(self, c):
+        super().__init__()
+        self.k, self.capacity_factor = c.num_experts_per_tok, c.capacity_factor
+        self.router = Router(c) if c.num_experts > 1 else None
+        self.experts = nn.ModuleList(Expert(c) for _ in range(c.num_experts))
+
+    def forward(self, x):
+        """x [B, T, H] -> y [B, T, H], router logits [N, E] float32, chosen experts [N, k] (None if dense)."""
+        if self.router is None:
+            return self.experts[0](x), None, None
+        B, T, H = x.shape
+        x = x.reshape(-1, H)  # [N, H]
+        logits = self.router(x)  # [N, E]
+        w, idx = logits.softmax(-1).topk(self.k, -1)  # [N, k]
+        w = w / w.sum(-1, keepdim=True)  # renormalise the chosen weights (BTX / Mixtral)
+        if self.capacity_factor is not None:
+            w = w * self.capacity_keep(idx)
+        # sort the N*k (token, expert) assignments by expert
+        order = torch.sort(idx.reshape(-1), stable=True)[1]  # [N*k]
+        sorted_e = idx.reshape(-1)[order]
+        xs = x[order // self.k]  # [N*k, H] tokens grouped by expert
+        counts = torch.bincount(sorted_e, minlength=len(self.experts))  # [E]
+        ys = self.grouped_experts(xs, sorted_e, counts) if self.use_grouped(xs) else self.looped_experts(xs, counts)
+        y = torch.empty_like(ys)
+        y[order] = ys  # back to (token, slot) order
+        y = (y.view(-1, self.k, H).to(w.dtype) * w[..., None]).sum(1).to(x.dtype)  # weighted sum over the k choices
+        return y.view(B, T, H), logits, idx
+
+    def capacity_keep(self, idx):  # idx [N, k] -> [N, k] 1.0 kept, 0.0 over capacity
+        N, k = idx.shape
+        E = len(self.experts)
+        cap = math.ceil(self.capacity_factor * N * k / E)
+        onehot = F.one_hot(idx.t().reshape(-1), E)  # [k*N, E], slot-major: top-1 choices come first
+        pos = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place of each assignment in its expert's queue
+        return (pos < cap).view(k, N).t().float()
+
+    def use_grouped(self, xs):
+        if self.grouped_mm != "auto":
+            return bool(self.grouped_mm)
+        if not (_HAS_GROUPED_MM and xs.is_cuda) or xs.shape[0] < 128:  # decode-sized: loop over the few experts used
+            return False
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        return xs.dtype == torch.bfloat16 or autocast
+
+    def looped_experts(self, xs, counts):  # fallback (CPU, fp32, old torch): one matmul chain per expert
+        parts = xs.split(counts.tolist())
+        return torch.cat([e(p) for e, p in zip(self.experts, parts)])
+
+    def grouped_experts(self, xs, sorted_e, counts):
+        """xs [M, H] sorted by expert -> [M, H], with F.grouped_mm(mat_a [rows, K], mat_b [E, K, N], offs=int32 group ends)."""
+        M, H = xs.shape
+        E, A, ex = len(self.experts), GROUP_ALIGN, self.experts[0]
+        # scatter the rows into groups padded to multiples of A (no host sync: the buffer has a static bound)
+        padded = (counts + A - 1) // A * A
+        starts = padded.cumsum(0) - padded
+        dest = starts[sorted_e] + torch.arange(M, device=xs.device) - (counts.cumsum(0) - counts)[sorted_e]
+        rows = (M + E * A + A - 1) // A * A
+        offs = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([rows])]).to(torch.int32)  # last group takes the slack
+        buf = xs.new_zeros(rows, H).index_put((dest,), xs).to(torch.bfloat16)
+        row_e = torch.zeros(rows, dtype=torch.long, device=xs.device).index_put((dest,), sorted_e)
+        row_onehot = F.one_hot(row_e, E).to(torch.bfloat16)  # [rows, E]: adds biases by matmul (fp32-accumulated grads)
+
+        def gmm(a, *projs):  # a [rows, K] @ [E, N, K]^T, N = the projections' outputs side by side -> [rows, N]
+            w = torch.cat([torch.stack([e_.weight for e_ in p]) for p in projs], 1).to(torch.bfloat16)
+            out = F.grouped_mm(a, w.transpose(-2, -1), offs=offs)
+            if projs[0][0].bias is None:
+                return out
+            b = torch.cat([torch.stack([e_.bias for e_ in p]) for p in projs], 1).to(out.dtype)  # [E, N]
+            return out + row_onehot @ b  # each row gets its expert's bias
+
+        es = self.experts
+        with torch.autocast("cuda", enabled=False):
+            if ex.gated:
+                g, u = gmm(buf, [e.gate_proj for e in es], [e.up_proj for e in es]).chunk(2, -1)
+                hid = ex.act(g) * u
+            else:
+                hid = ex.act(gmm(buf, [e.up_proj for e in es]))
+            out = gmm(ex.drop(hid), [e.down_proj for e in es])  # [rows, H]
+        return out[dest].to(xs.dtype)
+
+
+def router_losses(logits, idx, mask=None):
+    """Switch load balance E * sum_i f_i P_i (f_i: fraction of the top-k assignments to expert i,
+    P_i: mean router probability) and ST-MoE z-loss mean(logsumexp(logits)^2), over the tokens
+    where mask is true. logits [N, E] float32, idx [N, k] or None (soft routing: z-loss only)."""
+    w = torch.ones(logits.shape[0], device=logits.device) if mask is None else mask.reshape(-1).float()
+    n = w.sum().clamp(min=1.0)
+    z = (torch.logsumexp(logits, -1).pow(2) * w).sum() / n
+    if idx is None:
+        return None, z, None
+    E, k = logits.shape[-1], idx.shape[-1]
+    f = (F.one_hot(idx, E).sum(1).float() * w[:, None]).sum(0) / (n * k)  # [E], no gradient
+    P = (logits.softmax(-1) * w[:, None]).sum(0) / n  # [E]
+    return E * (f * P).sum(), z, f
+
+
+# ----------------------------------------------------------------------------- block and model
+
+
+class Block(nn.Module):
+    def __init__(self, c, layer_idx):
+        super().__init__()
+        self.input_layernorm = Norm(c.hidden_size, c)
+        if c.second_norm:
+            self.post_attention_layernorm = Norm(c.hidden_size, c)
+        self.attn = Attention(c, layer_idx)
+        self.mlp = MoE(c)
+        self.parallel = c.block == "parallel"
+        self.drop = nn.Dropout(c.hidden_dropout)
+
+    def forward(self, x, rope, mask_fn, cache):
+        ffn_norm = self.post_attention_layernorm if hasattr(self, "post_attention_layernorm") else self.input_layernorm
+        h = self.input_layernorm(x)
+        a, attn_logits = self.attn(h, rope, mask_fn, cache)
+        if self.parallel:  # y = x + MoA(Na x) + MoE(Nf x); Nf x is h when the seed has one norm
+            m, ffn_logits, idx = self.mlp(h if ffn_norm is self.input_layernorm else ffn_norm(x))
+            return x + self.drop(a) + self.drop(m), attn_logits, ffn_logits, idx
+        x = x + self.drop(a)  # sequential
+        m, ffn_logits, idx = self.mlp(ffn_norm(x))
+        return x + self.drop(m), attn_logits, ffn_logits, idx
+
+
+class KVCache:
+    """Minimal stand-in for transformers' DynamicCache: per layer keys/values [B, heads, T, D]."""
+
+    def __init__(self):
+        self.keys, self.values = {}, {}
+
+    def update(self, k, v, layer_idx, *args, **kwargs):
+        if layer_idx in self.keys:
+            k, v = torch.cat([self.keys[layer_idx], k], -2), torch.cat([self.values[layer_idx], v], -2)
+        self.keys[layer_idx], self.values[layer_idx] = k, v
+        return k, v
+
+    def get_seq_length(self, layer_idx=0):
+        return self.keys[layer_idx].shape[-2] if layer_idx in self.keys else 0
+
+
+class MaskFn:
+    """Attention mask for the current queries, built once per key length Tk.
+
+    Queries sit at absolute positions total-Tq .. total-1 and the keys a cache returns are the last
+    Tk positions (a sliding-window cache returns fewer). Returns (bool mask [B|1, 1, Tq, Tk] or None,
+    is_causal) for attend()."""
+
+    def __init__(self, pad_mask, q_len, total, window, device):
+        self.pad, self.q_len, self.total, self.window, self.device = pad_mask, q_len, total, window, device
+        self.built = {}
+
+    def __call__(self, k_len):
+        if self.pad is None and (self.window is None or self.window >= self.total):
+            if k_len == self.q_len:
+                return None, True  # plain causal: lets SDPA pick its flash kernel
+            if self.q_len == 1:
+                return None, False  # one new token sees every cached key
+        if k_len not in self.built:
+            qpos = torch.arange(self.total - self.q_len, self.total, device=self.device)[:, None]
+            kpos = torch.arange(self.total - k_len, self.total, device=self.device)[None, :]
+            m = kpos <= qpos
+            if self.window is not None:
+                m = m & (qpos - kpos < self.window)
+            m = m[None, None]  # [1, 1, Tq, Tk]
+            if self.pad is not None:
+                m = m & self.pad[:, None, None, -k_len:].bool()
+                m = m | ~m.any(-1, keepdim=True)  # all-masked rows (left padding) attend anywhere; unused
+            self.built[k_len] = m
+        return self.built[k_len], False
+
+
+def _model_init(m, c):
+    c = as_config(c)
+    m.config = c
+    m.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+    if c.learned_positions:
+        m.embed_positions = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+    m.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+    m.norm = Norm(c.hidden_size, c)
+    m.gradient_checkpointing = False  # transformers' gradient_checkpointing_enable() sets this
+
+
+class ModelMixin:
+    """The decoder stack, shared by BamModelCore (torch) and BamModel (transformers)."""
+
+    def new_cache(self):
+        return KVCache()
+
+    def run(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+            use_cache=None, output_hidden_states=False, **kwargs):
+        """-> dict(last_hidden_state [B, T, H], past_key_values, hidden_states, attn_router_logits,
+        router_logits, router_choices (per layer), token_mask [B, T] or None)."""
+        c = self.config
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, H]
+        B, T, _ = x.shape
+        if use_cache is None:
+            use_cache = c.use_cache and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        pad = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+        if pad is not None and pad.shape[-1] != past + T:
+            raise ValueError(f"attention_mask covers {pad.shape[-1]} positions, expected past + new = {past + T}")
+        if pad is not None and bool(pad.all()):
+            pad = None  # no padding: keep the plain causal path (flash attention)
+        if position_ids is None:
+            if pad is not None:  # left padding: count only real tokens
+                position_ids = (pad.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        if c.embedding_scale is not None:
+            x = x * torch.tensor(c.embedding_scale, dtype=x.dtype)  # gemma casts the scale to the hidden dtype
+        if c.learned_positions:
+            x = x + self.embed_positions(position_ids)
+        rope = rope_cos_sin(c, position_ids)
+        if attention_mask is not None and attention_mask.dim() == 4:  # prepared [B, 1, Tq, Tk] mask
+            m4 = attention_mask.bool() if attention_mask.dtype == torch.bool else attention_mask == 0
+            mask_fn = lambda k_len: (m4[..., -k_len:], False)
+        else:
+            mask_fn = MaskFn(pad, T, past + T, c.sliding_window, x.device)
+        out = dict(hidden_states=[x] if output_hidden_states else None, attn_router_logits=[], router_logits=[], router_choices=[])
+        for block in self.layers:
+            if self.gradient_checkpointing and self.training:
+                ckpt = getattr(self, "_gradient_checkpointing_func", None)
+                if ckpt is None:
+                    import torch.utils.checkpoint as tuc
+
+                    ckpt = lambda f, *a: tuc.checkpoint(f, *a, use_reentrant=False)
+                x, al, fl, idx = ckpt(block.__call__, x, rope, mask_fn, past_key_values)
+            else:
+                x, al, fl, idx = block(x, rope, mask_fn, past_key_values)
+            out["attn_router_logits"].append(al)
+            out["router_logits"].append(fl)
+            out["router_choices"].append(idx)
+            if output_hidden_states:
+                out["hidden_states"].append(x)
+        x = self.norm(x)
+        if output_hidden_states:
+            out["hidden_states"][-1] = x  # as transformers: the last entry is the final norm's output
+        out.update(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
+                   token_mask=pad[:, -T:].bool() if pad is not None else None)
+        return out
+
+
+def _lm_init(m, c):
+    c = as_config(c)
+    m.config = c
+    m.model = m.make_model(c)
+    m.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=c.lm_head_bias)
+    if c.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+
+
+class CausalLMMixin:
+    """Head, losses and outputs, shared by BamForCausalLMCore (torch) and BamForCausalLM (transformers)."""
+
+    def run(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+            labels=None, use_cache=None, output_router_logits=False, output_hidden_states=False, logits_to_keep=0,
+            num_items_in_batch=None, **kwargs):
+        """-> dict(loss, nll, aux_loss, lb_loss, z_loss, logits, past_key_values, hidden_states,
+        router_logits, attn_router_logits (when output_router_logits), expert_load [L, E])."""
+        c = self.config
+        out = self.model.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                             output_hidden_states)
+        h = out["last_hidden_state"]
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            h = h[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            h = h[:, logits_to_keep]
+        logits = self.lm_head(h)  # [B, T, V]
+        if c.logit_scale is not None:
+            logits = logits * c.logit_scale
+        # router losses, summed over layers (the soft attention router has no load to balance: z-loss only)
+        mask = out["token_mask"]
+        lb = z = None
+        load = []
+        for al, fl, idx in zip(out["attn_router_logits"], out["router_logits"], out["router_choices"]):
+            for logits_l, idx_l in ((al, None), (fl, idx)):
+                if logits_l is None:
+                    continue
+                lb_l, z_l, f_l = router_losses(logits_l.reshape(-1, logits_l.shape[-1]), idx_l, mask)
+                z = z_l if z is None else z + z_l
+                if lb_l is not None:
+                    lb = lb_l if lb is None else lb + lb_l
+                    load.append(f_l)
+        aux = None
+        if z is not None:
+            aux = c.router_z_loss_coef * z + (c.router_aux_loss_coef * lb if lb is not None else 0.0)
+        nll = loss = None
+        if labels is not None:
+            shift = labels[:, 1:].reshape(-1)
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift, ignore_index=-100,
+                                  reduction="sum")
+            n = num_items_in_batch if num_items_in_batch is not None else (shift != -100).sum().clamp(min=1)
+            nll = nll / n
+            loss = nll + aux if aux is not None else nll
+        keep = output_router_logits
+        return dict(loss=loss, nll=nll, aux_loss=aux, lb_loss=lb, z_loss=z, logits=logits,
+                    past_key_values=out["past_key_values"], hidden_states=out["hidden_states"],
+                    router_logits=tuple(out["router_logits"]) if keep else None,
+                    attn_router_logits=tuple(out["attn_router_logits"]) if keep else None,
+                    expert_load=torch.stack(load) if load else None)
+
+
+def init_weights(module, c):
+    """Fresh-model init: Linear/Embedding N(0, initializer_range), biases 0, norms 1 (0 with unit
+    offset), routers N(0, sqrt(0.1 / H)) (Switch: 0.1 of the fan-in scale)."""
+    std = c.initializer_range
+    if isinstance(module, Router):
+        nn.init.normal_(module.weight, std=math.sqrt(0.1 / module.weight.shape[1]))
+    elif isinstance(module, Norm):
+        (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+class BamModelCore(ModelMixin, nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        _model_init(self, config)
+
+    def forward(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+
+class BamForCausalLMCore(CausalLMMixin, nn.Module):
+    """Pure-torch BAM language model; state_dict names are those of the transformers model."""
+
+    make_model = BamModelCore
+
+    def __init__(self, config):
+        super().__init__()
+        _lm_init(self, config)
+        self.apply(lambda m: init_weights(m, self.config))
+
+    def forward(self, *args, **kwargs):
+        return self.run(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- transformers wrappers
+
+try:
+    from transformers import GenerationMixin, PreTrainedModel
+    from transformers.cache_utils import DynamicCache
+    from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+
+    try:
+        from transformers import initialization as _hf_init  # v5: skips tensors loaded from the checkpoint
+    except ImportError:
+        _hf_init = nn.init
+    _HAS_TRANSFORMERS = True
+except ImportError:
+    _HAS_TRANSFORMERS = False
+
+if _HAS_TRANSFORMERS:
+
+    @dataclass
+    class BamCausalLMOutput(MoeCausalLMOutputWithPast):
+        """MoeCausalLMOutputWithPast (aux_loss = coef_lb * lb + coef_z * z, router_logits: FFN, per layer
+        [N, E]) plus the unscaled losses, the attention routers' logits and expert_load [L, E]: the
+        fraction of top-k assignments each FFN expert got in each layer."""
+
+        nll_loss: torch.FloatTensor = None
+        lb_loss: torch.FloatTensor = None
+        z_loss: torch.FloatTensor = None
+        attn_router_logits: tuple = None
+        expert_load: torch.FloatTensor = None
+
+    class BamPreTrainedModel(PreTrainedModel):
+        config_class = BamConfig
+        base_model_prefix = "model"
+        supports_gradient_checkpointing = True
+        _no_split_modules = ["Block"]
+        _skip_keys_device_placement = ["past_key_values"]
+        _supports_sdpa = True
+
+        def _init_weights(self, module):
+            c, init = self.config, _hf_init
+            if isinstance(module, Router):
+                init.normal_(module.weight, mean=0.0, std=math.sqrt(0.1 / c.hidden_size))
+            elif isinstance(module, Norm):
+                (init.zeros_ if module.unit_offset else init.ones_)(module.weight)
+                if module.bias is not None:
+                    init.zeros_(module.bias)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                init.normal_(module.weight, mean=0.0, std=c.initializer_range)
+                if getattr(module, "bias", None) is not None:
+                    init.zeros_(module.bias)
+
+    class BamModel(ModelMixin, BamPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            _model_init(self, config)
+            self.post_init()
+
+        def new_cache(self):
+            return DynamicCache(config=self.config)
+
+        def get_input_embeddings(self):
+            return self.embed_tokens
+
+        def set_input_embeddings(self, value):
+            self.embed_tokens = value
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs):
+            out = self.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                           bool(output_hidden_states))
+            return MoeModelOutputWithPast(last_hidden_state=out["last_hidden_state"],
+                                          past_key_values=out["past_key_values"],
+                                          hidden_states=tuple(out["hidden_states"]) if output_hidden_states else None)
+
+    class BamForCausalLM(CausalLMMixin, BamPreTrainedModel, GenerationMixin):
+        _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+        make_model = BamModel
+
+        def __init__(self, config):
+            super().__init__(config)
+            _lm_init(self, config)
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return self.model.embed_tokens
+
+        def set_input_embeddings(self, value):
+            self.model.embed_tokens = value
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def set_output_embeddings(self, value):
+            self.lm_head = value
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
+                    output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
+            out = self.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache,
+                           bool(output_router_logits), bool(output_hidden_states), logits_to_keep,
+                           kwargs.get("num_items_in_batch"))
+            res = BamCausalLMOutput(
+                loss=out["loss"], aux_loss=out["aux_loss"], logits=out["logits"],
+                past_key_values=out["past_key_values"],
+                hidden_states=tuple(out["hidden_states"]) if output_hidden_states else None,
+                router_logits=out["router_logits"], nll_loss=out["nll"], lb_loss=out["lb_loss"],
+                z_loss=out["z_loss"], attn_router_logits=out["attn_router_logits"], expert_load=out["expert_load"])
+            return res if return_dict is not False else res.to_tuple()
+
+    __all__ = ["BamConfig", "BamPreTrainedModel", "BamModel", "BamForCausalLM", "BamModelCore", "BamForCausalLMCore"]

@@ -1,0 +1,385 @@
+"""CPU tests of python/modeling_bam.py that need only torch: python3 -m unittest discover -s test/python
+
+The main check is BAM's identity property (shared/BAM.md): an E-expert model whose experts
+all copy one dense seed computes that seed's function, whatever its routers hold.
+"""
+
+import math
+import os
+import re
+import sys
+import unittest
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
+import modeling_bam as mb  # noqa: E402
+from configuration_bam import BamConfig  # noqa: E402
+
+torch.set_default_dtype(torch.float32)
+ATOL = 1e-5
+
+BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, norm_eps=1e-5)
+
+# seed-like feature sets (names after the family they imitate)
+SEEDS = {
+    "llama": dict(),
+    "qwen2_sliding_llama3": dict(qkv_bias=True, sliding_window=4, rope_theta=500000.0,
+                                 rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "qwen3": dict(qk_norm="shared", rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
+    "gemma": dict(norm_unit_offset=True, hidden_act="gelu_tanh", embedding_scale=math.sqrt(32), tie_word_embeddings=True,
+                  num_key_value_heads=1, head_dim=16),
+    "gpt_neox": dict(norm_type="layer", norm_bias=True, hidden_act="gelu", gated_mlp=False, qkv_bias=True,
+                     attn_out_bias=True, mlp_bias=True, rotary_dim=4, seed_parallel_block=True,
+                     num_key_value_heads=4, rope_scaling={"type": "linear", "factor": 2.0}),
+    "phi": dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
+                attn_out_bias=True, mlp_bias=True, lm_head_bias=True, rotary_dim=4, second_norm=False,
+                seed_parallel_block=True, qk_norm="shared", num_key_value_heads=4),
+    "cohere": dict(norm_type="layer", norm_bias=False, rope_style="interleaved", qk_norm="per_head", second_norm=False,
+                   seed_parallel_block=True, tie_word_embeddings=True, logit_scale=0.25,
+                   rope_scaling={"type": "dynamic", "factor": 2.0}),
+    "gpt2": dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
+                 attn_out_bias=True, mlp_bias=True, rotary_dim=0, learned_positions=True, tie_word_embeddings=True,
+                 num_key_value_heads=4),
+    "relu_attnscale": dict(hidden_act="relu", attention_scale=0.2, num_key_value_heads=4),
+}
+
+
+def config(seed, **moe):
+    feats = dict(SEEDS[seed])
+    block = "parallel" if feats.get("seed_parallel_block") else "sequential"
+    d = dict(BASE, **feats)
+    d.update(num_experts=1, num_experts_per_tok=1, attention_experts="merged", block=block)
+    d.update(moe)
+    return BamConfig(**d)
+
+
+def randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            one = 1.0 if "norm" in name and name.endswith("weight") else 0.0  # norms near 1, the rest near 0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + one)
+    return model
+
+
+def dense_model(seed, rng=0, **over):
+    return randomize(mb.BamForCausalLMCore(config(seed, **over)), rng).eval()
+
+
+def source_name(name):
+    """BAM name of an upcycled model -> the dense (E=1, merged) name it copies (None: a router)."""
+    if name.endswith("router.weight"):
+        return None
+    name = re.sub(r"\.attn\.experts\.\d+\.", ".attn.", name)
+    return re.sub(r"\.mlp\.experts\.\d+\.", ".mlp.experts.0.", name)
+
+
+def upcycle(denses, attention, E=3, k=2, block=None, router_seed=1, router_scale=2.0, **over):
+    """Build an E-expert model from dense seeds: expert e copies denses[e % len], the rest copies denses[0]."""
+    c0 = denses[0].config
+    d = {key: v for key, v in vars(c0).items() if not key.startswith("_")}
+    d.update(num_experts=E, num_experts_per_tok=k, attention_experts=attention, block=block or c0.block, **over)
+    moe = mb.BamForCausalLMCore(BamConfig(**d)).to(denses[0].lm_head.weight.dtype).eval()
+    g = torch.Generator().manual_seed(router_seed)
+    sds = [m.state_dict() for m in denses]
+    with torch.no_grad():
+        for name, p in moe.state_dict(keep_vars=True).items():
+            src = source_name(name)
+            if src is None:
+                p.copy_(torch.randn(p.shape, generator=g) * router_scale)
+                continue
+            m = re.search(r"\.experts\.(\d+)\.", name)
+            p.copy_(sds[int(m.group(1)) % len(sds) if m else 0][src])
+    return moe
+
+
+def ids(B=2, T=9, V=61, seed=3):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+class TestIdentity(unittest.TestCase):
+    def test_upcycled_copies_compute_the_seed(self):
+        """float32: within 1e-5 of the logits' scale; float64: exact up to float64 rounding."""
+        x = ids()
+        for dtype, tol in ((torch.float32, ATOL), (torch.float64, 1e-11)):
+            for seed in SEEDS:
+                dense = dense_model(seed).to(dtype)
+                ref = dense(x)["logits"]
+                self.assertTrue(torch.isfinite(ref).all(), seed)
+                atol = tol * max(1.0, ref.abs().max().item())
+                for attention in ("moa", "shared-kv", "merged"):
+                    with self.subTest(dtype=dtype, seed=seed, attention=attention):
+                        moe = upcycle([dense], attention)
+                        out = moe(x)
+                        torch.testing.assert_close(out["logits"], ref, atol=atol, rtol=0)
+                        self.assertIsNotNone(out["aux_loss"])
+
+    def test_dense_e1_moa_layout(self):
+        """E = 1 in the expert layout (no routers) is the dense model too."""
+        dense = dense_model("llama")
+        for attention in ("moa", "shared-kv"):
+            moe = upcycle([dense], attention, E=1, k=1)
+            self.assertFalse(any("router" in n for n in moe.state_dict()))
+            torch.testing.assert_close(moe(ids())["logits"], dense(ids())["logits"], atol=ATOL, rtol=ATOL)
+
+    def test_parallel_seed_needs_parallel_block(self):
+        """A sequential block on a parallel seed is a different function (BAM.md): the test can tell."""
+        dense = dense_model("gpt_neox")
+        moe = upcycle([dense], "moa", block="sequential")
+        self.assertFalse(torch.allclose(moe(ids())["logits"], dense(ids())["logits"], atol=1e-3))
+
+
+def rope_ref(x, pos, dim, theta):
+    """Reference half-style rope on x [T, D] with explicit angles."""
+    inv = 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim)
+    ang = pos[:, None].float() * inv  # [T, dim/2]
+    x1, x2 = x[:, : dim // 2], x[:, dim // 2 : dim]
+    out = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    return torch.cat([out, x[:, dim:]], -1)
+
+
+def mha_ref(h, p, c):
+    """Plain multi-head causal attention of one seed on h [T, H]; p: its tensors by short name."""
+    T = h.shape[0]
+    nh, nkv, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    out = torch.zeros(T, nh * D)
+    for i in range(nh):
+        j = i // (nh // nkv)
+        q = h @ p["q_proj.weight"][i * D : (i + 1) * D].T + p["q_proj.bias"][i * D : (i + 1) * D]
+        k = h @ p["k_proj.weight"][j * D : (j + 1) * D].T + p["k_proj.bias"][j * D : (j + 1) * D]
+        v = h @ p["v_proj.weight"][j * D : (j + 1) * D].T + p["v_proj.bias"][j * D : (j + 1) * D]
+        q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + c.norm_eps) * p["q_norm.weight"]
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + c.norm_eps) * p["k_norm.weight"]
+        pos = torch.arange(T)
+        q, k = rope_ref(q, pos, c.rotary_dim, c.rope_theta), rope_ref(k, pos, c.rotary_dim, c.rope_theta)
+        att = (q @ k.T) / math.sqrt(D) + torch.full((T, T), float("-inf")).triu(1)
+        out[:, i * D : (i + 1) * D] = att.softmax(-1) @ v
+    return out @ p["o_proj.weight"].T + p["o_proj.bias"]
+
+
+class TestMixtureOfAttention(unittest.TestCase):
+    def test_moa_is_gated_sum_of_expert_attentions(self):
+        over = dict(qkv_bias=True, attn_out_bias=True, qk_norm="shared")
+        denses = [dense_model("llama", rng=10 + e, **over) for e in range(3)]
+        h = torch.randn(7, 32, generator=torch.Generator().manual_seed(5))
+        for attention in ("moa", "shared-kv"):
+            with self.subTest(attention=attention):
+                moe = upcycle(denses, attention)
+                attn = moe.model.layers[0].attn
+                c = moe.config
+                rope = mb.rope_cos_sin(c, torch.arange(7)[None])
+                out, logits = attn(h[None], rope, mb.MaskFn(None, 7, 7, None, None), None)
+                g = (h @ attn.router.weight.T).softmax(-1)  # [T, E]
+                ref = 0
+                for e in range(3):
+                    dsd = denses[e].state_dict()
+                    p = {k.split("attn.")[1]: v for k, v in dsd.items() if k.startswith("model.layers.0.attn.")}
+                    if attention == "shared-kv":  # shared k, v, k_norm: those of the upcycled model
+                        for n in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias", "k_norm.weight"):
+                            p[n] = attn.state_dict()[n]
+                    ref = ref + g[:, e : e + 1] * mha_ref(h, p, c)
+                torch.testing.assert_close(out[0], ref, atol=ATOL, rtol=ATOL)
+                torch.testing.assert_close(logits[0], h @ attn.router.weight.T, atol=ATOL, rtol=ATOL)
+
+    def test_kv_cache_heads(self):
+        dense = dense_model("llama")
+        for attention, heads in (("moa", 3 * 2), ("shared-kv", 2), ("merged", 2)):
+            cache = upcycle([dense], attention)(ids(), use_cache=True)["past_key_values"]
+            self.assertEqual(cache.keys[0].shape[1], heads, attention)
+
+
+class TestMoE(unittest.TestCase):
+    def moe_layer(self, E=4, k=2, **over):
+        c = BamConfig(**dict(BASE, num_experts=E, num_experts_per_tok=k, **over))
+        layer = mb.MoE(c)
+        randomize(layer, 7)
+        return layer
+
+    def test_topk_renormalised(self):
+        layer = self.moe_layer()
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+        y, logits, idx = layer(x)
+        xf = x.reshape(-1, 32)
+        probs = (xf @ layer.router.weight.T).softmax(-1)
+        w, i = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        ref = torch.stack([sum(w[n, j] * layer.experts[int(i[n, j])](xf[n]) for j in range(2)) for n in range(10)])
+        torch.testing.assert_close(y.reshape(-1, 32), ref, atol=ATOL, rtol=ATOL)
+        self.assertTrue(torch.equal(idx, i))
+
+    def test_capacity_factor_drops_overflow(self):
+        layer = self.moe_layer(E=4, k=1, capacity_factor=0.5)
+        x = torch.randn(1, 16, 32, generator=torch.Generator().manual_seed(2))
+        y, logits, idx = layer(x)
+        cap = math.ceil(0.5 * 16 / 4)
+        keep = layer.capacity_keep(idx)
+        for e in range(4):  # at most `cap` tokens per expert, the first ones in token order
+            chosen = (idx[:, 0] == e).nonzero().flatten()
+            self.assertEqual(keep[chosen, 0].tolist(), [1.0] * min(cap, len(chosen)) + [0.0] * max(0, len(chosen) - cap))
+        dropped = keep[:, 0] == 0
+        self.assertTrue(dropped.any())
+        self.assertTrue(torch.equal(y.reshape(16, 32)[dropped], torch.zeros(int(dropped.sum()), 32)))
+        layer.capacity_factor = None
+        y_free, _, _ = layer(x)
+        torch.testing.assert_close(y_free.reshape(16, 32)[~dropped], y.reshape(16, 32)[~dropped])
+
+    def test_capacity_factor_model_runs(self):
+        dense = dense_model("llama")
+        moe = upcycle([dense], "moa", capacity_factor=1.0)
+        moe.train()
+        out = moe(ids(), labels=ids())
+        out["loss"].backward()
+        self.assertTrue(torch.isfinite(out["loss"]))
+
+    def test_grouped_path_matches_loop(self):
+        """The grouped_mm bookkeeping (sorting, padded groups, offsets, per-row biases), run on CPU with a
+        reference grouped_mm when torch has none (the real kernel is CUDA bf16: see test_hf.py)."""
+        def ref_grouped_mm(a, b, offs=None):  # a [rows, K], b [E, K, N], offs int32 group ends
+            out, start = [], 0
+            for e, end in enumerate(offs.tolist()):
+                out.append(a[start:end].float() @ b[e].float())
+                start = end
+            return torch.cat(out).to(a.dtype)
+
+        saved = getattr(F, "grouped_mm", None)
+        F.grouped_mm = saved or ref_grouped_mm
+        try:
+            for over in (dict(), dict(gated_mlp=False, mlp_bias=True, hidden_act="gelu")):
+                layer = self.moe_layer(E=4, k=2, **over)
+                x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(4))
+                layer.grouped_mm = False
+                y_loop = layer(x)[0]
+                layer.grouped_mm = True
+                y_grouped = layer(x)[0]
+                torch.testing.assert_close(y_grouped, y_loop, atol=0.1, rtol=0.05)  # bf16 rounding
+        finally:
+            if saved is None:
+                del F.grouped_mm
+
+
+class TestLosses(unittest.TestCase):
+    def test_aux_losses_match_direct_computation(self):
+        denses = [dense_model("llama", rng=20 + e) for e in range(3)]
+        moe = upcycle(denses, "moa")
+        x = ids(B=2, T=9)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, :3] = 0  # left padding: pad tokens are left out of the router statistics
+        out = moe(x, attention_mask=mask, labels=x, output_router_logits=True)
+        valid = mask.reshape(-1).bool()
+        lb = z = 0
+        for al, fl in zip(out["attn_router_logits"], out["router_logits"]):
+            al = al.reshape(-1, 3)[valid]
+            fl = fl[valid]
+            z = z + torch.logsumexp(al, -1).pow(2).mean() + torch.logsumexp(fl, -1).pow(2).mean()
+            probs = fl.softmax(-1)
+            top = probs.topk(2, -1)[1]
+            f = torch.stack([(top == e).float().sum() for e in range(3)]) / (top.numel())
+            lb = lb + 3 * (f * probs.mean(0)).sum()
+        torch.testing.assert_close(out["lb_loss"], lb)
+        torch.testing.assert_close(out["z_loss"], z)
+        logits = out["logits"]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, 61), x[:, 1:].reshape(-1))
+        torch.testing.assert_close(out["nll"], nll)
+        torch.testing.assert_close(out["loss"], nll + 0.01 * lb + 0.001 * z)
+        self.assertEqual(out["expert_load"].shape, (2, 3))
+        torch.testing.assert_close(out["expert_load"].sum(-1), torch.ones(2))
+
+    def test_gradients_reach_every_parameter(self):
+        over = dict(qkv_bias=True, attn_out_bias=True, mlp_bias=True, qk_norm="shared")
+        denses = [dense_model("llama", rng=30 + e, **over) for e in range(3)]
+        for attention in ("moa", "shared-kv", "merged"):
+            with self.subTest(attention=attention):
+                moe = upcycle(denses, attention, router_scale=0.3).train()
+                x = ids(B=4, T=16, seed=8)
+                out = moe(x, labels=x)
+                out["loss"].backward()
+                for n, p in moe.named_parameters():
+                    self.assertIsNotNone(p.grad, n)
+                    self.assertGreater(p.grad.abs().sum().item(), 0, n)
+                self.assertEqual(attention != "merged", any("attn.router" in n for n, _ in moe.named_parameters()))
+
+
+class TestCache(unittest.TestCase):
+    def check_incremental(self, moe, T=10, prefix=5):
+        x = ids(B=2, T=T, seed=11)
+        full = moe(x)["logits"]
+        out = moe(x[:, :prefix], use_cache=True)
+        cache, steps = out["past_key_values"], [out["logits"]]
+        t = prefix
+        while t < T:
+            n = 2 if t == prefix + 1 else 1  # one 2-token chunk to exercise the explicit mask
+            out = moe(x[:, t : t + n], past_key_values=cache, use_cache=True)
+            steps.append(out["logits"])
+            t += n
+        torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL * max(1.0, full.abs().max().item()), rtol=0)
+        self.assertEqual(cache.get_seq_length(), T)
+
+    def test_incremental_equals_full(self):
+        for seed in ("llama", "qwen2_sliding_llama3", "gpt2", "cohere"):
+            dense = dense_model(seed)
+            for attention in ("moa", "shared-kv", "merged"):
+                with self.subTest(seed=seed, attention=attention):
+                    self.check_incremental(upcycle([dense], attention, router_scale=1.0))
+        denses = [dense_model("llama", rng=40 + e) for e in range(3)]
+        for attention in ("moa", "shared-kv"):
+            with self.subTest(distinct_experts=attention):
+                self.check_incremental(upcycle(denses, attention))
+
+    def test_left_padding(self):
+        moe = upcycle([dense_model("llama", rng=50 + e) for e in range(3)], "moa")
+        x = ids(B=1, T=6, seed=12)
+        padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+        mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 6, dtype=torch.long)], 1)
+        ref = moe(x)["logits"]
+        out = moe(padded, attention_mask=mask)["logits"][:, 3:]
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=ATOL)
+
+
+class TestLayout(unittest.TestCase):
+    def test_bam_tensor_names(self):
+        c = dict(BASE, num_hidden_layers=1, num_experts=2, num_experts_per_tok=1, qk_norm="shared", qkv_bias=True,
+                 gated_mlp=False, block="parallel", second_norm=False)
+        names = lambda attention: set(mb.BamForCausalLMCore(dict(c, attention_experts=attention)).state_dict())
+        L, common = "model.layers.0.", {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                                        "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.router.weight"}
+        for e in range(2):
+            common |= {f"{L}mlp.experts.{e}.{p}_proj.weight" for p in ("up", "down")}
+        qkv = lambda pre, ps: {f"{pre}{p}_proj.{t}" for p in ps for t in ("weight", "bias")} - {f"{pre}o_proj.bias"}
+        moa = set(common) | {f"{L}attn.router.weight"}
+        sh = set(moa)
+        for e in range(2):
+            pre = f"{L}attn.experts.{e}."
+            moa |= qkv(pre, "qkv") | {pre + "o_proj.weight", pre + "q_norm.weight", pre + "k_norm.weight"}
+            sh |= qkv(pre, "q") | {pre + "o_proj.weight", pre + "q_norm.weight"}
+        sh |= qkv(L + "attn.", "kv") | {L + "attn.k_norm.weight"}
+        merged = set(common) | qkv(L + "attn.", "qkv") | {L + "attn.o_proj.weight", L + "attn.q_norm.weight",
+                                                           L + "attn.k_norm.weight"}
+        self.assertEqual(names("moa"), moa)
+        self.assertEqual(names("shared-kv"), sh)
+        self.assertEqual(names("merged"), merged)
+        learned = mb.BamForCausalLMCore(dict(BASE, learned_positions=True, rotary_dim=0, second_norm=True))
+        self.assertIn("model.embed_positions.weight", learned.state_dict())
+        self.assertIn("model.layers.0.post_attention_layernorm.weight", learned.state_dict())
+
+    def test_weights_are_out_in(self):
+        m = mb.BamForCausalLMCore(dict(BASE, num_experts=2))
+        sd = m.state_dict()
+        self.assertEqual(tuple(sd["model.layers.0.attn.experts.1.q_proj.weight"].shape), (4 * 8, 32))
+        self.assertEqual(tuple(sd["model.layers.0.attn.experts.1.k_proj.weight"].shape), (2 * 8, 32))
+        self.assertEqual(tuple(sd["model.layers.0.mlp.experts.0.down_proj.weight"].shape), (32, 48))
+        self.assertEqual(tuple(sd["model.layers.0.mlp.router.weight"].shape), (2, 32))
+        self.assertEqual(tuple(sd["model.layers.0.attn.router.weight"].shape), (2, 32))
+
+    def test_config_checks(self):
+        with self.assertRaises(ValueError):
+            BamConfig(**dict(BASE, attention_experts="soft"))
+        with self.assertRaises(ValueError):
+            BamConfig(**dict(BASE, num_experts=2, num_experts_per_tok=3))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,56 @@
+/**
+ * The identity property end to end in PyTorch, for every fixture family and
+ * every attention mode: `bam upcycle s s s` (the seed's own block), loaded
+ * into modeling_bam.py's pure-torch core, gives the logits transformers
+ * itself computed for s. Also the dense layout (one expert), and the
+ * sharded and bf16 copies of s.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { openSeed } from "../../src/arch/index.js";
+import type { AttentionExperts } from "../../src/arch/model.js";
+import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
+import { fixture, fixtureFamilies, FIXTURES, withTempDir } from "../helpers.js";
+import { NO_TORCH, runPython } from "./python.js";
+
+const TOLERANCE = 1e-4;
+
+interface Comparison {
+  max_abs_error: number;
+  max_abs_reference: number;
+}
+
+function compare(folder: string, family: string, key: string): Comparison {
+  const reference = join(FIXTURES, family, "reference.safetensors");
+  return JSON.parse(runPython(["test/python/bam_folder.py", folder, reference, key])) as Comparison;
+}
+
+for (const family of fixtureFamilies()) {
+  describe(`pytorch ${family}`, { skip: NO_TORCH }, () => {
+    const cases: Array<{ label: string; options: (base: string) => Partial<UpcycleOptions>; key: string }> = [
+      ...(["moa", "shared-kv", "merged"] as AttentionExperts[]).map((attention) => ({
+        label: `[s, s, s] in ${attention}`,
+        options: (base: string) => ({ seeds: [base, base, base], attention, expertsPerToken: 2 }),
+        key: "logits_base",
+      })),
+      { label: "the dense layout (one expert)", options: (base) => ({ seeds: [base] }), key: "logits_base" },
+      { label: "[sharded, sharded] in moa", options: () => ({ seeds: [fixture(family, "sharded"), fixture(family, "sharded")] }), key: "logits_base" },
+      { label: "[bf16, bf16] in shared-kv", options: () => ({ seeds: [fixture(family, "bf16"), fixture(family, "bf16")], attention: "shared-kv" }), key: "logits_bf16" },
+    ];
+    for (const { label, options, key } of cases) {
+      test(`${label} gives transformers' logits`, () =>
+        withTempDir(async (dir) => {
+          const base = fixture(family, "base");
+          const seed = await openSeed(base);
+          const block = seed.features.parallelBlock ? "parallel" : "sequential";
+          await seed.close();
+          const out = join(dir, "out");
+          await upcycle({ output: out, block, ...options(base) } as UpcycleOptions);
+          const result = compare(out, family, key);
+          assert.ok(result.max_abs_reference > 0.1, "the reference logits are not trivial");
+          assert.ok(result.max_abs_error <= TOLERANCE, `max |logits - transformers| = ${result.max_abs_error}`);
+        }));
+    }
+  });
+}
