@@ -1,0 +1,156 @@
+import type { CommandModule } from "yargs";
+import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
+import { BamError } from "../../errors.js";
+import { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
+import { planUpcycle, readRecipe, upcycle, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
+import { formatBytes, formatDuration, progressBar } from "../progress.js";
+import { printJson, runCommand } from "../run.js";
+
+interface UpcycleArgs {
+  seeds: string[];
+  output?: string;
+  recipe?: string;
+  attention?: string;
+  block?: string;
+  experts?: number;
+  "drop-ratio"?: number;
+  "experts-per-token"?: number;
+  weights?: string;
+  "router-init"?: string;
+  "router-scale"?: number;
+  seed?: number;
+  dtype?: string;
+  "max-shard-size"?: string;
+  format?: string;
+  force: boolean;
+  "dry-run": boolean;
+  json: boolean;
+}
+
+export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
+  command: "upcycle [seeds..]",
+  describe: "Build a Mixture-of-Experts model from dense seeds (BAM, BTX, sparse upcycling, Drop-Upcycling)",
+  builder: (y) =>
+    y
+      .positional("seeds", { type: "string", array: true, default: [], describe: "Seed folders: one expert per seed (the generalist first), or one seed with --experts" })
+      .option("output", { alias: "o", type: "string", describe: "Output folder (written atomically)" })
+      .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it); written into the output" })
+      .option("attention", { choices: ATTENTION_EXPERTS, describe: "moa: soft attention experts (default); shared-kv: per-expert q/o with shared k/v; merged: averaged attention (BTX)" })
+      .option("block", { choices: BLOCK_KINDS, describe: "parallel (default, as BAM) or sequential (keeps sequential seeds' function)" })
+      .option("experts", { type: "number", describe: "With one seed: number of FFN copies (sparse upcycling)" })
+      .option("drop-ratio", { type: "number", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
+      .option("experts-per-token", { alias: "k", type: "number", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
+      .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
+      .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default) or zero" })
+      .option("router-scale", { type: "number", describe: "Scale of the random router init (default 0.1)" })
+      .option("seed", { type: "number", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
+      .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
+      .option("max-shard-size", { type: "string", describe: "Largest safetensors shard, e.g. 5GB (default), 500MB" })
+      .option("format", { choices: OUTPUT_FORMATS, describe: "bam (default, remote code), or native mixtral / qwen3-moe where the model fits" })
+      .option("force", { type: "boolean", default: false, describe: "Replace an existing output folder (only once the new one is complete)" })
+      .option("dry-run", { type: "boolean", default: false, describe: "Print the plan and write nothing" })
+      .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
+      .example("$0 upcycle base code math -o bam-3x", "BAM with soft attention experts, parallel block, top-1")
+      .example("$0 upcycle base code math -o btx --attention merged --block sequential -k 2", "the BTX baseline")
+      .example("$0 upcycle base -o sparse --experts 4 --drop-ratio 0.5", "Drop-Upcycling from one seed")
+      .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe"),
+  handler: (args) =>
+    runCommand(async ({ signal }) => {
+      const options = await optionsFrom(args);
+      if (args["dry-run"]) {
+        const plan = await planUpcycle(options);
+        if (args.json) printJson(planJson(plan));
+        else printPlan(plan);
+        return;
+      }
+      const bar = progressBar("upcycling", "bytes");
+      const result = await upcycle(options, { signal, onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes) });
+      bar.finish();
+      if (args.json) {
+        printJson({ ...planJson(result.plan), output: result.output, files: result.files, bytesWritten: result.bytesWritten, seconds: result.seconds, seeds: result.seeds });
+        return;
+      }
+      for (const warning of result.plan.warnings) process.stderr.write(`bam: warning: ${warning}\n`);
+      process.stdout.write(
+        `wrote ${result.output}: ${result.plan.summary.experts} experts, attention ${result.plan.summary.attention}, ${result.plan.summary.block} block; ` +
+          `${result.files.length} shard(s), ${formatBytes(result.bytesWritten)} in ${formatDuration(result.seconds)} (${formatBytes(result.bytesWritten / Math.max(result.seconds, 1e-3))}/s)\n`,
+      );
+    }),
+};
+
+async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
+  const recipe = args.recipe ? await readRecipe(args.recipe) : {};
+  const flags: Partial<UpcycleOptions> = {
+    seeds: args.seeds.length > 0 ? args.seeds : undefined,
+    output: args.output,
+    attention: args.attention as UpcycleOptions["attention"],
+    block: args.block as UpcycleOptions["block"],
+    experts: args.experts,
+    dropRatio: args["drop-ratio"],
+    expertsPerToken: args["experts-per-token"],
+    weights: args.weights === undefined ? undefined : parseWeights(args.weights),
+    routerInit: args["router-init"] as UpcycleOptions["routerInit"],
+    routerScale: args["router-scale"],
+    seed: args.seed,
+    dtype: args.dtype as UpcycleOptions["dtype"],
+    maxShardSize: args["max-shard-size"],
+    format: args.format as UpcycleOptions["format"],
+    force: args.force || undefined,
+  };
+  const merged = { ...recipe } as Record<string, unknown>;
+  for (const [key, value] of Object.entries(flags)) if (value !== undefined) merged[key] = value;
+  if (!Array.isArray(merged.seeds) || merged.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name the seed folders (bam upcycle SEED... -o OUT) or a --recipe that lists them");
+  if (typeof merged.output !== "string" && !args["dry-run"]) throw new BamError("OPTIONS_INVALID", "name the output folder with -o DIR");
+  if (typeof merged.output !== "string") merged.output = "(dry run)";
+  return merged as unknown as UpcycleOptions;
+}
+
+function parseWeights(text: string): number[] {
+  const weights = text.split(",").map((part) => Number(part.trim()));
+  if (weights.some((w) => !Number.isFinite(w))) throw new BamError("OPTIONS_INVALID", `--weights must be numbers separated by commas, not "${text}"`);
+  return weights;
+}
+
+function planJson(plan: UpcyclePlan) {
+  return {
+    options: plan.options,
+    seeds: plan.seeds,
+    summary: plan.summary,
+    warnings: plan.warnings,
+    tensors: plan.tensors.map((t) => ({ name: t.name, shape: t.shape, dtype: t.dtype, operation: t.operation })),
+  };
+}
+
+function describeOperation(plan: UpcyclePlan, op: UpcyclePlan["tensors"][number]["operation"]): string {
+  const seedName = (i: number) => plan.seeds[i]!.name;
+  switch (op.kind) {
+    case "copy":
+      return `copy ${seedName(op.from.seed)}:${op.from.tensor}`;
+    case "average":
+      return `average of ${op.from.length} seeds`;
+    case "router":
+      return op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
+    case "drop":
+      return `drop ${Math.round(op.ratio * 100)}% of ${seedName(op.from.seed)}:${op.from.tensor}`;
+  }
+}
+
+function printPlan(plan: UpcyclePlan): void {
+  const s = plan.summary;
+  const millions = (n: number) => `${(n / 1e6).toFixed(n < 1e7 ? 3 : 1)}M`;
+  const lines = [
+    `seeds       ${plan.seeds.map((x) => `${x.name} (${x.dtypes.join("/")})`).join(", ")}`,
+    `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
+    `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}`,
+    `attention   ${s.attention}`,
+    `block       ${s.block}`,
+    `parameters  ${millions(s.totalParameters)} total, ${millions(s.activeParameters)} active per token (one seed: ${millions(s.seedParameters)})`,
+    `FLOPs       ${s.flopsPerTokenRatio.toFixed(2)}x one seed per token (context 2048)`,
+    `output      ${plan.options.output}, ${formatBytes(s.outputBytes)} in ${plan.options.format} format, ${plan.tensors.length} tensors`,
+    `memory      about ${formatBytes(s.peakMemoryBytes)} peak`,
+    "",
+    ...plan.tensors.map((t) => `  ${t.name} [${t.shape.join(", ")}] ${t.dtype} <- ${describeOperation(plan, t.operation)}`),
+    ...plan.warnings.map((w) => `warning: ${w}`),
+  ];
+  process.stdout.write(`${lines.join("\n")}\n`);
+}

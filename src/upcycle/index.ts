@@ -1,0 +1,150 @@
+/**
+ * The merge API: `planUpcycle(options)` reads the seeds' configs and headers
+ * (no tensor data, no writes) and returns the plan; `upcycle(options)` runs
+ * it into an atomic output folder.
+ */
+import { copyFile, readdir, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { openSeed, type Seed } from "../arch/index.js";
+import { BamError, ioError } from "../errors.js";
+import { openAtomicFolder } from "../export/atomic.js";
+import { modelCard } from "../export/card.js";
+import { formatWriter } from "../export/formats.js";
+import { writeShardedSafetensors } from "../safetensors/index.js";
+import { planDataBytes, tensorsToWrite } from "./execute.js";
+import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
+import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
+import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
+
+export type { UpcycleOptions, ResolvedOptions } from "./options.js";
+export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
+export { readRecipe, recipeYaml } from "./options.js";
+
+export interface UpcycleProgress {
+  bytesWritten: number;
+  totalBytes: number;
+  /** Output tensor being written. */
+  tensor: string;
+}
+
+export interface UpcycleResult {
+  output: string;
+  plan: UpcyclePlan;
+  files: string[];
+  bytesWritten: number;
+  seconds: number;
+  seeds: HashedSeed[];
+}
+
+/** Files copied from the first seed when present (tokenizer and generation defaults). */
+const SEED_SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|generation_config\.json|chat_template\.(jinja|json))$/;
+const PYTHON_DIR = fileURLToPath(new URL("../../../python/", import.meta.url));
+
+async function withSeeds<T>(dirs: string[], body: (seeds: Seed[]) => Promise<T>): Promise<T> {
+  const seeds: Seed[] = [];
+  try {
+    for (const dir of dirs) seeds.push(await openSeed(dir));
+    return await body(seeds);
+  } finally {
+    await Promise.all(seeds.map((s) => s.close()));
+  }
+}
+
+function planFor(options: UpcycleOptions, seeds: Seed[]): UpcyclePlan {
+  checkSeeds(seeds);
+  const first = seeds[0]!;
+  const resolved = resolveOptions(options, first.features.parallelBlock ? "parallel" : "sequential");
+  const plan = buildPlan(seeds, resolved);
+  formatWriter(resolved.format, plan.features, plan.moe, plan.tensors[0]!.dtype, first.rawConfig); // refuses a format that cannot hold the model
+  return plan;
+}
+
+/** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
+export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan> {
+  if (!Array.isArray(options.seeds) || options.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
+  return withSeeds(options.seeds, async (seeds) => planFor(options, seeds));
+}
+
+/** Runs the upcycle; the output folder appears complete or not at all. */
+export async function upcycle(
+  options: UpcycleOptions,
+  hooks: { onProgress?: (progress: UpcycleProgress) => void; signal?: AbortSignal } = {},
+): Promise<UpcycleResult> {
+  if (!Array.isArray(options.seeds) || options.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
+  const started = performance.now();
+  return withSeeds(options.seeds, async (seeds) => {
+    const plan = planFor(options, seeds);
+    const folder = await openAtomicFolder(plan.options.output, plan.options.force);
+    const hashing = hashSeeds(seeds.map((s) => ({ name: s.name, files: [join(s.dir, "config.json"), ...s.files] })));
+    try {
+      const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
+      const totalBytes = planDataBytes(plan);
+      let bytesWritten = 0;
+      let current = "";
+      const tensors = tensorsToWrite(plan, seeds, writer.rename).map((t) => ({ ...t, data: () => ((current = t.name), t.data()) }));
+      const written = await writeShardedSafetensors(folder.path, tensors, {
+        maxShardBytes: plan.options.maxShardBytes,
+        metadata: { format: "pt" },
+        signal: hooks.signal,
+        onBytes: (n) => {
+          bytesWritten += n;
+          hooks.onProgress?.({ bytesWritten, totalBytes, tensor: current });
+        },
+      });
+      const hashed = await hashing.result;
+      plan.moe.upcycledFrom = hashed.map(({ name, sha256 }) => ({ name, sha256 }));
+      const config = { ...writer.config };
+      if (writer.remoteCode) config.upcycled_from = hashed;
+      const recipe = recipeYaml(plan.options);
+      await writeSideFiles(folder.path, seeds[0]!.dir, {
+        "config.json": `${JSON.stringify(config, null, 2)}\n`,
+        "recipe.yaml": recipe,
+        "README.md": modelCard(plan, recipe, writer.remoteCode),
+      }, writer.remoteCode);
+      if (hooks.signal?.aborted) throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`);
+      await folder.commit();
+      return {
+        output: plan.options.output,
+        plan,
+        files: written.files,
+        bytesWritten,
+        seconds: (performance.now() - started) / 1000,
+        seeds: hashed,
+      };
+    } catch (error) {
+      hashing.cancel();
+      await folder.discard();
+      if (hooks.signal?.aborted && !(error instanceof BamError && error.code === "ABORTED")) {
+        throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`, { cause: error });
+      }
+      throw error;
+    }
+  });
+}
+
+async function writeSideFiles(dir: string, firstSeedDir: string, generated: Record<string, string>, remoteCode: boolean): Promise<void> {
+  try {
+    for (const entry of await readdir(firstSeedDir)) {
+      if (SEED_SIDE_FILES.test(entry)) await copyFile(join(firstSeedDir, entry), join(dir, entry));
+    }
+    if (remoteCode) {
+      for (const file of ["configuration_bam.py", "modeling_bam.py"]) await copyFile(join(PYTHON_DIR, file), join(dir, file));
+    }
+    for (const [file, text] of Object.entries(generated)) await writeFile(join(dir, file), text);
+    const copied = await readdir(dir);
+    if (!copied.includes("generation_config.json")) {
+      await writeFile(join(dir, "generation_config.json"), `${JSON.stringify(generationDefaults(generated), null, 2)}\n`);
+    }
+  } catch (error) {
+    throw ioError(dir, error);
+  }
+}
+
+/** A minimal generation_config.json when the seed has none: the config's token ids. */
+function generationDefaults(generated: Record<string, string>): Record<string, unknown> {
+  const config = JSON.parse(generated["config.json"]!) as Record<string, unknown>;
+  const defaults: Record<string, unknown> = {};
+  for (const key of ["bos_token_id", "eos_token_id", "pad_token_id"]) if (config[key] !== undefined) defaults[key] = config[key];
+  return defaults;
+}

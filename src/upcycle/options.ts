@@ -1,0 +1,202 @@
+/**
+ * The options of an upcycle, as the API takes them, as a recipe file holds
+ * them, and resolved with every default filled in (what the plan records and
+ * the output's recipe.yaml repeats, so a run can be reproduced).
+ */
+import { readFile } from "node:fs/promises";
+import YAML from "yaml";
+import { BamError, ioError } from "../errors.js";
+import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
+import { parseSize } from "../safetensors/index.js";
+
+export type OutputDType = "keep" | "bf16" | "f16" | "f32";
+export type RouterInit = "random" | "zero";
+export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
+
+export const OUTPUT_DTYPES: readonly OutputDType[] = ["keep", "bf16", "f16", "f32"];
+export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero"];
+export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
+
+export interface UpcycleOptions {
+  /** Seed folders: E seeds (BAM/BTX), or one seed with `experts` (sparse upcycling, Drop-Upcycling). */
+  seeds: string[];
+  /** Output folder; must not exist or be empty unless `force`. */
+  output: string;
+  /** Attention experts: "moa" (default with several seeds: soft Mixture-of-Attention), "shared-kv", or "merged" (BTX; default with one seed). */
+  attention?: AttentionExperts;
+  /** "parallel" (default with several seeds, as BAM) or "sequential"; one seed defaults to its own block. */
+  block?: BlockKind;
+  /** With one seed: how many copies of its FFN to make. */
+  experts?: number;
+  /** Drop-Upcycling: fraction of each expert's intermediate dimensions re-initialised (0.5 is best in the paper). */
+  dropRatio?: number;
+  /** Top-k of the FFN router (default 1, as BAM; BTX used 2). */
+  expertsPerToken?: number;
+  /** Averaging weights for the shared tensors, one per seed; normalised to sum 1. Default uniform. */
+  weights?: number[];
+  routerInit?: RouterInit;
+  /** Scale of the random router init relative to the fan-in init (Switch: 0.1). */
+  routerScale?: number;
+  /** Seed of every random choice (routers, Drop-Upcycling). */
+  seed?: number;
+  dtype?: OutputDType;
+  /** Largest shard, bytes or text such as "5GB" (default). */
+  maxShardSize?: number | string;
+  format?: OutputFormat;
+  /** Replace an existing output folder (it is only replaced once the new one is complete). */
+  force?: boolean;
+  routerAuxLossCoef?: number;
+  routerZLossCoef?: number;
+}
+
+export interface ResolvedOptions {
+  seeds: string[];
+  output: string;
+  attention: AttentionExperts;
+  block: BlockKind;
+  experts: number;
+  dropRatio: number;
+  expertsPerToken: number;
+  weights: number[];
+  routerInit: RouterInit;
+  routerScale: number;
+  seed: number;
+  dtype: OutputDType;
+  maxShardBytes: number;
+  format: OutputFormat;
+  force: boolean;
+  routerAuxLossCoef: number;
+  routerZLossCoef: number;
+}
+
+const invalid = (message: string): never => {
+  throw new BamError("OPTIONS_INVALID", message);
+};
+
+function oneOf<T extends string>(name: string, value: T | undefined, options: readonly T[], fallback: T): T {
+  if (value === undefined) return fallback;
+  return options.includes(value) ? value : invalid(`--${name} must be one of ${options.join(", ")}, not "${String(value)}"`);
+}
+
+function integer(name: string, value: number | undefined, min: number, max: number, fallback: number): number {
+  if (value === undefined) return fallback;
+  return Number.isInteger(value) && value >= min && value <= max ? value : invalid(`--${name} must be an integer from ${min} to ${max}, not ${value}`);
+}
+
+function fraction(name: string, value: number | undefined, fallback: number, allowOne: boolean): number {
+  if (value === undefined) return fallback;
+  const ok = Number.isFinite(value) && value >= 0 && (allowOne ? value <= 1 : value < 1);
+  return ok ? value : invalid(`--${name} must be a number from 0 to ${allowOne ? "1" : "below 1"}, not ${value}`);
+}
+
+/**
+ * Fills in defaults and checks ranges. With one seed (sparse upcycling) the
+ * defaults keep the seed's function: merged attention and the seed's own block.
+ */
+export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): ResolvedOptions {
+  if (!Array.isArray(options.seeds) || options.seeds.length === 0) invalid("name at least one seed folder");
+  if (typeof options.output !== "string" || options.output === "") invalid("name the output folder (-o DIR)");
+  const seedCount = options.seeds.length;
+  if (options.experts !== undefined && seedCount > 1) {
+    invalid(`--experts is for sparse upcycling from one seed; with ${seedCount} seeds there is one expert per seed`);
+  }
+  const experts = seedCount === 1 ? integer("experts", options.experts, 1, 256, 1) : seedCount;
+  if (seedCount > 256) invalid(`at most 256 seeds, not ${seedCount}`);
+  const dropRatio = fraction("drop-ratio", options.dropRatio, 0, false);
+  if (dropRatio > 0 && seedCount > 1) invalid("--drop-ratio is Drop-Upcycling from one seed; name a single seed with --experts N");
+  const expertsPerToken = integer("experts-per-token", options.expertsPerToken, 1, experts, 1);
+  const weights = options.weights ?? new Array<number>(seedCount).fill(1);
+  if (weights.length !== seedCount) invalid(`--weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
+  if (weights.some((w) => !Number.isFinite(w) || w < 0) || weights.every((w) => w === 0)) {
+    invalid("--weights must be non-negative numbers, not all zero");
+  }
+  const weightSum = weights.reduce((a, b) => a + b, 0);
+  const maxShardBytes = typeof options.maxShardSize === "string" ? parseSize(options.maxShardSize) : (options.maxShardSize ?? 5e9);
+  if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1) invalid(`--max-shard-size must be a positive size, not ${String(options.maxShardSize)}`);
+  const routerScale = options.routerScale ?? 0.1;
+  if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`--router-scale must be a positive number, not ${routerScale}`);
+  const seed = options.seed ?? 0;
+  if (!Number.isSafeInteger(seed) || seed < 0) invalid(`--seed must be a non-negative integer, not ${seed}`);
+  const coefficient = (name: string, value: number | undefined, fallback: number) =>
+    value === undefined ? fallback : Number.isFinite(value) && value >= 0 ? value : invalid(`${name} must be a non-negative number, not ${value}`);
+  return {
+    seeds: options.seeds,
+    output: options.output,
+    attention: oneOf("attention", options.attention, ATTENTION_EXPERTS, seedCount > 1 ? "moa" : "merged"),
+    block: oneOf("block", options.block, BLOCK_KINDS, seedCount > 1 ? "parallel" : seedBlock),
+    experts,
+    dropRatio,
+    expertsPerToken,
+    weights: weights.map((w) => w / weightSum),
+    routerInit: oneOf("router-init", options.routerInit, ROUTER_INITS, "random"),
+    routerScale,
+    seed,
+    dtype: oneOf("dtype", options.dtype, OUTPUT_DTYPES, "keep"),
+    maxShardBytes,
+    format: oneOf("format", options.format, OUTPUT_FORMATS, "bam"),
+    force: options.force ?? false,
+    routerAuxLossCoef: coefficient("router_aux_loss_coef", options.routerAuxLossCoef, 0.01),
+    routerZLossCoef: coefficient("router_z_loss_coef", options.routerZLossCoef, 0.001),
+  };
+}
+
+/** Recipe keys (YAML, kebab-case as the CLI flags) -> option names. */
+const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
+  seeds: "seeds",
+  output: "output",
+  attention: "attention",
+  block: "block",
+  experts: "experts",
+  "drop-ratio": "dropRatio",
+  "experts-per-token": "expertsPerToken",
+  weights: "weights",
+  "router-init": "routerInit",
+  "router-scale": "routerScale",
+  seed: "seed",
+  dtype: "dtype",
+  "max-shard-size": "maxShardSize",
+  format: "format",
+  "router-aux-loss-coef": "routerAuxLossCoef",
+  "router-z-loss-coef": "routerZLossCoef",
+};
+
+/** Reads a recipe file into options; flags given on the command line override it. */
+export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>> {
+  let text: string;
+  try {
+    text = await readFile(path, "utf8");
+  } catch (error) {
+    throw ioError(path, error);
+  }
+  let parsed: unknown;
+  try {
+    parsed = YAML.parse(text, { maxAliasCount: 100 });
+  } catch (error) {
+    throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]})`);
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
+    throw new BamError("RECIPE_INVALID", `${path}: must be a mapping of option: value`);
+  }
+  const options: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(parsed)) {
+    const name = RECIPE_KEYS[key];
+    if (name === undefined) {
+      throw new BamError("RECIPE_INVALID", `${path}: unknown key "${key}"; known keys: ${Object.keys(RECIPE_KEYS).join(", ")}`);
+    }
+    const wantsList = name === "seeds" || name === "weights";
+    const typeOk = wantsList ? Array.isArray(value) : ["string", "number", "boolean"].includes(typeof value);
+    if (!typeOk) throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be ${wantsList ? "a list" : "a single value"}`);
+    options[name] = value;
+  }
+  return options as Partial<UpcycleOptions>;
+}
+
+/** The recipe written into the output folder: every resolved option, in recipe keys. */
+export function recipeYaml(options: ResolvedOptions): string {
+  const byKey: Record<string, unknown> = {};
+  for (const [key, name] of Object.entries(RECIPE_KEYS)) {
+    byKey[key] = name === "maxShardSize" ? options.maxShardBytes : options[name as keyof ResolvedOptions];
+  }
+  if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
+  return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
+}

@@ -1,0 +1,280 @@
+/**
+ * The plan of an upcycle: which output tensor comes from which seed tensors
+ * by which operation, with shapes and dtypes. Pure: built from the seeds'
+ * descriptions alone (no tensor data), printed by --dry-run, executed by
+ * ./execute.ts.
+ */
+import { BamError } from "../errors.js";
+import { countParameters } from "../arch/describe.js";
+import { featuresToConfig } from "../arch/features.js";
+import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
+import type { ArchFeatures, DenseModel } from "../arch/types.js";
+import { DTYPE_SIZE, type DType, type FloatDType } from "../safetensors/index.js";
+import type { ResolvedOptions } from "./options.js";
+
+export interface SourceRef {
+  seed: number;
+  /** Canonical seed tensor name. */
+  tensor: string;
+}
+
+export type Operation =
+  /** The seed tensor, converted to the output dtype if it differs. */
+  | { kind: "copy"; from: SourceRef }
+  /** Weighted sum of the seeds' tensors (weights sum to 1), in float64. */
+  | { kind: "average"; from: SourceRef[]; weights: number[] }
+  /** A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed. */
+  | { kind: "router"; std: number; key: string }
+  /**
+   * Drop-Upcycling: a copy in which the intermediate dimensions chosen by
+   * `key` (the same for an expert's gate, up and down) are re-drawn from
+   * N(mean, std) of the source matrix; `axis` 0 = rows (gate/up), 1 = columns (down).
+   */
+  | { kind: "drop"; from: SourceRef; ratio: number; axis: 0 | 1; key: string };
+
+export interface PlannedTensor {
+  /** Output name (BAM.md section 2). */
+  name: string;
+  shape: number[];
+  dtype: FloatDType;
+  operation: Operation;
+}
+
+export interface SeedInfo {
+  dir: string;
+  name: string;
+  dtypes: DType[];
+}
+
+export interface PlanSummary {
+  experts: number;
+  expertsPerToken: number;
+  attention: AttentionExperts;
+  block: BlockKind;
+  seedParameters: number;
+  totalParameters: number;
+  activeParameters: number;
+  /** Forward FLOPs per token relative to one seed, at a context of FLOP_CONTEXT tokens. */
+  flopsPerTokenRatio: number;
+  outputBytes: number;
+  /** Estimated peak resident memory of the executor. */
+  peakMemoryBytes: number;
+}
+
+export interface UpcyclePlan {
+  options: ResolvedOptions;
+  seeds: SeedInfo[];
+  features: ArchFeatures;
+  moe: MoeSettings;
+  tensors: PlannedTensor[];
+  summary: PlanSummary;
+  warnings: string[];
+}
+
+/** Context length the FLOP ratio is quoted at. */
+export const FLOP_CONTEXT = 2048;
+/** Rows (or elements) the executor processes at a time; bounds its memory. */
+export const CHUNK_ELEMENTS = 1 << 22;
+/** Node's own footprint plus the writer's buffer, for the memory estimate. */
+const BASE_MEMORY_BYTES = 120e6;
+
+const ATTENTION_TENSOR = /^model\.layers\.(\d+)\.attn\.((q|k|v|o)_proj|(q|k)_norm)\.(weight|bias)$/;
+const MLP_TENSOR = /^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)$/;
+const LAYER_TENSOR = /^model\.layers\.(\d+)\./;
+
+/** Checks the seeds agree on everything the mixture needs; names both seeds and the difference. */
+export function checkSeeds(seeds: DenseModel[]): void {
+  const [first, ...rest] = seeds;
+  if (first === undefined) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
+  const label = (s: DenseModel) => `${s.name} (${s.dir})`;
+  const firstConfig = featuresToConfig(first.features) as unknown as Record<string, unknown>;
+  for (const seed of rest) {
+    const config = featuresToConfig(seed.features) as unknown as Record<string, unknown>;
+    for (const key of Object.keys(firstConfig)) {
+      const a = JSON.stringify(firstConfig[key]);
+      const b = JSON.stringify(config[key]);
+      if (a !== b) {
+        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} differs from seed ${label(first)}: ${key} is ${b} there and ${a} here; seeds must share one architecture`);
+      }
+    }
+    if (seed.tokenizerHash !== first.tokenizerHash) {
+      throw new BamError("SEED_MISMATCH", `seed ${label(seed)} has a different tokenizer.json from seed ${label(first)} (sha256 ${short(seed.tokenizerHash)} vs ${short(first.tokenizerHash)}); experts must share one vocabulary`);
+    }
+    for (const tensor of first.tensors.values()) {
+      const other = seed.tensors.get(tensor.name);
+      if (other === undefined) {
+        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} lacks tensor ${tensor.name} that seed ${label(first)} has`);
+      }
+      if (other.shape.join("x") !== tensor.shape.join("x")) {
+        throw new BamError("SEED_MISMATCH", `seed ${label(seed)}: tensor ${tensor.name} has shape [${other.shape}], seed ${label(first)} has [${tensor.shape}]`);
+      }
+    }
+    for (const name of seed.tensors.keys()) {
+      if (!first.tensors.has(name)) throw new BamError("SEED_MISMATCH", `seed ${label(seed)} has tensor ${name} that seed ${label(first)} lacks`);
+    }
+  }
+}
+
+function short(hash: string | null): string {
+  return hash === null ? "none" : `${hash.slice(0, 12)}...`;
+}
+
+/** The output dtype of a tensor made from sources of these dtypes. */
+function outputDType(option: ResolvedOptions["dtype"], sources: DType[]): FloatDType {
+  if (option !== "keep") return ({ bf16: "BF16", f16: "F16", f32: "F32" } as const)[option];
+  const first = sources[0];
+  const same = sources.every((d) => d === first);
+  if (same && (first === "F32" || first === "F16" || first === "BF16")) return first;
+  return "F32"; // mixed seed dtypes: widen rather than pick one seed's rounding
+}
+
+/** Builds the plan; `options` must already be resolved and the seeds checked. */
+export function buildPlan(seeds: DenseModel[], options: ResolvedOptions): UpcyclePlan {
+  const first = seeds[0]!;
+  const features = first.features;
+  const E = options.experts;
+  const attention: AttentionExperts = E === 1 ? "merged" : options.attention;
+  const hasRouters = E > 1;
+  const expertSeed = (e: number) => (seeds.length === 1 ? 0 : e);
+  const seedIndices = seeds.map((_, i) => i);
+  const dtypeOf = (ref: SourceRef) => seeds[ref.seed]!.tensors.get(ref.tensor)!.dtype;
+  const shapeOf = (name: string) => first.tensors.get(name)!.shape;
+
+  const tensors: PlannedTensor[] = [];
+  const add = (name: string, shape: number[], sources: SourceRef[], operation: Operation) => {
+    const sourceDtypes = sources.length > 0 ? sources.map(dtypeOf) : [first.tensors.get("model.embed_tokens.weight")!.dtype];
+    tensors.push({ name, shape, dtype: outputDType(options.dtype, sourceDtypes), operation });
+  };
+  const average = (outName: string, tensor: string) => {
+    const from = seedIndices.map((seed) => ({ seed, tensor }));
+    const operation: Operation = seeds.length === 1 ? { kind: "copy", from: from[0]! } : { kind: "average", from, weights: options.weights };
+    add(outName, shapeOf(tensor), from, operation);
+  };
+  const copy = (outName: string, seed: number, tensor: string) => {
+    const from = { seed, tensor };
+    add(outName, shapeOf(tensor), [from], { kind: "copy", from });
+  };
+  const router = (name: string, key: string) => {
+    // Switch: truncated normal with std sqrt(scale / fan_in); zero routers start uniform.
+    const std = options.routerInit === "zero" ? 0 : Math.sqrt(options.routerScale / features.hiddenSize);
+    add(name, [E, features.hiddenSize], [], { kind: "router", std, key });
+  };
+
+  const byLayer = new Map<number, string[]>();
+  const outside: string[] = [];
+  for (const name of first.tensors.keys()) {
+    const layer = LAYER_TENSOR.exec(name);
+    if (layer) {
+      const list = byLayer.get(Number(layer[1])) ?? [];
+      list.push(name);
+      byLayer.set(Number(layer[1]), list);
+    } else {
+      outside.push(name);
+    }
+  }
+  const head = outside.filter((n) => n.startsWith("model.embed_"));
+  const tail = outside.filter((n) => !n.startsWith("model.embed_"));
+
+  for (const name of head) average(name, name);
+  for (const [layer, names] of [...byLayer.entries()].sort((a, b) => a[0] - b[0])) {
+    const prefix = `model.layers.${layer}`;
+    const attentionNames = names.filter((n) => ATTENTION_TENSOR.test(n));
+    const mlpNames = names.filter((n) => MLP_TENSOR.test(n));
+    for (const name of names) {
+      if (!attentionNames.includes(name) && !mlpNames.includes(name)) average(name, name);
+    }
+    if (hasRouters && attention !== "merged") router(`${prefix}.attn.router.weight`, `${prefix}.attn.router`);
+    if (attention === "merged") {
+      for (const name of attentionNames) average(name, name);
+    } else {
+      const isShared = (name: string) => attention === "shared-kv" && /\.attn\.(k_proj|v_proj|k_norm)\./.test(name);
+      for (let e = 0; e < E; e++) {
+        for (const name of attentionNames.filter((n) => !isShared(n))) {
+          copy(name.replace(".attn.", `.attn.experts.${e}.`), expertSeed(e), name);
+        }
+      }
+      for (const name of attentionNames.filter(isShared)) average(name, name);
+    }
+    if (hasRouters) router(`${prefix}.mlp.router.weight`, `${prefix}.mlp.router`);
+    for (let e = 0; e < E; e++) {
+      for (const name of mlpNames) {
+        const outName = name.replace(".mlp.", `.mlp.experts.${e}.`);
+        const from = { seed: expertSeed(e), tensor: name };
+        const isWeight = name.endsWith(".weight");
+        if (options.dropRatio > 0 && isWeight) {
+          const axis = name.includes(".down_proj.") ? 1 : 0;
+          add(outName, shapeOf(name), [from], { kind: "drop", from, ratio: options.dropRatio, axis, key: `${prefix}.mlp.experts.${e}` });
+        } else {
+          add(outName, shapeOf(name), [from], { kind: "copy", from });
+        }
+      }
+    }
+  }
+  for (const name of tail) average(name, name);
+
+  const moe: MoeSettings = {
+    numExperts: E,
+    expertsPerToken: options.expertsPerToken,
+    attentionExperts: attention,
+    block: options.block,
+    routerAuxLossCoef: options.routerAuxLossCoef,
+    routerZLossCoef: options.routerZLossCoef,
+    upcycledFrom: [],
+  };
+  return {
+    options,
+    seeds: seeds.map((s) => ({ dir: s.dir, name: s.name, dtypes: [...new Set([...s.tensors.values()].map((t) => t.dtype))] })),
+    features,
+    moe,
+    tensors,
+    summary: summarise(first, seeds.length, tensors, moe),
+    warnings: planWarnings(features, options, seeds.length, attention),
+  };
+}
+
+function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCount: number, attention: AttentionExperts): string[] {
+  const warnings: string[] = [];
+  const seedBlock = features.parallelBlock ? "parallel" : "sequential";
+  if (options.block !== seedBlock) {
+    warnings.push(
+      `the seeds use a ${seedBlock} block and the model is built with a ${options.block} block: it does not compute the seeds' function until fine-tuned; use --block ${seedBlock} to keep it function-preserving`,
+    );
+  }
+  if (options.experts === 1 && seedCount === 1) warnings.push("one seed and one expert: this writes the dense seed in the BAM layout (use --experts N for sparse upcycling)");
+  if (options.attention !== attention) warnings.push(`one expert: attention is merged, not ${options.attention}`);
+  return warnings;
+}
+
+function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: MoeSettings): PlanSummary {
+  const seedParams = countParameters(seed.tensors.values(), 1, 1);
+  const params = countParameters(tensors, moe.numExperts, moe.expertsPerToken);
+  const f = seed.features;
+  const embeddings = (list: Iterable<{ name: string; shape: number[] }>) => {
+    let n = 0;
+    for (const t of list) if (t.name.startsWith("model.embed_")) n += t.shape.reduce((a, b) => a * b, 1);
+    return n;
+  };
+  // Forward FLOPs per token: 2 per matmul weight (embedding lookups are free), plus attention
+  // scores and mixing, 2 x 2 x (average causal context) x heads x head_dim per layer per expert.
+  const attentionCopies = moe.attentionExperts === "merged" ? 1 : moe.numExperts;
+  const scoreFlops = (copies: number) => 4 * (FLOP_CONTEXT / 2) * f.numHeads * f.headDim * f.numLayers * copies;
+  const seedFlops = 2 * (seedParams.total - embeddings(seed.tensors.values())) + scoreFlops(1);
+  const flops = 2 * (params.activePerToken - embeddings(tensors)) + scoreFlops(attentionCopies);
+  const bytesOf = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype];
+  const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
+  // Working set: one chunk per source in float64 for averages, plus a drop's whole source matrix.
+  const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
+  const chunkBytes = CHUNK_ELEMENTS * 8 * (seedCount + 3);
+  return {
+    experts: moe.numExperts,
+    expertsPerToken: moe.expertsPerToken,
+    attention: moe.attentionExperts,
+    block: moe.block,
+    seedParameters: seedParams.total,
+    totalParameters: params.total,
+    activeParameters: params.activePerToken,
+    flopsPerTokenRatio: flops / seedFlops,
+    outputBytes,
+    peakMemoryBytes: BASE_MEMORY_BYTES + chunkBytes + largestDrop,
+  };
+}
