@@ -127,10 +127,17 @@ async function writeTensorData(out: BufferedWriter, tensor: TensorToWrite, size:
     return;
   }
   if (data === null || typeof data !== "object" || !(Symbol.asyncIterator in data)) throw wrongSize("no Uint8Array");
+  // The next chunk is produced (read from the seeds) while this one is written.
+  const chunks = data[Symbol.asyncIterator]();
   let written = 0;
-  for await (const chunk of data) {
+  let next = chunks.next();
+  for (;;) {
+    const { value: chunk, done } = await next;
+    if (done) break;
     throwIfAborted(signal, path);
     if (!(chunk instanceof Uint8Array) || written + chunk.length > size) throw wrongSize(`more than ${size} bytes`);
+    next = chunks.next();
+    next.catch(() => undefined); // reported when awaited; a write error may come first
     await out.write(chunk);
     written += chunk.length;
   }

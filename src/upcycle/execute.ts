@@ -59,16 +59,24 @@ async function* copyChunks(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor)
 
 async function* averageChunks(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor): AsyncGenerator<Uint8Array> {
   for (const [start, count] of chunkRanges(elementsOf(tensor.shape))) {
-    // float64 accumulation: averaging identical seeds gives the seed back exactly.
-    const sum = new Float64Array(count);
-    for (let i = 0; i < refs.length; i++) {
-      const ref = refs[i]!;
-      const values = toFloat32(await seeds[ref.seed]!.readElements(ref.tensor, start, count), sourceDType(seeds, ref));
-      const weight = weights[i]!;
-      for (let j = 0; j < count; j++) sum[j] = sum[j]! + weight * values[j]!;
-    }
-    yield fromFloat32(Float32Array.from(sum), tensor.dtype);
+    const values = await Promise.all(refs.map(async (ref) => toFloat32(await seeds[ref.seed]!.readElements(ref.tensor, start, count), sourceDType(seeds, ref))));
+    yield fromFloat32(weightedSum(values, weights), tensor.dtype);
   }
+}
+
+/**
+ * Sum of weights[i] * values[i], element by element, accumulated in a double
+ * (a JS number) and rounded once to float32: averaging identical seeds gives
+ * the seed back exactly.
+ */
+function weightedSum(values: Float32Array[], weights: number[]): Float32Array {
+  const out = new Float32Array(values[0]!.length);
+  for (let j = 0; j < out.length; j++) {
+    let sum = 0;
+    for (let i = 0; i < values.length; i++) sum += weights[i]! * values[i]![j]!;
+    out[j] = sum;
+  }
+  return out;
 }
 
 async function* routerChunks(tensor: PlannedTensor, std: number, seed: number, key: string): AsyncGenerator<Uint8Array> {

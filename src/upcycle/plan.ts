@@ -74,7 +74,7 @@ export interface UpcyclePlan {
 /** Context length the FLOP ratio is quoted at. */
 export const FLOP_CONTEXT = 2048;
 /** Rows (or elements) the executor processes at a time; bounds its memory. */
-export const CHUNK_ELEMENTS = 1 << 22;
+export const CHUNK_ELEMENTS = 1 << 20;
 /** Node's own footprint plus the writer's buffer, for the memory estimate. */
 const BASE_MEMORY_BYTES = 120e6;
 
