@@ -21,7 +21,7 @@ await yargs(hideBin(process.argv))
   .strict()
   .recommendCommands()
   .wrap(Math.min(100, process.stdout.columns ?? 100))
-  .epilogue("Exit codes: 0 success, 1 error, 2 bad usage, 130 interrupted. Format: https://github.com/bam-upcycle/bam-upcycle/blob/main/docs/format.md")
+  .epilogue("Exit codes: 0 success, 1 error, 2 bad usage, 130 interrupted. The output format: docs/format.md. BAM_DEBUG=1 prints stack traces.")
   .fail((message, error) => {
     if (error) throw error;
     process.stderr.write(`bam: ${message}\nRun \`bam --help\` for usage.\n`);
