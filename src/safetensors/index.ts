@@ -6,5 +6,5 @@ export { type TensorInfo, SafetensorsReader } from "./reader.js";
 export { CheckpointFiles } from "./checkpoint.js";
 export {
   type TensorToWrite, type WriteOptions, type ShardPlan,
-  safetensorsHeader, writeSafetensors, planShards, writeShardedSafetensors, parseSize,
+  safetensorsHeader, writeSafetensors, planShards, writeShardedSafetensors, shardedFileBytes, parseSize,
 } from "./writer.js";

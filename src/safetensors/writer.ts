@@ -228,6 +228,15 @@ export async function writeShardedSafetensors(
   return { files, totalSize };
 }
 
+/** Bytes writeShardedSafetensors will put in its shard files, headers included (for progress). */
+export function shardedFileBytes(tensors: TensorLayout[], maxShardBytes: number, metadata?: Record<string, string>): number {
+  const byName = new Map(tensors.map((t) => [t.name, t]));
+  return planShards(tensors, maxShardBytes).reduce((sum, shard) => {
+    const { header, dataBytes } = layout(shard.tensors.map((name) => byName.get(name)!), metadata);
+    return sum + header.length + dataBytes;
+  }, 0);
+}
+
 /** Index laid out like transformers' save_pretrained: indent 2, keys sorted. */
 async function writeIndex(path: string, plan: ShardPlan[], totalSize: number): Promise<void> {
   const weightMap = plan.flatMap((shard) => shard.tensors.map((name) => [name, shard.file] as const))

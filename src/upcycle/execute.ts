@@ -5,7 +5,7 @@
  * memory at a time, whatever the model's size.
  */
 import type { Seed } from "../arch/index.js";
-import { convertFloats, DTYPE_SIZE, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import { convertFloats, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
 import { CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import { RandomStream } from "./random.js";
@@ -116,9 +116,4 @@ async function* dropUpcycle(
     }
   }
   yield fromFloat32(values, tensor.dtype);
-}
-
-/** Bytes the plan writes, for progress. */
-export function planDataBytes(plan: UpcyclePlan): number {
-  return plan.tensors.reduce((sum, t) => sum + elementsOf(t.shape) * DTYPE_SIZE[t.dtype], 0);
 }

@@ -11,8 +11,8 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard } from "../export/card.js";
 import { formatWriter } from "../export/formats.js";
-import { writeShardedSafetensors } from "../safetensors/index.js";
-import { planDataBytes, tensorsToWrite } from "./execute.js";
+import { shardedFileBytes, writeShardedSafetensors } from "../safetensors/index.js";
+import { tensorsToWrite } from "./execute.js";
 import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
@@ -39,6 +39,8 @@ export interface UpcycleResult {
 
 /** Files copied from the first seed when present (tokenizer and generation defaults). */
 const SEED_SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|generation_config\.json|chat_template\.(jinja|json))$/;
+/** Marks the shards as PyTorch weights, as transformers writes them. */
+const SHARD_METADATA = { format: "pt" };
 const PYTHON_DIR = fileURLToPath(new URL("../../../python/", import.meta.url));
 
 async function withSeeds<T>(dirs: string[], body: (seeds: Seed[]) => Promise<T>): Promise<T> {
@@ -79,13 +81,13 @@ export async function upcycle(
     const hashing = hashSeeds(seeds.map((s) => ({ name: s.name, files: [join(s.dir, "config.json"), ...s.files] })));
     try {
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
-      const totalBytes = planDataBytes(plan);
       let bytesWritten = 0;
       let current = "";
       const tensors = tensorsToWrite(plan, seeds, writer.rename).map((t) => ({ ...t, data: () => ((current = t.name), t.data()) }));
+      const totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,
-        metadata: { format: "pt" },
+        metadata: SHARD_METADATA,
         signal: hooks.signal,
         onBytes: (n) => {
           bytesWritten += n;
