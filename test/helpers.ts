@@ -3,6 +3,7 @@ import { existsSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { openSeed, type Seed } from "../src/arch/load.js";
 import { FAMILIES, type Family } from "../src/arch/types.js";
 
 export const FIXTURES = resolve("fixtures");
@@ -35,4 +36,14 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
 
 export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
   return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
+}
+
+/** Opens a seed, runs `body`, and closes it whatever happens. */
+export async function withSeed<T>(dir: string, body: (seed: Seed) => Promise<T>): Promise<T> {
+  const seed = await openSeed(dir);
+  try {
+    return await body(seed);
+  } finally {
+    await seed.close();
+  }
 }

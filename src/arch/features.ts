@@ -42,9 +42,9 @@ export interface FeatureConfig {
   attention_scale: number | null;
 }
 
-export function featuresToConfig(f: ArchFeatures): FeatureConfig {
+/** The size keys, named as every transformers config names them. */
+export function sizeConfig(f: ArchFeatures) {
   return {
-    seed_model_type: f.family,
     vocab_size: f.vocabSize,
     hidden_size: f.hiddenSize,
     intermediate_size: f.intermediateSize,
@@ -53,6 +53,13 @@ export function featuresToConfig(f: ArchFeatures): FeatureConfig {
     num_key_value_heads: f.numKvHeads,
     head_dim: f.headDim,
     max_position_embeddings: f.maxPositions,
+  };
+}
+
+export function featuresToConfig(f: ArchFeatures): FeatureConfig {
+  return {
+    seed_model_type: f.family,
+    ...sizeConfig(f),
     norm_type: f.norm,
     norm_eps: f.normEps,
     norm_bias: f.normBias,

@@ -4,7 +4,7 @@
  * remote code, where the model fits them.
  */
 import { BamError } from "../errors.js";
-import { featuresToConfig } from "../arch/features.js";
+import { featuresToConfig, sizeConfig } from "../arch/features.js";
 import type { MoeSettings } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
 import type { FloatDType } from "../safetensors/index.js";
@@ -106,15 +106,8 @@ export function formatWriter(
 function nativeCommon(f: ArchFeatures, moe: MoeSettings): Record<string, unknown> {
   const rope = f.rope!;
   return {
-    vocab_size: f.vocabSize,
-    hidden_size: f.hiddenSize,
-    intermediate_size: f.intermediateSize,
-    num_hidden_layers: f.numLayers,
-    num_attention_heads: f.numHeads,
-    num_key_value_heads: f.numKvHeads,
-    head_dim: f.headDim,
+    ...sizeConfig(f),
     hidden_act: "silu",
-    max_position_embeddings: f.maxPositions,
     rms_norm_eps: f.normEps,
     rope_theta: rope.theta,
     rope_scaling: rope.scaling,

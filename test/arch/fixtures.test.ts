@@ -10,16 +10,8 @@ import { copyFile, cp } from "node:fs/promises";
 import { join } from "node:path";
 import { openSeed, type Seed } from "../../src/arch/load.js";
 import { FAMILIES } from "../../src/arch/types.js";
-import { bytesEqual, fixture, FIXTURES, withTempDir } from "../helpers.js";
+import { bytesEqual, fixture, FIXTURES, withSeed, withTempDir } from "../helpers.js";
 
-async function withSeed<T>(dir: string, body: (seed: Seed) => Promise<T>): Promise<T> {
-  const seed = await openSeed(dir);
-  try {
-    return await body(seed);
-  } finally {
-    await seed.close();
-  }
-}
 
 const layout = (seed: Seed) => [...seed.tensors.values()].map((t) => `${t.name} [${t.shape.join(", ")}]`);
 

@@ -8,7 +8,7 @@ import { CanonicalReader, sourceSegments, transpose2d } from "../../src/arch/loa
 import { featuresFromConfig, featuresToConfig } from "../../src/arch/features.js";
 import { FAMILIES, type CanonicalTensor, type Family } from "../../src/arch/types.js";
 import { fromFloat32 } from "../../src/safetensors/index.js";
-import { bytesEqual } from "../helpers.js";
+import { bytesEqual, withSeed } from "../helpers.js";
 import {
   D, f32, H, HEADS, I, KV, L, P, randomTensors, randomValues, synthetic, toV5, V, WIDE_D, writeCheckpoint, writeSynthetic,
 } from "./synthetic.js";
@@ -19,14 +19,6 @@ before(async () => { root = await mkdtemp(join(tmpdir(), "bam-arch-load-")); });
 after(() => rm(root, { recursive: true, force: true }));
 const newDir = () => join(root, `seed-${++count}`);
 
-async function withSeed<T>(dir: string, body: (seed: Seed) => Promise<T>): Promise<T> {
-  const seed = await openSeed(dir);
-  try {
-    return await body(seed);
-  } finally {
-    await seed.close();
-  }
-}
 
 /** Canonical shapes every family must produce, from the synthetic sizes. */
 function expectedShapes(family: Family): Record<string, number[]> {
