@@ -19,9 +19,15 @@ Tensor names are those of shared/BAM.md section 2: every expert is its own nn.Mo
 and from_pretrained need no name mapping. The experts' weights are stacked on the fly
 (torch.cat / torch.stack, differentiable) into one matmul for attention and one grouped GEMM
 (torch.nn.functional.grouped_mm, CUDA bf16) for the FFN.
+
+EXPERT_IMPL (environment variable BAM_EXPERTS, default "fused") picks how the experts run: "fused" as
+above, or "loop": one expert at a time in a Python loop, as transformers' eager MoE code does it (the
+attention experts each with their own projections and attention call, the FFN experts by torch.where and
+index_add_). Same parameters, same function; "loop" is the baseline of bench/train, nothing else.
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +43,9 @@ _TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 _HAS_SDPA = _TORCH >= (2, 1)  # scaled_dot_product_attention with `scale=`
 _HAS_GQA = _TORCH >= (2, 5)  # ... and `enable_gqa=`
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
+_HAS_ADDCMUL_OUT_CAST = _TORCH >= (2, 0)  # addcmul(out=) may round float32 math into a bf16/f16 `out`
 GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
+EXPERT_IMPL = os.environ.get("BAM_EXPERTS", "fused")  # "fused" | "loop" (see the module docstring)
 
 
 def gelu_tanh(x):  # gelu_new, gelu_pytorch_tanh
@@ -50,6 +58,30 @@ ACT = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": gelu_tanh, "relu": F.relu}  
 def hi(x):
     """x in float32, or float64 when it already is (so float64 tests are exact)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def autocast_dtype(device_type):
+    """The autocast dtype when autocast is on for this device type, else None."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4: no device_type argument
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        if device_type == "cpu" and torch.is_autocast_cpu_enabled():
+            return torch.get_autocast_cpu_dtype()
+        return None
+
+
+def cat_weights(ws, dim=0, dtype=None):
+    """torch.cat of the experts' weights for one matmul. Each is cast first (to `dtype`, or the autocast
+    dtype when autocast is on), so the copy is made once, in the low precision, instead of a float32
+    copy then a cast; the values are those autocast would give. One weight is returned as it is."""
+    dtype = dtype or autocast_dtype(ws[0].device.type)
+    if dtype is not None and ws[0].is_floating_point():
+        ws = [w.to(dtype) for w in ws]
+    return ws[0] if len(ws) == 1 else torch.cat(ws, dim)
 
 
 def as_config(config):
@@ -167,14 +199,62 @@ def rope_cos_sin(c, position_ids):
         return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
 
 
+def _rope(x, cos, sin, style):
+    """The rotation, without autograd: rotated dims x*cos + rotate(x)*sin computed in float32 (float64 for
+    float64 x) and written in x's dtype; dims past rotary_dim pass through. Two fused multiply-adds per
+    half instead of an upcast copy, a rotated copy, two products and a sum: rope runs on every query and
+    key head of every attention expert, so its memory traffic matters."""
+    r = cos.shape[-1]
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if style == "half":  # rotate_half of llama / neox: (a, b) -> (a cos - b sin, b cos + a sin)
+        h = r // 2
+        a, b, oa, ob = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
+        cos, sin = cos[..., :h], sin[..., :h]  # both halves of cos/sin are equal
+    else:  # interleaved pairs (x0, x1), (x2, x3), ... of cohere / gpt-j
+        a, b, oa, ob = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
+        cos, sin = cos[..., 0::2], sin[..., 0::2]
+    if _HAS_ADDCMUL_OUT_CAST:
+        torch.addcmul(a * cos, b, sin, value=-1, out=oa)
+        torch.addcmul(b * cos, a, sin, out=ob)
+    else:
+        oa.copy_(hi(a) * cos - hi(b) * sin)
+        ob.copy_(hi(b) * cos + hi(a) * sin)
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    return out
+
+
+class _RopeFn(torch.autograd.Function):
+    """Rope is a rotation per position: its backward is the inverse rotation of the gradient (sin negated),
+    so nothing but cos/sin is saved."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, style):
+        ctx.save_for_backward(cos, sin)
+        ctx.style = style
+        return _rope(x, cos, sin, style)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rope(grad, cos, -sin, ctx.style), None, None, None
+
+
+def _compiling():
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 def apply_rope(x, cos, sin, style):
     """x [B, heads, T, D]: rotate the first rotary_dim dims (in float32), pass the rest."""
-    r = cos.shape[-1]
+    if not _compiling():
+        return _RopeFn.apply(x, cos, sin, style)
+    r = cos.shape[-1]  # under torch.compile: the plain formula, which inductor fuses into one kernel
     xr = hi(x[..., :r])
-    if style == "half":  # rotate_half of llama / neox
+    if style == "half":
         x1, x2 = xr.chunk(2, -1)
         rot = torch.cat((-x2, x1), -1)
-    else:  # interleaved pairs (x0, x1), (x2, x3), ... of cohere / gpt-j
+    else:
         rot = torch.stack((-xr[..., 1::2], xr[..., 0::2]), -1).flatten(-2)
     out = (xr * cos + rot * sin).to(x.dtype)
     return torch.cat((out, x[..., r:]), -1) if r < x.shape[-1] else out
@@ -266,6 +346,8 @@ class Attention(nn.Module):
 
     def forward(self, h, rope, mask_fn, cache):
         """h [B, T, H] (normed) -> out [B, T, H], router logits [B, T, E] float32 or None."""
+        if EXPERT_IMPL == "loop" and self.router is not None and cache is None:
+            return self.forward_loop(h, rope, mask_fn)
         c, (B, T, _) = self.c, h.shape
         D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         qs = [self] if self.mode == "merged" else list(self.experts)  # modules holding q_proj, o_proj
@@ -273,7 +355,7 @@ class Attention(nn.Module):
         Eq, Ek = len(qs), len(kvs)
         # 1. every expert's q, k, v in one matmul
         lins = [m.q_proj for m in qs] + [m.k_proj for m in kvs] + [m.v_proj for m in kvs]
-        w = torch.cat([l.weight for l in lins])  # [(Eq*nh + 2*Ek*nkv)*D, H]
+        w = cat_weights([l.weight for l in lins])  # [(Eq*nh + 2*Ek*nkv)*D, H]
         b = torch.cat([l.bias for l in lins]) if c.qkv_bias else None
         q, k, v = F.linear(h, w, b).split([Eq * nh * D, Ek * nkv * D, Ek * nkv * D], -1)
         q, k, v = q.view(B, T, Eq, nh, D), k.view(B, T, Ek, nkv, D), v.view(B, T, Ek, nkv, D)
@@ -302,11 +384,35 @@ class Attention(nn.Module):
             logits = self.router(h)  # [B, T, E]
             g = logits.softmax(-1)
             y = y * g[..., None].to(y.dtype)
-        out = F.linear(y.reshape(B, T, Eq * nh * D), torch.cat([m.o_proj.weight for m in qs], 1))
+        out = F.linear(y.reshape(B, T, Eq * nh * D), cat_weights([m.o_proj.weight for m in qs], 1))
         if c.attn_out_bias:
             bo = torch.stack([m.o_proj.bias for m in qs])  # [Eq, H]
             out = out + (g.to(bo.dtype) @ bo if self.router is not None else bo.sum(0))
         return out, logits
+
+    def forward_loop(self, h, rope, mask_fn):
+        """EXPERT_IMPL == "loop" (benchmark baseline, no KV cache): sum_e g_e MHA_e(h), one expert at a time."""
+        c, (B, T, _) = self.c, h.shape
+        D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        heads = lambda t, n: t.view(B, T, n, D)
+        logits = self.router(h)  # [B, T, E]
+        g = logits.softmax(-1)
+        mask, causal = mask_fn(T)
+        kv = None
+        if self.mode == "shared-kv":
+            kv = heads(self.k_proj(h), nkv), heads(self.v_proj(h), nkv)
+        out = 0
+        for e, m in enumerate(self.experts):
+            q = heads(m.q_proj(h), nh)
+            k, v = kv if kv is not None else (heads(m.k_proj(h), nkv), heads(m.v_proj(h), nkv))
+            if c.qk_norm != "none":
+                q, k = m.q_norm(q), (self.k_norm if kv is not None else m.k_norm)(k)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope, c.rope_style), apply_rope(k, *rope, c.rope_style)
+            y = attend(q, k, v, mask, causal, self.scale).transpose(1, 2).reshape(B, T, nh * D)
+            out = out + g[..., e : e + 1] * m.o_proj(y)
+        return out.to(h.dtype), logits
 
 
 # ----------------------------------------------------------------------------- FFN experts
@@ -357,11 +463,13 @@ class MoE(nn.Module):
         w = w / w.sum(-1, keepdim=True)  # renormalise the chosen weights (BTX / Mixtral)
         if self.capacity_factor is not None:
             w = w * self.capacity_keep(idx)
+        if EXPERT_IMPL == "loop":
+            return self.hf_loop_experts(x, w, idx).view(B, T, H), logits, idx
         # sort the N*k (token, expert) assignments by expert
         order = torch.sort(idx.reshape(-1), stable=True)[1]  # [N*k]
         sorted_e = idx.reshape(-1)[order]
         xs = x[order // self.k]  # [N*k, H] tokens grouped by expert
-        counts = torch.bincount(sorted_e, minlength=len(self.experts))  # [E]
+        counts = F.one_hot(sorted_e, len(self.experts)).sum(0)  # [E]; bincount would sync with the host
         ys = self.grouped_experts(xs, sorted_e, counts) if self.use_grouped(xs) else self.looped_experts(xs, counts)
         y = torch.empty_like(ys)
         y[order] = ys  # back to (token, slot) order
@@ -384,6 +492,16 @@ class MoE(nn.Module):
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         return xs.dtype == torch.bfloat16 or autocast
 
+    def hf_loop_experts(self, x, w, idx):
+        """EXPERT_IMPL == "loop" (benchmark baseline): transformers' eager MoE. x [N, H], w, idx [N, k] -> [N, H]."""
+        out = torch.zeros_like(x)
+        hit = F.one_hot(idx, len(self.experts)).permute(2, 1, 0)  # [E, k, N]
+        for e, expert in enumerate(self.experts):
+            slot, tok = torch.where(hit[e])
+            y = expert(x[tok]) * w[tok, slot, None]
+            out.index_add_(0, tok, y.to(out.dtype))
+        return out
+
     def looped_experts(self, xs, counts):  # fallback (CPU, fp32, old torch): one matmul chain per expert
         parts = xs.split(counts.tolist())
         return torch.cat([e(p) for e, p in zip(self.experts, parts)])
@@ -398,12 +516,12 @@ class MoE(nn.Module):
         dest = starts[sorted_e] + torch.arange(M, device=xs.device) - (counts.cumsum(0) - counts)[sorted_e]
         rows = (M + E * A + A - 1) // A * A
         offs = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([rows])]).to(torch.int32)  # last group takes the slack
-        buf = xs.new_zeros(rows, H).index_put((dest,), xs).to(torch.bfloat16)
+        buf = xs.new_zeros(rows, H, dtype=torch.bfloat16).index_put((dest,), xs.to(torch.bfloat16))
         row_e = torch.zeros(rows, dtype=torch.long, device=xs.device).index_put((dest,), sorted_e)
         row_onehot = F.one_hot(row_e, E).to(torch.bfloat16)  # [rows, E]: adds biases by matmul (fp32-accumulated grads)
 
         def gmm(a, *projs):  # a [rows, K] @ [E, N, K]^T, N = the projections' outputs side by side -> [rows, N]
-            w = torch.cat([torch.stack([e_.weight for e_ in p]) for p in projs], 1).to(torch.bfloat16)
+            w = cat_weights([p[e].weight for e in range(E) for p in projs], 0, torch.bfloat16).view(E, -1, a.shape[1])
             out = F.grouped_mm(a, w.transpose(-2, -1), offs=offs)
             if projs[0][0].bias is None:
                 return out

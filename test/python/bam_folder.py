@@ -1,4 +1,4 @@
-"""Loads a BAM model folder into the pure-torch core (no transformers, no
+"""Runs a BAM model folder through the pure-torch core (no transformers, no
 safetensors package: Debian's python3-torch is enough) and prints the logits'
 distance to a reference. Used by test/pytorch/*.test.ts.
 
@@ -7,48 +7,17 @@ prints {"max_abs_error": ..., "max_abs_reference": ..., "shape": [...]}.
 """
 import json
 import os
-import struct
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python"))
-from modeling_bam import BamForCausalLMCore  # noqa: E402
-
-DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        data = f.read()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    body = memoryview(data)[8 + n :]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        raw = bytearray(body[begin:end])
-        dtype = DTYPES[info["dtype"]]
-        t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        tensors[name] = t.reshape(info["shape"]).clone()
-    return tensors
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+from bamtrain.folder import load_model, read_safetensors  # noqa: E402,F401  (read_safetensors: for importers)
 
 
 def load_folder(folder):
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
-    state = {}
-    for file in files:
-        state.update(read_safetensors(os.path.join(folder, file)))
-    model = BamForCausalLMCore(config)
-    if config.get("tie_word_embeddings"):
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.float().eval()
+    """The folder's model in float32, in eval mode."""
+    return load_model(folder)[0].float().eval()
 
 
 def main():

@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Training throughput and MFU of a BAM model on one GPU, against the same model with its experts run
+one by one in a Python loop and against the dense seed, in one run; plus a profile of the top kernels.
+
+    python bench/train/bench_train.py --out OUT --commit "$(git rev-parse HEAD)"     (one H100: all of it)
+    python bench/train/bench_train.py --out /tmp/bench-tiny --tiny                   (CPU smoke test, seconds)
+
+Without --model it first writes (once, cached under --cache-dir) a BAM folder mixed in Python from 4
+synthetic llama seeds of 24 layers, hidden 1024, 16 heads, FFN 2816, vocab 32000 (0.37B parameters each;
+1.3B in the BAM model, 0.64B active per token), soft MoA attention experts, parallel block, top-1 FFN
+routing, and seed 0 alone as the dense folder: bench/train/synthetic.py.
+
+Rows (--rows; each loads its folder through scripts/bamtrain and trains with the Trainer of
+scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own loss with router losses):
+  bam            our model: attention experts in one q/k/v matmul, one SDPA over E x heads, one o matmul;
+                 FFN experts by torch.nn.functional.grouped_mm
+  bam-compile    the same with torch.compile on every block (as finetune.py --compile)
+  bam-loop       the same weights, experts run one at a time (modeling_bam.EXPERT_IMPL = "loop": per-expert
+                 projections and attention, FFN by torch.where / index_add_, as transformers' eager MoE)
+  dense          the dense seed (E = 1, merged attention, sequential block) through the same code
+  dense-compile  the same with torch.compile
+The micro-batch (sequences of --seq-len) is the largest of --batch-candidates that trains without running
+out of memory, found per model (compile rows reuse their eager row's); tokens/s is over --steps timed
+steps after --warmup. MFU counts the FLOPs of scripts/bamtrain/metrics.py (6 x active matmul parameters
++ attention scores of every attention expert, causal mask not discounted; the discounted figure is
+reported too) against --peak-flops (default: the GPU's dense bf16 peak, H100 989e12).
+
+Writes OUT/train_bench.json (rows, ratios, profile, environment, --commit) and OUT/profile_<row>.txt, and
+prints a table. Stays under --time-budget seconds (rows left are reported as skipped).
+"""
+
+import os
+
+os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"})
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # fewer fragmentation OOMs at large batch
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+if __name__ == "__main__":
+    sys.modules.setdefault("transformers", None)  # the pure-torch model is what we train; skip the import
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+
+from bamtrain import folder, metrics, parallel  # noqa: E402
+from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
+import modeling_bam as mb  # noqa: E402
+import synthetic  # noqa: E402
+
+ROWS = {  # in the order they run: the compile rows last (they take longest)
+    "bam": dict(model="bam", impl="fused", compile=False),
+    "bam-loop": dict(model="bam", impl="loop", compile=False),
+    "dense": dict(model="dense", impl="fused", compile=False),
+    "bam-compile": dict(model="bam", impl="fused", compile=True),
+    "dense-compile": dict(model="dense", impl="fused", compile=True),
+}
+DEFAULT_ROWS = ["bam", "bam-loop", "dense", "bam-compile"]
+MIN_SECONDS = {False: 45, True: 200}  # a row starts only with this much of --time-budget left (compile: compiling)
+CATEGORIES = [  # kernel name fragments (lower case) -> category, first match wins
+    ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa", "mem_eff")),
+    ("grouped GEMM (FFN experts)", ("grouped", "groupmm", "group_mm", "ptr_array")),
+    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "sm90_", "sm80_", "aten::mm", "aten::addmm",
+              "aten::bmm", "aten::linear")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("loss / softmax", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
+    ("norm / reduce", ("reduce", "norm", "welford")),
+    ("copy / cast / cat / index", ("copy", "cat", "index", "scatter", "gather", "transpose", "fill", "arange", "sort")),
+    ("fused elementwise (compiled)", ("triton",)),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "pointwise", "kernel")),
+    ("communication", ("nccl",)),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for train_bench.json and the profiles")
+    p.add_argument("--model", help="a BAM folder to measure instead of the synthetic one")
+    p.add_argument("--dense", help="its dense seed as a BAM folder (E = 1); default: none when --model is given")
+    p.add_argument("--commit", default=None, help="the commit measured (git rev-parse HEAD)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
+    p.add_argument("--rows", default=None, help=f"comma list of {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; "
+                                                 "--tiny: without the compile rows)")
+    p.add_argument("--seq-len", type=int, default=None, help="default 2048 (--tiny 128)")
+    p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch instead of searching")
+    p.add_argument("--batch-candidates", default="16,12,10,8,6,4,3,2,1", help="micro-batches tried, largest first")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10, --tiny 2)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, --tiny 1)")
+    p.add_argument("--kv-heads", type=int, default=16, help="key/value heads of the synthetic seeds (16 or 8)")
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--attention", choices=["moa", "shared-kv", "merged"], default="moa")
+    p.add_argument("--top-k", type=int, default=1)
+    p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient"], default="auto",
+                   help="restrict scaled_dot_product_attention to one backend (auto: torch's choice)")
+    p.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak FLOP/s (default by GPU name)")
+    p.add_argument("--profile", default="bam,bam-compile", help="rows to profile (comma list; '' for none)")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--cache-dir", default=None, help="where the synthetic folders go (default /tmp/bam-bench[-tiny])")
+    p.add_argument("--time-budget", type=float, default=540.0,
+                   help="seconds; a row starts only with 45 s (compile rows: 200 s) of it left")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def is_oom(e):
+    msg = str(e).lower()
+    return isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ())) or "out of memory" in msg or "alloc_failed" in msg
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sdpa_context(choice):
+    if choice == "auto":
+        import contextlib
+
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[choice])
+
+
+def category(name):
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+def profile_steps(step, device, steps):
+    """Runs `step` under torch.profiler. -> (top kernels, per-category totals, busy fraction, table text)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall_us = (time.perf_counter() - t0) * 1e6
+    events = prof.key_averages()
+    kernels = []
+    for e in events:
+        if cuda:
+            if "cuda" not in str(getattr(e, "device_type", "")).lower():
+                continue
+            t = getattr(e, "self_device_time_total", None)
+            if t is None:
+                t = getattr(e, "self_cuda_time_total", 0)
+        else:
+            t = e.self_cpu_time_total
+        if t > 0:
+            kernels.append(dict(name=e.key, time_us=float(t), calls=int(e.count)))
+    kernels.sort(key=lambda k: -k["time_us"])
+    total = sum(k["time_us"] for k in kernels) or 1.0
+    cats = {}
+    for k in kernels:
+        k["share"] = k["time_us"] / total
+        k["category"] = category(k["name"])
+        c = cats.setdefault(k["category"], dict(time_us=0.0, calls=0))
+        c["time_us"] += k["time_us"]
+        c["calls"] += k["calls"]
+    for c in cats.values():
+        c["share"] = c["time_us"] / total
+    lines = [f"{'share':>6} {'ms/step':>8} {'calls/step':>10}  kernel ({'device' if cuda else 'CPU op'} self time)"]
+    for k in kernels[:25]:
+        lines.append(f"{100 * k['share']:5.1f}% {k['time_us'] / 1e3 / steps:8.2f} {k['calls'] / steps:10.1f}  "
+                     f"[{k['category']}] {k['name'][:140]}")
+    lines.append("")
+    lines.append("by category:")
+    for name, c in sorted(cats.items(), key=lambda kv: -kv[1]["time_us"]):
+        lines.append(f"{100 * c['share']:5.1f}% {c['time_us'] / 1e3 / steps:8.2f} ms/step  {name}")
+    busy = total / wall_us if cuda else None
+    if cuda:
+        lines.append(f"GPU busy {100 * busy:.1f}% of the wall time ({total / 1e3 / steps:.1f} of {wall_us / 1e3 / steps:.1f} ms/step)")
+    names = " ".join(k["name"].lower() for k in kernels)
+    backend = ("flash" if "flash" in names else "cudnn" if "cudnn" in names else
+               "efficient" if ("fmha" in names or "mem_eff" in names or "efficient" in names) else "math/none seen")
+    return dict(top=kernels[:40], categories=cats, gpu_busy=busy, attention_backend=backend,
+                wall_ms_per_step=wall_us / 1e3 / steps), "\n".join(lines)
+
+
+def load(path, device, shared):
+    """folder.load_model, with the folder's tensors read from disk once per run."""
+    if path not in shared["weights"]:
+        shared["weights"][path] = folder.read_weights(path)
+    config = folder.read_config(path)
+    model = folder.build_model(config, device)
+    state = dict(shared["weights"][path])
+    if config.get("tie_word_embeddings"):
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+    return model, config
+
+
+def run_row(name, spec, path, args, ctx, amp, shared):
+    """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
+    mb.EXPERT_IMPL = spec["impl"]
+    device = ctx.device
+    model, config = load(path, device, shared)
+    model.train()
+    if spec["compile"]:
+        for block in model.model.layers:
+            block.compile()
+    optimizer = make_optimizer(model, 1e-5, device=device)
+    trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0)
+    T, V = args.seq_len, config["vocab_size"]
+    fl = metrics.model_flops(config, T)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step(b):
+        x = torch.randint(0, V, (b, T), generator=gen, device=device)
+        with sdpa_context(args.sdpa):
+            return trainer.step([x], 1e-5)
+
+    if args.micro_batch:
+        candidates = [args.micro_batch]
+    elif spec["compile"] and spec["model"] in shared["micro_batch"]:
+        start = shared["micro_batch"][spec["model"]]
+        candidates = [c for c in map(int, args.batch_candidates.split(",")) if c <= start]
+    else:
+        candidates = list(map(int, args.batch_candidates.split(",")))
+    chosen, t_first = None, time.perf_counter()
+    for b in candidates:  # the largest micro-batch whose warm-up and timed steps all fit
+        oom = False
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            first = step(b)
+            t_first = time.perf_counter() - t_first
+            for _ in range(args.warmup - 1):
+                step(b)
+            sync(device)
+            t0 = time.perf_counter()
+            losses = [step(b)["loss"] for _ in range(args.steps)]
+            sync(device)
+            dt = (time.perf_counter() - t0) / args.steps
+            chosen = b
+            break
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            oom = True
+        if oom:  # outside the except block, so the failed step's tensors are released first
+            optimizer.zero_grad(set_to_none=True)
+            free(device)
+            t_first = time.perf_counter()
+    if chosen is None:
+        raise RuntimeError(f"{name}: even micro-batch {candidates[-1]} runs out of memory")
+    if not spec["compile"]:
+        shared["micro_batch"][spec["model"]] = chosen
+    tokens = chosen * T
+    peak = metrics.peak_flops(device, args.peak_flops)
+    row = dict(row=name, model=spec["model"], expert_impl=spec["impl"], compiled=spec["compile"], micro_batch=chosen,
+               seq_len=T, tokens_per_step=tokens, step_ms=1e3 * dt, tokens_per_s=tokens / dt,
+               mfu=tokens / dt * fl["flops_per_token"] / peak if peak else None,
+               mfu_causal=tokens / dt * fl["flops_per_token_causal"] / peak if peak else None,
+               flops_per_token=fl["flops_per_token"], active_matmul_params=fl["active_matmul_params"],
+               params=metrics.count_params(model), first_step_s=t_first,
+               peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+               loss_first=first["loss"], loss_last=losses[-1])
+    if name in shared["profile_rows"]:
+        prof, text = profile_steps(lambda: step(chosen), device, args.profile_steps)
+        row["profile"] = prof
+        with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
+            f.write(f"{name}: micro-batch {chosen} x {T}, {args.profile_steps} steps\n\n{text}\n")
+        print(f"\n--- profile of {name} ---\n{text}\n", flush=True)
+    mb.EXPERT_IMPL = "fused"
+    if spec["compile"]:
+        torch._dynamo.reset()
+    return row
+
+
+def fmt(v, spec, unit=""):
+    return "-" if v is None else format(v, spec) + unit
+
+
+def table(rows):
+    head = "| row | micro-batch | tokens/step | step ms | tokens/s | MFU | MFU (causal) | peak GiB | loss first -> last |"
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r or "skipped" in r:
+            out.append(f"| {r['row']} | {r.get('error') or r.get('skipped')} |" + " |" * 7)
+            continue
+        out.append(f"| {r['row']} | {r['micro_batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
+                   f"{r['tokens_per_s']:,.0f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} | "
+                   f"{fmt(r['mfu_causal'] and 100 * r['mfu_causal'], '.1f', '%')} | {fmt(r['peak_memory_gb'], '.1f')} | "
+                   f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+    return "\n".join(out)
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    cuda = torch.cuda.is_available() and args.device != "cpu" and not args.tiny
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    ctx = parallel.Context(device=device)
+    amp = torch.bfloat16 if cuda else torch.float32
+    args.seq_len = args.seq_len or (128 if args.tiny else 2048)
+    args.steps = args.steps or (2 if args.tiny else 10)
+    args.warmup = max(1, args.warmup or (1 if args.tiny else 3))
+    if args.tiny and args.micro_batch is None:
+        args.micro_batch = 2
+    rows = (args.rows.split(",") if args.rows else
+            [r for r in DEFAULT_ROWS if not (args.tiny and ROWS[r]["compile"])])
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    os.makedirs(args.out, exist_ok=True)
+
+    paths, notes = {}, []
+    if args.model:
+        paths["bam"] = args.model
+        if args.dense:
+            paths["dense"] = args.dense
+    else:
+        cache = args.cache_dir or ("/tmp/bam-bench-tiny" if args.tiny else "/tmp/bam-bench")
+        shape = dict(synthetic.TINY_SHAPE if args.tiny else synthetic.SEED_SHAPE)
+        if not args.tiny:
+            shape["num_key_value_heads"] = args.kv_heads
+        shape["max_position_embeddings"] = max(shape["max_position_embeddings"], args.seq_len)
+        moe = dict(synthetic.MOE, num_experts=args.experts, num_experts_per_tok=args.top_k, attention_experts=args.attention)
+        t = time.perf_counter()
+        gen_device = "cuda" if cuda else "cpu"
+        tag = f"L{shape['num_hidden_layers']}-H{shape['hidden_size']}-kv{shape['num_key_value_heads']}"
+        paths["bam"] = synthetic.write_folder(os.path.join(cache, f"bam-{moe['num_experts']}x-{moe['attention_experts']}-k{moe['num_experts_per_tok']}-{tag}"),
+                                              shape, moe, device=gen_device)
+        paths["dense"] = synthetic.write_folder(os.path.join(cache, f"seed0-{tag}"), shape, synthetic.DENSE, device=gen_device)
+        notes.append(f"synthetic folders ready in {time.perf_counter() - t:.1f} s: {paths['bam']}, {paths['dense']}")
+        print(notes[-1], flush=True)
+    bam_config = folder.read_config(paths["bam"])
+
+    env = dict(torch=torch.__version__, python=platform.python_version(), device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+               cuda=torch.version.cuda if cuda else None, grouped_mm=hasattr(torch.nn.functional, "grouped_mm"),
+               peak_flops=metrics.peak_flops(device, args.peak_flops), sdpa=args.sdpa, amp=str(amp))
+    result = dict(commit=args.commit or git_commit(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), env=env,
+                  args=vars(args), model=dict(path=paths["bam"], **{k: bam_config.get(k) for k in (
+                      "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                      "vocab_size", "num_experts", "num_experts_per_tok", "attention_experts", "block")},
+                      **metrics.model_flops(bam_config, args.seq_len)),
+                  rows=[], notes=notes)
+    print(f"{env['device']}, torch {env['torch']}, peak {env['peak_flops']}; rows {rows}", flush=True)
+    shared = dict(micro_batch={}, weights={}, profile_rows=set(filter(None, args.profile.split(","))))
+    out_json = os.path.join(args.out, "train_bench.json")
+    for name in rows:
+        spec = ROWS[name]
+        elapsed = time.perf_counter() - started
+        if spec["model"] not in paths:
+            result["rows"].append(dict(row=name, skipped="no folder for this model (--dense)"))
+            continue
+        if args.time_budget - elapsed < (0 if args.tiny else MIN_SECONDS[spec["compile"]]):
+            result["rows"].append(dict(row=name, skipped=f"not enough of the {args.time_budget:.0f} s budget left"))
+            continue
+        print(f"{name}: ...", flush=True)
+        try:
+            r = run_row(name, spec, paths[spec["model"]], args, ctx, amp, shared)
+        except Exception as e:  # noqa: BLE001  (a row that fails is reported, the others still run)
+            r = dict(row=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        mb.EXPERT_IMPL = "fused"
+        free(device)  # after run_row returned: its model, optimiser and activations are gone
+        result["rows"].append(r)
+        print(f"{name}: " + (r.get("error") or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
+                             f"micro-batch {r['micro_batch']}"), flush=True)
+        with open(out_json, "w") as f:  # after every row: a timeout still leaves the rows done
+            json.dump(result, f, indent=2)
+    got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
+    ratios = {}
+    for a, b in (("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")):
+        if a in got and b in got:
+            ratios[f"{a} / {b} tokens/s"] = got[a]["tokens_per_s"] / got[b]["tokens_per_s"]
+    result["ratios"] = ratios
+    result["seconds"] = time.perf_counter() - started
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=2)
+    print()
+    print(table(result["rows"]))
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    m = result["model"]
+    print(f"model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts "
+          f"({m['attention_experts']}, top-{m['num_experts_per_tok']}), {m['active_matmul_params'] / 1e9:.3f}B active "
+          f"matmul params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq_len}; wrote {out_json} "
+          f"in {result['seconds']:.0f} s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

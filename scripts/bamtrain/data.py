@@ -1,0 +1,278 @@
+"""Training data: token sources, sequence packing, the domain mixture and the held-out blocks.
+
+A domain is given as NAME=PATH[,PATH...][:WEIGHT] (see parse_spec). Its files are read in order and
+concatenated into one token stream, an EOS between files:
+  .npy          a 1-D integer array of token ids (memory-mapped)
+  .bin          raw token ids, uint16 (vocab <= 65536) or uint32 (--bin-dtype), memory-mapped (nanoGPT's format)
+  .txt          one document per file, tokenised with the model folder's tokenizer.json (`tokenizers` package)
+  .jsonl        one document per line, its "text" field, tokenised the same way
+  a directory   every such file under it, sorted by path
+Text documents are tokenised without special tokens and each is followed by EOS (packing: documents
+concatenated, separated by EOS, cut into fixed-length blocks; the tail shorter than a block is dropped).
+Token files are taken as they are (already packed with EOS by whoever tokenised them). Text is tokenised
+in memory at start-up, by every process: for large corpora, write .npy token files once instead.
+
+Held-out blocks: the last blocks of each domain's stream (--eval-blocks per domain, at most a tenth of
+it), or the blocks of --eval-data NAME=PATH when given; they are never trained on.
+
+The mixture picks the domain of every training sequence deterministically by stride scheduling: the
+domain d with the smallest (count_d + 1) / weight_d next (ties: the first listed), so any prefix of the
+stream holds the domains in the weights' proportions. Within a domain, blocks come in a permutation seeded
+by (seed, domain index, epoch). The position (per-domain count, epoch, cursor) is the whole state, saved in
+checkpoints: resuming continues the same stream.
+"""
+
+import glob
+import json
+import os
+import re
+
+import numpy as np
+import torch
+
+TOKEN_EXTS = (".npy", ".bin")
+TEXT_EXTS = (".txt", ".jsonl")
+_FLOAT = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+def parse_spec(spec):
+    """'NAME=PATH[,PATH...][:WEIGHT]' or 'PATH[:WEIGHT]' -> (name, [paths], weight or None).
+    The name defaults to the first path's stem; weights are relative (normalised over the domains)."""
+    name = None
+    if "=" in spec.split(",")[0] and not os.path.exists(spec):
+        name, spec = spec.split("=", 1)
+    weight = None
+    head, sep, tail = spec.rpartition(":")
+    if sep and _FLOAT.fullmatch(tail):
+        spec, weight = head, float(tail)
+    paths = [p for p in spec.split(",") if p]
+    if not paths:
+        raise ValueError(f"data spec {spec!r} names no file")
+    if name is None:
+        name = os.path.splitext(os.path.basename(paths[0].rstrip("/")))[0]
+    return name, paths, weight
+
+
+def expand(paths):
+    """Files and directories (and glob patterns) -> the data files, in order."""
+    out = []
+    for p in paths:
+        matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
+        if not matches:
+            raise FileNotFoundError(f"{p}: no such file")
+        for m in matches:
+            if os.path.isdir(m):
+                found = sorted(os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs
+                               if f.endswith(TOKEN_EXTS + TEXT_EXTS))
+                if not found:
+                    raise FileNotFoundError(f"{m}: no {'/'.join(TOKEN_EXTS + TEXT_EXTS)} files under it")
+                out += found
+            elif os.path.exists(m):
+                if not m.endswith(TOKEN_EXTS + TEXT_EXTS):
+                    raise ValueError(f"{m}: unknown data file type (use {', '.join(TOKEN_EXTS + TEXT_EXTS)})")
+                out.append(m)
+            else:
+                raise FileNotFoundError(f"{m}: no such file")
+    return out
+
+
+class Tokenizer:
+    """The model folder's tokenizer.json through the `tokenizers` package, loaded on first use."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, "tokenizer.json")
+        self._tok = None
+
+    def encode(self, texts):
+        if self._tok is None:
+            try:
+                from tokenizers import Tokenizer as HfTokenizer
+            except ImportError as e:
+                raise RuntimeError("text data (.txt, .jsonl) needs the `tokenizers` package (pip install tokenizers); "
+                                   "or give token ids as .npy/.bin") from e
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(f"{self.path}: text data needs the model folder's tokenizer.json")
+            self._tok = HfTokenizer.from_file(self.path)
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+
+def read_documents(path, text_key="text"):
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as f:
+            return [f.read()]
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                docs.append(json.loads(line)[text_key])
+    return docs
+
+
+class Stream:
+    """A domain's token stream: pieces (memory-mapped arrays or in-memory token lists) read as one."""
+
+    def __init__(self, pieces):
+        self.pieces = [p for p in pieces if len(p)]
+        self.starts = np.cumsum([0] + [len(p) for p in self.pieces])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def read(self, start, n):
+        out = np.empty(n, dtype=np.int64)
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        done = 0
+        while done < n:
+            off = start + done - int(self.starts[i])
+            take = min(n - done, len(self.pieces[i]) - off)
+            out[done : done + take] = self.pieces[i][off : off + take]
+            done += take
+            i += 1
+        return out
+
+
+def load_stream(files, eos, tokenizer, bin_dtype, text_key="text"):
+    pieces = []
+    texts = []
+
+    def flush_texts():
+        if texts:
+            ids = tokenizer.encode(texts)
+            pieces.append(np.fromiter((t for doc in ids for t in doc + [eos]), dtype=np.int64))
+            texts.clear()
+
+    for path in files:
+        if path.endswith(TEXT_EXTS):
+            texts.extend(read_documents(path, text_key))
+            continue
+        flush_texts()
+        if pieces:
+            pieces.append(np.array([eos], dtype=np.int64))  # each token file ends a document
+        if path.endswith(".npy"):
+            arr = np.load(path, mmap_mode="r")
+            if arr.dtype.kind not in "iu":
+                raise ValueError(f"{path}: token ids must be integers, got {arr.dtype}")
+            pieces.append(arr.reshape(-1))
+        else:
+            pieces.append(np.memmap(path, dtype=bin_dtype, mode="r"))
+    flush_texts()
+    return Stream(pieces)
+
+
+class Domain:
+    def __init__(self, name, weight, stream, seq_len, eval_blocks, eval_stream=None):
+        self.name, self.weight, self.stream, self.seq_len = name, weight, stream, seq_len
+        n = len(stream) // seq_len
+        if eval_stream is not None:
+            self.eval_stream = eval_stream
+            self.eval_blocks = list(range(min(eval_blocks, len(eval_stream) // seq_len)))
+            self.train_blocks = n
+        else:
+            self.eval_stream = stream
+            k = min(eval_blocks, n // 10) if eval_blocks else 0
+            if eval_blocks and n >= 2:
+                k = max(k, 1)
+            self.eval_blocks = list(range(n - k, n))
+            self.train_blocks = n - k
+        if weight > 0 and self.train_blocks < 1:
+            raise ValueError(f"domain {name!r}: {len(stream)} tokens make no training block of {seq_len}; "
+                             "add data or lower --seq-len")
+
+    def block(self, i, eval=False):
+        return (self.eval_stream if eval else self.stream).read(i * self.seq_len, self.seq_len)
+
+
+class Mixture:
+    """The training stream over several domains; state_dict() is the data position."""
+
+    def __init__(self, domains, seed=0):
+        self.domains = domains
+        self.train = [i for i, d in enumerate(domains) if d.weight > 0]
+        if not self.train:
+            raise ValueError("no domain has a positive weight")
+        total = sum(domains[i].weight for i in self.train)
+        self.weights = {i: domains[i].weight / total for i in self.train}
+        self.seed = seed
+        self.state = {"sequences": 0, "domains": {d.name: {"count": 0, "epoch": 0, "cursor": 0} for d in domains}}
+        self._perm = {}
+
+    def _permutation(self, i, epoch):  # one cached per domain: its current epoch's
+        if self._perm.get(i, (None,))[0] != epoch:
+            self._perm[i] = (epoch, np.random.default_rng([self.seed, i, epoch]).permutation(self.domains[i].train_blocks))
+        return self._perm[i][1]
+
+    def next_refs(self, n):
+        """The next n training sequences as (domain index, block index); advances the position."""
+        refs = []
+        for _ in range(n):
+            counts = self.state["domains"]
+            i = min(self.train, key=lambda j: ((counts[self.domains[j].name]["count"] + 1) / self.weights[j], j))
+            st = counts[self.domains[i].name]
+            refs.append((i, int(self._permutation(i, st["epoch"])[st["cursor"]])))
+            st["count"] += 1
+            st["cursor"] += 1
+            if st["cursor"] == self.domains[i].train_blocks:
+                st["epoch"], st["cursor"] = st["epoch"] + 1, 0
+        self.state["sequences"] += n
+        return refs
+
+    def batch(self, refs, vocab_size=None, eval=False):
+        x = np.stack([self.domains[i].block(b, eval) for i, b in refs])
+        if vocab_size is not None and (x.min() < 0 or x.max() >= vocab_size):
+            raise ValueError(f"token id {int(x.max())} outside the model's vocabulary of {vocab_size}")
+        return torch.from_numpy(x)
+
+    def eval_sets(self):
+        """-> [(domain name, [(domain index, block index), ...])] for the held-out perplexity."""
+        return [(d.name, [(i, b) for b in d.eval_blocks]) for i, d in enumerate(self.domains) if d.eval_blocks]
+
+    def state_dict(self):
+        return json.loads(json.dumps(self.state))
+
+    def load_state_dict(self, state):
+        if set(state["domains"]) != set(self.state["domains"]):
+            raise ValueError(f"the checkpoint's data domains {sorted(state['domains'])} differ from "
+                             f"--data's {sorted(self.state['domains'])}")
+        self.state = json.loads(json.dumps(state))
+
+
+def eos_id(config, folder, given=None):
+    if given is not None:
+        return given
+    eos = config.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    if eos is not None:
+        return int(eos)
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            added = {t["content"]: t["id"] for t in json.load(f).get("added_tokens", [])}
+        for name in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>"):
+            if name in added:
+                return added[name]
+    raise ValueError("the model's config has no eos_token_id; give --eos-id")
+
+
+def build_mixture(specs, eval_specs, model_folder, config, seq_len, eval_blocks, seed=0, bin_dtype=None, eos=None,
+                  text_key="text"):
+    """--data and --eval-data specs -> Mixture."""
+    vocab = config["vocab_size"]
+    bin_dtype = np.dtype(bin_dtype or (np.uint16 if vocab <= 65536 else np.uint32))
+    eos = eos_id(config, model_folder, eos)
+    tok = Tokenizer(model_folder)
+    parsed = [parse_spec(s) for s in specs]
+    names = [n for n, _, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"domain names repeat: {names}; name them NAME=PATH")
+    evals = {}
+    for s in eval_specs or []:
+        n, paths, _ = parse_spec(s)
+        if n not in names:
+            raise ValueError(f"--eval-data {s!r}: no --data domain named {n!r} ({names})")
+        evals[n] = load_stream(expand(paths), eos, tok, bin_dtype, text_key)
+    domains = []
+    for name, paths, weight in parsed:
+        stream = load_stream(expand(paths), eos, tok, bin_dtype, text_key)
+        domains.append(Domain(name, 1.0 if weight is None else weight, stream, seq_len, eval_blocks, evals.get(name)))
+    return Mixture(domains, seed)
