@@ -35,8 +35,10 @@ test("today's output is byte for byte what transformers loaded", { skip: evidenc
     const checked = new Map(evidence!.cases.map((c) => [c.name, c.files]));
     const cases = await evidenceCases();
     assert.deepEqual(cases.map((c) => c.name).sort(), [...checked.keys()].sort(), "the same cases");
+    // recipe.yaml and README.md name the output path, which differs here; transformers reads neither.
+    const loaded = (hashes: Record<string, string>) => Object.fromEntries(Object.entries(hashes).filter(([file]) => !/^(recipe\.yaml|README\.md)$/.test(file)));
     for (const c of cases) {
       await buildCase(c, join(dir, c.name));
-      assert.deepEqual(await folderHashes(join(dir, c.name)), checked.get(c.name), `${c.name}: output changed since the evidence; rerun scripts/check_transformers.py`);
+      assert.deepEqual(loaded(await folderHashes(join(dir, c.name))), loaded(checked.get(c.name)!), `${c.name}: output changed since the evidence; rerun scripts/check_transformers.py`);
     }
   }));
