@@ -8,6 +8,9 @@
  */
 import yargs from "yargs";
 import { hideBin } from "yargs/helpers";
+import { evalCommand } from "./commands/eval.js";
+import { exportOnnxCommand } from "./commands/export-onnx.js";
+import { generateCommand } from "./commands/generate.js";
 import { inspectCommand } from "./commands/inspect.js";
 import { upcycleCommand } from "./commands/upcycle.js";
 
@@ -17,6 +20,9 @@ await yargs(hideBin(process.argv))
   .usage("$0 <command> [options]\n\nUpcycle dense Hugging Face checkpoints into a BAM Mixture-of-Experts model.")
   .command(inspectCommand)
   .command(upcycleCommand)
+  .command(exportOnnxCommand)
+  .command(evalCommand)
+  .command(generateCommand)
   .demandCommand(1, "Name a command; `bam --help` lists them.")
   .strict()
   .recommendCommands()

@@ -12,17 +12,22 @@ import { RandomStream } from "./random.js";
 
 const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 
-/** The plan's tensors as writer input, renamed by `rename` (native formats). */
-export function tensorsToWrite(plan: UpcyclePlan, seeds: Seed[], rename: (name: string) => string = (n) => n): TensorToWrite[] {
+/**
+ * The plan's tensors as writer input, renamed by `rename` (native formats);
+ * `routerRows` holds the rows of routers initialised from prompts.
+ */
+export function tensorsToWrite(
+  plan: UpcyclePlan, seeds: Seed[], rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
+): TensorToWrite[] {
   return plan.tensors.map((tensor) => ({
     name: rename(tensor.name),
     dtype: tensor.dtype,
     shape: tensor.shape,
-    data: () => produce(tensor, plan, seeds),
+    data: () => produce(tensor, plan, seeds, routerRows),
   }));
 }
 
-function produce(tensor: PlannedTensor, plan: UpcyclePlan, seeds: Seed[]): AsyncIterable<Uint8Array> {
+function produce(tensor: PlannedTensor, plan: UpcyclePlan, seeds: Seed[], routerRows: ReadonlyMap<string, Float32Array>): AsyncIterable<Uint8Array> {
   const op = tensor.operation;
   switch (op.kind) {
     case "copy":
@@ -30,6 +35,7 @@ function produce(tensor: PlannedTensor, plan: UpcyclePlan, seeds: Seed[]): Async
     case "average":
       return averageChunks(seeds, op.from, op.weights, tensor);
     case "router":
+      if (op.fromPrompts) return promptRouterChunks(tensor, routerRows);
       return routerChunks(tensor, op.std, plan.options.seed, op.key);
     case "drop":
       return dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key);
@@ -86,6 +92,12 @@ async function* routerChunks(tensor: PlannedTensor, std: number, seed: number, k
     for (let i = 0; i < values.length; i++) values[i] = std * random.nextTruncatedNormal();
   }
   yield fromFloat32(values, tensor.dtype);
+}
+
+async function* promptRouterChunks(tensor: PlannedTensor, routerRows: ReadonlyMap<string, Float32Array>): AsyncGenerator<Uint8Array> {
+  const rows = routerRows.get(tensor.name);
+  if (rows === undefined) throw new BamError("OPTIONS_INVALID", `${tensor.name}: no rows from prompts were computed`);
+  yield fromFloat32(rows, tensor.dtype);
 }
 
 /**

@@ -11,11 +11,12 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard } from "../export/card.js";
 import { formatWriter } from "../export/formats.js";
-import { shardedFileBytes, writeShardedSafetensors } from "../safetensors/index.js";
+import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
 import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
+import { promptRouterRows } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
 export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
@@ -62,10 +63,21 @@ function planFor(options: UpcycleOptions, seeds: Seed[]): UpcyclePlan {
   return plan;
 }
 
+/** Seeds are folder paths; anything else (a recipe can hold any YAML value) is refused before a path is built from it. */
+function checkSeedList(seeds: unknown): void {
+  if (!Array.isArray(seeds) || seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
+  const bad = seeds.find((seed) => typeof seed !== "string" || seed === "" || seed.includes("\0"));
+  if (bad !== undefined) throw new BamError("OPTIONS_INVALID", `seed folders must be paths, not ${typeof bad === "string" ? JSON.stringify(bad) : bad === null ? "null" : typeof bad}`);
+}
+
 /** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
 export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan> {
-  if (!Array.isArray(options.seeds) || options.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
-  return withSeeds(options.seeds, async (seeds) => planFor(options, seeds));
+  checkSeedList(options.seeds);
+  return withSeeds(options.seeds, async (seeds) => {
+    const plan = planFor(options, seeds);
+    await sideFiles(seeds[0]!.dir);
+    return plan;
+  });
 }
 
 /** Runs the upcycle; the output folder appears complete or not at all. */
@@ -73,17 +85,19 @@ export async function upcycle(
   options: UpcycleOptions,
   hooks: { onProgress?: (progress: UpcycleProgress) => void; signal?: AbortSignal } = {},
 ): Promise<UpcycleResult> {
-  if (!Array.isArray(options.seeds) || options.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
+  checkSeedList(options.seeds);
   const started = performance.now();
   return withSeeds(options.seeds, async (seeds) => {
     const plan = planFor(options, seeds);
+    const copied = await sideFiles(seeds[0]!.dir);
+    const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
     const folder = await openAtomicFolder(plan.options.output, plan.options.force);
     const hashing = hashSeeds(seeds.map((s) => ({ name: s.name, files: [join(s.dir, "config.json"), ...s.files] })));
     try {
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
       let bytesWritten = 0;
       let current = "";
-      const tensors = tensorsToWrite(plan, seeds, writer.rename).map((t) => ({ ...t, data: () => ((current = t.name), t.data()) }));
+      const tensors = tensorsToWrite(plan, seeds, writer.rename, routerRows).map((t) => ({ ...t, data: () => ((current = t.name), t.data()) }));
       const totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,
@@ -99,7 +113,7 @@ export async function upcycle(
       const config = { ...writer.config };
       if (writer.remoteCode) config.upcycled_from = hashed;
       const recipe = recipeYaml(plan.options);
-      await writeSideFiles(folder.path, seeds[0]!.dir, {
+      await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
         "config.json": `${JSON.stringify(config, null, 2)}\n`,
         "recipe.yaml": recipe,
         "README.md": modelCard(plan, recipe, writer.remoteCode),
@@ -125,11 +139,28 @@ export async function upcycle(
   });
 }
 
-async function writeSideFiles(dir: string, firstSeedDir: string, generated: Record<string, string>, remoteCode: boolean): Promise<void> {
+/**
+ * The first seed's side files to copy, checked before anything is written:
+ * each must be a regular file inside the seed folder (a link to a file of the
+ * user's elsewhere would be copied into the output; a FIFO or /dev/zero would
+ * hang the copy or fill the disk).
+ */
+async function sideFiles(firstSeedDir: string): Promise<string[]> {
+  const names = (await readdir(firstSeedDir).catch((error: unknown) => { throw ioError(firstSeedDir, error); }))
+    .filter((entry) => SEED_SIDE_FILES.test(entry))
+    .sort();
+  for (const name of names) {
+    const file = join(firstSeedDir, name);
+    await checkInsideFolder(firstSeedDir, file);
+    const { handle } = await openRegularFile(file).catch((error: unknown) => { throw ioError(file, error); });
+    await handle.close();
+  }
+  return names;
+}
+
+async function writeSideFiles(dir: string, firstSeedDir: string, fromSeed: readonly string[], generated: Record<string, string>, remoteCode: boolean): Promise<void> {
   try {
-    for (const entry of await readdir(firstSeedDir)) {
-      if (SEED_SIDE_FILES.test(entry)) await copyFile(join(firstSeedDir, entry), join(dir, entry));
-    }
+    for (const entry of fromSeed) await copyFile(join(firstSeedDir, entry), join(dir, entry));
     if (remoteCode) {
       for (const file of ["configuration_bam.py", "modeling_bam.py"]) await copyFile(join(PYTHON_DIR, file), join(dir, file));
     }

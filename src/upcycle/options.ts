@@ -3,18 +3,17 @@
  * them, and resolved with every default filled in (what the plan records and
  * the output's recipe.yaml repeats, so a run can be reproduced).
  */
-import { readFile } from "node:fs/promises";
 import YAML from "yaml";
 import { BamError, ioError } from "../errors.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
-import { parseSize } from "../safetensors/index.js";
+import { parseSize, readTextFile } from "../safetensors/index.js";
 
 export type OutputDType = "keep" | "bf16" | "f16" | "f32";
-export type RouterInit = "random" | "zero";
+export type RouterInit = "random" | "zero" | "hidden";
 export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
 
 export const OUTPUT_DTYPES: readonly OutputDType[] = ["keep", "bf16", "f16", "f32"];
-export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero"];
+export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero", "hidden"];
 export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
 
 export interface UpcycleOptions {
@@ -35,6 +34,8 @@ export interface UpcycleOptions {
   /** Averaging weights for the shared tensors, one per seed; normalised to sum 1. Default uniform. */
   weights?: number[];
   routerInit?: RouterInit;
+  /** With routerInit "hidden": YAML file of prompts per expert (see ./router-init.ts). */
+  prompts?: string;
   /** Scale of the random router init relative to the fan-in init (Switch: 0.1). */
   routerScale?: number;
   /** Seed of every random choice (routers, Drop-Upcycling). */
@@ -59,6 +60,7 @@ export interface ResolvedOptions {
   expertsPerToken: number;
   weights: number[];
   routerInit: RouterInit;
+  prompts: string | null;
   routerScale: number;
   seed: number;
   dtype: OutputDType;
@@ -111,10 +113,15 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     invalid("--weights must be non-negative numbers, not all zero");
   }
   const weightSum = weights.reduce((a, b) => a + b, 0);
+  // 1e308 + 1e308 overflows: every weight would normalise to 0 and every average to zeros.
+  if (!Number.isFinite(weightSum)) invalid(`--weights add up to ${weightSum}; use smaller numbers (only their ratios matter)`);
   const maxShardBytes = typeof options.maxShardSize === "string" ? parseSize(options.maxShardSize) : (options.maxShardSize ?? 5e9);
   if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1) invalid(`--max-shard-size must be a positive size, not ${String(options.maxShardSize)}`);
   const routerScale = options.routerScale ?? 0.1;
   if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`--router-scale must be a positive number, not ${routerScale}`);
+  const routerInit = oneOf("router-init", options.routerInit, ROUTER_INITS, "random");
+  if (routerInit === "hidden" && typeof options.prompts !== "string") invalid("--router-init hidden needs --prompts FILE (prompts per expert)");
+  if (routerInit !== "hidden" && options.prompts !== undefined) invalid("--prompts goes with --router-init hidden");
   const seed = options.seed ?? 0;
   if (!Number.isSafeInteger(seed) || seed < 0) invalid(`--seed must be a non-negative integer, not ${seed}`);
   const coefficient = (name: string, value: number | undefined, fallback: number) =>
@@ -128,7 +135,8 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     dropRatio,
     expertsPerToken,
     weights: weights.map((w) => w / weightSum),
-    routerInit: oneOf("router-init", options.routerInit, ROUTER_INITS, "random"),
+    routerInit,
+    prompts: options.prompts ?? null,
     routerScale,
     seed,
     dtype: oneOf("dtype", options.dtype, OUTPUT_DTYPES, "keep"),
@@ -151,6 +159,7 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   "experts-per-token": "expertsPerToken",
   weights: "weights",
   "router-init": "routerInit",
+  prompts: "prompts",
   "router-scale": "routerScale",
   seed: "seed",
   dtype: "dtype",
@@ -160,11 +169,14 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   "router-z-loss-coef": "routerZLossCoef",
 };
 
+/** A recipe is a screenful of options; this is far beyond any. */
+const MAX_RECIPE_BYTES = 16_000_000;
+
 /** Reads a recipe file into options; flags given on the command line override it. */
 export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>> {
   let text: string;
   try {
-    text = await readFile(path, "utf8");
+    text = await readTextFile(path, MAX_RECIPE_BYTES, "RECIPE_INVALID");
   } catch (error) {
     throw ioError(path, error);
   }
@@ -179,13 +191,17 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
   }
   const options: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(parsed)) {
-    const name = RECIPE_KEYS[key];
+    const name = Object.hasOwn(RECIPE_KEYS, key) ? RECIPE_KEYS[key] : undefined; // not "constructor" or "toString" from the prototype
     if (name === undefined) {
       throw new BamError("RECIPE_INVALID", `${path}: unknown key "${key}"; known keys: ${Object.keys(RECIPE_KEYS).join(", ")}`);
     }
     const wantsList = name === "seeds" || name === "weights";
     const typeOk = wantsList ? Array.isArray(value) : ["string", "number", "boolean"].includes(typeof value);
     if (!typeOk) throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be ${wantsList ? "a list" : "a single value"}`);
+    const item = name === "seeds" ? "string" : "number";
+    if (wantsList && !(value as unknown[]).every((v) => typeof v === item)) {
+      throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be a list of ${name === "seeds" ? "folder names" : "numbers"}`);
+    }
     options[name] = value;
   }
   return options as Partial<UpcycleOptions>;
@@ -198,5 +214,6 @@ export function recipeYaml(options: ResolvedOptions): string {
     byKey[key] = name === "maxShardSize" ? options.maxShardBytes : options[name as keyof ResolvedOptions];
   }
   if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
+  if (options.prompts === null) delete byKey.prompts; // only with --router-init hidden, and refused without it
   return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
 }

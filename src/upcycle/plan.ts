@@ -23,8 +23,8 @@ export type Operation =
   | { kind: "copy"; from: SourceRef }
   /** Weighted sum of the seeds' tensors (weights sum to 1), in float64. */
   | { kind: "average"; from: SourceRef[]; weights: number[] }
-  /** A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed. */
-  | { kind: "router"; std: number; key: string }
+  /** A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed; or, fromPrompts, rows from prompts' hidden states (./router-init.ts). */
+  | { kind: "router"; std: number; key: string; fromPrompts?: true }
   /**
    * Drop-Upcycling: a copy in which the intermediate dimensions chosen by
    * `key` (the same for an expert's gate, up and down) are re-drawn from
@@ -94,7 +94,7 @@ export function checkSeeds(seeds: DenseModel[]): void {
       const a = JSON.stringify(firstConfig[key]);
       const b = JSON.stringify(config[key]);
       if (a !== b) {
-        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} differs from seed ${label(first)}: ${key} is ${b} there and ${a} here; seeds must share one architecture`);
+        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} differs from seed ${label(first)} in ${key}: ${b} vs ${a}; seeds must share one architecture`);
       }
     }
     if (seed.tokenizerHash !== first.tokenizerHash) {
@@ -157,7 +157,7 @@ export function buildPlan(seeds: DenseModel[], options: ResolvedOptions): Upcycl
   const router = (name: string, key: string) => {
     // Switch: truncated normal with std sqrt(scale / fan_in); zero routers start uniform.
     const std = options.routerInit === "zero" ? 0 : Math.sqrt(options.routerScale / features.hiddenSize);
-    add(name, [E, features.hiddenSize], [], { kind: "router", std, key });
+    add(name, [E, features.hiddenSize], [], options.routerInit === "hidden" ? { kind: "router", std: 0, key, fromPrompts: true } : { kind: "router", std, key });
   };
 
   const byLayer = new Map<number, string[]>();

@@ -17,6 +17,7 @@ interface UpcycleArgs {
   "experts-per-token"?: number;
   weights?: string;
   "router-init"?: string;
+  prompts?: string;
   "router-scale"?: number;
   seed?: number;
   dtype?: string;
@@ -41,7 +42,8 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("drop-ratio", { type: "number", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
       .option("experts-per-token", { alias: "k", type: "number", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
       .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
-      .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default) or zero" })
+      .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
+      .option("prompts", { type: "string", describe: "With --router-init hidden: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}])" })
       .option("router-scale", { type: "number", describe: "Scale of the random router init (default 0.1)" })
       .option("seed", { type: "number", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
@@ -90,6 +92,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     expertsPerToken: args["experts-per-token"],
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
     routerInit: args["router-init"] as UpcycleOptions["routerInit"],
+    prompts: args.prompts,
     routerScale: args["router-scale"],
     seed: args.seed,
     dtype: args.dtype as UpcycleOptions["dtype"],
@@ -129,7 +132,7 @@ function describeOperation(plan: UpcyclePlan, op: UpcyclePlan["tensors"][number]
     case "average":
       return `average of ${op.from.length} seeds`;
     case "router":
-      return op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
+      return op.fromPrompts ? "new router, from the prompts' hidden states" : op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
     case "drop":
       return `drop ${Math.round(op.ratio * 100)}% of ${seedName(op.from.seed)}:${op.from.tensor}`;
   }

@@ -1,0 +1,56 @@
+import type { CommandModule } from "yargs";
+import { BamError } from "../../errors.js";
+import { evaluatePerplexity, saveLogits, type Perplexity, type PerplexityReport } from "../../onnx/index.js";
+import { progressBar } from "../progress.js";
+import { printJson, runCommand } from "../run.js";
+
+interface EvalArgs {
+  dir: string;
+  text?: string[];
+  context: number;
+  ids?: string;
+  "save-logits"?: string;
+  json: boolean;
+}
+
+export const evalCommand: CommandModule<object, EvalArgs> = {
+  command: "eval <dir>",
+  describe: "Perplexity of text files, or logits of token ids, on CPU (a dense seed or a BAM model)",
+  builder: (y) =>
+    y
+      .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
+      .option("text", { type: "string", array: true, describe: "Text files: perplexity per file and overall" })
+      .option("context", { type: "number", default: 512, describe: "Tokens per window (non-overlapping)" })
+      .option("ids", { type: "string", describe: "Safetensors file holding input_ids (int64 [batch, seq])" })
+      .option("save-logits", { type: "string", describe: "With --ids: write logits (f32 [batch, seq, vocab]) to this safetensors file" })
+      .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
+      .conflicts("text", "ids")
+      .example("$0 eval out/bam --text wiki.txt code.txt", "perplexity per file and overall")
+      .example("$0 eval out/bam --ids ids.safetensors --save-logits logits.safetensors", "raw logits"),
+  handler: (args) =>
+    runCommand(async ({ signal }) => {
+      const build = progressBar("exporting", "bytes");
+      if (args.ids !== undefined) {
+        if (args["save-logits"] === undefined) throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
+        const { shape } = await saveLogits(args.dir, args.ids, args["save-logits"], { signal, onBuild: build.update });
+        if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args["save-logits"], shape });
+        else process.stdout.write(`wrote ${args["save-logits"]}: logits [${shape.join(", ")}]\n`);
+        return;
+      }
+      if (args.text === undefined || args.text.length === 0) throw new BamError("OPTIONS_INVALID", "name text files with --text FILE..., or token ids with --ids FILE --save-logits OUT");
+      if (args["save-logits"] !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
+      const bar = progressBar("evaluating", "items");
+      const report = await evaluatePerplexity(args.dir, args.text, { context: args.context, signal, onBuild: build.update, onProgress: bar.update });
+      bar.finish();
+      if (args.json) printJson(report);
+      else printReport(report);
+    }),
+};
+
+function printReport(report: PerplexityReport): void {
+  const rows: Array<[string, Perplexity]> = [...report.files.map((f): [string, Perplexity] => [f.file, f]), ["overall", report.overall]];
+  const width = Math.max(...rows.map(([name]) => name.length));
+  const lines = rows.map(([name, p]) => `${name.padEnd(width)}  perplexity ${p.perplexity.toFixed(3)}  (${p.predicted} tokens predicted, nll ${(p.nll / Math.max(p.predicted, 1)).toFixed(4)})`);
+  lines.push(`${report.overall.tokens} tokens in ${report.seconds.toFixed(1)}s: ${report.tokensPerSecond.toFixed(1)} tokens/s, context ${report.context}`);
+  process.stdout.write(`${lines.join("\n")}\n`);
+}

@@ -1,0 +1,32 @@
+import type { CommandModule } from "yargs";
+import { prepareOnnx } from "../../onnx/index.js";
+import { progressBar } from "../progress.js";
+import { printJson, runCommand } from "../run.js";
+
+interface ExportArgs {
+  dir: string;
+  output?: string;
+  force: boolean;
+  json: boolean;
+}
+
+export const exportOnnxCommand: CommandModule<object, ExportArgs> = {
+  command: "export-onnx <dir>",
+  describe: "Write a model (dense seed or BAM) as ONNX for onnxruntime and transformers.js",
+  builder: (y) =>
+    y
+      .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors)" })
+      .option("output", { alias: "o", type: "string", describe: "Folder to write (default: <dir>/onnx-cpu, or the user cache when <dir> is read-only)" })
+      .option("force", { type: "boolean", default: false, describe: "Rebuild even when up to date; replace a folder that is not an export" })
+      .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
+      .example("$0 export-onnx out/bam", "writes out/bam/onnx-cpu/{config.json,onnx/model.onnx,...}")
+      .epilogue("The folder loads in transformers.js: AutoModelForCausalLM.from_pretrained(folder) or pipeline('text-generation', folder)."),
+  handler: (args) =>
+    runCommand(async ({ signal }) => {
+      const bar = progressBar("exporting", "bytes");
+      const result = await prepareOnnx(args.dir, { output: args.output, force: args.force, signal, onProgress: bar.update });
+      if (result.built) bar.finish();
+      if (args.json) printJson(result);
+      else process.stdout.write(`${result.built ? "wrote" : "up to date:"} ${result.folder} (${result.modelFile})\n`);
+    }),
+};

@@ -1,0 +1,497 @@
+/**
+ * The ONNX graph of any model we read (a dense seed or a BAM folder, through
+ * its BAM view), driven only by its architecture features and MoE settings:
+ * one builder, no per-family code. Numerics follow python/modeling_bam.py.
+ *
+ * Layout. Hidden states stay 2-D [N, H], N = batch x tokens, so every
+ * projection is one Gemm on the stored [out, in] weights (transB). Per layer:
+ *   attention: one Gemm for every expert's q, k and v (their rows stacked),
+ *     heads [B, heads, T, D], rotary, the cache appended, grouped-query
+ *     attention as two MatMuls over [B, kv_heads, group x T, ...], the soft
+ *     router's weights applied per head, one Gemm over every expert's o rows;
+ *   FFN: dense, or top-k routing that is sparse in compute: per expert,
+ *     NonZero finds its tokens, Gather takes them, its MLP runs on them
+ *     alone, and ScatterND adds them back weighted by the renormalised router
+ *     probability, so the work grows with k, not with the number of experts.
+ *
+ * Two weight reorderings keep the graph simple and change no result:
+ *   - interleaved rotary (cohere, gpt-j) becomes rotate-half by permuting the
+ *     rotated dims of every q and k head (rows of q_proj/k_proj and the qk-norm
+ *     weights); q.k is unchanged, and the cache holds the permuted keys;
+ *   - shared-kv orders query heads kv-major ((kv, expert, group) instead of
+ *     (expert, kv, group)), as modeling_bam.py does, so every kv head's
+ *     queries are contiguous; o_proj's columns follow the same order.
+ *
+ * KV cache: `past_key_values.{l}.key|value` in, `present.{l}.key|value` out,
+ * [batch, cacheHeads, sequence, head_dim] with cacheHeads = E x kv_heads for
+ * moa and kv_heads otherwise (shared-kv: one cache for every expert).
+ */
+import type { OpenedModel } from "../arch/model.js";
+import type { ArchFeatures } from "../arch/types.js";
+import { BamError } from "../errors.js";
+import { float, Graph } from "./graph.js";
+import { DataType } from "./proto.js";
+import { ropeFrequencies } from "./rope.js";
+import { concat, gatherColumns, gatherRows, WeightSource } from "./weights.js";
+
+export const OPSET = 18;
+/** Fills masked attention scores: finite, so a fully masked row (left padding) stays finite and uniform. */
+const MASKED = -3.4028234663852886e38;
+
+export interface BuildOptions {
+  /** Also output each layer's attention input `attn_input.{l}` and FFN input `ffn_input.{l}` ([B, T, H]), for router init. */
+  probes?: boolean;
+}
+
+/** What transformers.js must know of the cache: its heads per layer. */
+export interface CacheLayout {
+  layers: number;
+  heads: number;
+  headDim: number;
+  /** Query heads of all experts, for config.json's num_attention_heads. */
+  queryHeads: number;
+}
+
+/** Layout of one layer's attention heads across experts. */
+interface HeadLayout {
+  /** Query head j is head `head` of expert `expert` (both of the source tensors). */
+  query: Array<{ expert: number; head: number }>;
+  /** Cache head c is kv head `head` of expert `expert`. */
+  kv: Array<{ expert: number; head: number }>;
+}
+
+export function cacheLayout(model: OpenedModel): CacheLayout {
+  const f = model.features;
+  const { numExperts, attentionExperts } = model.moe;
+  const queryExperts = attentionExperts === "merged" ? 1 : numExperts;
+  const kvExperts = attentionExperts === "moa" ? numExperts : 1;
+  return { layers: f.numLayers, heads: kvExperts * f.numKvHeads, headDim: f.headDim, queryHeads: queryExperts * f.numHeads };
+}
+
+export function buildGraph(model: OpenedModel, options: BuildOptions = {}): Graph {
+  checkSupported(model);
+  return new Builder(model, options).build();
+}
+
+function checkSupported(model: OpenedModel): void {
+  const f = model.features;
+  if (model.kind === "bam" && model.rawConfig.capacity_factor != null) {
+    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: config.json sets capacity_factor; the CPU engine routes without dropping tokens (set it to null to evaluate)`);
+  }
+  if (f.numHeads % f.numKvHeads !== 0) {
+    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: ${f.numHeads} query heads are not a multiple of ${f.numKvHeads} key/value heads`);
+  }
+  if (f.rope && (f.rope.dim % 2 !== 0 || f.rope.dim > f.headDim)) {
+    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: rotary dim ${f.rope.dim} must be even and at most head_dim ${f.headDim}`);
+  }
+}
+
+class Builder {
+  private readonly g = new Graph();
+  private readonly f: ArchFeatures;
+  private readonly src: WeightSource;
+  private readonly layout: CacheLayout;
+  private readonly heads: HeadLayout;
+  /** Source dim of a head's rotated layout: identity, or interleaved pairs split into halves. */
+  private readonly dimOrder: number[];
+  // graph-wide values, set in build()
+  private batch = "";
+  private cos = "";
+  private sin = "";
+  private mask = "";
+  private queryShape = "";
+  private kvShape = "";
+  private readonly declared = new Set<string>();
+
+  constructor(private readonly model: OpenedModel, private readonly options: BuildOptions) {
+    this.f = model.features;
+    this.src = new WeightSource(model);
+    this.layout = cacheLayout(model);
+    this.heads = headLayout(model);
+    this.dimOrder = rotaryDimOrder(this.f);
+  }
+
+  build(): Graph {
+    const { g, f } = this;
+    const { heads, headDim, layers } = this.layout;
+    const ids = g.input("input_ids", DataType.INT64, ["batch_size", "sequence_length"]);
+    const attentionMask = g.input("attention_mask", DataType.INT64, ["batch_size", "total_sequence_length"]);
+    const positions = g.input("position_ids", DataType.INT64, ["batch_size", "sequence_length"]);
+    const past: Array<[string, string]> = [];
+    for (let l = 0; l < layers; l++) {
+      const shape = ["batch_size", heads, "past_sequence_length", headDim];
+      past.push([g.input(`past_key_values.${l}.key`, DataType.FLOAT, shape), g.input(`past_key_values.${l}.value`, DataType.FLOAT, shape)]);
+    }
+
+    const idsShape = g.op("Shape", [ids]);
+    this.batch = g.op("Gather", [idsShape, g.int64([0])]);
+    const tokens = g.op("Gather", [idsShape, g.int64([1])]);
+    this.queryShape = g.op("Concat", [this.batch, g.int64([-1, this.layout.queryHeads, headDim])], { axis: 0 });
+    this.kvShape = g.op("Concat", [this.batch, g.int64([-1, heads, headDim])], { axis: 0 });
+    const flatPositions = g.op("Reshape", [positions, g.int64([-1])]);
+    this.mask = this.attentionMask(attentionMask, tokens);
+    if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
+
+    let x = g.op("Gather", [this.weight("model.embed_tokens.weight"), g.op("Reshape", [ids, g.int64([-1])])], { axis: 0 });
+    if (f.embeddingScale !== null) x = g.op("Mul", [x, g.scalar(f.embeddingScale)]);
+    if (f.learnedPositions) x = g.op("Add", [x, g.op("Gather", [this.weight("model.embed_positions.weight"), flatPositions], { axis: 0 })]);
+
+    for (let l = 0; l < layers; l++) {
+      x = g.scope(`layer${l}`, () => this.block(l, x, past[l]!));
+    }
+    x = this.norm(x, "model.norm");
+    const head = f.tiedEmbeddings ? this.weight("model.embed_tokens.weight") : this.weight("lm_head.weight");
+    let logits = g.op("Gemm", [x, head, f.lmHeadBias ? this.weight("lm_head.bias") : ""], { transB: 1 });
+    if (f.logitScale !== null) logits = g.op("Mul", [logits, g.scalar(f.logitScale)]);
+    g.output(this.unflatten(logits, f.vocabSize), "logits", DataType.FLOAT, ["batch_size", "sequence_length", f.vocabSize]);
+    return g;
+  }
+
+  // ------------------------------------------------------------------ graph-wide pieces
+
+  /** [N, width] -> [B, T, width]. */
+  private unflatten(value: string, width: number): string {
+    const shape = this.g.op("Concat", [this.batch, this.g.int64([-1, width])], { axis: 0 });
+    return this.g.op("Reshape", [value, shape]);
+  }
+
+  /**
+   * Bool [B, 1, group x T, Tk]: causal over the cache slots (query i sits at
+   * slot Tk - T + i), within the sliding window, not padding; tiled over the
+   * query heads that share a kv head, as the scores are laid out.
+   */
+  private attentionMask(attentionMask: string, tokens: string): string {
+    const g = this.g;
+    const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1])]);
+    const scalar = (v: string) => g.op("Squeeze", [v, g.int64([0])]);
+    const queryPos = g.op("Unsqueeze", [g.op("Range", [scalar(g.op("Sub", [total, tokens])), scalar(total), g.int64([1], [])]), g.int64([1])]);
+    const keyPos = g.op("Range", [g.int64([0], []), scalar(total), g.int64([1], [])]);
+    let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [T, Tk]
+    if (this.f.slidingWindow !== null) {
+      allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])])]);
+    }
+    const notPadding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1, 2])]); // [B, 1, 1, Tk]
+    const mask = g.op("And", [allowed, notPadding]); // [B, 1, T, Tk]
+    const group = this.layout.queryHeads / this.layout.heads;
+    return group === 1 ? mask : g.op("Tile", [mask, g.int64([1, 1, group, 1])]);
+  }
+
+  /** cos, sin [B, 1, T, rotary/2] (the scale of yarn/longrope included). */
+  private rotary(flatPositions: string): [string, string] {
+    const g = this.g;
+    const rope = ropeFrequencies(this.f);
+    const half = this.f.rope!.dim / 2;
+    const positions = g.op("Cast", [flatPositions], { to: DataType.FLOAT });
+    // seq_len of the call, for the scalings that depend on it: longest position + 1
+    const seqLen = () => g.op("Add", [g.op("ReduceMax", [positions, g.int64([0])], { keepdims: 0 }), g.scalar(1)]);
+    let inv: string;
+    let scale = 1;
+    if (rope.kind === "fixed") {
+      inv = g.float32(rope.inv);
+      scale = rope.scale;
+    } else if (rope.kind === "longrope") {
+      inv = g.op("Where", [g.op("Greater", [seqLen(), g.scalar(rope.original)]), g.float32(rope.long), g.float32(rope.short)]);
+      scale = rope.scale;
+    } else {
+      // base * ((factor * seq / maxPos) - (factor - 1)) ^ (dim / (dim - 2)), seq = max(seq_len, maxPos)
+      const seq = g.op("Max", [seqLen(), g.scalar(rope.maxPositions)]);
+      const growth = g.op("Sub", [g.op("Mul", [seq, g.scalar(rope.factor / rope.maxPositions)]), g.scalar(rope.factor - 1)]);
+      const dim = this.f.rope!.dim;
+      const base = g.op("Mul", [g.scalar(rope.base), g.op("Pow", [growth, g.scalar(dim / (dim - 2))])]);
+      inv = g.op("Reciprocal", [g.op("Pow", [base, g.float32(rope.exponents)])]);
+    }
+    const freqs = g.op("Mul", [g.op("Unsqueeze", [positions, g.int64([1])]), inv]); // [N, half]
+    const shape = g.op("Concat", [this.batch, g.int64([1, -1, half])], { axis: 0 });
+    const wave = (op: "Cos" | "Sin") => {
+      const w = g.op(op, [freqs]);
+      return g.op("Reshape", [scale === 1 ? w : g.op("Mul", [w, g.scalar(scale)]), shape]);
+    };
+    return [wave("Cos"), wave("Sin")];
+  }
+
+  // ------------------------------------------------------------------ one block
+
+  private block(l: number, x: string, [pastKey, pastValue]: [string, string]): string {
+    const g = this.g;
+    const prefix = `model.layers.${l}`;
+    const h = this.norm(x, `${prefix}.input_layernorm`);
+    this.probe(`attn_input.${l}`, h);
+    const attention = g.scope("attn", () => this.attention(l, h, pastKey, pastValue));
+    const ffnNorm = (input: string) => (this.f.secondNorm ? this.norm(input, `${prefix}.post_attention_layernorm`) : input === x ? h : this.norm(input, `${prefix}.input_layernorm`));
+    if (this.model.moe.block === "parallel") {
+      const m = ffnNorm(x);
+      this.probe(`ffn_input.${l}`, m);
+      return g.op("Add", [g.op("Add", [x, attention]), g.scope("mlp", () => this.ffn(l, m))]);
+    }
+    const mid = g.op("Add", [x, attention]);
+    const m = ffnNorm(mid);
+    this.probe(`ffn_input.${l}`, m);
+    return g.op("Add", [mid, g.scope("mlp", () => this.ffn(l, m))]);
+  }
+
+  private probe(name: string, value: string): void {
+    if (this.options.probes) this.g.output(this.unflatten(value, this.f.hiddenSize), name, DataType.FLOAT, ["batch_size", "sequence_length", this.f.hiddenSize]);
+  }
+
+  /** The model's norm over the last axis of x, with `${prefix}.weight` (and .bias). */
+  private norm(x: string, prefix: string): string {
+    const weight = this.normWeight(`${prefix}.weight`);
+    const bias = this.src.has(`${prefix}.bias`) ? this.weight(`${prefix}.bias`) : "";
+    if (this.f.norm === "layer") {
+      // an explicit zero bias when there is none (cohere): onnxruntime 1.30's SkipLayerNormFusion crashes without one
+      const shift = bias === "" ? this.g.float32(new Float32Array(this.f.hiddenSize)) : bias;
+      return this.g.op("LayerNormalization", [x, weight, shift], { axis: -1, epsilon: float(this.f.normEps) });
+    }
+    return this.scaleShift(this.rmsNormalize(x), weight, bias);
+  }
+
+  /** x * rsqrt(mean(x^2) + eps) over the last axis (float32, as modeling_bam.py). */
+  private rmsNormalize(x: string): string {
+    const g = this.g;
+    const meanSquare = g.op("ReduceMean", [g.op("Mul", [x, x]), g.int64([-1])], { keepdims: 1 });
+    return g.op("Mul", [x, g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [meanSquare, g.scalar(this.f.normEps)])])])]);
+  }
+
+  private scaleShift(x: string, weight: string, bias: string): string {
+    const scaled = this.g.op("Mul", [x, weight]);
+    return bias === "" ? scaled : this.g.op("Add", [scaled, bias]);
+  }
+
+  /** A norm weight, as (1 + w) for gemma's unit offset. */
+  private normWeight(name: string): string {
+    if (!this.f.normUnitOffset) return this.weight(name);
+    return this.derived(`${name}+1`, this.src.shape(name), async () => (await this.src.f32(name)).map((w) => Math.fround(1 + w)));
+  }
+
+  // ------------------------------------------------------------------ attention
+
+  private attention(l: number, h: string, pastKey: string, pastValue: string): string {
+    const g = this.g;
+    const f = this.f;
+    const D = f.headDim;
+    const { heads: kvHeads, queryHeads } = this.layout;
+    const at = `model.layers.${l}.attn`;
+    const mode = this.model.moe.attentionExperts;
+    const qOwner = (e: number) => (mode === "merged" ? at : `${at}.experts.${e}`);
+    const kvOwner = (e: number) => (mode === "moa" ? `${at}.experts.${e}` : at);
+
+    const qExperts = mode === "merged" ? 1 : this.model.moe.numExperts;
+    const kvExperts = mode === "moa" ? this.model.moe.numExperts : 1;
+    const load = (owner: (e: number) => string, count: number, tensor: string) =>
+      Promise.all(Array.from({ length: count }, (_, e) => this.src.f32(`${owner(e)}.${tensor}`)));
+    // one Gemm for every expert's q, k, v: rows in graph head order, rotary dims in rotate-half order
+    const H = f.hiddenSize;
+    const qkvOut = (queryHeads + 2 * kvHeads) * D;
+    const fused = async (part: "weight" | "bias") => {
+      const rows = async (heads: HeadLayout["kv"], owner: (e: number) => string, count: number, proj: string, rotary: boolean) => {
+        const mats = await load(owner, count, `${proj}.${part}`);
+        return heads.flatMap(({ expert, head }) => Array.from({ length: D }, (_, d) => ({ from: mats[expert]!, row: head * D + (rotary ? this.dimOrder[d]! : d) })));
+      };
+      return gatherRows([
+        ...(await rows(this.heads.query, qOwner, qExperts, "q_proj", true)),
+        ...(await rows(this.heads.kv, kvOwner, kvExperts, "k_proj", true)),
+        ...(await rows(this.heads.kv, kvOwner, kvExperts, "v_proj", false)),
+      ], part === "weight" ? H : 1);
+    };
+    const qkv = this.derived(`${at}.qkv.weight`, [qkvOut, H], () => fused("weight"));
+    const qkvBias = f.qkvBias ? this.derived(`${at}.qkv.bias`, [qkvOut], () => fused("bias")) : "";
+    const [q, k, v] = g.opN("Split", [g.op("Gemm", [h, qkv, qkvBias], { transB: 1 }), g.int64([queryHeads * D, kvHeads * D, kvHeads * D])], 3, { axis: 1 });
+    let q4 = g.op("Reshape", [q!, this.queryShape]); // [B, T, heads, D]
+    let k4 = g.op("Reshape", [k!, this.kvShape]);
+    if (f.qkNorm !== "none") {
+      q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
+      k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
+    }
+    const transpose = (value: string) => g.op("Transpose", [value], { perm: [0, 2, 1, 3] });
+    let qt = transpose(q4); // [B, heads, T, D]
+    let kt = transpose(k4);
+    const vt = transpose(g.op("Reshape", [v!, this.kvShape]));
+    if (f.rope) {
+      qt = this.applyRotary(qt);
+      kt = this.applyRotary(kt);
+    }
+    const key = g.op("Concat", [pastKey, kt], { axis: 2 }); // [B, kvHeads, Tk, D]
+    const value = g.op("Concat", [pastValue, vt], { axis: 2 });
+    g.output(key, `present.${l}.key`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
+    g.output(value, `present.${l}.value`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
+
+    // grouped-query attention: the queries of one kv head are contiguous, [B, kvHeads, group x T, D]
+    const grouped = g.op("Reshape", [qt, g.int64([0, kvHeads, -1, D])]);
+    const scale = f.attentionScale ?? 1 / Math.sqrt(D);
+    const scores = g.op("Mul", [g.op("MatMul", [grouped, g.op("Transpose", [key], { perm: [0, 1, 3, 2] })]), g.scalar(scale)]);
+    const probs = g.op("Softmax", [g.op("Where", [this.mask, scores, g.scalar(MASKED)])], { axis: -1 });
+    const context = g.op("Reshape", [g.op("MatMul", [probs, value]), g.int64([0, queryHeads, -1, D])]); // [B, heads, T, D]
+    let y = g.op("Reshape", [transpose(context), g.int64([-1, queryHeads, D])]); // [N, heads, D]
+
+    // every expert's o_proj side by side, columns in graph head order: one Gemm
+    const o = this.derived(`${at}.o.weight`, [H, queryHeads * D], async () => {
+      const mats = await load(qOwner, qExperts, "o_proj.weight");
+      return gatherColumns(this.heads.query.map(({ expert, head }) => ({ from: mats[expert]!, width: f.numHeads * D, start: head * D, count: D })), H);
+    });
+    let outBias = "";
+    if (qExperts > 1) {
+      // soft routing: every expert's output weighted by softmax(W_ar h), per query head
+      const gates = g.op("Softmax", [g.op("Gemm", [h, this.weight(`${at}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
+      const headGates = g.op("Gather", [gates, g.int64(this.heads.query.map((q) => q.expert))], { axis: 1 }); // [N, heads]
+      y = g.op("Mul", [y, g.op("Unsqueeze", [headGates, g.int64([2])])]);
+      if (f.attnOutBias) {
+        const stacked = this.derived(`${at}.o.bias_per_expert`, [qExperts, H], async () => concat(await load(qOwner, qExperts, "o_proj.bias")));
+        outBias = g.op("MatMul", [gates, stacked]);
+      }
+    } else if (f.attnOutBias) {
+      outBias = this.weight(`${at}.o_proj.bias`);
+    }
+    const out = g.op("Gemm", [g.op("Reshape", [y, g.int64([-1, queryHeads * D])]), o], { transB: 1 });
+    return outBias === "" ? out : g.op("Add", [out, outBias]);
+  }
+
+  /**
+   * qk-norm over head_dim of x [B, T, heads, D]; each graph head gets its
+   * expert's weight (and head's, per_head) as one weight [heads, D].
+   */
+  private qkNorm(x: string, name: string, heads: HeadLayout["query"], normOf: (expert: number) => string): string {
+    const D = this.f.headDim;
+    const perHead = this.f.qkNorm === "per_head";
+    const stacked = (part: "weight" | "bias", offset: number) =>
+      this.derived(`${name}.${part}_per_head`, [heads.length, D], async () => {
+        const cache = new Map<number, Float32Array>();
+        const out = new Float32Array(heads.length * D);
+        for (const [j, { expert, head }] of heads.entries()) {
+          if (!cache.has(expert)) cache.set(expert, await this.src.f32(`${normOf(expert)}.${part}`));
+          const w = cache.get(expert)!;
+          for (let d = 0; d < D; d++) out[j * D + d] = Math.fround(offset + w[(perHead ? head * D : 0) + this.dimOrder[d]!]!);
+        }
+        return out;
+      });
+    const weight = stacked("weight", this.f.normUnitOffset ? 1 : 0);
+    const bias = this.src.has(`${normOf(0)}.bias`) ? stacked("bias", 0) : "";
+    return this.scaleShift(this.f.norm === "layer" ? this.layerNormalize(x) : this.rmsNormalize(x), weight, bias);
+  }
+
+  /** (x - mean) * rsqrt(var + eps) over the last axis, by primitives (the weight is per head, not per axis). */
+  private layerNormalize(x: string): string {
+    const g = this.g;
+    return this.rmsNormalize(g.op("Sub", [x, g.op("ReduceMean", [x, g.int64([-1])], { keepdims: 1 })]));
+  }
+
+  /** Rotate-half rotary on the first rotary dims of x [B, heads, T, D]. */
+  private applyRotary(x: string): string {
+    const g = this.g;
+    const D = this.f.headDim;
+    const half = this.f.rope!.dim / 2;
+    const pass = D - 2 * half;
+    const parts = g.opN("Split", [x, g.int64(pass > 0 ? [half, half, pass] : [half, half])], pass > 0 ? 3 : 2, { axis: -1 });
+    const [x1, x2] = [parts[0]!, parts[1]!];
+    const first = g.op("Sub", [g.op("Mul", [x1, this.cos]), g.op("Mul", [x2, this.sin])]);
+    const second = g.op("Add", [g.op("Mul", [x2, this.cos]), g.op("Mul", [x1, this.sin])]);
+    return g.op("Concat", pass > 0 ? [first, second, parts[2]!] : [first, second], { axis: -1 });
+  }
+
+  // ------------------------------------------------------------------ FFN
+
+  private ffn(l: number, x: string): string {
+    const g = this.g;
+    const E = this.model.moe.numExperts;
+    const mlp = `model.layers.${l}.mlp`;
+    if (E === 1) return this.expert(`${mlp}.experts.0`, x);
+    const k = this.model.moe.expertsPerToken;
+    const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(`${mlp}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
+    const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
+    const weights = g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]); // renormalised, [N, k]
+    let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
+    for (let e = 0; e < E; e++) {
+      y = g.scope(`expert${e}`, () => {
+        const hit = g.op("Cast", [g.op("Equal", [chosen!, g.int64([e], [])])], { to: DataType.FLOAT }); // [N, k]
+        const weight = g.op("ReduceSum", [g.op("Mul", [hit, weights]), g.int64([1])], { keepdims: 0 }); // [N]
+        const picked = g.op("Greater", [g.op("ReduceSum", [hit, g.int64([1])], { keepdims: 0 }), g.scalar(0.5)]);
+        const rows = g.op("NonZero", [picked]); // [1, M]: this expert's tokens
+        const tokens = g.op("Reshape", [rows, g.int64([-1])]);
+        const out = this.expert(`${mlp}.experts.${e}`, g.op("Gather", [x, tokens], { axis: 0 }));
+        const weighted = g.op("Mul", [out, g.op("Unsqueeze", [g.op("Gather", [weight, tokens], { axis: 0 }), g.int64([1])])]);
+        return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), weighted], { reduction: "add" });
+      });
+    }
+    return y;
+  }
+
+  /** One FFN: down(act(gate x) * up x), or down(act(up x)); gate and up in one Gemm. */
+  private expert(prefix: string, x: string): string {
+    const g = this.g;
+    const f = this.f;
+    const I = f.intermediateSize;
+    const bias = (name: string) => (f.mlpBias ? this.weight(name) : "");
+    let hidden: string;
+    if (f.gatedMlp) {
+      const rows = 2 * I;
+      const w = this.derived(`${prefix}.gate_up.weight`, [rows, f.hiddenSize], async () => concat([await this.src.f32(`${prefix}.gate_proj.weight`), await this.src.f32(`${prefix}.up_proj.weight`)]));
+      const b = !f.mlpBias ? "" : this.derived(`${prefix}.gate_up.bias`, [rows], async () => concat([await this.src.f32(`${prefix}.gate_proj.bias`), await this.src.f32(`${prefix}.up_proj.bias`)]));
+      const [gate, up] = g.opN("Split", [g.op("Gemm", [x, w, b], { transB: 1 }), g.int64([I, I])], 2, { axis: 1 });
+      hidden = g.op("Mul", [this.activation(gate!), up!]);
+    } else {
+      hidden = this.activation(g.op("Gemm", [x, this.weight(`${prefix}.up_proj.weight`), bias(`${prefix}.up_proj.bias`)], { transB: 1 }));
+    }
+    return g.op("Gemm", [hidden, this.weight(`${prefix}.down_proj.weight`), bias(`${prefix}.down_proj.bias`)], { transB: 1 });
+  }
+
+  private activation(x: string): string {
+    const g = this.g;
+    switch (this.f.activation) {
+      case "silu":
+        return g.op("Mul", [x, g.op("Sigmoid", [x])]);
+      case "relu":
+        return g.op("Relu", [x]);
+      case "gelu": // exact: x/2 (1 + erf(x / sqrt 2))
+        return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [g.op("Erf", [g.op("Mul", [x, g.scalar(Math.SQRT1_2)])]), g.scalar(1)])]);
+      case "gelu_tanh": { // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        const cube = g.op("Mul", [g.op("Mul", [x, x]), x]);
+        const inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.scalar(0.044715)])]), g.scalar(Math.sqrt(2 / Math.PI))]);
+        return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [g.op("Tanh", [inner]), g.scalar(1)])]);
+      }
+    }
+  }
+
+  /** A model tensor used as is (float32). */
+  private weight(name: string): string {
+    return this.derived(name, this.src.shape(name), () => this.src.f32(name));
+  }
+
+  /** A weight computed from model tensors, declared once however often it is used. */
+  private derived(name: string, dims: number[], produce: () => Promise<Float32Array>): string {
+    if (!this.declared.has(name)) this.declared.add(this.g.weight(name, dims, produce));
+    return name;
+  }
+}
+
+/** Query and cache heads in graph order (see the file comment). */
+function headLayout(model: OpenedModel): HeadLayout {
+  const { numHeads, numKvHeads } = model.features;
+  const E = model.moe.numExperts;
+  const group = numHeads / numKvHeads;
+  const range = (n: number) => Array.from({ length: n }, (_, i) => i);
+  switch (model.moe.attentionExperts) {
+    case "merged":
+      return { query: range(numHeads).map((head) => ({ expert: 0, head })), kv: range(numKvHeads).map((head) => ({ expert: 0, head })) };
+    case "moa":
+      return {
+        query: range(E).flatMap((expert) => range(numHeads).map((head) => ({ expert, head }))),
+        kv: range(E).flatMap((expert) => range(numKvHeads).map((head) => ({ expert, head }))),
+      };
+    case "shared-kv":
+      return {
+        query: range(numKvHeads).flatMap((kv) => range(E).flatMap((expert) => range(group).map((i) => ({ expert, head: kv * group + i })))),
+        kv: range(numKvHeads).map((head) => ({ expert: 0, head })),
+      };
+  }
+}
+
+/** Graph dim d of a q/k head holds source dim order[d]: interleaved rotary pairs regrouped as halves. */
+function rotaryDimOrder(f: ArchFeatures): number[] {
+  const order = Array.from({ length: f.headDim }, (_, d) => d);
+  if (f.rope?.style !== "interleaved") return order;
+  const half = f.rope.dim / 2;
+  for (let i = 0; i < half; i++) {
+    order[i] = 2 * i;
+    order[half + i] = 2 * i + 1;
+  }
+  return order;
+}

@@ -1,0 +1,155 @@
+/**
+ * Evaluation on CPU: perplexity of text files (the model's own tokenizer,
+ * non-overlapping windows), and raw logits for given token ids.
+ */
+import { readFile } from "node:fs/promises";
+import { BamError, ioError } from "../errors.js";
+import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
+import { openModel } from "../arch/model.js";
+import { prepareOnnx, type PrepareOptions } from "./export.js";
+import { OnnxSession } from "./session.js";
+import { loadTokenizer } from "./transformers.js";
+
+export interface Perplexity {
+  /** Tokens run through the model. */
+  tokens: number;
+  /** Tokens predicted: each window's tokens but its first. */
+  predicted: number;
+  /** Summed negative log-likelihood (nats). */
+  nll: number;
+  perplexity: number;
+}
+
+export interface PerplexityReport {
+  model: string;
+  context: number;
+  files: Array<Perplexity & { file: string }>;
+  overall: Perplexity;
+  /** Seconds in the model (tokenising and building the ONNX file excluded), and tokens per second there. */
+  seconds: number;
+  tokensPerSecond: number;
+}
+
+export interface EvalOptions extends Omit<PrepareOptions, "output" | "onProgress"> {
+  /** Window length in tokens (default 512). */
+  context?: number;
+  /** Tokens evaluated so far, of all. */
+  onProgress?: (done: number, total: number) => void;
+  /** Called when the ONNX file must be built first (bytes of weights written). */
+  onBuild?: (written: number, total: number) => void;
+}
+
+export async function evaluatePerplexity(modelDir: string, files: string[], options: EvalOptions = {}): Promise<PerplexityReport> {
+  const context = options.context ?? 512;
+  if (!Number.isInteger(context) || context < 2) throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
+  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one text file (--text FILE)");
+  await checkContext(modelDir, context);
+  const tokenizer = await loadTokenizer(modelDir);
+  const texts = await Promise.all(files.map(async (file) => {
+    try {
+      return await readFile(file, "utf8");
+    } catch (error) {
+      throw ioError(file, error);
+    }
+  }));
+  const tokenized = texts.map((text) => tokenizer.encode(text));
+  const total = tokenized.reduce((sum, ids) => sum + ids.length, 0);
+  const prepared = await prepareOnnx(modelDir, { ...options, onProgress: options.onBuild });
+  const session = await OnnxSession.open(prepared.modelFile);
+  try {
+    let done = 0;
+    let seconds = 0;
+    const perFile = [];
+    for (const [i, ids] of tokenized.entries()) {
+      const sum = { tokens: 0, predicted: 0, nll: 0 };
+      for (let start = 0; start < ids.length; start += context) {
+        if (options.signal?.aborted) throw new BamError("ABORTED", "evaluation interrupted");
+        const window = ids.slice(start, start + context);
+        if (window.length >= 2) {
+          const started = performance.now();
+          const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+          sum.nll += windowNll(logits!, window);
+          seconds += (performance.now() - started) / 1000;
+          sum.predicted += window.length - 1;
+        }
+        sum.tokens += window.length;
+        done += window.length;
+        options.onProgress?.(done, total);
+      }
+      perFile.push({ file: files[i]!, ...withPerplexity(sum) });
+    }
+    const overall = withPerplexity({
+      tokens: perFile.reduce((s, f) => s + f.tokens, 0),
+      predicted: perFile.reduce((s, f) => s + f.predicted, 0),
+      nll: perFile.reduce((s, f) => s + f.nll, 0),
+    });
+    return { model: modelDir, context, files: perFile, overall, seconds, tokensPerSecond: overall.tokens / Math.max(seconds, 1e-9) };
+  } finally {
+    await session.close();
+  }
+}
+
+/** Learned absolute positions end at max_position_embeddings; rotary models run past it. */
+async function checkContext(modelDir: string, context: number): Promise<void> {
+  const model = await openModel(modelDir);
+  await model.close();
+  if (model.features.learnedPositions && context > model.features.maxPositions) {
+    throw new BamError("OPTIONS_INVALID", `--context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`);
+  }
+}
+
+/** Sum over t of -log softmax(logits[t])[ids[t + 1]], in float64. */
+function windowNll(logits: Float32Array, ids: number[]): number {
+  const vocab = logits.length / ids.length;
+  let nll = 0;
+  for (let t = 0; t + 1 < ids.length; t++) {
+    const row = logits.subarray(t * vocab, (t + 1) * vocab);
+    let max = -Infinity;
+    for (const v of row) if (v > max) max = v;
+    let sum = 0;
+    for (const v of row) sum += Math.exp(v - max);
+    nll += max + Math.log(sum) - row[ids[t + 1]!]!;
+  }
+  return nll;
+}
+
+function withPerplexity(sum: { tokens: number; predicted: number; nll: number }): Perplexity {
+  return { ...sum, perplexity: sum.predicted > 0 ? Math.exp(sum.nll / sum.predicted) : NaN };
+}
+
+/** Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`. */
+export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: Omit<EvalOptions, "context" | "onProgress"> = {}): Promise<{ shape: number[] }> {
+  const { ids, batch, seq } = await readInputIds(idsFile);
+  const model = await openModel(modelDir);
+  await model.close();
+  const vocab = model.features.vocabSize;
+  const bad = ids.find((id) => id < 0n || id >= BigInt(vocab));
+  if (bad !== undefined) throw new BamError("TENSOR_INVALID", `${idsFile}: input_ids holds ${bad}, outside the vocabulary [0, ${vocab})`);
+  const prepared = await prepareOnnx(modelDir, { force: options.force, signal: options.signal, onProgress: options.onBuild });
+  const session = await OnnxSession.open(prepared.modelFile);
+  let logits: Float32Array;
+  try {
+    [logits] = (await session.forward(ids, batch, seq, ["logits"])) as [Float32Array];
+  } finally {
+    await session.close();
+  }
+  const shape = [batch, seq, vocab];
+  await writeSafetensors(outFile, [{ name: "logits", dtype: "F32", shape, data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength) }], { metadata: { format: "pt" } });
+  return { shape };
+}
+
+async function readInputIds(file: string): Promise<{ ids: BigInt64Array; batch: number; seq: number }> {
+  const reader = await SafetensorsReader.open(file);
+  try {
+    const info = reader.tensors.get("input_ids");
+    if (info === undefined) throw new BamError("TENSOR_MISSING", `${file}: no tensor "input_ids"`);
+    if (info.dtype !== "I64" || info.shape.length !== 2 || info.shape[0] === 0 || info.shape[1] === 0) {
+      throw new BamError("TENSOR_INVALID", `${file}: input_ids must be I64 [batch, seq], found ${info.dtype} [${info.shape.join(", ")}]`);
+    }
+    const bytes = await reader.read("input_ids");
+    const ids = new BigInt64Array(bytes.slice().buffer);
+    return { ids, batch: info.shape[0]!, seq: info.shape[1]! };
+  } finally {
+    await reader.close();
+  }
+}

@@ -1,0 +1,217 @@
+/**
+ * The exported folder: what transformers.js loads as a causal LM from local
+ * files (config.json, generation_config.json, the tokenizer files and
+ * onnx/model.onnx with its external weights), plus `bam-onnx.json`, the key
+ * of the weights it was built from.
+ *
+ * `prepareOnnx` is both `bam export-onnx` and the on-demand cache of
+ * `bam eval` and `bam generate`: by default the folder is `onnx-cpu/` inside
+ * the model folder, or, when that is not writable (or BAM_CACHE_DIR is set),
+ * a folder under the user's cache. A folder whose key matches is reused;
+ * any other is rebuilt, atomically.
+ *
+ * The key hashes this engine's version, config.json, each weight file's
+ * name, size, modification time and safetensors header, and the tokenizer
+ * files' sizes and times. Rewriting weights (save_pretrained, an upcycle,
+ * fine-tuning) changes times and usually headers, so the key catches it
+ * without reading gigabytes of data on every run; hashing the data itself
+ * would cost seconds to minutes per call on real models.
+ */
+import { createHash } from "node:crypto";
+import { access, constants, copyFile, mkdir, open, readdir, readFile, realpath, stat, writeFile } from "node:fs/promises";
+import { homedir } from "node:os";
+import { basename, join, resolve, sep } from "node:path";
+import { openModel, type OpenedModel } from "../arch/model.js";
+import { BamError, ioError } from "../errors.js";
+import { openAtomicFolder } from "../export/atomic.js";
+import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
+import { MODEL_FILE, writeModel } from "./write.js";
+
+/** Bump when the graph a model produces changes: every cached export is rebuilt. */
+export const ENGINE_VERSION = 1;
+export const DEFAULT_FOLDER = "onnx-cpu";
+export const STAMP_FILE = "bam-onnx.json";
+const ONNX_SUBFOLDER = "onnx";
+const TOKENIZER_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$/;
+const PRODUCER_VERSION = "0.1.0";
+
+export interface PrepareOptions {
+  /** Export folder; default: see the file comment. */
+  output?: string;
+  /** Rebuild even when the folder is up to date; replace a folder that is not an export. */
+  force?: boolean;
+  signal?: AbortSignal;
+  /** Bytes of weights written, while building. */
+  onProgress?: (written: number, total: number) => void;
+}
+
+export interface PreparedOnnx {
+  /** The transformers.js folder. */
+  folder: string;
+  /** Its onnx/model.onnx. */
+  modelFile: string;
+  /** false when an up-to-date export was reused. */
+  built: boolean;
+  key: string;
+}
+
+export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}): Promise<PreparedOnnx> {
+  const model = await openModel(modelDir);
+  try {
+    const key = await sourceKey(model);
+    const folder = resolve(options.output ?? (await defaultFolder(modelDir)));
+    const source = resolve(modelDir);
+    if (source === folder || source.startsWith(`${folder}${sep}`)) {
+      throw new BamError("OPTIONS_INVALID", `${folder}: the export would replace the model folder ${modelDir}; choose another output folder`);
+    }
+    const modelFile = join(folder, ONNX_SUBFOLDER, MODEL_FILE);
+    const stamp = await readStamp(folder);
+    if (stamp?.key === key && !options.force) return { folder, modelFile, built: false, key };
+    // a stale export of ours is replaced without asking; anything else needs --force
+    const target = await openAtomicFolder(folder, options.force === true || stamp !== null);
+    try {
+      await mkdir(join(target.path, ONNX_SUBFOLDER));
+      await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), { signal: options.signal, onProgress: options.onProgress });
+      await writeSideFiles(model, target.path);
+      await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify({ key, engine: ENGINE_VERSION, source: resolve(modelDir) }, null, 2)}\n`);
+      await target.commit();
+    } catch (error) {
+      await target.discard();
+      throw error;
+    }
+    return { folder, modelFile, built: true, key };
+  } finally {
+    await model.close();
+  }
+}
+
+/** Builds `model`'s graph and writes model.onnx + model.onnx_data into `dir`. */
+export async function writeOnnx(
+  model: OpenedModel,
+  dir: string,
+  options: BuildOptions & { signal?: AbortSignal; onProgress?: (written: number, total: number) => void } = {},
+): Promise<void> {
+  const graph = buildGraph(model, { probes: options.probes });
+  await writeModel(graph, dir, {
+    opset: OPSET,
+    producerVersion: PRODUCER_VERSION,
+    metadata: { source: model.name, kind: model.kind, attention_experts: model.moe.attentionExperts, block: model.moe.block },
+    signal: options.signal,
+    onProgress: options.onProgress,
+  });
+}
+
+/** config.json for transformers.js: a generic decoder (llama) with the cache dims of our graph. */
+function transformersConfig(model: OpenedModel): Record<string, unknown> {
+  const f = model.features;
+  const cache = cacheLayout(model);
+  const raw = model.rawConfig;
+  return {
+    // transformers.js runs any decoder graph with these inputs and outputs as its llama class;
+    // the cache shapes come from the graph's inputs, and agree with these numbers
+    model_type: "llama",
+    architectures: ["LlamaForCausalLM"],
+    vocab_size: f.vocabSize,
+    hidden_size: f.hiddenSize,
+    num_hidden_layers: cache.layers,
+    num_attention_heads: cache.queryHeads,
+    num_key_value_heads: cache.heads,
+    head_dim: cache.headDim,
+    max_position_embeddings: f.maxPositions,
+    bos_token_id: raw.bos_token_id ?? null,
+    eos_token_id: raw.eos_token_id ?? null,
+    pad_token_id: raw.pad_token_id ?? null,
+    // no use_external_data_format: in Node, onnxruntime finds onnx/model.onnx_data by itself, while
+    // transformers.js 4.3 would also stream the whole data file into memory in the background (its
+    // FileResponse reads eagerly); a browser user passes use_external_data_format: true instead
+    "transformers.js_config": { dtype: "fp32" },
+    bam_onnx: {
+      note: "ONNX export by bam-upcycle; the graph, not this config, defines the model",
+      source_model_type: raw.model_type ?? null,
+      seed_model_type: f.family,
+      num_experts: model.moe.numExperts,
+      num_experts_per_tok: model.moe.expertsPerToken,
+      attention_experts: model.moe.attentionExperts,
+      block: model.moe.block,
+    },
+  };
+}
+
+async function writeSideFiles(model: OpenedModel, dir: string): Promise<void> {
+  try {
+    const entries = await readdir(model.dir);
+    for (const entry of entries) if (TOKENIZER_FILES.test(entry)) await copyFile(join(model.dir, entry), join(dir, entry));
+    // transformers.js's AutoTokenizer needs a tokenizer_config.json, even an empty one
+    if (entries.includes("tokenizer.json") && !entries.includes("tokenizer_config.json")) await writeFile(join(dir, "tokenizer_config.json"), "{}\n");
+    await writeFile(join(dir, "config.json"), `${JSON.stringify(transformersConfig(model), null, 2)}\n`);
+    if (entries.includes("generation_config.json")) {
+      await copyFile(join(model.dir, "generation_config.json"), join(dir, "generation_config.json"));
+    } else {
+      const raw = model.rawConfig;
+      const defaults = Object.fromEntries(["bos_token_id", "eos_token_id", "pad_token_id"].filter((k) => raw[k] != null).map((k) => [k, raw[k]]));
+      await writeFile(join(dir, "generation_config.json"), `${JSON.stringify(defaults, null, 2)}\n`);
+    }
+  } catch (error) {
+    throw ioError(dir, error);
+  }
+}
+
+async function sourceKey(model: OpenedModel): Promise<string> {
+  const hash = createHash("sha256").update(`bam-onnx engine ${ENGINE_VERSION}\n`);
+  const configPath = join(model.dir, "config.json");
+  const tokenizerFiles = (await readdir(model.dir)).filter((e) => TOKENIZER_FILES.test(e)).sort().map((e) => join(model.dir, e));
+  try {
+    hash.update(await readFile(configPath));
+    for (const file of [...model.files, ...tokenizerFiles]) {
+      const info = await stat(file);
+      hash.update(`\n${basename(file)} ${info.size} ${info.mtimeMs}\n`);
+      if (file.endsWith(".safetensors")) hash.update(await safetensorsHeader(file));
+    }
+  } catch (error) {
+    throw ioError(model.dir, error);
+  }
+  return hash.digest("hex");
+}
+
+async function safetensorsHeader(file: string): Promise<Uint8Array> {
+  const handle = await open(file, "r");
+  try {
+    const length = new Uint8Array(8);
+    await handle.read(length, 0, 8, 0);
+    const size = Number(new DataView(length.buffer).getBigUint64(0, true));
+    const header = new Uint8Array(Math.min(size, 100_000_000)); // the reader has validated the file already
+    await handle.read(header, 0, header.length, 8);
+    return header;
+  } finally {
+    await handle.close();
+  }
+}
+
+async function readStamp(folder: string): Promise<{ key: string } | null> {
+  try {
+    const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as { key?: unknown };
+    return typeof stamp.key === "string" ? { key: stamp.key } : null;
+  } catch {
+    return null; // no export there (or a broken one): build
+  }
+}
+
+/** onnx-cpu/ in the model folder when writable, else (or with BAM_CACHE_DIR) a per-model folder in the user cache. */
+async function defaultFolder(modelDir: string): Promise<string> {
+  const cacheRoot = process.env.BAM_CACHE_DIR;
+  if (!cacheRoot && (await isWritable(modelDir))) return join(modelDir, DEFAULT_FOLDER);
+  const root = cacheRoot ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), ".cache"), "bam-upcycle");
+  const real = await realpath(modelDir).catch((error: unknown) => { throw ioError(modelDir, error); });
+  const id = createHash("sha256").update(real).digest("hex").slice(0, 16);
+  return join(root, "onnx", `${basename(real)}-${id}`);
+}
+
+async function isWritable(dir: string): Promise<boolean> {
+  try {
+    await access(dir, constants.W_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+

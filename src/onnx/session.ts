@@ -1,0 +1,58 @@
+/**
+ * Runs an exported graph with onnxruntime-node: whole sequences, no padding,
+ * an empty cache (what evaluation and router init need; generation goes
+ * through transformers.js, which feeds the cache itself). onnxruntime is
+ * loaded on first use, so commands that never run a model do not pay for it.
+ */
+import type * as Ort from "onnxruntime-node";
+import { BamError } from "../errors.js";
+
+export class OnnxSession {
+  private constructor(
+    private readonly ort: typeof Ort,
+    private readonly session: Ort.InferenceSession,
+    /** Empty past_key_values.* inputs: [batch, heads, 0, head_dim] per name. */
+    private readonly pastShapes: Map<string, [number, number]>,
+  ) {}
+
+  static async open(modelFile: string): Promise<OnnxSession> {
+    const ort = await import("onnxruntime-node");
+    let session: Ort.InferenceSession;
+    try {
+      session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 3 });
+    } catch (error) {
+      throw new BamError("IO_ERROR", `${modelFile}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]})`, { cause: error });
+    }
+    const pastShapes = new Map<string, [number, number]>();
+    for (const meta of session.inputMetadata) {
+      if (!meta.name.startsWith("past_key_values.") || !meta.isTensor) continue;
+      const [, heads, , headDim] = meta.shape;
+      if (typeof heads !== "number" || typeof headDim !== "number") throw new BamError("IO_ERROR", `${modelFile}: input ${meta.name} has no fixed heads and head_dim`);
+      pastShapes.set(meta.name, [heads, headDim]);
+    }
+    return new OnnxSession(ort, session, pastShapes);
+  }
+
+  /**
+   * Runs `ids` [batch, seq] (positions 0..seq-1, nothing masked) and returns
+   * the named outputs' data (float32), e.g. "logits" [batch, seq, vocab].
+   */
+  async forward(ids: BigInt64Array, batch: number, seq: number, outputs: string[]): Promise<Float32Array[]> {
+    if (ids.length !== batch * seq) throw new BamError("TENSOR_SHAPE", `${ids.length} token ids for [${batch}, ${seq}]`);
+    const positions = new BigInt64Array(batch * seq);
+    for (let i = 0; i < positions.length; i++) positions[i] = BigInt(i % seq);
+    const ort = this.ort;
+    const feeds: Record<string, Ort.Tensor> = {
+      input_ids: new ort.Tensor("int64", ids, [batch, seq]),
+      attention_mask: new ort.Tensor("int64", new BigInt64Array(batch * seq).fill(1n), [batch, seq]),
+      position_ids: new ort.Tensor("int64", positions, [batch, seq]),
+    };
+    for (const [name, [heads, headDim]] of this.pastShapes) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, heads, 0, headDim]);
+    const result = await this.session.run(feeds, outputs);
+    return outputs.map((name) => result[name]!.data as Float32Array);
+  }
+
+  async close(): Promise<void> {
+    await this.session.release();
+  }
+}

@@ -1,0 +1,156 @@
+/**
+ * The KV cache and the mask: a prefix then one token at a time, feeding
+ * present.* back as past_key_values.*, gives the logits of one full forward;
+ * left-padded batches give each row's own logits; and greedy generation
+ * through transformers.js (its own cache handling) picks, at every step, the
+ * argmax of a full forward. Covers every attention mode (the cache of moa
+ * holds E x kv heads), interleaved rotary, learned positions and a sliding
+ * window shorter than the sequence.
+ */
+import assert from "node:assert/strict";
+import { readFile, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import * as ort from "onnxruntime-node";
+import { prepareOnnx } from "../../src/onnx/export.js";
+import { generateText } from "../../src/onnx/transformers.js";
+import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
+import { fixture, maxAbsDiff, withTempDir } from "../helpers.js";
+import { TOLERANCE, withGraph, withSession } from "./engine.js";
+
+const IDS = [[279, 274, 88, 80, 261, 84, 83, 313, 280, 78, 288, 291], [55, 258, 78, 260, 221, 82, 295, 315, 79, 80, 80, 288]];
+
+interface Case {
+  label: string;
+  /** Builds the model folder under `dir`; returns its path. */
+  make: (dir: string) => Promise<string>;
+}
+
+const merged = (family: "llama" | "qwen3" | "cohere" | "gpt2" | "mistral", options: Partial<UpcycleOptions>) => async (dir: string) => {
+  const out = join(dir, "model");
+  const seeds = ["base", "code", "math"].map((v) => fixture(family, v as "base"));
+  await upcycle({ seeds, output: out, expertsPerToken: 2, ...options } as UpcycleOptions);
+  return out;
+};
+
+const CASES: Case[] = [
+  { label: "dense llama", make: async () => fixture("llama", "base") },
+  { label: "llama moa", make: merged("llama", { attention: "moa" }) },
+  { label: "qwen3 shared-kv (qk-norm)", make: merged("qwen3", { attention: "shared-kv", block: "sequential" }) },
+  { label: "cohere moa (interleaved rotary)", make: merged("cohere", { attention: "moa" }) },
+  { label: "gpt2 merged (learned positions)", make: merged("gpt2", { attention: "merged" }) },
+  {
+    label: "mistral moa, sliding window 5",
+    make: async (dir) => {
+      const out = await merged("mistral", { attention: "moa" })(dir);
+      const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"));
+      await writeFile(join(out, "config.json"), JSON.stringify({ ...config, sliding_window: 5 }));
+      return out;
+    },
+  },
+];
+
+type Feeds = Record<string, ort.Tensor>;
+
+function int64(rows: number[][]): ort.Tensor {
+  return new ort.Tensor("int64", BigInt64Array.from(rows.flat(), BigInt), [rows.length, rows[0]!.length]);
+}
+
+async function emptyPast(session: ort.InferenceSession, batch: number): Promise<Feeds> {
+  const feeds: Feeds = {};
+  for (const meta of session.inputMetadata) {
+    if (!meta.name.startsWith("past_key_values.") || !meta.isTensor) continue;
+    const [, heads, , dim] = meta.shape as number[];
+    feeds[meta.name] = new ort.Tensor("float32", new Float32Array(0), [batch, heads!, 0, dim!]);
+  }
+  return feeds;
+}
+
+/** Logits [batch, seq, vocab] of one step, and the cache it returns as the next step's past. */
+async function step(session: ort.InferenceSession, past: Feeds, ids: number[][], mask: number[][], positions: number[][]): Promise<{ logits: Float32Array; past: Feeds }> {
+  const out = await session.run({ ...past, input_ids: int64(ids), attention_mask: int64(mask), position_ids: int64(positions) });
+  const next: Feeds = {};
+  for (const name of Object.keys(out)) if (name.startsWith("present.")) next[name.replace("present.", "past_key_values.")] = out[name]!;
+  return { logits: out.logits!.data as Float32Array, past: next };
+}
+
+const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i);
+const ones = (rows: number, cols: number) => Array.from({ length: rows }, () => new Array<number>(cols).fill(1));
+
+for (const { label, make } of CASES) {
+  describe(`cache and mask: ${label}`, () => {
+    test("prefix + one token at a time equals one full forward", () =>
+      withTempDir(async (dir) => {
+        await withGraph(await make(dir), async (file) => {
+          const session = await ort.InferenceSession.create(file);
+          const T = IDS[0]!.length;
+          const full = await step(session, await emptyPast(session, 2), IDS, ones(2, T), [range(0, T), range(0, T)]);
+          const vocab = full.logits.length / (2 * T);
+          let { past } = await step(session, await emptyPast(session, 2), IDS.map((r) => r.slice(0, 5)), ones(2, 5), [range(0, 5), range(0, 5)]);
+          for (let t = 5; t < T; t++) {
+            const out = await step(session, past, IDS.map((r) => [r[t]!]), ones(2, t + 1), [[t], [t]]);
+            past = out.past;
+            for (let b = 0; b < 2; b++) {
+              const want = full.logits.subarray((b * T + t) * vocab, (b * T + t + 1) * vocab);
+              const error = maxAbsDiff(out.logits.subarray(b * vocab, (b + 1) * vocab), want);
+              assert.ok(error <= TOLERANCE, `row ${b}, token ${t}: max |cached - full| = ${error}`);
+            }
+          }
+          await session.release();
+        });
+      }));
+
+    test("a left-padded batch gives each row's own logits", () =>
+      withTempDir(async (dir) => {
+        await withGraph(await make(dir), async (file) => {
+          const session = await ort.InferenceSession.create(file);
+          const short = IDS[1]!.slice(0, 7);
+          const pad = IDS[0]!.length - short.length;
+          const batch = [IDS[0]!, [...new Array<number>(pad).fill(0), ...short]];
+          const mask = [ones(1, 12)[0]!, [...new Array<number>(pad).fill(0), ...ones(1, 7)[0]!]];
+          const positions = [range(0, 12), [...new Array<number>(pad).fill(0), ...range(0, 7)]]; // as transformers.js: cumsum - 1, padding at 0
+          const padded = await step(session, await emptyPast(session, 2), batch, mask, positions);
+          const alone = await step(session, await emptyPast(session, 1), [short], ones(1, 7), [range(0, 7)]);
+          const vocab = alone.logits.length / 7;
+          const error = maxAbsDiff(padded.logits.subarray((12 + pad) * vocab, 24 * vocab), alone.logits);
+          assert.ok(error <= TOLERANCE, `max |padded - alone| = ${error}`);
+          await session.release();
+        });
+      }));
+  });
+}
+
+describe("generation through transformers.js", () => {
+  for (const { label, make } of [CASES[1]!, CASES[3]!]) {
+    test(`${label}: greedy tokens with the KV cache are the full forward's argmax at every step`, () =>
+      withTempDir(async (dir) => {
+        const model = await make(dir);
+        const { folder } = await prepareOnnx(model, { output: join(dir, "onnx") });
+        const generated = await generateText(folder, "The experts learned", { maxNewTokens: 8, temperature: 0, topP: 1, seed: null });
+        assert.equal(generated.newIds.length, 8);
+        await withSession(model, async (session) => {
+          const ids = [...generated.promptIds];
+          for (const next of generated.newIds) {
+            const [logits] = await session.forward(BigInt64Array.from(ids, BigInt), 1, ids.length, ["logits"]);
+            const vocab = logits!.length / ids.length;
+            const last = logits!.subarray((ids.length - 1) * vocab);
+            assert.equal(next, last.indexOf(Math.max(...last)), `after ${ids.length} tokens`);
+            ids.push(next);
+          }
+        });
+      }));
+  }
+
+  test("pipeline('text-generation', folder) loads the export from local files", () =>
+    withTempDir(async (dir) => {
+      const model = await merged("llama", { attention: "shared-kv" })(dir);
+      const { folder } = await prepareOnnx(model, { output: join(dir, "onnx") });
+      const { pipeline, env } = await import("@huggingface/transformers");
+      env.allowRemoteModels = false;
+      const generator = await pipeline("text-generation", folder, { dtype: "fp32" });
+      const [out] = (await generator("The experts learned", { max_new_tokens: 6, do_sample: false })) as Array<{ generated_text: string }>;
+      const ours = await generateText(folder, "The experts learned", { maxNewTokens: 6, temperature: 0, topP: 1, seed: null });
+      assert.equal(out!.generated_text, `The experts learned${ours.text}`);
+      await generator.dispose();
+    }));
+});

@@ -1,0 +1,161 @@
+/**
+ * The commands end to end, as a user runs them: `bam eval --ids
+ * --save-logits` round trip, `bam eval --text` perplexity against logits
+ * computed here, `bam export-onnx` and the cache (reused while the weights
+ * are unchanged, rebuilt when they change), `bam generate`, and the error
+ * paths: one line on stderr, exit 1 for errors, 2 for bad usage.
+ */
+import assert from "node:assert/strict";
+import { spawn, spawnSync } from "node:child_process";
+import { cp, mkdir, readdir, stat, utimes, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { describe, test } from "node:test";
+import type { BamError } from "../../src/errors.js";
+import { evaluatePerplexity, prepareOnnx, saveLogits } from "../../src/onnx/index.js";
+import { loadTokenizer } from "../../src/onnx/transformers.js";
+import { writeSafetensors } from "../../src/safetensors/index.js";
+import { fixture, FIXTURES, maxAbsDiff, withTempDir } from "../helpers.js";
+import { readTensors, TOLERANCE, withSession } from "./engine.js";
+
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank.\nA small model can still learn useful patterns when the data is clean.\n";
+
+/** Runs the CLI; exports go under `cacheDir` (BAM_CACHE_DIR), or, with null, into the model folders. */
+function bam(args: string[], cacheDir: string | null): { status: number | null; stdout: string; stderr: string } {
+  const env = { ...process.env, BAM_CACHE_DIR: cacheDir ?? undefined };
+  if (cacheDir === null) delete env.BAM_CACHE_DIR;
+  const run = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env });
+  return { status: run.status, stdout: run.stdout, stderr: run.stderr };
+}
+
+/** As `bam`, without waiting: several runs at once. */
+function bamAsync(args: string[], cacheDir: string): Promise<ReturnType<typeof bam>> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, BAM_CACHE_DIR: cacheDir } });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (chunk) => (stdout += chunk));
+    child.stderr.on("data", (chunk) => (stderr += chunk));
+    child.on("error", reject);
+    child.on("close", (status) => resolve({ status, stdout, stderr }));
+  });
+}
+
+/** An error exit: the code, and exactly one line on stderr naming the problem. */
+function assertFails(run: ReturnType<typeof bam>, status: number, pattern: RegExp): void {
+  assert.equal(run.status, status, `exit code (stderr: ${run.stderr})`);
+  const lines = run.stderr.trimEnd().split("\n");
+  assert.match(lines[0]!, /^bam: /);
+  assert.match(run.stderr, pattern);
+  if (status === 1) assert.equal(lines.length, 1, `one line: ${run.stderr}`);
+}
+
+describe("bam eval, generate, export-onnx", () => {
+  test("eval --ids --save-logits writes transformers' logits", () =>
+    withTempDir(async (dir) => {
+      const out = join(dir, "logits.safetensors");
+      const run = bam(["eval", fixture("qwen3", "base"), "--ids", join(FIXTURES, "qwen3", "reference.safetensors"), "--save-logits", out], dir);
+      assert.equal(run.status, 0, run.stderr);
+      const { tensors } = await readTensors(out);
+      const { tensors: reference } = await readTensors(join(FIXTURES, "qwen3", "reference.safetensors"));
+      assert.deepEqual(tensors.get("logits")!.shape, [2, 12, 320]);
+      const error = maxAbsDiff(tensors.get("logits")!.data as Float32Array, reference.get("logits_base")!.data as Float32Array);
+      assert.ok(error <= TOLERANCE, `max |saved - transformers| = ${error}`);
+    }));
+
+  test("eval --text: perplexity is exp(mean NLL) of the model's logits on the tokenised file", () =>
+    withTempDir(async (dir) => {
+      const model = fixture("llama", "base");
+      const text = join(dir, "a.txt");
+      await writeFile(text, TEXT);
+      const run = bam(["eval", model, "--text", text, text, "--context", "16", "--json"], dir);
+      assert.equal(run.status, 0, run.stderr);
+      const report = JSON.parse(run.stdout);
+      // the same windows by hand: tokenise, logits per window, NLL here
+      const ids = (await loadTokenizer(model)).encode(TEXT);
+      let nll = 0;
+      let predicted = 0;
+      await withSession(model, async (session) => {
+        for (let start = 0; start < ids.length; start += 16) {
+          const window = ids.slice(start, start + 16);
+          if (window.length < 2) continue;
+          const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+          const vocab = logits!.length / window.length;
+          for (let t = 0; t + 1 < window.length; t++) {
+            const row = Array.from(logits!.subarray(t * vocab, (t + 1) * vocab));
+            const max = Math.max(...row);
+            nll += max + Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0)) - row[window[t + 1]!]!;
+            predicted += 1;
+          }
+        }
+      });
+      assert.equal(report.files.length, 2);
+      assert.equal(report.overall.tokens, 2 * ids.length);
+      assert.equal(report.overall.predicted, 2 * predicted);
+      assert.ok(Math.abs(report.files[0].perplexity - Math.exp(nll / predicted)) <= 1e-6 * report.files[0].perplexity);
+      assert.equal(report.files[1].perplexity, report.files[0].perplexity);
+      assert.ok(Math.abs(report.overall.perplexity - report.files[0].perplexity) <= 1e-9 * report.overall.perplexity);
+    }));
+
+  test("export-onnx writes a transformers.js folder; the cache is reused, and rebuilt when the weights change", () =>
+    withTempDir(async (dir) => {
+      const model = join(dir, "model");
+      await cp(fixture("gpt2", "base"), model, { recursive: true });
+      const first = bam(["export-onnx", model, "--json"], null);
+      assert.equal(first.status, 0, first.stderr);
+      const result = JSON.parse(first.stdout);
+      assert.equal(result.built, true);
+      assert.equal(result.folder, join(model, "onnx-cpu"), "a writable model folder holds its own export");
+      assert.deepEqual((await readdir(result.folder)).sort(), ["bam-onnx.json", "config.json", "generation_config.json", "onnx", "tokenizer.json", "tokenizer_config.json"]);
+      assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), ["model.onnx", "model.onnx_data"]);
+      assert.equal((await prepareOnnx(model)).built, false, "unchanged weights: reused");
+      const weights = join(model, "model.safetensors");
+      const later = new Date((await stat(weights)).mtimeMs + 5000);
+      await utimes(weights, later, later);
+      assert.equal((await prepareOnnx(model)).built, true, "touched weights: rebuilt");
+      assert.equal((await prepareOnnx(model, { force: true })).built, true, "--force: rebuilt");
+      const generate = bam(["generate", model, "--prompt", "The experts", "--max-new-tokens", "4", "--json"], null);
+      assert.equal(generate.status, 0, generate.stderr);
+      assert.equal(JSON.parse(generate.stdout).newIds.length, 4);
+    }));
+
+  test("error paths of the commands: one line on stderr, exit 1 (error) or 2 (usage)", () =>
+    withTempDir(async (dir) => {
+      const model = fixture("llama", "base");
+      const taken = join(dir, "taken");
+      await mkdir(taken);
+      await writeFile(join(taken, "file"), "x");
+      const cases: Array<[string[], number, RegExp]> = [
+        [["eval", join(dir, "missing"), "--text", "a.txt"], 1, /missing/],
+        [["eval", model], 1, /--text FILE/],
+        [["eval", model, "--ids", "ids.safetensors"], 1, /--save-logits/],
+        [["eval", model, "--text", "a.txt", "--ids", "ids.safetensors"], 2, /mutually exclusive/],
+        [["generate", model], 2, /prompt/],
+        [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], 1, /--max-new-tokens/],
+        [["export-onnx", model, "-o", taken], 1, /exists and is not empty/],
+      ];
+      const runs = await Promise.all(cases.map(([args]) => bamAsync(args, dir)));
+      runs.forEach((run, i) => assertFails(run, cases[i]![1], cases[i]![2]));
+    }));
+
+  test("error paths of the API: each failure has its code and names the file", () =>
+    withTempDir(async (dir) => {
+      const model = fixture("llama", "base");
+      const text = join(dir, "a.txt");
+      await writeFile(text, TEXT);
+      const floatIds = join(dir, "float-ids.safetensors");
+      await writeSafetensors(floatIds, [{ name: "input_ids", dtype: "F32", shape: [1, 2], data: () => new Uint8Array(8) }]);
+      const outOfVocab = join(dir, "big-ids.safetensors");
+      await writeSafetensors(outOfVocab, [{ name: "input_ids", dtype: "I64", shape: [1, 1], data: () => new Uint8Array(BigInt64Array.of(100000n).buffer) }]);
+      process.env.BAM_CACHE_DIR = dir; // nothing may land in the fixtures
+      const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) => assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
+      await rejects(evaluatePerplexity(model, [join(dir, "nope.txt")]), "IO_ERROR", /nope\.txt: no such file/);
+      await rejects(evaluatePerplexity(model, [text], { context: 1 }), "OPTIONS_INVALID", /--context/);
+      await rejects(evaluatePerplexity(fixture("gpt2", "base"), [text], { context: 1000 }), "OPTIONS_INVALID", /128 positions/);
+      await rejects(saveLogits(model, floatIds, join(dir, "o")), "TENSOR_INVALID", /float-ids\.safetensors: input_ids must be I64/);
+      await rejects(saveLogits(model, outOfVocab, join(dir, "o")), "TENSOR_INVALID", /outside the vocabulary/);
+      await rejects(prepareOnnx(model, { output: model, force: true }), "OPTIONS_INVALID", /would replace the model folder/);
+      await rejects(prepareOnnx(join(model, "..")), "NOT_A_CHECKPOINT", /config\.json: not found/);
+    }));
+});
