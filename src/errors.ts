@@ -37,10 +37,29 @@ export class BamError extends Error {
   readonly code: ErrorCode;
 
   constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
+    super(oneLine(message), options);
     this.name = "BamError";
     this.code = code;
   }
+}
+
+/** Control characters and line or paragraph separators, which untrusted names and parser messages may carry. */
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
+const ESCAPES: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+/** Longest message kept whole; past it the middle is elided (a tensor name can be megabytes long). */
+const MAX_MESSAGE = 2000;
+
+/**
+ * A message is one printable line: control characters are escaped (so a
+ * tensor named "\n" or "\x1b[2J" cannot break the line or drive the
+ * terminal) and an overlong message keeps its start (the file) and its end
+ * (what is wrong).
+ */
+function oneLine(message: string): string {
+  const text = message.replace(UNPRINTABLE, (c) => ESCAPES[c] ?? `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  if (text.length <= MAX_MESSAGE) return text;
+  const half = MAX_MESSAGE / 2 - 10;
+  return `${text.slice(0, half)} ...(${text.length - 2 * half} characters)... ${text.slice(-half)}`;
 }
 
 export function isBamError(error: unknown, code?: ErrorCode): error is BamError {

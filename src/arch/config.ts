@@ -6,11 +6,14 @@
  * Everything is validated before any tensor is touched, so a corrupt config
  * fails fast with one line naming the file and the key.
  */
-import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { BamError, ioError, type ErrorCode } from "../errors.js";
+import { readTextFile } from "../safetensors/index.js";
 import { FAMILY_SPECS, specForModelType, type FamilySpec, type Keyed, type Switch } from "./families.js";
 import type { Activation, ArchFeatures, Rope, RopeScaling } from "./types.js";
+
+/** config.json files are a few KB; this is far beyond any real one. */
+const MAX_CONFIG_BYTES = 16_000_000;
 
 /** Bounds no real checkpoint comes near; past them the config is corrupt. */
 export const CONFIG_LIMITS = {
@@ -53,7 +56,7 @@ export async function readConfigFile(dir: string): Promise<HfConfig> {
   const file = join(dir, "config.json");
   let text: string;
   try {
-    text = await readFile(file, "utf8");
+    text = await readTextFile(file, MAX_CONFIG_BYTES, "CONFIG_INVALID");
   } catch (error) {
     const errno = (error as NodeJS.ErrnoException).code;
     if (errno === "ENOENT" || errno === "ENOTDIR") {
@@ -206,7 +209,10 @@ function readRopeScaling(cfg: ConfigReader, source: ConfigReader | undefined, sp
   }
   const scaling: RopeScaling = { type };
   for (const [name, value] of Object.entries(source.raw)) {
-    if (!ROPE_NON_SCALING_KEYS.has(name)) scaling[name] = value;
+    if (ROPE_NON_SCALING_KEYS.has(name)) continue;
+    // Kept as written and repeated in the output's config.json, so only flat values: no nesting to blow up on.
+    if (!isScalingValue(value)) source.fail("CONFIG_INVALID", name, `must be a number, string, boolean or list of numbers, found ${show(value)}`);
+    scaling[name] = value;
   }
   // v4 phi3 keeps it at the top level; v5 moves it inside. Same model either way.
   const originalMax = cfg.raw.original_max_position_embeddings;
@@ -214,6 +220,13 @@ function readRopeScaling(cfg: ConfigReader, source: ConfigReader | undefined, sp
     scaling.original_max_position_embeddings = originalMax;
   }
   return scaling;
+}
+
+/** What rope scaling parameters hold in real configs: factors, lengths, flags (yarn's truncate), longrope's factor lists. */
+export function isScalingValue(value: unknown): boolean {
+  if (value === null || typeof value === "boolean" || typeof value === "string") return true;
+  if (typeof value === "number") return Number.isFinite(value);
+  return Array.isArray(value) && value.every((v) => typeof v === "number" && Number.isFinite(v));
 }
 
 function readSlidingWindow(cfg: ConfigReader, spec: FamilySpec, numLayers: number): number | null {
@@ -350,8 +363,13 @@ class ConfigReader {
   }
 }
 
-/** A config value for a message, kept short. */
-function show(value: unknown): string {
-  const text = JSON.stringify(value) ?? String(value);
+/** A config value for a message, kept short; a value too deep to serialise is described, not serialised. */
+export function show(value: unknown): string {
+  let text: string;
+  try {
+    text = JSON.stringify(value) ?? String(value);
+  } catch {
+    text = Array.isArray(value) ? "[a list nested too deep]" : "{an object nested too deep}";
+  }
   return text.length > 60 ? `${text.slice(0, 57)}...` : text;
 }

@@ -3,6 +3,7 @@
  * contract with python/configuration_bam.py: change both together.
  */
 import { BamError } from "../errors.js";
+import { isScalingValue, show } from "./config.js";
 import { FAMILIES, type Activation, type ArchFeatures, type Family, type NormKind, type Rope, type RopeStyle } from "./types.js";
 
 /** The architecture part of a BAM config.json. */
@@ -89,7 +90,7 @@ export function featuresToConfig(f: ArchFeatures): FeatureConfig {
 /** Reads the features back from a BAM config.json; `file` names it in errors. */
 export function featuresFromConfig(config: Record<string, unknown>, file: string): ArchFeatures {
   const bad = (key: string, want: string): never => {
-    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${JSON.stringify(config[key])}`);
+    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${show(config[key])}`);
   };
   const int = (key: string, min = 1): number => {
     const v = config[key];
@@ -110,8 +111,8 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
   };
   const rotaryDim = int("rotary_dim", 0);
   const scaling = config.rope_scaling;
-  if (scaling != null && (typeof scaling !== "object" || typeof (scaling as { type?: unknown }).type !== "string")) {
-    bad("rope_scaling", "null or an object with a string \"type\"");
+  if (scaling != null && (typeof scaling !== "object" || typeof (scaling as { type?: unknown }).type !== "string" || !Object.values(scaling).every(isScalingValue))) {
+    bad("rope_scaling", "null or an object with a string \"type\" and numbers, strings, booleans or lists of numbers");
   }
   return {
     family: oneOf("seed_model_type", FAMILIES),

@@ -9,7 +9,7 @@ import { basename, join, resolve } from "node:path";
 import { BamError } from "../errors.js";
 import { CheckpointFiles } from "../safetensors/index.js";
 import type { DType } from "../safetensors/index.js";
-import { readConfigFile, type HfConfig } from "./config.js";
+import { readConfigFile, show, type HfConfig } from "./config.js";
 import { featuresFromConfig } from "./features.js";
 import { openSeed } from "./load.js";
 import { sha256File } from "./hash.js";
@@ -136,7 +136,7 @@ async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<Op
 
 export function moeFromConfig(config: Record<string, unknown>, file: string): MoeSettings {
   const bad = (key: string, want: string): never => {
-    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${JSON.stringify(config[key])}`);
+    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${show(config[key])}`);
   };
   const int = (key: string): number => {
     const v = config[key];
@@ -154,7 +154,8 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   const block = config.block as BlockKind;
   if (!BLOCK_KINDS.includes(block)) bad("block", BLOCK_KINDS.join(" or "));
   const upcycledFrom = Array.isArray(config.upcycled_from)
-    ? config.upcycled_from.map((entry) => ({ name: String(entry?.name ?? "?"), sha256: String(entry?.sha256 ?? "") }))
+    // Strings only: String() of a deeply nested list recurses until the stack runs out.
+    ? config.upcycled_from.map((entry) => ({ name: typeof entry?.name === "string" ? entry.name : "?", sha256: typeof entry?.sha256 === "string" ? entry.sha256 : "" }))
     : [];
   return {
     numExperts,

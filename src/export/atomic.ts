@@ -26,13 +26,14 @@ export async function openAtomicFolder(target: string, force: boolean): Promise<
   const absolute = resolve(target);
   const parent = dirname(absolute);
   const name = basename(absolute);
-  await checkTarget(absolute, force);
   try {
     await mkdir(parent, { recursive: true });
   } catch (error) {
     throw ioError(parent, error);
   }
+  // First, so that a previous folder a killed run had moved aside is back in place before the target is checked.
   await removeLeftovers(parent, name);
+  await checkTarget(absolute, force);
   const path = join(parent, `${TEMP_PREFIX}${name}-${process.pid}`);
   try {
     await rm(path, { recursive: true, force: true });
@@ -76,7 +77,12 @@ async function checkTarget(target: string, force: boolean): Promise<void> {
   }
 }
 
-/** Removes temporary and half-replaced folders of this target left by processes that no longer run. */
+/**
+ * Removes temporary folders of this target left by processes that no longer
+ * run. A previous folder moved aside (`.bam-old-`) by a run killed between
+ * its two renames is put back when the target is missing, since that run's
+ * new folder was never moved into place; otherwise it is removed.
+ */
 async function removeLeftovers(parent: string, name: string): Promise<void> {
   let entries: string[];
   try {
@@ -84,11 +90,17 @@ async function removeLeftovers(parent: string, name: string): Promise<void> {
   } catch (error) {
     throw ioError(parent, error);
   }
-  for (const entry of entries) {
+  const target = join(parent, name);
+  for (const entry of entries.sort()) {
     for (const prefix of [TEMP_PREFIX, OLD_PREFIX]) {
       const match = entry.startsWith(`${prefix}${name}-`) && /^\d+$/.exec(entry.slice(prefix.length + name.length + 1));
-      if (match && !processAlive(Number(match[0]))) {
-        await rm(join(parent, entry), { recursive: true, force: true });
+      if (!match || processAlive(Number(match[0]))) continue;
+      const leftover = join(parent, entry);
+      try {
+        if (prefix === OLD_PREFIX && !(await pathExists(target))) await rename(leftover, target);
+        else await rm(leftover, { recursive: true, force: true });
+      } catch (error) {
+        throw ioError(leftover, error);
       }
     }
   }

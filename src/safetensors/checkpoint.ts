@@ -3,14 +3,17 @@
  * `*.safetensors.index.json`. Shard paths come from the index, which is
  * untrusted input, so each must resolve inside the folder.
  */
-import { readdir, readFile, realpath } from "node:fs/promises";
+import { readdir, realpath } from "node:fs/promises";
 import { basename, dirname, isAbsolute, join, relative, resolve, sep } from "node:path";
 import { BamError, ioError } from "../errors.js";
+import { readTextFile } from "./input-file.js";
 import { findDuplicateKey, isPlainObject, SafetensorsReader, type TensorInfo } from "./reader.js";
 
 const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
 const PICKLE_PATTERN = /\.(bin|pt|pth|ckpt)$/;
+/** Far above any real index (tens of thousands of tensors take a few MB). */
+const MAX_INDEX_BYTES = 100_000_000;
 
 type Weights = { single: string } | { index: string };
 
@@ -92,7 +95,7 @@ async function locateWeights(root: string): Promise<Weights> {
 
 async function readIndex(file: string): Promise<Index> {
   const invalid = (reason: string) => new BamError("INDEX_INVALID", `${file}: ${reason}`);
-  const text = await readFile(file, "utf8").catch((error: unknown) => { throw ioError(file, error); });
+  const text = await readTextFile(file, MAX_INDEX_BYTES, "INDEX_INVALID").catch((error: unknown) => { throw ioError(file, error); });
   let index: unknown;
   try {
     index = JSON.parse(text);
@@ -104,7 +107,7 @@ async function readIndex(file: string): Promise<Index> {
   if (!isPlainObject(index) || !isPlainObject(index.weight_map)) throw invalid("expected an object with a weight_map object");
   const { weight_map: weightMap, metadata = null } = index;
   if (Object.keys(weightMap).length === 0) throw invalid("weight_map lists no tensors");
-  const nonString = Object.keys(weightMap).find((name) => typeof weightMap[name] !== "string");
+  const nonString = Object.keys(weightMap).find((name) => typeof weightMap[name] !== "string" || weightMap[name] === "" || (weightMap[name] as string).includes("\0"));
   if (nonString !== undefined) throw invalid(`weight_map entry "${nonString}" is not a file name`);
   if (metadata !== null && !isPlainObject(metadata)) throw invalid("metadata is not an object");
   return { weightMap: new Map(Object.entries(weightMap as Record<string, string>)), metadata: metadata as Index["metadata"] };
@@ -123,9 +126,26 @@ async function resolveShard(root: string, realRoot: string, shard: string, index
   if (isAbsolute(shard)) throw escape("is an absolute path");
   if (shard.split(/[\\/]/).includes("..")) throw escape("climbs out with ..");
   const file = join(root, shard);
-  const real = await realpath(file).catch((error: unknown) => { throw ioError(file, error); });
-  if (!isInside(realRoot, real) && !isHubCacheBlob(realRoot, real)) throw escape(`links to ${real}`);
+  const outside = await outsideFolder(realRoot, file);
+  if (outside !== undefined) throw escape(`links to ${outside}`);
   return file;
+}
+
+/** The real path of `file`, links followed, when it lies outside the folder whose real path is `realRoot` (and outside the Hugging Face cache's blobs/). */
+async function outsideFolder(realRoot: string, file: string): Promise<string | undefined> {
+  const real = await realpath(file).catch((error: unknown) => { throw ioError(file, error); });
+  return isInside(realRoot, real) || isHubCacheBlob(realRoot, real) ? undefined : real;
+}
+
+/**
+ * PATH_ESCAPE unless `file`, links followed, lies inside `root` (or in the
+ * Hugging Face cache's blobs/): for files copied out of a downloaded folder,
+ * which a link could otherwise point at any file of the user's.
+ */
+export async function checkInsideFolder(root: string, file: string): Promise<void> {
+  const realRoot = await realpath(root).catch((error: unknown) => { throw ioError(root, error); });
+  const outside = await outsideFolder(realRoot, file);
+  if (outside !== undefined) throw new BamError("PATH_ESCAPE", `${file}: links to ${outside}, outside ${root}; files of a model folder must lie inside it`);
 }
 
 function isInside(folder: string, path: string): boolean {

@@ -3,7 +3,8 @@ export {
   type FloatDType, isFloatDType, toFloat32, fromFloat32, convertFloats,
 } from "./dtype.js";
 export { type TensorInfo, SafetensorsReader } from "./reader.js";
-export { CheckpointFiles } from "./checkpoint.js";
+export { CheckpointFiles, checkInsideFolder } from "./checkpoint.js";
+export { openRegularFile, readTextFile } from "./input-file.js";
 export {
   type TensorToWrite, type WriteOptions, type ShardPlan,
   safetensorsHeader, writeSafetensors, planShards, writeShardedSafetensors, shardedFileBytes, parseSize,

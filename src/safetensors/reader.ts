@@ -3,10 +3,11 @@
  * entry and the whole data layout before any tensor can be read; tensor data
  * is then read lazily, by offset, through one file handle.
  */
-import { open, type FileHandle } from "node:fs/promises";
+import type { FileHandle } from "node:fs/promises";
 import { resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
 import { type DType, isDType, isShape, tensorByteLength } from "./dtype.js";
+import { openRegularFile } from "./input-file.js";
 
 export interface TensorInfo {
   name: string;
@@ -38,9 +39,8 @@ export class SafetensorsReader {
 
   static async open(path: string): Promise<SafetensorsReader> {
     const file = resolve(path);
-    const handle = await open(file, "r").catch((error: unknown) => { throw ioError(file, error); });
+    const { handle, size } = await openRegularFile(file).catch((error: unknown) => { throw ioError(file, error); });
     try {
-      const { size } = await handle.stat();
       const headerLength = await readHeaderLength(handle, file, size);
       const header = parseHeader(await readExactly(handle, file, 8, headerLength, "header"), file);
       const { tensors, metadata } = validateHeader(header, file, headerLength, size);
