@@ -11,7 +11,7 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { cpus, totalmem } from "node:os";
+import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
@@ -78,7 +78,8 @@ const result = {
   benchmark: "bam upcycle vs cp",
   commit,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
+  // Other work on the machine skews both timings: the load average says how quiet it was.
+  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: loadavg() },
   shape,
   seeds: seeds.length,
   seedBytes,

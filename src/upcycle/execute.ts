@@ -7,7 +7,7 @@
 import type { Seed } from "../arch/index.js";
 import { convertFloats, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
-import { CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import { CHUNK_ELEMENTS, COPY_CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import { RandomStream } from "./random.js";
 
 const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
@@ -50,15 +50,16 @@ function sourceDType(seeds: Seed[], ref: SourceRef): FloatDType {
   return dtype;
 }
 
-/** Element ranges of CHUNK_ELEMENTS covering a tensor. */
-function* chunkRanges(total: number): Generator<[number, number]> {
-  for (let start = 0; start < total; start += CHUNK_ELEMENTS) yield [start, Math.min(CHUNK_ELEMENTS, total - start)];
+/** Element ranges of `size` covering a tensor. */
+function* chunkRanges(total: number, size = CHUNK_ELEMENTS): Generator<[number, number]> {
+  for (let start = 0; start < total; start += size) yield [start, Math.min(size, total - start)];
 }
 
 async function* copyChunks(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): AsyncGenerator<Uint8Array> {
   const seed = seeds[ref.seed]!;
   const from = sourceDType(seeds, ref);
-  for (const [start, count] of chunkRanges(elementsOf(tensor.shape))) {
+  // Plain copies touch no values: large chunks mean fewer, larger reads and writes.
+  for (const [start, count] of chunkRanges(elementsOf(tensor.shape), COPY_CHUNK_ELEMENTS)) {
     yield convertFloats(await seed.readElements(ref.tensor, start, count), from, tensor.dtype);
   }
 }

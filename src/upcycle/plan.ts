@@ -75,6 +75,8 @@ export interface UpcyclePlan {
 export const FLOP_CONTEXT = 2048;
 /** Rows (or elements) the executor processes at a time; bounds its memory. */
 export const CHUNK_ELEMENTS = 1 << 20;
+/** Elements per chunk of a plain copy (no arithmetic, so no cache to stay in). */
+export const COPY_CHUNK_ELEMENTS = 1 << 23;
 /** Node's own footprint plus the writer's buffer, for the memory estimate. */
 const BASE_MEMORY_BYTES = 120e6;
 
@@ -264,7 +266,7 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
   // Working set: one chunk per source in float64 for averages, plus a drop's whole source matrix.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = CHUNK_ELEMENTS * 8 * (seedCount + 3);
+  const chunkBytes = Math.max(CHUNK_ELEMENTS * 8 * (seedCount + 3), COPY_CHUNK_ELEMENTS * 4 * 3);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,
