@@ -46,7 +46,7 @@ const seeds = ["seed-a", "seed-b", "seed-c"].map((name) => join(work, name));
 for (const seed of seeds) {
   if (!existsSync(join(seed, "config.json"))) {
     process.stderr.write(`writing synthetic seed ${seed}\n`);
-    await writeLlamaSeed(seed, shape);
+    await writeLlamaSeed(seed, shape, seeds.indexOf(seed) + 1);
   }
 }
 const weightFiles = (await Promise.all(seeds.map(async (s) => (await readdir(s)).filter((f) => f.endsWith(".safetensors")).map((f) => join(s, f))))).flat();
