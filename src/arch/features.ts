@@ -3,7 +3,7 @@
  * contract with python/configuration_bam.py: change both together.
  */
 import { BamError } from "../errors.js";
-import { isScalingValue, show } from "./config.js";
+import { CONFIG_LIMITS, isScalingValue, show } from "./config.js";
 import { FAMILIES, type Activation, type ArchFeatures, type Family, type NormKind, type Rope, type RopeStyle } from "./types.js";
 
 /** The architecture part of a BAM config.json. */
@@ -92,9 +92,9 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
   const bad = (key: string, want: string): never => {
     throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${show(config[key])}`);
   };
-  const int = (key: string, min = 1): number => {
+  const int = (key: string, min = 1, max = Number.MAX_SAFE_INTEGER): number => {
     const v = config[key];
-    return typeof v === "number" && Number.isInteger(v) && v >= min ? v : bad(key, `an integer >= ${min}`);
+    return typeof v === "number" && Number.isInteger(v) && v >= min && v <= max ? v : bad(key, `an integer from ${min} to ${max}`);
   };
   const num = (key: string): number => {
     const v = config[key];
@@ -109,21 +109,22 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
     const v = config[key];
     return options.includes(v as T) ? (v as T) : bad(key, `one of ${options.join(", ")}`);
   };
-  const rotaryDim = int("rotary_dim", 0);
+  const L = CONFIG_LIMITS;
+  const rotaryDim = int("rotary_dim", 0, L.headDim);
   const scaling = config.rope_scaling;
   if (scaling != null && (typeof scaling !== "object" || typeof (scaling as { type?: unknown }).type !== "string" || !Object.values(scaling).every(isScalingValue))) {
     bad("rope_scaling", "null or an object with a string \"type\" and numbers, strings, booleans or lists of numbers");
   }
   return {
     family: oneOf("seed_model_type", FAMILIES),
-    vocabSize: int("vocab_size"),
-    hiddenSize: int("hidden_size"),
-    intermediateSize: int("intermediate_size"),
-    numLayers: int("num_hidden_layers"),
-    numHeads: int("num_attention_heads"),
-    numKvHeads: int("num_key_value_heads"),
-    headDim: int("head_dim"),
-    maxPositions: int("max_position_embeddings"),
+    vocabSize: int("vocab_size", 1, L.vocabSize),
+    hiddenSize: int("hidden_size", 1, L.hiddenSize),
+    intermediateSize: int("intermediate_size", 1, L.intermediateSize),
+    numLayers: int("num_hidden_layers", 1, L.numLayers),
+    numHeads: int("num_attention_heads", 1, L.numHeads),
+    numKvHeads: int("num_key_value_heads", 1, L.numHeads),
+    headDim: int("head_dim", 1, L.headDim),
+    maxPositions: int("max_position_embeddings", 1, L.maxPositions),
     norm: oneOf("norm_type", ["rms", "layer"] as const),
     normEps: num("norm_eps"),
     normBias: bool("norm_bias"),

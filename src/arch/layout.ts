@@ -78,7 +78,7 @@ export interface CheckpointMapping {
  * first offending one. `label` names the checkpoint (its weights file or index).
  */
 export function mapCheckpoint(
-  spec: FamilySpec,
+  spec: Pick<FamilySpec, "family" | "tensors">,
   features: ArchFeatures,
   available: ReadonlyMap<string, TensorInfo>,
   label: string,
@@ -131,7 +131,7 @@ export function mapCheckpoint(
   return { tensors, unused };
 }
 
-function sourceSpec(spec: FamilySpec, slot: Slot): { module: string; conv1d: boolean; fused: FusedLayout | null } {
+function sourceSpec(spec: Pick<FamilySpec, "family" | "tensors">, slot: Slot): { module: string; conv1d: boolean; fused: FusedLayout | null } {
   const source: SourceSpec | undefined = spec.tensors.sources[slot];
   if (source === undefined) throw new Error(`families.ts: ${spec.family} has no source for ${slot}`);
   return typeof source === "string"

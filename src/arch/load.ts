@@ -5,10 +5,12 @@
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError } from "../errors.js";
 import { CheckpointFiles, DTYPE_SIZE } from "../safetensors/index.js";
-import { featuresFromHfConfig, familyOf, readConfigFile } from "./config.js";
+import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
+import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
+import { featuresFromConfig } from "./features.js";
 import { sha256File } from "./hash.js";
 import { mapCheckpoint } from "./layout.js";
-import type { CanonicalTensor, DenseModel, TensorSource } from "./types.js";
+import type { ArchFeatures, CanonicalTensor, DenseModel, TensorSource } from "./types.js";
 
 export interface Seed extends DenseModel {
   /** Absolute paths of the safetensors files holding the weights. */
@@ -22,11 +24,11 @@ export interface Seed extends DenseModel {
   close(): Promise<void>;
 }
 
+/** A dense folder of a supported family, or a single-expert BAM folder (see seedLayout). */
 export async function openSeed(dir: string): Promise<Seed> {
   const config = await readConfigFile(dir);
   // The whole config is checked before any weights file is opened.
-  const spec = familyOf(config);
-  const features = featuresFromHfConfig(config);
+  const { spec, features } = seedLayout(config);
   const checkpoint = await CheckpointFiles.open(dir);
   try {
     const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
@@ -64,6 +66,25 @@ export async function openSeed(dir: string): Promise<Seed> {
     await checkpoint.close();
     throw error;
   }
+}
+
+/**
+ * Where the seed's tensors live and what it computes. A BAM folder with one
+ * FFN expert and merged attention is a dense model under BAM.md's names: the
+ * seed stage of scripts/reproduce.sh trains one with scripts/finetune.py and
+ * branches it, so the trained copies are seeds as they are.
+ */
+function seedLayout(config: HfConfig): { spec: Pick<FamilySpec, "family" | "tensors">; features: ArchFeatures } {
+  if (config.raw.model_type !== "bam") return { spec: familyOf(config), features: featuresFromHfConfig(config) };
+  const { num_experts: experts, attention_experts: attention, block } = config.raw;
+  if (experts !== 1 || attention !== "merged") {
+    throw new BamError("FEATURE_UNSUPPORTED", `${config.file}: a BAM model with num_experts ${show(experts)} and ${show(attention)} attention is not a dense seed; only a single-expert BAM folder with merged attention (bam upcycle SEED --experts 1) can be upcycled again`);
+  }
+  if (block !== "parallel" && block !== "sequential") {
+    throw new BamError("CONFIG_INVALID", `${config.file}: "block" must be parallel or sequential, found ${show(block)}`);
+  }
+  const features = { ...featuresFromConfig(config.raw, config.file), parallelBlock: block === "parallel" };
+  return { spec: { family: features.family, tensors: SINGLE_EXPERT_BAM_TENSORS }, features };
 }
 
 /** The file that names the checkpoint's tensors: its only weights file, or the shard index. */

@@ -94,5 +94,28 @@ for (const family of fixtureFamilies()) {
           }
         }));
     }
+
+    test("a single-expert BAM folder of s is s again as a seed", () =>
+      withTempDir(async (dir) => {
+        const base = fixture(family, "base");
+        const single = join(dir, "single");
+        const seed = await openSeed(base);
+        const block = seed.features.parallelBlock ? "parallel" : "sequential";
+        await upcycle({ seeds: [base], output: single, experts: 1, block });
+        const again = await openSeed(single);
+        try {
+          assert.deepEqual(again.features, seed.features);
+          assert.deepEqual([...again.tensors.keys()], [...seed.tensors.keys()]);
+          for (const name of seed.tensors.keys()) {
+            assert.ok(bytesEqual(await again.read(name), await seed.read(name)), `${name} must read back unchanged`);
+          }
+          const mixture = join(dir, "mixture");
+          await upcycle({ seeds: [single, base], output: mixture, block });
+          await assert.rejects(openSeed(mixture), { code: "FEATURE_UNSUPPORTED", message: /num_experts 2 .* is not a dense seed/ });
+        } finally {
+          await again.close();
+          await seed.close();
+        }
+      }));
   });
 }
