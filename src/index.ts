@@ -7,4 +7,4 @@ export { openSeed, type Seed } from "./arch/index.js";
 export type { ArchFeatures, Family } from "./arch/types.js";
 export { FAMILIES } from "./arch/types.js";
 export { BamError, isBamError, type ErrorCode } from "./errors.js";
-export { prepareOnnx, evaluatePerplexity, saveLogits, generateText } from "./onnx/index.js";
+export { prepareOnnx, evaluatePerplexity, evaluateTokenFiles, saveLogits, generateText } from "./onnx/index.js";

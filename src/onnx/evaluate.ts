@@ -1,6 +1,7 @@
 /**
- * Evaluation on CPU: perplexity of text files (the model's own tokenizer,
- * non-overlapping windows), and raw logits for given token ids.
+ * Evaluation on CPU: perplexity of text files (the model's own tokenizer) or
+ * of token-id files (flat .bin, as scripts/data writes them) over
+ * non-overlapping windows, and raw logits for given token ids.
  */
 import { readFile } from "node:fs/promises";
 import { BamError, ioError } from "../errors.js";
@@ -33,34 +34,74 @@ export interface PerplexityReport {
 export interface EvalOptions extends Omit<PrepareOptions, "output" | "onProgress"> {
   /** Window length in tokens (default 512). */
   context?: number;
+  /** Only the first this many tokens of each file (default: all). */
+  maxTokens?: number;
   /** Tokens evaluated so far, of all. */
   onProgress?: (done: number, total: number) => void;
   /** Called when the ONNX file must be built first (bytes of weights written). */
   onBuild?: (written: number, total: number) => void;
 }
 
+/** Element type of a flat token-id file. */
+export type BinDType = "uint16" | "uint32";
+
+/** Perplexity of text files, tokenised with the model's tokenizer.json. */
 export async function evaluatePerplexity(modelDir: string, files: string[], options: EvalOptions = {}): Promise<PerplexityReport> {
-  const context = options.context ?? 512;
-  if (!Number.isInteger(context) || context < 2) throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
   if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one text file (--text FILE)");
-  await checkContext(modelDir, context);
+  await checkContext(modelDir, options);
   const tokenizer = await loadTokenizer(modelDir);
-  const texts = await Promise.all(files.map(async (file) => {
+  const inputs = await Promise.all(files.map(async (file) => {
+    let text: string;
     try {
-      return await readFile(file, "utf8");
+      text = await readFile(file, "utf8");
     } catch (error) {
       throw ioError(file, error);
     }
+    return { file, ids: tokenizer.encode(text) };
   }));
-  const tokenized = texts.map((text) => tokenizer.encode(text));
-  const total = tokenized.reduce((sum, ids) => sum + ids.length, 0);
+  return scoreWindows(modelDir, inputs, options);
+}
+
+/**
+ * Perplexity of token-id files: flat little-endian uint16 or uint32 ids
+ * (default: uint16 when the vocabulary fits), the layout scripts/data writes
+ * and scripts/finetune.py reads, so both engines score the same windows.
+ */
+export async function evaluateTokenFiles(modelDir: string, files: string[], options: EvalOptions & { binDType?: BinDType } = {}): Promise<PerplexityReport> {
+  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one token file (--tokens FILE)");
+  const vocab = await checkContext(modelDir, options);
+  const binDType = options.binDType ?? (vocab <= 65536 ? "uint16" : "uint32");
+  const width = binDType === "uint16" ? 2 : 4;
+  const inputs = await Promise.all(files.map(async (file) => {
+    let bytes: Buffer;
+    try {
+      bytes = await readFile(file);
+    } catch (error) {
+      throw ioError(file, error);
+    }
+    if (bytes.length % width !== 0) throw new BamError("DATA_INCOMPLETE", `${file}: ${bytes.length} bytes is not a whole number of ${binDType} token ids`);
+    const count = Math.min(bytes.length / width, options.maxTokens ?? Infinity);
+    const ids = new Array<number>(count);
+    for (let i = 0; i < count; i++) ids[i] = width === 2 ? bytes.readUInt16LE(2 * i) : bytes.readUInt32LE(4 * i);
+    const bad = ids.findIndex((id) => id >= vocab);
+    if (bad >= 0) throw new BamError("TENSOR_INVALID", `${file}: token ${bad} is ${ids[bad]}, outside the vocabulary [0, ${vocab}) (is --bin-dtype ${binDType} right?)`);
+    return { file, ids };
+  }));
+  return scoreWindows(modelDir, inputs, options);
+}
+
+/** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
+async function scoreWindows(modelDir: string, inputs: Array<{ file: string; ids: number[] }>, options: EvalOptions): Promise<PerplexityReport> {
+  const context = options.context ?? 512;
+  const tokens = inputs.map(({ file, ids }) => ({ file, ids: options.maxTokens === undefined ? ids : ids.slice(0, options.maxTokens) }));
+  const total = tokens.reduce((sum, { ids }) => sum + ids.length, 0);
   const prepared = await prepareOnnx(modelDir, { ...options, onProgress: options.onBuild });
   const session = await OnnxSession.open(prepared.modelFile);
   try {
     let done = 0;
     let seconds = 0;
     const perFile = [];
-    for (const [i, ids] of tokenized.entries()) {
+    for (const { file, ids } of tokens) {
       const sum = { tokens: 0, predicted: 0, nll: 0 };
       for (let start = 0; start < ids.length; start += context) {
         if (options.signal?.aborted) throw new BamError("ABORTED", "evaluation interrupted");
@@ -76,7 +117,7 @@ export async function evaluatePerplexity(modelDir: string, files: string[], opti
         done += window.length;
         options.onProgress?.(done, total);
       }
-      perFile.push({ file: files[i]!, ...withPerplexity(sum) });
+      perFile.push({ file, ...withPerplexity(sum) });
     }
     const overall = withPerplexity({
       tokens: perFile.reduce((s, f) => s + f.tokens, 0),
@@ -89,13 +130,21 @@ export async function evaluatePerplexity(modelDir: string, files: string[], opti
   }
 }
 
-/** Learned absolute positions end at max_position_embeddings; rotary models run past it. */
-async function checkContext(modelDir: string, context: number): Promise<void> {
+/**
+ * Checks the window options; learned absolute positions end at
+ * max_position_embeddings, rotary models run past it. Returns the vocabulary size.
+ */
+async function checkContext(modelDir: string, options: EvalOptions): Promise<number> {
+  const context = options.context ?? 512;
+  if (!Number.isInteger(context) || context < 2) throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
+  const { maxTokens } = options;
+  if (maxTokens !== undefined && (!Number.isInteger(maxTokens) || maxTokens < 2)) throw new BamError("OPTIONS_INVALID", `--max-tokens must be an integer of at least 2, not ${maxTokens}`);
   const model = await openModel(modelDir);
   await model.close();
   if (model.features.learnedPositions && context > model.features.maxPositions) {
     throw new BamError("OPTIONS_INVALID", `--context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`);
   }
+  return model.features.vocabSize;
 }
 
 /** Sum over t of -log softmax(logits[t])[ids[t + 1]], in float64. */

@@ -4,6 +4,6 @@
  * generation, and the hidden-state probes of prompt-based router init.
  */
 export { prepareOnnx, DEFAULT_FOLDER, type PrepareOptions, type PreparedOnnx } from "./export.js";
-export { evaluatePerplexity, saveLogits, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
+export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
 export { generateText, loadTokenizer, type Generation, type GenerationSettings } from "./transformers.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";

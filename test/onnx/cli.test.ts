@@ -1,7 +1,7 @@
 /**
  * The commands end to end, as a user runs them: `bam eval --ids
  * --save-logits` round trip, `bam eval --text` perplexity against logits
- * computed here, `bam export-onnx` and the cache (reused while the weights
+ * computed here, `bam eval --tokens` against transformers' logits, `bam export-onnx` and the cache (reused while the weights
  * are unchanged, rebuilt when they change), `bam generate`, and the error
  * paths: one line on stderr, exit 1 for errors, 2 for bad usage.
  */
@@ -98,6 +98,37 @@ describe("bam eval, generate, export-onnx", () => {
       assert.ok(Math.abs(report.overall.perplexity - report.files[0].perplexity) <= 1e-9 * report.overall.perplexity);
     }));
 
+  test("eval --tokens: perplexity of a token file from transformers' own logits", () =>
+    withTempDir(async (dir) => {
+      const { tensors: reference } = await readTensors(join(FIXTURES, "qwen3", "reference.safetensors"));
+      const ids = Array.from(reference.get("input_ids")!.data as BigInt64Array, Number);
+      const [rows, seq] = reference.get("input_ids")!.shape as [number, number];
+      const logits = reference.get("logits_base")!.data as Float32Array;
+      const vocab = logits.length / ids.length;
+      const file = join(dir, "ids.bin");
+      await writeFile(file, Buffer.from(Uint16Array.from(ids).buffer));
+      // each row of the reference is one window: NLL of transformers' logits, computed here
+      const rowNll = (r: number): number => {
+        let nll = 0;
+        for (let t = 0; t + 1 < seq; t++) {
+          const row = Array.from(logits.subarray((r * seq + t) * vocab, (r * seq + t + 1) * vocab));
+          const max = Math.max(...row);
+          nll += max + Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0)) - row[ids[r * seq + t + 1]!]!;
+        }
+        return nll;
+      };
+      const expected = Array.from({ length: rows }, (_, r) => rowNll(r));
+      const all = bam(["eval", fixture("qwen3", "base"), "--tokens", file, "--context", String(seq), "--json"], dir);
+      assert.equal(all.status, 0, all.stderr);
+      const report = JSON.parse(all.stdout);
+      assert.equal(report.overall.predicted, rows * (seq - 1));
+      const total = expected.reduce((a, b) => a + b, 0);
+      assert.ok(Math.abs(report.overall.nll - total) <= 1e-4 * Math.abs(total), `nll ${report.overall.nll} vs transformers ${total}`);
+      const first = JSON.parse(bam(["eval", fixture("qwen3", "base"), "--tokens", file, "--context", String(seq), "--max-tokens", String(seq), "--json"], dir).stdout);
+      assert.equal(first.overall.tokens, seq);
+      assert.ok(Math.abs(first.overall.nll - expected[0]!) <= 1e-4 * Math.abs(expected[0]!));
+    }));
+
   test("export-onnx writes a transformers.js folder; the cache is reused, and rebuilt when the weights change", () =>
     withTempDir(async (dir) => {
       const model = join(dir, "model");
@@ -126,11 +157,18 @@ describe("bam eval, generate, export-onnx", () => {
       const taken = join(dir, "taken");
       await mkdir(taken);
       await writeFile(join(taken, "file"), "x");
+      const odd = join(dir, "odd.bin");
+      await writeFile(odd, Buffer.of(1, 0, 2));
+      const big = join(dir, "big.bin");
+      await writeFile(big, Buffer.of(255, 255, 1, 0));
       const cases: Array<[string[], number, RegExp]> = [
         [["eval", join(dir, "missing"), "--text", "a.txt"], 1, /missing/],
         [["eval", model], 1, /--text FILE/],
         [["eval", model, "--ids", "ids.safetensors"], 1, /--save-logits/],
         [["eval", model, "--text", "a.txt", "--ids", "ids.safetensors"], 2, /mutually exclusive/],
+        [["eval", model, "--tokens", odd], 1, /odd\.bin: 3 bytes is not a whole number of uint16 token ids/],
+        [["eval", model, "--tokens", big], 1, /big\.bin: token 0 is 65535, outside the vocabulary/],
+        [["eval", model, "--tokens", big, "--max-tokens", "1"], 1, /--max-tokens must be an integer of at least 2/],
         [["generate", model], 2, /prompt/],
         [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], 1, /--max-new-tokens/],
         [["export-onnx", model, "-o", taken], 1, /exists and is not empty/],

@@ -1,13 +1,16 @@
 import type { CommandModule } from "yargs";
 import { BamError } from "../../errors.js";
-import { evaluatePerplexity, saveLogits, type Perplexity, type PerplexityReport } from "../../onnx/index.js";
+import { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type Perplexity, type PerplexityReport } from "../../onnx/index.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
 
 interface EvalArgs {
   dir: string;
   text?: string[];
+  tokens?: string[];
+  "bin-dtype"?: BinDType;
   context: number;
+  "max-tokens"?: number;
   ids?: string;
   "save-logits"?: string;
   json: boolean;
@@ -15,17 +18,22 @@ interface EvalArgs {
 
 export const evalCommand: CommandModule<object, EvalArgs> = {
   command: "eval <dir>",
-  describe: "Perplexity of text files, or logits of token ids, on CPU (a dense seed or a BAM model)",
+  describe: "Perplexity of text or token files, or logits of token ids, on CPU (a dense seed or a BAM model)",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
       .option("text", { type: "string", array: true, describe: "Text files: perplexity per file and overall" })
+      .option("tokens", { type: "string", array: true, describe: "Token-id files (flat little-endian, as scripts/data writes): perplexity per file and overall" })
+      .option("bin-dtype", { choices: ["uint16", "uint32"] as const, describe: "Width of --tokens ids (default: uint16 when the vocabulary fits)" })
       .option("context", { type: "number", default: 512, describe: "Tokens per window (non-overlapping)" })
+      .option("max-tokens", { type: "number", describe: "Evaluate only the first N tokens of each file" })
       .option("ids", { type: "string", describe: "Safetensors file holding input_ids (int64 [batch, seq])" })
       .option("save-logits", { type: "string", describe: "With --ids: write logits (f32 [batch, seq, vocab]) to this safetensors file" })
       .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
-      .conflicts("text", "ids")
+      .conflicts("text", ["ids", "tokens"])
+      .conflicts("tokens", "ids")
       .example("$0 eval out/bam --text wiki.txt code.txt", "perplexity per file and overall")
+      .example("$0 eval out/bam --tokens code.heldout.bin --max-tokens 65536", "perplexity of token ids")
       .example("$0 eval out/bam --ids ids.safetensors --save-logits logits.safetensors", "raw logits"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
@@ -37,10 +45,15 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
         else process.stdout.write(`wrote ${args["save-logits"]}: logits [${shape.join(", ")}]\n`);
         return;
       }
-      if (args.text === undefined || args.text.length === 0) throw new BamError("OPTIONS_INVALID", "name text files with --text FILE..., or token ids with --ids FILE --save-logits OUT");
+      const text = args.text ?? [];
+      const tokens = args.tokens ?? [];
+      if (text.length === 0 && tokens.length === 0) throw new BamError("OPTIONS_INVALID", "name text files with --text FILE..., token files with --tokens FILE..., or token ids with --ids FILE --save-logits OUT");
       if (args["save-logits"] !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
       const bar = progressBar("evaluating", "items");
-      const report = await evaluatePerplexity(args.dir, args.text, { context: args.context, signal, onBuild: build.update, onProgress: bar.update });
+      const options = { context: args.context, maxTokens: args["max-tokens"], signal, onBuild: build.update, onProgress: bar.update };
+      const report = tokens.length > 0
+        ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args["bin-dtype"] })
+        : await evaluatePerplexity(args.dir, text, options);
       bar.finish();
       if (args.json) printJson(report);
       else printReport(report);
