@@ -1,0 +1,414 @@
+#!/usr/bin/env python3
+"""The small-scale BAM reproduction (issue 8), every stage in one process tree: train a dense seed with a
+parallel block on general text, branch it into code, math and lexicon experts, upcycle with `bam upcycle`
+(BAM with KV experts, BAM with shared KV, BTX, and sparse upcycling of the seed), mix-train each on the four
+domains data-matched and compute-matched (and the dense seed as the dense baseline), and evaluate held-out
+perplexity per domain with the PyTorch model and with `bam eval` (the ONNX CPU engine), which must agree.
+
+    scripts/reproduce.sh [--scale small|tiny] [--out runs/reproduce] [--jobs 5]     (see that script)
+
+Stages skip what a previous run finished (a model folder under OUT/models exists), so an interrupted run
+continues. OUT/reproduction.json is rewritten after every stage and job: budgets, compact training logs
+(every step's losses, expert load every few steps, every held-out evaluation), the perplexity table from
+both engines and their largest disagreement. scripts/reproduce/report.py turns it into docs/reproduction.md.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(HERE))  # scripts/: bamtrain
+sys.modules.setdefault("transformers", None)  # bamtrain needs only torch; skip transformers' import time
+from bamtrain import folder, metrics  # noqa: E402
+
+DOMAINS = ("general", "code", "math", "lexicon")
+BRANCHES = ("code", "math", "lexicon")  # the seed is the fourth expert, the generalist
+
+# Model shapes and token budgets. small: about 31M parameters (cohere layout: parallel block, one
+# LayerNorm, SwiGLU, tied embeddings), sized so every stage fits one GPU in minutes. tiny: a CPU smoke run.
+SCALES = {
+    "small": dict(hidden=512, layers=8, heads=8, intermediate=1536, seq_len=512, micro_batch=32, global_batch=64,
+                  seed_tokens=9_000_000, branch_tokens=4_000_000, mix_tokens=8_000_000, seed_lr=1.5e-3,
+                  eval_every=40, eval_blocks=16, heldout_tokens=65_536, log_every=20),
+    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=64, micro_batch=4, global_batch=4,
+                 seed_tokens=2_048, branch_tokens=1_024, mix_tokens=1_024, seed_lr=1e-3,
+                 eval_every=2, eval_blocks=2, heldout_tokens=256, log_every=1),
+}
+
+# The mixtures: name -> (bam upcycle arguments after the seeds, seeds). BAM's recipe is top-1 FFN routing;
+# every mixture here uses it, so the variants differ only in how attention is upcycled.
+MIXTURES = {
+    "bam-kv": (["--attention", "moa"], ["seed", *BRANCHES]),
+    "bam-shared-kv": (["--attention", "shared-kv"], ["seed", *BRANCHES]),
+    "btx": (["--attention", "merged"], ["seed", *BRANCHES]),
+    "sparse": (["--experts", "4"], ["seed"]),
+}
+# Compute-matched runs spend the FLOPs of the most expensive mixture's data-matched run.
+REFERENCE = "bam-kv"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "reproduce"), help="work folder (models, runs, results)")
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "corpus", "tokens"),
+                   help="token files DOMAIN.train.bin / DOMAIN.heldout.bin (scripts/data/build_corpus.sh)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="small")
+    p.add_argument("--jobs", type=int, default=5, help="training runs at once (they share the GPUs)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
+    p.add_argument("--bam", default=None, help="the bam command (default: node dist/src/cli/main.js in the repo)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    return p.parse_args(argv)
+
+
+class Pipeline:
+    def __init__(self, args):
+        self.args = args
+        self.s = SCALES[args.scale]
+        self.out = os.path.abspath(args.out)
+        self.models = os.path.join(self.out, "models")
+        self.runs = os.path.join(self.out, "runs")
+        self.logs = os.path.join(self.out, "logs")
+        for d in (self.models, self.runs, self.logs):
+            os.makedirs(d, exist_ok=True)
+        self.bam = shlex.split(args.bam) if args.bam else ["node", os.path.join(ROOT, "dist", "src", "cli", "main.js")]
+        self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+        self.gpus = (args.gpus or torch.cuda.device_count()) if self.cuda else 0
+        self.lock = threading.Lock()
+        self.results_path = os.path.join(self.out, "reproduction.json")
+        self.results = self._load_results()
+        self.started = time.time()
+        self.onnx_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one at a time: each uses every core
+        self.onnx_jobs = []
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _load_results(self):
+        if os.path.exists(self.results_path):
+            with open(self.results_path) as f:
+                return json.load(f)
+        return {"runs": {}, "heldout": {}, "upcycle": {}, "stages": {}}
+
+    def save(self):
+        with self.lock:
+            self.results.update(scale=dict(name=self.args.scale, **self.s), env=environment(self.cuda, self.bam),
+                                elapsed_s=round(time.time() - self.started, 1))
+            tmp = self.results_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.results, f, indent=1)
+                f.write("\n")
+            os.replace(tmp, self.results_path)
+
+    def stage(self, name, body):
+        t0 = time.time()
+        log(f"== {name}")
+        body()
+        self.results["stages"][name] = round(time.time() - t0, 1)
+        self.save()
+
+    def data(self, domain, split):
+        path = os.path.join(self.args.data, f"{domain}.{split}.bin")
+        if not os.path.exists(path):
+            raise SystemExit(f"{path}: missing; build the corpus with scripts/data/build_corpus.sh (docs/data.md)")
+        return path
+
+    def model(self, name):
+        return os.path.join(self.models, name)
+
+    # ------------------------------------------------------------------ stages
+
+    def init_seed(self):
+        """A randomly initialised dense cohere checkpoint (as a user brings one), then its single-expert BAM
+        folder, which scripts/finetune.py trains."""
+        if os.path.exists(self.model("init")):
+            return
+        dense = os.path.join(self.out, "init-dense")
+        write_random_cohere(dense, self.s, os.path.join(os.path.dirname(self.args.data), "tokenizer.json"))
+        self.run_bam(["upcycle", dense, "--experts", "1", "-o", self.model("init"), "--force"], "upcycle-init")
+
+    def train_seed(self):
+        self.train_all([self.job("seed", "init", {"general": 1.0}, self.s["seed_tokens"], self.s["seed_lr"])])
+
+    def branch(self):
+        jobs = [self.job(d, "seed", {d: 0.9, "general": 0.1}, self.s["branch_tokens"], self.s["seed_lr"]) for d in BRANCHES]
+        self.train_all(jobs)
+
+    def upcycle(self):
+        for name, (flags, seeds) in MIXTURES.items():
+            target = self.model(f"{name}-upcycled")
+            if not os.path.exists(target):
+                t0 = time.time()
+                self.run_bam(["upcycle", *[self.model(s) for s in seeds], "-o", target, "--seed", "0", *flags], f"upcycle-{name}")
+                self.results["upcycle"][name] = dict(seconds=round(time.time() - t0, 2), command=["bam", "upcycle", *seeds, *flags])
+            self.evaluate_onnx(f"{name}-upcycled")
+
+    def mix(self):
+        """Data-matched: every model sees mix_tokens. Compute-matched: every model spends the FLOPs of the
+        reference mixture's data-matched run (the reference's own run is both)."""
+        uniform = {d: 0.25 for d in DOMAINS}
+        lr = self.s["seed_lr"] / 2  # BAM/BTX: half the seed's peak
+        flops = {name: self.flops_per_token(self.model(f"{name}-upcycled")) for name in MIXTURES}
+        flops["dense"] = self.flops_per_token(self.model("seed"))
+        budget = flops[REFERENCE] * self.s["mix_tokens"]
+        starts = {name: f"{name}-upcycled" for name in MIXTURES} | {"dense": "seed"}
+        jobs, plan = [], {}
+        for name, start in starts.items():
+            plan[name] = dict(flops_per_token=flops[name], data_matched_tokens=self.s["mix_tokens"],
+                              compute_matched_tokens=round(budget / flops[name]))
+            jobs.append(self.job(f"{name}-dm", start, uniform, self.s["mix_tokens"], lr))
+            if name != REFERENCE:
+                jobs.append(self.job(f"{name}-cm", start, uniform, budget / flops[name], lr))
+        self.results["mix_plan"] = dict(reference=REFERENCE, compute_budget_flops=budget, models=plan)
+        self.save()
+        jobs.sort(key=lambda j: -j["cost"])  # longest first: the last wave is short
+        self.train_all(jobs)
+
+    def evaluate_torch(self):
+        """Held-out NLL per domain with the pure-torch model in float32, on the windows `bam eval` scores."""
+        device = torch.device("cuda" if self.cuda else "cpu")
+        names = ["seed", *BRANCHES, *[f"{m}-upcycled" for m in MIXTURES]]
+        names += [r for r in sorted(self.results["runs"]) if r.endswith(("-dm", "-cm"))]
+        for name in names:
+            entry = self.results["heldout"].setdefault(name, {})
+            if "torch" in entry or not os.path.exists(self.model(name)):
+                continue
+            t0 = time.time()
+            model, _, _ = folder.load_model(self.model(name), device)
+            model.eval()
+            entry["torch"] = {d: torch_nll(model, self.heldout_ids(d), self.s["seq_len"], device) for d in DOMAINS}
+            entry["torch_seconds"] = round(time.time() - t0, 2)
+            del model
+            log(f"torch eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in entry["torch"].items()))
+            self.save()
+
+    def finish_onnx(self):
+        for job in self.onnx_jobs:
+            job.result()
+        for entry in self.results["heldout"].values():
+            if "torch" in entry and "bam_eval" in entry:
+                entry["agreement"] = {d: abs(entry["torch"][d]["ppl"] - entry["bam_eval"][d]["ppl"]) / entry["torch"][d]["ppl"]
+                                      for d in DOMAINS}
+        agreed = [max(e["agreement"].values()) for e in self.results["heldout"].values() if "agreement" in e]
+        self.results["max_relative_ppl_difference"] = max(agreed) if agreed else None
+        self.save()
+
+    # ------------------------------------------------------------------ training
+
+    def job(self, name, start, weights, tokens, lr):
+        """A finetune.py run. Domains missing from `weights` get weight 0: never trained on, but their
+        held-out perplexity is logged with the others'."""
+        s = self.s
+        tokens_per_step = s["global_batch"] * s["seq_len"]
+        steps = max(1, round(tokens / tokens_per_step))
+        data = [f"{d}={self.data(d, 'train')}:{weights.get(d, 0)}" for d in DOMAINS]
+        evals = [f"{d}={self.data(d, 'heldout')}" for d in DOMAINS]
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", "finetune.py"), "--model", self.model(start), "--out",
+               os.path.join(self.runs, name), "--data", *data, "--eval-data", *evals, "--steps", str(steps),
+               "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--global-batch", str(s["global_batch"]),
+               "--lr", str(lr), "--eval-every", str(s["eval_every"]), "--eval-blocks", str(s["eval_blocks"]),
+               "--save-every", "0", "--log-every", str(s["log_every"]), "--no-plot", "--seed", "0",
+               "--device", "cuda" if self.cuda else "cpu"]
+        return dict(name=name, start=start, cmd=cmd, steps=steps, tokens=steps * tokens_per_step, lr=lr, weights=weights,
+                    cost=steps * tokens_per_step * self.flops_per_token(self.model(start)))
+
+    def train_all(self, jobs):
+        """Runs the jobs, --jobs at a time, spread over the GPUs; a finished one becomes OUT/models/NAME."""
+        pending = [j for j in jobs if not os.path.exists(self.model(j["name"]))]
+        running = []
+        failed = []
+        while pending or running:
+            while pending and len(running) < self.args.jobs:
+                j = pending.pop(0)
+                env = dict(os.environ, PYTHONUNBUFFERED="1")
+                gpu = None
+                if self.gpus:  # the least busy GPU
+                    gpu = min(range(self.gpus), key=lambda g: sum(1 for r in running if r[4] == g))
+                    env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+                logf = open(os.path.join(self.logs, f"{j['name']}.log"), "w")
+                log(f"start {j['name']}: {j['steps']} steps ({j['tokens'] / 1e6:.2f}M tokens) from {j['start']}")
+                proc = subprocess.Popen(j["cmd"], env=env, stdout=logf, stderr=subprocess.STDOUT)
+                running.append((j, proc, logf, time.time(), gpu))
+            time.sleep(0.5)
+            for entry in list(running):
+                j, proc, logf, t0, _ = entry
+                if proc.poll() is None:
+                    continue
+                running.remove(entry)
+                logf.close()
+                if proc.returncode != 0:
+                    failed.append(j["name"])
+                    log(f"FAILED {j['name']} (exit {proc.returncode}); see {logf.name}")
+                    continue
+                run_dir = os.path.join(self.runs, j["name"])
+                os.replace(os.path.join(run_dir, "final"), self.model(j["name"]))
+                record = compact_log(os.path.join(run_dir, "train_log.jsonl"))
+                record.update(start=j["start"], steps=j["steps"], tokens=j["tokens"], lr=j["lr"], weights=j["weights"],
+                              wall_s=round(time.time() - t0, 1),
+                              flops_per_token=self.flops_per_token(self.model(j["name"])))
+                self.results["runs"][j["name"]] = record
+                last = record["evals"][-1]["eval"] if record["evals"] else {}
+                log(f"done {j['name']} in {record['wall_s']}s: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in last.items()))
+                self.save()
+                self.evaluate_onnx(j["name"])
+        if failed:
+            raise SystemExit(f"training failed: {', '.join(failed)} (logs under {self.logs})")
+
+    def flops_per_token(self, model_dir):
+        return metrics.model_flops(folder.read_config(model_dir), self.s["seq_len"])["flops_per_token"]
+
+    # ------------------------------------------------------------------ bam
+
+    def run_bam(self, args, name):
+        with open(os.path.join(self.logs, f"{name}.log"), "w") as f:
+            done = subprocess.run([*self.bam, *args], stdout=f, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise SystemExit(f"bam {' '.join(args[:1])} failed (exit {done.returncode}); see {self.logs}/{name}.log")
+
+    def evaluate_onnx(self, name):
+        """`bam eval --tokens` on the held-out files, in the background (CPU) while the GPU trains."""
+        entry = self.results["heldout"].setdefault(name, {})
+        if "bam_eval" in entry:
+            return
+
+        def work():
+            files = [self.heldout_file(d) for d in DOMAINS]
+            t0 = time.time()
+            done = subprocess.run(["nice", "-n", "10", *self.bam, "eval", self.model(name), "--tokens", *files, "--context", str(self.s["seq_len"]),
+                                   "--max-tokens", str(self.s["heldout_tokens"]), "--json"], capture_output=True, text=True)
+            if done.returncode != 0:
+                log(f"bam eval {name} failed: {done.stderr.strip()}")
+                entry["bam_eval_error"] = done.stderr.strip()
+                return
+            report = json.loads(done.stdout)
+            entry["bam_eval"] = {d: dict(nll=f["nll"] / f["predicted"], ppl=f["perplexity"], predicted=f["predicted"])
+                                 for d, f in zip(DOMAINS, report["files"])}
+            entry["bam_eval_seconds"] = round(time.time() - t0, 2)
+            entry["bam_eval_tokens_per_s"] = report["tokensPerSecond"]
+            log(f"bam eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in entry["bam_eval"].items()))
+            self.save()
+
+        self.onnx_jobs.append(self.onnx_pool.submit(work))
+
+    def heldout_file(self, domain):
+        return self.data(domain, "heldout")
+
+    def heldout_ids(self, domain):
+        ids = np.fromfile(self.heldout_file(domain), dtype="<u2")[: self.s["heldout_tokens"]]
+        return torch.from_numpy(ids.astype(np.int64))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def log(text):
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def environment(cuda, bam):
+    env = dict(torch=torch.__version__, python=sys.version.split()[0], device=torch.cuda.get_device_name(0) if cuda else "cpu",
+               gpus=torch.cuda.device_count() if cuda else 0)
+    try:
+        env["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        env["commit"] = None
+    env["commit"] = os.environ.get("BAM_COMMIT", env["commit"])
+    return env
+
+
+def write_random_cohere(dense, s, tokenizer):
+    """A cohere-layout checkpoint, initialised as transformers does (normal(0, 0.02), LayerNorm weights 1),
+    with the residual projections scaled by 1/sqrt(2 x layers) (GPT-2) for a stable start."""
+    g = torch.Generator().manual_seed(0)
+    H, I, L, V = s["hidden"], s["intermediate"], s["layers"], 8192
+    normal = lambda *shape, std=0.02: torch.randn(*shape, generator=g) * std
+    residual = 0.02 / math.sqrt(2 * L)
+    tensors = [("model.embed_tokens.weight", normal(V, H))]
+    for l in range(L):
+        p = f"model.layers.{l}"
+        tensors += [(f"{p}.input_layernorm.weight", torch.ones(H)),
+                    (f"{p}.self_attn.q_proj.weight", normal(H, H)), (f"{p}.self_attn.k_proj.weight", normal(H, H)),
+                    (f"{p}.self_attn.v_proj.weight", normal(H, H)), (f"{p}.self_attn.o_proj.weight", normal(H, H, std=residual)),
+                    (f"{p}.mlp.gate_proj.weight", normal(I, H)), (f"{p}.mlp.up_proj.weight", normal(I, H)),
+                    (f"{p}.mlp.down_proj.weight", normal(H, I, std=residual))]
+    tensors.append(("model.norm.weight", torch.ones(H)))
+    tmp = dense + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    folder.write_sharded(tmp, tensors)
+    config = dict(architectures=["CohereForCausalLM"], model_type="cohere", vocab_size=V, hidden_size=H, intermediate_size=I,
+                  num_hidden_layers=L, num_attention_heads=s["heads"], num_key_value_heads=s["heads"], hidden_act="silu",
+                  max_position_embeddings=2048, initializer_range=0.02, layer_norm_eps=1e-5, use_qk_norm=False,
+                  logit_scale=1.0, tie_word_embeddings=True, rope_theta=10000.0, attention_bias=False,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0, torch_dtype="float32")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+    shutil.rmtree(dense, ignore_errors=True)
+    os.replace(tmp, dense)
+
+
+@torch.no_grad()
+def torch_nll(model, ids, context, device):
+    """Summed NLL over non-overlapping windows of `context` tokens, each predicting all but its first token,
+    in float64: what `bam eval --tokens --context` computes."""
+    nll, predicted = 0.0, 0
+    full = len(ids) // context * context
+    windows = [ids[:full].view(-1, context)] if full else []
+    if len(ids) - full >= 2:
+        windows.append(ids[full:].view(1, -1))
+    for block in windows:
+        for chunk in block.split(16):
+            x = chunk.to(device)
+            logits = model(input_ids=x, use_cache=False)["logits"].double()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, x[:, 1:, None])
+            nll -= logp.sum().item()
+            predicted += x.shape[0] * (x.shape[1] - 1)
+    return dict(nll=nll / predicted, ppl=math.exp(nll / predicted), predicted=predicted)
+
+
+def compact_log(path):
+    """Every step's scalars, the expert load and attention weights every tenth step, every evaluation."""
+    steps, loads, evals = [], [], []
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "eval" in r:
+                evals.append(dict(step=r["step"], tokens=r["tokens"], eval=r["eval"]))
+                continue
+            steps.append({k: r[k] for k in ("step", "tokens", "loss", "nll", "lb_loss", "z_loss", "grad_norm", "lr",
+                                             "tokens_per_s", "mfu") if k in r})
+            if ("ffn_load" in r or "attn_weight" in r) and (r["step"] % 10 == 0 or r["step"] == 1):
+                loads.append({k: r[k] for k in ("step", "ffn_load", "attn_weight") if k in r})
+    return dict(steps=steps, loads=loads, evals=evals)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    p = Pipeline(args)
+    log(f"reproduction at scale {args.scale} in {p.out}: {'%d GPU(s)' % p.gpus if p.cuda else 'CPU'}, {args.jobs} runs at once")
+    p.stage("init", p.init_seed)
+    p.stage("seed", p.train_seed)
+    p.evaluate_onnx("seed")
+    p.stage("branch", p.branch)
+    p.stage("upcycle", p.upcycle)
+    p.stage("mix", p.mix)
+    p.stage("evaluate-torch", p.evaluate_torch)
+    p.stage("evaluate-bam", p.finish_onnx)
+    log(f"done in {time.time() - p.started:.0f}s; largest torch/bam eval perplexity difference "
+        f"{p.results['max_relative_ppl_difference']}; results in {p.results_path}")
+
+
+if __name__ == "__main__":
+    main()
