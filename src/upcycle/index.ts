@@ -170,7 +170,8 @@ async function writeSideFiles(dir: string, firstSeedDir: string, fromSeed: reado
       await writeFile(join(dir, "generation_config.json"), `${JSON.stringify(generationDefaults(generated), null, 2)}\n`);
     }
   } catch (error) {
-    throw ioError(dir, error);
+    // copyFile's error names its source: a seed file, or python/ missing beside the installed package
+    throw ioError((error as NodeJS.ErrnoException).path ?? dir, error);
   }
 }
 
