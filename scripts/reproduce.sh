@@ -13,8 +13,4 @@ if [ ! -f dist/src/cli/main.js ]; then
   echo "reproduce.sh: the bam CLI is not built; run: npm ci && npm run build" >&2
   exit 1
 fi
-if [ ! -f data/corpus/tokens/general.train.bin ]; then
-  echo "reproduce.sh: no corpus under data/corpus/tokens; run: scripts/data/build_corpus.sh (see docs/data.md)" >&2
-  exit 1
-fi
 exec "$PYTHON" scripts/reproduce/pipeline.py "$@"
