@@ -2,13 +2,14 @@
 """docs/reproduction.md's tables and plots from a reproduction.json (scripts/reproduce/pipeline.py's output):
 
     python3 scripts/reproduce/report.py [--results bench/results/reproduction/reproduction.json] [--doc docs/reproduction.md]
+        [--repeats bench/results/reproduction/run1-*.json]
 
 Rewrites the text between `<!-- report:NAME -->` and `<!-- /report:NAME -->` in the doc (tables), and writes
 the PNGs beside it under docs/reproduction/ (matplotlib). Every number comes from the JSON."""
 
 import argparse
+import glob
 import json
-import math
 import os
 import re
 
@@ -24,6 +25,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", default=os.path.join(root, "bench", "results", "reproduction", "reproduction.json"))
     p.add_argument("--doc", default=os.path.join(root, "docs", "reproduction.md"))
+    p.add_argument("--repeats", nargs="*", default=sorted(glob.glob(os.path.join(root, "bench", "results", "reproduction", "run*.json"))),
+                   help="earlier runs of the same settings, for the run-to-run table")
     return p.parse_args()
 
 
@@ -85,6 +88,20 @@ def agreement_table(r):
     return "\n".join(lines)
 
 
+def repeat_table(runs):
+    """Average held-out perplexity of every mixed model in each run: how much a rerun moves the numbers."""
+    lines = ["| model | " + " | ".join(f"run {i + 1} ({r['env']['commit'][:7]})" for i, r in enumerate(runs)) + " |",
+             "|---" * (len(runs) + 1) + "|"]
+    for name, label in MIXES:
+        for kind in ("dm", "cm"):
+            run = f"{name}-{kind}"
+            if run not in runs[0]["runs"]:
+                continue
+            cells = [f"{mean([r['heldout'][run]['torch'][d]['ppl'] for d in DOMAINS]):.2f}" for r in runs]
+            lines.append(f"| {label}, {'data' if kind == 'dm' else 'compute'}-matched | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plots(r, out_dir):
     import matplotlib
 
@@ -137,6 +154,12 @@ def main():
         r = json.load(f)
     sections = {"data-matched": table(r, "dm"), "compute-matched": table(r, "cm"), "budgets": budget_table(r),
                 "stages": branch_table(r), "agreement": agreement_table(r)}
+    if args.repeats:
+        repeats = []
+        for path in args.repeats:
+            with open(path) as f:
+                repeats.append(json.load(f))
+        sections["repeats"] = repeat_table([*repeats, r])
     with open(args.doc) as f:
         doc = f.read()
     for name, text in sections.items():
