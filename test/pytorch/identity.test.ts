@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { describe, test } from "node:test";
+import { before, describe, test } from "node:test";
 import { openSeed } from "../../src/arch/index.js";
 import type { AttentionExperts } from "../../src/arch/model.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
@@ -21,9 +21,9 @@ interface Comparison {
   max_abs_reference: number;
 }
 
-function compare(folder: string, family: string, key: string): Comparison {
-  const reference = join(FIXTURES, family, "reference.safetensors");
-  return JSON.parse(runPython(["test/python/bam_folder.py", folder, reference, key])) as Comparison;
+/** One python process per family: [folder, reference, key] triples -> one comparison each. */
+function compareAll(triples: Array<[string, string, string]>): Comparison[] {
+  return runPython(["test/python/bam_folder.py", ...triples.flat()]).trim().split("\n").map((line) => JSON.parse(line) as Comparison);
 }
 
 for (const family of fixtureFamilies()) {
@@ -38,19 +38,29 @@ for (const family of fixtureFamilies()) {
       { label: "[sharded, sharded] in moa", options: () => ({ seeds: [fixture(family, "sharded"), fixture(family, "sharded")] }), key: "logits_base" },
       { label: "[bf16, bf16] in shared-kv", options: () => ({ seeds: [fixture(family, "bf16"), fixture(family, "bf16")], attention: "shared-kv" }), key: "logits_bf16" },
     ];
-    for (const { label, options, key } of cases) {
-      test(`${label} gives transformers' logits`, () =>
-        withTempDir(async (dir) => {
-          const base = fixture(family, "base");
-          const seed = await openSeed(base);
-          const block = seed.features.parallelBlock ? "parallel" : "sequential";
-          await seed.close();
-          const out = join(dir, "out");
+    let results: Comparison[] = [];
+    before(() =>
+      withTempDir(async (dir) => {
+        const base = fixture(family, "base");
+        const seed = await openSeed(base);
+        const block = seed.features.parallelBlock ? "parallel" : "sequential";
+        await seed.close();
+        const reference = join(FIXTURES, family, "reference.safetensors");
+        const triples: Array<[string, string, string]> = [];
+        for (const [i, { options, key }] of cases.entries()) {
+          const out = join(dir, `out${i}`);
           await upcycle({ output: out, block, ...options(base) } as UpcycleOptions);
-          const result = compare(out, family, key);
-          assert.ok(result.max_abs_reference > 0.1, "the reference logits are not trivial");
-          assert.ok(result.max_abs_error <= TOLERANCE, `max |logits - transformers| = ${result.max_abs_error}`);
-        }));
+          triples.push([out, reference, key]);
+        }
+        results = compareAll(triples);
+      }));
+    for (const [i, { label }] of cases.entries()) {
+      test(`${label} gives transformers' logits`, () => {
+        const result = results[i];
+        assert.ok(result !== undefined, "compared");
+        assert.ok(result.max_abs_reference > 0.1, "the reference logits are not trivial");
+        assert.ok(result.max_abs_error <= TOLERANCE, `max |logits - transformers| = ${result.max_abs_error}`);
+      });
     }
   });
 }
