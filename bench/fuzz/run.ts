@@ -37,6 +37,11 @@ interface Chunk { format: Format; first: number; count: number }
 const queue: Chunk[] = [];
 for (const format of formats) for (let first = 0; first < cases; first += chunk) queue.push({ format, first, count: Math.min(chunk, cases - first) });
 
+// The tree measured is the one at the start: files may change while the run goes on.
+const commit = execFileSync("git", ["rev-parse", "HEAD"], { encoding: "utf8" }).trim();
+// Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
+const uncommittedSource = execFileSync("git", ["status", "--porcelain", "--", "src"], { encoding: "utf8" }).split("\n").filter(Boolean).map((line) => line.slice(3));
+
 const summaries: Partial<Record<Format, FormatSummary>> = {};
 const crashes: Array<{ format: Format; index: number; why: string }> = [];
 let maxRssMB = 0;
@@ -63,12 +68,11 @@ async function runChunk({ format, first, count }: Chunk): Promise<void> {
     if (summary.fds) fdGrowth = Math.max(fdGrowth, summary.fds.end - summary.fds.start);
     const part = summary.formats[format] ?? emptyFormat();
     merge(format, part);
-    if (summary.crashed === null) {
-      if (summary.stopped !== null) crashes.push({ format, index: next + part.cases, why: summary.stopped });
-      break;
-    }
-    crashes.push({ format, index: summary.crashed.index, why: summary.stopped ?? "" });
-    next = summary.crashed.index + 1;
+    if (summary.stopped === null) break;
+    // A crash names its case; a harness failure stops the worker at the case after the last result.
+    const failed = summary.crashed?.index ?? next + part.cases;
+    crashes.push({ format, index: failed, why: summary.stopped });
+    next = failed + 1;
   }
   done += 1;
   process.stderr.write(`${format} ${first}..${end - 1} done (${done}/${queue.length} chunks, ${((performance.now() - started) / 1000).toFixed(0)} s)\n`);
@@ -79,7 +83,6 @@ await Promise.all(Array.from({ length: Number(values.jobs) }, async () => {
   for (let job = pending.shift(); job !== undefined; job = pending.shift()) await runChunk(job);
 }));
 
-const git = (...args: string[]) => execFileSync("git", args, { encoding: "utf8" }).trim();
 const ordered: Partial<Record<Format, FormatSummary>> = {};
 for (const format of formats) {
   const entry = summaries[format]!;
@@ -89,9 +92,9 @@ for (const format of formats) {
 }
 const result = {
   benchmark: "fuzz (test/fuzz generators, bench/fuzz/run.ts)",
-  commit: git("rev-parse", "HEAD"),
-  /** Source files that differ from the commit when this ran (the measured tree is the commit plus these). */
-  uncommittedSource: git("status", "--porcelain", "--", "src").split("\n").filter(Boolean).map((line) => line.slice(3)),
+  commit,
+  /** Source files that differed from the commit when this started (the measured tree is the commit plus these). */
+  uncommittedSource,
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
   seed: values.seed,

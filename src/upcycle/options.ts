@@ -182,9 +182,15 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
   }
   let parsed: unknown;
   try {
-    parsed = YAML.parse(text, { maxAliasCount: 100 });
+    // parseDocument, not parse: parse prints warnings (such as an unknown tag, !!python/object/apply) on stderr
+    // and goes on with a guess; a recipe from elsewhere that needs a warning is refused instead. logLevel "error"
+    // keeps toJS quiet about a list or mapping used as a key: it becomes a string, refused below as an unknown key.
+    const document = YAML.parseDocument(text, { logLevel: "error" });
+    const problem = document.errors[0] ?? document.warnings[0];
+    if (problem !== undefined) throw problem;
+    parsed = document.toJS({ maxAliasCount: 100 });
   } catch (error) {
-    throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]})`);
+    throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]!.replace(/:$/, "")})`);
   }
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
     throw new BamError("RECIPE_INVALID", `${path}: must be a mapping of option: value`);

@@ -204,6 +204,7 @@ export async function makeOddFile(path: string, kind: OddFile, outside: string):
       await symlink(relative(dirname(path), outside), path);
       return [];
     case "link-loop":
+      await rm(`${path}.loop`, { force: true }); // left by an earlier loop at the same path
       await symlink(`${path}.loop`, path);
       await symlink(path, `${path}.loop`);
       return [];

@@ -98,7 +98,7 @@ async function peakRss(seeds: string[], output: string): Promise<number> {
 }
 
 test("peak RSS does not grow with the model (two sizes, both past the chunk size)", { timeout: 120_000 }, async (t) => {
-  // Largest tensors (embeddings) of 6M and 12M elements, past CHUNK_ELEMENTS (4M): the working set is at its bound in both.
+  // Largest tensors (embeddings) of 6M and 12M elements, past CHUNK_ELEMENTS (1M): the working set is at its bound in both.
   const shapes = {
     small: { vocab: 8000, hidden: 768, intermediate: 2048, layers: 2, heads: 12, kvHeads: 12 },
     large: { vocab: 16000, hidden: 768, intermediate: 2048, layers: 10, heads: 12, kvHeads: 12 },

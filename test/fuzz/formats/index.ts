@@ -94,7 +94,7 @@ const OPS: ReadonlyArray<readonly [number, FolderOp]> = [
     if (what === "single file too" && (await isPlainFile(join(seed, shard)))) await cp(join(seed, shard), join(seed, "model.safetensors"));
     if (what === "no index") await rm(join(seed, INDEX), { force: true, recursive: true });
     if (what === "pickle only") {
-      for (const name of await readdir(seed)) if (name.includes("safetensors")) await rm(join(seed, name));
+      for (const name of await readdir(seed)) if (name.includes("safetensors")) await rm(join(seed, name), { recursive: true }); // an odd file may be a folder
       await writeFile(join(seed, "pytorch_model.bin"), "PK\u0003\u0004 not really");
     }
     if (what === "fifo shard listed" && makeFifo(join(seed, "fifo.safetensors"))) ctx.fifos.push(join(seed, "fifo.safetensors"));
@@ -110,7 +110,7 @@ const OPS: ReadonlyArray<readonly [number, FolderOp]> = [
   }],
   [1, async (_rng, seed, _index, _ctx, shards) => {
     // Shards and index moved into a sub-folder, listed as sub/<shard>: allowed.
-    await mkdir(join(seed, "sub"));
+    await mkdir(join(seed, "sub"), { recursive: true }); // an earlier op may have made it
     for (const shard of shards) await rename(join(seed, shard), join(seed, "sub", shard)).catch(() => undefined);
     return "shards in sub/ (listed there below)";
   }],

@@ -11,7 +11,7 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { readRecipe, type UpcycleOptions } from "../../../src/upcycle/index.js";
 import { fixture } from "../../helpers.js";
-import { type CaseContext, maybeUpcycle, type Step } from "../harness.js";
+import { type CaseContext, maybeUpcycle, reportViolation, type Step } from "../harness.js";
 import { encoder, invalidUtf8, makeOddFile, mutateText, ODD_FILES, splice } from "../mutate.js";
 import type { Rng } from "../rng.js";
 
@@ -162,7 +162,8 @@ export async function recipeCase(ctx: CaseContext): Promise<Step[]> {
           options = { ...(await readRecipe(file)), output: ctx.output } as UpcycleOptions;
         } finally {
           process.emitWarning = emit;
-          if (warnings.length > 0) notes.push(`YAML warnings: ${warnings.join(" | ").slice(0, 200)}`);
+          // A warning is printed on stderr around the CLI's one line, and means the recipe was read with a guess.
+          if (warnings.length > 0) reportViolation(`readRecipe printed warnings: ${warnings.join(" | ").slice(0, 200)}`);
         }
       },
     },
