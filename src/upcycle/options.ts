@@ -169,29 +169,36 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   "router-z-loss-coef": "routerZLossCoef",
 };
 
-/** A recipe is a screenful of options; this is far beyond any. */
+/** A recipe (or a prompts file) is a screenful of options; this is far beyond any. */
 const MAX_RECIPE_BYTES = 16_000_000;
 
-/** Reads a recipe file into options; flags given on the command line override it. */
-export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>> {
+/**
+ * A YAML file from elsewhere (a recipe, --prompts), read strictly: a regular
+ * file of bounded size, and refused (RECIPE_INVALID) where the parser would
+ * warn and go on with a guess, such as an unknown tag (!!python/object/apply).
+ */
+export async function readYamlFile(path: string): Promise<unknown> {
   let text: string;
   try {
     text = await readTextFile(path, MAX_RECIPE_BYTES, "RECIPE_INVALID");
   } catch (error) {
     throw ioError(path, error);
   }
-  let parsed: unknown;
   try {
-    // parseDocument, not parse: parse prints warnings (such as an unknown tag, !!python/object/apply) on stderr
-    // and goes on with a guess; a recipe from elsewhere that needs a warning is refused instead. logLevel "error"
-    // keeps toJS quiet about a list or mapping used as a key: it becomes a string, refused below as an unknown key.
+    // logLevel "error" keeps toJS quiet about a list or mapping used as a key: it becomes a string,
+    // which the callers refuse as an unknown key.
     const document = YAML.parseDocument(text, { logLevel: "error" });
     const problem = document.errors[0] ?? document.warnings[0];
     if (problem !== undefined) throw problem;
-    parsed = document.toJS({ maxAliasCount: 100 });
+    return document.toJS({ maxAliasCount: 100 });
   } catch (error) {
     throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]!.replace(/:$/, "")})`);
   }
+}
+
+/** Reads a recipe file into options; flags given on the command line override it. */
+export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>> {
+  const parsed = await readYamlFile(path);
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
     throw new BamError("RECIPE_INVALID", `${path}: must be a mapping of option: value`);
   }

@@ -18,13 +18,12 @@
  *     - positive_prompts: ["def quicksort(xs):", "import numpy as np"]
  *       negative_prompts: ["Once upon a time"]      # optional
  */
-import { readFile } from "node:fs/promises";
-import YAML from "yaml";
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
-import { BamError, ioError } from "../errors.js";
+import { BamError } from "../errors.js";
 import { loadTokenizer, meanLayerInputs } from "../onnx/index.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
+import { readYamlFile } from "./options.js";
 import type { UpcyclePlan } from "./plan.js";
 
 export interface ExpertPrompts {
@@ -35,13 +34,7 @@ export interface ExpertPrompts {
 const EXPERT_KEYS = new Set(["positive_prompts", "negative_prompts", "source_model"]);
 
 export async function readPrompts(path: string, experts: number): Promise<ExpertPrompts[]> {
-  let parsed: unknown;
-  try {
-    parsed = YAML.parse(await readFile(path, "utf8"), { maxAliasCount: 100 });
-  } catch (error) {
-    if ((error as NodeJS.ErrnoException).code !== undefined) throw ioError(path, error);
-    throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]})`);
-  }
+  const parsed = await readYamlFile(path);
   const fail = (why: string): never => {
     throw new BamError("RECIPE_INVALID", `${path}: ${why}`);
   };

@@ -98,5 +98,8 @@ describe("router init from prompts", () => {
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: [] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts must be a non-empty list/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive: ["x"] }]) }), "RECIPE_INVALID", /unknown key "positive"/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: join(dir, "none.yaml") }), "IO_ERROR", /none\.yaml: no such file/);
+      const tagged = join(dir, "tagged.yaml");
+      await writeFile(tagged, "experts: !!python/object/apply:os.system [echo]\n");
+      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: tagged }), "RECIPE_INVALID", /tagged\.yaml: not valid YAML \(Unresolved tag/);
     }));
 });
