@@ -92,8 +92,9 @@ class Pipeline:
         self.results_path = os.path.join(self.out, "reproduction.json")
         self.results = self._load_results()
         self.started = time.time()
+        self.env = environment(self.cuda)
         self.onnx_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one at a time: each uses every core
-        self.onnx_jobs = []
+        self.onnx_jobs = {}  # model name -> its `bam eval` future
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -105,7 +106,7 @@ class Pipeline:
 
     def save(self):
         with self.lock:
-            self.results.update(scale=dict(name=self.args.scale, **self.s), env=environment(self.cuda, self.bam),
+            self.results.update(scale=dict(name=self.args.scale, **self.s), env=self.env,
                                 elapsed_s=round(time.time() - self.started, 1))
             tmp = self.results_path + ".tmp"
             with open(tmp, "w") as f:
@@ -183,6 +184,7 @@ class Pipeline:
         device = torch.device("cuda" if self.cuda else "cpu")
         names = ["seed", *BRANCHES, *[f"{m}-upcycled" for m in MIXTURES]]
         names += [r for r in sorted(self.results["runs"]) if r.endswith(("-dm", "-cm"))]
+        ids = {d: self.heldout_ids(d) for d in DOMAINS}
         for name in names:
             entry = self.results["heldout"].setdefault(name, {})
             if "torch" in entry or not os.path.exists(self.model(name)):
@@ -190,7 +192,6 @@ class Pipeline:
             t0 = time.time()
             model, _, _ = folder.load_model(self.model(name), device)
             model.eval()
-            ids = {d: self.heldout_ids(d) for d in DOMAINS}
             entry["torch"] = {d: torch_nll(model, ids[d], self.s["seq_len"], device) for d in DOMAINS}
             entry["torch_check"] = {d: torch_nll(model, ids[d][: self.s["check_tokens"]], self.s["seq_len"], device) for d in DOMAINS}
             entry["torch_seconds"] = round(time.time() - t0, 2)
@@ -199,7 +200,7 @@ class Pipeline:
             self.save()
 
     def finish_onnx(self):
-        for job in self.onnx_jobs:
+        for job in self.onnx_jobs.values():
             job.result()
         for entry in self.results["heldout"].values():
             if "torch_check" in entry and "bam_eval" in entry:
@@ -230,7 +231,12 @@ class Pipeline:
 
     def train_all(self, jobs):
         """Runs the jobs, --jobs at a time, spread over the GPUs; a finished one becomes OUT/models/NAME."""
-        pending = [j for j in jobs if not os.path.exists(self.model(j["name"]))]
+        pending = []
+        for j in jobs:
+            if os.path.exists(self.model(j["name"])):
+                self.evaluate_onnx(j["name"])  # finished by an earlier run; its check may not be
+            else:
+                pending.append(j)
         running = []
         failed = []
         while pending or running:
@@ -286,11 +292,11 @@ class Pipeline:
     def evaluate_onnx(self, name):
         """`bam eval --tokens` on the held-out files, in the background (CPU) while the GPU trains."""
         entry = self.results["heldout"].setdefault(name, {})
-        if "bam_eval" in entry:
+        if "bam_eval" in entry or name in self.onnx_jobs:
             return
 
         def work():
-            files = [self.heldout_file(d) for d in DOMAINS]
+            files = [self.data(d, "heldout") for d in DOMAINS]
             t0 = time.time()
             done = subprocess.run(["nice", "-n", "10", *self.bam, "eval", self.model(name), "--tokens", *files, "--context", str(self.s["seq_len"]),
                                    "--max-tokens", str(self.s["check_tokens"]), "--json"], capture_output=True, text=True)
@@ -306,13 +312,10 @@ class Pipeline:
             log(f"bam eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in entry["bam_eval"].items()))
             self.save()
 
-        self.onnx_jobs.append(self.onnx_pool.submit(work))
-
-    def heldout_file(self, domain):
-        return self.data(domain, "heldout")
+        self.onnx_jobs[name] = self.onnx_pool.submit(work)
 
     def heldout_ids(self, domain):
-        ids = np.fromfile(self.heldout_file(domain), dtype="<u2")[: self.s["heldout_tokens"]]
+        ids = np.fromfile(self.data(domain, "heldout"), dtype="<u2")[: self.s["heldout_tokens"]]
         return torch.from_numpy(ids.astype(np.int64))
 
 
@@ -323,15 +326,16 @@ def log(text):
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
-def environment(cuda, bam):
-    env = dict(torch=torch.__version__, python=sys.version.split()[0], device=torch.cuda.get_device_name(0) if cuda else "cpu",
-               gpus=torch.cuda.device_count() if cuda else 0)
-    try:
-        env["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        env["commit"] = None
-    env["commit"] = os.environ.get("BAM_COMMIT", env["commit"])
-    return env
+def environment(cuda):
+    """What ran the pipeline; BAM_COMMIT names the commit where the tree has no .git (the GPU machine's copy)."""
+    commit = os.environ.get("BAM_COMMIT")
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+        except OSError:
+            commit = None
+    return dict(torch=torch.__version__, python=sys.version.split()[0], device=torch.cuda.get_device_name(0) if cuda else "cpu",
+                gpus=torch.cuda.device_count() if cuda else 0, commit=commit)
 
 
 def write_random_cohere(dense, s, tokenizer):
@@ -407,7 +411,6 @@ def main(argv=None):
     log(f"reproduction at scale {args.scale} in {p.out}: {'%d GPU(s)' % p.gpus if p.cuda else 'CPU'}, {args.jobs} runs at once")
     p.stage("init", p.init_seed)
     p.stage("seed", p.train_seed)
-    p.evaluate_onnx("seed")
     p.stage("branch", p.branch)
     p.stage("upcycle", p.upcycle)
     p.stage("mix", p.mix)

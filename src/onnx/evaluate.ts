@@ -57,7 +57,8 @@ export async function evaluatePerplexity(modelDir: string, files: string[], opti
     } catch (error) {
       throw ioError(file, error);
     }
-    return { file, ids: tokenizer.encode(text) };
+    const ids = tokenizer.encode(text);
+    return { file, ids: options.maxTokens === undefined ? ids : ids.slice(0, options.maxTokens) };
   }));
   return scoreWindows(modelDir, inputs, options);
 }
@@ -91,9 +92,8 @@ export async function evaluateTokenFiles(modelDir: string, files: string[], opti
 }
 
 /** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
-async function scoreWindows(modelDir: string, inputs: Array<{ file: string; ids: number[] }>, options: EvalOptions): Promise<PerplexityReport> {
+async function scoreWindows(modelDir: string, tokens: Array<{ file: string; ids: number[] }>, options: EvalOptions): Promise<PerplexityReport> {
   const context = options.context ?? 512;
-  const tokens = inputs.map(({ file, ids }) => ({ file, ids: options.maxTokens === undefined ? ids : ids.slice(0, options.maxTokens) }));
   const total = tokens.reduce((sum, { ids }) => sum + ids.length, 0);
   const prepared = await prepareOnnx(modelDir, { ...options, onProgress: options.onBuild });
   const session = await OnnxSession.open(prepared.modelFile);

@@ -65,6 +65,24 @@ export function deepJsonText(depth: number, kind: "array" | "object" = "array"):
   return kind === "array" ? "[".repeat(depth) + "]".repeat(depth) : '{"a":'.repeat(depth) + "{}" + "}".repeat(depth);
 }
 
+/** One to three mutateText edits in a row, each one's note added to `notes`. */
+export function mutateTextRepeatedly(rng: Rng, text: string, notes: string[], alphabet?: string): string {
+  const edits = rng.int(1, 3);
+  for (let i = 0; i < edits; i++) {
+    const [edited, note] = mutateText(rng, text, alphabet);
+    text = edited;
+    notes.push(note);
+  }
+  return text;
+}
+
+/** With the given probability, invalid UTF-8 inserted at a random place (noted). */
+export function maybeInvalidUtf8(rng: Rng, bytes: Uint8Array, probability: number, notes: string[]): Uint8Array {
+  if (!rng.chance(probability)) return bytes;
+  notes.push("non-UTF-8 bytes");
+  return splice(bytes, rng.int(0, bytes.length), 0, invalidUtf8(rng));
+}
+
 /** Text-level edits of a JSON or YAML document (they usually break its syntax). */
 export function mutateText(rng: Rng, text: string, alphabet = '{}[]:,"\\ \t\n0123456789aez-.\u0000\u00e9\ud83d\ude00'): [string, string] {
   const at = rng.int(0, text.length);

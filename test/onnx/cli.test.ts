@@ -21,6 +21,18 @@ import { readTensors, TOLERANCE, withSession } from "./engine.js";
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank.\nA small model can still learn useful patterns when the data is clean.\n";
 
+/** -sum over t of log softmax(logits[t])[ids[t + 1]] of one window, computed here, independently of the engine. */
+function windowNll(logits: Float32Array, ids: number[]): number {
+  const vocab = logits.length / ids.length;
+  let nll = 0;
+  for (let t = 0; t + 1 < ids.length; t++) {
+    const row = Array.from(logits.subarray(t * vocab, (t + 1) * vocab));
+    const max = Math.max(...row);
+    nll += max + Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0)) - row[ids[t + 1]!]!;
+  }
+  return nll;
+}
+
 /** Runs the CLI; exports go under `cacheDir` (BAM_CACHE_DIR), or, with null, into the model folders. */
 function bam(args: string[], cacheDir: string | null): { status: number | null; stdout: string; stderr: string } {
   const env = { ...process.env, BAM_CACHE_DIR: cacheDir ?? undefined };
@@ -81,13 +93,8 @@ describe("bam eval, generate, export-onnx", () => {
           const window = ids.slice(start, start + 16);
           if (window.length < 2) continue;
           const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
-          const vocab = logits!.length / window.length;
-          for (let t = 0; t + 1 < window.length; t++) {
-            const row = Array.from(logits!.subarray(t * vocab, (t + 1) * vocab));
-            const max = Math.max(...row);
-            nll += max + Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0)) - row[window[t + 1]!]!;
-            predicted += 1;
-          }
+          nll += windowNll(logits!, window);
+          predicted += window.length - 1;
         }
       });
       assert.equal(report.files.length, 2);
@@ -108,16 +115,8 @@ describe("bam eval, generate, export-onnx", () => {
       const file = join(dir, "ids.bin");
       await writeFile(file, Buffer.from(Uint16Array.from(ids).buffer));
       // each row of the reference is one window: NLL of transformers' logits, computed here
-      const rowNll = (r: number): number => {
-        let nll = 0;
-        for (let t = 0; t + 1 < seq; t++) {
-          const row = Array.from(logits.subarray((r * seq + t) * vocab, (r * seq + t + 1) * vocab));
-          const max = Math.max(...row);
-          nll += max + Math.log(row.reduce((sum, v) => sum + Math.exp(v - max), 0)) - row[ids[r * seq + t + 1]!]!;
-        }
-        return nll;
-      };
-      const expected = Array.from({ length: rows }, (_, r) => rowNll(r));
+      const expected = Array.from({ length: rows }, (_, r) =>
+        windowNll(logits.subarray(r * seq * vocab, (r + 1) * seq * vocab), ids.slice(r * seq, (r + 1) * seq)));
       const all = bam(["eval", fixture("qwen3", "base"), "--tokens", file, "--context", String(seq), "--json"], dir);
       assert.equal(all.status, 0, all.stderr);
       const report = JSON.parse(all.stdout);

@@ -16,7 +16,7 @@ import { FAMILIES } from "../../../src/arch/types.js";
 import { upcycle } from "../../../src/upcycle/index.js";
 import { fixture } from "../../helpers.js";
 import { type CaseContext, maybeUpcycle, type Step } from "../harness.js";
-import { deepArray, encoder, stringifyDeep, invalidUtf8, makeOddFile, mutateText, ODD_FILES, oddJsonValue, splice } from "../mutate.js";
+import { deepArray, encoder, stringifyDeep, makeOddFile, maybeInvalidUtf8, mutateTextRepeatedly, ODD_FILES, oddJsonValue } from "../mutate.js";
 import type { Rng } from "../rng.js";
 
 /** Keys any family reads, in v4 and v5 spellings. */
@@ -189,19 +189,9 @@ export async function configCase(ctx: CaseContext): Promise<Step[]> {
     for (let i = 0; i < ops; i++) notes.push(rng.weighted(OPS)(rng, config));
     let text = configText(config);
     if (ops === 0 || rng.chance(0.15)) {
-      const edits = rng.int(1, 3);
-      for (let i = 0; i < edits; i++) {
-        const [edited, note] = mutateText(rng, text);
-        text = edited;
-        notes.push(note);
-      }
+      text = mutateTextRepeatedly(rng, text, notes);
     }
-    let bytes: Uint8Array = encoder.encode(text);
-    if (rng.chance(0.05)) {
-      bytes = splice(bytes, rng.int(0, bytes.length), 0, invalidUtf8(rng));
-      notes.push("non-UTF-8 bytes");
-    }
-    await writeFile(file, bytes);
+    await writeFile(file, maybeInvalidUtf8(rng, encoder.encode(text), 0.05, notes));
   }
   return configSteps(ctx, seed);
 }

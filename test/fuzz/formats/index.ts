@@ -14,7 +14,7 @@ import { FAMILIES } from "../../../src/arch/types.js";
 import { CheckpointFiles } from "../../../src/safetensors/index.js";
 import { fixture } from "../../helpers.js";
 import { type CaseContext, maybeUpcycle, type Step } from "../harness.js";
-import { deepJsonText, encoder, makeFifo, makeOddFile, mutateBytes, mutateText, ODD_FILES, oddJsonValue } from "../mutate.js";
+import { deepJsonText, encoder, makeFifo, makeOddFile, mutateBytes, mutateTextRepeatedly, ODD_FILES, oddJsonValue } from "../mutate.js";
 import type { Rng } from "../rng.js";
 import { mutatedSafetensors } from "./safetensors.js";
 
@@ -161,14 +161,7 @@ export async function indexCase(ctx: CaseContext): Promise<Step[]> {
   }
   // Text-level damage, on top or instead.
   if (rng.chance(0.25)) {
-    let edited = JSON.stringify(index, null, 2);
-    const edits = rng.int(1, 3);
-    for (let i = 0; i < edits; i++) {
-      const [next, note] = mutateText(rng, edited);
-      edited = next;
-      notes.push(note);
-    }
-    raw = edited;
+    raw = mutateTextRepeatedly(rng, JSON.stringify(index, null, 2), notes);
   } else if (rng.chance(0.1)) {
     const choice = rng.pick<() => [string | Uint8Array, string]>([
       () => [deepJsonText(rng.int(1000, 100_000), "object"), "deeply nested index"],

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { readRecipe, type UpcycleOptions } from "../../../src/upcycle/index.js";
 import { fixture } from "../../helpers.js";
 import { type CaseContext, maybeUpcycle, reportViolation, type Step } from "../harness.js";
-import { encoder, invalidUtf8, makeOddFile, mutateText, ODD_FILES, splice } from "../mutate.js";
+import { encoder, makeOddFile, maybeInvalidUtf8, mutateTextRepeatedly, ODD_FILES } from "../mutate.js";
 import type { Rng } from "../rng.js";
 
 const KEYS = [
@@ -129,20 +129,9 @@ export async function recipeCase(ctx: CaseContext): Promise<Step[]> {
       }
     }
     text = [...lines].map(([k, v]) => (k.startsWith("?") ? `${k}\n: ${v}` : `${k}: ${v}`)).join("\n") + "\n";
-    if (rng.chance(0.2)) {
-      const edits = rng.int(1, 3);
-      for (let i = 0; i < edits; i++) {
-        const [edited, note] = mutateText(rng, text, ":-[]{}&*!|>%@`'\"#\t\n ,?<0123456789abcz");
-        text = edited;
-        notes.push(note);
-      }
-    }
+    if (rng.chance(0.2)) text = mutateTextRepeatedly(rng, text, notes, ":-[]{}&*!|>%@`'\"#\t\n ,?<0123456789abcz");
   }
-  let bytes: Uint8Array = encoder.encode(text);
-  if (rng.chance(0.04)) {
-    bytes = splice(bytes, rng.int(0, bytes.length), 0, invalidUtf8(rng));
-    notes.push("non-UTF-8 bytes");
-  }
+  const bytes = maybeInvalidUtf8(rng, encoder.encode(text), 0.04, notes);
   if (rng.chance(0.05)) {
     const kind = rng.pick(ODD_FILES);
     ctx.fifos.push(...(await makeOddFile(file, kind, join(ctx.outside, "secret.txt"))));
