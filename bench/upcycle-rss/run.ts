@@ -14,7 +14,8 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { CHUNK_ELEMENTS, COPY_CHUNK_ELEMENTS } from "../../src/upcycle/plan.js";
+import { WRITE_BATCH_BYTES, WRITES_IN_FLIGHT } from "../../src/safetensors/index.js";
+import { CHUNK_ELEMENTS } from "../../src/upcycle/plan.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 
 const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } } });
@@ -96,7 +97,8 @@ const result = {
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
   chunkElements: CHUNK_ELEMENTS,
-  copyChunkElements: COPY_CHUNK_ELEMENTS,
+  writeBatchBytes: WRITE_BATCH_BYTES,
+  writesInFlight: WRITES_IN_FLIGHT,
   repeats,
   sizes: results,
   /** Seeds grew this much; the median peak RSS grew by `rssGrowthBytes`. */

@@ -19,8 +19,11 @@ export interface Seed extends DenseModel {
   unusedTensors: string[];
   /** Bytes of a canonical tensor in its stored dtype, little-endian, [out, in] layout. */
   read(name: string): Promise<Uint8Array>;
-  /** Bytes of elements [start, start + count) of a canonical tensor, flattened row-major. */
-  readElements(name: string, start: number, count: number): Promise<Uint8Array>;
+  /**
+   * Bytes of elements [start, start + count) of a canonical tensor, flattened
+   * row-major; into `into` (exactly that many bytes) when given.
+   */
+  readElements(name: string, start: number, count: number, into?: Uint8Array): Promise<Uint8Array>;
   close(): Promise<void>;
 }
 
@@ -52,13 +55,13 @@ export async function openSeed(dir: string): Promise<Seed> {
         const t = tensor(name);
         return reader.read(t, 0, elementCount(t.shape));
       },
-      readElements: async (name, start, count) => {
+      readElements: async (name, start, count, into) => {
         const t = tensor(name);
         const total = elementCount(t.shape);
         if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
           throw new BamError("INVALID_OFFSET", `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`);
         }
-        return reader.read(t, start, count);
+        return reader.read(t, start, count, into);
       },
       close: () => checkpoint.close(),
     };
@@ -116,18 +119,27 @@ export class CanonicalReader {
 
   constructor(private readonly files: ByteReader) {}
 
-  async read(tensor: CanonicalTensor, start: number, count: number): Promise<Uint8Array> {
+  /** Into `into` (exactly count elements' bytes) when given, else a fresh buffer. */
+  async read(tensor: CanonicalTensor, start: number, count: number, into?: Uint8Array): Promise<Uint8Array> {
     const { sourceName, dtype, transpose } = tensor.source;
     const size = DTYPE_SIZE[dtype];
+    if (into !== undefined && into.length !== count * size) {
+      throw new BamError("INVALID_OFFSET", `${sourceName}: a ${into.length}-byte buffer cannot take ${count} ${dtype} elements`);
+    }
+    const out = into ?? new Uint8Array(count * size);
     if (transpose) {
       if (this.transposed?.tensor !== tensor) this.transposed = { tensor, bytes: readTransposed(this.files, tensor) };
       // A copy: callers may keep or change what they get.
-      return (await this.transposed.bytes).slice(start * size, (start + count) * size);
+      out.set((await this.transposed.bytes).subarray(start * size, (start + count) * size));
+      return out;
     }
-    const parts = await Promise.all(
-      sourceSegments(tensor.source, start, count).map(([offset, length]) => this.files.readBytes(sourceName, offset, length)),
-    );
-    return concat(parts);
+    // Row splits (fused projections) become one read per segment, each straight into its place.
+    let at = 0;
+    await Promise.all(sourceSegments(tensor.source, start, count).map(([offset, length]) => {
+      const part = out.subarray(at, at += length);
+      return this.files.readBytes(sourceName, offset, length, part);
+    }));
+    return out;
   }
 }
 

@@ -19,9 +19,9 @@
  */
 import { createHash } from "node:crypto";
 import { access, constants, copyFile, mkdir, open, readdir, readFile, realpath, stat, writeFile } from "node:fs/promises";
-import { homedir } from "node:os";
 import { basename, join, resolve, sep } from "node:path";
 import { openModel, type OpenedModel } from "../arch/model.js";
+import { userCacheDir } from "../cache-dir.js";
 import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
@@ -198,9 +198,8 @@ async function readStamp(folder: string): Promise<{ key: string } | null> {
 
 /** onnx-cpu/ in the model folder when writable, else (or with BAM_CACHE_DIR) a per-model folder in the user cache. */
 async function defaultFolder(modelDir: string): Promise<string> {
-  const cacheRoot = process.env.BAM_CACHE_DIR;
-  if (!cacheRoot && (await isWritable(modelDir))) return join(modelDir, DEFAULT_FOLDER);
-  const root = cacheRoot ?? join(process.env.XDG_CACHE_HOME ?? join(homedir(), ".cache"), "bam-upcycle");
+  if (!process.env.BAM_CACHE_DIR && (await isWritable(modelDir))) return join(modelDir, DEFAULT_FOLDER);
+  const root = userCacheDir();
   const real = await realpath(modelDir).catch((error: unknown) => { throw ioError(modelDir, error); });
   const id = createHash("sha256").update(real).digest("hex").slice(0, 16);
   return join(root, "onnx", `${basename(real)}-${id}`);

@@ -54,8 +54,8 @@ export class CheckpointFiles {
     return this.readerOf(name).read(name);
   }
 
-  async readBytes(name: string, start: number, length: number): Promise<Uint8Array> {
-    return this.readerOf(name).readBytes(name, start, length);
+  async readBytes(name: string, start: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
+    return this.readerOf(name).readBytes(name, start, length, into);
   }
 
   async close(): Promise<void> {

@@ -37,13 +37,18 @@ export function isFloatDType(d: DType): d is FloatDType {
 
 /** Decodes little-endian F32/F16/BF16 bytes; exact, NaN payloads kept. */
 export function toFloat32(bytes: Uint8Array, from: FloatDType): Float32Array {
-  const out = new Float32Array(elementCount(bytes, from));
+  return decodeFloatsInto(bytes, from, new Float32Array(elementCount(bytes, from)));
+}
+
+/** toFloat32 into `out`, which holds exactly as many values as `bytes`; returns `out`. */
+export function decodeFloatsInto(bytes: Uint8Array, from: FloatDType, out: Float32Array): Float32Array {
+  if (out.length !== elementCount(bytes, from)) throw new BamError("TENSOR_INVALID", `${bytes.length} bytes of ${from} do not fill ${out.length} values`);
   if (from === "F32") {
-    new Uint8Array(out.buffer).set(bytes);
+    new Uint8Array(out.buffer, out.byteOffset, out.byteLength).set(bytes);
     return out;
   }
   const halves = view16(bytes);
-  const bits = new Uint32Array(out.buffer);
+  const bits = new Uint32Array(out.buffer, out.byteOffset, out.length);
   if (from === "BF16") {
     // The hot path of every bf16 upcycle: BF16 is the top half of F32.
     for (let i = 0; i < halves.length; i++) bits[i] = halves[i]! << 16;
@@ -55,16 +60,26 @@ export function toFloat32(bytes: Uint8Array, from: FloatDType): Float32Array {
 
 /** Encodes to little-endian bytes, rounding to nearest even; NaN stays (quiet) NaN, overflow becomes Inf. */
 export function fromFloat32(values: Float32Array, to: FloatDType): Uint8Array {
-  const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
-  if (to === "F32") return bytes.slice();
+  return encodeFloatsInto(values, to, new Uint8Array(values.length * DTYPE_SIZE[to]));
+}
+
+/** fromFloat32 into `out`, exactly values.length elements of `to`; returns `out`. */
+export function encodeFloatsInto(values: Float32Array, to: FloatDType, out: Uint8Array): Uint8Array {
+  if (out.length !== values.length * DTYPE_SIZE[to]) throw new BamError("TENSOR_INVALID", `${out.length} bytes cannot hold ${values.length} ${to} values`);
+  if (to === "F32") {
+    out.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
+    return out;
+  }
   const bits = new Uint32Array(values.buffer, values.byteOffset, values.length);
-  const halves = new Uint16Array(values.length);
+  const aligned = out.byteOffset % 2 === 0 ? out : new Uint8Array(out.length);
+  const halves = new Uint16Array(aligned.buffer, aligned.byteOffset, values.length);
   if (to === "BF16") {
     for (let i = 0; i < bits.length; i++) halves[i] = f32BitsToBf16(bits[i]!);
   } else {
     for (let i = 0; i < bits.length; i++) halves[i] = f32BitsToF16(bits[i]!);
   }
-  return new Uint8Array(halves.buffer);
+  if (aligned !== out) out.set(aligned);
+  return out;
 }
 
 /** Same dtype returns the input; otherwise goes through F32, which holds F16 and BF16 exactly (as torch's `.to()`). */

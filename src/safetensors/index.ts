@@ -1,6 +1,6 @@
 export {
   type DType, DTYPE_SIZE, isDType, isShape, tensorByteLength,
-  type FloatDType, isFloatDType, toFloat32, fromFloat32, convertFloats,
+  type FloatDType, isFloatDType, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
 } from "./dtype.js";
 export { type TensorInfo, SafetensorsReader } from "./reader.js";
 export { CheckpointFiles, checkInsideFolder } from "./checkpoint.js";
@@ -8,4 +8,5 @@ export { openRegularFile, readTextFile } from "./input-file.js";
 export {
   type TensorToWrite, type WriteOptions, type ShardPlan,
   safetensorsHeader, writeSafetensors, planShards, writeShardedSafetensors, shardedFileBytes, parseSize,
+  WRITE_BATCH_BYTES, WRITES_IN_FLIGHT,
 } from "./writer.js";

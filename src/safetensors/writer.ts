@@ -1,7 +1,10 @@
 /**
  * Safetensors writer. As in the reference implementation, all offsets are
- * computed first, then header and data go out in one sequential pass; small
- * tensors are coalesced into large writes.
+ * computed first; then the file is written as batches of up to
+ * WRITE_BATCH_BYTES, several in flight, each at its own position: small
+ * tensors share a batch, large ones are split across batches, and batch
+ * buffers are reused (a fresh buffer costs a page fault per 4 KiB, which
+ * made the old one-write-at-a-time writer mostly wait).
  */
 import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { resolve } from "node:path";
@@ -9,20 +12,27 @@ import { BamError, ioError } from "../errors.js";
 import { type DType, isDType, isShape, tensorByteLength } from "./dtype.js";
 import { MAX_HEADER_BYTES, MAX_IO_BYTES } from "./reader.js";
 
-export interface TensorToWrite {
+interface TensorLayout {
   name: string;
   dtype: DType;
   shape: number[];
-  /**
-   * Produces exactly product(shape) * size bytes, whole or as a stream of
-   * chunks (which bounds memory for large tensors); called once, in write order.
-   */
-  data: () => Uint8Array | Promise<Uint8Array> | AsyncIterable<Uint8Array>;
 }
+
+/**
+ * A tensor to write and where its bytes come from: `data`, the whole tensor
+ * (called once, in write order), or `fill`, which produces any byte range of
+ * it into a buffer the writer lends. Ranges start at multiples of
+ * WRITE_BATCH_BYTES, so they are whole elements; ranges of one tensor may be
+ * requested concurrently, each once, in increasing order of offset.
+ */
+export type TensorToWrite = TensorLayout & (
+  | { data: () => Uint8Array | Promise<Uint8Array> }
+  | { fill: (offset: number, into: Uint8Array) => Promise<void> }
+);
 
 export interface WriteOptions {
   metadata?: Record<string, string>;
-  /** Checked between tensors. */
+  /** Checked between batches. */
   signal?: AbortSignal;
   /** Called after each write with the bytes it put on disk, header included. */
   onBytes?: (bytesJustWritten: number) => void;
@@ -30,11 +40,12 @@ export interface WriteOptions {
 
 export interface ShardPlan { file: string; tensors: string[]; bytes: number }
 
-type TensorLayout = Pick<TensorToWrite, "name" | "dtype" | "shape">;
-
 const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
-const WRITE_BUFFER_BYTES = 16 * 1024 * 1024;
+/** Bytes per write; a multiple of every element size. */
+export const WRITE_BATCH_BYTES = 16 * 1024 * 1024;
+/** Batches being produced or written at once: enough to keep reads, conversion and writes overlapped. */
+export const WRITES_IN_FLIGHT = 4;
 const HEADER_PADDING = 0x20;
 
 export function safetensorsHeader(tensors: TensorLayout[], metadata?: Record<string, string>): { header: Uint8Array; dataBytes: number } {
@@ -98,13 +109,7 @@ export async function writeSafetensors(path: string, tensors: TensorToWrite[], o
   throwIfAborted(options.signal, path);
   const handle = await open(path, "w").catch((error: unknown) => { throw ioError(path, error); });
   try {
-    const out = new BufferedWriter(handle, path, Math.min(WRITE_BUFFER_BYTES, header.length + dataBytes), options.onBytes);
-    await out.write(header);
-    for (const [i, tensor] of tensors.entries()) {
-      throwIfAborted(options.signal, path);
-      await writeTensorData(out, tensor, sizes[i]!, path, options.signal);
-    }
-    await out.flush();
+    await writeBatches(new PositionalWriter(handle, path, options.onBytes), planBatches(header, tensors, sizes), path, options.signal);
   } catch (error) {
     await handle.close().catch(() => undefined); // the first error is the one to report
     throw error;
@@ -117,65 +122,105 @@ function throwIfAborted(signal: AbortSignal | undefined, path: string): void {
   if (signal?.aborted) throw new BamError("ABORTED", `${path}: writing interrupted`, { cause: signal.reason });
 }
 
-/** Writes a tensor's data, whole or chunk by chunk, checking it adds up to `size` bytes. */
-async function writeTensorData(out: BufferedWriter, tensor: TensorToWrite, size: number, path: string, signal: AbortSignal | undefined): Promise<void> {
-  const wrongSize = (got: string) => new BamError("TENSOR_INVALID", `${path}: tensor "${tensor.name}": expected ${size} bytes of data, got ${got}`);
-  const data = await tensor.data();
-  if (data instanceof Uint8Array) {
-    if (data.length !== size) throw wrongSize(`${data.length} bytes`);
-    await out.write(data);
-    return;
+/** `length` bytes of the file from one source: the header, a whole tensor's `data`, or a range of a tensor's `fill`. */
+interface Piece { tensor: TensorToWrite | null; offset: number; length: number }
+
+/** Consecutive pieces written with one call at `position`; `length` over WRITE_BATCH_BYTES only for one whole `data` tensor. */
+interface Batch { position: number; length: number; pieces: Piece[] }
+
+function planBatches(header: Uint8Array, tensors: TensorToWrite[], sizes: number[]): { header: Uint8Array; batches: Batch[] } {
+  const pieces: Piece[] = [{ tensor: null, offset: 0, length: header.length }];
+  tensors.forEach((tensor, i) => {
+    const size = sizes[i]!;
+    if ("data" in tensor) pieces.push({ tensor, offset: 0, length: size });
+    else for (let offset = 0; offset < size; offset += WRITE_BATCH_BYTES) pieces.push({ tensor, offset, length: Math.min(WRITE_BATCH_BYTES, size - offset) });
+  });
+  const batches: Batch[] = [];
+  let position = 0;
+  for (const piece of pieces) {
+    const last = batches.at(-1);
+    if (last !== undefined && last.length + piece.length <= WRITE_BATCH_BYTES) {
+      last.pieces.push(piece);
+      last.length += piece.length;
+    } else {
+      batches.push({ position, length: piece.length, pieces: [piece] });
+    }
+    position += piece.length;
   }
-  if (data === null || typeof data !== "object" || !(Symbol.asyncIterator in data)) throw wrongSize("no Uint8Array");
-  // The next chunk is produced (read from the seeds) while this one is written.
-  const chunks = data[Symbol.asyncIterator]();
-  let written = 0;
-  let next = chunks.next();
-  for (;;) {
-    const { value: chunk, done } = await next;
-    if (done) break;
-    throwIfAborted(signal, path);
-    if (!(chunk instanceof Uint8Array) || written + chunk.length > size) throw wrongSize(`more than ${size} bytes`);
-    next = chunks.next();
-    next.catch(() => undefined); // reported when awaited; a write error may come first
-    await out.write(chunk);
-    written += chunk.length;
-  }
-  if (written !== size) throw wrongSize(`${written} bytes`);
+  return { header, batches };
 }
 
-/** Sequential writes through one handle, gathering small pieces into one buffer. */
-class BufferedWriter {
-  private readonly buffer: Uint8Array;
-  private used = 0;
+/**
+ * Produces and writes the batches, WRITES_IN_FLIGHT at a time, started in
+ * file order (so `data` is called in order). On an error nothing new starts;
+ * what is in flight settles before the first error is thrown.
+ */
+async function writeBatches(out: PositionalWriter, { header, batches }: ReturnType<typeof planBatches>, path: string, signal: AbortSignal | undefined): Promise<void> {
+  const capacity = Math.min(WRITE_BATCH_BYTES, Math.max(0, ...batches.map((b) => b.length)));
+  const free: Uint8Array[] = [];
+  const running = new Set<Promise<void>>();
+  let failure: { error: unknown } | undefined;
+  for (const batch of batches) {
+    while (running.size >= WRITES_IN_FLIGHT && failure === undefined) await Promise.race(running);
+    if (failure !== undefined) break;
+    if (signal?.aborted) break;
+    const oversized = batch.length > capacity;
+    const buffer = oversized ? undefined : free.pop() ?? new Uint8Array(capacity);
+    const task = writeBatch(out, batch, header, buffer, path)
+      .catch((error: unknown) => { failure ??= { error }; })
+      .finally(() => {
+        running.delete(task);
+        if (buffer !== undefined) free.push(buffer);
+      });
+    running.add(task);
+  }
+  await Promise.all(running);
+  if (failure !== undefined) throw failure.error;
+  throwIfAborted(signal, path); // aborted while the last batches were produced
+}
 
+/** Fills `buffer` from the batch's pieces and writes it; a batch of one oversized `data` tensor is written as produced. */
+async function writeBatch(out: PositionalWriter, batch: Batch, header: Uint8Array, buffer: Uint8Array | undefined, path: string): Promise<void> {
+  if (buffer === undefined) {
+    const { tensor, length } = batch.pieces[0]!;
+    await out.write(await wholeData(tensor as DataTensor, length, path), batch.position);
+    return;
+  }
+  const target = buffer.subarray(0, batch.length);
+  let at = 0;
+  // Every producer is started before the first await, so `data` calls keep file order across batches.
+  const produced = batch.pieces.map(async (piece) => {
+    const into = target.subarray(at, at += piece.length);
+    if (piece.tensor === null) into.set(header);
+    else if ("fill" in piece.tensor) await piece.tensor.fill(piece.offset, into);
+    else into.set(await wholeData(piece.tensor, piece.length, path));
+  });
+  await Promise.all(produced);
+  await out.write(target, batch.position);
+}
+
+type DataTensor = Extract<TensorToWrite, { data: unknown }>;
+
+async function wholeData(tensor: DataTensor, size: number, path: string): Promise<Uint8Array> {
+  const data = await tensor.data();
+  if (!(data instanceof Uint8Array) || data.length !== size) {
+    const got = data instanceof Uint8Array ? `${data.length} bytes` : "no Uint8Array";
+    throw new BamError("TENSOR_INVALID", `${path}: tensor "${tensor.name}": expected ${size} bytes of data, got ${got}`);
+  }
+  return data;
+}
+
+/** Writes at given positions of one handle; any number of writes may be in flight. */
+class PositionalWriter {
   constructor(
     private readonly handle: FileHandle,
     private readonly path: string,
-    capacity: number,
     private readonly onBytes?: (bytes: number) => void,
-  ) {
-    this.buffer = new Uint8Array(capacity);
-  }
+  ) {}
 
-  async write(bytes: Uint8Array): Promise<void> {
-    if (this.used + bytes.length > this.buffer.length) await this.flush();
-    if (bytes.length >= this.buffer.length) {
-      await this.writeThrough(bytes); // large tensors skip the copy
-      return;
-    }
-    this.buffer.set(bytes, this.used);
-    this.used += bytes.length;
-  }
-
-  async flush(): Promise<void> {
-    await this.writeThrough(this.buffer.subarray(0, this.used));
-    this.used = 0;
-  }
-
-  private async writeThrough(bytes: Uint8Array): Promise<void> {
+  async write(bytes: Uint8Array, position: number): Promise<void> {
     for (let done = 0; done < bytes.length;) {
-      const { bytesWritten } = await this.handle.write(bytes, done, Math.min(bytes.length - done, MAX_IO_BYTES))
+      const { bytesWritten } = await this.handle.write(bytes, done, Math.min(bytes.length - done, MAX_IO_BYTES), position + done)
         .catch((error: unknown) => { throw ioError(this.path, error); });
       done += bytesWritten;
       this.onBytes?.(bytesWritten);

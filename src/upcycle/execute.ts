@@ -1,16 +1,21 @@
 /**
- * Executes a plan tensor by tensor: each planned tensor becomes a lazy
- * stream of byte chunks that the safetensors writer pulls in order, so at
- * most one chunk per seed (and, for Drop-Upcycling, one FFN matrix) is in
- * memory at a time, whatever the model's size.
+ * Executes a plan tensor by tensor: each planned tensor becomes a producer of
+ * byte ranges that the safetensors writer asks for batch by batch, so memory
+ * holds a few batches (and, for Drop-Upcycling, one FFN matrix), whatever
+ * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import { convertFloats, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import {
+  decodeFloatsInto, DTYPE_SIZE, encodeFloatsInto, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite,
+} from "../safetensors/index.js";
 import { BamError } from "../errors.js";
-import { CHUNK_ELEMENTS, COPY_CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import { CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import { RandomStream } from "./random.js";
 
 const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
+
+/** Fills a byte range of one output tensor; see TensorToWrite. */
+type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;
 
 /**
  * The plan's tensors as writer input, renamed by `rename` (native formats);
@@ -19,27 +24,20 @@ const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 export function tensorsToWrite(
   plan: UpcyclePlan, seeds: Seed[], rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
 ): TensorToWrite[] {
-  return plan.tensors.map((tensor) => ({
-    name: rename(tensor.name),
-    dtype: tensor.dtype,
-    shape: tensor.shape,
-    data: () => produce(tensor, plan, seeds, routerRows),
-  }));
-}
-
-function produce(tensor: PlannedTensor, plan: UpcyclePlan, seeds: Seed[], routerRows: ReadonlyMap<string, Float32Array>): AsyncIterable<Uint8Array> {
-  const op = tensor.operation;
-  switch (op.kind) {
-    case "copy":
-      return copyChunks(seeds, op.from, tensor);
-    case "average":
-      return averageChunks(seeds, op.from, op.weights, tensor);
-    case "router":
-      if (op.fromPrompts) return promptRouterChunks(tensor, routerRows);
-      return routerChunks(tensor, op.std, plan.options.seed, op.key);
-    case "drop":
-      return dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key);
-  }
+  return plan.tensors.map((tensor): TensorToWrite => {
+    const layout = { name: rename(tensor.name), dtype: tensor.dtype, shape: tensor.shape };
+    const op = tensor.operation;
+    switch (op.kind) {
+      case "copy":
+        return { ...layout, fill: copyRange(seeds, op.from, tensor) };
+      case "average":
+        return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor) };
+      case "router":
+        return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op.std, plan.options.seed, op.key)) };
+      case "drop":
+        return { ...layout, fill: wholeTensorRanges(tensor, () => dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key)) };
+    }
+  });
 }
 
 function sourceDType(seeds: Seed[], ref: SourceRef): FloatDType {
@@ -50,55 +48,83 @@ function sourceDType(seeds: Seed[], ref: SourceRef): FloatDType {
   return dtype;
 }
 
-/** Element ranges of `size` covering a tensor. */
-function* chunkRanges(total: number, size = CHUNK_ELEMENTS): Generator<[number, number]> {
-  for (let start = 0; start < total; start += size) yield [start, Math.min(size, total - start)];
+/** Element range [start, start + count) of the output tensor that a byte range covers. */
+function elementRange(tensor: PlannedTensor, offset: number, into: Uint8Array): [number, number] {
+  const size = DTYPE_SIZE[tensor.dtype];
+  return [offset / size, into.length / size];
 }
 
-async function* copyChunks(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): AsyncGenerator<Uint8Array> {
+function copyRange(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): RangeFiller {
   const seed = seeds[ref.seed]!;
-  const from = sourceDType(seeds, ref);
-  // Plain copies touch no values: large chunks mean fewer, larger reads and writes.
-  for (const [start, count] of chunkRanges(elementsOf(tensor.shape), COPY_CHUNK_ELEMENTS)) {
-    yield convertFloats(await seed.readElements(ref.tensor, start, count), from, tensor.dtype);
-  }
+  return async (offset, into) => {
+    const from = sourceDType(seeds, ref);
+    const [start, count] = elementRange(tensor, offset, into);
+    // The common case touches no values: the seed's bytes land in the writer's buffer.
+    if (from === tensor.dtype) await seed.readElements(ref.tensor, start, count, into);
+    else encodeFloatsInto(toFloat32(await seed.readElements(ref.tensor, start, count), from), tensor.dtype, into);
+  };
 }
 
-async function* averageChunks(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor): AsyncGenerator<Uint8Array> {
-  for (const [start, count] of chunkRanges(elementsOf(tensor.shape))) {
-    const values = await Promise.all(refs.map(async (ref) => toFloat32(await seeds[ref.seed]!.readElements(ref.tensor, start, count), sourceDType(seeds, ref))));
-    yield fromFloat32(weightedSum(values, weights), tensor.dtype);
-  }
+function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor): RangeFiller {
+  return async (offset, into) => {
+    const [start, count] = elementRange(tensor, offset, into);
+    const outSize = DTYPE_SIZE[tensor.dtype];
+    // Scratch for one CHUNK_ELEMENTS slice at a time, reused across slices.
+    const sum = new Float64Array(Math.min(count, CHUNK_ELEMENTS));
+    const values = new Float32Array(sum.length);
+    const sources = refs.map((ref) => ({ ref, dtype: sourceDType(seeds, ref), bytes: new Uint8Array(sum.length * DTYPE_SIZE[sourceDType(seeds, ref)]) }));
+    for (let done = 0; done < count; done += CHUNK_ELEMENTS) {
+      const n = Math.min(CHUNK_ELEMENTS, count - done);
+      const read = await Promise.all(sources.map(({ ref, dtype, bytes }) => seeds[ref.seed]!.readElements(ref.tensor, start + done, n, bytes.subarray(0, n * DTYPE_SIZE[dtype]))));
+      const slice = sum.subarray(0, n).fill(0);
+      sources.forEach(({ dtype }, i) => accumulate(slice, decodeFloatsInto(read[i]!, dtype, values.subarray(0, n)), weights[i]!));
+      encodeFloatsInto(roundToFloat32(slice, values.subarray(0, n)), tensor.dtype, into.subarray(done * outSize, (done + n) * outSize));
+    }
+  };
 }
 
 /**
- * Sum of weights[i] * values[i], element by element, accumulated in a double
- * (a JS number) and rounded once to float32: averaging identical seeds gives
- * the seed back exactly.
+ * sum += weight * values, element by element, in doubles; callers add the
+ * sources in seed order and round once to float32, so averaging identical
+ * seeds gives the seed back exactly.
  */
-function weightedSum(values: Float32Array[], weights: number[]): Float32Array {
-  const out = new Float32Array(values[0]!.length);
-  for (let j = 0; j < out.length; j++) {
-    let sum = 0;
-    for (let i = 0; i < values.length; i++) sum += weights[i]! * values[i]![j]!;
-    out[j] = sum;
-  }
+function accumulate(sum: Float64Array, values: Float32Array, weight: number): void {
+  for (let j = 0; j < sum.length; j++) sum[j] = sum[j]! + weight * values[j]!;
+}
+
+/** The sums rounded once to float32, into `out`. (A loop of its own: inline in the async function above, V8 ran it 10x slower.) */
+function roundToFloat32(sum: Float64Array, out: Float32Array): Float32Array {
+  for (let j = 0; j < sum.length; j++) out[j] = sum[j]!;
   return out;
 }
 
-async function* routerChunks(tensor: PlannedTensor, std: number, seed: number, key: string): AsyncGenerator<Uint8Array> {
+/** Ranges of a tensor computed whole (a drop needs the matrix's statistics): computed on the first request, dropped after the last. */
+function wholeTensorRanges(tensor: PlannedTensor, compute: () => Promise<Uint8Array>): RangeFiller {
+  const total = elementsOf(tensor.shape) * DTYPE_SIZE[tensor.dtype];
+  let whole: Promise<Uint8Array> | undefined;
+  let served = 0;
+  return async (offset, into) => {
+    whole ??= compute();
+    const bytes = await whole;
+    into.set(bytes.subarray(offset, offset + into.length));
+    served += into.length;
+    if (served === total) whole = undefined;
+  };
+}
+
+function randomRouter(tensor: PlannedTensor, std: number, seed: number, key: string): Uint8Array {
   const values = new Float32Array(elementsOf(tensor.shape));
   if (std > 0) {
     const random = new RandomStream(seed, key);
     for (let i = 0; i < values.length; i++) values[i] = std * random.nextTruncatedNormal();
   }
-  yield fromFloat32(values, tensor.dtype);
+  return fromFloat32(values, tensor.dtype);
 }
 
-async function* promptRouterChunks(tensor: PlannedTensor, routerRows: ReadonlyMap<string, Float32Array>): AsyncGenerator<Uint8Array> {
+function promptRouter(tensor: PlannedTensor, routerRows: ReadonlyMap<string, Float32Array>): Uint8Array {
   const rows = routerRows.get(tensor.name);
   if (rows === undefined) throw new BamError("OPTIONS_INVALID", `${tensor.name}: no rows from prompts were computed`);
-  yield fromFloat32(rows, tensor.dtype);
+  return fromFloat32(rows, tensor.dtype);
 }
 
 /**
@@ -107,9 +133,9 @@ async function* promptRouterChunks(tensor: PlannedTensor, routerRows: ReadonlyMa
  * dimensions depend only on (seed, layer, expert), so an expert's gate, up
  * and down projections drop the same ones.
  */
-async function* dropUpcycle(
+async function dropUpcycle(
   seeds: Seed[], ref: SourceRef, tensor: PlannedTensor, ratio: number, axis: 0 | 1, seed: number, key: string,
-): AsyncGenerator<Uint8Array> {
+): Promise<Uint8Array> {
   const [rows, cols] = tensor.shape as [number, number];
   const values = toFloat32(await seeds[ref.seed]!.readElements(ref.tensor, 0, rows * cols), sourceDType(seeds, ref));
   let mean = 0;
@@ -128,5 +154,5 @@ async function* dropUpcycle(
       for (let r = 0; r < rows; r++) values[r * cols + d] = mean + std * noise.nextNormal();
     }
   }
-  yield fromFloat32(values, tensor.dtype);
+  return fromFloat32(values, tensor.dtype);
 }

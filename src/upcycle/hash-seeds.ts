@@ -1,26 +1,36 @@
 /**
  * sha256 of each seed's files, computed on a worker thread while the main
- * thread writes the model, so identifying the seeds costs no extra time.
+ * thread writes the model, and remembered (hash-cache.ts) for the next run.
  */
 import { basename } from "node:path";
 import { Worker } from "node:worker_threads";
 import { createHash } from "node:crypto";
 import { BamError } from "../errors.js";
 import type { SeedRecord } from "../arch/model.js";
+import { HashCache } from "./hash-cache.js";
 
+// Synchronous reads into one reused buffer: on its own thread nothing waits
+// on them, and a stream's fresh 4 MiB chunks cost more than the hashing.
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require("node:worker_threads");
 const { createHash } = require("node:crypto");
-const { createReadStream } = require("node:fs");
-(async () => {
-  const hashes = [];
-  for (const file of workerData) {
+const { closeSync, openSync, readSync } = require("node:fs");
+const buffer = Buffer.allocUnsafe(1 << 22);
+try {
+  const hashes = workerData.map((file) => {
     const hash = createHash("sha256");
-    for await (const chunk of createReadStream(file, { highWaterMark: 1 << 22 })) hash.update(chunk);
-    hashes.push(hash.digest("hex"));
-  }
+    const fd = openSync(file, "r");
+    try {
+      for (let n; (n = readSync(fd, buffer, 0, buffer.length, null)) > 0;) hash.update(buffer.subarray(0, n));
+    } finally {
+      closeSync(fd);
+    }
+    return hash.digest("hex");
+  });
   parentPort.postMessage(hashes);
-})().catch((error) => parentPort.postMessage({ error: String(error && error.message || error) }));
+} catch (error) {
+  parentPort.postMessage({ error: String(error && error.message || error) });
+}
 `;
 
 export interface SeedFiles {
@@ -34,28 +44,45 @@ export interface HashedSeed extends SeedRecord {
   files: Record<string, string>;
 }
 
-/** Starts hashing now; await the result when it is needed. Rejects with IO_ERROR. */
+/**
+ * Starts hashing now; await the result when it is needed. Files whose hash
+ * is known (see HashCache) are not read. Rejects with IO_ERROR.
+ */
 export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; cancel: () => void } {
-  const allFiles = seeds.flatMap((s) => s.files);
-  const worker = new Worker(WORKER_SOURCE, { eval: true, workerData: allFiles });
-  const result = new Promise<HashedSeed[]>((resolve, reject) => {
+  let worker: Worker | undefined;
+  let cancelled = false;
+  const result = (async () => {
+    const cache = await HashCache.load();
+    const looked = await Promise.all(seeds.flatMap((s) => s.files).map((file) => cache.lookup(file)))
+      .catch((error: unknown) => { throw new BamError("IO_ERROR", `hashing seed files: ${(error as Error).message}`); });
+    const unknown = looked.filter((l) => l.sha256 === null);
+    if (cancelled) throw new BamError("ABORTED", "hashing seed files: cancelled");
+    if (unknown.length > 0) {
+      worker = new Worker(WORKER_SOURCE, { eval: true, workerData: unknown.map((l) => l.real) });
+      const hashes = await workerResult(worker);
+      unknown.forEach((l, i) => { l.sha256 = hashes[i]!; });
+      await cache.save(unknown, hashes);
+    }
+    let next = 0;
+    return seeds.map((seed) => {
+      const files: Record<string, string> = {};
+      for (const file of seed.files) files[basename(file)] = looked[next++]!.sha256!;
+      return { name: seed.name, sha256: combinedHash(files), files };
+    });
+  })();
+  result.catch(() => {}); // awaited later; avoid an unhandled rejection before then
+  return { result, cancel: () => { cancelled = true; void worker?.terminate(); } };
+}
+
+function workerResult(worker: Worker): Promise<string[]> {
+  return new Promise<string[]>((resolve, reject) => {
     worker.once("message", (message: string[] | { error: string }) => {
       void worker.terminate();
-      if (!Array.isArray(message)) {
-        reject(new BamError("IO_ERROR", `hashing seed files: ${message.error}`));
-        return;
-      }
-      let next = 0;
-      resolve(seeds.map((seed) => {
-        const files: Record<string, string> = {};
-        for (const file of seed.files) files[basename(file)] = message[next++]!;
-        return { name: seed.name, sha256: combinedHash(files), files };
-      }));
+      if (Array.isArray(message)) resolve(message);
+      else reject(new BamError("IO_ERROR", `hashing seed files: ${message.error}`));
     });
     worker.once("error", (error) => reject(new BamError("IO_ERROR", `hashing seed files: ${error.message}`)));
   });
-  result.catch(() => {}); // awaited later; avoid an unhandled rejection before then
-  return { result, cancel: () => void worker.terminate() };
 }
 
 /** One hash for a seed: sha256 of its `sha256sum`-style manifest, files sorted by name. */

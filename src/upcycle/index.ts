@@ -11,7 +11,7 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard } from "../export/card.js";
 import { formatWriter } from "../export/formats.js";
-import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors } from "../safetensors/index.js";
+import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
 import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
@@ -97,7 +97,10 @@ export async function upcycle(
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
       let bytesWritten = 0;
       let current = "";
-      const tensors = tensorsToWrite(plan, seeds, writer.rename, routerRows).map((t) => ({ ...t, data: () => ((current = t.name), t.data()) }));
+      // With several batches in flight, "current" is the tensor whose production started last.
+      const tensors = tensorsToWrite(plan, seeds, writer.rename, routerRows).map((t): TensorToWrite => ("fill" in t
+        ? { ...t, fill: (offset, into) => ((current = t.name), t.fill(offset, into)) }
+        : { ...t, data: () => ((current = t.name), t.data()) }));
       const totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,

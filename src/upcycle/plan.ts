@@ -9,7 +9,7 @@ import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
-import { DTYPE_SIZE, type DType, type FloatDType } from "../safetensors/index.js";
+import { DTYPE_SIZE, WRITE_BATCH_BYTES, WRITES_IN_FLIGHT, type DType, type FloatDType } from "../safetensors/index.js";
 import type { ResolvedOptions } from "./options.js";
 
 export interface SourceRef {
@@ -73,11 +73,9 @@ export interface UpcyclePlan {
 
 /** Context length the FLOP ratio is quoted at. */
 export const FLOP_CONTEXT = 2048;
-/** Rows (or elements) the executor processes at a time; bounds its memory. */
+/** Elements an average processes at a time; bounds its scratch memory. */
 export const CHUNK_ELEMENTS = 1 << 20;
-/** Elements per chunk of a plain copy (no arithmetic, so no cache to stay in). */
-export const COPY_CHUNK_ELEMENTS = 1 << 23;
-/** Node's own footprint plus the writer's buffer, for the memory estimate. */
+/** Node's own footprint, for the memory estimate. */
 const BASE_MEMORY_BYTES = 120e6;
 
 const ATTENTION_TENSOR = /^model\.layers\.(\d+)\.attn\.((q|k|v|o)_proj|(q|k)_norm)\.(weight|bias)$/;
@@ -264,9 +262,10 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const flops = 2 * (params.activePerToken - embeddings(tensors)) + scoreFlops(attentionCopies);
   const bytesOf = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype];
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
-  // Working set: one chunk per source in float64 for averages, plus a drop's whole source matrix.
+  // Working set: the writer's batches in flight, each with an average's scratch (a float64 sum,
+  // float32 values, one slice per source), plus a drop's whole matrix in float32 and encoded.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = Math.max(CHUNK_ELEMENTS * 8 * (seedCount + 3), COPY_CHUNK_ELEMENTS * 4 * 3);
+  const chunkBytes = WRITES_IN_FLIGHT * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * (8 + 4 + 4 * seedCount));
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,

@@ -8,7 +8,7 @@ import { type ErrorCode, isBamError } from "../../src/errors.js";
 import { type DType, DTYPE_SIZE } from "../../src/safetensors/dtype.js";
 import { SafetensorsReader } from "../../src/safetensors/reader.js";
 import {
-  parseSize, planShards, safetensorsHeader, type TensorToWrite, writeSafetensors,
+  parseSize, planShards, safetensorsHeader, type TensorToWrite, WRITE_BATCH_BYTES, writeSafetensors,
 } from "../../src/safetensors/writer.js";
 
 let dir: string;
@@ -94,7 +94,7 @@ test("invalid tensor lists are refused before anything is written", () => {
 
 test("data is produced lazily, once, in order, and its length is checked", async () => {
   const calls: string[] = [];
-  const lazy = (t: TensorToWrite) => ({ ...t, data: () => { calls.push(t.name); return t.data(); } });
+  const lazy = (t: TensorToWrite & { bytes: Uint8Array }) => ({ ...t, data: () => { calls.push(t.name); return t.bytes; } });
   await writeSafetensors(join(dir, "lazy.safetensors"), [tensor("x", "F32", [2]), tensor("y", "I8", [2])].map(lazy));
   assert.deepEqual(calls, ["x", "y"]);
   const path = join(dir, "short.safetensors");
@@ -107,18 +107,42 @@ test("data is produced lazily, once, in order, and its length is checked", async
   await reader.close();
 });
 
-test("abort between tensors stops the write with ABORTED", async () => {
+test("abort between batches stops the write with ABORTED", async () => {
   const controller = new AbortController();
   const calls: string[] = [];
+  // Each tensor fills most of a batch, so each is a batch of its own.
+  const bytes = WRITE_BATCH_BYTES / 2 + 8;
   const tensors = ["p", "q", "r"].map((name) => ({
-    ...tensor(name, "U8", [4]),
-    data: () => { calls.push(name); controller.abort(); return new Uint8Array(4); },
+    ...tensor(name, "U8", [bytes]),
+    data: () => { calls.push(name); controller.abort(); return new Uint8Array(bytes); },
   }));
   const path = join(dir, "aborted.safetensors");
   await assert.rejects(writeSafetensors(path, tensors, { signal: controller.signal }), rejectsWith("ABORTED", path));
   assert.deepEqual(calls, ["p"]);
   await assert.rejects(writeSafetensors(join(dir, "never.safetensors"), tensors, { signal: controller.signal }), rejectsWith("ABORTED"));
   assert.equal(existsSync(join(dir, "never.safetensors")), false, "an aborted signal creates no file");
+  // Aborted while the only batch was produced: still ABORTED, not a finished file.
+  const late = new AbortController();
+  const one = [{ ...tensor("s", "U8", [4]), data: () => { late.abort(); return new Uint8Array(4); } }];
+  await assert.rejects(writeSafetensors(path, one, { signal: late.signal }), rejectsWith("ABORTED", path));
+});
+
+test("fill tensors are asked for batch-sized ranges and written where they belong", async () => {
+  const big = tensor("big", "BF16", [(WRITE_BATCH_BYTES * 2.5 + 6) / 2]);
+  const ranges: [number, number][] = [];
+  const filled: TensorToWrite = {
+    name: big.name, dtype: big.dtype, shape: big.shape,
+    fill: async (offset, into) => { ranges.push([offset, into.length]); into.set(big.bytes.subarray(offset, offset + into.length)); },
+  };
+  const small = [tensor("a", "F32", [3]), tensor("z", "I8", [5])];
+  const path = join(dir, "filled.safetensors");
+  await writeSafetensors(path, [small[0]!, filled, small[1]!]);
+  assert.deepEqual(ranges, [[0, WRITE_BATCH_BYTES], [WRITE_BATCH_BYTES, WRITE_BATCH_BYTES], [2 * WRITE_BATCH_BYTES, big.bytes.length - 2 * WRITE_BATCH_BYTES]]);
+  const reader = await SafetensorsReader.open(path);
+  for (const t of [small[0]!, big, small[1]!]) assert.ok(Buffer.from(await reader.read(t.name)).equals(t.bytes), t.name);
+  await reader.close();
+  const failing: TensorToWrite = { ...filled, fill: async (offset) => { if (offset > 0) throw new Error("seed read failed"); } };
+  await assert.rejects(writeSafetensors(path, [failing]), /seed read failed/);
 });
 
 test("small tensors are coalesced into few large writes; onBytes adds up to the file size", async () => {
