@@ -14,7 +14,7 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { WRITE_BATCH_BYTES, WRITES_IN_FLIGHT } from "../../src/safetensors/index.js";
+import { WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT } from "../../src/safetensors/index.js";
 import { CHUNK_ELEMENTS } from "../../src/upcycle/plan.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 
@@ -98,7 +98,7 @@ const result = {
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
   chunkElements: CHUNK_ELEMENTS,
   writeBatchBytes: WRITE_BATCH_BYTES,
-  writesInFlight: WRITES_IN_FLIGHT,
+  batchesInFlight: BATCHES_IN_FLIGHT,
   repeats,
   sizes: results,
   /** Seeds grew this much; the median peak RSS grew by `rssGrowthBytes`. */

@@ -1,10 +1,11 @@
 /**
  * Safetensors writer. As in the reference implementation, all offsets are
  * computed first; then the file is written as batches of up to
- * WRITE_BATCH_BYTES, several in flight, each at its own position: small
- * tensors share a batch, large ones are split across batches, and batch
- * buffers are reused (a fresh buffer costs a page fault per 4 KiB, which
- * made the old one-write-at-a-time writer mostly wait).
+ * WRITE_BATCH_BYTES, each at its own position: small tensors share a batch,
+ * large ones are split across batches. Many batches are produced at once (a
+ * slow average need not stall the copies behind it), and written one at a
+ * time as they complete (concurrent writes to one file only spin on its
+ * lock). Batch buffers are reused: a fresh buffer costs a page fault per 4 KiB.
  */
 import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { resolve } from "node:path";
@@ -21,9 +22,10 @@ interface TensorLayout {
 /**
  * A tensor to write and where its bytes come from: `data`, the whole tensor
  * (called once, in write order), or `fill`, which produces any byte range of
- * it into a buffer the writer lends. Ranges start at multiples of
- * WRITE_BATCH_BYTES, so they are whole elements; ranges of one tensor may be
- * requested concurrently, each once, in increasing order of offset.
+ * it into a buffer the writer lends (backed by a SharedArrayBuffer, so a
+ * worker thread can fill it). Ranges start at multiples of WRITE_BATCH_BYTES,
+ * so they are whole elements; ranges of one tensor may be requested
+ * concurrently, each once, in increasing order of offset.
  */
 export type TensorToWrite = TensorLayout & (
   | { data: () => Uint8Array | Promise<Uint8Array> }
@@ -36,6 +38,27 @@ export interface WriteOptions {
   signal?: AbortSignal;
   /** Called after each write with the bytes it put on disk, header included. */
   onBytes?: (bytesJustWritten: number) => void;
+  /** Where batch buffers come from; writeShardedSafetensors shares one pool across its files. */
+  buffers?: SharedBufferPool;
+}
+
+/**
+ * Reusable buffers backed by SharedArrayBuffers. Freed ones are reclaimed
+ * only when every thread's GC gets round to them, so allocating afresh for
+ * each file or task let hundreds of MB pile up.
+ */
+export class SharedBufferPool {
+  private readonly free: Uint8Array[] = [];
+
+  /** A buffer of at least `size` bytes. */
+  take(size: number): Uint8Array {
+    const at = this.free.findIndex((buffer) => buffer.length >= size);
+    return at >= 0 ? this.free.splice(at, 1)[0]! : new Uint8Array(new SharedArrayBuffer(size));
+  }
+
+  give(buffer: Uint8Array): void {
+    this.free.push(buffer);
+  }
 }
 
 export interface ShardPlan { file: string; tensors: string[]; bytes: number }
@@ -44,8 +67,11 @@ const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
 /** Bytes per write; a multiple of every element size. */
 export const WRITE_BATCH_BYTES = 16 * 1024 * 1024;
-/** Batches being produced or written at once: enough to keep reads, conversion and writes overlapped. */
-export const WRITES_IN_FLIGHT = 4;
+/**
+ * Batches being produced or waiting to be written (256 MiB): enough for the
+ * copies of the next layers to go on while an embedding's average is computed.
+ */
+export const BATCHES_IN_FLIGHT = 16;
 const HEADER_PADDING = 0x20;
 
 export function safetensorsHeader(tensors: TensorLayout[], metadata?: Record<string, string>): { header: Uint8Array; dataBytes: number } {
@@ -109,7 +135,8 @@ export async function writeSafetensors(path: string, tensors: TensorToWrite[], o
   throwIfAborted(options.signal, path);
   const handle = await open(path, "w").catch((error: unknown) => { throw ioError(path, error); });
   try {
-    await writeBatches(new PositionalWriter(handle, path, options.onBytes), planBatches(header, tensors, sizes), path, options.signal);
+    const batches = planBatches(header, tensors, sizes);
+    await writeBatches(new PositionalWriter(handle, path, options.onBytes), batches, options.buffers ?? new SharedBufferPool(), path, options.signal);
   } catch (error) {
     await handle.close().catch(() => undefined); // the first error is the one to report
     throw error;
@@ -151,26 +178,27 @@ function planBatches(header: Uint8Array, tensors: TensorToWrite[], sizes: number
 }
 
 /**
- * Produces and writes the batches, WRITES_IN_FLIGHT at a time, started in
+ * Produces and writes the batches, BATCHES_IN_FLIGHT at a time, started in
  * file order (so `data` is called in order). On an error nothing new starts;
  * what is in flight settles before the first error is thrown.
  */
-async function writeBatches(out: PositionalWriter, { header, batches }: ReturnType<typeof planBatches>, path: string, signal: AbortSignal | undefined): Promise<void> {
+async function writeBatches(
+  out: PositionalWriter, { header, batches }: ReturnType<typeof planBatches>, buffers: SharedBufferPool, path: string, signal: AbortSignal | undefined,
+): Promise<void> {
   const capacity = Math.min(WRITE_BATCH_BYTES, Math.max(0, ...batches.map((b) => b.length)));
-  const free: Uint8Array[] = [];
   const running = new Set<Promise<void>>();
   let failure: { error: unknown } | undefined;
   for (const batch of batches) {
-    while (running.size >= WRITES_IN_FLIGHT && failure === undefined) await Promise.race(running);
+    while (running.size >= BATCHES_IN_FLIGHT && failure === undefined) await Promise.race(running);
     if (failure !== undefined) break;
     if (signal?.aborted) break;
     const oversized = batch.length > capacity;
-    const buffer = oversized ? undefined : free.pop() ?? new Uint8Array(capacity);
+    const buffer = oversized ? undefined : buffers.take(capacity);
     const task = writeBatch(out, batch, header, buffer, path)
       .catch((error: unknown) => { failure ??= { error }; })
       .finally(() => {
         running.delete(task);
-        if (buffer !== undefined) free.push(buffer);
+        if (buffer !== undefined) buffers.give(buffer);
       });
     running.add(task);
   }
@@ -210,15 +238,23 @@ async function wholeData(tensor: DataTensor, size: number, path: string): Promis
   return data;
 }
 
-/** Writes at given positions of one handle; any number of writes may be in flight. */
+/** Writes at given positions of one handle, one at a time, in the order asked. */
 class PositionalWriter {
+  private last: Promise<void> = Promise.resolve();
+
   constructor(
     private readonly handle: FileHandle,
     private readonly path: string,
     private readonly onBytes?: (bytes: number) => void,
   ) {}
 
-  async write(bytes: Uint8Array, position: number): Promise<void> {
+  write(bytes: Uint8Array, position: number): Promise<void> {
+    const write = this.last.then(() => this.writeNow(bytes, position));
+    this.last = write.catch(() => undefined); // the error goes to this write's caller
+    return write;
+  }
+
+  private async writeNow(bytes: Uint8Array, position: number): Promise<void> {
     for (let done = 0; done < bytes.length;) {
       const { bytesWritten } = await this.handle.write(bytes, done, Math.min(bytes.length - done, MAX_IO_BYTES), position + done)
         .catch((error: unknown) => { throw ioError(this.path, error); });
@@ -261,10 +297,11 @@ export async function writeShardedSafetensors(
 ): Promise<{ files: string[]; totalSize: number }> {
   const plan = planShards(tensors, options.maxShardBytes);
   const files: string[] = [];
+  const shared = { ...options, buffers: options.buffers ?? new SharedBufferPool() };
   let next = 0;
   for (const shard of plan) {
     const file = resolve(dir, shard.file);
-    await writeSafetensors(file, tensors.slice(next, next + shard.tensors.length), options);
+    await writeSafetensors(file, tensors.slice(next, next + shard.tensors.length), shared);
     next += shard.tensors.length;
     files.push(file);
   }

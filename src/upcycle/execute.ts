@@ -5,11 +5,10 @@
  * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import {
-  decodeFloatsInto, DTYPE_SIZE, encodeFloatsInto, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite,
-} from "../safetensors/index.js";
+import { DTYPE_SIZE, encodeFloatsInto, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
 import { CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import type { AveragePool } from "./average.js";
 import { RandomStream } from "./random.js";
 
 const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
@@ -19,10 +18,11 @@ type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;
 
 /**
  * The plan's tensors as writer input, renamed by `rename` (native formats);
- * `routerRows` holds the rows of routers initialised from prompts.
+ * `routerRows` holds the rows of routers initialised from prompts. Averages
+ * run on `pool`, which the caller closes.
  */
 export function tensorsToWrite(
-  plan: UpcyclePlan, seeds: Seed[], rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
+  plan: UpcyclePlan, seeds: Seed[], pool: AveragePool, rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
 ): TensorToWrite[] {
   return plan.tensors.map((tensor): TensorToWrite => {
     const layout = { name: rename(tensor.name), dtype: tensor.dtype, shape: tensor.shape };
@@ -31,7 +31,7 @@ export function tensorsToWrite(
       case "copy":
         return { ...layout, fill: copyRange(seeds, op.from, tensor) };
       case "average":
-        return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor) };
+        return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor, pool) };
       case "router":
         return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op.std, plan.options.seed, op.key)) };
       case "drop":
@@ -65,37 +65,31 @@ function copyRange(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): RangeF
   };
 }
 
-function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor): RangeFiller {
+function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor, pool: AveragePool): RangeFiller {
   return async (offset, into) => {
     const [start, count] = elementRange(tensor, offset, into);
     const outSize = DTYPE_SIZE[tensor.dtype];
-    // Scratch for one CHUNK_ELEMENTS slice at a time, reused across slices.
-    const sum = new Float64Array(Math.min(count, CHUNK_ELEMENTS));
-    const values = new Float32Array(sum.length);
-    const sources = refs.map((ref) => ({ ref, dtype: sourceDType(seeds, ref), bytes: new Uint8Array(sum.length * DTYPE_SIZE[sourceDType(seeds, ref)]) }));
-    for (let done = 0; done < count; done += CHUNK_ELEMENTS) {
-      const n = Math.min(CHUNK_ELEMENTS, count - done);
-      const read = await Promise.all(sources.map(({ ref, dtype, bytes }) => seeds[ref.seed]!.readElements(ref.tensor, start + done, n, bytes.subarray(0, n * DTYPE_SIZE[dtype]))));
-      const slice = sum.subarray(0, n).fill(0);
-      sources.forEach(({ dtype }, i) => accumulate(slice, decodeFloatsInto(read[i]!, dtype, values.subarray(0, n)), weights[i]!));
-      encodeFloatsInto(roundToFloat32(slice, values.subarray(0, n)), tensor.dtype, into.subarray(done * outSize, (done + n) * outSize));
+    // One CHUNK_ELEMENTS slice of each source at a time, in shared memory a worker can read.
+    const slice = Math.min(count, CHUNK_ELEMENTS);
+    const sources = refs.map((ref) => {
+      const dtype = sourceDType(seeds, ref);
+      return { ref, dtype, buffer: pool.buffers.take(slice * DTYPE_SIZE[dtype]) };
+    });
+    try {
+      for (let done = 0; done < count; done += slice) {
+        const n = Math.min(slice, count - done);
+        const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start + done, n, buffer.subarray(0, n * DTYPE_SIZE[dtype]))));
+        await pool.run({
+          sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })),
+          weights,
+          out: into.subarray(done * outSize, (done + n) * outSize),
+          dtype: tensor.dtype,
+        });
+      }
+    } finally {
+      for (const { buffer } of sources) pool.buffers.give(buffer);
     }
   };
-}
-
-/**
- * sum += weight * values, element by element, in doubles; callers add the
- * sources in seed order and round once to float32, so averaging identical
- * seeds gives the seed back exactly.
- */
-function accumulate(sum: Float64Array, values: Float32Array, weight: number): void {
-  for (let j = 0; j < sum.length; j++) sum[j] = sum[j]! + weight * values[j]!;
-}
-
-/** The sums rounded once to float32, into `out`. (A loop of its own: inline in the async function above, V8 ran it 10x slower.) */
-function roundToFloat32(sum: Float64Array, out: Float32Array): Float32Array {
-  for (let j = 0; j < sum.length; j++) out[j] = sum[j]!;
-  return out;
 }
 
 /** Ranges of a tensor computed whole (a drop needs the matrix's statistics): computed on the first request, dropped after the last. */

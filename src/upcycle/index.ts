@@ -13,6 +13,7 @@ import { modelCard } from "../export/card.js";
 import { formatWriter } from "../export/formats.js";
 import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
+import { AveragePool } from "./average.js";
 import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
@@ -93,12 +94,13 @@ export async function upcycle(
     const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
     const folder = await openAtomicFolder(plan.options.output, plan.options.force);
     const hashing = hashSeeds(seeds.map((s) => ({ name: s.name, files: [join(s.dir, "config.json"), ...s.files] })));
+    const averages = new AveragePool();
     try {
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
       let bytesWritten = 0;
       let current = "";
       // With several batches in flight, "current" is the tensor whose production started last.
-      const tensors = tensorsToWrite(plan, seeds, writer.rename, routerRows).map((t): TensorToWrite => ("fill" in t
+      const tensors = tensorsToWrite(plan, seeds, averages, writer.rename, routerRows).map((t): TensorToWrite => ("fill" in t
         ? { ...t, fill: (offset, into) => ((current = t.name), t.fill(offset, into)) }
         : { ...t, data: () => ((current = t.name), t.data()) }));
       const totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
@@ -111,6 +113,7 @@ export async function upcycle(
           hooks.onProgress?.({ bytesWritten, totalBytes, tensor: current });
         },
       });
+      await averages.close();
       const hashed = await hashing.result;
       plan.moe.upcycledFrom = hashed.map(({ name, sha256 }) => ({ name, sha256 }));
       const config = { ...writer.config };
@@ -133,6 +136,7 @@ export async function upcycle(
       };
     } catch (error) {
       hashing.cancel();
+      await averages.close();
       await folder.discard();
       if (hooks.signal?.aborted && !(error instanceof BamError && error.code === "ABORTED")) {
         throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`, { cause: error });

@@ -9,7 +9,7 @@ import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
-import { DTYPE_SIZE, WRITE_BATCH_BYTES, WRITES_IN_FLIGHT, type DType, type FloatDType } from "../safetensors/index.js";
+import { DTYPE_SIZE, WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT, type DType, type FloatDType } from "../safetensors/index.js";
 import type { ResolvedOptions } from "./options.js";
 
 export interface SourceRef {
@@ -75,6 +75,8 @@ export interface UpcyclePlan {
 export const FLOP_CONTEXT = 2048;
 /** Elements an average processes at a time; bounds its scratch memory. */
 export const CHUNK_ELEMENTS = 1 << 20;
+/** A worker thread's own footprint (its V8 isolate), for the memory estimate. */
+const AVERAGE_WORKER_BYTES = 10e6;
 /** Node's own footprint, for the memory estimate. */
 const BASE_MEMORY_BYTES = 120e6;
 
@@ -262,10 +264,11 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const flops = 2 * (params.activePerToken - embeddings(tensors)) + scoreFlops(attentionCopies);
   const bytesOf = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype];
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
-  // Working set: the writer's batches in flight, each with an average's scratch (a float64 sum,
-  // float32 values, one slice per source), plus a drop's whole matrix in float32 and encoded.
+  // Working set: the writer's batches in flight, each with an average's slice per source; up to 4
+  // averaging workers (an isolate and a float64 sum and float32 values each); a drop's whole matrix
+  // in float32 and encoded.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = WRITES_IN_FLIGHT * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * (8 + 4 + 4 * seedCount));
+  const chunkBytes = BATCHES_IN_FLIGHT * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * 4 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 12);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,

@@ -1,0 +1,78 @@
+/**
+ * Averages on worker threads give exactly the bytes of the plain
+ * computation: float64 sums in seed order, one rounding to float32, then
+ * the output dtype.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { DTYPE_SIZE, fromFloat32, toFloat32, type FloatDType } from "../../src/safetensors/index.js";
+import { AveragePool } from "../../src/upcycle/average.js";
+
+/** Random values with varied exponents, NaN and infinities included, in `dtype`. */
+function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Array {
+  let x = seed;
+  const values = new Float32Array(count);
+  for (let i = 0; i < count; i++) {
+    x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
+    values[i] = ((x / 2 ** 32) - 0.5) * 2 ** ((x % 40) - 20);
+  }
+  values[0] = NaN;
+  values[1] = Infinity;
+  values[2] = -0;
+  return fromFloat32(values, dtype);
+}
+
+function reference(sources: { bytes: Uint8Array; dtype: FloatDType }[], weights: number[], dtype: FloatDType): Uint8Array {
+  const decoded = sources.map((s) => toFloat32(s.bytes, s.dtype));
+  const out = new Float32Array(decoded[0]!.length);
+  for (let j = 0; j < out.length; j++) {
+    let sum = 0;
+    for (let i = 0; i < decoded.length; i++) sum += weights[i]! * decoded[i]![j]!;
+    out[j] = sum;
+  }
+  return fromFloat32(out, dtype);
+}
+
+const shared = (bytes: Uint8Array) => {
+  const copy = new Uint8Array(new SharedArrayBuffer(bytes.length));
+  copy.set(bytes);
+  return copy;
+};
+
+test("averages from a worker and inline equal the plain computation, for every dtype mix", async () => {
+  const pool = new AveragePool();
+  try {
+    const count = 5000;
+    const dtypes: FloatDType[] = ["BF16", "F16", "F32"];
+    for (const out of dtypes) {
+      const sources = dtypes.map((dtype, i) => ({ bytes: randomValues(count, dtype, 17 + i), dtype }));
+      const weights = [0.2, 0.3, 0.5];
+      const expected = reference(sources, weights, out);
+      const inline = new Uint8Array(count * DTYPE_SIZE[out]);
+      await pool.run({ sources, weights, out: inline, dtype: out });
+      assert.deepEqual(inline, expected, `inline -> ${out}`);
+      const target = shared(new Uint8Array(count * DTYPE_SIZE[out]));
+      const runs = [1, 2, 3].map(() => pool.run({ sources: sources.map((s) => ({ ...s, bytes: shared(s.bytes) })), weights, out: target, dtype: out }));
+      await Promise.all(runs);
+      assert.deepEqual(new Uint8Array(target), expected, `worker -> ${out}`);
+    }
+  } finally {
+    await pool.close();
+  }
+});
+
+test("averaging identical seeds gives the seed's values back", async () => {
+  const pool = new AveragePool();
+  try {
+    const seed = shared(randomValues(4096, "BF16", 3));
+    const out = shared(new Uint8Array(seed.length));
+    await pool.run({ sources: [seed, seed, seed].map((bytes) => ({ bytes, dtype: "BF16" as const })), weights: [1 / 3, 1 / 3, 1 / 3], out, dtype: "BF16" });
+    // The same values (NaN stays NaN; -0 becomes +0, as the sum starts from 0).
+    const want = toFloat32(seed, "BF16");
+    const got = toFloat32(new Uint8Array(out), "BF16");
+    const differ = want.findIndex((v, j) => !(v === got[j] || (Number.isNaN(v) && Number.isNaN(got[j]!))));
+    assert.equal(differ, -1, `element ${differ}: ${want[differ]} became ${got[differ]}`);
+  } finally {
+    await pool.close();
+  }
+});
