@@ -14,7 +14,7 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT } from "../../src/safetensors/index.js";
+import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from "../../src/safetensors/index.js";
 import { CHUNK_ELEMENTS } from "../../src/upcycle/plan.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 
@@ -99,6 +99,7 @@ const result = {
   chunkElements: CHUNK_ELEMENTS,
   writeBatchBytes: WRITE_BATCH_BYTES,
   batchesInFlight: BATCHES_IN_FLIGHT,
+  earlyBatchesInFlight: EARLY_BATCHES_IN_FLIGHT,
   repeats,
   sizes: results,
   /** Seeds grew this much; the median peak RSS grew by `rssGrowthBytes`. */

@@ -8,5 +8,5 @@ export { openRegularFile, readTextFile } from "./input-file.js";
 export {
   type TensorToWrite, type WriteOptions, type ShardPlan,
   safetensorsHeader, writeSafetensors, planShards, writeShardedSafetensors, shardedFileBytes, parseSize,
-  WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT, SharedBufferPool,
+  WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, SharedBufferPool,
 } from "./writer.js";

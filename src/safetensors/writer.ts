@@ -3,9 +3,10 @@
  * computed first; then the file is written as batches of up to
  * WRITE_BATCH_BYTES, each at its own position: small tensors share a batch,
  * large ones are split across batches. Many batches are produced at once (a
- * slow average need not stall the copies behind it), and written one at a
- * time as they complete (concurrent writes to one file only spin on its
- * lock). Batch buffers are reused: a fresh buffer costs a page fault per 4 KiB.
+ * compute-bound average is started early, to overlap the copies before it)
+ * and written one at a time as they complete (concurrent writes to one file
+ * only spin on its lock). Batch buffers are reused: a fresh buffer costs a
+ * page fault per 4 KiB.
  */
 import { open, writeFile, type FileHandle } from "node:fs/promises";
 import { resolve } from "node:path";
@@ -25,11 +26,15 @@ interface TensorLayout {
  * it into a buffer the writer lends (backed by a SharedArrayBuffer, so a
  * worker thread can fill it). Ranges start at multiples of WRITE_BATCH_BYTES,
  * so they are whole elements; ranges of one tensor may be requested
- * concurrently, each once, in increasing order of offset.
+ * concurrently and in any order, each once.
  */
 export type TensorToWrite = TensorLayout & (
   | { data: () => Uint8Array | Promise<Uint8Array> }
-  | { fill: (offset: number, into: Uint8Array) => Promise<void> }
+  | {
+    fill: (offset: number, into: Uint8Array) => Promise<void>;
+    /** Production is arithmetic more than I/O: the writer starts it early, to overlap other tensors' I/O. */
+    computeBound?: boolean;
+  }
 );
 
 export interface WriteOptions {
@@ -67,11 +72,10 @@ const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
 /** Bytes per write; a multiple of every element size. */
 export const WRITE_BATCH_BYTES = 16 * 1024 * 1024;
-/**
- * Batches being produced or waiting to be written (256 MiB): enough for the
- * copies of the next layers to go on while an embedding's average is computed.
- */
-export const BATCHES_IN_FLIGHT = 16;
+/** Batches being produced or waiting to be written, in file order (128 MiB). */
+export const BATCHES_IN_FLIGHT = 8;
+/** Batches of compute-bound tensors started ahead of file order (64 MiB). */
+export const EARLY_BATCHES_IN_FLIGHT = 4;
 const HEADER_PADDING = 0x20;
 
 export function safetensorsHeader(tensors: TensorLayout[], metadata?: Record<string, string>): { header: Uint8Array; dataBytes: number } {
@@ -178,29 +182,44 @@ function planBatches(header: Uint8Array, tensors: TensorToWrite[], sizes: number
 }
 
 /**
- * Produces and writes the batches, BATCHES_IN_FLIGHT at a time, started in
- * file order (so `data` is called in order). On an error nothing new starts;
- * what is in flight settles before the first error is thrown.
+ * Produces and writes the batches: up to BATCHES_IN_FLIGHT started in file
+ * order (so `data` is called in order), plus up to EARLY_BATCHES_IN_FLIGHT
+ * of compute-bound tensors started ahead of their turn, so that their
+ * arithmetic overlaps the I/O of the batches before them. On an error
+ * nothing new starts; what is in flight settles before the first error is thrown.
  */
 async function writeBatches(
   out: PositionalWriter, { header, batches }: ReturnType<typeof planBatches>, buffers: SharedBufferPool, path: string, signal: AbortSignal | undefined,
 ): Promise<void> {
   const capacity = Math.min(WRITE_BATCH_BYTES, Math.max(0, ...batches.map((b) => b.length)));
+  const early = batches.map((batch) => batch.pieces.every(({ tensor }) => tensor !== null && "fill" in tensor && tensor.computeBound === true));
+  const started = batches.map(() => false);
   const running = new Set<Promise<void>>();
+  const lanes = { inOrder: 0, early: 0 };
+  let next = 0;
+  let nextEarly = 0;
   let failure: { error: unknown } | undefined;
-  for (const batch of batches) {
-    while (running.size >= BATCHES_IN_FLIGHT && failure === undefined) await Promise.race(running);
-    if (failure !== undefined) break;
-    if (signal?.aborted) break;
-    const oversized = batch.length > capacity;
-    const buffer = oversized ? undefined : buffers.take(capacity);
+  const start = (index: number, lane: keyof typeof lanes) => {
+    const batch = batches[index]!;
+    started[index] = true;
+    lanes[lane]++;
+    const buffer = batch.length > capacity ? undefined : buffers.take(capacity);
     const task = writeBatch(out, batch, header, buffer, path)
       .catch((error: unknown) => { failure ??= { error }; })
       .finally(() => {
         running.delete(task);
+        lanes[lane]--;
         if (buffer !== undefined) buffers.give(buffer);
       });
     running.add(task);
+  };
+  while (failure === undefined && !signal?.aborted) {
+    while (next < batches.length && started[next]) next++;
+    while (nextEarly < batches.length && (started[nextEarly] || !early[nextEarly])) nextEarly++;
+    if (next === batches.length) break;
+    if (nextEarly < batches.length && lanes.early < EARLY_BATCHES_IN_FLIGHT) start(nextEarly, "early");
+    else if (lanes.inOrder < BATCHES_IN_FLIGHT) start(next, "inOrder");
+    else await Promise.race(running);
   }
   await Promise.all(running);
   if (failure !== undefined) throw failure.error;

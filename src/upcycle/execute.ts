@@ -31,7 +31,7 @@ export function tensorsToWrite(
       case "copy":
         return { ...layout, fill: copyRange(seeds, op.from, tensor) };
       case "average":
-        return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor, pool) };
+        return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor, pool), computeBound: true };
       case "router":
         return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op.std, plan.options.seed, op.key)) };
       case "drop":

@@ -9,7 +9,7 @@ import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
-import { DTYPE_SIZE, WRITE_BATCH_BYTES, BATCHES_IN_FLIGHT, type DType, type FloatDType } from "../safetensors/index.js";
+import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
 import type { ResolvedOptions } from "./options.js";
 
 export interface SourceRef {
@@ -268,7 +268,7 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   // averaging workers (an isolate and a float64 sum and float32 values each); a drop's whole matrix
   // in float32 and encoded.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = BATCHES_IN_FLIGHT * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * 4 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 12);
+  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * 4 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 12);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,
