@@ -7,6 +7,7 @@
 import { availableParallelism } from "node:os";
 import { Worker } from "node:worker_threads";
 import { decodeFloatsInto, DTYPE_SIZE, encodeFloatsInto, SharedBufferPool, type FloatDType } from "../safetensors/index.js";
+import { AVERAGE_KERNEL_BASE64 } from "./average-kernel.js";
 
 export interface AverageTask {
   /** Each source's values, all of one length in elements. */
@@ -17,31 +18,58 @@ export interface AverageTask {
   dtype: FloatDType;
 }
 
-/** Scratch reused across tasks on one thread. */
-let scratch = { sum: new Float64Array(0), values: new Float32Array(0) };
+interface Kernel {
+  memory: WebAssembly.Memory;
+  decode_bf16(src: number, values: number, n: number): void;
+  accumulate(sum: number, values: number, n: number, weight: number): void;
+  round_f32(sum: number, values: number, n: number): void;
+  encode_bf16(values: number, out: number, n: number): void;
+}
+
+/** This thread's instance of average.wat, compiled on first use. */
+let kernel: Kernel | undefined;
+
+/** Scratch in the kernel's memory for `count` elements: the f64 sums, f32 values, and 16-bit bytes in or out. */
+function kernelFor(count: number): { kernel: Kernel; sum: number; values: number; halves: number } {
+  kernel ??= new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(AVERAGE_KERNEL_BASE64, "base64"))).exports as unknown as Kernel;
+  const sum = 0;
+  const values = sum + count * 8;
+  const halves = values + count * 4;
+  const needed = halves + count * 2;
+  const pages = Math.ceil((needed - kernel.memory.buffer.byteLength) / 65536);
+  if (pages > 0) kernel.memory.grow(pages);
+  return { kernel, sum, values, halves };
+}
 
 /**
  * out = sum of weights[i] * sources[i], accumulated in doubles in source
  * order and rounded once to float32, then to the output dtype: averaging
- * identical seeds gives the seed back exactly.
+ * identical seeds gives the seed back exactly. The arithmetic is average.wat's;
+ * F16 is decoded and encoded by dtype.ts (no hot path needs it fast).
  */
 export function averageInto({ sources, weights, out, dtype }: AverageTask): void {
   const count = out.length / DTYPE_SIZE[dtype];
-  if (scratch.sum.length < count) scratch = { sum: new Float64Array(count), values: new Float32Array(count) };
-  const sum = scratch.sum.subarray(0, count).fill(0);
-  const values = scratch.values.subarray(0, count);
-  sources.forEach((source, i) => accumulate(sum, decodeFloatsInto(source.bytes, source.dtype, values), weights[i]!));
-  encodeFloatsInto(roundToFloat32(sum, values), dtype, out);
-}
-
-function accumulate(sum: Float64Array, values: Float32Array, weight: number): void {
-  for (let j = 0; j < sum.length; j++) sum[j] = sum[j]! + weight * values[j]!;
-}
-
-/** (A loop of its own: inline in a larger function, V8 ran it 10x slower.) */
-function roundToFloat32(sum: Float64Array, out: Float32Array): Float32Array {
-  for (let j = 0; j < sum.length; j++) out[j] = sum[j]!;
-  return out;
+  const padded = Math.ceil(count / 8) * 8; // the kernel works 8 elements at a time
+  const { kernel, sum, values, halves } = kernelFor(padded);
+  const memory = kernel.memory.buffer;
+  new Float64Array(memory, sum, padded).fill(0);
+  const valuesView = new Float32Array(memory, values, count);
+  sources.forEach((source, i) => {
+    if (source.dtype === "BF16") {
+      new Uint8Array(memory, halves, source.bytes.length).set(source.bytes);
+      kernel.decode_bf16(halves, values, padded);
+    } else {
+      decodeFloatsInto(source.bytes, source.dtype, valuesView);
+    }
+    kernel.accumulate(sum, values, padded, weights[i]!);
+  });
+  kernel.round_f32(sum, values, padded);
+  if (dtype === "BF16") {
+    kernel.encode_bf16(values, halves, padded);
+    out.set(new Uint8Array(memory, halves, out.length));
+  } else {
+    encodeFloatsInto(valuesView, dtype, out);
+  }
 }
 
 const isShared = (bytes: Uint8Array) => bytes.buffer instanceof SharedArrayBuffer;

@@ -1,12 +1,16 @@
 /**
- * Averages on worker threads give exactly the bytes of the plain
- * computation: float64 sums in seed order, one rounding to float32, then
- * the output dtype.
+ * Averages (average.wat's SIMD kernel, inline or on worker threads) give
+ * exactly the bytes of the plain JavaScript computation: float64 sums in
+ * seed order, one rounding to float32, then the output dtype. NaN payloads
+ * included: where two sources hold different NaNs, the kernel adds in the
+ * order V8 does on x64, so the same one survives.
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { DTYPE_SIZE, fromFloat32, toFloat32, type FloatDType } from "../../src/safetensors/index.js";
+import { assembleKernel, kernelSource } from "../../scripts/build-kernel.js";
 import { AveragePool } from "../../src/upcycle/average.js";
+import { AVERAGE_KERNEL_BASE64 } from "../../src/upcycle/average-kernel.js";
 
 /** Random values with varied exponents, NaN and infinities included, in `dtype`. */
 function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Array {
@@ -19,7 +23,16 @@ function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Arra
   values[0] = NaN;
   values[1] = Infinity;
   values[2] = -0;
-  return fromFloat32(values, dtype);
+  const bytes = fromFloat32(values, dtype);
+  // NaNs of both signs, quiet and signalling, with payloads, differing between sources.
+  const nans = { BF16: [0xffc1, 0x7f81, 0x7fc0 + seed % 8], F16: [0xfe01, 0x7c01, 0x7e00 + seed % 8], F32: [0xffc00001, 0x7f800001, 0x7fc00000 + seed] }[dtype];
+  const view = new DataView(bytes.buffer);
+  nans.forEach((bits, k) => {
+    const at = (3 + k + (seed % 2)) * DTYPE_SIZE[dtype];
+    if (dtype === "F32") view.setUint32(at, bits, true);
+    else view.setUint16(at, bits, true);
+  });
+  return bytes;
 }
 
 function reference(sources: { bytes: Uint8Array; dtype: FloatDType }[], weights: number[], dtype: FloatDType): Uint8Array {
@@ -42,7 +55,7 @@ const shared = (bytes: Uint8Array) => {
 test("averages from a worker and inline equal the plain computation, for every dtype mix", async () => {
   const pool = new AveragePool();
   try {
-    const count = 5000;
+    const count = 5003; // not a multiple of the kernel's 8 lanes
     const dtypes: FloatDType[] = ["BF16", "F16", "F32"];
     for (const out of dtypes) {
       const sources = dtypes.map((dtype, i) => ({ bytes: randomValues(count, dtype, 17 + i), dtype }));
@@ -75,4 +88,9 @@ test("averaging identical seeds gives the seed's values back", async () => {
   } finally {
     await pool.close();
   }
+});
+
+test("average-kernel.ts holds average.wat as assembled now (npm run build:kernel)", async () => {
+  const assembled = await assembleKernel();
+  assert.equal(kernelSource(assembled), kernelSource(Buffer.from(AVERAGE_KERNEL_BASE64, "base64")));
 });
