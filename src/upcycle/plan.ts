@@ -264,11 +264,11 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const flops = 2 * (params.activePerToken - embeddings(tensors)) + scoreFlops(attentionCopies);
   const bytesOf = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype];
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
-  // Working set: the writer's batches in flight, each with an average's slice per source; up to 4
-  // averaging workers (an isolate and a float64 sum and float32 values each); a drop's whole matrix
-  // in float32 and encoded.
+  // Working set: the writer's batches in flight, each with an average's slice per source (at most
+  // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate
+  // and the kernel's scratch each); a drop's whole matrix in float32 and encoded.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * (WRITE_BATCH_BYTES + CHUNK_ELEMENTS * 4 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 12);
+  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 14);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,
