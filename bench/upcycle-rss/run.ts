@@ -15,7 +15,6 @@ import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from "../../src/safetensors/index.js";
-import { CHUNK_ELEMENTS } from "../../src/upcycle/plan.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 
 const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } } });
@@ -96,7 +95,6 @@ const result = {
   uncommittedSource,
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
-  chunkElements: CHUNK_ELEMENTS,
   writeBatchBytes: WRITE_BATCH_BYTES,
   batchesInFlight: BATCHES_IN_FLIGHT,
   earlyBatchesInFlight: EARLY_BATCHES_IN_FLIGHT,

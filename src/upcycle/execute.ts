@@ -5,9 +5,9 @@
  * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import { DTYPE_SIZE, encodeFloatsInto, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import { convertFloats, DTYPE_SIZE, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
-import { CHUNK_ELEMENTS, type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import { type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
 import { RandomStream } from "./random.js";
 
@@ -61,31 +61,21 @@ function copyRange(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): RangeF
     const [start, count] = elementRange(tensor, offset, into);
     // The common case touches no values: the seed's bytes land in the writer's buffer.
     if (from === tensor.dtype) await seed.readElements(ref.tensor, start, count, into);
-    else encodeFloatsInto(toFloat32(await seed.readElements(ref.tensor, start, count), from), tensor.dtype, into);
+    else into.set(convertFloats(await seed.readElements(ref.tensor, start, count), from, tensor.dtype));
   };
 }
 
 function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor, pool: AveragePool): RangeFiller {
   return async (offset, into) => {
     const [start, count] = elementRange(tensor, offset, into);
-    const outSize = DTYPE_SIZE[tensor.dtype];
-    // One CHUNK_ELEMENTS slice of each source at a time, in shared memory a worker can read.
-    const slice = Math.min(count, CHUNK_ELEMENTS);
+    // Ranges are at most a write batch, so each source's range is read whole, into shared memory a worker can read.
     const sources = refs.map((ref) => {
       const dtype = sourceDType(seeds, ref);
-      return { ref, dtype, buffer: pool.buffers.take(slice * DTYPE_SIZE[dtype]) };
+      return { ref, dtype, buffer: pool.buffers.take(count * DTYPE_SIZE[dtype]) };
     });
     try {
-      for (let done = 0; done < count; done += slice) {
-        const n = Math.min(slice, count - done);
-        const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start + done, n, buffer.subarray(0, n * DTYPE_SIZE[dtype]))));
-        await pool.run({
-          sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })),
-          weights,
-          out: into.subarray(done * outSize, (done + n) * outSize),
-          dtype: tensor.dtype,
-        });
-      }
+      const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start, count, buffer.subarray(0, count * DTYPE_SIZE[dtype]))));
+      await pool.run({ sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })), weights, out: into, dtype: tensor.dtype });
     } finally {
       for (const { buffer } of sources) pool.buffers.give(buffer);
     }

@@ -73,8 +73,6 @@ export interface UpcyclePlan {
 
 /** Context length the FLOP ratio is quoted at. */
 export const FLOP_CONTEXT = 2048;
-/** Elements an average processes at a time; bounds its scratch memory. */
-export const CHUNK_ELEMENTS = 1 << 20;
 /** A worker thread's own footprint (its V8 isolate), for the memory estimate. */
 const AVERAGE_WORKER_BYTES = 10e6;
 /** Node's own footprint, for the memory estimate. */
@@ -264,11 +262,11 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const flops = 2 * (params.activePerToken - embeddings(tensors)) + scoreFlops(attentionCopies);
   const bytesOf = (t: PlannedTensor) => t.shape.reduce((a, b) => a * b, 1) * DTYPE_SIZE[t.dtype];
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
-  // Working set: the writer's batches in flight, each with an average's slice per source (at most
-  // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate
-  // and the kernel's scratch each); a drop's whole matrix in float32 and encoded.
+  // Working set: the writer's batches in flight, each with an average's range per source (at most
+  // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate,
+  // and the kernel's 14 bytes of scratch per element of a batch); a drop's whole matrix in float32 and encoded.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + CHUNK_ELEMENTS * 14);
+  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + WRITE_BATCH_BYTES * 7);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,
