@@ -9,13 +9,13 @@
  *   npm run build && node dist/bench/fuzz/run.js [--cases 10000] [--jobs 2] [--seed bench-1]
  *     [--formats safetensors,index,config,tokenizer,recipe] [--upcycle-rate 0.25] [--out bench/results/fuzz.json]
  */
-import { execFileSync } from "node:child_process";
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus, totalmem } from "node:os";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { FORMATS, type Format } from "../../test/fuzz/harness.js";
 import { addResult, emptyFormat, type FormatSummary, runWorker } from "../../test/fuzz/run-worker.js";
+import { measuredTree } from "../provenance.js";
 
 const { values } = parseArgs({
   options: {
@@ -37,10 +37,7 @@ interface Chunk { format: Format; first: number; count: number }
 const queue: Chunk[] = [];
 for (const format of formats) for (let first = 0; first < cases; first += chunk) queue.push({ format, first, count: Math.min(chunk, cases - first) });
 
-// The tree measured is the one at the start: files may change while the run goes on.
-const commit = execFileSync("git", ["rev-parse", "HEAD"], { encoding: "utf8" }).trim();
-// Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
-const uncommittedSource = execFileSync("git", ["status", "--porcelain", "--", "src"], { encoding: "utf8" }).split("\n").filter(Boolean).map((line) => line.slice(3));
+const tree = measuredTree();
 
 const summaries: Partial<Record<Format, FormatSummary>> = {};
 const crashes: Array<{ format: Format; index: number; why: string }> = [];
@@ -92,9 +89,7 @@ for (const format of formats) {
 }
 const result = {
   benchmark: "fuzz (test/fuzz generators, bench/fuzz/run.ts)",
-  commit,
-  /** Source files that differed from the commit when this started (the measured tree is the commit plus these). */
-  uncommittedSource,
+  ...tree,
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
   seed: values.seed,

@@ -12,7 +12,7 @@
  *
  * Writes bench/results/onnx-eval.json with the commit measured.
  */
-import { execFileSync, spawnSync } from "node:child_process";
+import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { writeFile } from "node:fs/promises";
 import { availableParallelism, cpus, loadavg, totalmem } from "node:os";
@@ -20,6 +20,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
+import { measuredTree } from "../provenance.js";
 
 const args = process.argv.slice(2);
 const option = (name: string, fallback: string) => {
@@ -77,18 +78,16 @@ const measure = (dir: string) => {
     tokensPerSecond: report.tokensPerSecond,
   };
 };
+const tree = measuredTree();
 const loadBefore = loadavg();
 process.stderr.write("measuring the seed\n");
 const seedResult = measure(seed);
 process.stderr.write(`measuring the ${EXPERTS}-expert model\n`);
 const bamResult = measure(mixture);
 
-const commit = execFileSync("git", ["rev-parse", "HEAD"], { encoding: "utf8" }).trim();
-const dirty = execFileSync("git", ["status", "--porcelain", "--untracked-files=no"], { encoding: "utf8" }).trim() !== "";
 const result = {
   benchmark: "bam eval tokens/s: seed vs 4-expert BAM (onnxruntime-node, CPU)",
-  commit,
-  workingTreeDirty: dirty,
+  ...tree,
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, availableParallelism: availableParallelism(), cpuModel: cpus()[0]?.model ?? "?", memoryBytes: totalmem(), node: process.version, loadAverageBefore: loadBefore, loadAverageAfter: loadavg() },
   shape,

@@ -16,6 +16,7 @@ import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from "../../src/safetensors/index.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
+import { measuredTree } from "../provenance.js";
 
 const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } } });
 const work = resolve(values.work!);
@@ -42,10 +43,7 @@ interface SizeResult {
   seconds: number[];
 }
 
-// The tree measured is the one at the start: files may change while the run goes on.
-const commit = execFileSync("git", ["rev-parse", "HEAD"], { encoding: "utf8" }).trim();
-// Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
-const uncommittedSource = execFileSync("git", ["status", "--porcelain", "--", "src"], { encoding: "utf8" }).split("\n").filter(Boolean).map((line) => line.slice(3));
+const tree = measuredTree();
 const loadBefore = loadavg();
 
 const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
@@ -90,9 +88,7 @@ const small = results["200MB"]!;
 const large = results["1GB"]!;
 const result = {
   benchmark: "peak RSS of bam upcycle at two model sizes (3 seeds, BAM moa, bf16)",
-  commit,
-  /** Source files that differed from the commit when this started (the measured tree is the commit plus these). */
-  uncommittedSource,
+  ...tree,
   date: new Date().toISOString(),
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
   writeBatchBytes: WRITE_BATCH_BYTES,

@@ -14,13 +14,16 @@
  *   --work DIR     where seeds and outputs go (default /tmp/bam-bench)
  *   --repeats N    timed repetitions of each (default 5)
  *   --small        a ~100M-parameter shape, to try the script quickly
+ *   --result FILE  where the JSON goes (default bench/results/upcycle.json)
+ *   --commit SHA   the commit measured, where the tree is no git checkout
  */
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
-import { fileURLToPath } from "node:url";
+import { CLI, folderBytes, RSS_PROBE } from "../../test/reliability/synth.js";
+import { measuredTree } from "../provenance.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
 
 const args = process.argv.slice(2);
@@ -31,17 +34,9 @@ const option = (name: string, fallback: string) => {
 const work = resolve(option("--work", "/tmp/bam-bench"));
 const repeats = Number(option("--repeats", "5"));
 const shape: LlamaShape = args.includes("--small") ? { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 } : ONE_BILLION;
-const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
-const RSS_WRAPPER = fileURLToPath(new URL("./peak-rss.js", import.meta.url));
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 const min = (values: number[]) => Math.min(...values);
-
-async function folderBytes(dir: string): Promise<number> {
-  let total = 0;
-  for (const entry of await readdir(dir)) total += (await stat(join(dir, entry))).size;
-  return total;
-}
 
 function timed(command: string, commandArgs: string[], env: NodeJS.ProcessEnv = process.env): { seconds: number; stdout: string } {
   execFileSync("sync");
@@ -51,9 +46,7 @@ function timed(command: string, commandArgs: string[], env: NodeJS.ProcessEnv = 
   return { seconds: (performance.now() - start) / 1000, stdout: run.stdout };
 }
 
-// The tree measured is the one at the start.
-const commit = execFileSync("git", ["rev-parse", "HEAD"], { encoding: "utf8" }).trim();
-const uncommittedSource = execFileSync("git", ["status", "--porcelain", "--", "src"], { encoding: "utf8" }).split("\n").filter(Boolean).map((line) => line.slice(3));
+const tree = measuredTree(args.includes("--commit") ? option("--commit", "") : undefined);
 
 const seeds = ["seed-a", "seed-b", "seed-c"].map((name) => join(work, name));
 for (const seed of seeds) {
@@ -77,10 +70,11 @@ let outputBytes = 0;
 /** One upcycle with the hash cache in `cache`; its time, and its peak RSS recorded. */
 async function upcycleOnce(cache: string): Promise<number> {
   await rm(outDir, { recursive: true, force: true });
-  const run = timed(process.execPath, [RSS_WRAPPER, CLI, "upcycle", ...seeds, "-o", outDir, "--json"], { ...process.env, BAM_CACHE_DIR: cache });
-  peakRss.push(Number(JSON.parse(await readFile(`${outDir}.rss`, "utf8")).maxRssBytes));
+  const rssFile = join(work, "rss.json");
+  const run = timed(process.execPath, ["--import", RSS_PROBE, CLI, "upcycle", ...seeds, "-o", outDir, "--json"], { ...process.env, BAM_CACHE_DIR: cache, BAM_TEST_RSS_FILE: rssFile });
+  peakRss.push((JSON.parse(await readFile(rssFile, "utf8")) as { maxRssBytes: number }).maxRssBytes);
   outputBytes = await folderBytes(outDir);
-  await rm(`${outDir}.rss`, { force: true });
+  await rm(rssFile, { force: true });
   await rm(outDir, { recursive: true, force: true });
   return run.seconds;
 }
@@ -100,9 +94,7 @@ await rm(cacheDir, { recursive: true, force: true });
 
 const result = {
   benchmark: "bam upcycle vs cp",
-  commit,
-  /** Source files that differed from the commit when this started (the measured tree is the commit plus these). */
-  uncommittedSource,
+  ...tree,
   date: new Date().toISOString(),
   // Other work on the machine skews both timings: the load average says how quiet it was.
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: loadavg() },
@@ -121,7 +113,7 @@ const result = {
   },
   targets: { ratio: 1.3, peakRssBytes: 2 ** 30 },
 };
-const file = resolve("bench/results/upcycle.json");
+const file = resolve(option("--result", "bench/results/upcycle.json"));
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
 const seconds = (values: number[]) => `median ${median(values).toFixed(2)} s, min ${min(values).toFixed(2)} s  (${values.map((v) => v.toFixed(2)).join(", ")})`;
 const ratio = (r: { median: number; min: number }) => `${r.median.toFixed(2)}x cp (median), ${r.min.toFixed(2)}x (min)`;

@@ -1,0 +1,26 @@
+/**
+ * What a benchmark measured: the commit, and the source files that differed
+ * from it. Taken when a run starts, since files may change while it goes on.
+ */
+import { execFileSync } from "node:child_process";
+
+export interface MeasuredTree {
+  commit: string;
+  /** Files under src/ that differed from the commit (the measured tree is the commit plus these); null where not known. */
+  uncommittedSource: string[] | null;
+}
+
+/**
+ * The git checkout's HEAD and its changes under src/. `commit` is for a copy
+ * with no .git (the GPU machine gets one): the caller vouches for the tree,
+ * and what differed is not known.
+ */
+export function measuredTree(commit?: string): MeasuredTree {
+  if (commit) return { commit, uncommittedSource: null };
+  const git = (...args: string[]) => execFileSync("git", args, { encoding: "utf8" });
+  return {
+    commit: git("rev-parse", "HEAD").trim(),
+    // Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
+    uncommittedSource: git("status", "--porcelain", "--", "src").split("\n").filter(Boolean).map((line) => line.slice(3)),
+  };
+}
