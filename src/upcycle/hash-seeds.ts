@@ -1,7 +1,8 @@
 /**
- * sha256 of each seed's files, computed on a worker thread while the main
+ * sha256 of each seed's files, computed on worker threads while the main
  * thread writes the model, and remembered (hash-cache.ts) for the next run.
  */
+import { availableParallelism } from "node:os";
 import { basename } from "node:path";
 import { Worker } from "node:worker_threads";
 import { createHash } from "node:crypto";
@@ -9,15 +10,16 @@ import { BamError } from "../errors.js";
 import type { SeedRecord } from "../arch/model.js";
 import { HashCache } from "./hash-cache.js";
 
-// Synchronous reads into one reused buffer: on its own thread nothing waits
-// on them, and a stream's fresh 4 MiB chunks cost more than the hashing.
+// One file per message. Synchronous reads into one reused buffer: on its own
+// thread nothing waits on them, and a stream's fresh 4 MiB chunks cost more
+// than the hashing.
 const WORKER_SOURCE = `
-const { parentPort, workerData } = require("node:worker_threads");
+const { parentPort } = require("node:worker_threads");
 const { createHash } = require("node:crypto");
 const { closeSync, openSync, readSync } = require("node:fs");
 const buffer = Buffer.allocUnsafe(1 << 22);
-try {
-  const hashes = workerData.map((file) => {
+parentPort.on("message", (file) => {
+  try {
     const hash = createHash("sha256");
     const fd = openSync(file, "r");
     try {
@@ -25,13 +27,17 @@ try {
     } finally {
       closeSync(fd);
     }
-    return hash.digest("hex");
-  });
-  parentPort.postMessage(hashes);
-} catch (error) {
-  parentPort.postMessage({ error: String(error && error.message || error) });
-}
+    parentPort.postMessage({ sha256: hash.digest("hex") });
+  } catch (error) {
+    parentPort.postMessage({ error: String(error && error.message || error) });
+  }
+});
 `;
+
+// sha256 is sequential within a file, so files are hashed in parallel: at
+// 1.5 GB/s a core, one thread for every shard of three 7B seeds would take
+// longer than copying them. One core is left to the copies.
+const HASH_WORKERS = Math.max(1, availableParallelism() - 1);
 
 export interface SeedFiles {
   name: string;
@@ -49,7 +55,7 @@ export interface HashedSeed extends SeedRecord {
  * is known (see HashCache) are not read. Rejects with IO_ERROR.
  */
 export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; cancel: () => void } {
-  let worker: Worker | undefined;
+  const workers: Worker[] = [];
   let cancelled = false;
   const result = (async () => {
     const cache = await HashCache.load();
@@ -58,10 +64,10 @@ export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; 
     const unknown = looked.filter((l) => l.sha256 === null);
     if (cancelled) throw new BamError("ABORTED", "hashing seed files: cancelled");
     if (unknown.length > 0) {
-      worker = new Worker(WORKER_SOURCE, { eval: true, workerData: unknown.map((l) => l.real) });
-      const hashes = await workerResult(worker);
-      unknown.forEach((l, i) => { l.sha256 = hashes[i]!; });
-      await cache.save(unknown, hashes);
+      const files = [...new Set(unknown.map((l) => l.real))]; // [s, s, s] reads s once
+      const hashes = await hashFiles(files, HASH_WORKERS, workers);
+      for (const l of unknown) l.sha256 = hashes[files.indexOf(l.real)]!;
+      await cache.save(unknown, unknown.map((l) => l.sha256!));
     }
     let next = 0;
     return seeds.map((seed) => {
@@ -71,18 +77,39 @@ export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; 
     });
   })();
   result.catch(() => {}); // awaited later; avoid an unhandled rejection before then
-  return { result, cancel: () => { cancelled = true; void worker?.terminate(); } };
+  return { result, cancel: () => { cancelled = true; for (const worker of workers) void worker.terminate(); } };
 }
 
-function workerResult(worker: Worker): Promise<string[]> {
-  return new Promise<string[]>((resolve, reject) => {
-    worker.once("message", (message: string[] | { error: string }) => {
-      void worker.terminate();
-      if (Array.isArray(message)) resolve(message);
-      else reject(new BamError("IO_ERROR", `hashing seed files: ${message.error}`));
-    });
-    worker.once("error", (error) => reject(new BamError("IO_ERROR", `hashing seed files: ${error.message}`)));
+/**
+ * The files' sha256s, in order, from up to `threads` worker threads (pushed
+ * onto `workers`, for cancel), each taking the next file when it is done.
+ */
+export async function hashFiles(files: string[], threads: number, workers: Worker[] = []): Promise<string[]> {
+  const hashes: string[] = new Array(files.length);
+  let next = 0;
+  const hashOn = (worker: Worker) => new Promise<void>((resolve, reject) => {
+    const fail = (why: string) => reject(new BamError("IO_ERROR", `hashing seed files: ${why}`));
+    const take = () => {
+      if (next === files.length) return resolve();
+      const at = next++;
+      worker.once("message", (message: { sha256: string } | { error: string }) => {
+        if ("error" in message) return fail(message.error);
+        hashes[at] = message.sha256;
+        take();
+      });
+      worker.postMessage(files[at]);
+    };
+    worker.once("error", (error) => fail(error.message));
+    worker.once("exit", () => fail("a hashing thread stopped")); // no-op once resolved
+    take();
   });
+  try {
+    for (let i = 0; i < Math.min(threads, files.length); i++) workers.push(new Worker(WORKER_SOURCE, { eval: true }));
+    await Promise.all(workers.map(hashOn));
+    return hashes;
+  } finally {
+    await Promise.all(workers.map((worker) => worker.terminate()));
+  }
 }
 
 /** One hash for a seed: sha256 of its `sha256sum`-style manifest, files sorted by name. */

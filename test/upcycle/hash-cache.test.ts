@@ -8,6 +8,8 @@ import { createHash } from "node:crypto";
 import { cp, mkdir, readFile, readdir, rename, symlink, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
+import { BamError } from "../../src/errors.js";
+import { hashFiles } from "../../src/upcycle/hash-seeds.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { fixture, fixtureFamilies, withTempDir } from "../helpers.js";
 
@@ -89,3 +91,15 @@ test("a seed in a Hugging Face cache is known by its blobs' names, without hashi
     const cache = JSON.parse(await readFile(join(cacheDir, "sha256.json"), "utf8")) as CacheFile;
     assert.deepEqual(Object.keys(cache.entries).map((real) => real.split("/").at(-1)), ["config.json"], "the blob needed no entry");
   }));
+
+test("files are hashed in parallel, each hash in its file's place; an unreadable file is an IO_ERROR", { skip }, async () => {
+  const seed = fixture("llama", "sharded");
+  const files = (await readdir(seed)).sort().map((file) => join(seed, file));
+  const hashes = await hashFiles(files, 3);
+  assert.deepEqual(hashes, await Promise.all(files.map(sha256Of)));
+  await assert.rejects(hashFiles([...files, join(seed, "missing.safetensors")], 3), (error: BamError) => {
+    assert.equal(error.code, "IO_ERROR");
+    assert.match(error.message, /missing\.safetensors/);
+    return true;
+  });
+});
