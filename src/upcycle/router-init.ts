@@ -21,7 +21,6 @@
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
-import { loadTokenizer, meanLayerInputs } from "../onnx/index.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { readYamlFile } from "./options.js";
 import type { UpcyclePlan } from "./plan.js";
@@ -60,6 +59,8 @@ export async function readPrompts(path: string, experts: number): Promise<Expert
 export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], promptsFile: string, signal?: AbortSignal): Promise<Map<string, Float32Array>> {
   const E = plan.moe.numExperts;
   const experts = await readPrompts(promptsFile, E);
+  // The CPU engine loads only here: upcycles without prompts start without it.
+  const { loadTokenizer, meanLayerInputs } = await import("../onnx/index.js");
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
   const tokenize = (prompts: string[]) => prompts.map((p) => tokenizer.encode(p));
   const lists = experts.flatMap((x) => [tokenize(x.positive), tokenize(x.negative)]).filter((l) => l.length > 0);

@@ -1,6 +1,7 @@
 import type { CommandModule } from "yargs";
 import { BamError } from "../../errors.js";
-import { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type Perplexity, type PerplexityReport } from "../../onnx/index.js";
+import type { BinDType, Perplexity, PerplexityReport } from "../../onnx/index.js";
+import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
 
@@ -37,6 +38,7 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       .example("$0 eval out/bam --ids ids.safetensors --save-logits logits.safetensors", "raw logits"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
+      const { evaluatePerplexity, evaluateTokenFiles, saveLogits } = await onnxEngine();
       const build = progressBar("exporting", "bytes");
       if (args.ids !== undefined) {
         if (args["save-logits"] === undefined) throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");

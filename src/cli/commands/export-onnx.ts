@@ -1,5 +1,5 @@
 import type { CommandModule } from "yargs";
-import { prepareOnnx } from "../../onnx/index.js";
+import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
 
@@ -23,6 +23,7 @@ export const exportOnnxCommand: CommandModule<object, ExportArgs> = {
       .epilogue("The folder loads in transformers.js: AutoModelForCausalLM.from_pretrained(folder) or pipeline('text-generation', folder)."),
   handler: (args) =>
     runCommand(async ({ signal }) => {
+      const { prepareOnnx } = await onnxEngine();
       const bar = progressBar("exporting", "bytes");
       const result = await prepareOnnx(args.dir, { output: args.output, force: args.force, signal, onProgress: bar.update });
       if (result.built) bar.finish();

@@ -1,6 +1,6 @@
 import type { CommandModule } from "yargs";
 import { BamError } from "../../errors.js";
-import { generateText, prepareOnnx } from "../../onnx/index.js";
+import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
 
@@ -34,6 +34,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       if (!(args.temperature >= 0) || !Number.isFinite(args.temperature)) throw new BamError("OPTIONS_INVALID", `--temperature must be 0 or more, not ${args.temperature}`);
       if (!(args["top-p"] > 0 && args["top-p"] <= 1)) throw new BamError("OPTIONS_INVALID", `--top-p must be in (0, 1], not ${args["top-p"]}`);
       if (args.seed !== undefined && !(Number.isSafeInteger(args.seed) && args.seed >= 0)) throw new BamError("OPTIONS_INVALID", `--seed must be a non-negative integer, not ${args.seed}`);
+      const { generateText, prepareOnnx } = await onnxEngine();
       const bar = progressBar("exporting", "bytes");
       const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
       if (prepared.built) bar.finish();
