@@ -19,6 +19,7 @@ import { indexCase } from "./formats/index.js";
 import { configCase } from "./formats/config.js";
 import { tokenizerCase } from "./formats/tokenizer.js";
 import { recipeCase } from "./formats/recipe.js";
+import { peakRssBytes } from "../peak-rss.js";
 
 export const GENERATORS: Readonly<Record<Format, Generator>> = {
   safetensors: safetensorsCase,
@@ -109,7 +110,7 @@ async function main(): Promise<void> {
   const fdEnd = openFds();
   const end: WorkerEnd = {
     end: true,
-    maxRssMB: Math.round(process.resourceUsage().maxRSS / 1024),
+    maxRssMB: Math.round(peakRssBytes() / 2 ** 20),
     fds: fdStart === null || fdEnd === null ? null : { start: fdStart, end: fdEnd },
     stopped,
   };
