@@ -1,7 +1,8 @@
 /**
  * The seed hashes in `upcycled_from`: computed, remembered in the user cache
- * for the next run, recomputed when a file changes, and taken from a Hugging
- * Face cache's blob names without reading the file.
+ * for the next run, recomputed when a file changes, and taken without
+ * reading the file from a Hugging Face cache's blob names or a `--local-dir`
+ * download's metadata.
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
@@ -90,6 +91,32 @@ test("a seed in a Hugging Face cache is known by its blobs' names, without hashi
     assert.equal(files["config.json"], await sha256Of(join(snapshot, "config.json")));
     const cache = JSON.parse(await readFile(join(cacheDir, "sha256.json"), "utf8")) as CacheFile;
     assert.deepEqual(Object.keys(cache.entries).map((real) => real.split("/").at(-1)), ["config.json"], "the blob needed no entry");
+  }));
+
+test("a seed downloaded with --local-dir is known by its download metadata until the file changes", { skip }, () =>
+  withTempDir(async (dir) => {
+    const local = join(dir, "local");
+    const seed = join(local, "seed"); // a subfolder of the download, as `--include "seed/*"` gives
+    await cp(fixture("llama", "base"), seed, { recursive: true });
+    const weights = join(seed, "model.safetensors");
+    const truth = await sha256Of(weights);
+    const download = join(local, ".cache", "huggingface", "download", "seed");
+    await mkdir(download, { recursive: true });
+    // A planted etag shows that the file was not read.
+    const planted = "e".repeat(64);
+    const writeMetadata = (etag: string, at: number) => writeFile(join(download, "model.safetensors.metadata"), `${"c".repeat(40)}\n${etag}\n${at}\n`);
+    const cacheDir = join(dir, "cache");
+    const out = join(dir, "out");
+
+    await writeMetadata(planted, Date.now() / 1000 + 1);
+    assert.equal((await seedHashes(seed, out, cacheDir))["model.safetensors"], planted);
+    // A git etag (a regular file's) is no sha256: hashed.
+    await writeMetadata("a".repeat(40), Date.now() / 1000 + 1);
+    assert.equal((await seedHashes(seed, out, join(dir, "cache2")))["model.safetensors"], truth);
+    // A file modified after the download: hashed.
+    await writeMetadata(planted, Date.now() / 1000 + 1);
+    await utimes(weights, new Date(), new Date(Date.now() + 10_000));
+    assert.equal((await seedHashes(seed, out, join(dir, "cache3")))["model.safetensors"], truth);
   }));
 
 test("files are hashed in parallel, each hash in its file's place; an unreadable file is an IO_ERROR", { skip }, async () => {
