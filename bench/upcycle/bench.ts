@@ -6,10 +6,14 @@
  *
  * Each repeat runs, in turn: `cp`; `bam upcycle` with an empty hash cache
  * (every seed file hashed, as on a first run); `bam upcycle` with the seeds'
- * hashes cached by an earlier run. Dirty pages are synced before each, so no
- * contender pays for the previous one's writeback. This VM's memory makes
- * any one timing swing by 2x (pages freed to the host fault back in slowly),
- * so medians and minimums are both reported.
+ * hashes cached by an earlier run; and two baselines for the first run:
+ * sha256 of the seed files alone, and `cp` while the same hashing runs
+ * beside it (both with bam's hashing code and threads, hash-files.ts): the
+ * least a first run, which must both copy and hash, can cost on this machine.
+ * Dirty pages are synced before each, so no contender pays for the previous
+ * one's writeback. This VM's memory makes any one timing swing by 2x (pages
+ * freed to the host fault back in slowly), so medians and minimums are both
+ * reported.
  *
  *   --work DIR     where seeds and outputs go (default /tmp/bam-bench)
  *   --repeats N    timed repetitions of each (default 5)
@@ -24,6 +28,7 @@ import { cpus, loadavg, totalmem } from "node:os";
 import { join, resolve } from "node:path";
 import { CLI, folderBytes, RSS_PROBE } from "../../test/reliability/synth.js";
 import { measuredTree } from "../provenance.js";
+import { HASH_THREADS } from "../../src/upcycle/hash-seeds.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
 
 const args = process.argv.slice(2);
@@ -37,6 +42,7 @@ const shape: LlamaShape = args.includes("--small") ? { layers: 4, hidden: 1024, 
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 const min = (values: number[]) => Math.min(...values);
+const ratioOf = (values: number[], baseline: number[]) => ({ median: median(values) / median(baseline), min: min(values) / min(baseline) });
 
 function timed(command: string, commandArgs: string[], env: NodeJS.ProcessEnv = process.env): { seconds: number; stdout: string } {
   execFileSync("sync");
@@ -63,7 +69,13 @@ const copyDir = join(work, "copy");
 const outDir = join(work, "bam");
 const cacheDir = join(work, "hash-cache");
 const copySeconds: number[] = [];
+const hashSeconds: number[] = [];
+const copyWhileHashingSeconds: number[] = [];
 const upcycleSeconds = { coldHashes: [] as number[], cachedHashes: [] as number[] };
+const HASH_FILES = resolve(import.meta.dirname, "hash-files.js");
+const quoted = (paths: string[]) => paths.map((p) => `'${p}'`).join(" ");
+const copyCommand = seeds.map((s, n) => `mkdir -p ${copyDir}/${n} && cp --reflink=never ${s}/*.safetensors ${copyDir}/${n}/`).join(" && ");
+const hashCommand = `'${process.execPath}' '${HASH_FILES}' ${quoted(weightFiles)}`;
 const peakRss: number[] = [];
 let outputBytes = 0;
 
@@ -83,7 +95,10 @@ await rm(cacheDir, { recursive: true, force: true });
 await upcycleOnce(cacheDir); // fills the hash cache for the "cached" runs
 for (let i = 0; i < repeats; i++) {
   // The same seed bytes, each seed into its own folder (their shard names collide).
-  copySeconds.push(timed("bash", ["-c", seeds.map((s, n) => `mkdir -p ${copyDir}/${n} && cp --reflink=never ${s}/*.safetensors ${copyDir}/${n}/`).join(" && ")]).seconds);
+  copySeconds.push(timed("bash", ["-c", copyCommand]).seconds);
+  await rm(copyDir, { recursive: true, force: true });
+  hashSeconds.push(timed("bash", ["-c", hashCommand]).seconds);
+  copyWhileHashingSeconds.push(timed("bash", ["-c", `set -e; ${hashCommand} & hashing=$!; ${copyCommand}; wait $hashing`]).seconds);
   await rm(copyDir, { recursive: true, force: true });
   const empty = join(work, `empty-cache-${i}`);
   upcycleSeconds.coldHashes.push(await upcycleOnce(empty));
@@ -104,12 +119,23 @@ const result = {
   outputBytes,
   repeats,
   cpSeconds: copySeconds,
+  /** sha256 of the seed files alone, and cp while it runs, as bam hashes them (threads). */
+  hashThreads: HASH_THREADS,
+  hashSeconds,
+  cpWhileHashingSeconds: copyWhileHashingSeconds,
   upcycleSeconds,
   peakRssBytes: peakRss,
-  /** upcycle / cp, of the medians and of the minimums, with every file hashed and with hashes cached. */
+  /**
+   * upcycle / cp, of the medians and of the minimums, with every file hashed
+   * and with hashes cached; the hashing alone / cp and cp while hashing / cp
+   * (the floor a first run starts from); and a first run / cp while hashing.
+   */
   ratios: {
-    coldHashes: { median: median(upcycleSeconds.coldHashes) / median(copySeconds), min: min(upcycleSeconds.coldHashes) / min(copySeconds) },
-    cachedHashes: { median: median(upcycleSeconds.cachedHashes) / median(copySeconds), min: min(upcycleSeconds.cachedHashes) / min(copySeconds) },
+    coldHashes: ratioOf(upcycleSeconds.coldHashes, copySeconds),
+    cachedHashes: ratioOf(upcycleSeconds.cachedHashes, copySeconds),
+    hashOnly: ratioOf(hashSeconds, copySeconds),
+    cpWhileHashing: ratioOf(copyWhileHashingSeconds, copySeconds),
+    coldHashesVsCpWhileHashing: ratioOf(upcycleSeconds.coldHashes, copyWhileHashingSeconds),
   },
   targets: { ratio: 1.3, peakRssBytes: 2 ** 30 },
 };
@@ -120,9 +146,11 @@ const ratio = (r: { median: number; min: number }) => `${r.median.toFixed(2)}x c
 process.stdout.write(
   `seeds ${(seedBytes / 1e9).toFixed(2)} GB -> output ${(outputBytes / 1e9).toFixed(2)} GB\n` +
   `cp                      ${seconds(copySeconds)}\n` +
+  `sha256 of the seeds     ${seconds(hashSeconds)} (${HASH_THREADS} thread(s))\n` +
+  `cp while hashing        ${seconds(copyWhileHashingSeconds)}\n` +
   `upcycle, hashing seeds  ${seconds(upcycleSeconds.coldHashes)}\n` +
   `upcycle, hashes cached  ${seconds(upcycleSeconds.cachedHashes)}\n` +
-  `ratio, hashing seeds    ${ratio(result.ratios.coldHashes)}\n` +
+  `ratio, hashing seeds    ${ratio(result.ratios.coldHashes)}; cp while hashing ${ratio(result.ratios.cpWhileHashing)}\n` +
   `ratio, hashes cached    ${ratio(result.ratios.cachedHashes)} (target <= 1.3)\n` +
   `peak RSS ${(Math.max(...peakRss) / 2 ** 20).toFixed(0)} MiB (target <= 1024)\n` +
   `wrote ${file}\n`,

@@ -37,7 +37,7 @@ parentPort.on("message", (file) => {
 // sha256 is sequential within a file, so files are hashed in parallel: at
 // 1.5 GB/s a core, one thread for every shard of three 7B seeds would take
 // longer than copying them. One core is left to the copies.
-const HASH_WORKERS = Math.max(1, availableParallelism() - 1);
+export const HASH_THREADS = Math.max(1, availableParallelism() - 1);
 
 export interface SeedFiles {
   name: string;
@@ -65,7 +65,7 @@ export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; 
     if (cancelled) throw new BamError("ABORTED", "hashing seed files: cancelled");
     if (unknown.length > 0) {
       const files = [...new Set(unknown.map((l) => l.real))]; // [s, s, s] reads s once
-      const hashes = await hashFiles(files, HASH_WORKERS, workers);
+      const hashes = await hashFiles(files, HASH_THREADS, workers);
       for (const l of unknown) l.sha256 = hashes[files.indexOf(l.real)]!;
       await cache.save(unknown, unknown.map((l) => l.sha256!));
     }
