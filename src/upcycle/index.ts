@@ -14,7 +14,7 @@ import { formatWriter } from "../export/formats.js";
 import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
-import { hashSeeds, type HashedSeed } from "./hash-seeds.js";
+import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows } from "./router-init.js";
@@ -93,7 +93,7 @@ export async function upcycle(
     const copied = await sideFiles(seeds[0]!.dir);
     const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
     const folder = await openAtomicFolder(plan.options.output, plan.options.force);
-    const hashing = hashSeeds(seeds.map((s) => ({ name: s.name, files: [join(s.dir, "config.json"), ...s.files] })));
+    const hashing = hashSeeds(seeds.map(filesToHash));
     const averages = new AveragePool();
     try {
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);

@@ -8,8 +8,10 @@ import { BamError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
+import type { Seed } from "../arch/index.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
 import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
+import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
 import type { ResolvedOptions } from "./options.js";
 
 export interface SourceRef {
@@ -57,7 +59,7 @@ export interface PlanSummary {
   /** Forward FLOPs per token relative to one seed, at a context of FLOP_CONTEXT tokens. */
   flopsPerTokenRatio: number;
   outputBytes: number;
-  /** Estimated peak resident memory of the executor. */
+  /** Estimated peak resident memory of the upcycle: the executor and, on a first run, the threads hashing the seeds. */
   peakMemoryBytes: number;
 }
 
@@ -129,7 +131,7 @@ function outputDType(option: ResolvedOptions["dtype"], sources: DType[]): FloatD
 }
 
 /** Builds the plan; `options` must already be resolved and the seeds checked. */
-export function buildPlan(seeds: DenseModel[], options: ResolvedOptions): UpcyclePlan {
+export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan {
   const first = seeds[0]!;
   const features = first.features;
   const E = options.experts;
@@ -227,7 +229,7 @@ export function buildPlan(seeds: DenseModel[], options: ResolvedOptions): Upcycl
     features,
     moe,
     tensors,
-    summary: summarise(first, seeds.length, tensors, moe),
+    summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash))),
     warnings: planWarnings(features, options, seeds.length, attention),
   };
 }
@@ -245,7 +247,7 @@ function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCoun
   return warnings;
 }
 
-function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: MoeSettings): PlanSummary {
+function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: MoeSettings, hashingBytes: number): PlanSummary {
   const seedParams = countParameters(seed.tensors.values(), 1, 1);
   const params = countParameters(tensors, moe.numExperts, moe.expertsPerToken);
   const f = seed.features;
@@ -264,7 +266,8 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const outputBytes = tensors.reduce((sum, t) => sum + bytesOf(t), 0);
   // Working set: the writer's batches in flight, each with an average's range per source (at most
   // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate,
-  // and the kernel's 14 bytes of scratch per element of a batch); a drop's whole matrix in float32 and encoded.
+  // and the kernel's 14 bytes of scratch per element of a batch); a drop's whole matrix in float32 and encoded;
+  // the threads hashing the seeds.
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
   const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + WRITE_BATCH_BYTES * 7);
   return {
@@ -277,6 +280,6 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
     activeParameters: params.activePerToken,
     flopsPerTokenRatio: flops / seedFlops,
     outputBytes,
-    peakMemoryBytes: BASE_MEMORY_BYTES + chunkBytes + largestDrop,
+    peakMemoryBytes: BASE_MEMORY_BYTES + chunkBytes + largestDrop + hashingBytes,
   };
 }

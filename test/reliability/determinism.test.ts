@@ -89,14 +89,20 @@ test("across --max-shard-size values the tensors are identical", async () => {
   }
 });
 
-async function peakRss(seeds: string[], output: string): Promise<number> {
+/** Peak RSS of a first run (fresh seed files: every one is hashed), and the dry run's estimate of it. */
+async function peakRss(seeds: string[], output: string): Promise<{ measured: number; planned: number }> {
+  const dryRun = await runCli(["upcycle", ...seeds, "-o", output, "--dry-run", "--json"]);
+  assert.equal(dryRun.code, 0, dryRun.stderr);
   const file = `${output}.rss`;
   const run = await runCli(["upcycle", ...seeds, "-o", output], { nodeArgs: ["--import", RSS_PROBE], env: { BAM_TEST_RSS_FILE: file } });
   assert.equal(run.code, 0, run.stderr);
-  return (JSON.parse(await readFile(file, "utf8")) as { maxRssBytes: number }).maxRssBytes;
+  return {
+    measured: (JSON.parse(await readFile(file, "utf8")) as { maxRssBytes: number }).maxRssBytes,
+    planned: (JSON.parse(dryRun.stdout) as { summary: { peakMemoryBytes: number } }).summary.peakMemoryBytes,
+  };
 }
 
-test("peak RSS does not grow with the model (two sizes, both past the write batch)", { timeout: 120_000 }, async (t) => {
+test("peak RSS does not grow with the model and stays within the plan's estimate (two sizes, both past the write batch)", { timeout: 120_000 }, async (t) => {
   // Largest tensors (embeddings) of 6M and 12M elements, many write batches each: the working set is at its bound in both.
   const shapes = {
     small: { vocab: 8000, hidden: 768, intermediate: 2048, layers: 2, heads: 12, kvHeads: 12 },
@@ -104,14 +110,16 @@ test("peak RSS does not grow with the model (two sizes, both past the write batc
   };
   assert.ok(shapes.small.vocab * shapes.small.hidden * 2 > WRITE_BATCH_BYTES);
   const rss: Record<string, number> = {};
+  const mb = (bytes: number) => Math.round(bytes / 2 ** 20);
   for (const [name, shape] of Object.entries(shapes)) {
     const dir = join(root, `rss-${name}`);
     await mkdir(dir);
     const seeds = [await writeSeed(join(dir, "a"), { ...shape, valueSeed: 1 }), await writeSeed(join(dir, "b"), { ...shape, valueSeed: 2 })];
-    rss[name] = await peakRss(seeds, join(dir, "out"));
+    const { measured, planned } = await peakRss(seeds, join(dir, "out"));
+    assert.ok(measured <= planned, `${name}: peak RSS ${mb(measured)} MiB is over the plan's estimate of ${mb(planned)} MiB`);
+    rss[name] = measured;
     await rm(dir, { recursive: true });
   }
-  const mb = (bytes: number) => Math.round(bytes / 2 ** 20);
   t.diagnostic(`peak RSS: ${mb(rss.small!)} MiB with 2 x 54 MB seeds, ${mb(rss.large!)} MiB with 2 x 190 MB seeds`);
   assert.ok(rss.large! < 512 * 2 ** 20, `${mb(rss.large!)} MiB`);
   assert.ok(rss.large! - rss.small! < 64 * 2 ** 20, `grew by ${mb(rss.large! - rss.small!)} MiB from ${mb(rss.small!)} MiB`);
