@@ -8,8 +8,8 @@
  * (every seed file hashed, as on a first run); `bam upcycle` with the seeds'
  * hashes cached by an earlier run; and two baselines for the first run:
  * sha256 of the seed files alone, and `cp` while the same hashing runs
- * beside it (both with bam's hashing code and threads, hash-files.ts): the
- * least a first run, which must both copy and hash, can cost on this machine.
+ * beside it (both with bam's hashing code and threads, hash-files.ts): a
+ * first run's two jobs, done side by side by separate programs.
  * Dirty pages are synced before each, so no contender pays for the previous
  * one's writeback. This VM's memory makes any one timing swing by 2x (pages
  * freed to the host fault back in slowly), so medians and minimums are both

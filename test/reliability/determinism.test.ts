@@ -3,8 +3,9 @@
  * byte-identical folders (sha256 of every file), for every family and
  * attention mode; across --max-shard-size values the tensors themselves are
  * identical. Peak RSS of the CLI at two model sizes (both past the
- * executor's chunk size) is the same within noise: memory does not grow with
- * the model. bench/upcycle-rss measures it at 200 MB and 1 GB seeds.
+ * executor's chunk size) is the same within noise, and within the dry run's
+ * estimate: memory does not grow with the model. bench/upcycle-rss measures
+ * it at 200 MB and 1 GB seeds.
  */
 import assert from "node:assert/strict";
 import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
