@@ -128,7 +128,7 @@ const result = {
   /**
    * upcycle / cp, of the medians and of the minimums, with every file hashed
    * and with hashes cached; the hashing alone / cp and cp while hashing / cp
-   * (the floor a first run starts from); and a first run / cp while hashing.
+   * (a first run's two jobs by separate programs); and a first run / cp while hashing.
    */
   ratios: {
     coldHashes: ratioOf(upcycleSeconds.coldHashes, copySeconds),
