@@ -78,6 +78,7 @@ class BamConfig(_Base):
         # --- mixture of experts (shared/BAM.md) ---
         num_experts=4,
         num_experts_per_tok=1,
+        norm_topk_prob=True,  # renormalise the top-k weights (Mixtral); false: softmax over all E (BAM, Switch)
         attention_experts="moa",  # "moa" | "shared-kv" | "merged"
         block="parallel",  # "parallel" | "sequential"
         router_aux_loss_coef=0.01,
@@ -131,6 +132,7 @@ class BamConfig(_Base):
         self.attention_scale = attention_scale
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
+        self.norm_topk_prob = norm_topk_prob
         self.attention_experts = attention_experts
         self.block = block
         self.router_aux_loss_coef = router_aux_loss_coef

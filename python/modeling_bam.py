@@ -4,7 +4,10 @@ One implementation for every seed family, driven only by the config's features
 (configuration_bam.py). Per layer (shared/BAM.md):
   attention: soft Mixture of Attention, Attn(h) = sum_e g_e MHA_e(h), g = softmax(W_ar h) over all E
              ("moa"); per-expert q/o with one shared k/v ("shared-kv"); or one plain attention ("merged")
-  FFN:       top-k of softmax router probabilities, renormalised to sum to 1 (BTX/Mixtral)
+  FFN:       top-k of softmax router probabilities; each chosen expert weighted by its probability over
+             all E (BAM 3.3, Switch; norm_topk_prob false) or by the chosen probabilities renormalised
+             to sum to 1 (Mixtral; norm_topk_prob true: at k = 1 the weight is the constant 1, so the
+             router learns from the auxiliary losses alone). docs/method.md says why both exist.
   block:     parallel   y = x + MoA(Na x) + MoE(Nf x)
              sequential h = x + MoA(Na x); y = h + MoE(Nf h)
 Loss = NLL + router_aux_loss_coef * load-balance (Switch) + router_z_loss_coef * z-loss (ST-MoE),
@@ -449,6 +452,7 @@ class MoE(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.k, self.capacity_factor = c.num_experts_per_tok, c.capacity_factor
+        self.norm_topk_prob = c.norm_topk_prob
         self.router = Router(c) if c.num_experts > 1 else None
         self.experts = nn.ModuleList(Expert(c) for _ in range(c.num_experts))
 
@@ -460,7 +464,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, H)  # [N, H]
         logits = self.router(x)  # [N, E]
         w, idx = logits.softmax(-1).topk(self.k, -1)  # [N, k]
-        w = w / w.sum(-1, keepdim=True)  # renormalise the chosen weights (BTX / Mixtral)
+        if self.norm_topk_prob:  # Mixtral: the chosen weights sum to 1 (function-preserving for [s, s, s])
+            w = w / w.sum(-1, keepdim=True)
         if self.capacity_factor is not None:
             w = w * self.capacity_keep(idx)
         if EXPERT_IMPL == "loop":
