@@ -23,14 +23,10 @@ and from_pretrained need no name mapping. The experts' weights are stacked on th
 (torch.cat / torch.stack, differentiable) into one matmul for attention and one grouped GEMM
 (torch.nn.functional.grouped_mm, CUDA bf16) for the FFN.
 
-EXPERT_IMPL (environment variable BAM_EXPERTS, default "fused") picks how the experts run: "fused" as
-above, or "loop": one expert at a time in a Python loop, as transformers' eager MoE code does it (the
-attention experts each with their own projections and attention call, the FFN experts by torch.where and
-index_add_). Same parameters, same function; "loop" is the baseline of bench/train, nothing else.
+Needs torch >= 2.5 (scaled_dot_product_attention with enable_gqa); grouped_mm where torch has it (2.9+).
 """
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +38,8 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
-_TORCH = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-_HAS_SDPA = _TORCH >= (2, 1)  # scaled_dot_product_attention with `scale=`
-_HAS_GQA = _TORCH >= (2, 5)  # ... and `enable_gqa=`
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
-_HAS_ADDCMUL_OUT_CAST = _TORCH >= (2, 0)  # addcmul(out=) may round float32 math into a bf16/f16 `out`
 GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
-EXPERT_IMPL = os.environ.get("BAM_EXPERTS", "fused")  # "fused" | "loop" (see the module docstring)
 
 
 def gelu_tanh(x):  # gelu_new, gelu_pytorch_tanh
@@ -216,12 +207,8 @@ def _rope(x, cos, sin, style):
     else:  # interleaved pairs (x0, x1), (x2, x3), ... of cohere / gpt-j
         a, b, oa, ob = x[..., 0:r:2], x[..., 1:r:2], out[..., 0:r:2], out[..., 1:r:2]
         cos, sin = cos[..., 0::2], sin[..., 0::2]
-    if _HAS_ADDCMUL_OUT_CAST:
-        torch.addcmul(a * cos, b, sin, value=-1, out=oa)
-        torch.addcmul(b * cos, a, sin, out=ob)
-    else:
-        oa.copy_(hi(a) * cos - hi(b) * sin)
-        ob.copy_(hi(b) * cos + hi(a) * sin)
+    torch.addcmul(a * cos, b, sin, value=-1, out=oa)  # float32 math rounded once into x's dtype
+    torch.addcmul(b * cos, a, sin, out=ob)
     if r < x.shape[-1]:
         out[..., r:] = x[..., r:]
     return out
@@ -310,19 +297,8 @@ class AttentionExpert(nn.Module):
 
 def attend(q, k, v, mask, causal, scale):
     """q [B, hq, Tq, D], k/v [B, hk, Tk, D] (hq a multiple of hk, grouped heads) -> [B, hq, Tq, D]."""
-    if _HAS_SDPA:
-        gqa = {"enable_gqa": True} if _HAS_GQA and k.shape[1] != q.shape[1] else {}
-        if k.shape[1] != q.shape[1] and not gqa:
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, **gqa)
-    if k.shape[1] != q.shape[1]:
-        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], 1) for t in (k, v))
-    att = hi(q @ k.transpose(-2, -1)) * scale  # [B, hq, Tq, Tk]
-    if causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        att = att.masked_fill(~mask, float("-inf"))
-    return att.softmax(-1).to(v.dtype) @ v
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -349,8 +325,6 @@ class Attention(nn.Module):
 
     def forward(self, h, rope, mask_fn, cache):
         """h [B, T, H] (normed) -> out [B, T, H], router logits [B, T, E] float32 or None."""
-        if EXPERT_IMPL == "loop" and self.router is not None and cache is None:
-            return self.forward_loop(h, rope, mask_fn)
         c, (B, T, _) = self.c, h.shape
         D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         qs = [self] if self.mode == "merged" else list(self.experts)  # modules holding q_proj, o_proj
@@ -393,29 +367,6 @@ class Attention(nn.Module):
             out = out + (g.to(bo.dtype) @ bo if self.router is not None else bo.sum(0))
         return out, logits
 
-    def forward_loop(self, h, rope, mask_fn):
-        """EXPERT_IMPL == "loop" (benchmark baseline, no KV cache): sum_e g_e MHA_e(h), one expert at a time."""
-        c, (B, T, _) = self.c, h.shape
-        D, nh, nkv = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        heads = lambda t, n: t.view(B, T, n, D)
-        logits = self.router(h)  # [B, T, E]
-        g = logits.softmax(-1)
-        mask, causal = mask_fn(T)
-        kv = None
-        if self.mode == "shared-kv":
-            kv = heads(self.k_proj(h), nkv), heads(self.v_proj(h), nkv)
-        out = 0
-        for e, m in enumerate(self.experts):
-            q = heads(m.q_proj(h), nh)
-            k, v = kv if kv is not None else (heads(m.k_proj(h), nkv), heads(m.v_proj(h), nkv))
-            if c.qk_norm != "none":
-                q, k = m.q_norm(q), (self.k_norm if kv is not None else m.k_norm)(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            if rope is not None:
-                q, k = apply_rope(q, *rope, c.rope_style), apply_rope(k, *rope, c.rope_style)
-            y = attend(q, k, v, mask, causal, self.scale).transpose(1, 2).reshape(B, T, nh * D)
-            out = out + g[..., e : e + 1] * m.o_proj(y)
-        return out.to(h.dtype), logits
 
 
 # ----------------------------------------------------------------------------- FFN experts
@@ -468,8 +419,11 @@ class MoE(nn.Module):
             w = w / w.sum(-1, keepdim=True)
         if self.capacity_factor is not None:
             w = w * self.capacity_keep(idx)
-        if EXPERT_IMPL == "loop":
-            return self.hf_loop_experts(x, w, idx).view(B, T, H), logits, idx
+        return self.run_experts(x, w, idx).view(B, T, H), logits, idx
+
+    def run_experts(self, x, w, idx):
+        """x [N, H], gate weights w and chosen experts idx [N, k] -> sum_j w[:, j] expert_idx[:, j](x), [N, H]."""
+        H = x.shape[-1]
         # sort the N*k (token, expert) assignments by expert
         order = torch.sort(idx.reshape(-1), stable=True)[1]  # [N*k]
         sorted_e = idx.reshape(-1)[order]
@@ -478,8 +432,7 @@ class MoE(nn.Module):
         ys = self.grouped_experts(xs, sorted_e, counts) if self.use_grouped(xs) else self.looped_experts(xs, counts)
         y = torch.empty_like(ys)
         y[order] = ys  # back to (token, slot) order
-        y = (y.view(-1, self.k, H).to(w.dtype) * w[..., None]).sum(1).to(x.dtype)  # weighted sum over the k choices
-        return y.view(B, T, H), logits, idx
+        return (y.view(-1, self.k, H).to(w.dtype) * w[..., None]).sum(1).to(x.dtype)  # weighted sum over the k choices
 
     def capacity_keep(self, idx):  # idx [N, k] -> [N, k] 1.0 kept, 0.0 over capacity
         N, k = idx.shape
@@ -496,16 +449,6 @@ class MoE(nn.Module):
             return False
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
         return xs.dtype == torch.bfloat16 or autocast
-
-    def hf_loop_experts(self, x, w, idx):
-        """EXPERT_IMPL == "loop" (benchmark baseline): transformers' eager MoE. x [N, H], w, idx [N, k] -> [N, H]."""
-        out = torch.zeros_like(x)
-        hit = F.one_hot(idx, len(self.experts)).permute(2, 1, 0)  # [E, k, N]
-        for e, expert in enumerate(self.experts):
-            slot, tok = torch.where(hit[e])
-            y = expert(x[tok]) * w[tok, slot, None]
-            out.index_add_(0, tok, y.to(out.dtype))
-        return out
 
     def looped_experts(self, xs, counts):  # fallback (CPU, fp32, old torch): one matmul chain per expert
         parts = xs.split(counts.tolist())
@@ -765,20 +708,20 @@ class CausalLMMixin:
                     expert_load=torch.stack(load) if load else None)
 
 
-def init_weights(module, c):
+def init_weights(module, c, init=nn.init):
     """Fresh-model init: Linear/Embedding N(0, initializer_range), biases 0, norms 1 (0 with unit
-    offset), routers N(0, sqrt(0.1 / H)) (Switch: 0.1 of the fan-in scale)."""
-    std = c.initializer_range
+    offset), routers N(0, sqrt(0.1 / H)) (Switch: 0.1 of the fan-in scale). `init`: torch.nn.init, or
+    transformers' initialization module, which skips tensors loaded from a checkpoint."""
     if isinstance(module, Router):
-        nn.init.normal_(module.weight, std=math.sqrt(0.1 / module.weight.shape[1]))
+        init.normal_(module.weight, mean=0.0, std=math.sqrt(0.1 / module.weight.shape[1]))
     elif isinstance(module, Norm):
-        (nn.init.zeros_ if module.unit_offset else nn.init.ones_)(module.weight)
+        (init.zeros_ if module.unit_offset else init.ones_)(module.weight)
         if module.bias is not None:
-            nn.init.zeros_(module.bias)
+            init.zeros_(module.bias)
     elif isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=std)
+        init.normal_(module.weight, mean=0.0, std=c.initializer_range)
         if getattr(module, "bias", None) is not None:
-            nn.init.zeros_(module.bias)
+            init.zeros_(module.bias)
 
 
 class BamModelCore(ModelMixin, nn.Module):
@@ -842,17 +785,7 @@ if _HAS_TRANSFORMERS:
         _supports_sdpa = True
 
         def _init_weights(self, module):
-            c, init = self.config, _hf_init
-            if isinstance(module, Router):
-                init.normal_(module.weight, mean=0.0, std=math.sqrt(0.1 / c.hidden_size))
-            elif isinstance(module, Norm):
-                (init.zeros_ if module.unit_offset else init.ones_)(module.weight)
-                if module.bias is not None:
-                    init.zeros_(module.bias)
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                init.normal_(module.weight, mean=0.0, std=c.initializer_range)
-                if getattr(module, "bias", None) is not None:
-                    init.zeros_(module.bias)
+            init_weights(module, self.config, _hf_init)
 
     class BamModel(ModelMixin, BamPreTrainedModel):
         def __init__(self, config):

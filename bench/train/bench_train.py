@@ -15,7 +15,7 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   bam            our model: attention experts in one q/k/v matmul, one SDPA over E x heads, one o matmul;
                  FFN experts by torch.nn.functional.grouped_mm
   bam-compile    the same with torch.compile on every block (as finetune.py --compile)
-  bam-loop       the same weights, experts run one at a time (modeling_bam.EXPERT_IMPL = "loop": per-expert
+  bam-loop       the same weights, experts run one at a time (bench/train/loop_experts.py: per-expert
                  projections and attention, FFN by torch.where / index_add_, as transformers' eager MoE)
   dense          the dense seed (E = 1, merged attention, sequential block) through the same code
   dense-compile  the same with torch.compile
@@ -35,6 +35,7 @@ os.environ.update({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # fewer fragmentation OOMs at large batch
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 
 from bamtrain import folder, metrics, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
-import modeling_bam as mb  # noqa: E402
+from loop_experts import loop_experts  # noqa: E402
 import synthetic  # noqa: E402
 
 ROWS = {  # in the order they run: the compile rows last (they take longest)
@@ -214,8 +215,13 @@ def load(path, device, shared):
 
 
 def run_row(name, spec, path, args, ctx, amp, shared):
+    """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop")."""
+    with loop_experts() if spec["impl"] == "loop" else contextlib.nullcontext():
+        return run_row_impl(name, spec, path, args, ctx, amp, shared)
+
+
+def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
-    mb.EXPERT_IMPL = spec["impl"]
     device = ctx.device
     model, config = load(path, device, shared)
     model.train()
@@ -285,7 +291,6 @@ def run_row(name, spec, path, args, ctx, amp, shared):
         with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
             f.write(f"{name}: micro-batch {chosen} x {T}, {args.profile_steps} steps\n\n{text}\n")
         print(f"\n--- profile of {name} ---\n{text}\n", flush=True)
-    mb.EXPERT_IMPL = "fused"
     if spec["compile"]:
         torch._dynamo.reset()
     return row
@@ -386,7 +391,6 @@ def main(argv=None):
             r = run_row(name, spec, paths[spec["model"]], args, ctx, amp, shared)
         except Exception as e:  # noqa: BLE001  (a row that fails is reported, the others still run)
             r = dict(row=name, error=f"{type(e).__name__}: {str(e)[:300]}")
-        mb.EXPERT_IMPL = "fused"
         free(device)  # after run_row returned: its model, optimiser and activations are gone
         result["rows"].append(r)
         print(f"{name}: " + (r.get("error") or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
