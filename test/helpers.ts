@@ -12,9 +12,11 @@ export function fixture(family: Family, variant: "base" | "code" | "math" | "sha
   return join(FIXTURES, family, variant);
 }
 
-/** Families whose fixtures have been made (scripts/make_fixtures.py). */
+/** Every family; throws when one's fixtures are missing, so coverage never shrinks silently. */
 export function fixtureFamilies(): Family[] {
-  return FAMILIES.filter((family) => existsSync(join(fixture(family, "base"), "config.json")));
+  const missing = FAMILIES.filter((family) => !existsSync(join(fixture(family, "base"), "config.json")));
+  if (missing.length > 0) throw new Error(`fixtures missing for ${missing.join(", ")}: run scripts/make_fixtures.py (GPU machine) and commit them`);
+  return [...FAMILIES];
 }
 
 export async function withTempDir<T>(body: (dir: string) => Promise<T>): Promise<T> {
