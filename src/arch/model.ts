@@ -29,6 +29,8 @@ export interface SeedRecord {
 export interface MoeSettings {
   numExperts: number;
   expertsPerToken: number;
+  /** FFN gate: true renormalises the top-k probabilities to sum 1 (Mixtral); false weights each chosen expert by its softmax probability over all experts (BAM, Switch). docs/method.md. */
+  normTopkProb: boolean;
   attentionExperts: AttentionExperts;
   block: BlockKind;
   routerAuxLossCoef: number;
@@ -86,6 +88,7 @@ async function openDense(dir: string): Promise<OpenedModel> {
     moe: {
       numExperts: 1,
       expertsPerToken: 1,
+      normTopkProb: true, // one expert, no router: either gate is the weight 1
       attentionExperts: "merged",
       block: seed.features.parallelBlock ? "parallel" : "sequential",
       routerAuxLossCoef: 0,
@@ -149,6 +152,9 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   const numExperts = int("num_experts");
   const expertsPerToken = int("num_experts_per_tok");
   if (expertsPerToken > numExperts) bad("num_experts_per_tok", `at most num_experts (${numExperts})`);
+  // Absent: renormalised, what every folder written before the key existed computes.
+  const normTopkProb = config.norm_topk_prob ?? true;
+  if (typeof normTopkProb !== "boolean") bad("norm_topk_prob", "true or false");
   const attention = config.attention_experts as AttentionExperts;
   if (!ATTENTION_EXPERTS.includes(attention)) bad("attention_experts", ATTENTION_EXPERTS.join(" or "));
   const block = config.block as BlockKind;
@@ -160,6 +166,7 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   return {
     numExperts,
     expertsPerToken,
+    normTopkProb: normTopkProb as boolean,
     attentionExperts: attention,
     block,
     routerAuxLossCoef: num("router_aux_loss_coef"),

@@ -397,7 +397,8 @@ class Builder {
     const k = this.model.moe.expertsPerToken;
     const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(`${mlp}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
-    const weights = g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]); // renormalised, [N, k]
+    // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
+    const weights = this.model.moe.normTopkProb ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]) : top!;
     let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
     for (let e = 0; e < E; e++) {
       y = g.scope(`expert${e}`, () => {
