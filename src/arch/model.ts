@@ -1,7 +1,7 @@
 /**
  * Any model folder we read: a dense seed of a supported family, or a BAM
  * folder written by the upcycler (or saved back by modeling_bam.py after
- * fine-tuning). Both come out as the BAM view of BAM.md section 2: a dense
+ * fine-tuning). Both come out as the BAM view of docs/format.md: a dense
  * seed is a BAM model with one expert, merged attention, no routers, and its
  * FFN under mlp.experts.0.
  */

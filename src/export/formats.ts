@@ -1,5 +1,5 @@
 /**
- * Output formats: the BAM folder of BAM.md section 2 (remote code), and the
+ * Output formats: the BAM folder of docs/format.md (remote code), and the
  * native Mixtral and Qwen3-MoE layouts that stock transformers loads with no
  * remote code, where the model fits them.
  */

@@ -11,8 +11,10 @@
  *     router's weights applied per head, one Gemm over every expert's o rows;
  *   FFN: dense, or top-k routing that is sparse in compute: per expert,
  *     NonZero finds its tokens, Gather takes them, its MLP runs on them
- *     alone, and ScatterND adds them back weighted by the renormalised router
- *     probability, so the work grows with k, not with the number of experts.
+ *     alone, and ScatterND adds them back weighted by its gate (the router
+ *     probability, renormalised over the top k where norm_topk_prob: see
+ *     docs/method.md, "FFN gating"), so the work grows with k, not with the
+ *     number of experts.
  *
  * Two weight reorderings keep the graph simple and change no result:
  *   - interleaved rotary (cohere, gpt-j) becomes rotate-half by permuting the

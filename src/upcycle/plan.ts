@@ -35,7 +35,7 @@ export type Operation =
   | { kind: "drop"; from: SourceRef; ratio: number; axis: 0 | 1; key: string };
 
 export interface PlannedTensor {
-  /** Output name (BAM.md section 2). */
+  /** Output name (docs/format.md, "Tensor names"). */
   name: string;
   shape: number[];
   dtype: FloatDType;

@@ -1,6 +1,6 @@
 """CPU tests of python/modeling_bam.py that need only torch: python3 -m unittest discover -s test/python
 
-The main check is BAM's identity property (shared/BAM.md): an E-expert model whose experts
+The main check is BAM's identity property (docs/method.md): an E-expert model whose experts
 all copy one dense seed computes that seed's function, whatever its routers hold.
 """
 
@@ -127,7 +127,7 @@ class TestIdentity(unittest.TestCase):
             torch.testing.assert_close(moe(ids())["logits"], dense(ids())["logits"], atol=ATOL, rtol=ATOL)
 
     def test_parallel_seed_needs_parallel_block(self):
-        """A sequential block on a parallel seed is a different function (BAM.md): the test can tell."""
+        """A sequential block on a parallel seed is a different function (docs/method.md): the test can tell."""
         dense = dense_model("gpt_neox")
         moe = upcycle([dense], "moa", block="sequential")
         self.assertFalse(torch.allclose(moe(ids())["logits"], dense(ids())["logits"], atol=1e-3))
