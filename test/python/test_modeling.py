@@ -113,10 +113,21 @@ class TestIdentity(unittest.TestCase):
                 atol = tol * max(1.0, ref.abs().max().item())
                 for attention in ("moa", "shared-kv", "merged"):
                     with self.subTest(dtype=dtype, seed=seed, attention=attention):
-                        moe = upcycle([dense], attention)
+                        moe = upcycle([dense], attention, norm_topk_prob=True)  # top-2 of 3: needs the renormalised gate
                         out = moe(x)
                         torch.testing.assert_close(out["logits"], ref, atol=atol, rtol=0)
                         self.assertIsNotNone(out["aux_loss"])
+
+    def test_paper_gate_keeps_the_seed_only_at_k_equal_e(self):
+        """The paper's gate weights the chosen experts by their probabilities over all E: they sum to 1
+        only where k = E; at k < E the FFN output shrinks and the copies no longer compute the seed."""
+        x = ids()
+        dense = dense_model("llama")
+        ref = dense(x)["logits"]
+        atol = ATOL * max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(upcycle([dense], "moa", k=3, norm_topk_prob=False)(x)["logits"], ref, atol=atol, rtol=0)
+        differs = (upcycle([dense], "moa", k=2, norm_topk_prob=False)(x)["logits"] - ref).abs().max().item()
+        self.assertGreater(differs, 100 * atol)
 
     def test_dense_e1_moa_layout(self):
         """E = 1 in the expert layout (no routers) is the dense model too."""
