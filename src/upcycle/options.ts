@@ -37,7 +37,7 @@ export interface UpcycleOptions {
   dropRatio?: number;
   /** Top-k of the FFN router (default 1, as BAM; BTX used 2). */
   expertsPerToken?: number;
-  /** FFN gate: true renormalises the chosen probabilities to sum 1 (Mixtral; [s, s, s] reproduces s at any k); false (default, DEFAULT_NORM_TOPK_PROB) weights each by its probability over all experts (BAM, Switch). */
+  /** FFN gate: true renormalises the chosen probabilities to sum 1 (Mixtral; [s, s, s] reproduces s at any k); false weights each by its probability over all experts (BAM, Switch). Default: DEFAULT_NORM_TOPK_PROB. */
   normTopkProb?: boolean;
   /** Averaging weights for the shared tensors, one per seed; normalised to sum 1. Default uniform. */
   weights?: number[];

@@ -248,7 +248,7 @@ function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCoun
   if (options.experts > 1 && options.expertsPerToken === 1 && options.normTopkProb) {
     // The renormalised top-1 weight is p / p = 1 whatever the router says (docs/method.md, "FFN gating").
     const remedy = options.format === "mixtral" ? "use -k 2 or more (Mixtral's gate always renormalises), or --format bam or qwen3-moe with --no-norm-topk-prob" : "use -k 2 or more, or --no-norm-topk-prob (the paper's gate)";
-    warnings.push(`top-1 with the renormalised gate (--norm-topk-prob): the FFN router gets no gradient from the language-model loss, only from the load-balance loss; ${remedy}`);
+    warnings.push(`top-1 with the renormalised gate (--norm-topk-prob): the FFN router gets no gradient from the language-model loss, only from the load-balance and z-losses; ${remedy}`);
   }
   return warnings;
 }

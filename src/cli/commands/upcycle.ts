@@ -1,7 +1,7 @@
 import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
-import { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
+import { DEFAULT_NORM_TOPK_PROB, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
 import { planUpcycle, readRecipe, upcycle, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
@@ -45,8 +45,9 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("norm-topk-prob", {
         type: "boolean",
         describe:
-          "FFN gate: renormalise the top-k probabilities to sum 1 (Mixtral; [s, s, s] stays s at any k, but at k = 1 the router gets no LM gradient). " +
-          "--no-norm-topk-prob (default): each expert weighted by its probability over all experts (BAM, Switch; learns at every k)",
+          "FFN gate: renormalise the top-k probabilities to sum 1 (Mixtral; [s, s, s] stays s at any k, but at k = 1 the router gets no LM gradient); " +
+          "--no-norm-topk-prob: each expert weighted by its probability over all experts (BAM, Switch; learns at every k). " +
+          `Default ${DEFAULT_NORM_TOPK_PROB ? "--norm-topk-prob" : "--no-norm-topk-prob"}`,
       })
       .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
       .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
