@@ -131,6 +131,7 @@ function transformersConfig(model: OpenedModel): Record<string, unknown> {
       seed_model_type: f.family,
       num_experts: model.moe.numExperts,
       num_experts_per_tok: model.moe.expertsPerToken,
+      norm_topk_prob: model.moe.normTopkProb,
       attention_experts: model.moe.attentionExperts,
       block: model.moe.block,
     },
