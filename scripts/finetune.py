@@ -533,7 +533,7 @@ def model_card(args, config, t, schedule, layers):
              f"A BAM mixture-of-experts model ({config.get('num_experts')} experts, attention experts "
              f"`{config.get('attention_experts')}`), fine-tuned by bam-upcycle's `scripts/finetune.py` from "
              f"`{t['source']}`: {t['steps']} steps, {t['tokens']:,} tokens, batch {t['global_batch']} x {t['seq_len']}, "
-             f"AdamW, learning rate warm-up over {schedule['warmup']} steps to {schedule['peak']:g}, then cosine to "
+             f"AdamW, learning rate warm-up over {schedule['warmup']} step(s) to {schedule['peak']:g}, then cosine to "
              f"{schedule['min_ratio']:g} of it at step {schedule['total']}.", "", "## Data", "",
              "| domain | files | weight |", "|---|---|---|"]
     from bamtrain.data import parse_spec

@@ -4,7 +4,8 @@ python3 -m unittest test/python/test_finetune.py (also found by `discover -s tes
 The BAM folder comes from our own CLI (`node dist/src/cli/main.js upcycle` of the llama fixtures); tests
 that need it skip without node or without `npm run build`. Tests that need FSDP2 and
 torch.distributed.checkpoint (torch >= 2.6), the `tokenizers` package or transformers skip where those
-are missing (Debian's torch 1.13 runs the rest).
+are missing, except in CI (BAM_REQUIRE_PYTHON set, requirements.txt installed), where every test must run:
+a missing requirement fails the module there.
 
 - training lowers the loss; every logged statistic has its shape; the learning rate follows the schedule;
 - the logged load-balance and z losses, FFN expert load and attention router weights equal a direct
@@ -74,6 +75,11 @@ COMMON = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--eva
 
 def setUpModule():
     global TMP, BAM, THREADS
+    missing = [reason for ok, reason in ((HAS_CLI, NO_CLI), (HAS_DIST, "FSDP2 and DCP (torch >= 2.6)"),
+                                         (HAS_TOKENIZERS, "the tokenizers package"), (HAS_TRANSFORMERS, "transformers"))
+               if not ok]
+    if missing and os.environ.get("BAM_REQUIRE_PYTHON"):
+        raise RuntimeError(f"BAM_REQUIRE_PYTHON is set, but these tests would skip: {'; '.join(missing)}")
     THREADS = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and forked ranks stay safe
     TMP = tempfile.mkdtemp(prefix="bam-finetune-test-")
