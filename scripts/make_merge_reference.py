@@ -11,7 +11,7 @@ with the upcycle options in the metadata (key "options", JSON), so the test rebu
     npm run build && python3 scripts/make_merge_reference.py [--cli dist/src/cli/main.js] [--out fixtures/merge]
 
 Needs torch >= 2.6 and node (no transformers); files are read and written through scripts/bamtrain/folder.py
-(validated; the `safetensors` package where installed). Deterministic: a rerun writes the same files up to
+(read validated, written in a fixed byte order). Deterministic: a rerun writes the same files up to
 float rounding of the torch build.
 """
 

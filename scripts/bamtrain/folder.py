@@ -7,7 +7,8 @@ header's length against the file, UTF-8 JSON without repeated keys, each entry's
 offsets, the tensors tiling the data section exactly (no gap, no overlap, nothing after, nothing cut
 off); an index's weight_map against its shards (each shard inside the folder, every tensor exactly where
 it says). Tensor data is read with the `safetensors` package where it is installed, else with plain
-reads that refuse a short file. Errors are BamTrainError, one line naming the file.
+reads that refuse a short file; files are written by write_safetensors (deterministic bytes). Errors are
+BamTrainError, one line naming the file.
 
 Folders are replaced atomically (replace_folder): the new one is written beside the target, the old one
 moved aside, the new one moved in, then the old one deleted; recover_folder, at start-up, puts back an
@@ -155,12 +156,10 @@ def _nbytes(t):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """tensors: [(name, tensor)] in file order (the `safetensors` package orders them its own way); the
-    header is padded to 8 bytes as safetensors does."""
+    """tensors: [(name, tensor)] in file order; the header is padded to 8 bytes as safetensors does. Our
+    own writer even where the package is installed: its save_file reorders tensors and writes metadata
+    keys in no fixed order, and reference files should be the same bytes on every rerun."""
     tensors = [(name, t.detach().cpu().contiguous()) for name, t in tensors]
-    if st_lib is not None:
-        st_lib.save_file(dict(tensors), path, metadata)
-        return
     header, offset = {}, 0
     if metadata:
         header[METADATA] = metadata
