@@ -72,7 +72,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text and action.option_strings:
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        if shown and "%(default)" not in text:
             text += " (default: %(default)s)"
         return text
 
@@ -396,8 +397,7 @@ def run(args, ctx, say):
         try:
             state, rng_restored = ckpt.load(args.resume, model, optimizer, ctx)
         except (Exception, ckpt._dcp_error()) as e:
-            e = ckpt.unwrap(e)
-            raise BamTrainError(f"--resume {args.resume}: cannot be read ({str(e).splitlines()[0] if str(e) else e!r})") from e
+            raise BamTrainError(f"--resume {args.resume}: cannot be read ({ckpt.reason(e)})") from e
         resume = args.resume
     if state is not None:
         mixture.load_state_dict(state["data"])
@@ -427,7 +427,8 @@ def run(args, ctx, say):
         with open(os.path.join(args.out, "train_args.json"), "w") as f:
             json.dump(dict(vars(args), world_size=ctx.world, fsdp=ctx.fsdp, accum=accum, global_batch=global_batch,
                            seq_len=seq_len, warmup_steps=warmup, save_every=save_every, schedule=schedule,
-                           amp_dtype=str(amp), params=n_params, peak_flops=peak, torch=torch.__version__, **fl), f, indent=2)
+                           amp_dtype=str(amp), params=n_params, peak_flops=peak, torch=torch.__version__, **fl),
+                      f, indent=2)
         logger = metrics.JsonlLog(os.path.join(args.out, "train_log.jsonl"), start if state else None)
         if logger.torn:
             say.warn(f"warning: {args.out}/train_log.jsonl: dropped {logger.torn} line(s) cut off by an interruption")
@@ -515,7 +516,8 @@ def run(args, ctx, say):
             dtype = stored if args.save_dtype == "keep" else dtypes[args.save_dtype]
             training = dict(source=os.path.abspath(args.model), steps=args.steps, tokens=tokens_seen, seq_len=seq_len,
                             global_batch=global_batch, lr=args.lr, data=args.data, eval_data=args.eval_data,
-                            final=last and {k: last[k] for k in ("loss", "nll", "lb_loss", "z_loss")}, held_out=last_eval)
+                            final=last and {k: last[k] for k in ("loss", "nll", "lb_loss", "z_loss")},
+                            held_out=last_eval)
             card = model_card(args, config, training, schedule, layers)
             folder.save_folder(final, sd, dict(config), args.model, dtype, shard_bytes,
                                extra={"training.json": json.dumps(training, indent=2) + "\n", "README.md": card})
@@ -532,7 +534,8 @@ def model_card(args, config, t, schedule, layers):
     lines = [f"# {os.path.basename(os.path.abspath(args.model))}, fine-tuned", "",
              f"A BAM mixture-of-experts model ({config.get('num_experts')} experts, attention experts "
              f"`{config.get('attention_experts')}`), fine-tuned by bam-upcycle's `scripts/finetune.py` from "
-             f"`{t['source']}`: {t['steps']} steps, {t['tokens']:,} tokens, batch {t['global_batch']} x {t['seq_len']}, "
+             f"`{t['source']}`: {t['steps']} steps, {t['tokens']:,} tokens, "
+             f"batch {t['global_batch']} x {t['seq_len']}, "
              f"AdamW, learning rate warm-up over {schedule['warmup']} step(s) to {schedule['peak']:g}, then cosine to "
              f"{schedule['min_ratio']:g} of it at step {schedule['total']}.", "", "## Data", "",
              "| domain | files | weight |", "|---|---|---|"]
@@ -549,8 +552,8 @@ def model_card(args, config, t, schedule, layers):
     if t["held_out"]:
         lines += ["", "## Held-out", "", "| domain | NLL | perplexity |", "|---|---|---|"]
         lines += [f"| {k} | {v['nll']:.4f} | {v['ppl']:.2f} |" for k, v in t["held_out"].items()]
-    lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; `training.json`",
-              "holds these numbers, and the run folder's `train_log.jsonl` every step.", ""]
+    lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`;",
+              "`training.json` holds these numbers, and the run folder's `train_log.jsonl` every step.", ""]
     return "\n".join(lines)
 
 

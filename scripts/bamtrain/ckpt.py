@@ -135,6 +135,12 @@ def unwrap(error):
     return error
 
 
+def reason(error):
+    """One line saying why a checkpoint did not load."""
+    e = unwrap(error)
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:200]
+
+
 def _write(tmp, model, optimizer, trainer_state, ctx):
     if dcp_available():
         import torch.distributed.checkpoint as dcp
@@ -171,13 +177,11 @@ def load_newest(out, model, optimizer, ctx, warn):
     for i, path in enumerate(found):
         try:
             return (path,) + load(path, model, optimizer, ctx)
-        except (Exception, _dcp_error()) as raised:  # a torn or damaged checkpoint: any reader's error
-            e = unwrap(raised)
+        except (Exception, _dcp_error()) as e:  # a torn or damaged checkpoint: any reader's error
             if i + 1 == len(found):
-                raise BamTrainError(f"{path}: cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}) "
-                                    "and no earlier checkpoint is left; start over with --overwrite") from e
-            warn(f"warning: {path} cannot be read ({(str(e).splitlines() or [type(e).__name__])[0][:200]}); "
-                 f"resuming from {found[i + 1]}")
+                raise BamTrainError(f"{path}: cannot be read ({reason(e)}) and no earlier checkpoint is left; "
+                                    "start over with --overwrite") from e
+            warn(f"warning: {path} cannot be read ({reason(e)}); resuming from {found[i + 1]}")
     return None, None, False
 
 
