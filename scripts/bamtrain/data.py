@@ -154,8 +154,8 @@ class Stream:
         return out
 
 
-def bin_dtype_of(path, default):
-    """A .bin file's token width: the "dtype" of a meta.json beside it (scripts/data writes one), else default."""
+def meta_dtype(path):
+    """(the "dtype" of a meta.json beside a .bin, as scripts/data writes one, its path), or (None, None)."""
     meta = os.path.join(os.path.dirname(path), "meta.json")
     if os.path.exists(meta):
         try:
@@ -165,12 +165,18 @@ def bin_dtype_of(path, default):
             dtype = None
         if dtype in ("uint16", "uint32"):
             return np.dtype(dtype), meta
-    return default, None
+    return None, None
 
 
 def open_bin(path, dtype, given):
-    """The memory-mapped ids of a .bin, after the checks its layout allows."""
-    dtype, meta = (dtype, None) if given else bin_dtype_of(path, dtype)
+    """The memory-mapped ids of a .bin, after the checks its layout allows. dtype: --bin-dtype when
+    `given`, else the vocabulary's default, which a meta.json beside the file overrides."""
+    stated, meta = meta_dtype(path)
+    if stated is not None and stated != dtype:
+        if given:
+            raise BamTrainError(f"{path}: {meta} says {stated.name} but --bin-dtype is {dtype.name}; drop --bin-dtype "
+                                "or fix meta.json")
+        dtype = stated
     size = os.path.getsize(path)
     if size % dtype.itemsize:
         raise BamTrainError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens; "

@@ -44,7 +44,7 @@ for p in (os.path.join(REPO, "scripts"), os.path.join(REPO, "python"), os.path.j
 
 import finetune  # noqa: E402
 import modeling_bam as mb  # noqa: E402
-from bamtrain import ckpt, data, folder, metrics, parallel  # noqa: E402
+from bamtrain import BamTrainError, ckpt, data, folder, metrics, parallel  # noqa: E402
 from bamtrain.trainer import lr_at  # noqa: E402
 import bam_folder  # noqa: E402
 
@@ -649,6 +649,22 @@ class TestData(unittest.TestCase):
         self.assertEqual((tuple(x.shape), x.dtype), ((4, 10), torch.int64))
         with self.assertRaises(ValueError):
             m.batch(refs[:1], vocab_size=5)
+
+    def test_bin_width_from_meta_json(self):
+        """uint32 ids read as uint16 are refused; a meta.json beside the file (scripts/data writes one) gives the
+        width, and contradicts --bin-dtype only with an error."""
+        d = tempfile.mkdtemp(dir=TMP)
+        ids = np.arange(400, dtype=np.uint32) % 50 + 1
+        ids.tofile(f"{d}/a.bin")
+        cfg = {"vocab_size": 320, "eos_token_id": 0}
+        with self.assertRaisesRegex(BamTrainError, "a.bin: every second uint16 value is 0.*--bin-dtype uint32"):
+            data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0)
+        with open(f"{d}/meta.json", "w") as f:
+            json.dump({"dtype": "uint32"}, f)
+        m = data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0)
+        self.assertEqual(m.domains[0].stream.read(0, 400).tolist(), ids.tolist())
+        with self.assertRaisesRegex(BamTrainError, "meta.json says uint32 but --bin-dtype is uint16"):
+            data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0, bin_dtype="uint16")
 
     @unittest.skipUnless(HAS_CLI and HAS_TOKENIZERS, "needs the CLI's BAM folder and the tokenizers package")
     def test_text_is_tokenised_with_eos_after_each_document(self):
