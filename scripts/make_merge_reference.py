@@ -2,22 +2,22 @@
 """Reference logits of real merges, for the CPU engine's tests (test/onnx/merge.test.ts).
 
 For each family and attention mode, `bam upcycle base code math` (the built CLI, through node) writes a
-BAM folder into a temporary directory; python/modeling_bam.py's pure-torch core loads it (the loader of
-test/python/bam_folder.py, float32, CPU) and runs the family's reference input_ids. The result is
+BAM folder into a temporary directory; python/modeling_bam.py's pure-torch core loads it (float32, CPU)
+and runs the family's reference input_ids. The result is
 fixtures/merge/<family>-<mode>.safetensors: input_ids (I64 [2, 12]) and logits (F32 [2, 12, vocab]),
 with the upcycle options in the metadata (key "options", JSON), so the test rebuilds the same folder
 (routers are deterministic from --seed) and compares its ONNX logits.
 
     npm run build && python3 scripts/make_merge_reference.py [--cli dist/src/cli/main.js] [--out fixtures/merge]
 
-Needs torch (Debian's 1.13 or any 2.x; no transformers, no safetensors package) and node. Deterministic:
-a rerun writes the same files up to float rounding of the torch build.
+Needs torch >= 2.6 and node (no transformers); files are read and written through scripts/bamtrain/folder.py
+(read validated, written in a fixed byte order). Deterministic: a rerun writes the same files up to
+float rounding of the torch build.
 """
 
 import argparse
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -25,8 +25,8 @@ import tempfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "test", "python"))
-from bam_folder import load_folder, read_safetensors  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from bamtrain.folder import load_model, read_safetensors, write_safetensors  # noqa: E402
 
 FAMILIES = ["llama", "qwen3", "cohere", "gpt2"]  # GQA+biases; qk-norm; interleaved rope+parallel seed; learned positions
 # One block kind, k and FFN gate per mode, so that the three files cover both blocks, both k and both
@@ -43,26 +43,6 @@ def cli_flags(options):
     """The options as `bam upcycle` flags (a boolean is --name or --no-name)."""
     flags = [x for key, value in options.items() if key in FLAGS for x in (FLAGS[key], str(value))]
     return flags + ["--norm-topk-prob" if options["normTopkProb"] else "--no-norm-topk-prob"]
-
-
-def write_safetensors(path, tensors, metadata):
-    """tensors: name -> (dtype, shape, bytes); the safetensors layout, 8-byte aligned header."""
-    header, offset, blobs = {"__metadata__": metadata}, 0, []
-    for name in sorted(tensors):
-        dtype, shape, data = tensors[name]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(blobs))
-
-
-def packed(code, tensor):
-    """Little-endian bytes of a tensor (no numpy needed)."""
-    values = tensor.flatten().tolist()
-    return struct.pack(f"<{len(values)}{code}", *values)
 
 
 def main():
@@ -84,12 +64,11 @@ def main():
                 if run.returncode != 0:
                     sys.exit(f"bam upcycle failed for {family} {mode}:\n{run.stderr}")
                 with torch.no_grad():
-                    logits = load_folder(folder)(input_ids=ids, use_cache=False)["logits"].float().contiguous()
+                    model = load_model(folder)[0].eval()
+                    logits = model(input_ids=ids, use_cache=False)["logits"].float().contiguous()
             out = os.path.join(args.out, f"{family}-{mode}.safetensors")
-            write_safetensors(out, {
-                "input_ids": ("I64", ids.shape, packed("q", ids)),
-                "logits": ("F32", logits.shape, packed("f", logits)),
-            }, {"options": json.dumps(options), "torch": torch.__version__})
+            write_safetensors(out, [("input_ids", ids), ("logits", logits)],
+                              {"options": json.dumps(options), "torch": torch.__version__})
             print(f"{out}: logits {list(logits.shape)}, max |logit| {logits.abs().max().item():.3f}")
 
 

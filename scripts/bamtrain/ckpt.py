@@ -7,8 +7,11 @@
     rng_rank{r}.pt            each process's RNG states (python, numpy, torch, CUDA)
     trainer_state.json        step, tokens, schedule, data position, batch geometry; written last
 
-A checkpoint is written to step_N.tmp and renamed when complete, so a crash mid-save leaves the previous
-one as the latest. Without DCP (torch < 2.2, one process only) model and optimiser go to model_optim.pt.
+A checkpoint is written to step_N.tmp and moved into place when complete (folder.replace_folder: a
+re-saved step's old folder is moved aside first), so a crash mid-save leaves the previous one as the
+latest; recover() at start-up puts back a folder a kill left aside and removes unfinished step_*.tmp.
+A disk that fills during a save is one line (BamTrainError), the previous checkpoint intact. On resume,
+a newest checkpoint that cannot be read falls back to the one before it, with a one-line warning.
 """
 
 import json
@@ -21,9 +24,10 @@ import warnings
 import numpy as np
 import torch
 
-from . import parallel
+from . import BamTrainError, folder, parallel
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+LEFTOVER = re.compile(r"^(step_\d{8})\.(tmp|old)$")
 
 
 def dcp_available():
@@ -62,14 +66,30 @@ def checkpoint_dir(out):
     return os.path.join(out, "checkpoints")
 
 
-def latest(out):
-    """The newest complete checkpoint under OUT/checkpoints, or None."""
+def complete(out):
+    """The complete checkpoints under OUT/checkpoints, newest first."""
     root = checkpoint_dir(out)
     if not os.path.isdir(root):
-        return None
-    steps = sorted(d for d in os.listdir(root)
-                   if STEP_DIR.match(d) and os.path.exists(os.path.join(root, d, "trainer_state.json")))
-    return os.path.join(root, steps[-1]) if steps else None
+        return []
+    steps = sorted((d for d in os.listdir(root)
+                    if STEP_DIR.match(d) and os.path.exists(os.path.join(root, d, "trainer_state.json"))), reverse=True)
+    return [os.path.join(root, d) for d in steps]
+
+
+def latest(out):
+    """The newest complete checkpoint under OUT/checkpoints, or None."""
+    found = complete(out)
+    return found[0] if found else None
+
+
+def recover(out):
+    """Main process, at start-up: what killed saves left under OUT/checkpoints (see the module docstring)."""
+    root = checkpoint_dir(out)
+    if os.path.isdir(root):
+        for d in sorted(os.listdir(root)):
+            m = LEFTOVER.match(d)
+            if m:
+                folder.recover_folder(os.path.join(root, m.group(1)))
 
 
 def save(out, step, model, optimizer, trainer_state, ctx, keep=2):
@@ -80,6 +100,48 @@ def save(out, step, model, optimizer, trainer_state, ctx, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     parallel.barrier(ctx)
+    try:
+        _write(tmp, model, optimizer, trainer_state, ctx)
+    except (Exception, _dcp_error()) as raised:
+        e = unwrap(raised)
+        if not (isinstance(e, OSError) or folder.is_disk_full(e)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest(out)
+        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise BamTrainError(f"{folder.write_error(tmp, e, f'the checkpoint of step {step}')}{kept}") from e
+    if ctx.main:
+        folder.replace_folder(tmp, final)
+        prune(out, keep)
+    parallel.barrier(ctx)
+    return final
+
+
+def _dcp_error():
+    """DCP wraps every rank's exception in a CheckpointException, a BaseException."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        return CheckpointException
+    except ImportError:
+        return Exception
+
+
+def unwrap(error):
+    """The first rank's own exception inside a DCP CheckpointException; others as they are."""
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return next(iter(failures.values()))[0]
+    return error
+
+
+def reason(error):
+    """One line saying why a checkpoint did not load."""
+    e = unwrap(error)
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:200]
+
+
+def _write(tmp, model, optimizer, trainer_state, ctx):
     if dcp_available():
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -97,11 +159,6 @@ def save(out, step, model, optimizer, trainer_state, ctx, keep=2):
     if ctx.main:
         with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
             json.dump(dict(trainer_state, world_size=ctx.world), f, indent=2)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        prune(out, keep)
-    parallel.barrier(ctx)
-    return final
 
 
 def prune(out, keep):
@@ -111,6 +168,21 @@ def prune(out, keep):
     steps = sorted(d for d in os.listdir(root) if STEP_DIR.match(d))
     for d in steps[:-keep]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def load_newest(out, model, optimizer, ctx, warn):
+    """--resume without a path: the newest checkpoint that loads; an unreadable one is skipped with
+    warn(line). -> (path, trainer_state, rng restored), or (None, None, False) when there is none."""
+    found = complete(out)
+    for i, path in enumerate(found):
+        try:
+            return (path,) + load(path, model, optimizer, ctx)
+        except (Exception, _dcp_error()) as e:  # a torn or damaged checkpoint: any reader's error
+            if i + 1 == len(found):
+                raise BamTrainError(f"{path}: cannot be read ({reason(e)}) and no earlier checkpoint is left; "
+                                    "start over with --overwrite") from e
+            warn(f"warning: {path} cannot be read ({reason(e)}); resuming from {found[i + 1]}")
+    return None, None, False
 
 
 def load(path, model, optimizer, ctx):

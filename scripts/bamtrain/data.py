@@ -3,7 +3,8 @@
 A domain is given as NAME=PATH[,PATH...][:WEIGHT] (see parse_spec). Its files are read in order and
 concatenated into one token stream, an EOS between files:
   .npy          a 1-D integer array of token ids (memory-mapped)
-  .bin          raw token ids, uint16 (vocab <= 65536) or uint32 (--bin-dtype), memory-mapped (nanoGPT's format)
+  .bin          raw token ids, uint16 (vocab <= 65536) or uint32 (--bin-dtype, or the "dtype" of a meta.json
+                beside the file, as scripts/data writes), memory-mapped (nanoGPT's format)
   .txt          one document per file, tokenised with the model folder's tokenizer.json (`tokenizers` package)
   .jsonl        one document per line, its "text" field, tokenised the same way
   a directory   every such file under it, sorted by path
@@ -11,6 +12,11 @@ Text documents are tokenised without special tokens and each is followed by EOS 
 concatenated, separated by EOS, cut into fixed-length blocks; the tail shorter than a block is dropped).
 Token files are taken as they are (already packed with EOS by whoever tokenised them). Text is tokenised
 in memory at start-up, by every process: for large corpora, write .npy token files once instead.
+
+Every file is checked at start-up, before any training step: not empty, a whole number of tokens,
+every id inside the model's vocabulary (the bad id, its position and the file named), a .bin of uint32
+ids read as uint16 (every second value 0) refused, every .jsonl line JSON with the text key. A domain of
+weight 0 is never trained on, only evaluated (its held-out blocks); negative weights are refused.
 
 Held-out blocks: the last blocks of each domain's stream (--eval-blocks per domain, at most a tenth of
 it), or the blocks of --eval-data NAME=PATH when given; they are never trained on.
@@ -30,9 +36,12 @@ import re
 import numpy as np
 import torch
 
+from . import BamTrainError
+
 TOKEN_EXTS = (".npy", ".bin")
 TEXT_EXTS = (".txt", ".jsonl")
-_FLOAT = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+_FLOAT = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+SCAN_CHUNK = 1 << 24  # tokens per min/max pass of the start-up check (bounded memory on large files)
 
 
 def parse_spec(spec):
@@ -47,7 +56,10 @@ def parse_spec(spec):
         spec, weight = head, float(tail)
     paths = [p for p in spec.split(",") if p]
     if not paths:
-        raise ValueError(f"data spec {spec!r} names no file")
+        raise BamTrainError(f"data spec {spec!r} names no file")
+    if weight is not None and not weight >= 0:
+        raise BamTrainError(f"data spec {spec}:{tail}: the weight must be >= 0 (relative shares; 0: evaluated, "
+                            "never trained on)")
     if name is None:
         name = os.path.splitext(os.path.basename(paths[0].rstrip("/")))[0]
     return name, paths, weight
@@ -59,20 +71,22 @@ def expand(paths):
     for p in paths:
         matches = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not matches:
-            raise FileNotFoundError(f"{p}: no such file")
+            raise BamTrainError(f"{p}: no such file")
         for m in matches:
             if os.path.isdir(m):
                 found = sorted(os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs
                                if f.endswith(TOKEN_EXTS + TEXT_EXTS))
                 if not found:
-                    raise FileNotFoundError(f"{m}: no {'/'.join(TOKEN_EXTS + TEXT_EXTS)} files under it")
+                    raise BamTrainError(f"{m}: no {'/'.join(TOKEN_EXTS + TEXT_EXTS)} files under it")
                 out += found
             elif os.path.exists(m):
                 if not m.endswith(TOKEN_EXTS + TEXT_EXTS):
-                    raise ValueError(f"{m}: unknown data file type (use {', '.join(TOKEN_EXTS + TEXT_EXTS)})")
+                    raise BamTrainError(f"{m}: unknown data file type (use {', '.join(TOKEN_EXTS + TEXT_EXTS)})")
+                if os.path.getsize(m) == 0:
+                    raise BamTrainError(f"{m}: empty file; remove it from --data or give the tokens it should hold")
                 out.append(m)
             else:
-                raise FileNotFoundError(f"{m}: no such file")
+                raise BamTrainError(f"{m}: no such file")
     return out
 
 
@@ -88,10 +102,10 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as HfTokenizer
             except ImportError as e:
-                raise RuntimeError("text data (.txt, .jsonl) needs the `tokenizers` package (pip install tokenizers); "
-                                   "or give token ids as .npy/.bin") from e
+                raise BamTrainError("text data (.txt, .jsonl) needs the `tokenizers` package (pip install tokenizers); "
+                                    "or give token ids as .npy/.bin") from e
             if not os.path.exists(self.path):
-                raise FileNotFoundError(f"{self.path}: text data needs the model folder's tokenizer.json")
+                raise BamTrainError(f"{self.path}: text data needs the model folder's tokenizer.json")
             self._tok = HfTokenizer.from_file(self.path)
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -102,9 +116,18 @@ def read_documents(path, text_key="text"):
             return [f.read()]
     docs = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                docs.append(json.loads(line)[text_key])
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError as e:
+                raise BamTrainError(f"{path}: line {n} is not JSON ({e})") from e
+            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
+                keys = ", ".join(doc) if isinstance(doc, dict) else "none"
+                raise BamTrainError(f"{path}: line {n} has no string field {text_key!r} (its keys: {keys}); "
+                                    "name the field with --text-key")
+            docs.append(doc[text_key])
     return docs
 
 
@@ -131,7 +154,58 @@ class Stream:
         return out
 
 
-def load_stream(files, eos, tokenizer, bin_dtype, text_key="text"):
+def meta_dtype(path):
+    """(the "dtype" of a meta.json beside a .bin, as scripts/data writes one, its path), or (None, None)."""
+    meta = os.path.join(os.path.dirname(path), "meta.json")
+    if os.path.exists(meta):
+        try:
+            with open(meta) as f:
+                dtype = json.load(f).get("dtype")
+        except (OSError, ValueError, AttributeError):
+            dtype = None
+        if dtype in ("uint16", "uint32"):
+            return np.dtype(dtype), meta
+    return None, None
+
+
+def open_bin(path, dtype, given):
+    """The memory-mapped ids of a .bin, after the checks its layout allows. dtype: --bin-dtype when
+    `given`, else the vocabulary's default, which a meta.json beside the file overrides."""
+    stated, meta = meta_dtype(path)
+    if stated is not None and stated != dtype:
+        if given:
+            raise BamTrainError(f"{path}: {meta} says {stated.name} but --bin-dtype is {dtype.name}; drop --bin-dtype "
+                                "or fix meta.json")
+        dtype = stated
+    size = os.path.getsize(path)
+    if size % dtype.itemsize:
+        raise BamTrainError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens; "
+                            f"pass --bin-dtype {'uint16' if dtype.itemsize == 4 else 'uint32'} if that is its width")
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    if dtype == np.uint16 and len(ids) >= 16:
+        head = np.asarray(ids[: min(len(ids), 1 << 20) // 2 * 2])
+        if not head[1::2].any() and head[0::2].any():
+            source = f" ({meta} says uint16)" if meta else ""
+            raise BamTrainError(f"{path}: every second uint16 value is 0, as uint32 ids read as uint16 are{source}; "
+                                "pass --bin-dtype uint32")
+    return ids
+
+
+def check_ids(path, ids, vocab, offset=0):
+    """Every id of a piece in [0, vocab): one pass of min/max per chunk."""
+    for start in range(0, len(ids), SCAN_CHUNK):
+        chunk = np.asarray(ids[start : start + SCAN_CHUNK])
+        low, high = int(chunk.min()), int(chunk.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            where = start + int(np.argmax(chunk == bad))
+            hint = "; wrong --bin-dtype, or tokens of another tokenizer?" if path.endswith(".bin") else ""
+            raise BamTrainError(f"{path}: token id {bad} at position {offset + where} is outside the model's "
+                                f"vocabulary (0..{vocab - 1}){hint}")
+
+
+def load_stream(files, eos, tokenizer, bin_dtype, text_key="text", vocab=None, bin_dtype_given=False):
+    """-> Stream; with `vocab`, every id is checked against it (check_ids)."""
     pieces = []
     texts = []
 
@@ -139,22 +213,35 @@ def load_stream(files, eos, tokenizer, bin_dtype, text_key="text"):
         if texts:
             ids = tokenizer.encode(texts)
             pieces.append(np.fromiter((t for doc in ids for t in doc + [eos]), dtype=np.int64))
+            if vocab is not None:
+                check_ids(", ".join(text_files), pieces[-1], vocab)
             texts.clear()
+            text_files.clear()
+
+    text_files = []
 
     for path in files:
         if path.endswith(TEXT_EXTS):
             texts.extend(read_documents(path, text_key))
+            text_files.append(path)
             continue
         flush_texts()
         if pieces:
             pieces.append(np.array([eos], dtype=np.int64))  # each token file ends a document
         if path.endswith(".npy"):
-            arr = np.load(path, mmap_mode="r")
+            try:
+                arr = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise BamTrainError(f"{path}: not a .npy array ({e})") from e
             if arr.dtype.kind not in "iu":
-                raise ValueError(f"{path}: token ids must be integers, got {arr.dtype}")
+                raise BamTrainError(f"{path}: token ids must be integers, got {arr.dtype}")
+            if arr.size == 0:
+                raise BamTrainError(f"{path}: holds no tokens")
             pieces.append(arr.reshape(-1))
         else:
-            pieces.append(np.memmap(path, dtype=bin_dtype, mode="r"))
+            pieces.append(open_bin(path, bin_dtype, bin_dtype_given))
+        if vocab is not None:
+            check_ids(path, pieces[-1], vocab)
     flush_texts()
     return Stream(pieces)
 
@@ -175,8 +262,11 @@ class Domain:
             self.eval_blocks = list(range(n - k, n))
             self.train_blocks = n - k
         if weight > 0 and self.train_blocks < 1:
-            raise ValueError(f"domain {name!r}: {len(stream)} tokens make no training block of {seq_len}; "
-                             "add data or lower --seq-len")
+            raise BamTrainError(f"domain {name!r}: {len(stream)} tokens make no training block of {seq_len} "
+                                "(and its held-out share); add data or lower --seq-len")
+        if eval_stream is not None and not self.eval_blocks and eval_blocks:
+            raise BamTrainError(f"--eval-data {name}: {len(eval_stream)} tokens make no block of {seq_len}; "
+                                "add held-out data or lower --seq-len")
 
     def block(self, i, eval=False):
         return (self.eval_stream if eval else self.stream).read(i * self.seq_len, self.seq_len)
@@ -189,7 +279,7 @@ class Mixture:
         self.domains = domains
         self.train = [i for i, d in enumerate(domains) if d.weight > 0]
         if not self.train:
-            raise ValueError("no domain has a positive weight")
+            raise BamTrainError("no domain has a positive weight")
         total = sum(domains[i].weight for i in self.train)
         self.weights = {i: domains[i].weight / total for i in self.train}
         self.seed = seed
@@ -231,7 +321,7 @@ class Mixture:
 
     def load_state_dict(self, state):
         if set(state["domains"]) != set(self.state["domains"]):
-            raise ValueError(f"the checkpoint's data domains {sorted(state['domains'])} differ from "
+            raise BamTrainError(f"the checkpoint's data domains {sorted(state['domains'])} differ from "
                              f"--data's {sorted(self.state['domains'])}")
         self.state = json.loads(json.dumps(state))
 
@@ -251,28 +341,32 @@ def eos_id(config, folder, given=None):
         for name in ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>"):
             if name in added:
                 return added[name]
-    raise ValueError("the model's config has no eos_token_id; give --eos-id")
+    raise BamTrainError("the model's config has no eos_token_id; give --eos-id")
 
 
 def build_mixture(specs, eval_specs, model_folder, config, seq_len, eval_blocks, seed=0, bin_dtype=None, eos=None,
                   text_key="text"):
     """--data and --eval-data specs -> Mixture."""
     vocab = config["vocab_size"]
+    given = bin_dtype is not None
     bin_dtype = np.dtype(bin_dtype or (np.uint16 if vocab <= 65536 else np.uint32))
     eos = eos_id(config, model_folder, eos)
+    if not 0 <= eos < vocab:
+        raise BamTrainError(f"--eos-id / eos_token_id {eos} is outside the model's vocabulary (0..{vocab - 1})")
+    load = lambda paths: load_stream(expand(paths), eos, tok, bin_dtype, text_key, vocab, given)  # noqa: E731
     tok = Tokenizer(model_folder)
     parsed = [parse_spec(s) for s in specs]
     names = [n for n, _, _ in parsed]
     if len(set(names)) != len(names):
-        raise ValueError(f"domain names repeat: {names}; name them NAME=PATH")
+        raise BamTrainError(f"domain names repeat: {names}; name them NAME=PATH")
     evals = {}
     for s in eval_specs or []:
         n, paths, _ = parse_spec(s)
         if n not in names:
-            raise ValueError(f"--eval-data {s!r}: no --data domain named {n!r} ({names})")
-        evals[n] = load_stream(expand(paths), eos, tok, bin_dtype, text_key)
+            raise BamTrainError(f"--eval-data {s!r}: no --data domain named {n!r} ({names})")
+        evals[n] = load(paths)
     domains = []
     for name, paths, weight in parsed:
-        stream = load_stream(expand(paths), eos, tok, bin_dtype, text_key)
+        stream = load(paths)
         domains.append(Domain(name, 1.0 if weight is None else weight, stream, seq_len, eval_blocks, evals.get(name)))
     return Mixture(domains, seed)

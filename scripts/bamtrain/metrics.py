@@ -1,4 +1,4 @@
-"""Analytic FLOPs and MFU, expert-load statistics, the JSONL log and the end-of-run plot.
+"""Analytic FLOPs and MFU, expert-load statistics, the JSONL log, TensorBoard and the end-of-run plot.
 
 FLOPs per trained token (forward + backward = 3 x forward, the PaLM appendix B convention):
 
@@ -95,15 +95,16 @@ def router_stats(out):
 
 
 class JsonlLog:
-    """Append-only JSONL; on resume, records past the checkpoint's step are dropped first."""
+    """Append-only JSONL; on resume, records past the checkpoint's step are dropped first, and so is a
+    line a kill cut off (`torn` counts them)."""
 
     def __init__(self, path, resume_step=None):
-        self.path = path
+        self.path, self.torn = path, 0
         if resume_step is not None and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            records = read_jsonl(path)
+            self.torn = records.torn
             with open(path, "w") as f:
-                f.writelines(keep)
+                f.writelines(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= resume_step)
         elif resume_step is None and os.path.exists(path):
             os.remove(path)
 
@@ -112,9 +113,64 @@ class JsonlLog:
             f.write(json.dumps(record) + "\n")
 
 
+class Records(list):
+    torn = 0
+
+
 def read_jsonl(path):
+    """The log's records; lines that are not JSON objects (a write cut off by a kill) are skipped and counted."""
+    out = Records()
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                out.append(record)
+            else:
+                out.torn += 1
+    return out
+
+
+class TensorBoard:
+    """The JSONL's numbers also as TensorBoard scalars under OUT/tensorboard, when torch.utils.tensorboard
+    imports (it needs the `tensorboard` package); `note` says why not otherwise."""
+
+    def __init__(self, logdir, purge_step=None):
+        self.writer, self.note = None, None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # ImportError, or a tensorboard that fails inside the import
+            self.note = f"TensorBoard off: torch.utils.tensorboard does not import ({e}); pip install tensorboard"
+            return
+        self.writer = SummaryWriter(logdir, purge_step=purge_step)
+
+    def write(self, record):
+        if self.writer is None:
+            return
+        step = record["step"]
+        for key in ("loss", "nll", "lb_loss", "z_loss", "grad_norm", "lr", "tokens_per_s", "mfu"):
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"train/{key}", record[key], step)
+        for key in ("ffn_load", "attn_weight"):
+            if record.get(key):
+                for e, share in enumerate(expert_means(record[key])):
+                    self.writer.add_scalar(f"{key}/expert_{e}", share, step)
+        for name, ev in record.get("eval", {}).items():
+            self.writer.add_scalar(f"eval/{name}/nll", ev["nll"], step)
+            self.writer.add_scalar(f"eval/{name}/ppl", ev["ppl"], step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def expert_means(rows):
+    """[L][E] per-layer shares -> [E], the mean over layers."""
+    return [sum(col) / len(rows) for col in zip(*rows)]
 
 
 def plot(jsonl, png):

@@ -118,3 +118,12 @@ def barrier(ctx):
 def shutdown(ctx):
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def any_flag(flag, ctx):
+    """True on every rank when any rank's flag is (a signal reaches the processes at different steps)."""
+    if ctx.distributed and ctx.world > 1:
+        t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+        dist.all_reduce(t)
+        return t.item() > 0
+    return bool(flag)

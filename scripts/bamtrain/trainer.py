@@ -47,7 +47,7 @@ def autocast(device, dtype):
 
 
 class Trainer:
-    """One optimiser step over `accum` micro-batches of this rank; statistics averaged over micro-batches
+    """One optimiser step (skipped when the gradient norm is not finite) over `accum` micro-batches of this rank; statistics averaged over micro-batches
     and ranks. The micro-batch losses are divided by accum and FSDP averages over ranks, so the gradient is
     the mean over every micro-batch of the global batch, whatever the world size."""
 
@@ -81,7 +81,10 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
             gnorm = gnorm.full_tensor()
-        self.optimizer.step()
+        # A NaN or Inf gradient would spread into every weight: that update is skipped (the norm is global,
+        # so every rank skips the same steps; finetune.py stops after --max-nonfinite-steps in a row).
+        if bool(torch.isfinite(gnorm)):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         flat = torch.cat([acc / n, gnorm.detach().float().reshape(1).to(acc.device)])
         flat[:-1] = parallel.all_reduce_mean(flat[:-1].clone(), ctx)

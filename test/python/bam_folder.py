@@ -1,6 +1,6 @@
-"""Runs a BAM model folder through the pure-torch core (no transformers, no
-safetensors package: Debian's python3-torch is enough) and prints the logits'
-distance to a reference. Used by test/pytorch/*.test.ts.
+"""Runs a BAM model folder through the pure-torch core (no transformers; files read
+by scripts/bamtrain/folder.py, validated) and prints the logits' distance to a
+reference. Used by test/pytorch/*.test.ts.
 
     python3 test/python/bam_folder.py MODEL_DIR REFERENCE.safetensors LOGITS_KEY [MODEL_DIR REFERENCE KEY ...]
 prints one line {"max_abs_error": ..., "max_abs_reference": ..., "shape": [...]} per triple (one

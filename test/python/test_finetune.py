@@ -4,7 +4,8 @@ python3 -m unittest test/python/test_finetune.py (also found by `discover -s tes
 The BAM folder comes from our own CLI (`node dist/src/cli/main.js upcycle` of the llama fixtures); tests
 that need it skip without node or without `npm run build`. Tests that need FSDP2 and
 torch.distributed.checkpoint (torch >= 2.6), the `tokenizers` package or transformers skip where those
-are missing (Debian's torch 1.13 runs the rest).
+are missing, except in CI (BAM_REQUIRE_PYTHON set, requirements.txt installed), where every test must run:
+a missing requirement fails the module there.
 
 - training lowers the loss; every logged statistic has its shape; the learning rate follows the schedule;
 - the logged load-balance and z losses, FFN expert load and attention router weights equal a direct
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import unittest
+from unittest import mock
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ for p in (os.path.join(REPO, "scripts"), os.path.join(REPO, "python"), os.path.j
 
 import finetune  # noqa: E402
 import modeling_bam as mb  # noqa: E402
-from bamtrain import ckpt, data, folder, metrics, parallel  # noqa: E402
+from bamtrain import BamTrainError, ckpt, data, folder, metrics, parallel  # noqa: E402
 from bamtrain.trainer import lr_at  # noqa: E402
 import bam_folder  # noqa: E402
 
@@ -73,6 +75,11 @@ COMMON = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--eva
 
 def setUpModule():
     global TMP, BAM, THREADS
+    missing = [reason for ok, reason in ((HAS_CLI, NO_CLI), (HAS_DIST, "FSDP2 and DCP (torch >= 2.6)"),
+                                         (HAS_TOKENIZERS, "the tokenizers package"), (HAS_TRANSFORMERS, "transformers"))
+               if not ok]
+    if missing and os.environ.get("BAM_REQUIRE_PYTHON"):
+        raise RuntimeError(f"BAM_REQUIRE_PYTHON is set, but these tests would skip: {'; '.join(missing)}")
     THREADS = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest, and forked ranks stay safe
     TMP = tempfile.mkdtemp(prefix="bam-finetune-test-")
@@ -107,7 +114,8 @@ def train(out, *extra):
     """finetune.main in this process, quietly. -> the JSONL records."""
     argv = ["--model", BAM, "--out", out] + data_args() + COMMON + list(extra)
     with contextlib.redirect_stdout(io.StringIO()):
-        finetune.main(argv)
+        code = finetune.main(argv)
+    assert code == 0, f"finetune.main exited {code}"
     return metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
 
 
@@ -174,7 +182,7 @@ class TestFinetune(unittest.TestCase):
             self.assertEqual(sum(r["domains"].values()), 4)
         self.assertAlmostEqual(train_recs[-1]["lr"], 3e-4)  # cosine down to 10% of the peak
         evals = [r for r in self.log if "eval" in r]
-        self.assertEqual([r["step"] for r in evals], [6, 12])
+        self.assertEqual([r["step"] for r in evals], [0, 6, 12])  # step 0: the upcycled model's baseline
         self.assertEqual(set(evals[0]["eval"]), {"code", "math"} | ({"law"} if HAS_TOKENIZERS else set()))
         for name, v in evals[-1]["eval"].items():
             self.assertAlmostEqual(v["ppl"], math.exp(v["nll"]), places=4)
@@ -207,7 +215,7 @@ class TestFinetune(unittest.TestCase):
             load = load + torch.stack([torch.stack([(fl.topk(k, -1).indices == e).double().mean() * 1.0 for e in range(E)])
                                        for fl in out["router_logits"]]) / 2
             attn = attn + torch.stack([a.reshape(-1, E).double().softmax(-1).mean(0) for a in out["attn_router_logits"]]) / 2
-        r = self.log[0]
+        r = [x for x in self.log if "loss" in x][0]
         self.assertEqual(r["step"], 1)
         self.assertAlmostEqual(r["lb_loss"], lb.item(), places=5)
         self.assertAlmostEqual(r["z_loss"], z.item(), places=4)
@@ -273,15 +281,341 @@ class TestFinetune(unittest.TestCase):
         self.assertEqual([s for s, _ in losses(tail)], [3, 4])
         for (s, a), (_, b) in zip(losses(tail), losses(ref)[2:]):
             self.assertAlmostEqual(a, b, delta=tol, msg=f"step {s}: {'1 -> 2' if s == 3 else '2 -> 1'} processes")
-        evals = lambda recs: [(r["step"], r["eval"]) for r in recs if "eval" in r]
-        for (s, e), (s_ref, e_ref) in zip(evals(tail), evals(ref)):
-            self.assertEqual(s, s_ref)
+        evals = lambda recs: {r["step"]: r["eval"] for r in recs if "eval" in r}  # noqa: E731
+        ref_evals = evals(ref)
+        self.assertEqual(sorted(evals(tail)), [3, 4])
+        for s, e in evals(tail).items():
+            e_ref = ref_evals[s]
             for name in e_ref:
                 self.assertAlmostEqual(e[name]["nll"], e_ref[name]["nll"], delta=tol, msg=f"held-out {name} at {s}")
         a, b = folder.read_weights(os.path.join(run, "final")), folder.read_weights(os.path.join(TMP, "ws1", "final"))
         self.assertEqual(set(a), set(b))
         for name in a:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0, msg=name)
+
+
+def run_main(out, *extra, model=None, data=None):
+    """finetune.main in this process. -> (exit code, stdout, stderr); argparse's exits give their code."""
+    argv = ["--model", model or BAM, "--out", out] + (data or data_args()) + COMMON + list(extra)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = finetune.main(argv)
+        except SystemExit as e:
+            code = e.code
+    return code, stdout.getvalue(), stderr.getvalue()
+
+
+POISONED = None  # the parameter test_nan_weights_are_never_saved poisons
+SHORT = ["--steps", "4", "--lr", "3e-3", "--eval-every", "0"]
+
+
+@contextlib.contextmanager
+def patched_step(hook):
+    """Trainer.step runs hook(trainer, step number, result) after each real step."""
+    from bamtrain import trainer
+
+    orig, calls = trainer.Trainer.step, []
+
+    def step(self, micro_batches, lr):
+        r = orig(self, micro_batches, lr)
+        calls.append(1)
+        return hook(self, len(calls), r) or r
+
+    trainer.Trainer.step = step
+    try:
+        yield
+    finally:
+        trainer.Trainer.step = orig
+
+
+@unittest.skipUnless(HAS_CLI, NO_CLI)
+class TestRunSafety(unittest.TestCase):
+    """Issue 21: never train on a broken model, never lose a run."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(dir=TMP)
+        self.out = os.path.join(self.dir, "run")
+
+    def assertFails(self, result, pattern, code=1):
+        got, stdout, stderr = result
+        self.assertEqual(got, code, stderr)
+        self.assertRegex(stderr, pattern)
+        self.assertNotIn("Traceback", stderr)
+        if code == 1:  # one line (after any warnings)
+            self.assertRegex(stderr.strip().splitlines()[-1], "^finetune.py: error: .*" + pattern)
+
+    def damaged_model(self, damage):
+        model = os.path.join(self.dir, "model")
+        shutil.copytree(BAM, model)
+        weights = os.path.join(model, "model.safetensors")
+        damage(weights)
+        return model
+
+    def test_truncated_or_nan_weights_are_refused_before_training(self):
+        def truncate(path):
+            with open(path, "r+b") as f:
+                f.truncate(os.path.getsize(path) * 2 // 3)
+
+        def poison(path):
+            start, entries, _ = folder.read_header(path)
+            with open(path, "r+b") as f:
+                f.seek(start + entries["model.layers.0.mlp.experts.0.up_proj.weight"][2])
+                f.write(b"\xff" * 400)
+
+        self.assertFails(run_main(self.out, *SHORT, model=self.damaged_model(truncate)), "model.safetensors: .*truncated")
+        shutil.rmtree(os.path.join(self.dir, "model"))
+        self.assertFails(run_main(self.out, *SHORT, model=self.damaged_model(poison)),
+                         "'model.layers.0.mlp.experts.0.up_proj.weight' holds NaN or Inf")
+        self.assertFalse(os.path.exists(os.path.join(self.out, "final")))
+
+    def test_nonfinite_loss_stops_after_the_grace_naming_the_step(self):
+        def nan_from_step_3(trainer, n, r):
+            if n >= 3:
+                r.update(loss=float("nan"), grad_norm=float("nan"))
+
+        with patched_step(nan_from_step_3):
+            result = run_main(self.out, "--steps", "8", "--save-every", "1", "--max-nonfinite-steps", "2")
+        self.assertFails(result, r"step 4: loss nan, grad norm nan: not finite for 2 step\(s\) in a row .*step_00000002")
+        self.assertRegex(result[2].splitlines()[0], "^warning: step 3: loss nan, grad norm nan: not finite, update skipped")
+        self.assertEqual(sorted(os.listdir(os.path.join(self.out, "checkpoints"))), ["step_00000001", "step_00000002"])
+        self.assertFalse(os.path.exists(os.path.join(self.out, "final")))
+
+    def test_nan_weights_are_never_saved(self):
+        global POISONED
+        POISONED = next(n for n, _ in bam_folder.load_folder(BAM).named_parameters() if "layers.1" in n and "down" in n)
+        def poison_after_step_2(trainer, n, r):
+            if n == 2:
+                with torch.no_grad():
+                    dict(trainer.model.named_parameters())[POISONED].view(-1)[0] = float("nan")
+
+        with patched_step(poison_after_step_2):
+            result = run_main(self.out, *SHORT, "--save-every", "1")
+        self.assertFails(result, f"step 2: parameter '{POISONED}' holds NaN or Inf; checkpoint not written")
+        self.assertEqual(os.listdir(os.path.join(self.out, "checkpoints")), ["step_00000001"])
+        self.assertFalse(os.path.exists(os.path.join(self.out, "final")))
+
+    def test_out_refuses_an_existing_run_and_the_model_folder(self):
+        self.assertEqual(run_main(self.out, *SHORT, "--save-every", "1", "--keep-checkpoints", "0")[0], 0)
+        before = {f: os.path.getmtime(os.path.join(self.out, f)) for f in os.listdir(self.out)}
+        self.assertFails(run_main(self.out, *SHORT), "holds a run .*train_log.jsonl.*--resume.*--overwrite")
+        self.assertEqual({f: os.path.getmtime(os.path.join(self.out, f)) for f in os.listdir(self.out)}, before)
+        code, stdout, _ = run_main(self.out, "--steps", "2", "--lr", "3e-3", "--overwrite", "--save-every", "0")
+        self.assertEqual(code, 0)
+        self.assertFalse(os.path.exists(os.path.join(self.out, "checkpoints")))  # the old run's, deleted
+        self.assertEqual([r["step"] for r in metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl"))], [0, 1, 2, 2])
+        for out, where in ((BAM, "is the model folder"), (os.path.join(BAM, "run"), "is inside the model folder"),
+                           (os.path.dirname(BAM), "contains the model folder")):
+            self.assertFails(run_main(out, *SHORT), f"--out {out} {where}")
+        self.assertFalse(os.path.exists(os.path.join(BAM, "run")))
+        self.assertFails(run_main(self.out, *SHORT, "--resume", "--overwrite"), "give one", code=2)
+
+    def test_resume_recovers_killed_saves_a_torn_log_and_a_damaged_checkpoint(self):
+        """After a kill between a re-save's renames (step 2 moved aside, the new one not in), with an unfinished
+        step_*.tmp, a torn last log line and a damaged newest checkpoint (step 3), --resume falls back to
+        step 2 with a warning and the run ends with the uninterrupted run's losses."""
+        extra = ["--steps", "5", "--lr", "3e-3", "--eval-every", "0", "--save-every", "1", "--keep-checkpoints", "0",
+                 "--no-final"]
+        whole = train(os.path.join(self.dir, "whole"), *extra)
+        self.assertEqual(run_main(self.out, *extra, "--stop-after", "3")[0], 0)
+        root = os.path.join(self.out, "checkpoints")
+        os.replace(os.path.join(root, "step_00000002"), os.path.join(root, "step_00000002.old"))
+        os.makedirs(os.path.join(root, "step_00000004.tmp"))
+        for name in os.listdir(os.path.join(root, "step_00000003")):
+            if name.endswith(".distcp"):
+                with open(os.path.join(root, "step_00000003", name), "r+b") as f:
+                    f.truncate(10)
+        with open(os.path.join(self.out, "train_log.jsonl"), "a") as f:
+            f.write('{"step": 4, "loss": 1.2')
+        code, _, stderr = run_main(self.out, *extra, "--resume")
+        self.assertEqual(code, 0, stderr)
+        self.assertRegex(stderr, r"warning: .*step_00000003 cannot be read .*; resuming from .*step_00000002")
+        self.assertIn("dropped 1 line(s) cut off", stderr)
+        self.assertEqual(losses(metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl"))), losses(whole))
+        self.assertFalse([d for d in os.listdir(root) if d.endswith((".tmp", ".old"))])
+
+    def test_sigterm_checkpoints_and_exits_130_then_resume_is_exact(self):
+        import signal
+
+        extra = ["--steps", "4", "--lr", "3e-3", "--eval-every", "0", "--save-every", "0", "--no-final",
+                 "--router-jitter", "0.05"]
+        whole = train(os.path.join(self.dir, "whole"), *extra)
+
+        def term_at_step_2(trainer, n, r):
+            if n == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        with patched_step(term_at_step_2):
+            code, _, stderr = run_main(self.out, *extra)
+        self.assertEqual(code, 130, stderr)
+        self.assertEqual(stderr.strip(), "stopped by SIGTERM after step 2; continue with --resume")
+        self.assertTrue(os.path.exists(os.path.join(self.out, "checkpoints", "step_00000002", "trainer_state.json")))
+        self.assertEqual(signal.getsignal(signal.SIGTERM), signal.SIG_DFL)  # the handler is gone again
+        self.assertEqual(run_main(self.out, *extra, "--resume")[0], 0)
+        self.assertEqual(losses(metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl"))), losses(whole))
+
+    def test_resume_with_another_steps_keeps_the_saved_schedule(self):
+        extra = ["--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "0", "--save-every", "2", "--no-final"]
+        self.assertEqual(run_main(self.out, "--steps", "4", "--stop-after", "2", *extra)[0], 0)
+        code, _, stderr = run_main(self.out, "--steps", "6", "--resume", *extra)
+        self.assertEqual(code, 0, stderr)
+        self.assertIn("keeping the checkpoint's learning-rate schedule", stderr)
+        lrs = {r["step"]: r["lr"] for r in metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl")) if "lr" in r}
+        self.assertEqual(lrs, {s: lr_at(s, 3e-3, 1, 4, 0.1) for s in range(1, 7)})  # 5 and 6: at the floor
+
+    def test_disk_full_at_a_checkpoint_is_one_line_and_keeps_the_previous(self):
+        real = torch.save
+
+        def full_at_step_4(obj, path, *a, **kw):
+            if "step_00000004" in str(path):
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                                   "file data/0: file write failed\nException raised from ...\nframe #0: ...")
+            return real(obj, path, *a, **kw)
+
+        with mock.patch.object(torch, "save", full_at_step_4):
+            result = run_main(self.out, *SHORT, "--save-every", "2")
+        self.assertFails(result, r"step_00000004.tmp: disk full while writing the checkpoint of step 4 .*MB free.*; "
+                                 r"the previous checkpoint .*step_00000002 is intact")
+        self.assertEqual(os.listdir(os.path.join(self.out, "checkpoints")), ["step_00000002"])
+
+
+@unittest.skipUnless(HAS_CLI, NO_CLI)
+class TestUserErrors(unittest.TestCase):
+    """Each mistake: one line naming the file or flag and what to do, exit 1 (2 for bad usage)."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(dir=TMP)
+        self.out = os.path.join(self.dir, "run")
+
+    def check(self, data, pattern, *extra, code=1, model=None):
+        got, _, stderr = run_main(self.out, *SHORT, *extra, model=model, data=["--data", *data])
+        self.assertEqual(got, code, stderr)
+        self.assertRegex(stderr, pattern)
+        self.assertNotIn("Traceback", stderr)
+        if code == 1:  # (argparse's exit 2 prints its usage lines first)
+            self.assertEqual(len(stderr.strip().splitlines()), 1, stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.out, "train_log.jsonl")))
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def test_data_files(self):
+        vocab = folder.read_config(BAM)["vocab_size"]
+        code = f"code={TMP}/code.npy"
+        open(self.path("empty.bin"), "wb").close()
+        np.arange(1, 20, dtype=np.uint16).tofile(self.path("short.bin"))
+        np.tile(np.arange(1, 40, dtype=np.uint32), 40).tofile(self.path("wide.bin"))
+        np.arange(1, 42, dtype=np.uint8).tofile(self.path("odd.bin"))
+        ids = np.tile(np.arange(1, 40, dtype=np.int64), 40)
+        ids[1000] = -7
+        np.save(self.path("negative.npy"), ids)
+        ids[1000] = vocab + 5
+        np.save(self.path("oov.npy"), ids)
+        with open(self.path("docs.jsonl"), "w") as f:
+            f.write(json.dumps({"text": "a"}) + "\n" + json.dumps({"content": "b"}) + "\n")
+        cases = [
+            ([code, f"x={self.path('empty.bin')}"], "empty.bin: empty file"),
+            ([code, f"x={self.path('short.bin')}"], "domain 'x': 19 tokens make no training block of 32"),
+            ([code, f"x={self.path('wide.bin')}"], "wide.bin: every second uint16 value is 0.*--bin-dtype uint32"),
+            ([code, f"x={self.path('odd.bin')}"], "odd.bin: 41 bytes is not a whole number of uint32 tokens"),
+            ([code, f"x={self.path('negative.npy')}"], "negative.npy: token id -7 at position 1000 is outside"),
+            ([code, f"x={self.path('oov.npy')}"], f"oov.npy: token id {vocab + 5} at position 1000 is outside the "
+                                                   f"model's vocabulary \\(0..{vocab - 1}\\)"),
+            ([f"{code}:-1"], r"weight must be >= 0"),
+            ([f"{code}:0"], "no domain has a positive weight"),
+        ]
+        if HAS_TOKENIZERS:
+            cases.append(([code, f"x={self.path('docs.jsonl')}"], "docs.jsonl: line 2 has no string field 'text' "
+                                                                  r"\(its keys: content\); name the field with --text-key"))
+        for data_spec, pattern in cases:
+            with self.subTest(pattern):
+                self.check(data_spec, pattern, *(["--bin-dtype", "uint32"] if "odd" in pattern else []))
+        self.check([code], "oov.npy: token id", "--eval-data", f"code={self.path('oov.npy')}")  # before any step
+
+    def test_flags_and_model(self):
+        code = [f"code={TMP}/code.npy"]
+        for flag, value in (("--seq-len", "1"), ("--seq-len", "0"), ("--log-every", "0"), ("--eval-every", "-1"),
+                            ("--save-every", "-2")):
+            with self.subTest(flag=flag, value=value):
+                self.check(code, f"{flag} must be at least", flag, value, code=2)
+        positions = folder.read_config(BAM)["max_position_embeddings"]
+        self.check(code, f"--seq-len {positions + 1} exceeds max_position_embeddings {positions} .*config.json",
+                   "--seq-len", str(positions + 1))
+        self.check(code, "base: model_type is 'llama', not 'bam'; build a BAM folder with `bam upcycle`",
+                   model=os.path.join(REPO, "fixtures", "llama", "base"))
+        with mock.patch.object(torch, "compile", None):
+            self.check(code, "--compile: torch .* has no torch.compile.*run without --compile", "--compile")
+
+    def test_a_closed_stdout_stops_printing_not_training(self):
+        class ClosedPipe(io.StringIO):
+            def write(self, text):
+                raise BrokenPipeError(32, "Broken pipe")
+
+        argv = ["--model", BAM, "--out", self.out, "--data", f"code={TMP}/code.npy"] + COMMON + SHORT
+        with contextlib.redirect_stdout(ClosedPipe()):
+            self.assertEqual(finetune.main(argv), 0)
+        self.assertTrue(os.path.exists(os.path.join(self.out, "final", "model.safetensors")))
+
+
+@unittest.skipUnless(HAS_CLI, NO_CLI)
+class TestConsole(unittest.TestCase):
+    def test_defaults_labels_tensorboard_and_model_card(self):
+        """Default --log-every and --save-every on a 12-step run; step 0's held-out baseline; labelled losses,
+        throughput and per-expert load; TensorBoard scalars (a stand-in SummaryWriter: the tensorboard
+        package is not a requirement); the final/ README says what was trained."""
+        import types
+
+        scalars = []
+
+        class SummaryWriter:
+            def __init__(self, logdir, purge_step=None):
+                self.logdir = logdir
+
+            def add_scalar(self, tag, value, step):
+                scalars.append((tag, value, step))
+
+            def close(self):
+                pass
+
+        fake = types.ModuleType("torch.utils.tensorboard")
+        fake.SummaryWriter = SummaryWriter
+        out = os.path.join(tempfile.mkdtemp(dir=TMP), "run")
+        argv = ["--model", BAM, "--out", out, "--data", f"code={TMP}/code.npy", "--seq-len", "32", "--micro-batch", "2",
+                "--eval-blocks", "2", "--no-plot", "--steps", "12", "--lr", "3e-3"]
+        stdout = io.StringIO()
+        with mock.patch.dict(sys.modules, {"torch.utils.tensorboard": fake}), contextlib.redirect_stdout(stdout):
+            self.assertEqual(finetune.main(argv), 0)
+        lines = stdout.getvalue().splitlines()
+        steps = [line.split(" |")[0] for line in lines if line.startswith("step ") and " | " in line]
+        self.assertEqual(steps, ["step 1/12", "step 10/12", "step 12/12"])
+        self.assertTrue(lines[1].startswith("step 0 held-out: code nll"), lines)
+        c = folder.read_config(BAM)
+        line = next(line for line in lines if line.startswith("step 10/12"))
+        self.assertRegex(line, r"per layer: load-balance [\d.]+ z [\d.]+ \| .* [\d.]+k? tok/s, \d+ ms/step \| "
+                               r"FFN expert load( [\d.]+){%d} \| attention expert weight( [\d.]+){%d}$"
+                         % (c["num_experts"], c["num_experts"]))
+        self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step_00000010", "step_00000012"])
+        log = metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
+        loss = {(tag, step): v for tag, v, step in scalars}
+        self.assertEqual(loss[("train/loss", 5)], log[5]["loss"])
+        self.assertEqual(loss[("eval/code/nll", 0)], log[0]["eval"]["code"]["nll"])
+        self.assertIn(("ffn_load/expert_0", 12), loss)
+        with open(os.path.join(out, "final", "README.md")) as f:
+            card = f.read()
+        self.assertIn(f"12 steps, {log[-2]['tokens']:,} tokens, batch 2 x 32", card)
+        self.assertIn(f"| code | {TMP}/code.npy | 1 |", card)
+        self.assertIn(f"z-loss {log[-2]['z_loss']:.4f} (each summed over the {c['num_hidden_layers']} layers)", card)
+        self.assertIn(f"| code | {log[-1]['eval']['code']['nll']:.4f} |", card)
+        self.assertNotIn("need fine-tuning", card.lower())
+
+    def test_help_shows_defaults_without_torch(self):
+        code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
+                f"sys.argv = ['finetune.py', '--help']; runpy.run_path({os.path.join(REPO, 'scripts', 'finetune.py')!r}, "
+                "run_name='__main__')")
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        self.assertEqual(run.returncode, 0, run.stderr)
+        self.assertIn("optimiser steps (default: 1000)", " ".join(run.stdout.split()))
+        self.assertIn("(default: 10)", run.stdout)
 
 
 class TestData(unittest.TestCase):
@@ -315,6 +649,22 @@ class TestData(unittest.TestCase):
         self.assertEqual((tuple(x.shape), x.dtype), ((4, 10), torch.int64))
         with self.assertRaises(ValueError):
             m.batch(refs[:1], vocab_size=5)
+
+    def test_bin_width_from_meta_json(self):
+        """uint32 ids read as uint16 are refused; a meta.json beside the file (scripts/data writes one) gives the
+        width, and contradicts --bin-dtype only with an error."""
+        d = tempfile.mkdtemp(dir=TMP)
+        ids = np.arange(400, dtype=np.uint32) % 50 + 1
+        ids.tofile(f"{d}/a.bin")
+        cfg = {"vocab_size": 320, "eos_token_id": 0}
+        with self.assertRaisesRegex(BamTrainError, "a.bin: every second uint16 value is 0.*--bin-dtype uint32"):
+            data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0)
+        with open(f"{d}/meta.json", "w") as f:
+            json.dump({"dtype": "uint32"}, f)
+        m = data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0)
+        self.assertEqual(m.domains[0].stream.read(0, 400).tolist(), ids.tolist())
+        with self.assertRaisesRegex(BamTrainError, "meta.json says uint32 but --bin-dtype is uint16"):
+            data.build_mixture([f"{d}/a.bin"], [], d, cfg, 10, 0, bin_dtype="uint16")
 
     @unittest.skipUnless(HAS_CLI and HAS_TOKENIZERS, "needs the CLI's BAM folder and the tokenizers package")
     def test_text_is_tokenised_with_eos_after_each_document(self):
