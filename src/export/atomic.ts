@@ -214,7 +214,7 @@ async function takeLock(target: string, parent: string, name: string): Promise<s
     }
     const owner = /^(\d+)\n$/.exec(await readFile(lock, "utf8").catch(() => ""));
     if (attempt > 0 || owner === null || processAlive(Number(owner[1]))) {
-      throw new BamError("OUTPUT_BUSY", `${target}: another bam run is writing this output${owner === null ? "" : ` (process ${owner[1]})`}; wait for it to finish, or remove ${lock} if none is running`);
+      throw new BamError("OUTPUT_BUSY", `${target}: another bam run is writing this output; wait for it to finish, or remove ${lock} if none is running`);
     }
     await unlink(lock).catch(() => undefined);
   }

@@ -1,7 +1,7 @@
 /**
  * Crash safety of `bam upcycle`: the process is killed with SIGKILL at many
  * points (chosen by the bytes already in its temporary folder), and
- * interrupted with SIGINT and SIGTERM. Afterwards the target folder does not
+ * interrupted with SIGINT, SIGTERM and SIGHUP. Afterwards the target folder does not
  * exist, or with --force is the untouched previous one; the next run
  * succeeds, writes the same bytes as an uninterrupted run and removes what
  * the killed runs left. A full disk (a small tmpfs where the machine allows
@@ -133,7 +133,7 @@ test("SIGKILL with --force leaves the previous folder untouched", { timeout: 60_
   await rm(parent, { recursive: true });
 });
 
-for (const signal of ["SIGINT", "SIGTERM"] as const) {
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   test(`${signal} stops the run: exit 130, one line on stderr, no output, no temporary folder`, { timeout: 60_000 }, async () => {
     const parent = join(root, signal);
     await mkdir(parent);
