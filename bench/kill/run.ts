@@ -54,9 +54,13 @@ async function reference(...extra: string[]): Promise<{ hashes: Record<string, s
   if (run.code !== 0) throw new Error(run.stderr);
   return { hashes: await folderHashes(join(parent, "out")), ms: performance.now() - started, dir: join(parent, "out") };
 }
-const fresh = await reference();
-const previous = await reference("--attention", "merged");
 const same = (a: Record<string, string>, b: Record<string, string>) => JSON.stringify(a) === JSON.stringify(b);
+const fresh = await reference();
+// Another model of the same seed (other router values): what --force replaces.
+const previous = await reference("--seed", "7");
+if (same(previous.hashes, fresh.hashes)) throw new Error("the previous model must differ from the new one");
+/** An uninterrupted run once the seeds' hashes are cached (the first run also hashes them): the scale of the kill delays. */
+const runMs = previous.ms;
 
 type Landing = "target absent" | "previous intact" | "new model complete" | "previous moved aside, target absent" | "new model in, previous kept aside";
 const landings: Record<string, number> = {};
@@ -70,7 +74,7 @@ for (let round = 0; round < rounds; round++) {
   await mkdir(parent);
   if (force) await cp(previous.dir, join(parent, "out"), { recursive: true });
   // One round in four aims at the end of the run, where the commit's renames are.
-  const delayMs = Math.round((round % 4 === 3 ? 0.8 + 0.3 * random() : 1.3 * random()) * fresh.ms);
+  const delayMs = Math.round((round % 4 === 3 ? 0.8 + 0.3 * random() : 1.3 * random()) * runMs);
   const run = await runCli(args(...(force ? ["--force"] : [])), {
     cwd: parent,
     during: (child) => { setTimeout(() => child.kill("SIGKILL"), delayMs); },
@@ -116,7 +120,7 @@ for (let round = 0; round < rounds; round++) {
   const left = (await readdir(parent)).filter((e) => e.startsWith(".bam-"));
   if (left.length > 0) violation(`left behind: ${left.join(", ")}`);
   await rm(parent, { recursive: true });
-  process.stderr.write(`round ${round + 1}/${rounds}: ${key}, ${violations.length} violations\n`);
+  process.stderr.write(`round ${round + 1}/${rounds} (${force ? "--force, " : ""}kill at ${delayMs} ms): ${key}, ${violations.length} violations\n`);
 }
 
 const result = {
@@ -126,8 +130,8 @@ const result = {
   machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
   seed: values.seed,
   rounds,
-  uninterruptedRunMs: Math.round(fresh.ms),
-  killDelaysMs: `from the start: uniform in [0, ${Math.round(1.3 * fresh.ms)}], one round in four in [${Math.round(0.8 * fresh.ms)}, ${Math.round(1.1 * fresh.ms)}]`,
+  uninterruptedRunMs: Math.round(runMs),
+  killDelaysMs: `from the start: uniform in [0, ${Math.round(1.3 * runMs)}], one round in four in [${Math.round(0.8 * runMs)}, ${Math.round(1.1 * runMs)}]`,
   seconds: Math.round((performance.now() - started) / 1000),
   landings,
   nextRunRefusals,
