@@ -28,6 +28,10 @@ export type ErrorCode =
   | "OPTIONS_INVALID"
   | "RECIPE_INVALID"
   | "OUTPUT_EXISTS"
+  /** The output would be, hold or lie inside an input, the current folder, the root folder or a mount point. */
+  | "OUTPUT_UNSAFE"
+  /** Another run holds the output's lock. */
+  | "OUTPUT_BUSY"
   // runtime
   | "IO_ERROR"
   | "DISK_FULL"

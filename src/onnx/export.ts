@@ -68,7 +68,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
     const stamp = await readStamp(folder);
     if (stamp?.key === key && !options.force) return { folder, modelFile, built: false, key };
     // a stale export of ours is replaced without asking; anything else needs --force
-    const target = await openAtomicFolder(folder, options.force === true || stamp !== null);
+    const target = await openAtomicFolder(folder, { force: options.force === true || stamp !== null, inputs: [], ours: async (dir) => (await readStamp(dir)) !== null });
     try {
       await mkdir(join(target.path, ONNX_SUBFOLDER));
       await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), { signal: options.signal, onProgress: options.onProgress });

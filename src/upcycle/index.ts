@@ -91,11 +91,12 @@ export async function upcycle(
   return withSeeds(options.seeds, async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
-    const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
-    const folder = await openAtomicFolder(plan.options.output, plan.options.force);
+    const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(plan.options.prompts === null ? [] : [plan.options.prompts])];
+    const folder = await openAtomicFolder(plan.options.output, { force: plan.options.force, inputs });
     const hashing = hashSeeds(seeds.map(filesToHash));
     const averages = new AveragePool();
     try {
+      const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
       let bytesWritten = 0;
       let current = "";
@@ -141,7 +142,7 @@ export async function upcycle(
       if (hooks.signal?.aborted && !(error instanceof BamError && error.code === "ABORTED")) {
         throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`, { cause: error });
       }
-      throw error;
+      throw folder.explain(error);
     }
   });
 }
@@ -166,19 +167,15 @@ async function sideFiles(firstSeedDir: string): Promise<string[]> {
 }
 
 async function writeSideFiles(dir: string, firstSeedDir: string, fromSeed: readonly string[], generated: Record<string, string>, remoteCode: boolean): Promise<void> {
-  try {
-    for (const entry of fromSeed) await copyFile(join(firstSeedDir, entry), join(dir, entry));
-    if (remoteCode) {
-      for (const file of ["configuration_bam.py", "modeling_bam.py"]) await copyFile(join(PYTHON_DIR, file), join(dir, file));
-    }
-    for (const [file, text] of Object.entries(generated)) await writeFile(join(dir, file), text);
-    const copied = await readdir(dir);
-    if (!copied.includes("generation_config.json")) {
-      await writeFile(join(dir, "generation_config.json"), `${JSON.stringify(generationDefaults(generated), null, 2)}\n`);
-    }
-  } catch (error) {
-    // copyFile's error names its source: a seed file, or python/ missing beside the installed package
-    throw ioError((error as NodeJS.ErrnoException).path ?? dir, error);
+  // Each failure names the file being written (copyFile's own error names its source, which is not what ran out of space).
+  const write = async (file: string, body: () => Promise<void>) => body().catch((error: unknown) => { throw ioError(join(dir, file), error); });
+  for (const entry of fromSeed) await write(entry, () => copyFile(join(firstSeedDir, entry), join(dir, entry)));
+  if (remoteCode) {
+    for (const file of ["configuration_bam.py", "modeling_bam.py"]) await write(file, () => copyFile(join(PYTHON_DIR, file), join(dir, file)));
+  }
+  for (const [file, text] of Object.entries(generated)) await write(file, () => writeFile(join(dir, file), text));
+  if (!fromSeed.includes("generation_config.json")) {
+    await write("generation_config.json", () => writeFile(join(dir, "generation_config.json"), `${JSON.stringify(generationDefaults(generated), null, 2)}\n`));
   }
 }
 

@@ -144,7 +144,9 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
 
   const tensors: PlannedTensor[] = [];
   const add = (name: string, shape: number[], sources: SourceRef[], operation: Operation) => {
-    const sourceDtypes = sources.length > 0 ? sources.map(dtypeOf) : [first.tensors.get("model.embed_tokens.weight")!.dtype];
+    // "keep" looks at the tensor in every seed, not only the one copied: an expert copied from a bf16 seed beside an f32 one is widened too
+    const refs = sources.length > 0 ? sources : [{ seed: 0, tensor: "model.embed_tokens.weight" }];
+    const sourceDtypes = refs.flatMap((ref) => seeds.map((_, seed) => dtypeOf({ ...ref, seed })));
     tensors.push({ name, shape, dtype: outputDType(options.dtype, sourceDtypes), operation });
   };
   const average = (outName: string, tensor: string) => {

@@ -121,14 +121,14 @@ describe("bam errors", () => {
       assert.equal(run.status, 1);
       oneLine(run.stderr);
       run = bam("upcycle", fixture("llama", "base"), "-o", out, "--experts", "4", "--drop-ratio", "1.5");
-      assert.equal(run.status, 1);
+      assert.equal(run.status, 2);
       oneLine(run.stderr);
       assert.match(run.stderr, /--drop-ratio/);
       run = bam("upcycle", fixture("llama", "base"), "-o", out, "--attention", "sideways");
       assert.equal(run.status, 2, "bad usage");
       assert.deepEqual(await readdir(dir), []);
       run = bam("upcycle", fixture("llama", "base"), "-o", out, "--format", "mixtral", "--experts", "2");
-      assert.equal(run.status, 1);
+      assert.equal(run.status, 2);
       assert.match(run.stderr, /--format mixtral cannot hold this model/);
     }));
 });

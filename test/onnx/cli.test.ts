@@ -162,14 +162,14 @@ describe("bam eval, generate, export-onnx", () => {
       await writeFile(big, Buffer.of(255, 255, 1, 0));
       const cases: Array<[string[], number, RegExp]> = [
         [["eval", join(dir, "missing"), "--text", "a.txt"], 1, /missing/],
-        [["eval", model], 1, /--text FILE/],
-        [["eval", model, "--ids", "ids.safetensors"], 1, /--save-logits/],
+        [["eval", model], 2, /--text FILE/],
+        [["eval", model, "--ids", "ids.safetensors"], 2, /--save-logits/],
         [["eval", model, "--text", "a.txt", "--ids", "ids.safetensors"], 2, /mutually exclusive/],
         [["eval", model, "--tokens", odd], 1, /odd\.bin: 3 bytes is not a whole number of uint16 token ids/],
         [["eval", model, "--tokens", big], 1, /big\.bin: token 0 is 65535, outside the vocabulary/],
-        [["eval", model, "--tokens", big, "--max-tokens", "1"], 1, /--max-tokens must be an integer of at least 2/],
+        [["eval", model, "--tokens", big, "--max-tokens", "1"], 2, /--max-tokens must be an integer of at least 2/],
         [["generate", model], 2, /prompt/],
-        [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], 1, /--max-new-tokens/],
+        [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], 2, /--max-new-tokens/],
         [["export-onnx", model, "-o", taken], 1, /exists and is not empty/],
       ];
       const runs = await Promise.all(cases.map(([args]) => bamAsync(args, dir)));

@@ -1,7 +1,7 @@
 /**
  * Crash safety of `bam upcycle`: the process is killed with SIGKILL at many
  * points (chosen by the bytes already in its temporary folder), and
- * interrupted with SIGINT and SIGTERM. Afterwards the target folder does not
+ * interrupted with SIGINT, SIGTERM and SIGHUP. Afterwards the target folder does not
  * exist, or with --force is the untouched previous one; the next run
  * succeeds, writes the same bytes as an uninterrupted run and removes what
  * the killed runs left. A full disk (a small tmpfs where the machine allows
@@ -16,6 +16,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import { BamError, isBamError } from "../../src/errors.js";
+import { RECIPE_MARKER } from "../../src/export/atomic.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { fixture } from "../helpers.js";
 import { folderBytes, folderHashes, runCli, type CliRun, writeSeed } from "./synth.js";
@@ -46,7 +47,8 @@ before(async () => {
 
 after(() => rm(root, { recursive: true, force: true }));
 
-const tempOf = (parent: string, pid: number) => join(parent, `.bam-tmp-out-${pid}`);
+/** The CLI runs one upcycle: its temporary folder is call 1 of its pid. */
+const tempOf = (parent: string, pid: number) => join(parent, `.bam-tmp-out-${pid}-1`);
 
 /**
  * Runs the CLI and sends `signal` once its temporary folder holds at least
@@ -77,6 +79,13 @@ async function interruptAt(parent: string, threshold: number, signal: NodeJS.Sig
   return { ...run, killed, sentAt };
 }
 
+/** A previous output of bam (config.json and its recipe.yaml), which --force may replace, with a marker file. */
+async function writePrevious(folder: string): Promise<void> {
+  await writeFile(join(folder, "config.json"), '{"model_type": "previous"}\n');
+  await writeFile(join(folder, "recipe.yaml"), `${RECIPE_MARKER}\nseeds: [previous]\n`);
+  await writeFile(join(folder, "marker.txt"), "the previous model\n");
+}
+
 const leftovers = async (parent: string) => (await readdir(parent)).filter((e) => e.startsWith(".bam-"));
 
 test("SIGKILL at any point leaves no target folder; the next run succeeds, matches an uninterrupted run and cleans up", { timeout: 120_000 }, async () => {
@@ -90,7 +99,7 @@ test("SIGKILL at any point leaves no target folder; the next run succeeds, match
     kills += 1;
     assert.equal(run.signal, "SIGKILL");
     assert.deepEqual((await readdir(parent)).filter((e) => e === "out"), [], `killed at ${run.sentAt} bytes: the target must not exist`);
-    assert.ok((await leftovers(parent)).includes(`.bam-tmp-out-${run.pid}`), "a killed run leaves its temporary folder");
+    assert.ok((await leftovers(parent)).includes(`.bam-tmp-out-${run.pid}-1`), "a killed run leaves its temporary folder");
   }
   assert.ok(kills >= 5, `only ${kills} of ${fractions.length} kills landed before the run ended`);
   const next = await runCli(args(), { cwd: parent });
@@ -107,8 +116,7 @@ test("SIGKILL with --force leaves the previous folder untouched", { timeout: 60_
   const parent = join(root, "force");
   const previous = join(parent, "out");
   await mkdir(previous, { recursive: true });
-  await writeFile(join(previous, "config.json"), '{"model_type": "previous"}\n');
-  await writeFile(join(previous, "marker.txt"), "the previous model\n");
+  await writePrevious(previous);
   const before = await folderHashes(previous);
   let kills = 0;
   for (const fraction of [0.1, 0.7]) {
@@ -125,7 +133,7 @@ test("SIGKILL with --force leaves the previous folder untouched", { timeout: 60_
   await rm(parent, { recursive: true });
 });
 
-for (const signal of ["SIGINT", "SIGTERM"] as const) {
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   test(`${signal} stops the run: exit 130, one line on stderr, no output, no temporary folder`, { timeout: 60_000 }, async () => {
     const parent = join(root, signal);
     await mkdir(parent);
@@ -143,11 +151,12 @@ for (const signal of ["SIGINT", "SIGTERM"] as const) {
     // With --force, the previous folder stays as it was.
     const previous = join(parent, "out");
     await mkdir(previous);
-    await writeFile(join(previous, "marker.txt"), "previous\n");
+    await writePrevious(previous);
+    const before = await folderHashes(previous);
     const run = await interruptAt(parent, Math.floor(0.5 * outputBytes), signal, ["--force"]);
     assert.equal(run.code, 130);
     assert.deepEqual(await readdir(parent), ["out"]);
-    assert.deepEqual(await readdir(previous), ["marker.txt"]);
+    assert.deepEqual(await folderHashes(previous), before);
     await rm(parent, { recursive: true });
   });
 }
@@ -169,14 +178,14 @@ test("a run killed between moving the previous folder aside and moving the new o
   const pid = deadPid();
   const aside = join(parent, `.bam-old-out-${pid}`);
   await mkdir(aside, { recursive: true });
-  await writeFile(join(aside, "marker.txt"), "the previous model\n");
+  await writePrevious(aside);
   await mkdir(join(parent, `.bam-tmp-out-${pid}`));
   await writeFile(join(parent, `.bam-tmp-out-${pid}`, "model.safetensors"), "whatever the killed run had written");
   const options = { seeds: [fixture("llama", "base")], experts: 2, output: join(parent, "out") };
   // Without --force the restored folder is refused like any existing one.
   await assert.rejects(upcycle(options), (error: unknown) => isBamError(error, "OUTPUT_EXISTS"));
   assert.deepEqual(await readdir(parent), ["out"]);
-  assert.deepEqual(await readdir(join(parent, "out")), ["marker.txt"]);
+  assert.deepEqual(await readdir(join(parent, "out")), ["config.json", "marker.txt", "recipe.yaml"]);
   // With --force it is replaced by the new model.
   await upcycle({ ...options, force: true });
   assert.deepEqual(await readdir(parent), ["out"]);

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { cp, mkdir, readdir, readFile, writeFile } from "node:fs/promises";
+import { cp, mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
 import { openSeed } from "../../src/arch/index.js";
@@ -61,6 +61,11 @@ test("an existing output folder is kept unless --force, then replaced whole", { 
     await writeFile(join(out, "keep.txt"), "mine");
     await expectRefusal({ seeds: [llama(), llama()], output: out }, "OUTPUT_EXISTS", /--force/);
     assert.deepEqual(await readdir(out), ["keep.txt"]);
+    // --force replaces only a folder bam wrote (test/reliability/output.test.ts has the rest)
+    await expectRefusal({ seeds: [llama(), llama()], output: out, force: true }, "OUTPUT_EXISTS", /not a folder bam wrote/);
+    await rm(join(out, "keep.txt"));
+    await upcycle({ seeds: [llama(), llama()], output: out });
+    await writeFile(join(out, "keep.txt"), "mine");
     await upcycle({ seeds: [llama(), llama()], output: out, force: true });
     assert.ok(!(await readdir(out)).includes("keep.txt"));
     assert.deepEqual((await readdir(dir)).sort(), ["out"], "no temporary folders left");

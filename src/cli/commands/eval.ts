@@ -1,20 +1,22 @@
 import type { CommandModule } from "yargs";
 import { BamError } from "../../errors.js";
+import { checkOutputFile } from "../../export/atomic.js";
 import type { BinDType, Perplexity, PerplexityReport } from "../../onnx/index.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
-import { printJson, runCommand } from "../run.js";
+import { numberFlag, printJson, runCommand } from "../run.js";
 
 interface EvalArgs {
   dir: string;
   text?: string[];
   tokens?: string[];
   "bin-dtype"?: BinDType;
-  context: number;
-  "max-tokens"?: number;
+  context: string;
+  "max-tokens"?: string;
   ids?: string;
   "save-logits"?: string;
   json: boolean;
+  force: boolean;
 }
 
 export const evalCommand: CommandModule<object, EvalArgs> = {
@@ -26,11 +28,12 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       .option("text", { type: "string", array: true, describe: "Text files: perplexity per file and overall" })
       .option("tokens", { type: "string", array: true, describe: "Token-id files (flat little-endian, as scripts/data writes): perplexity per file and overall" })
       .option("bin-dtype", { choices: ["uint16", "uint32"] as const, describe: "Width of --tokens ids (default: uint16 when the vocabulary fits)" })
-      .option("context", { type: "number", default: 512, describe: "Tokens per window (non-overlapping)" })
-      .option("max-tokens", { type: "number", describe: "Evaluate only the first N tokens of each file" })
+      .option("context", { type: "string", default: "512", describe: "Tokens per window (non-overlapping)" })
+      .option("max-tokens", { type: "string", describe: "Evaluate only the first N tokens of each file" })
       .option("ids", { type: "string", describe: "Safetensors file holding input_ids (int64 [batch, seq])" })
       .option("save-logits", { type: "string", describe: "With --ids: write logits (f32 [batch, seq, vocab]) to this safetensors file" })
       .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
+      .option("force", { type: "boolean", default: false, describe: "With --save-logits: replace an existing file (never one of the model's or the ids file)" })
       .conflicts("text", ["ids", "tokens"])
       .conflicts("tokens", "ids")
       .example("$0 eval out/bam --text wiki.txt code.txt", "perplexity per file and overall")
@@ -42,6 +45,7 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       const build = progressBar("exporting", "bytes");
       if (args.ids !== undefined) {
         if (args["save-logits"] === undefined) throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
+        await checkOutputFile(args["save-logits"], { force: args.force, inputs: [args.dir, args.ids] });
         const { shape } = await saveLogits(args.dir, args.ids, args["save-logits"], { signal, onBuild: build.update });
         if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args["save-logits"], shape });
         else process.stdout.write(`wrote ${args["save-logits"]}: logits [${shape.join(", ")}]\n`);
@@ -52,7 +56,7 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       if (text.length === 0 && tokens.length === 0) throw new BamError("OPTIONS_INVALID", "name text files with --text FILE..., token files with --tokens FILE..., or token ids with --ids FILE --save-logits OUT");
       if (args["save-logits"] !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
       const bar = progressBar("evaluating", "items");
-      const options = { context: args.context, maxTokens: args["max-tokens"], signal, onBuild: build.update, onProgress: bar.update };
+      const options = { context: numberFlag("--context", args.context)!, maxTokens: numberFlag("--max-tokens", args["max-tokens"]), signal, onBuild: build.update, onProgress: bar.update };
       const report = tokens.length > 0
         ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args["bin-dtype"] })
         : await evaluatePerplexity(args.dir, text, options);

@@ -4,7 +4,7 @@ import { BamError } from "../../errors.js";
 import { DEFAULT_NORM_TOPK_PROB, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
 import { planUpcycle, readRecipe, upcycle, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar } from "../progress.js";
-import { printJson, runCommand } from "../run.js";
+import { numberFlag, printJson, runCommand } from "../run.js";
 
 interface UpcycleArgs {
   seeds: string[];
@@ -12,15 +12,15 @@ interface UpcycleArgs {
   recipe?: string;
   attention?: string;
   block?: string;
-  experts?: number;
-  "drop-ratio"?: number;
-  "experts-per-token"?: number;
+  experts?: string;
+  "drop-ratio"?: string;
+  "experts-per-token"?: string;
   "norm-topk-prob"?: boolean;
   weights?: string;
   "router-init"?: string;
   prompts?: string;
-  "router-scale"?: number;
-  seed?: number;
+  "router-scale"?: string;
+  seed?: string;
   dtype?: string;
   "max-shard-size"?: string;
   format?: string;
@@ -39,9 +39,9 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it); written into the output" })
       .option("attention", { choices: ATTENTION_EXPERTS, describe: "moa: soft attention experts (default); shared-kv: per-expert q/o with shared k/v; merged: averaged attention (BTX)" })
       .option("block", { choices: BLOCK_KINDS, describe: "parallel (default, as BAM) or sequential (keeps sequential seeds' function)" })
-      .option("experts", { type: "number", describe: "With one seed: number of FFN copies (sparse upcycling)" })
-      .option("drop-ratio", { type: "number", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
-      .option("experts-per-token", { alias: "k", type: "number", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
+      .option("experts", { type: "string", describe: "With one seed: number of FFN copies (sparse upcycling)" })
+      .option("drop-ratio", { type: "string", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
+      .option("experts-per-token", { alias: "k", type: "string", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
       .option("norm-topk-prob", {
         type: "boolean",
         describe:
@@ -49,11 +49,11 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
           "--no-norm-topk-prob: each expert weighted by its probability over all experts (BAM, Switch; learns at every k). " +
           `Default ${DEFAULT_NORM_TOPK_PROB ? "--norm-topk-prob" : "--no-norm-topk-prob"}`,
       })
-      .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
+      .option("weights", { type: "string", nargs: 1, describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
       .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
       .option("prompts", { type: "string", describe: "With --router-init hidden: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}])" })
-      .option("router-scale", { type: "number", describe: "Scale of the random router init (default 0.1)" })
-      .option("seed", { type: "number", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
+      .option("router-scale", { type: "string", describe: "Scale of the random router init (default 0.1)" })
+      .option("seed", { type: "string", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
       .option("max-shard-size", { type: "string", describe: "Largest safetensors shard, e.g. 5GB (default), 500MB" })
       .option("format", { choices: OUTPUT_FORMATS, describe: "bam (default, remote code), or native mixtral / qwen3-moe where the model fits" })
@@ -96,15 +96,15 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     output: args.output,
     attention: args.attention as UpcycleOptions["attention"],
     block: args.block as UpcycleOptions["block"],
-    experts: args.experts,
-    dropRatio: args["drop-ratio"],
-    expertsPerToken: args["experts-per-token"],
+    experts: numberFlag("--experts", args.experts),
+    dropRatio: numberFlag("--drop-ratio", args["drop-ratio"]),
+    expertsPerToken: numberFlag("--experts-per-token (-k)", args["experts-per-token"]),
     normTopkProb: args["norm-topk-prob"],
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
     routerInit: args["router-init"] as UpcycleOptions["routerInit"],
     prompts: args.prompts,
-    routerScale: args["router-scale"],
-    seed: args.seed,
+    routerScale: numberFlag("--router-scale", args["router-scale"]),
+    seed: numberFlag("--seed", args.seed),
     dtype: args.dtype as UpcycleOptions["dtype"],
     maxShardSize: args["max-shard-size"],
     format: args.format as UpcycleOptions["format"],
