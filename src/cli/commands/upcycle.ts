@@ -16,6 +16,7 @@ interface UpcycleArgs {
   "drop-ratio"?: number;
   "experts-per-token"?: number;
   weights?: string;
+  "shared-from"?: string;
   "router-init"?: string;
   prompts?: string;
   "router-scale"?: number;
@@ -42,8 +43,13 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("drop-ratio", { type: "number", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
       .option("experts-per-token", { alias: "k", type: "number", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
       .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
-      .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
-      .option("prompts", { type: "string", describe: "With --router-init hidden: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}])" })
+      .option("shared-from", { type: "string", describe: "Copy every shared tensor (embeddings, norms, head, merged attention) from this model instead of averaging (mergekit-moe's base_model)" })
+      .option("router-init", {
+        choices: ROUTER_INITS,
+        describe: "random (Switch's 0.1-scaled truncated normal, default), zero, uniform-random (U(-1/sqrt(hidden), 1/sqrt(hidden)), torch.nn.Linear's init), " +
+          "hidden (the prompts' hidden states) or cheap-embed (the prompts' token embeddings, no forward pass); the last two from --prompts, as mergekit's gate modes",
+      })
+      .option("prompts", { type: "string", describe: "With --router-init hidden or cheap-embed: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}]), or a mergekit-moe config" })
       .option("router-scale", { type: "number", describe: "Scale of the random router init (default 0.1)" })
       .option("seed", { type: "number", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
@@ -55,7 +61,8 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .example("$0 upcycle base code math -o bam-3x", "BAM with soft attention experts, parallel block, top-1")
       .example("$0 upcycle base code math -o btx --attention merged --block sequential -k 2", "the BTX baseline")
       .example("$0 upcycle base -o sparse --experts 4 --drop-ratio 0.5", "Drop-Upcycling from one seed")
-      .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe"),
+      .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe")
+      .example("$0 upcycle --recipe mergekit-moe.yml -o moe", "a mergekit-moe config as the recipe"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
       const options = await optionsFrom(args);
@@ -91,6 +98,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     dropRatio: args["drop-ratio"],
     expertsPerToken: args["experts-per-token"],
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
+    sharedFrom: args["shared-from"],
     routerInit: args["router-init"] as UpcycleOptions["routerInit"],
     prompts: args.prompts,
     routerScale: args["router-scale"],
@@ -132,7 +140,9 @@ function describeOperation(plan: UpcyclePlan, op: UpcyclePlan["tensors"][number]
     case "average":
       return `average of ${op.from.length} seeds`;
     case "router":
-      return op.fromPrompts ? "new router, from the prompts' hidden states" : op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
+      if (op.fromPrompts) return `new router, from the prompts' ${plan.options.routerInit === "cheap-embed" ? "token embeddings" : "hidden states"}`;
+      if (op.bound !== undefined) return `new router, U(-${op.bound.toPrecision(3)}, ${op.bound.toPrecision(3)})`;
+      return op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
     case "drop":
       return `drop ${Math.round(op.ratio * 100)}% of ${seedName(op.from.seed)}:${op.from.tensor}`;
   }
@@ -145,6 +155,7 @@ function printPlan(plan: UpcyclePlan): void {
     `seeds       ${plan.seeds.map((x) => `${x.name} (${x.dtypes.join("/")})`).join(", ")}`,
     `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
     `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}`,
+    `shared      ${plan.options.sharedFrom === null ? "averaged over the seeds" : `copied from ${plan.options.sharedFrom}`}`,
     `attention   ${s.attention}`,
     `block       ${s.block}`,
     `parameters  ${millions(s.totalParameters)} total, ${millions(s.activeParameters)} active per token (one seed: ${millions(s.seedParameters)})`,
