@@ -24,15 +24,16 @@
  *   experts:
  *     - positive_prompts: ["def quicksort(xs):", "import numpy as np"]
  *       negative_prompts: ["Once upon a time"]      # optional
- * A mergekit-moe config is a prompts file too: its entries are matched to
- * the experts by `source_model` (./mergekit.ts), never by position.
+ * A mergekit-moe config (a file with base_model) is a prompts file too: its
+ * entries are matched to the experts by `source_model` (./mergekit.ts),
+ * never by position.
  */
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { resolve } from "node:path";
-import { isMergekitConfig, resolveModelReference } from "./mergekit.js";
+import { resolveModelReference } from "./mergekit.js";
 import { readYamlFile } from "./options.js";
 import { sharedIndex, type UpcyclePlan } from "./plan.js";
 
@@ -54,7 +55,8 @@ export async function readPrompts(path: string, expertModels: string[]): Promise
   const experts = expertModels.length;
   let entries = list as unknown[];
   if (entries.length !== experts) fail(`lists ${entries.length} experts; the model has ${experts}`);
-  if (isMergekitConfig(parsed as object)) entries = bySourceModel(entries, expertModels, path, fail);
+  // A whole mergekit-moe config (it names base_model), not a prompts file that annotates entries with source_model.
+  if (Object.hasOwn(parsed as object, "base_model")) entries = bySourceModel(entries, expertModels, path, fail);
   const strings = (value: unknown, where: string, required: boolean): string[] => {
     if (value === undefined && !required) return [];
     const ok = Array.isArray(value) && value.length > 0 && value.every((p) => typeof p === "string" && p.length > 0);
