@@ -36,7 +36,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
     y
       .positional("seeds", { type: "string", array: true, default: [], describe: "Seed folders: one expert per seed (the generalist first), or one seed with --experts" })
       .option("output", { alias: "o", type: "string", describe: "Output folder (written atomically)" })
-      .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it); written into the output" })
+      .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it), or a mergekit-moe config; written into the output" })
       .option("attention", { choices: ATTENTION_EXPERTS, describe: "moa: soft attention experts (default); shared-kv: per-expert q/o with shared k/v; merged: averaged attention (BTX)" })
       .option("block", { choices: BLOCK_KINDS, describe: "parallel (default, as BAM) or sequential (keeps sequential seeds' function)" })
       .option("experts", { type: "number", describe: "With one seed: number of FFN copies (sparse upcycling)" })
