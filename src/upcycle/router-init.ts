@@ -28,11 +28,11 @@
  * entries are matched to the experts by `source_model` (./mergekit.ts),
  * never by position.
  */
+import { resolve } from "node:path";
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
-import { resolve } from "node:path";
 import { resolveModelReference } from "./mergekit.js";
 import { readYamlFile } from "./options.js";
 import { sharedIndex, type UpcyclePlan } from "./plan.js";
