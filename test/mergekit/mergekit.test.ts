@@ -122,7 +122,7 @@ describe("mergekit-moe configs", () => {
       await assertSameWeights(join(dir, "recipe"), join(dir, "again"));
     }));
 
-  test("cheap_embed rows are the prompts' summed embedding rows, matched to the experts by source_model in any order", () =>
+  test("cheap_embed rows are the prompts' summed embedding rows; prompts are matched to the experts by source_model in any order", () =>
     withTempDir(async (dir) => {
       const prompts: Record<string, { positive_prompts: string[]; negative_prompts?: string[] }> = {
         [llama("code")]: { positive_prompts: ["def quicksort(xs):", "import numpy as np"] },
@@ -166,6 +166,11 @@ describe("mergekit-moe configs", () => {
       const inOrder = await configFile(dir, { base_model: llama("base"), gate_mode: "cheap_embed", experts: entries(seeds) }, "ordered.yml");
       await upcycle({ seeds, output: join(dir, "ordered"), sharedFrom: llama("base"), routerInit: "cheap-embed", prompts: inOrder });
       await assertSameWeights(join(dir, "out"), join(dir, "ordered"));
+      // and so does hidden, which reads the prompts the same way
+      for (const [name, prompts] of [["hidden-out", config], ["hidden-ordered", inOrder]] as const) {
+        await upcycle({ seeds, output: join(dir, name), sharedFrom: llama("base"), routerInit: "hidden", prompts });
+      }
+      await assertSameWeights(join(dir, "hidden-out"), join(dir, "hidden-ordered"));
     }));
 
   test("uniform_random routers are U(-1/sqrt(hidden), 1/sqrt(hidden)), deterministic, and differ from random", () =>
@@ -208,6 +213,25 @@ describe("mergekit-moe configs", () => {
       await refused({ base_model: llama("base"), experts: [{ source_model: llama("code") }, ...experts.slice(1)] }, /gate_mode hidden needs positive_prompts for every expert; experts\[0\] have none/);
       await refused({ base_model: llama("base"), experts: [] }, /"experts" is empty/);
       await refused({ experts: [{ model: llama("code") }] }, /unknown: experts\[0\]\.model/);
+
+      // the CLI: exit 1, one line on stderr
+      const file = await configFile(dir, { base_model: llama("base"), experts, shared_experts: [] });
+      const run = spawnSync(process.execPath, [CLI, "upcycle", "--recipe", file, "-o", join(dir, "out")], { encoding: "utf8" });
+      assert.equal(run.status, 1);
+      assert.match(run.stderr, /^bam: .*moe\.yml: mergekit-moe config: not supported: shared_experts \(a shared expert\); remove them .*\n$/);
+      assert.equal(run.stderr.split("\n").length, 2);
+    }));
+
+  test("--dry-run shows the base model as the source of every shared tensor", () =>
+    withTempDir(async (dir) => {
+      const experts = [qwen3("code"), qwen3("math")].map((source_model) => ({ source_model }));
+      const file = await configFile(dir, { base_model: qwen3("base"), gate_mode: "random", experts });
+      const run = spawnSync(process.execPath, [CLI, "upcycle", "--recipe", file, "--dry-run"], { encoding: "utf8" });
+      assert.equal(run.status, 0, run.stderr);
+      assert.match(run.stdout, new RegExp(`shared +copied from ${qwen3("base")}\n`));
+      assert.match(run.stdout, /model\.embed_tokens\.weight .* <- copy base:model\.embed_tokens\.weight\n/);
+      assert.match(run.stdout, /model\.layers\.0\.attn\.q_proj\.weight .* <- copy base:model\.layers\.0\.attn\.q_proj\.weight\n/);
+      assert.match(run.stdout, /model\.layers\.0\.mlp\.experts\.1\.up_proj\.weight .* <- copy math:model\.layers\.0\.mlp\.up_proj\.weight\n/);
     }));
 
   test("keys map to options: dtype, experts_per_token, architecture (mergekit's prefix rule), gate_mode, base_model", () =>
