@@ -33,7 +33,7 @@ export function tensorsToWrite(
       case "average":
         return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor, pool), computeBound: true };
       case "router":
-        return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op.std, plan.options.seed, op.key)) };
+        return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op, plan.options.seed)) };
       case "drop":
         return { ...layout, fill: wholeTensorRanges(tensor, () => dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key)) };
     }
@@ -96,10 +96,12 @@ function wholeTensorRanges(tensor: PlannedTensor, compute: () => Promise<Uint8Ar
   };
 }
 
-function randomRouter(tensor: PlannedTensor, std: number, seed: number, key: string): Uint8Array {
+function randomRouter(tensor: PlannedTensor, { std, key, bound }: { std: number; key: string; bound?: number }, seed: number): Uint8Array {
   const values = new Float32Array(elementsOf(tensor.shape));
-  if (std > 0) {
-    const random = new RandomStream(seed, key);
+  const random = new RandomStream(seed, key);
+  if (bound !== undefined) {
+    for (let i = 0; i < values.length; i++) values[i] = bound * (2 * random.nextUniform() - 1);
+  } else if (std > 0) {
     for (let i = 0; i < values.length; i++) values[i] = std * random.nextTruncatedNormal();
   }
   return fromFloat32(values, tensor.dtype);

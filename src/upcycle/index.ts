@@ -16,7 +16,7 @@ import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
-import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
+import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
@@ -74,7 +74,7 @@ function checkSeedList(seeds: unknown): void {
 /** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
 export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan> {
   checkSeedList(options.seeds);
-  return withSeeds(options.seeds, async (seeds) => {
+  return withSeeds(inputModels(options), async (seeds) => {
     const plan = planFor(options, seeds);
     await sideFiles(seeds[0]!.dir);
     return plan;
@@ -88,7 +88,7 @@ export async function upcycle(
 ): Promise<UpcycleResult> {
   checkSeedList(options.seeds);
   const started = performance.now();
-  return withSeeds(options.seeds, async (seeds) => {
+  return withSeeds(inputModels(options), async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
     const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(plan.options.prompts === null ? [] : [plan.options.prompts])];

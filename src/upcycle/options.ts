@@ -7,13 +7,16 @@ import YAML from "yaml";
 import { BamError, ioError } from "../errors.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
+import { fromMergekit, isMergekitConfig } from "./mergekit.js";
 
 export type OutputDType = "keep" | "bf16" | "f16" | "f32";
-export type RouterInit = "random" | "zero" | "hidden";
+export type RouterInit = "random" | "zero" | "hidden" | "cheap-embed" | "uniform-random";
 export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
 
 export const OUTPUT_DTYPES: readonly OutputDType[] = ["keep", "bf16", "f16", "f32"];
-export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero", "hidden"];
+export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero", "hidden", "cheap-embed", "uniform-random"];
+/** Router inits computed from --prompts. */
+export const PROMPT_ROUTER_INITS: readonly RouterInit[] = ["hidden", "cheap-embed"];
 export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
 /**
  * The FFN gate when none is asked for: false is BAM's (section 3.3) and Switch's, each chosen expert
@@ -41,8 +44,10 @@ export interface UpcycleOptions {
   normTopkProb?: boolean;
   /** Averaging weights for the shared tensors, one per seed; normalised to sum 1. Default uniform. */
   weights?: number[];
+  /** Copy every shared tensor (embeddings, norms, head, merged or shared attention) from this model instead of averaging the seeds (mergekit-moe's base_model); a seed or another model of the same architecture. */
+  sharedFrom?: string;
   routerInit?: RouterInit;
-  /** With routerInit "hidden": YAML file of prompts per expert (see ./router-init.ts). */
+  /** With routerInit "hidden" or "cheap-embed": YAML file of prompts per expert (see ./router-init.ts). */
   prompts?: string;
   /** Scale of the random router init relative to the fan-in init (Switch: 0.1). */
   routerScale?: number;
@@ -68,6 +73,7 @@ export interface ResolvedOptions {
   expertsPerToken: number;
   normTopkProb: boolean;
   weights: number[];
+  sharedFrom: string | null;
   routerInit: RouterInit;
   prompts: string | null;
   routerScale: number;
@@ -131,8 +137,12 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
   const routerScale = options.routerScale ?? 0.1;
   if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`--router-scale must be a positive number, not ${routerScale}`);
   const routerInit = oneOf("router-init", options.routerInit, ROUTER_INITS, "random");
-  if (routerInit === "hidden" && typeof options.prompts !== "string") invalid("--router-init hidden needs --prompts FILE (prompts per expert)");
-  if (routerInit !== "hidden" && options.prompts !== undefined) invalid("--prompts goes with --router-init hidden");
+  const fromPrompts = PROMPT_ROUTER_INITS.includes(routerInit);
+  if (fromPrompts && typeof options.prompts !== "string") invalid(`--router-init ${routerInit} needs --prompts FILE (prompts per expert)`);
+  if (!fromPrompts && options.prompts !== undefined) invalid("--prompts goes with --router-init hidden or cheap-embed");
+  const sharedFrom = options.sharedFrom ?? null;
+  if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0"))) invalid("--shared-from must be a model folder");
+  if (sharedFrom !== null && options.weights !== undefined) invalid("--weights average the shared tensors, --shared-from copies them from one model; give one of them");
   const seed = options.seed ?? 0;
   if (!Number.isSafeInteger(seed) || seed < 0) invalid(`--seed must be a non-negative integer, not ${seed}`);
   const coefficient = (name: string, value: number | undefined, fallback: number) =>
@@ -147,6 +157,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     expertsPerToken,
     normTopkProb,
     weights: weights.map((w) => w / weightSum),
+    sharedFrom,
     routerInit,
     prompts: options.prompts ?? null,
     routerScale,
@@ -171,6 +182,7 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   "experts-per-token": "expertsPerToken",
   "norm-topk-prob": "normTopkProb",
   weights: "weights",
+  "shared-from": "sharedFrom",
   "router-init": "routerInit",
   prompts: "prompts",
   "router-scale": "routerScale",
@@ -215,6 +227,7 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
     throw new BamError("RECIPE_INVALID", `${path}: must be a mapping of option: value`);
   }
+  if (isMergekitConfig(parsed)) return fromMergekit(parsed as Record<string, unknown>, path);
   const options: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(parsed)) {
     const name = Object.hasOwn(RECIPE_KEYS, key) ? RECIPE_KEYS[key] : undefined; // not "constructor" or "toString" from the prototype
@@ -241,5 +254,7 @@ export function recipeYaml(options: ResolvedOptions): string {
   }
   if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
   if (options.prompts === null) delete byKey.prompts; // only with --router-init hidden, and refused without it
+  if (options.sharedFrom === null) delete byKey["shared-from"];
+  else delete byKey.weights; // unused, and refused beside it
   return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
 }

@@ -4,6 +4,7 @@
  * descriptions alone (no tensor data), printed by --dry-run, executed by
  * ./execute.ts.
  */
+import { resolve } from "node:path";
 import { BamError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
@@ -12,7 +13,7 @@ import type { Seed } from "../arch/index.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
 import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
 import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
-import type { ResolvedOptions } from "./options.js";
+import { PROMPT_ROUTER_INITS, type ResolvedOptions, type UpcycleOptions } from "./options.js";
 
 export interface SourceRef {
   seed: number;
@@ -25,8 +26,12 @@ export type Operation =
   | { kind: "copy"; from: SourceRef }
   /** Weighted sum of the seeds' tensors (weights sum to 1), in float64. */
   | { kind: "average"; from: SourceRef[]; weights: number[] }
-  /** A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed; or, fromPrompts, rows from prompts' hidden states (./router-init.ts). */
-  | { kind: "router"; std: number; key: string; fromPrompts?: true }
+  /**
+   * A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed;
+   * with `bound`, uniform in [-bound, bound) instead (torch.nn.Linear's init, mergekit's uniform_random);
+   * or, fromPrompts, rows computed from the prompts (./router-init.ts).
+   */
+  | { kind: "router"; std: number; key: string; fromPrompts?: true; bound?: number }
   /**
    * Drop-Upcycling: a copy in which the intermediate dimensions chosen by
    * `key` (the same for an expert's gate, up and down) are re-drawn from
@@ -130,15 +135,29 @@ function outputDType(option: ResolvedOptions["dtype"], sources: DType[]): FloatD
   return "F32"; // mixed seed dtypes: widen rather than pick one seed's rounding
 }
 
-/** Builds the plan; `options` must already be resolved and the seeds checked. */
+/** Where the shared tensors come from with --shared-from: a seed, or the model opened after the seeds. */
+export function sharedIndex(seeds: string[], sharedFrom: string): number {
+  const at = seeds.findIndex((seed) => resolve(seed) === resolve(sharedFrom));
+  return at === -1 ? seeds.length : at;
+}
+
+/** The models an upcycle opens: the seeds, then the --shared-from model when it is none of them. */
+export function inputModels(options: Pick<UpcycleOptions, "seeds" | "sharedFrom">): string[] {
+  const { seeds, sharedFrom } = options;
+  return typeof sharedFrom === "string" && sharedIndex(seeds, sharedFrom) === seeds.length ? [...seeds, sharedFrom] : seeds;
+}
+
+/** Builds the plan from the opened `inputModels`; `options` must already be resolved and the models checked. */
 export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan {
   const first = seeds[0]!;
   const features = first.features;
   const E = options.experts;
   const attention: AttentionExperts = E === 1 ? "merged" : options.attention;
   const hasRouters = E > 1;
-  const expertSeed = (e: number) => (seeds.length === 1 ? 0 : e);
-  const seedIndices = seeds.map((_, i) => i);
+  const seedCount = options.seeds.length; // the --shared-from model may follow the seeds
+  const expertSeed = (e: number) => (seedCount === 1 ? 0 : e);
+  const seedIndices = options.seeds.map((_, i) => i);
+  const shared = options.sharedFrom === null ? null : sharedIndex(options.seeds, options.sharedFrom);
   const dtypeOf = (ref: SourceRef) => seeds[ref.seed]!.tensors.get(ref.tensor)!.dtype;
   const shapeOf = (name: string) => first.tensors.get(name)!.shape;
 
@@ -150,8 +169,8 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     tensors.push({ name, shape, dtype: outputDType(options.dtype, sourceDtypes), operation });
   };
   const average = (outName: string, tensor: string) => {
-    const from = seedIndices.map((seed) => ({ seed, tensor }));
-    const operation: Operation = seeds.length === 1 ? { kind: "copy", from: from[0]! } : { kind: "average", from, weights: options.weights };
+    const from = shared === null ? seedIndices.map((seed) => ({ seed, tensor })) : [{ seed: shared, tensor }];
+    const operation: Operation = from.length === 1 ? { kind: "copy", from: from[0]! } : { kind: "average", from, weights: options.weights };
     add(outName, shapeOf(tensor), from, operation);
   };
   const copy = (outName: string, seed: number, tensor: string) => {
@@ -161,7 +180,10 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
   const router = (name: string, key: string) => {
     // Switch: truncated normal with std sqrt(scale / fan_in); zero routers start uniform.
     const std = options.routerInit === "zero" ? 0 : Math.sqrt(options.routerScale / features.hiddenSize);
-    add(name, [E, features.hiddenSize], [], options.routerInit === "hidden" ? { kind: "router", std: 0, key, fromPrompts: true } : { kind: "router", std, key });
+    const operation: Operation = PROMPT_ROUTER_INITS.includes(options.routerInit) ? { kind: "router", std: 0, key, fromPrompts: true }
+      : options.routerInit === "uniform-random" ? { kind: "router", std: 0, key, bound: 1 / Math.sqrt(features.hiddenSize) }
+      : { kind: "router", std, key };
+    add(name, [E, features.hiddenSize], [], operation);
   };
 
   const byLayer = new Map<number, string[]>();
@@ -233,7 +255,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     moe,
     tensors,
     summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash))),
-    warnings: planWarnings(features, options, seeds.length, attention),
+    warnings: planWarnings(features, options, seedCount, attention),
   };
 }
 

@@ -12,18 +12,30 @@
  * attention experts the average is the closest dense model to what the
  * routers will see. Deterministic: same seeds and prompts, same rows.
  *
+ * `--router-init cheap-embed` is mergekit's `cheap_embed`: no forward pass;
+ * row e of every router is the sum of the embedding rows (of the averaged
+ * model, or of --shared-from) of all tokens of expert e's prompts, scaled to
+ * unit length, minus the same over its negative prompts, scaled to unit
+ * length again. With --shared-from, both modes run that model, as mergekit
+ * runs its base model.
+ *
  * prompts.yaml, one entry per expert in seed order (mergekit's key names,
  * so a mergekit config's experts list can be pasted):
  *   experts:
  *     - positive_prompts: ["def quicksort(xs):", "import numpy as np"]
  *       negative_prompts: ["Once upon a time"]      # optional
+ * A mergekit-moe config (a file with base_model) is a prompts file too: its
+ * entries are matched to the experts by `source_model` (./mergekit.ts),
+ * never by position.
  */
+import { resolve } from "node:path";
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
+import { resolveModelReference } from "./mergekit.js";
 import { readYamlFile } from "./options.js";
-import type { UpcyclePlan } from "./plan.js";
+import { sharedIndex, type UpcyclePlan } from "./plan.js";
 
 export interface ExpertPrompts {
   positive: string[];
@@ -32,15 +44,19 @@ export interface ExpertPrompts {
 
 const EXPERT_KEYS = new Set(["positive_prompts", "negative_prompts", "source_model"]);
 
-export async function readPrompts(path: string, experts: number): Promise<ExpertPrompts[]> {
+/** The prompts of each expert; `expertModels[e]` is the seed expert e comes from, for a mergekit config's `source_model`. */
+export async function readPrompts(path: string, expertModels: string[]): Promise<ExpertPrompts[]> {
   const parsed = await readYamlFile(path);
   const fail = (why: string): never => {
     throw new BamError("RECIPE_INVALID", `${path}: ${why}`);
   };
   const list = (parsed as { experts?: unknown } | null)?.experts;
   if (!Array.isArray(list)) fail('must hold "experts:", a list with one entry per expert');
-  const entries = list as unknown[];
+  const experts = expertModels.length;
+  let entries = list as unknown[];
   if (entries.length !== experts) fail(`lists ${entries.length} experts; the model has ${experts}`);
+  // A whole mergekit-moe config (it names base_model), not a prompts file that annotates entries with source_model.
+  if (Object.hasOwn(parsed as object, "base_model")) entries = bySourceModel(entries, expertModels, path, fail);
   const strings = (value: unknown, where: string, required: boolean): string[] => {
     if (value === undefined && !required) return [];
     const ok = Array.isArray(value) && value.length > 0 && value.every((p) => typeof p === "string" && p.length > 0);
@@ -55,14 +71,36 @@ export async function readPrompts(path: string, experts: number): Promise<Expert
   });
 }
 
-/** Router name -> rows [E, H] (float32), for every router of the plan. */
+/** A mergekit config's entries reordered to the experts: each expert takes the next entry naming its seed. */
+function bySourceModel(entries: unknown[], expertModels: string[], path: string, fail: (why: string) => never): unknown[] {
+  const models = entries.map((entry, e) => {
+    const name = (entry as { source_model?: unknown } | null)?.source_model;
+    return typeof name === "string" ? resolve(resolveModelReference(name, path)) : fail(`experts[${e}] needs source_model, the model it routes to`);
+  });
+  const used = new Set<number>();
+  return expertModels.map((model, e) => {
+    const at = models.findIndex((m, i) => !used.has(i) && m === resolve(model));
+    if (at === -1) fail(`no entry left with source_model ${model} for expert ${e}`);
+    used.add(at);
+    return entries[at];
+  });
+}
+
+/** Router name -> rows [E, H] (float32), for every router of the plan, from --prompts by --router-init hidden or cheap-embed. */
 export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], promptsFile: string, signal?: AbortSignal): Promise<Map<string, Float32Array>> {
   const E = plan.moe.numExperts;
-  const experts = await readPrompts(promptsFile, E);
+  const seedDirs = plan.options.seeds;
+  const experts = await readPrompts(promptsFile, Array.from({ length: E }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!));
   // The CPU engine loads only here: upcycles without prompts start without it.
   const { loadTokenizer, meanLayerInputs } = await import("../onnx/index.js");
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
   const tokenize = (prompts: string[]) => prompts.map((p) => tokenizer.encode(p));
+  if (plan.options.routerInit === "cheap-embed") {
+    const model = averagedModel(plan, seeds);
+    const embedding = toFloat32(await model.read("model.embed_tokens.weight"), "F32");
+    const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, experts.map((x) => ({ positive: tokenize(x.positive), negative: tokenize(x.negative) })));
+    return new Map(plan.tensors.filter((t) => t.operation.kind === "router").map((t) => [t.name, rows]));
+  }
   const lists = experts.flatMap((x) => [tokenize(x.positive), tokenize(x.negative)]).filter((l) => l.length > 0);
   const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal);
   let next = 0;
@@ -85,7 +123,39 @@ export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], prompts
   return rows;
 }
 
-/** The seeds' weighted average as one dense model (merged attention, one FFN) with the plan's block. */
+/**
+ * mergekit's cheap_embed rows [E, H]: per expert, the unit-length sum of the
+ * embedding rows of its prompts' tokens, minus the same for its negative
+ * prompts, at unit length (norms clamped at 1e-8, as mergekit).
+ */
+function cheapEmbedRows(embedding: Float32Array, H: number, experts: { positive: number[][]; negative: number[][] }[]): Float32Array {
+  const unitSum = (prompts: number[][]) => {
+    const sum = new Float64Array(H);
+    for (const id of prompts.flat()) for (let h = 0; h < H; h++) sum[h] = sum[h]! + embedding[id * H + h]!;
+    return unit(sum);
+  };
+  const rows = new Float32Array(experts.length * H);
+  experts.forEach(({ positive, negative }, e) => {
+    const v = unitSum(positive);
+    if (negative.length > 0) {
+      const n = unitSum(negative);
+      for (let h = 0; h < H; h++) v[h] = v[h]! - n[h]!;
+    }
+    rows.set(unit(v), e * H);
+  });
+  return rows;
+}
+
+function unit(v: Float64Array): Float64Array {
+  const norm = Math.max(Math.sqrt(v.reduce((sum, x) => sum + x * x, 0)), 1e-8);
+  return v.map((x) => x / norm);
+}
+
+/**
+ * The dense model the prompts run through: the --shared-from model, or else
+ * the seeds' weighted average as one dense model (merged attention, one FFN),
+ * with the plan's block.
+ */
 function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
   const first = seeds[0]!;
   const canonical = new Map<string, string>();
@@ -95,7 +165,8 @@ function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
     canonical.set(name, t.name);
     tensors.set(name, { name, shape: t.shape, dtype: "F32" });
   }
-  const weights = plan.options.weights;
+  const shared = plan.options.sharedFrom === null ? null : sharedIndex(plan.options.seeds, plan.options.sharedFrom);
+  const sources = shared === null ? seeds.slice(0, plan.options.seeds.length).map((seed, i) => ({ seed, weight: plan.options.weights[i]! })) : [{ seed: seeds[shared]!, weight: 1 }];
   return {
     kind: "dense",
     dir: first.dir,
@@ -110,12 +181,12 @@ function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
       const source = canonical.get(name);
       if (source === undefined) throw new BamError("TENSOR_NOT_FOUND", `averaged model: no tensor ${name}`);
       let sum: Float64Array | null = null;
-      for (const [i, seed] of seeds.entries()) {
+      for (const { seed, weight } of sources) {
         const dtype = seed.tensors.get(source)!.dtype;
         if (!isFloatDType(dtype)) throw new BamError("DTYPE_UNSUPPORTED", `${seed.dir}: tensor ${source} is ${dtype}`);
         const values = toFloat32(await seed.read(source), dtype);
         sum ??= new Float64Array(values.length);
-        for (let j = 0; j < values.length; j++) sum[j] = sum[j]! + weights[i]! * values[j]!;
+        for (let j = 0; j < values.length; j++) sum[j] = sum[j]! + weight * values[j]!;
       }
       return fromFloat32(Float32Array.from(sum!), "F32");
     },

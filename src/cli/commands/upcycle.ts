@@ -17,6 +17,7 @@ interface UpcycleArgs {
   "experts-per-token"?: string;
   "norm-topk-prob"?: boolean;
   weights?: string;
+  "shared-from"?: string;
   "router-init"?: string;
   prompts?: string;
   "router-scale"?: string;
@@ -36,7 +37,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
     y
       .positional("seeds", { type: "string", array: true, default: [], describe: "Seed folders: one expert per seed (the generalist first), or one seed with --experts" })
       .option("output", { alias: "o", type: "string", describe: "Output folder (written atomically)" })
-      .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it); written into the output" })
+      .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it), or a mergekit-moe config; written into the output" })
       .option("attention", { choices: ATTENTION_EXPERTS, describe: "moa: soft attention experts (default); shared-kv: per-expert q/o with shared k/v; merged: averaged attention (BTX)" })
       .option("block", { choices: BLOCK_KINDS, describe: "parallel (default, as BAM) or sequential (keeps sequential seeds' function)" })
       .option("experts", { type: "string", describe: "With one seed: number of FFN copies (sparse upcycling)" })
@@ -50,8 +51,13 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
           `Default ${DEFAULT_NORM_TOPK_PROB ? "--norm-topk-prob" : "--no-norm-topk-prob"}`,
       })
       .option("weights", { type: "string", nargs: 1, describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
-      .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
-      .option("prompts", { type: "string", describe: "With --router-init hidden: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}])" })
+      .option("shared-from", { type: "string", describe: "Copy every shared tensor (embeddings, norms, head, merged attention) from this model instead of averaging (mergekit-moe's base_model)" })
+      .option("router-init", {
+        choices: ROUTER_INITS,
+        describe: "random (Switch's 0.1-scaled truncated normal, default), zero, uniform-random (U(-1/sqrt(hidden), 1/sqrt(hidden)), torch.nn.Linear's init), " +
+          "hidden (the prompts' hidden states) or cheap-embed (the prompts' token embeddings, no forward pass); the last two from --prompts, as mergekit's gate modes",
+      })
+      .option("prompts", { type: "string", describe: "With --router-init hidden or cheap-embed: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}]), or a mergekit-moe config" })
       .option("router-scale", { type: "string", describe: "Scale of the random router init (default 0.1)" })
       .option("seed", { type: "string", describe: "Random seed for routers and Drop-Upcycling (default 0)" })
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
@@ -63,7 +69,8 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .example("$0 upcycle base code math -o bam-3x", "BAM with soft attention experts, parallel block, top-1")
       .example("$0 upcycle base code math -o btx --attention merged --block sequential -k 2", "the BTX baseline")
       .example("$0 upcycle base -o sparse --experts 4 --drop-ratio 0.5", "Drop-Upcycling from one seed")
-      .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe"),
+      .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe")
+      .example("$0 upcycle --recipe mergekit-moe.yml -o moe", "a mergekit-moe config as the recipe"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
       const options = await optionsFrom(args);
@@ -101,6 +108,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     expertsPerToken: numberFlag("--experts-per-token (-k)", args["experts-per-token"]),
     normTopkProb: args["norm-topk-prob"],
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
+    sharedFrom: args["shared-from"],
     routerInit: args["router-init"] as UpcycleOptions["routerInit"],
     prompts: args.prompts,
     routerScale: numberFlag("--router-scale", args["router-scale"]),
@@ -142,7 +150,9 @@ function describeOperation(plan: UpcyclePlan, op: UpcyclePlan["tensors"][number]
     case "average":
       return `average of ${op.from.length} seeds`;
     case "router":
-      return op.fromPrompts ? "new router, from the prompts' hidden states" : op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
+      if (op.fromPrompts) return `new router, from the prompts' ${plan.options.routerInit === "cheap-embed" ? "token embeddings" : "hidden states"}`;
+      if (op.bound !== undefined) return `new router, U(-${op.bound.toPrecision(3)}, ${op.bound.toPrecision(3)})`;
+      return op.std === 0 ? "new router, zeros" : `new router, N(0, ${op.std.toPrecision(3)}) truncated`;
     case "drop":
       return `drop ${Math.round(op.ratio * 100)}% of ${seedName(op.from.seed)}:${op.from.tensor}`;
   }
@@ -155,6 +165,7 @@ function printPlan(plan: UpcyclePlan): void {
     `seeds       ${plan.seeds.map((x) => `${x.name} (${x.dtypes.join("/")})`).join(", ")}`,
     `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
     `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}, ${plan.moe.normTopkProb ? "renormalised gate (--norm-topk-prob)" : "gate: probability over all experts (--no-norm-topk-prob)"}`,
+    `shared      ${plan.options.sharedFrom === null ? "averaged over the seeds" : `copied from ${plan.options.sharedFrom}`}`,
     `attention   ${s.attention}`,
     `block       ${s.block}`,
     `parameters  ${millions(s.totalParameters)} total, ${millions(s.activeParameters)} active per token (one seed: ${millions(s.seedParameters)})`,

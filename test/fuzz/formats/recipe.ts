@@ -1,5 +1,5 @@
 /**
- * Recipes (YAML): values of every type for every key, unknown keys
+ * Recipes (YAML), and mergekit-moe configs read as recipes: values of every type for every key, unknown keys
  * (`__proto__`, `constructor`, ...), seeds and weights lists holding the
  * wrong things, YAML features (anchors and alias bombs, tags, merge keys,
  * directives, several documents, deep nesting), broken syntax, odd files.
@@ -97,6 +97,27 @@ function wholeDocument(rng: Rng, good: string[]): [string, string] {
   ])();
 }
 
+/** A mergekit-moe config (./src/upcycle/mergekit.ts): its keys with good and odd values, and the keys it refuses. */
+function mergekitDocument(rng: Rng, good: string[]): string {
+  const model = () => (rng.chance(0.8) ? rng.pick(good) : rng.pick(["/nonexistent/seed", "org/name", "../../..", ".", '""', oddValue(rng)]));
+  const prompts = () => (rng.chance(0.8) ? '["def f(x):", "Once upon a time"]' : oddValue(rng));
+  const expert = () => {
+    const keys = [`source_model: ${model()}`];
+    if (rng.chance(0.7)) keys.push(`positive_prompts: ${prompts()}`);
+    if (rng.chance(0.3)) keys.push(`negative_prompts: ${prompts()}`);
+    if (rng.chance(0.05)) keys.push(`${rng.pick(["residual_scale", "noise_scale", "model"])}: ${oddValue(rng)}`);
+    return `  - {${keys.join(", ")}}`;
+  };
+  const lines = [`base_model: ${model()}`, rng.chance(0.9) ? `experts:\n${Array.from({ length: rng.int(1, 3) }, expert).join("\n")}` : `experts: ${oddValue(rng)}`];
+  // hidden runs the CPU engine; the other gate modes keep a case well inside its time
+  lines.push(`gate_mode: ${rng.chance(0.9) ? rng.pick(["random", "uniform_random", "cheap_embed"]) : rng.pick(["hidden", oddValue(rng)])}`);
+  if (rng.chance(0.4)) lines.push(`dtype: ${rng.pick(["bfloat16", "float16", "float32", "torch.bfloat16", "int64", oddValue(rng)])}`);
+  if (rng.chance(0.4)) lines.push(`experts_per_token: ${rng.pick(["1", "2", "0", oddValue(rng)])}`);
+  if (rng.chance(0.3)) lines.push(`architecture: ${rng.pick(["mixtral", "Mixtral", "qwen3_moe", "qwen", "deepseek", oddValue(rng)])}`);
+  if (rng.chance(0.05)) lines.push(`${rng.pick(["shared_experts", "tokenizer_source", "seeds", ...ODD_KEYS])}: ${oddValue(rng)}`);
+  return `${lines.join("\n")}\n`;
+}
+
 export async function recipeCase(ctx: CaseContext): Promise<Step[]> {
   const { rng, dir, notes } = ctx;
   const good = [fixture("llama", "base"), fixture("llama", "code")];
@@ -109,6 +130,10 @@ export async function recipeCase(ctx: CaseContext): Promise<Step[]> {
     const [doc, note] = wholeDocument(rng, good);
     text = doc;
     notes.push(note);
+  } else if (rng.chance(0.15)) {
+    text = mergekitDocument(rng, good);
+    notes.push(`mergekit-moe config: ${text.replace(/\n\s*/g, " ").slice(0, 120)}`);
+    if (rng.chance(0.2)) text = mutateTextRepeatedly(rng, text, notes, ":-[]{}&*!|>%@`'\"#\t\n ,?<0123456789abcz");
   } else {
     notes.push(`seeds: ${lines.get("seeds")!.replace(/\n\s*/g, " ").slice(0, 80)}`);
     const ops = rng.weighted<number>([[1, 0], [5, 1], [3, 2], [1, 3]]);
