@@ -7,8 +7,8 @@
  *
  * The job both do: three bf16 seeds into a Mixtral folder with one FFN expert per seed, top-2, random
  * routers (mergekit's `gate_mode: random`; ours `--router-init random`), merged attention, sequential
- * block. mergekit copies every shared tensor from `base_model`; `bam upcycle` averages the three seeds'
- * (more arithmetic, the same bytes out). Contenders run interleaved, `sync` before each; peak RSS is the
+ * block, every shared tensor copied from the base model (mergekit's `base_model`, our `--shared-from`): the
+ * same output bytes to produce. Contenders run interleaved, `sync` before each; peak RSS is the
  * child's maximum resident set from GNU time (`%M`), which mergekit's and node's worker threads share.
  *
  *   --work DIR        seeds and outputs (default /tmp/bam-bench-mergekit)
@@ -82,7 +82,7 @@ for (const size of sizes) {
     cp: () => measured("bash", ["-c", seeds.map((s, n) => `mkdir -p ${out}/${n} && cp --reflink=never ${s}/*.safetensors ${out}/${n}/`).join(" && ")]),
     "mergekit-moe": () => measured(mergekit, [config, out, "--random-seed", "0", "--quiet"]),
     "bam upcycle": () => measured(process.execPath, [CLI, "upcycle", ...seeds, "-o", out, "--format", "mixtral", "--attention", "merged",
-      "--block", "sequential", "-k", "2", "--norm-topk-prob", "--dtype", "bf16", "--json"]),
+      "--block", "sequential", "-k", "2", "--norm-topk-prob", "--shared-from", seeds[0]!, "--dtype", "bf16", "--json"]),
   };
   const runs: Record<string, Run[]> = Object.fromEntries(Object.keys(contenders).map((name) => [name, []]));
   const outputBytes: Record<string, number> = {};
