@@ -28,6 +28,9 @@ export type ErrorCode =
   | "OPTIONS_INVALID"
   | "RECIPE_INVALID"
   | "OUTPUT_EXISTS"
+  // seeds from the Hugging Face Hub
+  | "SEED_MISSING"
+  | "HUB_ERROR"
   // runtime
   | "IO_ERROR"
   | "DISK_FULL"
