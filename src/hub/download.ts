@@ -130,9 +130,10 @@ function hubError(ref: RepoRef, settings: HubSettings, error: unknown, signal: A
       : status === 404 ? "has no such model or revision; check the id and the revision" : `answered HTTP ${status}`;
     return new BamError("HUB_ERROR", `${label}: ${settings.endpoint} ${why}`, { cause: error });
   }
-  const errno = (error as NodeJS.ErrnoException).code ?? ((error as { cause?: NodeJS.ErrnoException }).cause)?.code;
+  const cause = (error as { cause?: NodeJS.ErrnoException }).cause;
+  const errno = (error as NodeJS.ErrnoException).code ?? cause?.code;
   if (error instanceof TypeError && String(error.message).includes("fetch failed")) {
-    return new BamError("SEED_MISSING", `${label}: no such folder, not in the Hugging Face cache ${settings.cacheDir}, and ${settings.endpoint} cannot be reached (${errno ?? error.message}); fetch it with \`${fetchCommand(ref)}\` where the Hub is reachable, or check HF_ENDPOINT`, { cause: error });
+    return new BamError("SEED_MISSING", `${label}: no such folder, not in the Hugging Face cache ${settings.cacheDir}, and ${settings.endpoint} cannot be reached (${errno ?? cause?.message ?? error.message}); fetch it with \`${fetchCommand(ref)}\` where the Hub is reachable, or check HF_ENDPOINT`, { cause: error });
   }
   if (errno !== undefined) return ioError((error as NodeJS.ErrnoException).path ?? settings.cacheDir, error);
   return new BamError("HUB_ERROR", `${label}: download from ${settings.endpoint} failed (${(error as Error).message ?? String(error)})`, { cause: error });

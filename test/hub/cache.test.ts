@@ -7,7 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { readdir, readFile, readlink, rm } from "node:fs/promises";
+import { cp, readdir, readFile, readlink, rm } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
@@ -90,6 +90,13 @@ describe("seeds from the Hugging Face cache", () => {
       assert.equal(run.status, 0, run.stderr);
       assert.ok(run.stdout.includes(`org/base (F32) <- ${resolve(repoDir(cache.dir, "org/base"), "snapshots", cache.base)}`), run.stdout);
       assert.ok(run.stdout.includes(`org/code (F32) <- ${resolve(repoDir(cache.dir, "org/code"), "snapshots", cache.math)}`), run.stdout);
+      // A local folder of the same name wins: an existing path is a folder, always.
+      await cp(fixture("llama", "math"), join(dir, "org", "base"), { recursive: true });
+      const local = spawnSync(process.execPath, [CLI, "upcycle", "org/base", "--dry-run", "--json"], {
+        encoding: "utf8", cwd: dir, env: { ...process.env, HF_HUB_CACHE: cache.dir, HF_HUB_OFFLINE: "1", BAM_CACHE_DIR: join(dir, "bam-cache") },
+      });
+      assert.equal(local.status, 0, local.stderr);
+      assert.deepEqual((JSON.parse(local.stdout) as { seeds: unknown[] }).seeds.map((s) => ({ ...(s as object), dtypes: undefined })), [{ dir: "org/base", name: "base", dtypes: undefined }]);
     }));
 
   test("offline, a missing id or a snapshot missing a shard is one line naming what is missing and how to fetch it (exit 1)", () =>

@@ -110,15 +110,17 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
   return merged as unknown as UpcycleOptions;
 }
 
-/** One progress bar per repository downloaded, each finished when the next starts. */
+/** One progress bar per repository downloaded (files already cached never reach the total; the next bar then redraws over it). */
 function downloadBars(): (progress: DownloadProgress) => void {
-  let current: { repoId: string; bar: ProgressBar } | undefined;
+  let current: { repoId: string; bar: ProgressBar; done: boolean } | undefined;
   return ({ repoId, bytes, totalBytes }) => {
-    if (current?.repoId !== repoId) {
-      current?.bar.finish();
-      current = { repoId, bar: progressBar(`downloading ${repoId}`, "bytes") };
-    }
+    if (current?.repoId !== repoId) current = { repoId, bar: progressBar(`downloading ${repoId}`, "bytes"), done: false };
+    if (current.done) return;
     current.bar.update(bytes, Math.max(bytes, totalBytes));
+    if (totalBytes > 0 && bytes >= totalBytes) {
+      current.bar.finish();
+      current.done = true;
+    }
   };
 }
 
