@@ -4,6 +4,7 @@
  * snapshots/<commit>/<file>}`, snapshot files being links into blobs/. Nothing
  * here writes: a cached seed is read-only input.
  */
+import { readFileSync } from "node:fs";
 import { lstat, readdir, readFile, stat } from "node:fs/promises";
 import { homedir } from "node:os";
 import { basename, dirname, join } from "node:path";
@@ -18,7 +19,7 @@ export interface HubSettings {
   offline: boolean;
   /** HF_ENDPOINT, else https://huggingface.co. */
   endpoint: string;
-  /** HF_TOKEN, for private and gated models. */
+  /** HF_TOKEN, else the file `hf auth login` writes ($HF_TOKEN_PATH, else $HF_HOME/token): for private and gated models. */
   token: string | undefined;
 }
 
@@ -52,8 +53,16 @@ export function hubSettings(env: NodeJS.ProcessEnv = process.env): HubSettings {
     cacheDir: expand(env.HF_HUB_CACHE || env.HUGGINGFACE_HUB_CACHE || join(home, "hub")),
     offline: isTrue(env.HF_HUB_OFFLINE || env.TRANSFORMERS_OFFLINE),
     endpoint: (env.HF_ENDPOINT || DEFAULT_ENDPOINT).replace(/\/+$/, ""),
-    token: env.HF_TOKEN || undefined,
+    token: env.HF_TOKEN || savedToken(expand(env.HF_TOKEN_PATH || join(home, "token"))),
   };
+}
+
+function savedToken(file: string): string | undefined {
+  try {
+    return readFileSync(file, "utf8").trim() || undefined;
+  } catch {
+    return undefined;
+  }
 }
 
 /** `owner/name[@revision]` as a repository reference, or undefined when the text is not of that form. */
