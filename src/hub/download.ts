@@ -8,7 +8,7 @@
 import { mkdir, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { BamError, ioError } from "../errors.js";
-import { fetchCommand, indexShards, repoFolder, type HubSettings, type RepoRef } from "./cache.js";
+import { COMMIT_HASH, fetchCommand, indexShards, repoFolder, type HubSettings, type RepoRef } from "./cache.js";
 
 export interface DownloadProgress {
   repoId: string;
@@ -48,6 +48,8 @@ export async function downloadSeed(ref: RepoRef, options: DownloadOptions): Prom
   };
   try {
     const { sha: commit } = await hub.modelInfo({ ...params, name: ref.repoId, revision: ref.revision, additionalFields: ["sha"] });
+    // The answer names a cache folder: only a commit hash may.
+    if (typeof commit !== "string" || !COMMIT_HASH.test(commit)) throw new BamError("HUB_ERROR", `${label}: ${settings.endpoint} answered with no commit hash for the revision (${JSON.stringify(commit)}); check HF_ENDPOINT`);
     const sizes = new Map<string, number>();
     for await (const entry of hub.listFiles({ ...params, revision: commit })) if (entry.type === "file") sizes.set(entry.path, entry.size);
     const snapshot = join(repoFolder(settings.cacheDir, ref.repoId), "snapshots", commit);

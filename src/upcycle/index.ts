@@ -83,7 +83,7 @@ function checkSeedList(seeds: unknown): void {
   if (bad !== undefined) throw new BamError("OPTIONS_INVALID", `seed folders must be paths, not ${typeof bad === "string" ? JSON.stringify(bad) : bad === null ? "null" : typeof bad}`);
 }
 
-/** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
+/** The plan of an upcycle: pure apart from reading the seeds' configs and headers (and downloading Hub ids the cache lacks). */
 export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}): Promise<UpcyclePlan> {
   checkSeedList(options.seeds);
   return withSeeds(options.seeds, hooks, async (seeds) => {

@@ -9,12 +9,14 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import { readdir, readFile, readlink, lstat } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { join, resolve } from "node:path";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
+import { isBamError } from "../../src/errors.js";
 import { resolveSeed } from "../../src/hub/index.js";
 import { upcycle, type DownloadProgress } from "../../src/upcycle/index.js";
 import { fixture, withTempDir } from "../helpers.js";
@@ -169,7 +171,7 @@ describe("seeds downloaded from the Hub", () => {
       });
     }));
 
-  test("a refused token and an unreachable Hub are one line each, exit 1, nothing written", () =>
+  test("a refused token, an unreachable Hub and an answer without a commit hash are refused in one line, nothing written", () =>
     withTempDir(async (dir) => {
       const repos = { "org/code": await remoteRepo(fixture("llama", "code"), {}) };
       await withHub(repos, TOKEN, async (hub) => {
@@ -184,6 +186,15 @@ describe("seeds downloaded from the Hub", () => {
         assert.equal(unreachable.stderr.trimEnd().split("\n").length, 1, unreachable.stderr);
         assert.match(unreachable.stderr, /^bam: org\/code@v1: no such folder, not in the Hugging Face cache .* cannot be reached \(ECONNREFUSED\); fetch it with `hf download org\/code --revision v1`/);
         assert.deepEqual(await readdir(dir).then((names) => names.filter((n) => n === "out")), []);
+        // A commit hash that is not one would name a folder outside the cache: refused before anything is written.
+        const evil = { ...repos["org/code"], commit: "../../../escaped" };
+        await withHub({ "org/evil": evil }, undefined, async (other) => {
+          const settings = { cacheDir: join(dir, "hub"), offline: false, endpoint: other.url, token: undefined };
+          await assert.rejects(resolveSeed("org/evil", { sideFiles: SIDE_FILES, settings }), (error: unknown) => isBamError(error, "HUB_ERROR") && /no commit hash/.test(error.message));
+          assert.deepEqual(other.requests.map((r) => r.split(" ")[1]), ["/api/models/org/evil/revision/main"]);
+        });
+        assert.equal(existsSync(join(dir, "escaped")), false);
+        assert.equal(existsSync(repoDir(join(dir, "hub"), "org/evil")), false);
       });
     }));
 
