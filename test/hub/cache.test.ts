@@ -7,14 +7,14 @@
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { cp, readdir, readFile, readlink, rm } from "node:fs/promises";
+import { cp, readFile, readlink, rm } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { resolveSeed } from "../../src/hub/index.js";
 import { planUpcycle, upcycle } from "../../src/upcycle/index.js";
 import { fixture, withTempDir } from "../helpers.js";
-import { addSnapshot, HUB_PYTHON, pythonSnapshot, repoDir, withEnv } from "./hub-cache.js";
+import { addSnapshot, HUB_PYTHON, pythonSnapshot, repoDir, weights, withEnv } from "./hub-cache.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|generation_config\.json)$/;
@@ -36,11 +36,6 @@ async function makeCache(dir: string): Promise<Cache> {
 /** Offline, with the cache in `dir` and bam's own cache beside it: nothing touches ~/.cache or the network. */
 const inCache = <T>(dir: string, body: () => Promise<T>) =>
   withEnv({ HF_HUB_CACHE: join(dir, "hub"), HF_HUB_OFFLINE: "1", BAM_CACHE_DIR: join(dir, "bam-cache") }, body);
-
-async function weights(dir: string): Promise<Map<string, Buffer>> {
-  const names = (await readdir(dir)).filter((name) => name.endsWith(".safetensors")).sort();
-  return new Map(await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name))] as const)));
-}
 
 describe("seeds from the Hugging Face cache", () => {
   test("id, id@branch, id@commit and repository root resolve to their snapshots, as huggingface_hub finds them", () =>

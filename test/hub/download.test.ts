@@ -20,7 +20,7 @@ import { isBamError } from "../../src/errors.js";
 import { resolveSeed } from "../../src/hub/index.js";
 import { upcycle, type DownloadProgress } from "../../src/upcycle/index.js";
 import { fixture, withTempDir } from "../helpers.js";
-import { HUB_PYTHON, pythonSnapshot, repoDir, withEnv } from "./hub-cache.js";
+import { HUB_PYTHON, pythonSnapshot, repoDir, weights, withEnv } from "./hub-cache.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|generation_config\.json)$/;
@@ -121,11 +121,6 @@ async function closedPort(): Promise<number> {
   const { port } = server.address() as AddressInfo;
   await new Promise((done) => server.close(done));
   return port;
-}
-
-async function weights(dir: string): Promise<Map<string, Buffer>> {
-  const names = (await readdir(dir)).filter((name) => name.endsWith(".safetensors")).sort();
-  return new Map(await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name))] as const)));
 }
 
 describe("seeds downloaded from the Hub", () => {

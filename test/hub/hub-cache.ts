@@ -36,6 +36,12 @@ export async function addSnapshot(cacheDir: string, repoId: string, folder: stri
   return commit;
 }
 
+/** The safetensors files of an output folder, by name: what "byte-equal weights" compares. */
+export async function weights(dir: string): Promise<Map<string, Buffer>> {
+  const names = (await readdir(dir)).filter((name) => name.endsWith(".safetensors")).sort();
+  return new Map(await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name))] as const)));
+}
+
 const CANDIDATES = [process.env.BAM_PYTHON, ".venv/bin/python", "python3"].filter((p): p is string => Boolean(p));
 /** A python with huggingface_hub, to check a cache the way Python tools read it; null when there is none. */
 export const HUB_PYTHON = CANDIDATES.find((python) => spawnSync(python, ["-c", "import huggingface_hub"], { stdio: "ignore" }).status === 0) ?? null;
