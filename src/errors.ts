@@ -32,6 +32,9 @@ export type ErrorCode =
   | "OUTPUT_UNSAFE"
   /** Another run holds the output's lock. */
   | "OUTPUT_BUSY"
+  // seeds from the Hugging Face Hub
+  | "SEED_MISSING"
+  | "HUB_ERROR"
   // runtime
   | "IO_ERROR"
   | "DISK_FULL"

@@ -27,8 +27,8 @@ export interface Seed extends DenseModel {
   close(): Promise<void>;
 }
 
-/** A dense folder of a supported family, or a single-expert BAM folder (see seedLayout). */
-export async function openSeed(dir: string): Promise<Seed> {
+/** A dense folder of a supported family, or a single-expert BAM folder (see seedLayout); `name` names it in messages and upcycled_from. */
+export async function openSeed(dir: string, name = basename(resolve(dir))): Promise<Seed> {
   const config = await readConfigFile(dir);
   // The whole config is checked before any weights file is opened.
   const { spec, features } = seedLayout(config);
@@ -44,7 +44,7 @@ export async function openSeed(dir: string): Promise<Seed> {
     };
     return {
       dir,
-      name: basename(resolve(dir)),
+      name,
       features,
       tensors,
       rawConfig: config.raw,

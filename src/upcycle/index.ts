@@ -11,6 +11,7 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard } from "../export/card.js";
 import { formatWriter } from "../export/formats.js";
+import { resolveSeed, type DownloadProgress } from "../hub/index.js";
 import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
@@ -21,6 +22,7 @@ import { promptRouterRows } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
 export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
+export type { DownloadProgress } from "../hub/index.js";
 export { readRecipe, recipeYaml } from "./options.js";
 
 export interface UpcycleProgress {
@@ -28,6 +30,12 @@ export interface UpcycleProgress {
   totalBytes: number;
   /** Output tensor being written. */
   tensor: string;
+}
+
+/** Seeds given by Hugging Face id and missing from the cache are downloaded first. */
+export interface SeedHooks {
+  onDownload?: (progress: DownloadProgress) => void;
+  signal?: AbortSignal;
 }
 
 export interface UpcycleResult {
@@ -45,10 +53,14 @@ const SEED_SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens
 const SHARD_METADATA = { format: "pt" };
 const PYTHON_DIR = fileURLToPath(new URL("../../../python/", import.meta.url));
 
-async function withSeeds<T>(dirs: string[], body: (seeds: Seed[]) => Promise<T>): Promise<T> {
+/** Seeds are folders or Hugging Face ids (src/hub: found in the cache or downloaded into it), named by repo id where they have one. */
+async function withSeeds<T>(refs: string[], hooks: SeedHooks, body: (seeds: Seed[]) => Promise<T>): Promise<T> {
   const seeds: Seed[] = [];
   try {
-    for (const dir of dirs) seeds.push(await openSeed(dir));
+    for (const ref of refs) {
+      const source = await resolveSeed(ref, { sideFiles: SEED_SIDE_FILES, onDownload: hooks.onDownload, signal: hooks.signal });
+      seeds.push(await openSeed(source.dir, source.name));
+    }
     return await body(seeds);
   } finally {
     await Promise.all(seeds.map((s) => s.close()));
@@ -71,10 +83,10 @@ function checkSeedList(seeds: unknown): void {
   if (bad !== undefined) throw new BamError("OPTIONS_INVALID", `seed folders must be paths, not ${typeof bad === "string" ? JSON.stringify(bad) : bad === null ? "null" : typeof bad}`);
 }
 
-/** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
-export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan> {
+/** The plan of an upcycle: pure apart from reading the seeds' configs and headers (and downloading Hub ids the cache lacks). */
+export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}): Promise<UpcyclePlan> {
   checkSeedList(options.seeds);
-  return withSeeds(inputModels(options), async (seeds) => {
+  return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     await sideFiles(seeds[0]!.dir);
     return plan;
@@ -84,11 +96,11 @@ export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan>
 /** Runs the upcycle; the output folder appears complete or not at all. */
 export async function upcycle(
   options: UpcycleOptions,
-  hooks: { onProgress?: (progress: UpcycleProgress) => void; signal?: AbortSignal } = {},
+  hooks: SeedHooks & { onProgress?: (progress: UpcycleProgress) => void } = {},
 ): Promise<UpcycleResult> {
   checkSeedList(options.seeds);
   const started = performance.now();
-  return withSeeds(inputModels(options), async (seeds) => {
+  return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
     const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(plan.options.prompts === null ? [] : [plan.options.prompts])];

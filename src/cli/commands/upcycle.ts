@@ -2,8 +2,8 @@ import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
 import { DEFAULT_NORM_TOPK_PROB, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
-import { planUpcycle, readRecipe, upcycle, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
-import { formatBytes, formatDuration, progressBar } from "../progress.js";
+import { planUpcycle, readRecipe, upcycle, type DownloadProgress, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
+import { formatBytes, formatDuration, progressBar, type ProgressBar } from "../progress.js";
 import { numberFlag, printJson, runCommand } from "../run.js";
 
 interface UpcycleArgs {
@@ -35,7 +35,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
   describe: "Build a Mixture-of-Experts model from dense seeds (BAM, BTX, sparse upcycling, Drop-Upcycling)",
   builder: (y) =>
     y
-      .positional("seeds", { type: "string", array: true, default: [], describe: "Seed folders: one expert per seed (the generalist first), or one seed with --experts" })
+      .positional("seeds", { type: "string", array: true, default: [], describe: "Seed folders or Hugging Face ids owner/name[@revision]: one expert per seed (the generalist first), or one seed with --experts. An existing path is a folder, always; otherwise owner/name[@rev] is read from the Hugging Face cache (HF_HUB_CACHE, HF_HOME) or downloaded into it (HF_ENDPOINT, HF_TOKEN; not with HF_HUB_OFFLINE=1)" })
       .option("output", { alias: "o", type: "string", describe: "Output folder (written atomically)" })
       .option("recipe", { type: "string", describe: "YAML file with the same options (flags override it), or a mergekit-moe config; written into the output" })
       .option("attention", { choices: ATTENTION_EXPERTS, describe: "moa: soft attention experts (default); shared-kv: per-expert q/o with shared k/v; merged: averaged attention (BTX)" })
@@ -68,20 +68,22 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
       .example("$0 upcycle base code math -o bam-3x", "BAM with soft attention experts, parallel block, top-1")
       .example("$0 upcycle base code math -o btx --attention merged --block sequential -k 2", "the BTX baseline")
+      .example("$0 upcycle Qwen/Qwen3-0.6B org/qwen3-code@v1 -o bam-2x", "seeds by Hugging Face id, from the cache or downloaded")
       .example("$0 upcycle base -o sparse --experts 4 --drop-ratio 0.5", "Drop-Upcycling from one seed")
       .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe")
       .example("$0 upcycle --recipe mergekit-moe.yml -o moe", "a mergekit-moe config as the recipe"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
       const options = await optionsFrom(args);
+      const onDownload = downloadBars();
       if (args["dry-run"]) {
-        const plan = await planUpcycle(options);
+        const plan = await planUpcycle(options, { signal, onDownload });
         if (args.json) printJson(planJson(plan));
         else printPlan(plan);
         return;
       }
       const bar = progressBar("upcycling", "bytes");
-      const result = await upcycle(options, { signal, onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes) });
+      const result = await upcycle(options, { signal, onDownload, onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes) });
       bar.finish();
       // On stderr either way: --json's stdout stays one JSON document (which lists them too).
       for (const warning of result.plan.warnings) process.stderr.write(`bam: warning: ${warning}\n`);
@@ -126,6 +128,20 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
   return merged as unknown as UpcycleOptions;
 }
 
+/** One progress bar per repository downloaded (files already cached never reach the total; the next bar then redraws over it). */
+function downloadBars(): (progress: DownloadProgress) => void {
+  let current: { repoId: string; bar: ProgressBar; done: boolean } | undefined;
+  return ({ repoId, bytes, totalBytes }) => {
+    if (current?.repoId !== repoId) current = { repoId, bar: progressBar(`downloading ${repoId}`, "bytes"), done: false };
+    if (current.done) return;
+    current.bar.update(bytes, Math.max(bytes, totalBytes));
+    if (totalBytes > 0 && bytes >= totalBytes) {
+      current.bar.finish();
+      current.done = true;
+    }
+  };
+}
+
 function parseWeights(text: string): number[] {
   const weights = text.split(",").map((part) => Number(part.trim()));
   if (weights.some((w) => !Number.isFinite(w))) throw new BamError("OPTIONS_INVALID", `--weights must be numbers separated by commas, not "${text}"`);
@@ -162,7 +178,7 @@ function printPlan(plan: UpcyclePlan): void {
   const s = plan.summary;
   const millions = (n: number) => `${(n / 1e6).toFixed(n < 1e7 ? 3 : 1)}M`;
   const lines = [
-    `seeds       ${plan.seeds.map((x) => `${x.name} (${x.dtypes.join("/")})`).join(", ")}`,
+    ...plan.seeds.map((x, i) => `${i === 0 ? "seeds" : ""}`.padEnd(12) + `${x.name} (${x.dtypes.join("/")})${x.dir === x.name ? "" : ` <- ${x.dir}`}`),
     `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
     `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}, ${plan.moe.normTopkProb ? "renormalised gate (--norm-topk-prob)" : "gate: probability over all experts (--no-norm-topk-prob)"}`,
     `shared      ${plan.options.sharedFrom === null ? "averaged over the seeds" : `copied from ${plan.options.sharedFrom}`}`,
