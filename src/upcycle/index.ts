@@ -15,7 +15,7 @@ import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafet
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
-import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
+import { checkOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows } from "./router-init.js";
 
@@ -64,16 +64,9 @@ function planFor(options: UpcycleOptions, seeds: Seed[]): UpcyclePlan {
   return plan;
 }
 
-/** Seeds are folder paths; anything else (a recipe can hold any YAML value) is refused before a path is built from it. */
-function checkSeedList(seeds: unknown): void {
-  if (!Array.isArray(seeds) || seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
-  const bad = seeds.find((seed) => typeof seed !== "string" || seed === "" || seed.includes("\0"));
-  if (bad !== undefined) throw new BamError("OPTIONS_INVALID", `seed folders must be paths, not ${typeof bad === "string" ? JSON.stringify(bad) : bad === null ? "null" : typeof bad}`);
-}
-
 /** The plan of an upcycle: pure apart from reading the seeds' configs and headers. */
 export async function planUpcycle(options: UpcycleOptions): Promise<UpcyclePlan> {
-  checkSeedList(options.seeds);
+  checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   return withSeeds(options.seeds, async (seeds) => {
     const plan = planFor(options, seeds);
     await sideFiles(seeds[0]!.dir);
@@ -86,7 +79,7 @@ export async function upcycle(
   options: UpcycleOptions,
   hooks: { onProgress?: (progress: UpcycleProgress) => void; signal?: AbortSignal } = {},
 ): Promise<UpcycleResult> {
-  checkSeedList(options.seeds);
+  checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   const started = performance.now();
   return withSeeds(options.seeds, async (seeds) => {
     const plan = planFor(options, seeds);

@@ -92,8 +92,8 @@ describe("router init from prompts", () => {
       const seeds = ["base", "code", "math"].map((v) => fixture("llama", v as "base"));
       const output = join(dir, "out");
       const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) => assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
-      await rejects(upcycle({ seeds, output, routerInit: "hidden" }), "OPTIONS_INVALID", /needs --prompts/);
-      await rejects(upcycle({ seeds, output, prompts: await promptsFile(dir) }), "OPTIONS_INVALID", /--prompts goes with --router-init hidden/);
+      await rejects(upcycle({ seeds, output, routerInit: "hidden" }), "OPTIONS_INVALID", /needs prompts/);
+      await rejects(upcycle({ seeds, output, prompts: await promptsFile(dir) }), "OPTIONS_INVALID", /prompts goes with routerInit "hidden"/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, EXPERTS.slice(0, 2)) }), "RECIPE_INVALID", /lists 2 experts; the model has 3/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: [] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts must be a non-empty list/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive: ["x"] }]) }), "RECIPE_INVALID", /unknown key "positive"/);
