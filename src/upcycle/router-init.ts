@@ -62,8 +62,16 @@ export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], prompts
   // The CPU engine loads only here: upcycles without prompts start without it.
   const { loadTokenizer, meanLayerInputs } = await import("../onnx/index.js");
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
-  const tokenize = (prompts: string[]) => prompts.map((p) => tokenizer.encode(p));
-  const lists = experts.flatMap((x) => [tokenize(x.positive), tokenize(x.negative)]).filter((l) => l.length > 0);
+  // Counted before the model runs: a prompt past the model's positions would ask onnxruntime for O(tokens^2) memory.
+  const positions = plan.features.maxPositions;
+  const tokenize = (prompts: string[], where: string) => prompts.map((prompt, i) => {
+    const ids = tokenizer.encode(prompt);
+    if (ids.length === 0 || ids.length > positions) {
+      throw new BamError("RECIPE_INVALID", `${promptsFile}: ${where}[${i}] is ${ids.length} tokens; each prompt must be 1 to ${positions} tokens (the model's positions): shorten or split it`);
+    }
+    return ids;
+  });
+  const lists = experts.flatMap((x, e) => [tokenize(x.positive, `expert ${e}: positive_prompts`), tokenize(x.negative, `expert ${e}: negative_prompts`)]).filter((l) => l.length > 0);
   const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal);
   let next = 0;
   const perExpert = experts.map((x) => ({ positive: means[next++]!, negative: x.negative.length > 0 ? means[next++]! : null }));
