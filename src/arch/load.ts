@@ -4,7 +4,7 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE } from "../safetensors/index.js";
+import { CheckpointFiles, DTYPE_SIZE, isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -35,6 +35,7 @@ export async function openSeed(dir: string): Promise<Seed> {
   const checkpoint = await CheckpointFiles.open(dir);
   try {
     const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
+    await refuseIgnoredParameters(checkpoint, tensors, unused);
     const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
     const reader = new CanonicalReader(checkpoint);
     const tensor = (name: string): CanonicalTensor => {
@@ -88,6 +89,27 @@ function seedLayout(config: HfConfig): { spec: Pick<FamilySpec, "family" | "tens
   }
   const features = { ...featuresFromConfig(config.raw, config.file), parallelBlock: block === "parallel" };
   return { spec: { family: features.family, tensors: SINGLE_EXPERT_BAM_TENSORS }, features };
+}
+
+/**
+ * A tensor beside one the model reads, in the same module, that config.json
+ * gives no part (a non-zero mlp.down_proj.bias with mlp_bias false): the
+ * checkpoint computes something the config does not describe, and dropping
+ * it would change the model silently. Zeros change nothing and pass; other
+ * leftovers (a vision tower, buffers) stay in `unusedTensors`.
+ */
+async function refuseIgnoredParameters(checkpoint: CheckpointFiles, tensors: ReadonlyMap<string, CanonicalTensor>, unused: readonly string[]): Promise<void> {
+  const moduleOf = (name: string) => name.slice(0, name.lastIndexOf("."));
+  const readModules = new Set([...tensors.values()].map((t) => moduleOf(t.source.sourceName)));
+  for (const name of unused) {
+    if (!readModules.has(moduleOf(name))) continue;
+    const info = checkpoint.tensors.get(name)!;
+    const bytes = await checkpoint.read(name);
+    const nonZero = isFloatDType(info.dtype) ? toFloat32(bytes, info.dtype).some((v) => v !== 0) : bytes.some((b) => b !== 0);
+    if (nonZero) {
+      throw new BamError("CONFIG_INVALID", `${info.file}: tensor "${name}" holds non-zero values that config.json gives no part in the model (e.g. a bias with mlp_bias or attention_bias false); fix config.json to match the weights, or remove the tensor`);
+    }
+  }
 }
 
 /** The file that names the checkpoint's tensors: its only weights file, or the shard index. */

@@ -36,6 +36,29 @@ export function isFloatDType(d: DType): d is FloatDType {
 }
 
 /** Decodes little-endian F32/F16/BF16 bytes; exact, NaN payloads kept. */
+/**
+ * Index of the first NaN or Inf element of little-endian float bytes, or -1:
+ * an all-ones exponent, read from the high byte(s) without decoding. A
+ * 16-bit aligned view when it can (one load per element), bytes otherwise.
+ */
+export function firstNonFinite(bytes: Uint8Array, dtype: FloatDType): number {
+  const size = dtype === "F32" ? 4 : 2;
+  const count = Math.floor(bytes.length / size);
+  // The 16 high bits: F32's exponent is 0x7f80 of them, as bf16's; f16's is 0x7c00.
+  const mask = dtype === "F16" ? 0x7c00 : 0x7f80;
+  const high = size - 2; // byte offset of those bits within an element
+  if (bytes.byteOffset % 2 === 0) {
+    const view = new Uint16Array(bytes.buffer, bytes.byteOffset, count * (size / 2));
+    const stride = size / 2;
+    for (let i = 0, at = high / 2; i < count; i++, at += stride) if ((view[at]! & mask) === mask) return i;
+    return -1;
+  }
+  for (let i = 0, at = high; i < count; i++, at += size) {
+    if (((bytes[at]! | (bytes[at + 1]! << 8)) & mask) === mask) return i;
+  }
+  return -1;
+}
+
 export function toFloat32(bytes: Uint8Array, from: FloatDType): Float32Array {
   return decodeFloatsInto(bytes, from, new Float32Array(elementCount(bytes, from)));
 }

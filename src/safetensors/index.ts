@@ -1,6 +1,6 @@
 export {
   type DType, DTYPE_SIZE, isDType, isShape, tensorByteLength,
-  type FloatDType, isFloatDType, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
+  type FloatDType, isFloatDType, firstNonFinite, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
 } from "./dtype.js";
 export { type TensorInfo, SafetensorsReader } from "./reader.js";
 export { CheckpointFiles, checkInsideFolder } from "./checkpoint.js";

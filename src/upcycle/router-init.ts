@@ -101,7 +101,7 @@ function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
   for (const t of first.tensors.values()) {
     const name = denseToBamName(t.name);
     canonical.set(name, t.name);
-    tensors.set(name, { name, shape: t.shape, dtype: "F32" });
+    tensors.set(name, { name, shape: t.shape, dtype: "F32", stored: name });
   }
   const weights = plan.options.weights;
   return {
