@@ -24,6 +24,8 @@ export interface Seed extends DenseModel {
    * row-major; into `into` (exactly that many bytes) when given.
    */
   readElements(name: string, start: number, count: number, into?: Uint8Array): Promise<Uint8Array>;
+  /** Refuses a seed whose weight files changed since it was opened: call once everything is read. */
+  checkUnchanged(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -64,6 +66,7 @@ export async function openSeed(dir: string): Promise<Seed> {
         }
         return reader.read(t, start, count, into);
       },
+      checkUnchanged: () => checkpoint.checkUnchanged(),
       close: () => checkpoint.close(),
     };
   } catch (error) {

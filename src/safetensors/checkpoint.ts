@@ -58,6 +58,11 @@ export class CheckpointFiles {
     return this.readerOf(name).readBytes(name, start, length, into);
   }
 
+  /** Refuses weight files that changed since they were opened (see SafetensorsReader.checkUnchanged). */
+  async checkUnchanged(): Promise<void> {
+    for (const reader of this.readers.values()) await reader.checkUnchanged();
+  }
+
   async close(): Promise<void> {
     await closeAll(this.readers.values());
   }

@@ -3,7 +3,8 @@
  * entry and the whole data layout before any tensor can be read; tensor data
  * is then read lazily, by offset, through one file handle.
  */
-import type { FileHandle } from "node:fs/promises";
+import type { BigIntStats } from "node:fs";
+import { stat, type FileHandle } from "node:fs/promises";
 import { resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
 import { type DType, isDType, isShape, tensorByteLength } from "./dtype.js";
@@ -35,6 +36,8 @@ export class SafetensorsReader {
     readonly tensors: ReadonlyMap<string, TensorInfo>,
     readonly metadata: Readonly<Record<string, string>> | null,
     private readonly handle: FileHandle,
+    /** Device, inode, size, mtime and ctime when opened: any write, truncate, touch or replacement changes one. */
+    private readonly identity: string,
   ) {}
 
   static async open(path: string): Promise<SafetensorsReader> {
@@ -44,7 +47,7 @@ export class SafetensorsReader {
       const headerLength = await readHeaderLength(handle, file, size);
       const header = parseHeader(await readExactly(handle, file, 8, headerLength, "header"), file);
       const { tensors, metadata } = validateHeader(header, file, headerLength, size);
-      return new SafetensorsReader(file, headerLength, tensors, metadata, handle);
+      return new SafetensorsReader(file, headerLength, tensors, metadata, handle, identityOf(await handle.stat({ bigint: true })));
     } catch (error) {
       await handle.close();
       throw ioError(file, error);
@@ -66,6 +69,18 @@ export class SafetensorsReader {
     return readExactly(this.handle, this.path, info.byteOffset + start, length, `tensor "${name}"`, into);
   }
 
+  /**
+   * Refuses a file that changed since it was opened (rewritten in place, or
+   * replaced at its path): what was read of it may mix two versions, and a
+   * hash of it would describe neither.
+   */
+  async checkUnchanged(): Promise<void> {
+    const now = await stat(this.path, { bigint: true }).catch((error: unknown) => { throw ioError(this.path, error); });
+    if (identityOf(now) !== this.identity) {
+      throw new BamError("IO_ERROR", `${this.path}: changed while it was being read; nothing was written: run again once the file is left alone`);
+    }
+  }
+
   /** Safe to call more than once. */
   close(): Promise<void> {
     return this.handle.close();
@@ -76,6 +91,10 @@ export class SafetensorsReader {
     if (info === undefined) throw new BamError("TENSOR_NOT_FOUND", `${this.path}: no tensor named "${name}"`);
     return info;
   }
+}
+
+function identityOf(info: BigIntStats): string {
+  return [info.dev, info.ino, info.size, info.mtimeNs, info.ctimeNs].join(":");
 }
 
 function isRange(start: number, length: number, size: number): boolean {

@@ -108,6 +108,7 @@ export async function upcycle(
       });
       await averages.close();
       const hashed = await hashing.result;
+      for (const seed of seeds) await seed.checkUnchanged(); // what was read and hashed is one version of each seed
       plan.moe.upcycledFrom = hashed.map(({ name, sha256 }) => ({ name, sha256 }));
       const config = { ...writer.config };
       if (writer.remoteCode) config.upcycled_from = hashed;

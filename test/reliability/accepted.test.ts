@@ -6,6 +6,7 @@
  * folders and edited there.
  */
 import assert from "node:assert/strict";
+import { closeSync, copyFileSync, openSync, readSync, renameSync, statSync, writeSync } from "node:fs";
 import { cp, mkdtemp, open, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -138,5 +139,33 @@ test("firstNonFinite agrees with decoding, for every float dtype and alignment",
         assert.equal(firstNonFinite(part, dtype), expected, `${dtype} offset ${offset} from ${from}`);
       }
     }
+  }
+});
+
+test("a seed rewritten in place, or replaced, during a run fails the run and writes nothing", async () => {
+  for (const how of ["in place", "replaced"] as const) {
+    const seed = await copyOf("llama");
+    const weights = join(seed, "model.safetensors");
+    const output = join(root, `changed-${counter++}`);
+    let changed = false;
+    const change = () => {
+      if (changed) return;
+      changed = true;
+      if (how === "in place") {
+        // The same bytes written again: only the file's times tell (new values could be refused as they are read).
+        const fd = openSync(weights, "r+");
+        const last = Buffer.alloc(4);
+        readSync(fd, last, 0, 4, statSync(weights).size - 4);
+        writeSync(fd, last, 0, 4, statSync(weights).size - 4);
+        closeSync(fd);
+      } else {
+        copyFileSync(weights, `${weights}.new`);
+        renameSync(`${weights}.new`, weights);
+      }
+    };
+    await refused(upcycle({ seeds: [seed, fixture("llama", "code")], output }, { onProgress: change }), "IO_ERROR",
+      new RegExp(`${weights.replaceAll("/", "\\/").replaceAll(".", "\\.")}: changed while it was being read; nothing was written`));
+    assert.ok(changed);
+    assert.deepEqual((await readdir(root)).filter((e) => e.startsWith("changed-") || e.startsWith(".bam-tmp-changed")), [], how);
   }
 });
