@@ -8,7 +8,7 @@ import { CheckpointFiles, DTYPE_SIZE, isFloatDType, toFloat32 } from "../safeten
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
-import { sha256File } from "./hash.js";
+import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import { mapCheckpoint } from "./layout.js";
 import type { ArchFeatures, CanonicalTensor, DenseModel, TensorSource } from "./types.js";
 
@@ -38,7 +38,7 @@ export async function openSeed(dir: string): Promise<Seed> {
   try {
     const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
     await refuseIgnoredParameters(checkpoint, tensors, unused);
-    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
     const reader = new CanonicalReader(checkpoint);
     const tensor = (name: string): CanonicalTensor => {
       const found = tensors.get(name);

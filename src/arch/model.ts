@@ -13,7 +13,7 @@ import { readConfigFile, show, type HfConfig } from "./config.js";
 import { featuresFromConfig } from "./features.js";
 import { canonicalLayout } from "./layout.js";
 import { openSeed } from "./load.js";
-import { sha256File } from "./hash.js";
+import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import type { ArchFeatures } from "./types.js";
 
 export type AttentionExperts = "moa" | "shared-kv" | "merged";
@@ -118,7 +118,7 @@ async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<Op
       tensors.set(info.name, { name: info.name, shape: info.shape, dtype: info.dtype, stored: info.name });
     }
     checkSharedTensors(features, tensors, dir);
-    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
     return {
       kind: "bam",
       dir,
