@@ -4,7 +4,7 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE, isFloatDType, toFloat32 } from "../safetensors/index.js";
+import { CheckpointFiles, DTYPE_SIZE, isFloatDType, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -17,6 +17,8 @@ export interface Seed extends DenseModel {
   files: readonly string[];
   /** Checkpoint tensors nothing reads (not known-harmless buffers either); `bam inspect` warns about them. */
   unusedTensors: string[];
+  /** Resident bytes the open checkpoint's tensor entries take (every stored tensor, used or not), for memory estimates. */
+  entryBytes: number;
   /** Bytes of a canonical tensor in its stored dtype, little-endian, [out, in] layout. */
   read(name: string): Promise<Uint8Array>;
   /**
@@ -54,6 +56,7 @@ export async function openSeed(dir: string): Promise<Seed> {
       tokenizerHash,
       files: checkpoint.files,
       unusedTensors: unused,
+      entryBytes: checkpoint.tensors.size * TENSOR_ENTRY_BYTES,
       read: async (name) => {
         const t = tensor(name);
         return reader.read(t, 0, elementCount(t.shape));
