@@ -4,7 +4,7 @@
  * it into an atomic output folder.
  */
 import { copyFile, readdir, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { openSeed, type Seed } from "../arch/index.js";
 import { BamError, ioError } from "../errors.js";
@@ -123,7 +123,7 @@ export async function upcycle(
       return {
         output: plan.options.output,
         plan,
-        files: written.files,
+        files: written.files.map((file) => join(plan.options.output, basename(file))), // where they are now, not the temp folder
         bytesWritten,
         seconds: (performance.now() - started) / 1000,
         seeds: hashed,

@@ -4,7 +4,7 @@
  * the output's recipe.yaml repeats, so a run can be reproduced).
  */
 import YAML, { Lexer } from "yaml";
-import { BamError, ioError } from "../errors.js";
+import { BamError, ioError, isBamError } from "../errors.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
 
@@ -356,6 +356,24 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
     options[name] = value;
   }
   return options as Partial<UpcycleOptions>;
+}
+
+/**
+ * A command body whose OPTIONS_INVALID errors are reworded for the command
+ * line: option names as flags (expertsPerToken -> --experts-per-token). The
+ * library speaks to API callers; `bam upcycle` wraps its body in this.
+ */
+export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
+  return (...args) => body(...args).catch((error: unknown) => {
+    if (!isBamError(error, "OPTIONS_INVALID")) throw error;
+    const flags = new Map<string, string>([...Object.entries(RECIPE_KEYS).map(([key, name]) => [name, `--${key}`] as [string, string]), ["force", "--force"]]);
+    const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
+    // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
+    const message = error.message
+      .replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (name) => flags.get(name)!)
+      .replace(/^([a-z]+)(?=[: ])/, (name) => flags.get(name) ?? name);
+    throw new BamError(error.code, message, { cause: error });
+  });
 }
 
 /** The recipe written into the output folder: every resolved option, in recipe keys. */

@@ -7,11 +7,12 @@
 import assert from "node:assert/strict";
 import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { basename, dirname, join } from "node:path";
 import { after, before, test } from "node:test";
 import { isBamError } from "../../src/errors.js";
 import { planUpcycle, readRecipe, upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
 import { fixture } from "../helpers.js";
+import { runCli } from "./synth.js";
 
 let root: string;
 before(async () => { root = await mkdtemp(join(tmpdir(), "bam-api-")); });
@@ -76,4 +77,29 @@ test("a recipe nested a million levels deep fails fast, small, and as RECIPE_INV
   await writeFile(quoted, `seeds: ["${"[".repeat(100)}"] # ${"{".repeat(100)}\n`);
   assert.deepEqual(await readRecipe(quoted), { seeds: ["[".repeat(100)] });
   await rm(quoted);
+});
+
+test("result.files and --json list the shards where they are, in the output folder the caller named", async () => {
+  const output = join(root, "named");
+  const result = await upcycle({ seeds: seeds.slice(0, 2), output, maxShardSize: "40KB" });
+  assert.ok(result.files.length > 1, "several shards");
+  for (const file of result.files) assert.equal(dirname(file), output);
+  assert.deepEqual(result.files.map((file) => basename(file)), (await readdir(output)).filter((name) => name.endsWith(".safetensors")).sort());
+  const run = await runCli(["upcycle", ...seeds.slice(0, 2), "-o", join(root, "named-cli"), "--json"]);
+  assert.equal(run.code, 0, run.stderr);
+  for (const file of (JSON.parse(run.stdout) as { files: string[] }).files) assert.equal(dirname(file), join(root, "named-cli"));
+  await rm(output, { recursive: true });
+  await rm(join(root, "named-cli"), { recursive: true });
+});
+
+test("bam upcycle words the library's option errors as flags", async () => {
+  for (const [args, message] of [
+    [["--experts-per-token", "3"], /^bam: --experts-per-token must be an integer from 1 to 2, not 3$/],
+    [["--seed", "1.5"], /^bam: --seed must be a non-negative integer, not 1\.5$/],
+    [["--router-scale", "-1"], /^bam: --router-scale must be a positive number, not -1$/],
+  ] as const) {
+    const run = await runCli(["upcycle", ...seeds.slice(0, 2), "-o", join(root, "flags"), ...args]);
+    assert.equal(run.code, 1, run.stderr);
+    assert.match(run.stderr.trim(), message);
+  }
 });

@@ -1,7 +1,7 @@
 import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
-import { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
+import { inFlagWords, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
 import { planUpcycle, readRecipe, upcycle, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
@@ -57,7 +57,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .example("$0 upcycle base -o sparse --experts 4 --drop-ratio 0.5", "Drop-Upcycling from one seed")
       .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe"),
   handler: (args) =>
-    runCommand(async ({ signal }) => {
+    runCommand(inFlagWords(async ({ signal }) => {
       const options = await optionsFrom(args);
       if (args["dry-run"]) {
         const plan = await planUpcycle(options);
@@ -77,7 +77,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
         `wrote ${result.output}: ${result.plan.summary.experts} experts, attention ${result.plan.summary.attention}, ${result.plan.summary.block} block; ` +
           `${result.files.length} shard(s), ${formatBytes(result.bytesWritten)} in ${formatDuration(result.seconds)} (${formatBytes(result.bytesWritten / Math.max(result.seconds, 1e-3))}/s)\n`,
       );
-    }),
+    })),
 };
 
 async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
