@@ -3,8 +3,8 @@
  * reader that returns each canonical tensor in [out, in] layout.
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
-import { BamError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE, isFloatDType, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
+import { BamError, ioError } from "../errors.js";
+import { CheckpointFiles, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -17,6 +17,8 @@ export interface Seed extends DenseModel {
   files: readonly string[];
   /** Checkpoint tensors nothing reads (not known-harmless buffers either); `bam inspect` warns about them. */
   unusedTensors: string[];
+  /** How the seed ends and frames text: eos_token, bos_token, chat_template (JSON text, "absent" when not set). */
+  chatSettings: Record<ChatSetting, string>;
   /** Resident bytes the open checkpoint's tensor entries take (every stored tensor, used or not), for memory estimates. */
   entryBytes: number;
   /** Bytes of a canonical tensor in its stored dtype, little-endian, [out, in] layout. */
@@ -41,6 +43,7 @@ export async function openSeed(dir: string): Promise<Seed> {
     const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
     await refuseIgnoredParameters(checkpoint, tensors, unused);
     const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
+    const chatSettings = await readChatSettings(dir);
     const reader = new CanonicalReader(checkpoint);
     const tensor = (name: string): CanonicalTensor => {
       const found = tensors.get(name);
@@ -56,6 +59,7 @@ export async function openSeed(dir: string): Promise<Seed> {
       tokenizerHash,
       files: checkpoint.files,
       unusedTensors: unused,
+      chatSettings,
       entryBytes: checkpoint.tensors.size * TENSOR_ENTRY_BYTES,
       read: async (name) => {
         const t = tensor(name);
@@ -76,6 +80,55 @@ export async function openSeed(dir: string): Promise<Seed> {
     await checkpoint.close();
     throw error;
   }
+}
+
+export type ChatSetting = "eos_token" | "bos_token" | "chat_template";
+const CHAT_SETTINGS: readonly ChatSetting[] = ["eos_token", "bos_token", "chat_template"];
+/** tokenizer_config.json with a long chat template is tens of KB; this is far beyond. */
+const MAX_TOKENIZER_CONFIG_BYTES = 16_000_000;
+
+/**
+ * The settings of tokenizer_config.json (and a chat_template.jinja beside
+ * it, as transformers v5 saves it) that decide where generation stops and
+ * how a chat is framed, as comparable text. A file that is absent or not
+ * JSON gives "absent": the copy of it is the first seed's either way.
+ */
+async function readChatSettings(dir: string): Promise<Record<ChatSetting, string>> {
+  const read = (name: string) => readTextFile(join(dir, name), MAX_TOKENIZER_CONFIG_BYTES, "CONFIG_INVALID").catch((error: unknown) => {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw ioError(join(dir, name), error);
+  });
+  let config: Record<string, unknown> = {};
+  try {
+    const parsed: unknown = JSON.parse((await read("tokenizer_config.json")) ?? "{}");
+    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) config = parsed as Record<string, unknown>;
+  } catch {
+    // not JSON: nothing to compare
+  }
+  const template = await read("chat_template.jinja");
+  if (template !== null) config = { ...config, chat_template: template };
+  const settings = {} as Record<ChatSetting, string>;
+  for (const key of CHAT_SETTINGS) settings[key] = config[key] === undefined || config[key] === null ? "absent" : JSON.stringify(config[key]);
+  return settings;
+}
+
+/**
+ * Seeds that stop or frame chats differently: the output keeps the first
+ * seed's tokenizer files, so its settings win; each difference is a warning
+ * that says so.
+ */
+export function chatSettingWarnings(seeds: readonly Pick<Seed, "name" | "chatSettings">[]): string[] {
+  const [first, ...rest] = seeds;
+  if (first === undefined) return [];
+  const warnings: string[] = [];
+  for (const key of CHAT_SETTINGS) {
+    const differing = rest.filter((seed) => seed.chatSettings[key] !== first.chatSettings[key]).map((seed) => seed.name);
+    if (differing.length > 0) {
+      const value = first.chatSettings[key];
+      warnings.push(`${key} differs between seeds (${[...new Set(differing)].join(", ")} vs ${first.name}); the output keeps the first seed's (${first.name}: ${value.length > 60 ? `${value.slice(0, 60)}...` : value})`);
+    }
+  }
+  return warnings;
 }
 
 /**

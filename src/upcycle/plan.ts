@@ -8,7 +8,7 @@ import { BamError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
-import type { Seed } from "../arch/index.js";
+import { chatSettingWarnings, type Seed } from "../arch/index.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
 import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
 import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
@@ -230,7 +230,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     moe,
     tensors,
     summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash)) + seeds.reduce((n, s) => n + s.entryBytes, 0)),
-    warnings: planWarnings(features, options, seeds.length, attention),
+    warnings: [...planWarnings(features, options, seeds.length, attention), ...chatSettingWarnings(seeds)],
   };
 }
 

@@ -11,8 +11,9 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { openSeed } from "../../src/arch/load.js";
 import { isBamError } from "../../src/errors.js";
-import { planUpcycle } from "../../src/upcycle/index.js";
+import { planUpcycle, upcycle } from "../../src/upcycle/index.js";
 import { fixture } from "../helpers.js";
+import { runCli } from "./synth.js";
 
 let root: string;
 let counter = 0;
@@ -73,4 +74,27 @@ test("tokenizer.json is compared by content: whitespace and key order do not mat
   (parsed.added_tokens as unknown[]).push({ id: 999_999, content: "<odd>", special: true, single_word: false, lstrip: false, rstrip: false, normalized: false });
   await writeFile(join(changed, "tokenizer.json"), JSON.stringify(parsed, null, 4));
   await refused(planUpcycle({ seeds: [base, changed], output: join(root, "out") }), "SEED_MISMATCH", /different tokenizer\.json/);
+});
+
+test("seeds whose eos_token or chat_template differ are warned about by name, and the first seed's win", async () => {
+  const base = fixture("llama", "base");
+  const code = join(root, "chat", "code");
+  await cp(fixture("llama", "code"), code, { recursive: true });
+  const same = await planUpcycle({ seeds: [base, code], output: join(root, "out") });
+  assert.deepEqual(same.warnings.filter((w) => /eos_token|chat_template/.test(w)), []);
+  const file = join(code, "tokenizer_config.json");
+  const config = JSON.parse(await readFile(file, "utf8")) as Record<string, unknown>;
+  await writeFile(file, JSON.stringify({ ...config, eos_token: "<|im_end|>", chat_template: "{{ messages }}" }));
+  const plan = await planUpcycle({ seeds: [base, code], output: join(root, "out") });
+  const chat = plan.warnings.filter((w) => /eos_token|chat_template/.test(w));
+  assert.equal(chat.length, 2, chat.join("\n"));
+  assert.match(chat[0]!, /^eos_token differs between seeds \(code vs base\); the output keeps the first seed's \(base: /);
+  assert.match(chat[1]!, /^chat_template differs between seeds \(code vs base\); the output keeps the first seed's/);
+  const output = join(root, "chat-out");
+  const result = await upcycle({ seeds: [base, code], output });
+  assert.deepEqual(result.plan.warnings, plan.warnings);
+  assert.equal(await readFile(join(output, "tokenizer_config.json"), "utf8"), await readFile(join(base, "tokenizer_config.json"), "utf8"));
+  const run = await runCli(["upcycle", base, code, "-o", join(root, "chat-cli")]);
+  assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stderr, /bam: warning: eos_token differs between seeds/);
 });
