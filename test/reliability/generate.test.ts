@@ -11,17 +11,19 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { isBamError } from "../../src/errors.js";
 import { generateText, prepareOnnx, type GenerationSettings } from "../../src/onnx/index.js";
+import { OnnxSession } from "../../src/onnx/session.js";
 import { fixture } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
 let folder: string;
+let modelFile: string;
 const model = fixture("llama", "base"); // 128 positions
 const greedy: GenerationSettings = { maxNewTokens: 4, temperature: 0, topP: 1, seed: null };
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), "bam-generate-"));
-  folder = (await prepareOnnx(model, { output: join(root, "onnx") })).folder;
+  ({ folder, modelFile } = await prepareOnnx(model, { output: join(root, "onnx") }));
 });
 after(() => rm(root, { recursive: true, force: true }));
 
@@ -81,4 +83,13 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
   assert.ok(sent, "some text came out before SIGINT");
   assert.equal(run.code, 130, run.stderr);
   assert.match(run.stderr, /interrupted/);
+});
+
+test("an onnxruntime failure is one worded line, a BamError", async () => {
+  const session = await OnnxSession.open(modelFile);
+  try {
+    await refused(session.forward(BigInt64Array.from([1n, 1_000_000_000n]), 1, 2, ["logits"]), "IO_ERROR", /^onnxruntime failed on 1 x 2 tokens \([^\n]*\)$/);
+  } finally {
+    await session.close();
+  }
 });
