@@ -98,7 +98,7 @@ const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
   routerZLossCoef: "number",
 };
 /** Most seeds an upcycle takes; checked before any seed is opened. */
-export const MAX_SEEDS = 256;
+const MAX_SEEDS = 256;
 
 const KIND_TEXT: Readonly<Record<ValueKind, string>> = {
   paths: "a list of folder paths",
@@ -285,7 +285,7 @@ const MAX_YAML_DEPTH = 64;
  * indicators, halved since a block level takes at least two columns or one
  * indicator and a space. Stops at the first line past `limit`.
  */
-export function yamlDepth(text: string, limit: number): number {
+function yamlDepth(text: string, limit: number): number {
   let flow = 0;
   let deepest = 0;
   let lineStart = true;
