@@ -181,6 +181,11 @@ function readRope(cfg: ConfigReader, spec: FamilySpec, headDim: number): Rope | 
 
   const [thetaIn, thetaAt] = locate("rope_theta", ropeSpec.theta);
   const theta = thetaIn.positive(thetaAt);
+  // A config that states the base twice, differently, describes two models: which one was trained is unknown.
+  const v4Theta = cfg.raw[cfg.keyOf(ropeSpec.theta.keys)];
+  if (thetaIn === v5 && typeof v4Theta === "number" && v4Theta !== theta) {
+    cfg.fail("CONFIG_INVALID", cfg.keyOf(ropeSpec.theta.keys), `is ${v4Theta} but "rope_parameters.rope_theta" is ${theta}; make them agree (or remove one)`);
+  }
 
   const [partialIn, partialAt] = locate("partial_rotary_factor", ropeSpec.partial ?? { keys: ["partial_rotary_factor"], default: 1 });
   const partial = partialIn.number(partialAt);
@@ -212,6 +217,10 @@ function readRopeScaling(cfg: ConfigReader, source: ConfigReader | undefined, sp
     if (ROPE_NON_SCALING_KEYS.has(name)) continue;
     // Kept as written and repeated in the output's config.json, so only flat values: no nesting to blow up on.
     if (!isScalingValue(value)) source.fail("CONFIG_INVALID", name, `must be a number, string, boolean or list of numbers, found ${show(value)}`);
+    // Factors scale frequencies or lengths: zero or negative ones divide by zero or flip positions.
+    if (/factor$/.test(name) && value !== null && (Array.isArray(value) ? value : [value]).some((v) => typeof v === "number" && !(v > 0))) {
+      source.fail("CONFIG_INVALID", name, `must be positive, found ${show(value)}`);
+    }
     scaling[name] = value;
   }
   // v4 phi3 keeps it at the top level; v5 moves it inside. Same model either way.

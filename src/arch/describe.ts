@@ -83,12 +83,16 @@ export function describeModel(model: OpenedModel): ModelSummary {
 }
 
 export interface ScanFinding {
+  /** As named in the weights file. */
   tensor: string;
   nan: number;
   inf: number;
 }
 
-/** Reads every float tensor and counts NaN and Inf values; reports progress in bytes. */
+/**
+ * Reads every float tensor and counts NaN and Inf values, per tensor of the
+ * weights file (the parts of a fused q/k/v add up); reports progress in bytes.
+ */
 export async function scanModel(
   model: OpenedModel,
   options: { onProgress?: (done: number, total: number) => void; signal?: AbortSignal } = {},
@@ -96,7 +100,7 @@ export async function scanModel(
   const tensors = [...model.tensors.values()].filter((t) => isFloatDType(t.dtype));
   const sizeOf = (t: ModelTensor) => t.shape.reduce((a, b) => a * b, 1) * (t.dtype === "F32" ? 4 : 2);
   const total = tensors.reduce((sum, t) => sum + sizeOf(t), 0);
-  const findings: ScanFinding[] = [];
+  const findings = new Map<string, ScanFinding>();
   let done = 0;
   for (const tensor of tensors) {
     if (options.signal?.aborted) throw new BamError("ABORTED", `${model.dir}: scan interrupted`);
@@ -108,9 +112,14 @@ export async function scanModel(
       if (Number.isNaN(v)) nan += 1;
       else if (!Number.isFinite(v)) inf += 1;
     }
-    if (nan + inf > 0) findings.push({ tensor: tensor.name, nan, inf });
+    if (nan + inf > 0) {
+      const finding = findings.get(tensor.stored) ?? { tensor: tensor.stored, nan: 0, inf: 0 };
+      finding.nan += nan;
+      finding.inf += inf;
+      findings.set(tensor.stored, finding);
+    }
     done += sizeOf(tensor);
     options.onProgress?.(done, total);
   }
-  return findings;
+  return [...findings.values()];
 }

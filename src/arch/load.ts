@@ -3,12 +3,12 @@
  * reader that returns each canonical tensor in [out, in] layout.
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
-import { BamError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE } from "../safetensors/index.js";
+import { BamError, ioError } from "../errors.js";
+import { CheckpointFiles, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
-import { sha256File } from "./hash.js";
+import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import { mapCheckpoint } from "./layout.js";
 import type { ArchFeatures, CanonicalTensor, DenseModel, TensorSource } from "./types.js";
 
@@ -17,6 +17,10 @@ export interface Seed extends DenseModel {
   files: readonly string[];
   /** Checkpoint tensors nothing reads (not known-harmless buffers either); `bam inspect` warns about them. */
   unusedTensors: string[];
+  /** How the seed ends and frames text: eos_token, bos_token, chat_template (JSON text, "absent" when not set). */
+  chatSettings: Record<ChatSetting, string>;
+  /** Resident bytes the open checkpoint's tensor entries take (every stored tensor, used or not), for memory estimates. */
+  entryBytes: number;
   /** Bytes of a canonical tensor in its stored dtype, little-endian, [out, in] layout. */
   read(name: string): Promise<Uint8Array>;
   /**
@@ -24,6 +28,8 @@ export interface Seed extends DenseModel {
    * row-major; into `into` (exactly that many bytes) when given.
    */
   readElements(name: string, start: number, count: number, into?: Uint8Array): Promise<Uint8Array>;
+  /** Refuses a seed whose weight files changed since it was opened: call once everything is read. */
+  checkUnchanged(): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -35,7 +41,9 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
   const checkpoint = await CheckpointFiles.open(dir);
   try {
     const { tensors, unused } = mapCheckpoint(spec, features, checkpoint.tensors, checkpointLabel(checkpoint));
-    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    await refuseIgnoredParameters(checkpoint, tensors, unused);
+    const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
+    const chatSettings = await readChatSettings(dir);
     const reader = new CanonicalReader(checkpoint);
     const tensor = (name: string): CanonicalTensor => {
       const found = tensors.get(name);
@@ -51,6 +59,8 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
       tokenizerHash,
       files: checkpoint.files,
       unusedTensors: unused,
+      chatSettings,
+      entryBytes: checkpoint.tensors.size * TENSOR_ENTRY_BYTES,
       read: async (name) => {
         const t = tensor(name);
         return reader.read(t, 0, elementCount(t.shape));
@@ -63,12 +73,62 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
         }
         return reader.read(t, start, count, into);
       },
+      checkUnchanged: () => checkpoint.checkUnchanged(),
       close: () => checkpoint.close(),
     };
   } catch (error) {
     await checkpoint.close();
     throw error;
   }
+}
+
+export type ChatSetting = "eos_token" | "bos_token" | "chat_template";
+const CHAT_SETTINGS: readonly ChatSetting[] = ["eos_token", "bos_token", "chat_template"];
+/** tokenizer_config.json with a long chat template is tens of KB; this is far beyond. */
+const MAX_TOKENIZER_CONFIG_BYTES = 16_000_000;
+
+/**
+ * The settings of tokenizer_config.json (and a chat_template.jinja beside
+ * it, as transformers v5 saves it) that decide where generation stops and
+ * how a chat is framed, as comparable text. A file that is absent or not
+ * JSON gives "absent": the copy of it is the first seed's either way.
+ */
+async function readChatSettings(dir: string): Promise<Record<ChatSetting, string>> {
+  const read = (name: string) => readTextFile(join(dir, name), MAX_TOKENIZER_CONFIG_BYTES, "CONFIG_INVALID").catch((error: unknown) => {
+    if ((error as NodeJS.ErrnoException).code === "ENOENT") return null;
+    throw ioError(join(dir, name), error);
+  });
+  let config: Record<string, unknown> = {};
+  try {
+    const parsed: unknown = JSON.parse((await read("tokenizer_config.json")) ?? "{}");
+    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) config = parsed as Record<string, unknown>;
+  } catch {
+    // not JSON: nothing to compare
+  }
+  const template = await read("chat_template.jinja");
+  if (template !== null) config = { ...config, chat_template: template };
+  const settings = {} as Record<ChatSetting, string>;
+  for (const key of CHAT_SETTINGS) settings[key] = config[key] === undefined || config[key] === null ? "absent" : JSON.stringify(config[key]);
+  return settings;
+}
+
+/**
+ * Seeds that stop or frame chats differently: the output keeps the first
+ * seed's tokenizer files, so its settings win; each difference is a warning
+ * that says so.
+ */
+export function chatSettingWarnings(seeds: readonly Pick<Seed, "name" | "chatSettings">[]): string[] {
+  const [first, ...rest] = seeds;
+  if (first === undefined) return [];
+  const warnings: string[] = [];
+  for (const key of CHAT_SETTINGS) {
+    const differing = rest.filter((seed) => seed.chatSettings[key] !== first.chatSettings[key]).map((seed) => seed.name);
+    if (differing.length > 0) {
+      const value = first.chatSettings[key];
+      warnings.push(`${key} differs between seeds (${[...new Set(differing)].join(", ")} vs ${first.name}); the output keeps the first seed's (${first.name}: ${value.length > 60 ? `${value.slice(0, 60)}...` : value})`);
+    }
+  }
+  return warnings;
 }
 
 /**
@@ -88,6 +148,27 @@ function seedLayout(config: HfConfig): { spec: Pick<FamilySpec, "family" | "tens
   }
   const features = { ...featuresFromConfig(config.raw, config.file), parallelBlock: block === "parallel" };
   return { spec: { family: features.family, tensors: SINGLE_EXPERT_BAM_TENSORS }, features };
+}
+
+/**
+ * A tensor beside one the model reads, in the same module, that config.json
+ * gives no part (a non-zero mlp.down_proj.bias with mlp_bias false): the
+ * checkpoint computes something the config does not describe, and dropping
+ * it would change the model silently. Zeros change nothing and pass; other
+ * leftovers (a vision tower, buffers) stay in `unusedTensors`.
+ */
+async function refuseIgnoredParameters(checkpoint: CheckpointFiles, tensors: ReadonlyMap<string, CanonicalTensor>, unused: readonly string[]): Promise<void> {
+  const moduleOf = (name: string) => name.slice(0, name.lastIndexOf("."));
+  const readModules = new Set([...tensors.values()].map((t) => moduleOf(t.source.sourceName)));
+  for (const name of unused) {
+    if (!readModules.has(moduleOf(name))) continue;
+    const info = checkpoint.tensors.get(name)!;
+    const bytes = await checkpoint.read(name);
+    const nonZero = isFloatDType(info.dtype) ? toFloat32(bytes, info.dtype).some((v) => v !== 0) : bytes.some((b) => b !== 0);
+    if (nonZero) {
+      throw new BamError("CONFIG_INVALID", `${info.file}: tensor "${name}" holds non-zero values that config.json gives no part in the model (e.g. a bias with mlp_bias or attention_bias false); fix config.json to match the weights, or remove the tensor`);
+    }
+  }
 }
 
 /** The file that names the checkpoint's tensors: its only weights file, or the shard index. */

@@ -11,8 +11,9 @@ import { CheckpointFiles } from "../safetensors/index.js";
 import type { DType } from "../safetensors/index.js";
 import { readConfigFile, show, type HfConfig } from "./config.js";
 import { featuresFromConfig } from "./features.js";
+import { canonicalLayout } from "./layout.js";
 import { openSeed } from "./load.js";
-import { sha256File } from "./hash.js";
+import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import type { ArchFeatures } from "./types.js";
 
 export type AttentionExperts = "moa" | "shared-kv" | "merged";
@@ -42,6 +43,8 @@ export interface ModelTensor {
   name: string;
   shape: number[];
   dtype: DType;
+  /** The tensor's name in the weights file (a dense seed's own name; part of it, for fused q/k/v). */
+  stored: string;
 }
 
 export interface OpenedModel {
@@ -78,7 +81,7 @@ async function openDense(dir: string): Promise<OpenedModel> {
   for (const tensor of seed.tensors.values()) {
     const bamName = denseToBamName(tensor.name);
     byBamName.set(bamName, tensor.name);
-    tensors.set(bamName, { name: bamName, shape: tensor.shape, dtype: tensor.dtype });
+    tensors.set(bamName, { name: bamName, shape: tensor.shape, dtype: tensor.dtype, stored: tensor.source.sourceName });
   }
   return {
     kind: "dense",
@@ -115,9 +118,10 @@ async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<Op
   try {
     const tensors = new Map<string, ModelTensor>();
     for (const info of checkpoint.tensors.values()) {
-      tensors.set(info.name, { name: info.name, shape: info.shape, dtype: info.dtype });
+      tensors.set(info.name, { name: info.name, shape: info.shape, dtype: info.dtype, stored: info.name });
     }
-    const tokenizerHash = await sha256File(join(dir, "tokenizer.json"));
+    checkSharedTensors(features, tensors, dir);
+    const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
     return {
       kind: "bam",
       dir,
@@ -134,6 +138,26 @@ async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<Op
   } catch (error) {
     await checkpoint.close();
     throw error;
+  }
+}
+
+/**
+ * The tensors every BAM model of these features shares (embeddings, final
+ * norm, head), with their shapes: a folder whose weights file holds
+ * something else (logits saved over it, another model) is not this model.
+ */
+function checkSharedTensors(features: ArchFeatures, tensors: ReadonlyMap<string, ModelTensor>, dir: string): void {
+  for (const entry of canonicalLayout(features)) {
+    if (entry.layer !== null) continue;
+    const found = tensors.get(entry.name);
+    const shape = `[${entry.shape.join(", ")}]`;
+    if (found === undefined) {
+      const held = [...tensors.keys()].slice(0, 3).join(", ");
+      throw new BamError("TENSOR_MISSING", `${dir}: the weights lack "${entry.name}" ${shape} that config.json requires (they hold ${tensors.size} tensor(s): ${held}${tensors.size > 3 ? ", ..." : ""}); this folder's weights are not its model's`);
+    }
+    if (found.shape.length !== entry.shape.length || found.shape.some((n, i) => n !== entry.shape[i])) {
+      throw new BamError("TENSOR_SHAPE", `${dir}: tensor "${entry.name}" has shape [${found.shape.join(", ")}], expected ${shape} from config.json`);
+    }
   }
 }
 

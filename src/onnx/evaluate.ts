@@ -93,6 +93,11 @@ export async function evaluateTokenFiles(modelDir: string, files: string[], opti
 
 /** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
 async function scoreWindows(modelDir: string, tokens: Array<{ file: string; ids: number[] }>, options: EvalOptions): Promise<PerplexityReport> {
+  // A perplexity of nothing is NaN; refused before the model is built.
+  const short = tokens.find(({ ids }) => ids.length < 2);
+  if (short !== undefined) {
+    throw new BamError("DATA_INCOMPLETE", `${short.file}: ${short.ids.length} token(s); perplexity needs at least 2 (one to predict from the other): give a longer file`);
+  }
   const context = options.context ?? 512;
   const total = tokens.reduce((sum, { ids }) => sum + ids.length, 0);
   const prepared = await prepareOnnx(modelDir, { ...options, onProgress: options.onBuild });

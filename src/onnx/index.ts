@@ -5,5 +5,5 @@
  */
 export { prepareOnnx, DEFAULT_FOLDER, type PrepareOptions, type PreparedOnnx } from "./export.js";
 export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
-export { generateText, loadTokenizer, type Generation, type GenerationSettings } from "./transformers.js";
+export { checkGeneration, generateText, loadTokenizer, type Generation, type GenerationSettings } from "./transformers.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";

@@ -48,7 +48,13 @@ export class OnnxSession {
       position_ids: new ort.Tensor("int64", positions, [batch, seq]),
     };
     for (const [name, [heads, headDim]] of this.pastShapes) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, heads, 0, headDim]);
-    const result = await this.session.run(feeds, outputs);
+    let result: Ort.InferenceSession.OnnxValueMapType;
+    try {
+      result = await this.session.run(feeds, outputs);
+    } catch (error) {
+      // Its own words are pages of dumps; one line, with the input's shape, is what the caller can act on.
+      throw new BamError("IO_ERROR", `onnxruntime failed on ${batch} x ${seq} tokens (${String((error as Error).message ?? error).split("\n")[0]!.slice(0, 300)})`, { cause: error });
+    }
     return outputs.map((name) => result[name]!.data as Float32Array);
   }
 

@@ -12,6 +12,8 @@ import { findDuplicateKey, isPlainObject, SafetensorsReader, type TensorInfo } f
 const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
 const PICKLE_PATTERN = /\.(bin|pt|pth|ckpt)$/;
+/** Most tensors a sharded checkpoint may hold: DeepSeek-V3 with its fp8 scales has about 92k. */
+export const MAX_CHECKPOINT_TENSORS = 200_000;
 /** Far above any real index (tens of thousands of tensors take a few MB). */
 const MAX_INDEX_BYTES = 100_000_000;
 
@@ -39,7 +41,7 @@ export class CheckpointFiles {
     const index = await readIndex(weights.index);
     const shardFiles = await resolveShards(root, new Set(index.weightMap.values()), weights.index);
     const files = [...new Set(shardFiles.values())].sort();
-    const readers = await openAll(files);
+    const readers = await openAll(files, weights.index);
     try {
       const weightMap = new Map([...index.weightMap].map(([name, shard]) => [name, shardFiles.get(shard)!]));
       const tensors = collectTensors(weightMap, readers, weights.index);
@@ -56,6 +58,11 @@ export class CheckpointFiles {
 
   async readBytes(name: string, start: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     return this.readerOf(name).readBytes(name, start, length, into);
+  }
+
+  /** Refuses weight files that changed since they were opened (see SafetensorsReader.checkUnchanged). */
+  async checkUnchanged(): Promise<void> {
+    for (const reader of this.readers.values()) await reader.checkUnchanged();
   }
 
   async close(): Promise<void> {
@@ -106,7 +113,9 @@ async function readIndex(file: string): Promise<Index> {
   if (duplicate !== undefined) throw invalid(`repeats the key "${duplicate}"`);
   if (!isPlainObject(index) || !isPlainObject(index.weight_map)) throw invalid("expected an object with a weight_map object");
   const { weight_map: weightMap, metadata = null } = index;
-  if (Object.keys(weightMap).length === 0) throw invalid("weight_map lists no tensors");
+  const listed = Object.keys(weightMap).length;
+  if (listed === 0) throw invalid("weight_map lists no tensors");
+  if (listed > MAX_CHECKPOINT_TENSORS) throw invalid(`weight_map lists ${listed} tensors, over the ${MAX_CHECKPOINT_TENSORS} any real checkpoint needs`);
   const nonString = Object.keys(weightMap).find((name) => typeof weightMap[name] !== "string" || weightMap[name] === "" || (weightMap[name] as string).includes("\0"));
   if (nonString !== undefined) throw invalid(`weight_map entry "${nonString}" is not a file name`);
   if (metadata !== null && !isPlainObject(metadata)) throw invalid("metadata is not an object");
@@ -160,15 +169,28 @@ function isHubCacheBlob(realRoot: string, real: string): boolean {
 }
 
 /** Opens every file; if any fails, closes the others before throwing. */
-async function openAll(files: readonly string[]): Promise<Map<string, SafetensorsReader>> {
-  const results = await Promise.allSettled(files.map((file) => SafetensorsReader.open(file)));
-  const opened = results.flatMap((result) => (result.status === "fulfilled" ? [result.value] : []));
-  const failure = results.find((result) => result.status === "rejected");
-  if (failure !== undefined) {
-    await closeAll(opened);
-    throw failure.reason;
+/**
+ * Opens the shards one after another, so that the tensors they hold together
+ * stay within MAX_CHECKPOINT_TENSORS whatever their number (each is bounded
+ * on its own by the reader); a header is read in milliseconds.
+ */
+async function openAll(files: readonly string[], index: string): Promise<Map<string, SafetensorsReader>> {
+  const readers = new Map<string, SafetensorsReader>();
+  let entries = 0;
+  try {
+    for (const file of files) {
+      const reader = await SafetensorsReader.open(file);
+      readers.set(reader.path, reader);
+      entries += reader.tensors.size;
+      if (entries > MAX_CHECKPOINT_TENSORS) {
+        throw new BamError("INDEX_INVALID", `${index}: its shards hold more than ${MAX_CHECKPOINT_TENSORS} tensors; no real checkpoint has so many`);
+      }
+    }
+    return readers;
+  } catch (error) {
+    await closeAll(readers.values());
+    throw error;
   }
-  return new Map(opened.map((reader) => [reader.path, reader]));
 }
 
 async function closeAll(readers: Iterable<SafetensorsReader>): Promise<void> {

@@ -1,9 +1,9 @@
 export {
   type DType, DTYPE_SIZE, isDType, isShape, tensorByteLength,
-  type FloatDType, isFloatDType, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
+  type FloatDType, isFloatDType, firstNonFinite, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
 } from "./dtype.js";
-export { type TensorInfo, SafetensorsReader } from "./reader.js";
-export { CheckpointFiles, checkInsideFolder } from "./checkpoint.js";
+export { type TensorInfo, SafetensorsReader, MAX_TENSORS_PER_FILE, TENSOR_ENTRY_BYTES } from "./reader.js";
+export { CheckpointFiles, checkInsideFolder, MAX_CHECKPOINT_TENSORS } from "./checkpoint.js";
 export { openRegularFile, readTextFile } from "./input-file.js";
 export {
   type TensorToWrite, type WriteOptions, type ShardPlan,

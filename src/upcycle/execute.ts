@@ -5,7 +5,7 @@
  * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import { convertFloats, DTYPE_SIZE, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import { convertFloats, DTYPE_SIZE, firstNonFinite, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
 import { type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
@@ -48,6 +48,19 @@ function sourceDType(seeds: Seed[], ref: SourceRef): FloatDType {
   return dtype;
 }
 
+/**
+ * Refuses a seed's values that are NaN or Inf, checked on the bytes as they
+ * pass (they are read anyway): an average would spread them through every
+ * expert, and the output would load and run as NaN. Named as in the seed's
+ * weights file, which `bam inspect --scan` lists in full.
+ */
+function checkFinite(seeds: Seed[], ref: SourceRef, bytes: Uint8Array, dtype: FloatDType): void {
+  if (firstNonFinite(bytes, dtype) < 0) return;
+  const seed = seeds[ref.seed]!;
+  const stored = seed.tensors.get(ref.tensor)!.source.sourceName;
+  throw new BamError("TENSOR_INVALID", `${seed.dir}: tensor "${stored}" holds NaN or Inf; repair or replace this seed (bam inspect ${seed.dir} --scan lists every such tensor)`);
+}
+
 /** Element range [start, start + count) of the output tensor that a byte range covers. */
 function elementRange(tensor: PlannedTensor, offset: number, into: Uint8Array): [number, number] {
   const size = DTYPE_SIZE[tensor.dtype];
@@ -60,8 +73,13 @@ function copyRange(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): RangeF
     const from = sourceDType(seeds, ref);
     const [start, count] = elementRange(tensor, offset, into);
     // The common case touches no values: the seed's bytes land in the writer's buffer.
-    if (from === tensor.dtype) await seed.readElements(ref.tensor, start, count, into);
-    else into.set(convertFloats(await seed.readElements(ref.tensor, start, count), from, tensor.dtype));
+    if (from === tensor.dtype) {
+      checkFinite(seeds, ref, await seed.readElements(ref.tensor, start, count, into), from);
+    } else {
+      const bytes = await seed.readElements(ref.tensor, start, count);
+      checkFinite(seeds, ref, bytes, from);
+      into.set(convertFloats(bytes, from, tensor.dtype));
+    }
   };
 }
 
@@ -75,6 +93,7 @@ function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tenso
     });
     try {
       const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start, count, buffer.subarray(0, count * DTYPE_SIZE[dtype]))));
+      read.forEach((bytes, i) => checkFinite(seeds, sources[i]!.ref, bytes, sources[i]!.dtype));
       await pool.run({ sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })), weights, out: into, dtype: tensor.dtype });
     } finally {
       for (const { buffer } of sources) pool.buffers.give(buffer);
@@ -123,7 +142,10 @@ async function dropUpcycle(
   seeds: Seed[], ref: SourceRef, tensor: PlannedTensor, ratio: number, axis: 0 | 1, seed: number, key: string,
 ): Promise<Uint8Array> {
   const [rows, cols] = tensor.shape as [number, number];
-  const values = toFloat32(await seeds[ref.seed]!.readElements(ref.tensor, 0, rows * cols), sourceDType(seeds, ref));
+  const from = sourceDType(seeds, ref);
+  const bytes = await seeds[ref.seed]!.readElements(ref.tensor, 0, rows * cols);
+  checkFinite(seeds, ref, bytes, from);
+  const values = toFloat32(bytes, from);
   let mean = 0;
   for (const v of values) mean += v;
   mean /= values.length;

@@ -1,20 +1,21 @@
 /**
- * sha256s of seed files known without reading them:
- * - a file in a Hugging Face cache is a link to `blobs/<sha256>`, named by the
- *   hash the hub checked at download;
- * - a file that `hf download --local-dir` wrote has, in that folder's
- *   `.cache/huggingface/download/<file>.metadata`, the commit, the etag (the
- *   sha256 for LFS files, which weights always are) and the download time;
- *   trusted, as huggingface_hub does, while the file is not newer than that;
- * - a file hashed by an earlier run is in `sha256.json` of the user cache
- *   folder, keyed by its real path and trusted only while its device, inode,
- *   size, mtime and ctime are the same (any write or `touch` changes ctime).
- * Hashing 3 x 2 GB of seeds costs seconds of CPU on every run otherwise. The
- * cache is an optimisation: a missing, unreadable or corrupt file is empty,
- * and failing to save it is silent.
+ * sha256s of seed files known without reading them: a file hashed by an
+ * earlier run is in `sha256.json` of the user cache folder, keyed by its real
+ * path and trusted only while its device, inode, size, mtime and ctime are
+ * the same (any write or `touch` changes ctime). Hashing 3 x 2 GB of seeds
+ * costs seconds of CPU on every run otherwise. The cache is an optimisation:
+ * a missing, unreadable or corrupt file is empty, and failing to save it is
+ * silent.
+ *
+ * Nothing inside or beside a seed is taken as its hash: not the download
+ * metadata of `hf download --local-dir` (`.cache/huggingface/download/`),
+ * nor a Hugging Face cache's `blobs/<sha256>` file names. Whoever wrote the
+ * seed could write those too, and no check short of reading the file shows
+ * they match it; `upcycled_from` records what was read. The first run on a
+ * fresh download hashes it, behind the copy, on spare cores.
  */
 import { mkdir, realpath, rename, stat, writeFile } from "node:fs/promises";
-import { basename, dirname, join, relative } from "node:path";
+import { dirname, join } from "node:path";
 import { userCacheDir } from "../cache-dir.js";
 import { readTextFile } from "../safetensors/index.js";
 
@@ -25,8 +26,6 @@ const MAX_ENTRIES = 4096;
 /** A cache file larger than this was not written by us; it is ignored. */
 const MAX_CACHE_BYTES = 16e6;
 const SHA256_HEX = /^[0-9a-f]{64}$/;
-/** A download metadata file is three short lines. */
-const MAX_METADATA_BYTES = 4096;
 
 interface Entry { identity: string; sha256: string }
 
@@ -44,10 +43,6 @@ export class HashCache {
   async lookup(file: string): Promise<FileLookup> {
     const real = await realpath(file);
     const identity = await identityOf(real);
-    const name = basename(real);
-    if (SHA256_HEX.test(name) && basename(dirname(real)) === "blobs") return { file, real, identity, sha256: name };
-    const downloaded = await hubDownloadSha256(real);
-    if (downloaded !== null) return { file, real, identity, sha256: downloaded };
     const entry = this.entries.get(real);
     return { file, real, identity, sha256: entry?.identity === identity ? entry.sha256 : null };
   }
@@ -74,25 +69,6 @@ export class HashCache {
     } catch {
       // A read-only or full cache folder only means hashing again next time.
     }
-  }
-}
-
-/**
- * The sha256 a Hugging Face `--local-dir` download recorded for `real`, from
- * the nearest folder above it that has download metadata for it; null if
- * none, if the etag is not a sha256, or if the file changed since.
- */
-async function hubDownloadSha256(real: string): Promise<string | null> {
-  for (let dir = dirname(real); ; dir = dirname(dir)) {
-    const metadata = join(dir, ".cache", "huggingface", "download", `${relative(dir, real)}.metadata`);
-    const lines = await readTextFile(metadata, MAX_METADATA_BYTES, "IO_ERROR").then((text) => text.split("\n"), () => null);
-    if (lines !== null) {
-      const [, etag, timestamp] = lines.map((line) => line.trim());
-      const { mtimeMs } = await stat(real);
-      // 1 s of slack for coarse mtimes, as huggingface_hub allows.
-      return SHA256_HEX.test(etag ?? "") && mtimeMs / 1000 - 1 <= Number(timestamp) ? etag! : null;
-    }
-    if (dirname(dir) === dir) return null;
   }
 }
 

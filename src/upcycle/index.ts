@@ -4,7 +4,7 @@
  * it into an atomic output folder.
  */
 import { copyFile, readdir, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { openSeed, type Seed } from "../arch/index.js";
 import { BamError, ioError } from "../errors.js";
@@ -16,7 +16,7 @@ import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafet
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
-import { recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
+import { checkOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows } from "./router-init.js";
 
@@ -76,16 +76,9 @@ function planFor(options: UpcycleOptions, seeds: Seed[]): UpcyclePlan {
   return plan;
 }
 
-/** Seeds are folder paths; anything else (a recipe can hold any YAML value) is refused before a path is built from it. */
-function checkSeedList(seeds: unknown): void {
-  if (!Array.isArray(seeds) || seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one seed folder");
-  const bad = seeds.find((seed) => typeof seed !== "string" || seed === "" || seed.includes("\0"));
-  if (bad !== undefined) throw new BamError("OPTIONS_INVALID", `seed folders must be paths, not ${typeof bad === "string" ? JSON.stringify(bad) : bad === null ? "null" : typeof bad}`);
-}
-
 /** The plan of an upcycle: pure apart from reading the seeds' configs and headers (and downloading Hub ids the cache lacks). */
 export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}): Promise<UpcyclePlan> {
-  checkSeedList(options.seeds);
+  checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     await sideFiles(seeds[0]!.dir);
@@ -98,7 +91,7 @@ export async function upcycle(
   options: UpcycleOptions,
   hooks: SeedHooks & { onProgress?: (progress: UpcycleProgress) => void } = {},
 ): Promise<UpcycleResult> {
-  checkSeedList(options.seeds);
+  checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   const started = performance.now();
   return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
@@ -128,6 +121,7 @@ export async function upcycle(
       });
       await averages.close();
       const hashed = await hashing.result;
+      for (const seed of seeds) await seed.checkUnchanged(); // what was read and hashed is one version of each seed
       plan.moe.upcycledFrom = hashed.map(({ name, sha256 }) => ({ name, sha256 }));
       const config = { ...writer.config };
       if (writer.remoteCode) config.upcycled_from = hashed;
@@ -142,7 +136,7 @@ export async function upcycle(
       return {
         output: plan.options.output,
         plan,
-        files: written.files,
+        files: written.files.map((file) => join(plan.options.output, basename(file))), // where they are now, not the temp folder
         bytesWritten,
         seconds: (performance.now() - started) / 1000,
         seeds: hashed,

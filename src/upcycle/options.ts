@@ -3,8 +3,8 @@
  * them, and resolved with every default filled in (what the plan records and
  * the output's recipe.yaml repeats, so a run can be reproduced).
  */
-import YAML from "yaml";
-import { BamError, ioError } from "../errors.js";
+import YAML, { Lexer } from "yaml";
+import { BamError, ioError, isBamError } from "../errors.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
 import { fromMergekit, isMergekitConfig } from "./mergekit.js";
@@ -90,61 +90,166 @@ const invalid = (message: string): never => {
   throw new BamError("OPTIONS_INVALID", message);
 };
 
+/** What each option holds; a new option gets its line here (the compiler insists), and the recipe key below. */
+type ValueKind = "paths" | "path" | "string" | "number" | "numbers" | "size" | "boolean";
+const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
+  seeds: "paths",
+  output: "path",
+  attention: "string",
+  block: "string",
+  experts: "number",
+  dropRatio: "number",
+  expertsPerToken: "number",
+  normTopkProb: "boolean",
+  weights: "numbers",
+  sharedFrom: "path",
+  routerInit: "string",
+  prompts: "path",
+  routerScale: "number",
+  seed: "number",
+  dtype: "string",
+  maxShardSize: "size",
+  format: "string",
+  force: "boolean",
+  routerAuxLossCoef: "number",
+  routerZLossCoef: "number",
+};
+/** Most seeds an upcycle takes; checked before any seed is opened. */
+const MAX_SEEDS = 256;
+
+const KIND_TEXT: Readonly<Record<ValueKind, string>> = {
+  paths: "a list of folder paths",
+  path: "a path",
+  string: "a string",
+  number: "a number",
+  numbers: "a list of numbers",
+  size: "a number of bytes or a size such as \"5GB\"",
+  boolean: "true or false",
+};
+
+/** A value as a message shows it: the type a caller can act on, and the value when short. */
+function describeValue(value: unknown): string {
+  if (value === null) return "null";
+  if (Array.isArray(value)) return `a list of ${value.length}`;
+  if (typeof value === "string") return `the string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value)}`;
+  if (typeof value === "object" || typeof value === "function") return `a${typeof value === "object" ? "n object" : " function"}`;
+  return `${typeof value} ${String(value)}`;
+}
+
+const isPath = (value: unknown) => typeof value === "string" && value !== "" && !value.includes("\0");
+
+function hasKind(value: unknown, kind: ValueKind): boolean {
+  switch (kind) {
+    case "paths": return Array.isArray(value) && value.every(isPath);
+    case "path": return isPath(value);
+    case "string": return typeof value === "string";
+    case "number": return typeof value === "number";
+    case "numbers": return Array.isArray(value) && value.every((v) => typeof v === "number");
+    case "size": return typeof value === "number" || typeof value === "string";
+    case "boolean": return typeof value === "boolean";
+  }
+}
+
+/** Edit distance, for "did you mean": option names are short, so the quadratic table is nothing. */
+function editDistance(a: string, b: string): number {
+  let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const row = [i];
+    for (let j = 1; j <= b.length; j++) row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    previous = row;
+  }
+  return previous[b.length]!;
+}
+
+function closestName(key: string, names: readonly string[]): string | undefined {
+  const lower = key.toLowerCase();
+  let best: { name: string; distance: number } | undefined;
+  for (const name of names) {
+    const distance = editDistance(lower, name.toLowerCase());
+    if (best === undefined || distance < best.distance) best = { name, distance };
+  }
+  return best !== undefined && best.distance <= Math.max(2, Math.floor(key.length / 4)) ? best.name : undefined;
+}
+
+/**
+ * The one run-time check of what a caller passed, before any file is opened:
+ * the API (TypeScript types do not reach JavaScript callers or YAML) and the
+ * CLI both come through here. Unknown keys, wrong types and too many seeds
+ * are OPTIONS_INVALID, named as the caller wrote them; ranges are checked by
+ * resolveOptions once the seeds are known.
+ */
+export function checkOptions(options: unknown): asserts options is UpcycleOptions {
+  if (options === null || typeof options !== "object" || Array.isArray(options)) {
+    invalid(`upcycle options must be an object such as { seeds: ["base", "code"], output: "out" }, not ${describeValue(options)}`);
+  }
+  const given = options as Record<string, unknown>;
+  const names = Object.keys(OPTION_KINDS);
+  for (const [key, value] of Object.entries(given)) {
+    const kind = Object.hasOwn(OPTION_KINDS, key) ? OPTION_KINDS[key as keyof UpcycleOptions] : undefined;
+    if (kind === undefined) {
+      const near = closestName(key, names);
+      return invalid(`unknown option "${key}"${near === undefined ? `; known options: ${names.join(", ")}` : `; did you mean "${near}"?`}`);
+    }
+    if (value !== undefined && !hasKind(value, kind)) invalid(`${key} must be ${KIND_TEXT[kind]}, not ${describeValue(value)}`);
+  }
+  if (!Array.isArray(given.seeds) || given.seeds.length === 0) invalid("seeds: name at least one seed folder");
+  if ((given.seeds as unknown[]).length > MAX_SEEDS) invalid(`seeds: at most ${MAX_SEEDS} seed folders, not ${(given.seeds as unknown[]).length}`);
+  if (given.output === undefined) invalid("output: name the output folder");
+}
+
 function oneOf<T extends string>(name: string, value: T | undefined, options: readonly T[], fallback: T): T {
   if (value === undefined) return fallback;
-  return options.includes(value) ? value : invalid(`--${name} must be one of ${options.join(", ")}, not "${String(value)}"`);
+  return options.includes(value) ? value : invalid(`${name} must be one of ${options.join(", ")}, not "${String(value)}"`);
 }
 
 function integer(name: string, value: number | undefined, min: number, max: number, fallback: number): number {
   if (value === undefined) return fallback;
-  return Number.isInteger(value) && value >= min && value <= max ? value : invalid(`--${name} must be an integer from ${min} to ${max}, not ${value}`);
+  return Number.isInteger(value) && value >= min && value <= max ? value : invalid(`${name} must be an integer from ${min} to ${max}, not ${value}`);
 }
 
 function fraction(name: string, value: number | undefined, fallback: number, allowOne: boolean): number {
   if (value === undefined) return fallback;
   const ok = Number.isFinite(value) && value >= 0 && (allowOne ? value <= 1 : value < 1);
-  return ok ? value : invalid(`--${name} must be a number from 0 to ${allowOne ? "1" : "below 1"}, not ${value}`);
+  return ok ? value : invalid(`${name} must be a number from 0 to ${allowOne ? "1" : "below 1"}, not ${value}`);
 }
 
 /**
- * Fills in defaults and checks ranges. With one seed (sparse upcycling) the
+ * Fills in defaults and checks ranges (after checkOptions). With one seed (sparse upcycling) the
  * defaults keep the seed's function: merged attention and the seed's own block.
  */
 export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): ResolvedOptions {
-  if (!Array.isArray(options.seeds) || options.seeds.length === 0) invalid("name at least one seed folder");
-  if (typeof options.output !== "string" || options.output === "") invalid("name the output folder (-o DIR)");
+  checkOptions(options);
   const seedCount = options.seeds.length;
   if (options.experts !== undefined && seedCount > 1) {
-    invalid(`--experts is for sparse upcycling from one seed; with ${seedCount} seeds there is one expert per seed`);
+    invalid(`experts is for sparse upcycling from one seed; with ${seedCount} seeds there is one expert per seed`);
   }
   const experts = seedCount === 1 ? integer("experts", options.experts, 1, 256, 1) : seedCount;
-  if (seedCount > 256) invalid(`at most 256 seeds, not ${seedCount}`);
-  const dropRatio = fraction("drop-ratio", options.dropRatio, 0, false);
-  if (dropRatio > 0 && seedCount > 1) invalid("--drop-ratio is Drop-Upcycling from one seed; name a single seed with --experts N");
-  const expertsPerToken = integer("experts-per-token", options.expertsPerToken, 1, experts, 1);
+  const dropRatio = fraction("dropRatio", options.dropRatio, 0, false);
+  if (dropRatio > 0 && seedCount > 1) invalid("dropRatio is Drop-Upcycling from one seed; name a single seed with experts: N");
+  const expertsPerToken = integer("expertsPerToken", options.expertsPerToken, 1, experts, 1);
   const normTopkProb = options.normTopkProb ?? DEFAULT_NORM_TOPK_PROB;
-  if (typeof normTopkProb !== "boolean") invalid(`--norm-topk-prob must be true or false, not ${String(normTopkProb)}`);
+  if (typeof normTopkProb !== "boolean") invalid(`normTopkProb must be true or false, not ${String(normTopkProb)}`);
   const weights = options.weights ?? new Array<number>(seedCount).fill(1);
-  if (weights.length !== seedCount) invalid(`--weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
+  if (weights.length !== seedCount) invalid(`weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
   if (weights.some((w) => !Number.isFinite(w) || w < 0) || weights.every((w) => w === 0)) {
-    invalid("--weights must be non-negative numbers, not all zero");
+    invalid("weights must be non-negative numbers, not all zero");
   }
   const weightSum = weights.reduce((a, b) => a + b, 0);
   // 1e308 + 1e308 overflows: every weight would normalise to 0 and every average to zeros.
-  if (!Number.isFinite(weightSum)) invalid(`--weights add up to ${weightSum}; use smaller numbers (only their ratios matter)`);
+  if (!Number.isFinite(weightSum)) invalid(`weights add up to ${weightSum}; use smaller numbers (only their ratios matter)`);
   const maxShardBytes = typeof options.maxShardSize === "string" ? parseSize(options.maxShardSize) : (options.maxShardSize ?? 5e9);
-  if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1) invalid(`--max-shard-size must be a positive size, not ${String(options.maxShardSize)}`);
+  if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1) invalid(`maxShardSize must be a positive size, not ${String(options.maxShardSize)}`);
   const routerScale = options.routerScale ?? 0.1;
-  if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`--router-scale must be a positive number, not ${routerScale}`);
-  const routerInit = oneOf("router-init", options.routerInit, ROUTER_INITS, "random");
+  if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`routerScale must be a positive number, not ${routerScale}`);
+  const routerInit = oneOf("routerInit", options.routerInit, ROUTER_INITS, "random");
   const fromPrompts = PROMPT_ROUTER_INITS.includes(routerInit);
-  if (fromPrompts && typeof options.prompts !== "string") invalid(`--router-init ${routerInit} needs --prompts FILE (prompts per expert)`);
-  if (!fromPrompts && options.prompts !== undefined) invalid("--prompts goes with --router-init hidden or cheap-embed");
+  if (fromPrompts && typeof options.prompts !== "string") invalid(`routerInit "${routerInit}" needs prompts (a YAML file of prompts per expert)`);
+  if (!fromPrompts && options.prompts !== undefined) invalid('prompts goes with routerInit "hidden" or "cheap-embed"');
   const sharedFrom = options.sharedFrom ?? null;
-  if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0"))) invalid("--shared-from must be a model folder");
-  if (sharedFrom !== null && options.weights !== undefined) invalid("--weights average the shared tensors, --shared-from copies them from one model; give one of them");
+  if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0"))) invalid("sharedFrom must be a model folder");
+  if (sharedFrom !== null && options.weights !== undefined) invalid("weights average the shared tensors, sharedFrom copies them from one model; give one of them");
   const seed = options.seed ?? 0;
-  if (!Number.isSafeInteger(seed) || seed < 0) invalid(`--seed must be a non-negative integer, not ${seed}`);
+  if (!Number.isSafeInteger(seed) || seed < 0) invalid(`seed must be a non-negative integer, not ${seed}`);
   const coefficient = (name: string, value: number | undefined, fallback: number) =>
     value === undefined ? fallback : Number.isFinite(value) && value >= 0 ? value : invalid(`${name} must be a non-negative number, not ${value}`);
   return {
@@ -166,8 +271,8 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     maxShardBytes,
     format: oneOf("format", options.format, OUTPUT_FORMATS, "bam"),
     force: options.force ?? false,
-    routerAuxLossCoef: coefficient("router_aux_loss_coef", options.routerAuxLossCoef, 0.01),
-    routerZLossCoef: coefficient("router_z_loss_coef", options.routerZLossCoef, 0.001),
+    routerAuxLossCoef: coefficient("routerAuxLossCoef", options.routerAuxLossCoef, 0.01),
+    routerZLossCoef: coefficient("routerZLossCoef", options.routerZLossCoef, 0.001),
   };
 }
 
@@ -196,6 +301,38 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
 
 /** A recipe (or a prompts file) is a screenful of options; this is far beyond any. */
 const MAX_RECIPE_BYTES = 16_000_000;
+/** Nesting a recipe or prompts file needs is 3 or 4 levels; the parser and toJS recurse, so depth is bounded before them. */
+const MAX_YAML_DEPTH = 64;
+
+/**
+ * The YAML nesting depth of `text`, bounded before the parser builds and
+ * walks its tree (which recurses): flow collections counted exactly by the
+ * lexer (brackets inside quotes or comments are not tokens), block
+ * collections bounded by a line's indent plus its leading "- " and "? "
+ * indicators, halved since a block level takes at least two columns or one
+ * indicator and a space. Stops at the first line past `limit`.
+ */
+function yamlDepth(text: string, limit: number): number {
+  let flow = 0;
+  let deepest = 0;
+  let lineStart = true;
+  let columns = 0;
+  for (const token of new Lexer().lex(text)) {
+    if (token === "[" || token === "{") flow++;
+    else if ((token === "]" || token === "}") && flow > 0) flow--;
+    if (token === "\n") {
+      lineStart = true;
+      columns = 0;
+    } else if (lineStart && (/^[ \t]+$/.test(token) || token === "-" || token === "?")) {
+      columns += token.length + (token.length === 1 && token !== " " ? 1 : 0);
+    } else {
+      lineStart = false;
+    }
+    deepest = Math.max(deepest, flow + Math.ceil(columns / 2));
+    if (deepest > limit) break;
+  }
+  return deepest;
+}
 
 /**
  * A YAML file from elsewhere (a recipe, --prompts), read strictly: a regular
@@ -208,6 +345,9 @@ export async function readYamlFile(path: string): Promise<unknown> {
     text = await readTextFile(path, MAX_RECIPE_BYTES, "RECIPE_INVALID");
   } catch (error) {
     throw ioError(path, error);
+  }
+  if (yamlDepth(text, MAX_YAML_DEPTH) > MAX_YAML_DEPTH) {
+    throw new BamError("RECIPE_INVALID", `${path}: nested more than ${MAX_YAML_DEPTH} levels deep; a recipe or prompts file needs three or four`);
   }
   try {
     // logLevel "error" keeps toJS quiet about a list or mapping used as a key: it becomes a string,
@@ -244,6 +384,24 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
     options[name] = value;
   }
   return options as Partial<UpcycleOptions>;
+}
+
+/**
+ * A command body whose OPTIONS_INVALID errors are reworded for the command
+ * line: option names as flags (expertsPerToken -> --experts-per-token). The
+ * library speaks to API callers; `bam upcycle` wraps its body in this.
+ */
+export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
+  return (...args) => body(...args).catch((error: unknown) => {
+    if (!isBamError(error, "OPTIONS_INVALID")) throw error;
+    const flags = new Map<string, string>([...Object.entries(RECIPE_KEYS).map(([key, name]) => [name, `--${key}`] as [string, string]), ["force", "--force"]]);
+    const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
+    // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
+    const message = error.message
+      .replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (name) => flags.get(name)!)
+      .replace(/^([a-z]+)(?=[: ])/, (name) => flags.get(name) ?? name);
+    throw new BamError(error.code, message, { cause: error });
+  });
 }
 
 /** The recipe written into the output folder: every resolved option, in recipe keys. */

@@ -9,7 +9,7 @@ import { BamError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
-import type { Seed } from "../arch/index.js";
+import { chatSettingWarnings, type Seed } from "../arch/index.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
 import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
 import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
@@ -254,8 +254,8 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     features,
     moe,
     tensors,
-    summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash))),
-    warnings: planWarnings(features, options, seedCount, attention),
+    summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash)) + seeds.reduce((n, s) => n + s.entryBytes, 0)),
+    warnings: [...planWarnings(features, options, seedCount, attention), ...chatSettingWarnings(seeds)],
   };
 }
 
@@ -297,7 +297,7 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   // Working set: the writer's batches in flight, each with an average's range per source (at most
   // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate,
   // and the kernel's 14 bytes of scratch per element of a batch); a drop's whole matrix in float32 and encoded;
-  // the threads hashing the seeds.
+  // the threads hashing the seeds and the seeds' open tensor entries (hashingBytes holds both).
   const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
   const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + WRITE_BATCH_BYTES * 7);
   return {

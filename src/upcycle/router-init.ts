@@ -94,14 +94,26 @@ export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], prompts
   // The CPU engine loads only here: upcycles without prompts start without it.
   const { loadTokenizer, meanLayerInputs } = await import("../onnx/index.js");
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
-  const tokenize = (prompts: string[]) => prompts.map((p) => tokenizer.encode(p));
+  // Counted before the model runs: a prompt past the model's positions would ask onnxruntime for O(tokens^2) memory.
+  const positions = plan.features.maxPositions;
+  const tokenize = (prompts: string[], where: string) => prompts.map((prompt, i) => {
+    const ids = tokenizer.encode(prompt);
+    if (ids.length === 0 || ids.length > positions) {
+      throw new BamError("RECIPE_INVALID", `${promptsFile}: ${where}[${i}] is ${ids.length} tokens; each prompt must be 1 to ${positions} tokens (the model's positions): shorten or split it`);
+    }
+    return ids;
+  });
+  const tokenized = experts.map((x, e) => ({
+    positive: tokenize(x.positive, `expert ${e}: positive_prompts`),
+    negative: tokenize(x.negative, `expert ${e}: negative_prompts`),
+  }));
   if (plan.options.routerInit === "cheap-embed") {
     const model = averagedModel(plan, seeds);
     const embedding = toFloat32(await model.read("model.embed_tokens.weight"), "F32");
-    const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, experts.map((x) => ({ positive: tokenize(x.positive), negative: tokenize(x.negative) })));
+    const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, tokenized);
     return new Map(plan.tensors.filter((t) => t.operation.kind === "router").map((t) => [t.name, rows]));
   }
-  const lists = experts.flatMap((x) => [tokenize(x.positive), tokenize(x.negative)]).filter((l) => l.length > 0);
+  const lists = tokenized.flatMap((x) => [x.positive, x.negative]).filter((l) => l.length > 0);
   const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal);
   let next = 0;
   const perExpert = experts.map((x) => ({ positive: means[next++]!, negative: x.negative.length > 0 ? means[next++]! : null }));
@@ -163,7 +175,7 @@ function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
   for (const t of first.tensors.values()) {
     const name = denseToBamName(t.name);
     canonical.set(name, t.name);
-    tensors.set(name, { name, shape: t.shape, dtype: "F32" });
+    tensors.set(name, { name, shape: t.shape, dtype: "F32", stored: name });
   }
   const shared = plan.options.sharedFrom === null ? null : sharedIndex(plan.options.seeds, plan.options.sharedFrom);
   const sources = shared === null ? seeds.slice(0, plan.options.seeds.length).map((seed, i) => ({ seed, weight: plan.options.weights[i]! })) : [{ seed: seeds[shared]!, weight: 1 }];

@@ -92,11 +92,13 @@ describe("router init from prompts", () => {
       const seeds = ["base", "code", "math"].map((v) => fixture("llama", v as "base"));
       const output = join(dir, "out");
       const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) => assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
-      await rejects(upcycle({ seeds, output, routerInit: "hidden" }), "OPTIONS_INVALID", /needs --prompts/);
-      await rejects(upcycle({ seeds, output, prompts: await promptsFile(dir) }), "OPTIONS_INVALID", /--prompts goes with --router-init hidden/);
+      await rejects(upcycle({ seeds, output, routerInit: "hidden" }), "OPTIONS_INVALID", /needs prompts/);
+      await rejects(upcycle({ seeds, output, prompts: await promptsFile(dir) }), "OPTIONS_INVALID", /prompts goes with routerInit "hidden"/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, EXPERTS.slice(0, 2)) }), "RECIPE_INVALID", /lists 2 experts; the model has 3/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: [] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts must be a non-empty list/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive: ["x"] }]) }), "RECIPE_INVALID", /unknown key "positive"/);
+      // Counted in tokens before any model runs: past the 128 positions of the fixtures is refused by name.
+      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: ["word ".repeat(20_000)] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts\[0\] is \d+ tokens; each prompt must be 1 to 128 tokens/);
       await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: join(dir, "none.yaml") }), "IO_ERROR", /none\.yaml: no such file/);
       const tagged = join(dir, "tagged.yaml");
       await writeFile(tagged, "experts: !!python/object/apply:os.system [echo]\n");

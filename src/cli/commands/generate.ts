@@ -1,5 +1,5 @@
 import type { CommandModule } from "yargs";
-import { BamError } from "../../errors.js";
+import { BamError, isBamError } from "../../errors.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
@@ -29,21 +29,26 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       .example("$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40", "greedy continuation"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
-      const maxNewTokens = args["max-new-tokens"];
-      if (!Number.isInteger(maxNewTokens) || maxNewTokens < 1) throw new BamError("OPTIONS_INVALID", `--max-new-tokens must be a positive integer, not ${maxNewTokens}`);
-      if (!(args.temperature >= 0) || !Number.isFinite(args.temperature)) throw new BamError("OPTIONS_INVALID", `--temperature must be 0 or more, not ${args.temperature}`);
-      if (!(args["top-p"] > 0 && args["top-p"] <= 1)) throw new BamError("OPTIONS_INVALID", `--top-p must be in (0, 1], not ${args["top-p"]}`);
-      if (args.seed !== undefined && !(Number.isSafeInteger(args.seed) && args.seed >= 0)) throw new BamError("OPTIONS_INVALID", `--seed must be a non-negative integer, not ${args.seed}`);
-      const { generateText, prepareOnnx } = await onnxEngine();
-      const bar = progressBar("exporting", "bytes");
-      const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
-      if (prepared.built) bar.finish();
-      const result = await generateText(prepared.folder, args.prompt, {
-        maxNewTokens,
+      const settings = {
+        maxNewTokens: args["max-new-tokens"],
         temperature: args.temperature,
         topP: args["top-p"],
         seed: args.seed ?? null,
-        onText: args.json ? undefined : (text) => process.stdout.write(text),
+        signal,
+        onText: args.json ? undefined : (text: string) => process.stdout.write(text),
+      };
+      const { checkGeneration, generateText, prepareOnnx } = await onnxEngine();
+      // The library's checks, before an export that can take minutes, in the words of the flags.
+      try {
+        checkGeneration(args.prompt, settings);
+      } catch (error) {
+        throw isBamError(error) ? new BamError(error.code, flagNames(error.message)) : error;
+      }
+      const bar = progressBar("exporting", "bytes");
+      const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
+      if (prepared.built) bar.finish();
+      const result = await generateText(prepared.folder, args.prompt, settings).catch((error: unknown) => {
+        throw isBamError(error, "OPTIONS_INVALID") ? new BamError(error.code, flagNames(error.message)) : error;
       });
       if (args.json) {
         printJson({ model: args.dir, prompt: args.prompt, text: result.text, promptIds: result.promptIds, newIds: result.newIds, seconds: result.seconds });
@@ -53,3 +58,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       process.stderr.write(`bam: ${result.newIds.length} tokens in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`);
     }),
 };
+
+/** The library names settings as the API does; the CLI user typed flags. */
+const FLAGS: Readonly<Record<string, string>> = { prompt: "--prompt", maxNewTokens: "--max-new-tokens", temperature: "--temperature", topP: "--top-p", seed: "--seed" };
+const flagNames = (message: string) => message.replace(/\b(prompt|maxNewTokens|temperature|topP|seed)\b/g, (name) => FLAGS[name]!);

@@ -1,7 +1,7 @@
 import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
-import { DEFAULT_NORM_TOPK_PROB, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
+import { DEFAULT_NORM_TOPK_PROB, inFlagWords, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
 import { planUpcycle, readRecipe, upcycle, type DownloadProgress, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar, type ProgressBar } from "../progress.js";
 import { numberFlag, printJson, runCommand } from "../run.js";
@@ -73,7 +73,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .example("$0 upcycle --recipe recipe.yaml --dry-run", "show the plan of a recipe")
       .example("$0 upcycle --recipe mergekit-moe.yml -o moe", "a mergekit-moe config as the recipe"),
   handler: (args) =>
-    runCommand(async ({ signal }) => {
+    runCommand(inFlagWords(async ({ signal }) => {
       const options = await optionsFrom(args);
       const onDownload = downloadBars();
       if (args["dry-run"]) {
@@ -95,7 +95,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
         `wrote ${result.output}: ${result.plan.summary.experts} experts, attention ${result.plan.summary.attention}, ${result.plan.summary.block} block; ` +
           `${result.files.length} shard(s), ${formatBytes(result.bytesWritten)} in ${formatDuration(result.seconds)} (${formatBytes(result.bytesWritten / Math.max(result.seconds, 1e-3))}/s)\n`,
       );
-    }),
+    })),
 };
 
 async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
