@@ -19,7 +19,7 @@ export class OnnxSession {
     const ort = await import("onnxruntime-node");
     let session: Ort.InferenceSession;
     try {
-      session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 3 });
+      session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 4 });
     } catch (error) {
       throw new BamError("IO_ERROR", `${modelFile}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]})`, { cause: error });
     }

@@ -110,7 +110,7 @@ export async function generateText(folder: string, prompt: string, settings: Gen
   if (signal?.aborted) throw interrupted();
   let model;
   try {
-    model = await AutoModelForCausalLM.from_pretrained(resolve(folder), { local_files_only: true, device: "cpu", dtype: "fp32", session_options: { logSeverityLevel: 3 } });
+    model = await AutoModelForCausalLM.from_pretrained(resolve(folder), { local_files_only: true, device: "cpu", dtype: "fp32", session_options: { logSeverityLevel: 4 } });
   } catch (error) {
     throw new BamError("IO_ERROR", `${folder}: transformers.js cannot load the model (${firstLine(error)})`, { cause: error });
   }

@@ -99,7 +99,7 @@ test("bam upcycle words the library's option errors as flags", async () => {
     [["--router-scale", "-1"], /^bam: --router-scale must be a positive number, not -1$/],
   ] as const) {
     const run = await runCli(["upcycle", ...seeds.slice(0, 2), "-o", join(root, "flags"), ...args]);
-    assert.equal(run.code, 1, run.stderr);
+    assert.equal(run.code, 2, run.stderr); // OPTIONS_INVALID: bad usage
     assert.match(run.stderr.trim(), message);
   }
 });

@@ -69,7 +69,7 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
     [["--prompt", "hello", "--max-new-tokens", "1e12"], /^bam: --prompt \(\d+ tokens\) and --max-new-tokens \(1000000000000\) exceed the 128 positions/],
   ] as const) {
     const run = await runCli(["generate", model, ...args], { env });
-    assert.equal(run.code, 1, run.stderr);
+    assert.equal(run.code, 2, run.stderr); // OPTIONS_INVALID: bad usage
     const lines = run.stderr.split("\n").filter((line) => line !== "" && !line.startsWith("exporting"));
     assert.equal(lines.length, 1, run.stderr);
     assert.match(lines[0]!, message);

@@ -55,7 +55,7 @@ test("the recipe carries the gate, and a recipe's value must be a boolean", () =
     const text = join(dir, "text.yaml");
     await writeFile(text, `seeds: [${llama()}, ${llama()}]\nnorm-topk-prob: "no"\n`);
     await assert.rejects(planUpcycle({ ...(await readRecipe(text)), output: join(dir, "x") } as UpcycleOptions), (error: unknown) =>
-      isBamError(error, "OPTIONS_INVALID") && /--norm-topk-prob must be true or false, not no/.test((error as Error).message));
+      isBamError(error, "OPTIONS_INVALID") && /normTopkProb must be true or false, not the string "no"/.test((error as Error).message));
   }));
 
 test("a BAM config without norm_topk_prob renormalises (folders written before the key); a non-boolean is refused", () =>
