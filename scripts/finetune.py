@@ -24,9 +24,10 @@ Outputs under --out (a new folder, or a run to continue with --resume, or to sta
                     tokens/s, MFU) and one per held-out evaluation (NLL and perplexity per domain; step 0 first)
   train_args.json   the arguments, model size and FLOPs per token (formula: scripts/bamtrain/metrics.py)
   checkpoints/      every --save-every steps (DCP: resumes at any world size); --resume continues exactly
-  final/            the trained model: a BAM folder (docs/format.md tensor names, config.json, modeling_bam.py,
-                    tokenizer, a README.md saying what was trained) for from_pretrained(...,
-                    trust_remote_code=True), `bam inspect`, `bam eval`
+  final/            the trained model in the input's format: a BAM folder (docs/format.md tensor names,
+                    config.json, modeling_bam.py, tokenizer, a README.md saying what was trained) for
+                    from_pretrained(..., trust_remote_code=True), `bam inspect`, `bam eval`; or, from a
+                    mixtral / qwen3_moe folder (`bam upcycle --format`), that format, for stock transformers
   tensorboard/      the same numbers for TensorBoard, when torch.utils.tensorboard imports
   train_curves.png  loss and expert load (when matplotlib is installed)
 
@@ -82,7 +83,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=HelpFormatter,
                                 epilog="docs/finetune.md: the run folder, resuming, and what each check refuses.")
     a = p.add_argument_group("model and data")
-    a.add_argument("--model", required=True, help="BAM folder (bam upcycle's output, or a final/ of this script)")
+    a.add_argument("--model", required=True, help="BAM, mixtral or qwen3_moe folder (bam upcycle's output, or a "
+                                                  "final/ of this script); final/ keeps its format")
     a.add_argument("--data", required=True, nargs="+", metavar="NAME=PATH[,PATH][:W]",
                    help="training domains (weight 0: held-out evaluation only)")
     a.add_argument("--eval-data", nargs="*", default=[], metavar="NAME=PATH",
@@ -539,6 +541,7 @@ def model_card(args, config, t, schedule, layers):
              f"AdamW, learning rate warm-up over {schedule['warmup']} step(s) to {schedule['peak']:g}, then cosine to "
              f"{schedule['min_ratio']:g} of it at step {schedule['total']}.", "", "## Data", "",
              "| domain | files | weight |", "|---|---|---|"]
+    from bamtrain import folder
     from bamtrain.data import parse_spec
 
     for spec in t["data"]:
@@ -552,7 +555,9 @@ def model_card(args, config, t, schedule, layers):
     if t["held_out"]:
         lines += ["", "## Held-out", "", "| domain | NLL | perplexity |", "|---|---|---|"]
         lines += [f"| {k} | {v['nll']:.4f} | {v['ppl']:.2f} |" for k, v in t["held_out"].items()]
-    lines += ["", "Load it with `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`;",
+    load = ("`AutoModelForCausalLM.from_pretrained(folder)` (stock transformers, no remote code)"
+            if folder.native_format(args.model) else "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`")
+    lines += ["", f"Load it with {load};",
               "`training.json` holds these numbers, and the run folder's `train_log.jsonl` every step.", ""]
     return "\n".join(lines)
 
