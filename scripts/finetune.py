@@ -7,8 +7,8 @@
 
 docs/finetune.md describes the run folder, resuming, interrupting and every check; in short:
 
-Data: --data NAME=PATH[,PATH...][:WEIGHT] per domain; .npy / .bin token ids, .txt / .jsonl text
-(tokenised with the folder's tokenizer.json), or directories of them; weights are relative (omitted: 1;
+Data: --data NAME=PATH[,PATH...][:WEIGHT] per domain; .npy / .bin token ids, .txt / .jsonl / .jsonl.gz /
+.parquet text (tokenised with the folder's tokenizer.json), or directories of them; weights are relative (omitted: 1;
 0: evaluated, never trained on). Every file is checked before the first step (ids inside the vocabulary,
 .bin width, .jsonl fields). See scripts/bamtrain/data.py for packing, the mixture order and the held-out split.
 
@@ -95,7 +95,7 @@ def parse_args(argv=None):
     a.add_argument("--bin-dtype", choices=["uint16", "uint32"], default=None,
                    help=".bin token width (default: a meta.json beside the file, else uint16 when the vocabulary fits)")
     a.add_argument("--eos-id", type=int, default=None, help="document separator (default: the config's eos_token_id)")
-    a.add_argument("--text-key", default="text", help="field of .jsonl documents")
+    a.add_argument("--text-key", default="text", help="field of .jsonl / .jsonl.gz documents, column of .parquet")
     a = p.add_argument_group("batch and schedule")
     a.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     a.add_argument("--micro-batch", type=int, default=4, help="sequences per forward, per process")
