@@ -706,6 +706,48 @@ class TestModelPieces(unittest.TestCase):
             self.assertTrue(torch.autograd.gradcheck(lambda t: mb.apply_rope(t, cos.double(), sin.double(), style), (x,)))
 
 
+@unittest.skipUnless(HAS_CLI, NO_CLI)
+class TestSpeedDefaults(unittest.TestCase):
+    def test_compile_is_on_by_default_on_cuda_only(self):
+        base = ["--model", "m", "--data", "d.npy", "--out", "o"]
+        self.assertEqual([finetune.parse_args(base + flag).compile for flag in ([], ["--compile"], ["--no-compile"])],
+                         [None, True, False])
+        warnings = []
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+        with mock.patch.object(finetune, "compile_problem", return_value=None):
+            self.assertEqual([finetune.use_compile(flag, torch, dev, warnings.append)
+                              for flag in (None, True, False) for dev in (cpu, cuda)],
+                             [False, True, True, True, False, False])
+        with mock.patch.object(finetune, "compile_problem", return_value="no triton"):
+            self.assertFalse(finetune.use_compile(None, torch, cuda, warnings.append))  # the default falls back
+            self.assertEqual(warnings, ["warning: no triton; training without torch.compile (--no-compile silences this)"])
+            with self.assertRaisesRegex(BamTrainError, "--compile: no triton; run without --compile"):
+                finetune.use_compile(True, torch, cuda, warnings.append)
+
+    def test_logged_mfu_is_the_benchmarks(self):
+        """finetune.py and bench/train/bench_train.py count the same FLOPs per token for a folder and turn
+        tokens/s into MFU by one formula (metrics.mfu), checked here against tokens/s x FLOPs / peak."""
+        import bench_train
+
+        out, peak = os.path.join(TMP, "mfu-run"), 1e12
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(finetune.main(["--model", BAM, "--out", out, "--data", f"{TMP}/code.npy"] + COMMON
+                                           + SHORT + ["--peak-flops", str(peak)]), 0)
+            res = bench_train.main(["--out", os.path.join(TMP, "mfu-bench"), "--tiny", "--model", BAM, "--rows", "bam",
+                                    "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--profile", "",
+                                    "--peak-flops", str(peak)])
+        train_args = read_json(os.path.join(out, "train_args.json"))
+        self.assertFalse(train_args["compile"])  # CPU: eager by default
+        row = res["rows"][0]
+        self.assertEqual(row["flops_per_token"], train_args["flops_per_token"])
+        self.assertAlmostEqual(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / peak, delta=1e-12)
+        steps = [r for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl")) if "loss" in r]
+        self.assertEqual(len(steps), 4)
+        for r in steps:
+            self.assertAlmostEqual(r["mfu"], r["tokens_per_s"] * train_args["flops_per_token"] / peak, delta=1e-12)
+        self.assertIsNone(metrics.mfu(1e3, 1e9, None))
+
+
 class TestBenchmark(unittest.TestCase):
     def test_tiny_benchmark_runs_and_backs_off_on_oom(self):
         """bench_train.py --tiny on CPU: every row measured, the JSON written, and a micro-batch that runs
