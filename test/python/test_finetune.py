@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -746,6 +747,43 @@ class TestSpeedDefaults(unittest.TestCase):
         for r in steps:
             self.assertAlmostEqual(r["mfu"], r["tokens_per_s"] * train_args["flops_per_token"] / peak, delta=1e-12)
         self.assertIsNone(metrics.mfu(1e3, 1e9, None))
+
+
+@unittest.skipUnless(HAS_CLI and HAS_TOKENIZERS, "needs the CLI's BAM folder and the tokenizers package")
+class TestReadme(unittest.TestCase):
+    def test_the_readme_one_liners_run_as_written(self):
+        """The README's one-GPU and torchrun lines parse as written; the one-GPU line trains on CPU in a folder
+        holding bam3, web.txt and code.txt, with only sizes appended (steps, batch, sequence length)."""
+        with open(os.path.join(REPO, "README.md")) as f:
+            section = f.read().split("## Fine-tuning on GPUs")[1].split("\n## ")[0]
+        lines = [line.strip() for line in section.splitlines() if "scripts/finetune.py --model" in line]
+        self.assertEqual([line.split()[0] for line in lines], ["python", "torchrun"])
+        script = "node_modules/bam-upcycle/scripts/finetune.py"  # where npm installs it: what the lines name
+        argv = [shlex.split(line) for line in lines]
+        for words in argv:
+            self.assertIn(script, words)
+        one_gpu = argv[0][argv[0].index(script) + 1 :]
+        self.assertEqual(one_gpu, argv[1][argv[1].index(script) + 1 :])  # the same run
+        args = finetune.parse_args(one_gpu)
+        self.assertIsNone(args.compile)  # the CUDA default
+        cwd = tempfile.mkdtemp(dir=TMP)
+        shutil.copytree(BAM, os.path.join(cwd, args.model))
+        for spec in args.data:
+            name, paths, _ = data.parse_spec(spec)
+            with open(os.path.join(cwd, paths[0]), "w") as f:
+                f.write(f"A {name} document, written for the README test. " * 30)
+        sizes = ["--steps", "2", "--global-batch", "4", "--micro-batch", "2", "--seq-len", "32", "--eval-blocks", "2",
+                 "--no-plot"]
+        here = os.getcwd()
+        os.chdir(cwd)  # (contextlib.chdir is Python 3.11+)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(finetune.main(one_gpu + sizes), 0)
+        finally:
+            os.chdir(here)
+        log = metrics.read_jsonl(os.path.join(cwd, args.out, "train_log.jsonl"))
+        self.assertEqual(sorted(log[0]["eval"]), ["code", "web"])
+        self.assertTrue(os.path.exists(os.path.join(cwd, args.out, "final", "model.safetensors")))
 
 
 class TestBenchmark(unittest.TestCase):
