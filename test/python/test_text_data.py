@@ -4,9 +4,7 @@ token with the same documents as .jsonl; damaged files and a missing parquet lib
 The parquet round trip skips where pyarrow is not installed (requirements.txt does not pin it).
 """
 
-import contextlib
 import gzip
-import io
 import json
 import os
 import shutil
