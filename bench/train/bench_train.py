@@ -279,8 +279,8 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
     peak = metrics.peak_flops(device, args.peak_flops)
     row = dict(row=name, model=spec["model"], expert_impl=spec["impl"], compiled=spec["compile"], micro_batch=chosen,
                seq_len=T, tokens_per_step=tokens, step_ms=1e3 * dt, tokens_per_s=tokens / dt,
-               mfu=tokens / dt * fl["flops_per_token"] / peak if peak else None,
-               mfu_causal=tokens / dt * fl["flops_per_token_causal"] / peak if peak else None,
+               mfu=metrics.mfu(tokens / dt, fl["flops_per_token"], peak),
+               mfu_causal=metrics.mfu(tokens / dt, fl["flops_per_token_causal"], peak),
                flops_per_token=fl["flops_per_token"], active_matmul_params=fl["active_matmul_params"],
                params=metrics.count_params(model), first_step_s=t_first,
                peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,

@@ -3,6 +3,7 @@ python/modeling_bam.py knows nothing of what is here):
 
     folder.py    BAM model folders: validated safetensors read/write (the `safetensors` package where
                  installed), load into the pure-torch model, atomic save with the docs/format.md tensor names
+    native.py    native mixtral / qwen3_moe folders: one table of tensor names and config keys, both ways
     data.py      token sources (.bin/.npy/.txt/.jsonl), packing into fixed-length blocks, the domain
                  mixture with a resumable position, held-out blocks per domain
     parallel.py  process group, devices, FSDP2 (`fully_shard` per block, then the root), collectives

@@ -6,7 +6,10 @@ concatenated into one token stream, an EOS between files:
   .bin          raw token ids, uint16 (vocab <= 65536) or uint32 (--bin-dtype, or the "dtype" of a meta.json
                 beside the file, as scripts/data writes), memory-mapped (nanoGPT's format)
   .txt          one document per file, tokenised with the model folder's tokenizer.json (`tokenizers` package)
-  .jsonl        one document per line, its "text" field, tokenised the same way
+  .jsonl        one document per line, its "text" field (--text-key), tokenised the same way; .jsonl.gz the
+                same, gzip-compressed
+  .parquet      one document per row, its "text" column (--text-key), tokenised the same way (pyarrow, or
+                pandas with a parquet engine)
   a directory   every such file under it, sorted by path
 Text documents are tokenised without special tokens and each is followed by EOS (packing: documents
 concatenated, separated by EOS, cut into fixed-length blocks; the tail shorter than a block is dropped).
@@ -29,6 +32,7 @@ checkpoints: resuming continues the same stream.
 """
 
 import glob
+import gzip
 import json
 import os
 import re
@@ -39,7 +43,7 @@ import torch
 from . import BamTrainError
 
 TOKEN_EXTS = (".npy", ".bin")
-TEXT_EXTS = (".txt", ".jsonl")
+TEXT_EXTS = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _FLOAT = re.compile(r"-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 SCAN_CHUNK = 1 << 24  # tokens per min/max pass of the start-up check (bounded memory on large files)
 
@@ -102,7 +106,8 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as HfTokenizer
             except ImportError as e:
-                raise BamTrainError("text data (.txt, .jsonl) needs the `tokenizers` package (pip install tokenizers); "
+                raise BamTrainError("text data (.txt, .jsonl, .parquet) needs the `tokenizers` package (pip install "
+                                    "tokenizers); "
                                     "or give token ids as .npy/.bin") from e
             if not os.path.exists(self.path):
                 raise BamTrainError(f"{self.path}: text data needs the model folder's tokenizer.json")
@@ -111,24 +116,67 @@ class Tokenizer:
 
 
 def read_documents(path, text_key="text"):
+    """-> the documents (strings) of a text file: .txt whole, .jsonl / .jsonl.gz per line, .parquet per row."""
     if path.endswith(".txt"):
         with open(path, encoding="utf-8") as f:
             return [f.read()]
+    if path.endswith(".parquet"):
+        return read_parquet(path, text_key)
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError as e:
-                raise BamTrainError(f"{path}: line {n} is not JSON ({e})") from e
-            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
-                keys = ", ".join(doc) if isinstance(doc, dict) else "none"
-                raise BamTrainError(f"{path}: line {n} has no string field {text_key!r} (its keys: {keys}); "
-                                    "name the field with --text-key")
-            docs.append(doc[text_key])
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError as e:
+                    raise BamTrainError(f"{path}: line {n} is not JSON ({e})") from e
+                if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
+                    keys = ", ".join(doc) if isinstance(doc, dict) else "none"
+                    raise BamTrainError(f"{path}: line {n} has no string field {text_key!r} (its keys: {keys}); "
+                                        "name the field with --text-key")
+                docs.append(doc[text_key])
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError; EOFError: cut off
+        raise BamTrainError(f"{path}: not readable {'gzip ' if opener is gzip.open else ''}text ({e})") from e
     return docs
+
+
+def read_parquet(path, text_key):
+    """A parquet file's `text_key` column as documents: pyarrow where installed, else pandas (which needs
+    pyarrow or fastparquet itself); neither: one line saying what to install."""
+    missing = (f"{path}: .parquet data needs pyarrow (pip install pyarrow); or give the text as .jsonl / .jsonl.gz")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        pq = None
+    try:
+        if pq is not None:
+            table = pq.read_table(path)
+            columns = table.column_names
+            texts = table.column(text_key).to_pylist() if text_key in columns else None
+        else:
+            try:
+                import pandas as pd
+            except ImportError as e:
+                raise BamTrainError(missing) from e
+            frame = pd.read_parquet(path)
+            columns = [str(c) for c in frame.columns]
+            texts = frame[text_key].tolist() if text_key in frame.columns else None
+    except ImportError as e:  # pandas without a parquet engine
+        raise BamTrainError(missing) from e
+    except BamTrainError:
+        raise
+    except Exception as e:  # noqa: BLE001  (each library has its own error types for a damaged file)
+        raise BamTrainError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e!r})") from e
+    if texts is None:
+        raise BamTrainError(f"{path}: no column {text_key!r} (its columns: {', '.join(columns)}); name the column "
+                            "with --text-key")
+    for n, text in enumerate(texts, 1):
+        if not isinstance(text, str):
+            raise BamTrainError(f"{path}: row {n} of column {text_key!r} is {type(text).__name__}, not text")
+    return texts
 
 
 class Stream:

@@ -1,6 +1,7 @@
 """BAM model folders (docs/format.md): read and write safetensors, build the pure-torch model from a
 folder, and save a trained model back as a folder that `from_pretrained(..., trust_remote_code=True)`,
-`bam inspect` and `bam eval` read.
+`bam inspect` and `bam eval` read. Native `mixtral` and `qwen3_moe` folders (`bam upcycle --format`) are
+read into the same model and saved back in their own format (bamtrain/native.py holds the mapping).
 
 Every file is validated before it is trusted, as src/safetensors/reader.ts and checkpoint.ts do: the
 header's length against the file, UTF-8 JSON without repeated keys, each entry's dtype, shape and
@@ -24,7 +25,7 @@ import struct
 
 import torch
 
-from . import PYTHON_DIR, BamTrainError
+from . import PYTHON_DIR, BamTrainError, native
 from modeling_bam import BamForCausalLMCore  # noqa: E402  (python/ is on sys.path: see __init__)
 
 try:  # the reference implementation, where installed (requirements.txt pins it); plain reads otherwise
@@ -302,11 +303,17 @@ def first_non_finite(named_tensors):
 def load_model(folder, device="cpu", overrides=None):
     """-> (BamForCausalLMCore in float32 on device, the config dict with overrides applied, stored dtype)."""
     config = read_config(folder)
-    if config.get("model_type") != "bam":
-        raise BamTrainError(f"{folder}: model_type is {config.get('model_type')!r}, not 'bam'; build a BAM folder "
-                            "with `bam upcycle` first (a dense seed is `bam upcycle seed -o out --experts 1`)")
+    fmt = config.get("model_type")
+    if fmt in native.FORMATS:
+        config = native.to_bam_config(fmt, config, os.path.join(folder, "config.json"))
+    elif fmt != "bam":
+        raise BamTrainError(f"{folder}: model_type is {fmt!r}, not 'bam'; build a BAM folder with `bam upcycle` first "
+                            "(a dense seed is `bam upcycle seed -o out --experts 1`; `--format mixtral|qwen3-moe` "
+                            "folders are read too)")
     config.update(overrides or {})
     state = read_weights(folder)
+    if fmt in native.FORMATS:
+        state = native.to_bam_state(fmt, state)
     bad = first_non_finite(state.items())
     if bad:
         raise BamTrainError(f"{folder}: tensor {bad!r} holds NaN or Inf values; the weights are damaged "
@@ -317,8 +324,9 @@ def load_model(folder, device="cpu", overrides=None):
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
+        layout = f"{fmt} layout of `bam upcycle --format`" if fmt in native.FORMATS else "BAM layout (docs/format.md)"
         raise BamTrainError(f"{folder}: tensors missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
-                            "not a folder of this version's BAM layout (docs/format.md)")
+                            f"not a folder of this version's {layout}")
     return model, config, dtype
 
 
@@ -378,19 +386,32 @@ def write_error(path, error, what):
     return BamTrainError(f"{path}: cannot write {what}: {reason}")
 
 
+def native_format(folder):
+    """The source folder's native format ('mixtral', 'qwen3_moe'), or None for a BAM folder (or none)."""
+    fmt = read_config(folder).get("model_type") if folder else None
+    return fmt if fmt in native.FORMATS else None
+
+
 def save_folder(out, state, config, source=None, dtype=torch.float32, max_shard_bytes=5 * 10**9, extra=None):
-    """Writes a BAM folder atomically (into out.tmp, then replace_folder): safetensors with the docs/format.md
-    names in `dtype` (lm_head left out when tied), config.json (the source's keys, updated), the model's
-    python files from python/, the source folder's tokenizer and generation files, and `extra`
+    """Writes a model folder atomically (into out.tmp, then replace_folder) in the source folder's format: a
+    BAM folder (safetensors with the docs/format.md names, the model's python files from python/) or, for a
+    native source, that format's tensor names and config.json (the source's, with the mapped keys updated),
+    no remote code. Weights in `dtype` (lm_head left out when tied), the source folder's tokenizer and
+    generation files, and `extra`
     {file name: text} (written last: a README.md there replaces the source's). state: {name: tensor}
     full (unsharded) tensors. A failed write (disk full) removes out.tmp and leaves `out` as it was."""
     tmp = _staging(out)
+    fmt = native_format(source)
     recover_folder(out)
     try:
         os.makedirs(tmp)
         tied = bool(config.get("tie_word_embeddings"))
+        state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
+        if fmt:
+            state = native.to_native_state(fmt, state)
+            config = native.to_native_config(fmt, config, read_config(source))
         tensors = [(k, v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-                   for k, v in state.items() if not (tied and k == "lm_head.weight")]
+                   for k, v in state.items()]
         write_sharded(tmp, tensors, max_shard_bytes)
         config = dict(config)
         config["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(dtype, "float32")
@@ -398,7 +419,7 @@ def save_folder(out, state, config, source=None, dtype=torch.float32, max_shard_
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
-        for file in ("configuration_bam.py", "modeling_bam.py"):
+        for file in () if fmt else ("configuration_bam.py", "modeling_bam.py"):
             shutil.copyfile(os.path.join(PYTHON_DIR, file), os.path.join(tmp, file))
         if source:
             for entry in sorted(os.listdir(source)):

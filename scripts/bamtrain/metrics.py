@@ -54,6 +54,11 @@ def model_flops(c, seq_len):
                 attention_score_flops_per_token=attn_scores)
 
 
+def mfu(tokens_per_s, flops_per_token, peak, world=1):
+    """Model FLOPs utilisation: the one formula of finetune.py's log and bench/train (None without a peak)."""
+    return tokens_per_s * flops_per_token / (peak * world) if peak else None
+
+
 def count_params(model):
     seen, n = set(), 0
     for p in model.parameters():

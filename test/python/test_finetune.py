@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -704,6 +705,85 @@ class TestModelPieces(unittest.TestCase):
             cos, sin = mb.rope_cos_sin(c, torch.arange(5)[None].expand(2, 5))
             x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
             self.assertTrue(torch.autograd.gradcheck(lambda t: mb.apply_rope(t, cos.double(), sin.double(), style), (x,)))
+
+
+@unittest.skipUnless(HAS_CLI, NO_CLI)
+class TestSpeedDefaults(unittest.TestCase):
+    def test_compile_is_on_by_default_on_cuda_only(self):
+        base = ["--model", "m", "--data", "d.npy", "--out", "o"]
+        self.assertEqual([finetune.parse_args(base + flag).compile for flag in ([], ["--compile"], ["--no-compile"])],
+                         [None, True, False])
+        warnings = []
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+        with mock.patch.object(finetune, "compile_problem", return_value=None):
+            self.assertEqual([finetune.use_compile(flag, torch, dev, warnings.append)
+                              for flag in (None, True, False) for dev in (cpu, cuda)],
+                             [False, True, True, True, False, False])
+        with mock.patch.object(finetune, "compile_problem", return_value="no triton"):
+            self.assertFalse(finetune.use_compile(None, torch, cuda, warnings.append))  # the default falls back
+            self.assertEqual(warnings, ["warning: no triton; training without torch.compile (--no-compile silences this)"])
+            with self.assertRaisesRegex(BamTrainError, "--compile: no triton; run without --compile"):
+                finetune.use_compile(True, torch, cuda, warnings.append)
+
+    def test_logged_mfu_is_the_benchmarks(self):
+        """finetune.py and bench/train/bench_train.py count the same FLOPs per token for a folder and turn
+        tokens/s into MFU by one formula (metrics.mfu), checked here against tokens/s x FLOPs / peak."""
+        import bench_train
+
+        out, peak = os.path.join(TMP, "mfu-run"), 1e12
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.assertEqual(finetune.main(["--model", BAM, "--out", out, "--data", f"{TMP}/code.npy"] + COMMON
+                                           + SHORT + ["--peak-flops", str(peak)]), 0)
+            res = bench_train.main(["--out", os.path.join(TMP, "mfu-bench"), "--tiny", "--model", BAM, "--rows", "bam",
+                                    "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--profile", "",
+                                    "--peak-flops", str(peak)])
+        train_args = read_json(os.path.join(out, "train_args.json"))
+        self.assertFalse(train_args["compile"])  # CPU: eager by default
+        row = res["rows"][0]
+        self.assertEqual(row["flops_per_token"], train_args["flops_per_token"])
+        self.assertAlmostEqual(row["mfu"], row["tokens_per_s"] * row["flops_per_token"] / peak, delta=1e-12)
+        steps = [r for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl")) if "loss" in r]
+        self.assertEqual(len(steps), 4)
+        for r in steps:
+            self.assertAlmostEqual(r["mfu"], r["tokens_per_s"] * train_args["flops_per_token"] / peak, delta=1e-12)
+        self.assertIsNone(metrics.mfu(1e3, 1e9, None))
+
+
+@unittest.skipUnless(HAS_CLI and HAS_TOKENIZERS, "needs the CLI's BAM folder and the tokenizers package")
+class TestReadme(unittest.TestCase):
+    def test_the_readme_one_liners_run_as_written(self):
+        """The README's one-GPU and torchrun lines parse as written; the one-GPU line trains on CPU in a folder
+        holding bam3, web.txt and code.txt, with only sizes appended (steps, batch, sequence length)."""
+        with open(os.path.join(REPO, "README.md")) as f:
+            section = f.read().split("## Fine-tuning on GPUs")[1].split("\n## ")[0]
+        lines = [line.strip() for line in section.splitlines() if "scripts/finetune.py --model" in line]
+        self.assertEqual([line.split()[0] for line in lines], ["python", "torchrun"])
+        script = "node_modules/bam-upcycle/scripts/finetune.py"  # where npm installs it: what the lines name
+        argv = [shlex.split(line) for line in lines]
+        for words in argv:
+            self.assertIn(script, words)
+        one_gpu = argv[0][argv[0].index(script) + 1 :]
+        self.assertEqual(one_gpu, argv[1][argv[1].index(script) + 1 :])  # the same run
+        args = finetune.parse_args(one_gpu)
+        self.assertIsNone(args.compile)  # the CUDA default
+        cwd = tempfile.mkdtemp(dir=TMP)
+        shutil.copytree(BAM, os.path.join(cwd, args.model))
+        for spec in args.data:
+            name, paths, _ = data.parse_spec(spec)
+            with open(os.path.join(cwd, paths[0]), "w") as f:
+                f.write(f"A {name} document, written for the README test. " * 30)
+        sizes = ["--steps", "2", "--global-batch", "4", "--micro-batch", "2", "--seq-len", "32", "--eval-blocks", "2",
+                 "--no-plot"]
+        here = os.getcwd()
+        os.chdir(cwd)  # (contextlib.chdir is Python 3.11+)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.assertEqual(finetune.main(one_gpu + sizes), 0)
+        finally:
+            os.chdir(here)
+        log = metrics.read_jsonl(os.path.join(cwd, args.out, "train_log.jsonl"))
+        self.assertEqual(sorted(log[0]["eval"]), ["code", "web"])
+        self.assertTrue(os.path.exists(os.path.join(cwd, args.out, "final", "model.safetensors")))
 
 
 class TestBenchmark(unittest.TestCase):
