@@ -18,7 +18,8 @@ in float32), load-balance 0.01 and z-loss 1e-3 from the folder's config.
 Outputs under --out:
   train_log.jsonl   one record per step (loss, NLL, load-balance and z losses, per-layer FFN expert load
                     and attention router weights with their entropies, grad norm, lr, tokens/s, MFU) and
-                    one per held-out evaluation (NLL and perplexity per domain)
+                    one per held-out evaluation (NLL and perplexity per domain; with --eval-data on one process,
+                    also per-domain routing and the routers' LM-loss gradient norms: bamtrain/routing.py)
   train_args.json   the arguments, model size and FLOPs per token (formula: scripts/bamtrain/metrics.py)
   checkpoints/      every --save-every steps (DCP: resumes at any world size); --resume continues exactly
   final/            the trained model: a BAM folder (BAM.md tensor names, config.json, modeling_bam.py,
@@ -48,7 +49,7 @@ import torch  # noqa: E402
 if __name__ == "__main__":  # the script trains the pure-torch core and writes folders itself: leaving
     sys.modules.setdefault("transformers", None)  # transformers unimported saves seconds in every process
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bamtrain import ckpt, data, folder, metrics, parallel  # noqa: E402
+from bamtrain import ckpt, data, folder, metrics, parallel, routing  # noqa: E402
 from bamtrain.trainer import Trainer, lr_at, make_optimizer  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -244,8 +245,10 @@ def run(args, ctx):
                 print(fmt_line(step, args.steps, r, 1000 * dt), flush=True)
         if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
             ev = trainer.evaluate(mixture, args.micro_batch)
+            # per-domain routing and the routers' LM-loss gradient norms (bamtrain/routing.py); one process only
+            routed = routing.at_eval(model, mixture, args.micro_batch, ctx.device, amp) if args.eval_data and not ctx.fsdp else {}
             if ctx.main:
-                logger.write({"step": step, "tokens": tokens_seen, "eval": ev})
+                logger.write({"step": step, "tokens": tokens_seen, "eval": ev, **routed})
                 print(f"step {step} held-out: " + ", ".join(f"{k} nll {v['nll']:.4f} ppl {v['ppl']:.2f}" for k, v in ev.items()),
                       flush=True)
         if (args.save_every and step % args.save_every == 0) or step == args.stop_after:
