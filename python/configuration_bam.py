@@ -2,7 +2,7 @@
 
 The architecture keys mirror `FeatureConfig` in src/arch/features.ts (same
 snake_case names, same meanings; see src/arch/types.ts); change both together.
-The MoE keys are described in shared/BAM.md. Without transformers installed,
+The MoE keys are described in docs/format.md. Without transformers installed,
 BamConfig is a small attribute bag with the same defaults, so the pure-torch
 core of modeling_bam.py can be built from a plain dict: BamConfig(**d).
 """
@@ -75,7 +75,7 @@ class BamConfig(_Base):
         tie_word_embeddings=False,
         sliding_window=None,
         attention_scale=None,  # None = 1/sqrt(head_dim)
-        # --- mixture of experts (shared/BAM.md) ---
+        # --- mixture of experts (docs/format.md; the method: docs/method.md) ---
         num_experts=4,
         num_experts_per_tok=1,
         norm_topk_prob=True,  # renormalise the top-k weights (Mixtral); false: softmax over all E (BAM, Switch)

@@ -1,7 +1,7 @@
 """BAM (Branch-Attend-Mix) mixture-of-experts language model, in one file.
 
 One implementation for every seed family, driven only by the config's features
-(configuration_bam.py). Per layer (shared/BAM.md):
+(configuration_bam.py). Per layer (docs/method.md):
   attention: soft Mixture of Attention, Attn(h) = sum_e g_e MHA_e(h), g = softmax(W_ar h) over all E
              ("moa"); per-expert q/o with one shared k/v ("shared-kv"); or one plain attention ("merged")
   FFN:       top-k of softmax router probabilities; each chosen expert weighted by its probability over
@@ -17,7 +17,7 @@ Layout: a pure-torch core (Norm, rope, Router, Attention, Expert, MoE, Block, Ba
 BamForCausalLMCore; tests build it on CPU without transformers), then thin transformers
 wrappers (BamPreTrainedModel, BamModel, BamForCausalLM) defined only when transformers imports.
 
-Tensor names are those of shared/BAM.md section 2: every expert is its own nn.Module
+Tensor names are those of docs/format.md: every expert is its own nn.Module
 (`attn.experts.{e}.q_proj`, `mlp.experts.{e}.gate_proj`, ...), so state_dict, save_pretrained
 and from_pretrained need no name mapping. The experts' weights are stacked on the fly
 (torch.cat / torch.stack, differentiable) into one matmul for attention and one grouped GEMM

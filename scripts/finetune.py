@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Fine-tune a BAM model folder (the Attend-Mix stage of shared/BAM.md) on one or several GPUs, or on CPU.
+"""Fine-tune a BAM model folder (the mixture training of docs/method.md) on one or several GPUs, or on CPU.
 
     python scripts/finetune.py --model bam3 --data code=code.bin:0.25 math=math.npy:0.25 \\
         law=law/:0.25 web=web.jsonl:0.25 --out runs/bam3 --steps 2000
@@ -9,7 +9,7 @@ Data: --data NAME=PATH[,PATH...][:WEIGHT] per domain; .npy / .bin token ids, .tx
 (tokenised with the folder's tokenizer.json), or directories of them; weights are relative (omitted: 1).
 See scripts/bamtrain/data.py for packing, the mixture order and the held-out split.
 
-Defaults follow the papers (shared/BAM.md and seeds/): AdamW with betas (0.9, 0.95), weight decay 0.1 on
+Defaults follow the papers (docs/method.md): AdamW with betas (0.9, 0.95), weight decay 0.1 on
 matrices only, peak learning rate 1e-4 (BAM/BTX fine-tune at half the seed's pre-training peak, which was
 2e-4 at their 2B scale; ST-MoE: sparse models tolerate a higher rate, so raise it for small seeds),
 linear warm-up then cosine to 10% of the peak, gradient clipping at 1.0, bf16 autocast on CUDA (routers
@@ -22,7 +22,7 @@ Outputs under --out:
                     also per-domain routing and the routers' LM-loss gradient norms: bamtrain/routing.py)
   train_args.json   the arguments, model size and FLOPs per token (formula: scripts/bamtrain/metrics.py)
   checkpoints/      every --save-every steps (DCP: resumes at any world size); --resume continues exactly
-  final/            the trained model: a BAM folder (BAM.md tensor names, config.json, modeling_bam.py,
+  final/            the trained model: a BAM folder (docs/format.md tensor names, config.json, modeling_bam.py,
                     tokenizer) for from_pretrained(..., trust_remote_code=True), `bam inspect`, `bam eval`
   train_curves.png  loss and expert load (when matplotlib is installed)
 

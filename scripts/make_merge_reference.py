@@ -29,13 +29,20 @@ sys.path.insert(0, os.path.join(ROOT, "test", "python"))
 from bam_folder import load_folder, read_safetensors  # noqa: E402
 
 FAMILIES = ["llama", "qwen3", "cohere", "gpt2"]  # GQA+biases; qk-norm; interleaved rope+parallel seed; learned positions
-# One block kind and k per mode, so that the three files cover both blocks and both k.
+# One block kind, k and FFN gate per mode, so that the three files cover both blocks, both k and both
+# gates (the paper's at k = 1 and 2, renormalised at k = 2).
 CASES = {
-    "moa": {"attention": "moa", "block": "parallel", "expertsPerToken": 2, "seed": 7},
-    "shared-kv": {"attention": "shared-kv", "block": "sequential", "expertsPerToken": 1, "seed": 7},
-    "merged": {"attention": "merged", "block": "sequential", "expertsPerToken": 2, "seed": 7},
+    "moa": {"attention": "moa", "block": "parallel", "expertsPerToken": 2, "normTopkProb": False, "seed": 7},
+    "shared-kv": {"attention": "shared-kv", "block": "sequential", "expertsPerToken": 1, "normTopkProb": False, "seed": 7},
+    "merged": {"attention": "merged", "block": "sequential", "expertsPerToken": 2, "normTopkProb": True, "seed": 7},
 }
 FLAGS = {"attention": "--attention", "block": "--block", "expertsPerToken": "--experts-per-token", "seed": "--seed"}
+
+
+def cli_flags(options):
+    """The options as `bam upcycle` flags (a boolean is --name or --no-name)."""
+    flags = [x for key, value in options.items() if key in FLAGS for x in (FLAGS[key], str(value))]
+    return flags + ["--norm-topk-prob" if options["normTopkProb"] else "--no-norm-topk-prob"]
 
 
 def write_safetensors(path, tensors, metadata):
@@ -72,8 +79,7 @@ def main():
         for mode, options in CASES.items():
             with tempfile.TemporaryDirectory() as tmp:
                 folder = os.path.join(tmp, "bam")
-                flags = [x for key, value in options.items() for x in (FLAGS[key], str(value))]
-                run = subprocess.run(["node", args.cli, "upcycle", *seeds, "-o", folder, *flags], cwd=ROOT,
+                run = subprocess.run(["node", args.cli, "upcycle", *seeds, "-o", folder, *cli_flags(options)], cwd=ROOT,
                                      capture_output=True, text=True)
                 if run.returncode != 0:
                     sys.exit(f"bam upcycle failed for {family} {mode}:\n{run.stderr}")

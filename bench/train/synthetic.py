@@ -1,6 +1,6 @@
 """Synthetic seeds and the BAM folder built from them, in Python (no Node on the GPU machine).
 
-E random dense llama seeds of one shape are mixed as `bam upcycle` mixes them (shared/BAM.md): expert e's
+E random dense llama seeds of one shape are mixed as `bam upcycle` mixes them (docs/method.md): expert e's
 attention and FFN are seed e's tensors, embeddings / norms / lm_head are the seeds' average, routers are
 new (normal, std sqrt(0.1 / hidden): Switch's 0.1 of the fan-in scale). Seed e's tensor `name` is drawn
 from a generator seeded by (seed, e, name), so the BAM folder and the dense seed-0 folder share seed 0's

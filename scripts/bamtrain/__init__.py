@@ -2,7 +2,7 @@
 python/modeling_bam.py knows nothing of what is here):
 
     folder.py    BAM model folders: safetensors read/write without dependencies, load into the
-                 pure-torch model, save back with the BAM.md tensor names
+                 pure-torch model, save back with the docs/format.md tensor names
     data.py      token sources (.bin/.npy/.txt/.jsonl), packing into fixed-length blocks, the domain
                  mixture with a resumable position, held-out blocks per domain
     parallel.py  process group, devices, FSDP2 (`fully_shard` per block, then the root), collectives

@@ -1,4 +1,4 @@
-"""BAM model folders (shared/BAM.md section 2): read and write safetensors with no dependency beyond
+"""BAM model folders (docs/format.md): read and write safetensors with no dependency beyond
 torch, build the pure-torch model from a folder, and save a trained model back as a folder that
 `from_pretrained(..., trust_remote_code=True)`, `bam inspect` and `bam eval` read."""
 
@@ -169,7 +169,7 @@ def load_model(folder, device="cpu", overrides=None):
 
 
 def save_folder(out, state, config, source=None, dtype=torch.float32, max_shard_bytes=5 * 10**9, extra=None):
-    """Writes a BAM folder atomically (to out.tmp, then renamed over out): safetensors with the BAM.md
+    """Writes a BAM folder atomically (to out.tmp, then renamed over out): safetensors with the docs/format.md
     names in `dtype` (lm_head left out when tied), config.json (the source's keys, updated), the model's
     python files from python/, the source folder's tokenizer and generation files, and `extra`
     {file name: text}. state: {name: tensor} full (unsharded) tensors."""

@@ -203,7 +203,7 @@ const QWEN_SLIDING_WINDOW: SlidingWindowSpec = {
 
 /**
  * A single-expert BAM folder read as a dense seed: `bam upcycle SEED --experts 1`
- * writes one, and scripts/finetune.py trains and saves it back (BAM.md names).
+ * writes one, and scripts/finetune.py trains and saves it back (docs/format.md names).
  */
 export const SINGLE_EXPERT_BAM_TENSORS: TensorNames = {
   prefix: "model.",

@@ -73,7 +73,7 @@ export async function openSeed(dir: string): Promise<Seed> {
 
 /**
  * Where the seed's tensors live and what it computes. A BAM folder with one
- * FFN expert and merged attention is a dense model under BAM.md's names: the
+ * FFN expert and merged attention is a dense model under docs/format.md's names: the
  * seed stage of scripts/reproduce.sh trains one with scripts/finetune.py and
  * branches it, so the trained copies are seeds as they are.
  */

@@ -1,7 +1,7 @@
 /**
  * Any model folder we read: a dense seed of a supported family, or a BAM
  * folder written by the upcycler (or saved back by modeling_bam.py after
- * fine-tuning). Both come out as the BAM view of BAM.md section 2: a dense
+ * fine-tuning). Both come out as the BAM view of docs/format.md: a dense
  * seed is a BAM model with one expert, merged attention, no routers, and its
  * FFN under mlp.experts.0.
  */
@@ -29,6 +29,8 @@ export interface SeedRecord {
 export interface MoeSettings {
   numExperts: number;
   expertsPerToken: number;
+  /** FFN gate: true renormalises the top-k probabilities to sum 1 (Mixtral); false weights each chosen expert by its softmax probability over all experts (BAM, Switch). docs/method.md. */
+  normTopkProb: boolean;
   attentionExperts: AttentionExperts;
   block: BlockKind;
   routerAuxLossCoef: number;
@@ -86,6 +88,7 @@ async function openDense(dir: string): Promise<OpenedModel> {
     moe: {
       numExperts: 1,
       expertsPerToken: 1,
+      normTopkProb: true, // one expert, no router: either gate is the weight 1
       attentionExperts: "merged",
       block: seed.features.parallelBlock ? "parallel" : "sequential",
       routerAuxLossCoef: 0,
@@ -149,6 +152,9 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   const numExperts = int("num_experts");
   const expertsPerToken = int("num_experts_per_tok");
   if (expertsPerToken > numExperts) bad("num_experts_per_tok", `at most num_experts (${numExperts})`);
+  // Absent: renormalised, what every folder written before the key existed computes.
+  const normTopkProb = config.norm_topk_prob ?? true;
+  if (typeof normTopkProb !== "boolean") bad("norm_topk_prob", "true or false");
   const attention = config.attention_experts as AttentionExperts;
   if (!ATTENTION_EXPERTS.includes(attention)) bad("attention_experts", ATTENTION_EXPERTS.join(" or "));
   const block = config.block as BlockKind;
@@ -160,6 +166,7 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   return {
     numExperts,
     expertsPerToken,
+    normTopkProb: normTopkProb as boolean,
     attentionExperts: attention,
     block,
     routerAuxLossCoef: num("router_aux_loss_coef"),

@@ -106,7 +106,7 @@ export interface TensorSource {
 }
 
 export interface CanonicalTensor {
-  /** Canonical name (BAM.md section 2 naming for a dense model, see below). */
+  /** Canonical name (docs/format.md naming for a dense model, see below). */
   name: string;
   /** Shape after transform. */
   shape: number[];

@@ -26,7 +26,7 @@ from the ${plan.features.family} seeds ${plan.seeds.map((s) => `\`${s.name}\``).
 
 | | |
 |---|---|
-| experts | ${moe.numExperts} FFN experts, top-${moe.expertsPerToken} routing |
+| experts | ${moe.numExperts} FFN experts, top-${moe.expertsPerToken} routing, ${moe.normTopkProb ? "renormalised gate (norm_topk_prob)" : "each expert weighted by its probability over all experts"} |
 | attention | ${moe.attentionExperts} |
 | block | ${moe.block} |
 | parameters | ${(summary.totalParameters / 1e6).toFixed(1)}M total, ${(summary.activeParameters / 1e6).toFixed(1)}M active per token |

@@ -1,5 +1,5 @@
 /**
- * Output formats: the BAM folder of BAM.md section 2 (remote code), and the
+ * Output formats: the BAM folder of docs/format.md (remote code), and the
  * native Mixtral and Qwen3-MoE layouts that stock transformers loads with no
  * remote code, where the model fits them.
  */
@@ -45,6 +45,7 @@ export function formatWriter(
           ...featuresToConfig(features),
           num_experts: moe.numExperts,
           num_experts_per_tok: moe.expertsPerToken,
+          norm_topk_prob: moe.normTopkProb,
           attention_experts: moe.attentionExperts,
           block: moe.block,
           router_aux_loss_coef: moe.routerAuxLossCoef,
@@ -60,6 +61,10 @@ export function formatWriter(
       };
     case "mixtral":
       requireNative(format, features, moe, ["llama", "mistral"]);
+      if (!moe.normTopkProb) {
+        // transformers' Mixtral always renormalises the top-k weights: it cannot hold the paper's gate.
+        throw new BamError("OPTIONS_INVALID", "--format mixtral always renormalises the top-k weights, so it cannot hold the paper's gate (--no-norm-topk-prob); pass --norm-topk-prob, or use --format bam or qwen3-moe");
+      }
       return {
         remoteCode: false,
         rename: (name) =>
@@ -74,6 +79,7 @@ export function formatWriter(
           architectures: ["MixtralForCausalLM"],
           ...nativeCommon(features, moe),
           num_local_experts: moe.numExperts,
+          norm_topk_prob: true, // transformers' Mixtral ignores the key and always renormalises; written so the folder says which gate it computes
           sliding_window: features.slidingWindow,
           ...tokenIds(seedConfig),
           dtype: TORCH_DTYPE[dtype],
@@ -90,7 +96,7 @@ export function formatWriter(
           ...nativeCommon(features, moe),
           moe_intermediate_size: features.intermediateSize,
           num_experts: moe.numExperts,
-          norm_topk_prob: true,
+          norm_topk_prob: moe.normTopkProb,
           decoder_sparse_step: 1,
           mlp_only_layers: [],
           attention_bias: false,

@@ -11,8 +11,10 @@
  *     router's weights applied per head, one Gemm over every expert's o rows;
  *   FFN: dense, or top-k routing that is sparse in compute: per expert,
  *     NonZero finds its tokens, Gather takes them, its MLP runs on them
- *     alone, and ScatterND adds them back weighted by the renormalised router
- *     probability, so the work grows with k, not with the number of experts.
+ *     alone, and ScatterND adds them back weighted by its gate (the router
+ *     probability, renormalised over the top k where norm_topk_prob: see
+ *     docs/method.md, "FFN gating"), so the work grows with k, not with the
+ *     number of experts.
  *
  * Two weight reorderings keep the graph simple and change no result:
  *   - interleaved rotary (cohere, gpt-j) becomes rotate-half by permuting the
@@ -397,7 +399,8 @@ class Builder {
     const k = this.model.moe.expertsPerToken;
     const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(`${mlp}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
-    const weights = g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]); // renormalised, [N, k]
+    // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
+    const weights = this.model.moe.normTopkProb ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]) : top!;
     let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
     for (let e = 0; e < E; e++) {
       y = g.scope(`expert${e}`, () => {

@@ -15,6 +15,12 @@ export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
 export const OUTPUT_DTYPES: readonly OutputDType[] = ["keep", "bf16", "f16", "f32"];
 export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero", "hidden"];
 export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
+/**
+ * The FFN gate when none is asked for: false is BAM's (section 3.3) and Switch's, each chosen expert
+ * weighted by its softmax probability over all experts, so the router learns from the LM loss at k = 1.
+ * docs/method.md ("FFN gating") says how this default was chosen.
+ */
+export const DEFAULT_NORM_TOPK_PROB = false;
 
 export interface UpcycleOptions {
   /** Seed folders: E seeds (BAM/BTX), or one seed with `experts` (sparse upcycling, Drop-Upcycling). */
@@ -31,6 +37,8 @@ export interface UpcycleOptions {
   dropRatio?: number;
   /** Top-k of the FFN router (default 1, as BAM; BTX used 2). */
   expertsPerToken?: number;
+  /** FFN gate: true renormalises the chosen probabilities to sum 1 (Mixtral; [s, s, s] reproduces s at any k); false (default, DEFAULT_NORM_TOPK_PROB) weights each by its probability over all experts (BAM, Switch). */
+  normTopkProb?: boolean;
   /** Averaging weights for the shared tensors, one per seed; normalised to sum 1. Default uniform. */
   weights?: number[];
   routerInit?: RouterInit;
@@ -58,6 +66,7 @@ export interface ResolvedOptions {
   experts: number;
   dropRatio: number;
   expertsPerToken: number;
+  normTopkProb: boolean;
   weights: number[];
   routerInit: RouterInit;
   prompts: string | null;
@@ -107,6 +116,8 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
   const dropRatio = fraction("drop-ratio", options.dropRatio, 0, false);
   if (dropRatio > 0 && seedCount > 1) invalid("--drop-ratio is Drop-Upcycling from one seed; name a single seed with --experts N");
   const expertsPerToken = integer("experts-per-token", options.expertsPerToken, 1, experts, 1);
+  const normTopkProb = options.normTopkProb ?? DEFAULT_NORM_TOPK_PROB;
+  if (typeof normTopkProb !== "boolean") invalid(`--norm-topk-prob must be true or false, not ${String(normTopkProb)}`);
   const weights = options.weights ?? new Array<number>(seedCount).fill(1);
   if (weights.length !== seedCount) invalid(`--weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
   if (weights.some((w) => !Number.isFinite(w) || w < 0) || weights.every((w) => w === 0)) {
@@ -134,6 +145,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     experts,
     dropRatio,
     expertsPerToken,
+    normTopkProb,
     weights: weights.map((w) => w / weightSum),
     routerInit,
     prompts: options.prompts ?? null,
@@ -157,6 +169,7 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   experts: "experts",
   "drop-ratio": "dropRatio",
   "experts-per-token": "expertsPerToken",
+  "norm-topk-prob": "normTopkProb",
   weights: "weights",
   "router-init": "routerInit",
   prompts: "prompts",

@@ -35,7 +35,7 @@ export type Operation =
   | { kind: "drop"; from: SourceRef; ratio: number; axis: 0 | 1; key: string };
 
 export interface PlannedTensor {
-  /** Output name (BAM.md section 2). */
+  /** Output name (docs/format.md, "Tensor names"). */
   name: string;
   shape: number[];
   dtype: FloatDType;
@@ -217,6 +217,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
   const moe: MoeSettings = {
     numExperts: E,
     expertsPerToken: options.expertsPerToken,
+    normTopkProb: options.normTopkProb,
     attentionExperts: attention,
     block: options.block,
     routerAuxLossCoef: options.routerAuxLossCoef,
@@ -244,6 +245,11 @@ function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCoun
   }
   if (options.experts === 1 && seedCount === 1) warnings.push("one seed and one expert: this writes the dense seed in the BAM layout (use --experts N for sparse upcycling)");
   if (options.attention !== attention) warnings.push(`one expert: attention is merged, not ${options.attention}`);
+  if (options.experts > 1 && options.expertsPerToken === 1 && options.normTopkProb) {
+    // The renormalised top-1 weight is p / p = 1 whatever the router says (docs/method.md, "FFN gating").
+    const remedy = options.format === "mixtral" ? "use -k 2 or more (Mixtral's gate always renormalises), or --format bam or qwen3-moe with --no-norm-topk-prob" : "use -k 2 or more, or --no-norm-topk-prob (the paper's gate)";
+    warnings.push(`top-1 with the renormalised gate (--norm-topk-prob): the FFN router gets no gradient from the language-model loss, only from the load-balance loss; ${remedy}`);
+  }
   return warnings;
 }
 

@@ -36,7 +36,7 @@ export async function evidenceCases(): Promise<EvidenceCase[]> {
       const seedDir = attention === "shared-kv" ? fixture(family, "bf16") : base;
       cases.push({
         name: `${family}-${attention}`, family, reference: attention === "shared-kv" ? "logits_bf16" : "logits_base", remoteCode: true,
-        options: (output) => ({ seeds: [seedDir, seedDir, seedDir], output, attention, block, expertsPerToken: 2 }),
+        options: (output) => ({ seeds: [seedDir, seedDir, seedDir], output, attention, block, expertsPerToken: 2, normTopkProb: true }),
       });
     }
   }
@@ -45,7 +45,7 @@ export async function evidenceCases(): Promise<EvidenceCase[]> {
     const base = fixture(family, "base");
     cases.push({
       name: `${family}-${format}`, family, reference: "logits_base", remoteCode: false,
-      options: (output) => ({ seeds: [base, base], output, attention: "merged", block: "sequential", format, expertsPerToken: 1 }),
+      options: (output) => ({ seeds: [base, base], output, attention: "merged", block: "sequential", format, expertsPerToken: 1, normTopkProb: true }),
     });
   }
   return cases;

@@ -3,7 +3,7 @@
 - parity: tiny random transformers seed models (llama, mistral, qwen3, gemma, gpt_neox, phi, cohere, gpt2)
   converted to the BAM dense layout give the same logits, and so does their 3-expert upcycling;
 - rope inverse frequencies equal transformers' ROPE_INIT_FUNCTIONS; norms equal Llama/GemmaRMSNorm in bf16;
-- save_pretrained writes the BAM.md names, AutoModelForCausalLM.from_pretrained(trust_remote_code=True)
+- save_pretrained writes the docs/format.md names, AutoModelForCausalLM.from_pretrained(trust_remote_code=True)
   loads them back, generate() with the KV cache equals greedy decoding without it;
 - CUDA: the grouped_mm expert path equals the per-expert loop (forward and gradients), a bf16 training step.
 """

@@ -1,6 +1,6 @@
 """CPU tests of python/modeling_bam.py that need only torch: python3 -m unittest discover -s test/python
 
-The main check is BAM's identity property (shared/BAM.md): an E-expert model whose experts
+The main check is BAM's identity property (docs/method.md): an E-expert model whose experts
 all copy one dense seed computes that seed's function, whatever its routers hold.
 """
 
@@ -127,7 +127,7 @@ class TestIdentity(unittest.TestCase):
             torch.testing.assert_close(moe(ids())["logits"], dense(ids())["logits"], atol=ATOL, rtol=ATOL)
 
     def test_parallel_seed_needs_parallel_block(self):
-        """A sequential block on a parallel seed is a different function (BAM.md): the test can tell."""
+        """A sequential block on a parallel seed is a different function (docs/method.md): the test can tell."""
         dense = dense_model("gpt_neox")
         moe = upcycle([dense], "moa", block="sequential")
         self.assertFalse(torch.allclose(moe(ids())["logits"], dense(ids())["logits"], atol=1e-3))
@@ -199,17 +199,22 @@ class TestMoE(unittest.TestCase):
         randomize(layer, 7)
         return layer
 
-    def test_topk_renormalised(self):
-        layer = self.moe_layer()
-        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
-        y, logits, idx = layer(x)
-        xf = x.reshape(-1, 32)
-        probs = (xf @ layer.router.weight.T).softmax(-1)
-        w, i = probs.topk(2, -1)
-        w = w / w.sum(-1, keepdim=True)
-        ref = torch.stack([sum(w[n, j] * layer.experts[int(i[n, j])](xf[n]) for j in range(2)) for n in range(10)])
-        torch.testing.assert_close(y.reshape(-1, 32), ref, atol=ATOL, rtol=ATOL)
-        self.assertTrue(torch.equal(idx, i))
+    def test_topk_gates(self):
+        """norm_topk_prob true: the chosen probabilities renormalised (Mixtral); false: each chosen expert
+        weighted by its probability over all E (BAM 3.3, Switch)."""
+        for norm in (True, False):
+            with self.subTest(norm_topk_prob=norm):
+                layer = self.moe_layer(norm_topk_prob=norm)
+                x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+                y, logits, idx = layer(x)
+                xf = x.reshape(-1, 32)
+                probs = (xf @ layer.router.weight.T).softmax(-1)
+                w, i = probs.topk(2, -1)
+                if norm:
+                    w = w / w.sum(-1, keepdim=True)
+                ref = torch.stack([sum(w[n, j] * layer.experts[int(i[n, j])](xf[n]) for j in range(2)) for n in range(10)])
+                torch.testing.assert_close(y.reshape(-1, 32), ref, atol=ATOL, rtol=ATOL)
+                self.assertTrue(torch.equal(idx, i))
 
     def test_capacity_factor_drops_overflow(self):
         layer = self.moe_layer(E=4, k=1, capacity_factor=0.5)
@@ -301,6 +306,31 @@ class TestLosses(unittest.TestCase):
                     self.assertIsNotNone(p.grad, n)
                     self.assertGreater(p.grad.abs().sum().item(), 0, n)
                 self.assertEqual(attention != "merged", any("attn.router" in n for n, _ in moe.named_parameters()))
+
+
+    def test_ffn_router_learns_from_the_lm_loss(self):
+        """With the auxiliary losses off, the FFN router's gradient comes from the LM loss alone. It is of the
+        attention router's order at k = 1 and 2 with the paper's gate and at k = 2 renormalised; at k = 1
+        renormalised the chosen weight is p / p = 1 whatever the router says, so it is zero up to rounding:
+        why `bam upcycle` warns about that combination (docs/method.md, "FFN gating")."""
+        denses = [dense_model("llama", rng=60 + e) for e in range(3)]
+        switch_init = math.sqrt(0.1 / BASE["hidden_size"])  # bam upcycle's router init (Switch's 0.1 scale)
+        ratios = {}
+        for k, norm in ((1, False), (2, False), (2, True), (1, True)):
+            moe = upcycle(denses, "moa", k=k, router_scale=switch_init, norm_topk_prob=norm,
+                          router_aux_loss_coef=0.0, router_z_loss_coef=0.0).train()
+            x = ids(B=4, T=16, seed=9)
+            out = moe(x, labels=x)
+            torch.testing.assert_close(out["loss"], out["nll"])  # nothing but the LM loss
+            out["loss"].backward()
+            norm_of = lambda part: torch.stack([p.grad.norm() for n, p in moe.named_parameters()
+                                                if n.endswith(f".{part}.router.weight")]).norm().item()
+            self.assertGreater(norm_of("attn"), 0, (k, norm))
+            ratios[k, norm] = norm_of("mlp") / norm_of("attn")
+        learning = [ratios[1, False], ratios[2, False], ratios[2, True]]
+        for ratio in learning:
+            self.assertGreater(ratio, 0.05, ratios)  # the same order as the attention router's
+        self.assertLess(ratios[1, True], 1e-5 * min(learning), ratios)  # float rounding, not a signal
 
 
 class TestCache(unittest.TestCase):

@@ -31,12 +31,13 @@ for (const family of fixtureFamilies()) {
     const cases: Array<{ label: string; options: (base: string) => Partial<UpcycleOptions>; key: string }> = [
       ...(["moa", "shared-kv", "merged"] as AttentionExperts[]).map((attention) => ({
         label: `[s, s, s] in ${attention}`,
-        options: (base: string) => ({ seeds: [base, base, base], attention, expertsPerToken: 2 }),
+        options: (base: string) => ({ seeds: [base, base, base], attention, expertsPerToken: 2, normTopkProb: true }),
         key: "logits_base",
       })),
       { label: "the dense layout (one expert)", options: (base) => ({ seeds: [base] }), key: "logits_base" },
-      { label: "[sharded, sharded] in moa", options: () => ({ seeds: [fixture(family, "sharded"), fixture(family, "sharded")] }), key: "logits_base" },
-      { label: "[bf16, bf16] in shared-kv", options: () => ({ seeds: [fixture(family, "bf16"), fixture(family, "bf16")], attention: "shared-kv" }), key: "logits_bf16" },
+      // k = E with the paper's gate keeps s's function (the probabilities over all experts sum to 1).
+      { label: "[sharded, sharded] in moa, top-2 with the paper's gate", options: () => ({ seeds: [fixture(family, "sharded"), fixture(family, "sharded")], expertsPerToken: 2, normTopkProb: false }), key: "logits_base" },
+      { label: "[bf16, bf16] in shared-kv, top-1 renormalised", options: () => ({ seeds: [fixture(family, "bf16"), fixture(family, "bf16")], attention: "shared-kv", normTopkProb: true }), key: "logits_bf16" },
     ];
     let results: Comparison[] = [];
     before(() =>

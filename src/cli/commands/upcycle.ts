@@ -15,6 +15,7 @@ interface UpcycleArgs {
   experts?: number;
   "drop-ratio"?: number;
   "experts-per-token"?: number;
+  "norm-topk-prob"?: boolean;
   weights?: string;
   "router-init"?: string;
   prompts?: string;
@@ -41,6 +42,12 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("experts", { type: "number", describe: "With one seed: number of FFN copies (sparse upcycling)" })
       .option("drop-ratio", { type: "number", describe: "With one seed: Drop-Upcycling, re-initialise this fraction of each expert's FFN dimensions (0.5 is best)" })
       .option("experts-per-token", { alias: "k", type: "number", describe: "Top-k FFN experts per token (default 1, as BAM; BTX used 2)" })
+      .option("norm-topk-prob", {
+        type: "boolean",
+        describe:
+          "FFN gate: renormalise the top-k probabilities to sum 1 (Mixtral; [s, s, s] stays s at any k, but at k = 1 the router gets no LM gradient). " +
+          "--no-norm-topk-prob (default): each expert weighted by its probability over all experts (BAM, Switch; learns at every k)",
+      })
       .option("weights", { type: "string", describe: "Averaging weights of the shared tensors, one per seed, comma-separated (default uniform)" })
       .option("router-init", { choices: ROUTER_INITS, describe: "random (Switch's 0.1-scaled init, default), zero, or hidden (from --prompts, as mergekit)" })
       .option("prompts", { type: "string", describe: "With --router-init hidden: YAML of prompts per expert (experts: [{positive_prompts, negative_prompts}])" })
@@ -68,11 +75,12 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       const bar = progressBar("upcycling", "bytes");
       const result = await upcycle(options, { signal, onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes) });
       bar.finish();
+      // On stderr either way: --json's stdout stays one JSON document (which lists them too).
+      for (const warning of result.plan.warnings) process.stderr.write(`bam: warning: ${warning}\n`);
       if (args.json) {
         printJson({ ...planJson(result.plan), output: result.output, files: result.files, bytesWritten: result.bytesWritten, seconds: result.seconds, seeds: result.seeds });
         return;
       }
-      for (const warning of result.plan.warnings) process.stderr.write(`bam: warning: ${warning}\n`);
       process.stdout.write(
         `wrote ${result.output}: ${result.plan.summary.experts} experts, attention ${result.plan.summary.attention}, ${result.plan.summary.block} block; ` +
           `${result.files.length} shard(s), ${formatBytes(result.bytesWritten)} in ${formatDuration(result.seconds)} (${formatBytes(result.bytesWritten / Math.max(result.seconds, 1e-3))}/s)\n`,
@@ -90,6 +98,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     experts: args.experts,
     dropRatio: args["drop-ratio"],
     expertsPerToken: args["experts-per-token"],
+    normTopkProb: args["norm-topk-prob"],
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
     routerInit: args["router-init"] as UpcycleOptions["routerInit"],
     prompts: args.prompts,
@@ -144,7 +153,7 @@ function printPlan(plan: UpcyclePlan): void {
   const lines = [
     `seeds       ${plan.seeds.map((x) => `${x.name} (${x.dtypes.join("/")})`).join(", ")}`,
     `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
-    `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}`,
+    `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}, ${plan.moe.normTopkProb ? "renormalised gate (--norm-topk-prob)" : "gate: probability over all experts (--no-norm-topk-prob)"}`,
     `attention   ${s.attention}`,
     `block       ${s.block}`,
     `parameters  ${millions(s.totalParameters)} total, ${millions(s.activeParameters)} active per token (one seed: ${millions(s.seedParameters)})`,

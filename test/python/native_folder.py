@@ -1,0 +1,33 @@
+"""Logits of a native MoE folder (Mixtral, Qwen3-MoE: stock transformers, no remote code) against the BAM
+folder of the same upcycle (modeling_bam.py's pure-torch core). Used by test/pytorch/native.test.ts.
+
+    python test/python/native_folder.py REFERENCE.safetensors NATIVE_DIR BAM_DIR [NATIVE_DIR BAM_DIR ...]
+prints one line {"max_abs_error": ..., "max_abs_logit": ...} per pair, on the reference's input_ids.
+"""
+import json
+import sys
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from bam_folder import load_folder, read_safetensors
+
+
+def logits_of(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False)["logits"].float()
+
+
+def main():
+    reference, *folders = sys.argv[1:]
+    if not folders or len(folders) % 2:
+        raise SystemExit(__doc__)
+    ids = read_safetensors(reference)["input_ids"]
+    for native, bam in zip(folders[::2], folders[1::2]):
+        want = logits_of(load_folder(bam), ids)
+        got = logits_of(AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval(), ids)
+        print(json.dumps({"max_abs_error": (got - want).abs().max().item(), "max_abs_logit": want.abs().max().item()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
