@@ -251,7 +251,7 @@ def plots(R, out_dir):
               ("bam-shared-kv", "ffn_share", "BAM shared KV: FFN share"), ("bam-shared-kv", "attn_weight", "BAM shared KV: attention weight"),
               ("btx", "ffn_share", "BTX: FFN share"), ("bam-kv-renorm", "ffn_share", "BAM KV, renormalised gate: FFN share"),
               ("btx-renorm", "ffn_share", "BTX, renormalised gate: FFN share")]
-    fig, axes = plt.subplots(len(panels), len(DOMAINS), figsize=(11, 2.1 * len(panels)), squeeze=False)
+    fig, axes = plt.subplots(len(panels), len(DOMAINS), figsize=(11, 2.8 * len(panels)), squeeze=False)
     for row, (m, key, title) in zip(axes, panels):
         mat = routing_matrix(R, m, key)
         for ax, d in zip(row, DOMAINS):
@@ -262,7 +262,8 @@ def plots(R, out_dir):
             ax.set_xticks(range(len(EXPERTS)), EXPERTS, fontsize=7)
             ax.set_yticks(range(len(mat[d])), [f"L{l}" for l in range(len(mat[d]))], fontsize=7)
             ax.set_title(f"{title}\n{d} held-out tokens", fontsize=8)
-    fig.colorbar(im, ax=axes, shrink=0.3, label="share (%)")
+    fig.subplots_adjust(hspace=0.6)
+    fig.colorbar(im, ax=axes, shrink=0.3, label="share of tokens (FFN) or mean weight (attention)")
     fig.savefig(os.path.join(out_dir, "routing.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
 
