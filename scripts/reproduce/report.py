@@ -134,7 +134,7 @@ def tokens_table(R):
     for m, b in sorted(rows, key=lambda mb: R.run(*mb)["tokens"] * R.run(*mb)["flops_per_token"]):
         run = R.run(m, b)
         label = {"x0.5": "0.5x", "dm": "1x (data-matched)", "cm": "compute-matched", "x2": "2x"}[b]
-        lines.append(f"| {LABELS[m]}, {label} | {run['tokens'] / 1e6:.2f}M | {run['tokens'] * run['flops_per_token'] / 1e15:.2f} | "
+        lines.append(f"| {LABELS[m]}, {label} | {run['tokens'] / 1e6:.2f}M | {run['tokens'] * run['flops_per_token'] / 1e15:.3f} | "
                      f"{fmt(R.stat(m, b))} |")
     return "\n".join(lines)
 
@@ -147,7 +147,7 @@ def budget_table(R):
         p, dm, cm = plan["models"][m], R.run(m, "dm"), R.run(m, "cm")
         t = timing.get(m)
         gpu = f"{dm['steps'] * t['step_s']:.1f} / {cm['steps'] * t['step_s']:.1f}" if t else "-"
-        credit = f" ({p['branch_flops_credited'] / 1e15:.2f} PFLOP)" if p["branch_flops_credited"] else ""
+        credit = f" ({p['branch_flops_credited'] / 1e15:.3f} PFLOP)" if p["branch_flops_credited"] else ""
         lines.append(f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
                      f"{cm['tokens'] / 1e6:.2f}M{credit} | {1000 * t['step_s']:.1f} | {gpu} |" if t else
                      f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
