@@ -21,7 +21,9 @@ in float32), load-balance 0.01 and z-loss 1e-3 from the folder's config.
 Outputs under --out (a new folder, or a run to continue with --resume, or to start over with --overwrite):
   train_log.jsonl   one record per step (loss, NLL, load-balance and z losses summed over layers, per-layer
                     FFN expert load and attention router weights with their entropies, grad norm, lr,
-                    tokens/s, MFU) and one per held-out evaluation (NLL and perplexity per domain; step 0 first)
+                    tokens/s, MFU) and one per held-out evaluation (NLL and perplexity per domain; step 0 first;
+                    with --eval-data on one process, also per-domain routing and the routers' LM-loss gradient
+                    norms: bamtrain/routing.py)
   train_args.json   the arguments, model size and FLOPs per token (formula: scripts/bamtrain/metrics.py)
   checkpoints/      every --save-every steps (DCP: resumes at any world size); --resume continues exactly
   final/            the trained model in the input's format: a BAM folder (docs/format.md tensor names,
@@ -363,7 +365,7 @@ def refuse_non_finite(model, ctx, step, what):
 def run(args, ctx, say):
     import torch
 
-    from bamtrain import ckpt, data, folder, metrics, parallel
+    from bamtrain import ckpt, data, folder, metrics, parallel, routing
     from bamtrain.trainer import Trainer, lr_at, make_optimizer
 
     check_out(args, say, ctx.main)
@@ -469,7 +471,9 @@ def run(args, ctx, say):
 
     def evaluate(step):
         ev = trainer.evaluate(mixture, args.micro_batch)
-        record({"step": step, "tokens": tokens_seen, "eval": ev})
+        # per-domain routing and the routers' LM-loss gradient norms (bamtrain/routing.py); one process only
+        routed = routing.at_eval(model, mixture, args.micro_batch, ctx.device, amp) if args.eval_data and not ctx.fsdp else {}
+        record({"step": step, "tokens": tokens_seen, "eval": ev, **routed})
         say(fmt_eval(step, ev))
         return ev
 

@@ -415,7 +415,7 @@ def main():
     ap.add_argument("--heldout-min-chars", type=int, default=256_000)
     ap.add_argument("--heldout-max-chars", type=int, default=1_000_000)
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--train-tokens", type=int, default=4_500_000, help="cap per domain's train split")
+    ap.add_argument("--train-tokens", type=int, default=8_000_000, help="cap per domain's train split")
     ap.add_argument("--threads", type=int, default=1, help="tokenizers' threads (RAYON_RS_NUM_CPUS)")
     ap.add_argument("--verify", action="store_true", help="only check the token files and tokenizer "
                     "against the manifest's sha256")
