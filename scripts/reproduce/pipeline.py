@@ -311,7 +311,10 @@ class Pipeline:
                os.path.join(self.runs, name), "--data", *data, "--steps", str(steps),
                "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--global-batch", str(s["global_batch"]),
                "--lr", str(lr), "--eval-blocks", str(s["eval_blocks"]), "--save-every", "0", "--log-every", str(s["log_every"]),
-               "--no-plot", "--seed", str(seed), "--device", "cuda" if self.cuda else "cpu"]
+               "--no-plot", "--seed", str(seed), "--device", "cuda" if self.cuda else "cpu",
+               # a run killed before its model folder appeared starts over (it keeps no checkpoints); eager: at
+               # this size compiling costs more than it saves, and the measured step times are eager
+               "--overwrite", "--no-compile"]
         cmd += ["--eval-data", *evals, "--eval-every", str(s["eval_every"])] if evaluate else ["--eval-every", "0", "--no-final"]
         return dict(name=name, start=start, cmd=cmd, steps=steps, tokens=steps * tokens_per_step, lr=lr, weights=weights,
                     seed=seed, cost=steps * tokens_per_step * self.flops_per_token(self.model(start)))
