@@ -2,7 +2,10 @@
 in Hugging Face transformers, and give the seed's reference logits.
 
     node dist/test/evidence/build.js CASES            # on a machine with Node
-    python3 scripts/check_transformers.py CASES fixtures fixtures/evidence/transformers.json
+    python3 scripts/check_transformers.py CASES fixtures OUT.json
+
+`npm test` runs it on CPU on every commit (test/evidence/evidence.test.ts). On a GPU machine it also checks
+CUDA: bench/results/evidence/transformers-gpu.json is such a run (its file hashes name the output it checked).
 
 For each case of CASES/cases.json: every *.safetensors file through
 safetensors.torch.load_file; the folder through

@@ -1,12 +1,11 @@
 /**
  * Folders written by our code that Python (safetensors, transformers) must
- * load: every family in every attention mode, and the native formats. The
- * GPU machine checks them once (scripts/check_transformers.py) and the
- * result is kept in fixtures/evidence/transformers.json with each file's
- * sha256; CI rebuilds the folders and checks the bytes are still those.
+ * load: every family in every attention mode, and the native formats.
+ * test/evidence/evidence.test.ts builds them and runs scripts/check_transformers.py
+ * on them in CI (CPU); on a GPU machine the same script adds the CUDA check.
  */
 import { createHash } from "node:crypto";
-import { readdir, readFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { openSeed } from "../../src/arch/index.js";
 import type { AttentionExperts } from "../../src/arch/model.js";
@@ -53,6 +52,18 @@ export async function evidenceCases(): Promise<EvidenceCase[]> {
 
 export async function buildCase(c: EvidenceCase, output: string): Promise<void> {
   await upcycle(c.options(output));
+}
+
+/** Writes every case folder under `out` and the cases.json that scripts/check_transformers.py reads. */
+export async function buildEvidence(out: string): Promise<number> {
+  await mkdir(out, { recursive: true });
+  const manifest = [];
+  for (const c of await evidenceCases()) {
+    await buildCase(c, join(out, c.name));
+    manifest.push({ name: c.name, family: c.family, reference: c.reference, remote_code: c.remoteCode, files: await folderHashes(join(out, c.name)) });
+  }
+  await writeFile(join(out, "cases.json"), `${JSON.stringify(manifest, null, 2)}\n`);
+  return manifest.length;
 }
 
 /** sha256 of every file in a folder, by name. */
