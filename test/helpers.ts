@@ -1,10 +1,12 @@
 /** Shared test helpers: fixture paths, temp folders, float comparison. */
+import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { openSeed, type Seed } from "../src/arch/load.js";
 import { FAMILIES, type Family } from "../src/arch/types.js";
+import { isBamError } from "../src/errors.js";
 
 export const FIXTURES = resolve("fixtures");
 
@@ -48,4 +50,26 @@ export async function withSeed<T>(dir: string, body: (seed: Seed) => Promise<T>)
   } finally {
     await seed.close();
   }
+}
+
+/** Asserts that `call` rejects with a BamError of `code` whose message matches. */
+export async function refused(call: Promise<unknown>, code: string, message: RegExp): Promise<void> {
+  await assert.rejects(call, (error: unknown) => {
+    assert.ok(isBamError(error), `a BamError, not ${String(error)}`);
+    assert.equal(error.code, code, error.message);
+    assert.match(error.message, message);
+    return true;
+  });
+}
+
+/** A pid that no process has now. */
+export function deadPid(): number {
+  for (let pid = 4_000_000; pid > 1000; pid -= 7919) {
+    try {
+      process.kill(pid, 0);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === "ESRCH") return pid;
+    }
+  }
+  throw new Error("no free pid");
 }

@@ -14,7 +14,7 @@ import { cpus, totalmem } from "node:os";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { FORMATS, type Format } from "../../test/fuzz/harness.js";
-import { addResult, emptyFormat, type FormatSummary, runWorker } from "../../test/fuzz/run-worker.js";
+import { emptyFormat, type FormatSummary, runWorker } from "../../test/fuzz/run-worker.js";
 import { measuredTree } from "../provenance.js";
 
 const { values } = parseArgs({

@@ -3,14 +3,14 @@ import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { openSeed, parameterCount, type Seed } from "../../src/arch/load.js";
+import { parameterCount } from "../../src/arch/load.js";
 import { CanonicalReader, sourceSegments, transpose2d } from "../../src/arch/load.js";
 import { featuresFromConfig, featuresToConfig } from "../../src/arch/features.js";
 import { FAMILIES, type CanonicalTensor, type Family } from "../../src/arch/types.js";
 import { fromFloat32 } from "../../src/safetensors/index.js";
 import { bytesEqual, withSeed } from "../helpers.js";
 import {
-  D, f32, H, HEADS, I, KV, L, P, randomTensors, randomValues, synthetic, toV5, V, WIDE_D, writeCheckpoint, writeSynthetic,
+  D, f32, H, HEADS, I, KV, L, randomTensors, randomValues, synthetic, toV5, V, WIDE_D, writeCheckpoint, writeSynthetic,
 } from "./synthetic.js";
 
 let root: string;

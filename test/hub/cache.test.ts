@@ -12,7 +12,7 @@ import { join, resolve } from "node:path";
 import { describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { resolveSeed } from "../../src/hub/index.js";
-import { planUpcycle, upcycle } from "../../src/upcycle/index.js";
+import { upcycle } from "../../src/upcycle/index.js";
 import { fixture, withTempDir } from "../helpers.js";
 import { addSnapshot, HUB_PYTHON, pythonSnapshot, repoDir, weights, withEnv } from "./hub-cache.js";
 

@@ -14,11 +14,10 @@ import { after, before, test } from "node:test";
 import { scanModel } from "../../src/arch/describe.js";
 import { openModel } from "../../src/arch/model.js";
 import { openSeed } from "../../src/arch/load.js";
-import { isBamError } from "../../src/errors.js";
 import { evaluatePerplexity, evaluateTokenFiles } from "../../src/onnx/index.js";
 import { firstNonFinite, fromFloat32, SafetensorsReader, toFloat32, writeSafetensors } from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
-import { fixture } from "../helpers.js";
+import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
@@ -44,15 +43,6 @@ async function plant(dir: string, tensor: string, index: number, value: number):
   bytes.writeFloatLE(value);
   await handle.write(bytes, 0, 4, info.byteOffset + 4 * index);
   await handle.close();
-}
-
-async function refused(call: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  await assert.rejects(call, (error: unknown) => {
-    assert.ok(isBamError(error), `a BamError, not ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    assert.match(error.message, message);
-    return true;
-  });
 }
 
 test("a seed holding NaN or Inf is refused by the executor, naming the file's tensor; inspect --scan names the same", async () => {

@@ -9,9 +9,8 @@ import { mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { basename, dirname, join } from "node:path";
 import { after, before, test } from "node:test";
-import { isBamError } from "../../src/errors.js";
 import { planUpcycle, readRecipe, upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture } from "../helpers.js";
+import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
@@ -19,15 +18,6 @@ before(async () => { root = await mkdtemp(join(tmpdir(), "bam-api-")); });
 after(() => rm(root, { recursive: true, force: true }));
 
 const seeds = [fixture("llama", "base"), fixture("llama", "code"), fixture("llama", "math")];
-
-async function refused(call: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  await assert.rejects(call, (error: unknown) => {
-    assert.ok(isBamError(error), `a BamError, not ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    assert.match(error.message, message);
-    return true;
-  });
-}
 
 test("unknown, mistyped and missing options are refused by name, with a suggestion where one is close", async () => {
   const output = join(root, "out");

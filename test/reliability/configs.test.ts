@@ -10,9 +10,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { openSeed } from "../../src/arch/load.js";
-import { isBamError } from "../../src/errors.js";
 import { planUpcycle, upcycle } from "../../src/upcycle/index.js";
-import { fixture } from "../helpers.js";
+import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
@@ -27,15 +26,6 @@ async function edited(variant: "base" | "code", edit: (config: Record<string, un
   edit(config);
   await writeFile(join(dir, "config.json"), JSON.stringify(config, null, 2));
   return dir;
-}
-
-async function refused(call: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  await assert.rejects(call, (error: unknown) => {
-    assert.ok(isBamError(error), `a BamError, not ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    assert.match(error.message, message);
-    return true;
-  });
 }
 
 test("rope scaling factors must be positive", async () => {

@@ -18,7 +18,7 @@ import { openModel } from "../../src/arch/model.js";
 import { BamError, isBamError } from "../../src/errors.js";
 import { RECIPE_MARKER } from "../../src/export/atomic.js";
 import { upcycle } from "../../src/upcycle/index.js";
-import { fixture } from "../helpers.js";
+import { deadPid, fixture } from "../helpers.js";
 import { folderBytes, folderHashes, runCli, type CliRun, writeSeed } from "./synth.js";
 
 let root: string;
@@ -159,18 +159,6 @@ for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
     assert.deepEqual(await folderHashes(previous), before);
     await rm(parent, { recursive: true });
   });
-}
-
-/** A pid that no process has now. */
-function deadPid(): number {
-  for (let pid = 4_000_000; pid > 1000; pid -= 7919) {
-    try {
-      process.kill(pid, 0);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === "ESRCH") return pid;
-    }
-  }
-  throw new Error("no free pid");
 }
 
 test("a run killed between moving the previous folder aside and moving the new one in: the previous folder comes back", async () => {

@@ -9,10 +9,9 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { isBamError } from "../../src/errors.js";
 import { generateText, prepareOnnx, type GenerationSettings } from "../../src/onnx/index.js";
 import { OnnxSession } from "../../src/onnx/session.js";
-import { fixture } from "../helpers.js";
+import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
@@ -26,15 +25,6 @@ before(async () => {
   ({ folder, modelFile } = await prepareOnnx(model, { output: join(root, "onnx") }));
 });
 after(() => rm(root, { recursive: true, force: true }));
-
-async function refused(call: Promise<unknown>, code: string, message: RegExp): Promise<void> {
-  await assert.rejects(call, (error: unknown) => {
-    assert.ok(isBamError(error), `a BamError, not ${String(error)}`);
-    assert.equal(error.code, code, error.message);
-    assert.match(error.message, message);
-    return true;
-  });
-}
 
 test("generateText refuses what the CLI refuses, before loading the model", async () => {
   await refused(generateText(folder, "", greedy), "OPTIONS_INVALID", /^prompt must be a non-empty string/);

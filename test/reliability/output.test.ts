@@ -15,7 +15,7 @@ import { openModel } from "../../src/arch/model.js";
 import { isBamError } from "../../src/errors.js";
 import { SafetensorsReader } from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
-import { fixture, withTempDir } from "../helpers.js";
+import { deadPid, fixture, withTempDir } from "../helpers.js";
 import { runCli, TINY, writeSeed } from "./synth.js";
 
 /** Relative path -> sha256 (or "dir") of everything under `root`, links not followed. */
@@ -283,14 +283,3 @@ test("--dtype keep with an f32 and a bf16 seed writes f32 throughout, as config.
     }
   }));
 
-/** A pid that no process has now. */
-function deadPid(): number {
-  for (let pid = 4_000_000; pid > 1000; pid -= 7919) {
-    try {
-      process.kill(pid, 0);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === "ESRCH") return pid;
-    }
-  }
-  throw new Error("no free pid");
-}
