@@ -116,7 +116,8 @@ class Pipeline:
         self.started = time.time()
         self.env = environment(self.cuda)
         self.onnx_pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one at a time: each uses every core
-        self.onnx_jobs = {}  # model name -> its `bam eval` future
+        self.onnx_jobs = {}  # model name -> its `bam eval` future (its result: the keys to record)
+        self.onnx_recorded = set()  # names whose future's result is in self.results
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -127,7 +128,12 @@ class Pipeline:
         return {"runs": {}, "heldout": {}, "upcycle": {}, "stages": {}}
 
     def save(self):
+        """Writes OUT/reproduction.json (main thread only), with the `bam eval` results finished so far."""
         with self.lock:
+            for name, job in list(self.onnx_jobs.items()):
+                if job.done() and name not in self.onnx_recorded:
+                    self.results["heldout"].setdefault(name, {}).update(job.result() or {})
+                    self.onnx_recorded.add(name)
             if self.args.bam_eval == "only":  # the training run's environment and times stay as they were
                 self.results["bam_eval_env"] = self.env
             else:
@@ -283,8 +289,8 @@ class Pipeline:
             self.save()
 
     def finish_onnx(self):
-        for job in self.onnx_jobs.values():
-            job.result()
+        concurrent.futures.wait(list(self.onnx_jobs.values()))
+        self.save()  # records every result
         for entry in self.results["heldout"].values():
             if "torch_check" in entry and "bam_eval" in entry:
                 entry["agreement"] = {d: abs(entry["torch_check"][d]["ppl"] - entry["bam_eval"][d]["ppl"]) / entry["torch_check"][d]["ppl"]
@@ -393,22 +399,20 @@ class Pipeline:
         if self.args.bam_eval == "off" or "bam_eval" in entry or name in self.onnx_jobs:
             return
 
-        def work():
+        def work():  # a worker thread: returns what to record; only the main thread touches self.results
             files = [self.data(d, "heldout") for d in DOMAINS]
             t0 = time.time()
             done = subprocess.run(["nice", "-n", "10", *self.bam, "eval", self.model(name), "--tokens", *files, "--context", str(self.s["seq_len"]),
                                    "--max-tokens", str(self.s["check_tokens"]), "--json"], capture_output=True, text=True)
             if done.returncode != 0:
                 log(f"bam eval {name} failed: {done.stderr.strip()}")
-                entry["bam_eval_error"] = done.stderr.strip()
-                return
+                return {"bam_eval_error": done.stderr.strip()}
             report = json.loads(done.stdout)
-            entry["bam_eval"] = {d: dict(nll=f["nll"] / f["predicted"], ppl=f["perplexity"], predicted=f["predicted"])
-                                 for d, f in zip(DOMAINS, report["files"])}
-            entry["bam_eval_seconds"] = round(time.time() - t0, 2)
-            entry["bam_eval_tokens_per_s"] = report["tokensPerSecond"]
-            log(f"bam eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in entry["bam_eval"].items()))
-            self.save()
+            found = {d: dict(nll=f["nll"] / f["predicted"], ppl=f["perplexity"], predicted=f["predicted"])
+                     for d, f in zip(DOMAINS, report["files"])}
+            log(f"bam eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in found.items()))
+            return {"bam_eval": found, "bam_eval_seconds": round(time.time() - t0, 2),
+                    "bam_eval_tokens_per_s": report["tokensPerSecond"]}
 
         self.onnx_jobs[name] = self.onnx_pool.submit(work)
 
