@@ -129,7 +129,7 @@ export async function upcycle(
       await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
         "config.json": `${JSON.stringify(config, null, 2)}\n`,
         "recipe.yaml": recipe,
-        "README.md": modelCard(plan, recipe, writer.remoteCode),
+        "README.md": modelCard(plan, recipe, writer.remoteCode, seeds),
       }, writer.remoteCode);
       if (hooks.signal?.aborted) throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`);
       await folder.commit();

@@ -61,6 +61,8 @@ export interface UpcycleOptions {
   force?: boolean;
   routerAuxLossCoef?: number;
   routerZLossCoef?: number;
+  /** Title of the model card; default: the output folder's name. */
+  name?: string;
 }
 
 export interface ResolvedOptions {
@@ -84,6 +86,7 @@ export interface ResolvedOptions {
   force: boolean;
   routerAuxLossCoef: number;
   routerZLossCoef: number;
+  name: string | null;
 }
 
 const invalid = (message: string): never => {
@@ -113,6 +116,7 @@ const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
   force: "boolean",
   routerAuxLossCoef: "number",
   routerZLossCoef: "number",
+  name: "string",
 };
 /** Most seeds an upcycle takes; checked before any seed is opened. */
 const MAX_SEEDS = 256;
@@ -273,7 +277,16 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     force: options.force ?? false,
     routerAuxLossCoef: coefficient("routerAuxLossCoef", options.routerAuxLossCoef, 0.01),
     routerZLossCoef: coefficient("routerZLossCoef", options.routerZLossCoef, 0.001),
+    name: modelName(options.name),
   };
+}
+
+/** The card's title: one line of printable text (it becomes a Markdown heading). */
+function modelName(name: string | undefined): string | null {
+  if (name === undefined) return null;
+  const title = name.trim();
+  if (title === "" || title.length > 200 || /[\p{Cc}\p{Zl}\p{Zp}]/u.test(title)) invalid(`name must be one line of at most 200 printable characters, not ${JSON.stringify(name).slice(0, 60)}`);
+  return title;
 }
 
 /** Recipe keys (YAML, kebab-case as the CLI flags) -> option names. */
@@ -297,6 +310,7 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   format: "format",
   "router-aux-loss-coef": "routerAuxLossCoef",
   "router-z-loss-coef": "routerZLossCoef",
+  name: "name",
 };
 
 /** A recipe (or a prompts file) is a screenful of options; this is far beyond any. */
@@ -412,6 +426,7 @@ export function recipeYaml(options: ResolvedOptions): string {
   }
   if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
   if (options.prompts === null) delete byKey.prompts; // only with --router-init hidden, and refused without it
+  if (options.name === null) delete byKey.name;
   if (options.sharedFrom === null) delete byKey["shared-from"];
   else delete byKey.weights; // unused, and refused beside it
   return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;

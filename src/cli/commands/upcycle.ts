@@ -25,6 +25,7 @@ interface UpcycleArgs {
   dtype?: string;
   "max-shard-size"?: string;
   format?: string;
+  name?: string;
   force: boolean;
   "dry-run": boolean;
   json: boolean;
@@ -63,6 +64,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
       .option("max-shard-size", { type: "string", describe: "Largest safetensors shard, e.g. 5GB (default), 500MB" })
       .option("format", { choices: OUTPUT_FORMATS, describe: "bam (default, remote code), or native mixtral / qwen3-moe where the model fits" })
+      .option("name", { type: "string", describe: "Title of the model card (default: the output folder's name)" })
       .option("force", { type: "boolean", default: false, describe: "Replace an existing output folder (only once the new one is complete)" })
       .option("dry-run", { type: "boolean", default: false, describe: "Print the plan and write nothing" })
       .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
@@ -119,6 +121,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     maxShardSize: args["max-shard-size"],
     format: args.format as UpcycleOptions["format"],
     force: args.force || undefined,
+    name: args.name,
   };
   const merged = { ...recipe } as Record<string, unknown>;
   for (const [key, value] of Object.entries(flags)) if (value !== undefined) merged[key] = value;
