@@ -87,7 +87,10 @@ function bySourceModel(entries: unknown[], expertModels: string[], path: string,
 }
 
 /** Router name -> rows [E, H] (float32), for every router of the plan, from --prompts by --router-init hidden or cheap-embed. */
-export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], promptsFile: string, signal?: AbortSignal): Promise<Map<string, Float32Array>> {
+/** `onProgress` counts prompts run through the averaged model (all at once for cheap-embed, which runs none). */
+export async function promptRouterRows(
+  plan: UpcyclePlan, seeds: Seed[], promptsFile: string, signal?: AbortSignal, onProgress?: (done: number, total: number) => void,
+): Promise<Map<string, Float32Array>> {
   const E = plan.moe.numExperts;
   const seedDirs = plan.options.seeds;
   const experts = await readPrompts(promptsFile, Array.from({ length: E }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!));
@@ -111,10 +114,12 @@ export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], prompts
     const model = averagedModel(plan, seeds);
     const embedding = toFloat32(await model.read("model.embed_tokens.weight"), "F32");
     const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, tokenized);
+    const prompts = tokenized.reduce((sum, x) => sum + x.positive.length + x.negative.length, 0);
+    onProgress?.(prompts, prompts);
     return new Map(plan.tensors.filter((t) => t.operation.kind === "router").map((t) => [t.name, rows]));
   }
   const lists = tokenized.flatMap((x) => [x.positive, x.negative]).filter((l) => l.length > 0);
-  const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal);
+  const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal, onProgress);
   let next = 0;
   const perExpert = experts.map((x) => ({ positive: means[next++]!, negative: x.negative.length > 0 ? means[next++]! : null }));
   const H = plan.features.hiddenSize;
