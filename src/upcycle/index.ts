@@ -18,7 +18,7 @@ import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { checkOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js";
-import { promptRouterRows } from "./router-init.js";
+import { promptRouterRows, promptsLabel, readPlanPrompts } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
 export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
@@ -110,7 +110,7 @@ export async function upcycle(
   return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
-    const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(plan.options.prompts === null ? [] : [plan.options.prompts])];
+    const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(typeof plan.options.prompts === "string" ? [plan.options.prompts] : [])];
     const folder = await openAtomicFolder(plan.options.output, { force: plan.options.force, inputs });
     let bytesWritten = 0;
     let totalBytes = 0;
@@ -124,9 +124,11 @@ export async function upcycle(
     });
     const averages = new AveragePool();
     try {
-      const routerRows = plan.options.prompts === null
+      const source = plan.options.prompts;
+      const prompts = source === null ? undefined : await readPlanPrompts(plan, source);
+      const routerRows = prompts === undefined
         ? undefined
-        : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal, (done, total) => report("router-init", done, total));
+        : await promptRouterRows(plan, seeds, prompts, promptsLabel(source!), hooks.signal, (done, total) => report("router-init", done, total));
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
       let current = "";
       // With several batches in flight, "current" is the tensor whose production started last.
@@ -151,7 +153,7 @@ export async function upcycle(
       plan.moe.upcycledFrom = seedHashes.map(({ name, sha256 }) => ({ name, sha256 }));
       const config = { ...writer.config };
       if (writer.remoteCode) config.upcycled_from = seedHashes;
-      const recipe = recipeYaml(plan.options);
+      const recipe = recipeYaml(plan.options, prompts);
       await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
         "config.json": `${JSON.stringify(config, null, 2)}\n`,
         "recipe.yaml": recipe,
