@@ -179,7 +179,7 @@ export async function saveLogits(modelDir: string, idsFile: string, outFile: str
   const vocab = model.features.vocabSize;
   const bad = ids.find((id) => id < 0n || id >= BigInt(vocab));
   if (bad !== undefined) throw new BamError("TENSOR_INVALID", `${idsFile}: input_ids holds ${bad}, outside the vocabulary [0, ${vocab})`);
-  const prepared = await prepareOnnx(modelDir, { force: options.force, signal: options.signal, onProgress: options.onBuild });
+  const prepared = await prepareOnnx(modelDir, { force: options.force, cacheDir: options.cacheDir, signal: options.signal, onProgress: options.onBuild });
   const session = await OnnxSession.open(prepared.modelFile);
   let logits: Float32Array;
   try {

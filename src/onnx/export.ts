@@ -5,21 +5,31 @@
  * of the weights it was built from.
  *
  * `prepareOnnx` is both `bam export-onnx` and the on-demand cache of
- * `bam eval` and `bam generate`: by default the folder is `onnx-cpu/` inside
- * the model folder, or, when that is not writable (or BAM_CACHE_DIR is set),
- * a folder under the user's cache. A folder whose key matches is reused;
- * any other is rebuilt, atomically.
+ * `bam eval` and `bam generate`. Unless told where (`output`), the folder is
+ * in the user's cache (`cacheDir`, else BAM_CACHE_DIR, XDG_CACHE_HOME or
+ * ~/.cache: src/cache-dir.ts), `onnx/<model folder name>-<key>`: never in the
+ * model folder, which may be read-only, under version control or a Hugging
+ * Face cache snapshot. A folder whose key matches is reused; a model whose
+ * key changed gets a new folder, and the folders of its earlier keys (their
+ * stamps name the same model folder) are removed once the new one is complete.
  *
  * The key hashes this engine's version, config.json, each weight file's
  * name, size, modification time and safetensors header, and the tokenizer
  * files' sizes and times. Rewriting weights (save_pretrained, an upcycle,
  * fine-tuning) changes times and usually headers, so the key catches it
  * without reading gigabytes of data on every run; hashing the data itself
- * would cost seconds to minutes per call on real models.
+ * would cost seconds to minutes per call on real models. (The device and
+ * inode add nothing here: a copied folder has new times anyway, and the
+ * same weights at another path may share an export.)
+ *
+ * Weights are stored as float32 whatever their dtype: onnxruntime's CPU
+ * provider has no bf16 kernels for MatMul or Gemm, so bf16 initializers
+ * would each need a Cast, which onnxruntime folds back into float32 copies
+ * at load: half the disk, the same memory, and a second graph to keep exact.
  */
 import { createHash } from "node:crypto";
-import { access, constants, copyFile, mkdir, open, readdir, readFile, realpath, stat, writeFile } from "node:fs/promises";
-import { basename, join, resolve, sep } from "node:path";
+import { copyFile, mkdir, open, readdir, readFile, realpath, rm, stat, writeFile } from "node:fs/promises";
+import { basename, dirname, join, resolve, sep } from "node:path";
 import { openModel, type OpenedModel } from "../arch/model.js";
 import { userCacheDir } from "../cache-dir.js";
 import { BamError, ioError } from "../errors.js";
@@ -29,15 +39,18 @@ import { MODEL_FILE, writeModel } from "./write.js";
 
 /** Bump when the graph a model produces changes: every cached export is rebuilt. */
 export const ENGINE_VERSION = 1;
-export const DEFAULT_FOLDER = "onnx-cpu";
 export const STAMP_FILE = "bam-onnx.json";
 const ONNX_SUBFOLDER = "onnx";
+/** The exports' folder inside the user cache. */
+const EXPORTS_SUBFOLDER = "onnx";
 const TOKENIZER_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$/;
 const PRODUCER_VERSION = "0.1.0";
 
 export interface PrepareOptions {
-  /** Export folder; default: see the file comment. */
+  /** Export folder; default: a folder in the cache (see the file comment). */
   output?: string;
+  /** The cache folder that holds exports by default; default: userCacheDir() (BAM_CACHE_DIR, XDG_CACHE_HOME or ~/.cache). */
+  cacheDir?: string;
   /** Rebuild even when the folder is up to date; replace a folder that is not an export. */
   force?: boolean;
   signal?: AbortSignal;
@@ -59,7 +72,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
   const model = await openModel(modelDir);
   try {
     const key = await sourceKey(model);
-    const folder = resolve(options.output ?? (await defaultFolder(modelDir)));
+    const folder = resolve(options.output ?? (await cacheFolder(modelDir, key, options.cacheDir)));
     const source = resolve(modelDir);
     if (source === folder || source.startsWith(`${folder}${sep}`)) {
       throw new BamError("OPTIONS_INVALID", `${folder}: the export would replace the model folder ${modelDir}; choose another output folder`);
@@ -73,12 +86,13 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
       await mkdir(join(target.path, ONNX_SUBFOLDER));
       await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), { signal: options.signal, onProgress: options.onProgress });
       await writeSideFiles(model, target.path);
-      await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify({ key, engine: ENGINE_VERSION, source: resolve(modelDir) }, null, 2)}\n`);
+      await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify({ key, engine: ENGINE_VERSION, source: await realSource(modelDir) }, null, 2)}\n`);
       await target.commit();
     } catch (error) {
       await target.discard();
       throw error;
     }
+    if (options.output === undefined) await removeEarlierExports(folder, await realSource(modelDir), key);
     return { folder, modelFile, built: true, key };
   } finally {
     await model.close();
@@ -188,30 +202,38 @@ async function safetensorsHeader(file: string): Promise<Uint8Array> {
   }
 }
 
-async function readStamp(folder: string): Promise<{ key: string } | null> {
+async function readStamp(folder: string): Promise<{ key: string; source?: string } | null> {
   try {
-    const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as { key?: unknown };
-    return typeof stamp.key === "string" ? { key: stamp.key } : null;
+    const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as { key?: unknown; source?: unknown };
+    return typeof stamp.key === "string" ? { key: stamp.key, ...(typeof stamp.source === "string" ? { source: stamp.source } : {}) } : null;
   } catch {
     return null; // no export there (or a broken one): build
   }
 }
 
-/** onnx-cpu/ in the model folder when writable, else (or with BAM_CACHE_DIR) a per-model folder in the user cache. */
-async function defaultFolder(modelDir: string): Promise<string> {
-  if (!process.env.BAM_CACHE_DIR && (await isWritable(modelDir))) return join(modelDir, DEFAULT_FOLDER);
-  const root = userCacheDir();
-  const real = await realpath(modelDir).catch((error: unknown) => { throw ioError(modelDir, error); });
-  const id = createHash("sha256").update(real).digest("hex").slice(0, 16);
-  return join(root, "onnx", `${basename(real)}-${id}`);
+async function realSource(modelDir: string): Promise<string> {
+  return realpath(modelDir).catch((error: unknown) => { throw ioError(modelDir, error); });
 }
 
-async function isWritable(dir: string): Promise<boolean> {
-  try {
-    await access(dir, constants.W_OK);
-    return true;
-  } catch {
-    return false;
+/** `<cache>/onnx/<model folder name>-<key>`: the model's content names its export. */
+async function cacheFolder(modelDir: string, key: string, cacheDir: string | undefined): Promise<string> {
+  return join(cacheDir ?? userCacheDir(), EXPORTS_SUBFOLDER, `${basename(await realSource(modelDir))}-${key.slice(0, 16)}`);
+}
+
+/**
+ * Removes the cache's other exports of the same model folder (earlier keys):
+ * only siblings of `folder` named like it whose stamp names `source`, so
+ * nothing but exports this cache made for this model is touched.
+ */
+async function removeEarlierExports(folder: string, source: string, key: string): Promise<void> {
+  const parent = dirname(folder);
+  const prefix = `${basename(source)}-`;
+  for (const entry of await readdir(parent).catch(() => [] as string[])) {
+    const other = join(parent, entry);
+    if (other === folder || !entry.startsWith(prefix) || !/^[0-9a-f]{16}$/.test(entry.slice(prefix.length))) continue;
+    const stamp = await readStamp(other);
+    if (stamp !== null && stamp.source === source && stamp.key !== key) await rm(other, { recursive: true, force: true });
   }
 }
+
 

@@ -20,7 +20,7 @@ export interface LayerInputMeans {
 }
 
 /** Runs every prompt (token ids) through `model`; one LayerInputMeans per prompt list. */
-export async function meanLayerInputs(model: OpenedModel, promptLists: number[][][], signal?: AbortSignal): Promise<LayerInputMeans[]> {
+export async function meanLayerInputs(model: OpenedModel, promptLists: number[][][], signal?: AbortSignal, onPrompt?: (done: number, total: number) => void): Promise<LayerInputMeans[]> {
   const dir = await mkdtemp(join(tmpdir(), "bam-probe-"));
   try {
     await writeOnnx(model, dir, { probes: true, signal });
@@ -29,6 +29,9 @@ export async function meanLayerInputs(model: OpenedModel, promptLists: number[][
       const { numLayers: layers, hiddenSize: H } = model.features;
       const names = Array.from({ length: layers }, (_, l) => [`attn_input.${l}`, `ffn_input.${l}`]).flat();
       const results: LayerInputMeans[] = [];
+      const total = promptLists.reduce((sum, prompts) => sum + prompts.length, 0);
+      let done = 0;
+      onPrompt?.(done, total);
       for (const prompts of promptLists) {
         if (prompts.length === 0) throw new BamError("OPTIONS_INVALID", "a prompt list is empty");
         const sums = names.map(() => new Float64Array(H));
@@ -40,6 +43,7 @@ export async function meanLayerInputs(model: OpenedModel, promptLists: number[][
             const sum = sums[i]!;
             for (let t = 0; t < ids.length; t++) for (let h = 0; h < H; h++) sum[h] = sum[h]! + states[t * H + h]! / ids.length / prompts.length;
           });
+          onPrompt?.(++done, total);
         }
         results.push({ attention: sums.filter((_, i) => i % 2 === 0), ffn: sums.filter((_, i) => i % 2 === 1) });
       }

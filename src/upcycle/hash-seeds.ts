@@ -2,6 +2,7 @@
  * sha256 of each seed's files, computed on worker threads while the main
  * thread writes the model, and remembered (hash-cache.ts) for the next run.
  */
+import { stat } from "node:fs/promises";
 import { availableParallelism } from "node:os";
 import { basename, join } from "node:path";
 import { Worker } from "node:worker_threads";
@@ -11,7 +12,8 @@ import type { Seed } from "../arch/index.js";
 import type { SeedRecord } from "../arch/model.js";
 import { HashCache } from "./hash-cache.js";
 
-// One file per message. Synchronous reads into one reused buffer: on its own
+// One file per message, answered with { bytes } every 64 MiB read (progress)
+// and then its hash. Synchronous reads into one reused buffer: on its own
 // thread nothing waits on them, and a stream's fresh 4 MiB chunks cost more
 // than the hashing.
 const WORKER_SOURCE = `
@@ -23,8 +25,14 @@ parentPort.on("message", (file) => {
   try {
     const hash = createHash("sha256");
     const fd = openSync(file, "r");
+    let unreported = 0;
     try {
-      for (let n; (n = readSync(fd, buffer, 0, buffer.length, null)) > 0;) hash.update(buffer.subarray(0, n));
+      for (let n; (n = readSync(fd, buffer, 0, buffer.length, null)) > 0;) {
+        hash.update(buffer.subarray(0, n));
+        unreported += n;
+        if (unreported >= 1 << 26) parentPort.postMessage({ bytes: unreported }), unreported = 0;
+      }
+      if (unreported > 0) parentPort.postMessage({ bytes: unreported });
     } finally {
       closeSync(fd);
     }
@@ -66,9 +74,10 @@ export interface HashedSeed extends SeedRecord {
 
 /**
  * Starts hashing now; await the result when it is needed. Files whose hash
- * is known (see HashCache) are not read. Rejects with IO_ERROR.
+ * is known (see HashCache) are not read; `onProgress` counts the bytes of
+ * the others. Rejects with IO_ERROR.
  */
-export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; cancel: () => void } {
+export function hashSeeds(seeds: SeedFiles[], onProgress?: (done: number, total: number) => void): { result: Promise<HashedSeed[]>; cancel: () => void } {
   const workers: Worker[] = [];
   let cancelled = false;
   const result = (async () => {
@@ -79,7 +88,10 @@ export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; 
     if (cancelled) throw new BamError("ABORTED", "hashing seed files: cancelled");
     if (unknown.length > 0) {
       const files = [...new Set(unknown.map((l) => l.real))]; // [s, s, s] reads s once
-      const hashes = await hashFiles(files, HASH_THREADS, workers);
+      const total = (await Promise.all(files.map((file) => stat(file)))).reduce((sum, s) => sum + s.size, 0);
+      let done = 0;
+      onProgress?.(done, total);
+      const hashes = await hashFiles(files, HASH_THREADS, workers, (bytes) => onProgress?.((done += bytes), total));
       for (const l of unknown) l.sha256 = hashes[files.indexOf(l.real)]!;
       await cache.save(unknown, unknown.map((l) => l.sha256!));
     }
@@ -98,19 +110,21 @@ export function hashSeeds(seeds: SeedFiles[]): { result: Promise<HashedSeed[]>; 
  * The files' sha256s, in order, from up to `threads` worker threads (pushed
  * onto `workers`, for cancel), each taking the next file when it is done.
  */
-export async function hashFiles(files: string[], threads: number, workers: Worker[] = []): Promise<string[]> {
+export async function hashFiles(files: string[], threads: number, workers: Worker[] = [], onBytes?: (bytes: number) => void): Promise<string[]> {
   const hashes: string[] = new Array(files.length);
   let next = 0;
   const hashOn = (worker: Worker) => new Promise<void>((resolve, reject) => {
     const fail = (why: string) => reject(new BamError("IO_ERROR", `hashing seed files: ${why}`));
+    let at = -1;
+    worker.on("message", (message: { bytes: number } | { sha256: string } | { error: string }) => {
+      if ("bytes" in message) return onBytes?.(message.bytes);
+      if ("error" in message) return fail(message.error);
+      hashes[at] = message.sha256;
+      take();
+    });
     const take = () => {
       if (next === files.length) return resolve();
-      const at = next++;
-      worker.once("message", (message: { sha256: string } | { error: string }) => {
-        if ("error" in message) return fail(message.error);
-        hashes[at] = message.sha256;
-        take();
-      });
+      at = next++;
       worker.postMessage(files[at]);
     };
     worker.once("error", (error) => fail(error.message));

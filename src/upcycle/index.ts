@@ -18,17 +18,31 @@ import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
 import { checkOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js";
-import { promptRouterRows } from "./router-init.js";
+import { promptRouterRows, promptsLabel, readPlanPrompts } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
 export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
 export type { DownloadProgress } from "../hub/index.js";
 export { readRecipe, recipeYaml } from "./options.js";
 
+/**
+ * The long stages of an upcycle, in this order: "router-init" (with
+ * routerInit "hidden" or "cheap-embed": prompts run through the averaged
+ * model), "writing" (the output's bytes) and "hashing" (seed files whose
+ * sha256 for upcycled_from is still unknown when the writing ends; at least
+ * one event, done = total = 0 when every hash was known or done).
+ */
+export type UpcycleStage = "router-init" | "writing" | "hashing";
+
 export interface UpcycleProgress {
+  stage: UpcycleStage;
+  /** Progress of this stage: prompts for "router-init", bytes otherwise. */
+  done: number;
+  total: number;
+  /** Output bytes written so far, and in all (0 before "writing"). */
   bytesWritten: number;
   totalBytes: number;
-  /** Output tensor being written. */
+  /** Output tensor being written ("writing" only). */
   tensor: string;
 }
 
@@ -96,40 +110,54 @@ export async function upcycle(
   return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
-    const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(plan.options.prompts === null ? [] : [plan.options.prompts])];
+    const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(typeof plan.options.prompts === "string" ? [plan.options.prompts] : [])];
     const folder = await openAtomicFolder(plan.options.output, { force: plan.options.force, inputs });
-    const hashing = hashSeeds(seeds.map(filesToHash));
+    let bytesWritten = 0;
+    let totalBytes = 0;
+    let hashed: [number, number] | undefined; // bytes hashed and to hash, once the hashing threads know
+    let writing = true; // hashing runs behind the copy; its progress is shown once the copy is done
+    const report = (stage: UpcycleStage, done: number, total: number, tensor = "") =>
+      hooks.onProgress?.({ stage, done, total, bytesWritten, totalBytes, tensor });
+    const hashing = hashSeeds(seeds.map(filesToHash), (done, total) => {
+      hashed = [done, total];
+      if (!writing) report("hashing", done, total);
+    });
     const averages = new AveragePool();
     try {
-      const routerRows = plan.options.prompts === null ? undefined : await promptRouterRows(plan, seeds, plan.options.prompts, hooks.signal);
+      const source = plan.options.prompts;
+      const prompts = source === null ? undefined : await readPlanPrompts(plan, source);
+      const routerRows = prompts === undefined
+        ? undefined
+        : await promptRouterRows(plan, seeds, prompts, promptsLabel(source!), hooks.signal, (done, total) => report("router-init", done, total));
       const writer = formatWriter(plan.options.format, plan.features, plan.moe, plan.tensors[0]!.dtype, seeds[0]!.rawConfig);
-      let bytesWritten = 0;
       let current = "";
       // With several batches in flight, "current" is the tensor whose production started last.
       const tensors = tensorsToWrite(plan, seeds, averages, writer.rename, routerRows).map((t): TensorToWrite => ("fill" in t
         ? { ...t, fill: (offset, into) => ((current = t.name), t.fill(offset, into)) }
         : { ...t, data: () => ((current = t.name), t.data()) }));
-      const totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
+      totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,
         metadata: SHARD_METADATA,
         signal: hooks.signal,
         onBytes: (n) => {
           bytesWritten += n;
-          hooks.onProgress?.({ bytesWritten, totalBytes, tensor: current });
+          report("writing", bytesWritten, totalBytes, current);
         },
       });
       await averages.close();
-      const hashed = await hashing.result;
+      writing = false;
+      report("hashing", ...(hashed ?? [0, 0]));
+      const seedHashes = await hashing.result;
       for (const seed of seeds) await seed.checkUnchanged(); // what was read and hashed is one version of each seed
-      plan.moe.upcycledFrom = hashed.map(({ name, sha256 }) => ({ name, sha256 }));
+      plan.moe.upcycledFrom = seedHashes.map(({ name, sha256 }) => ({ name, sha256 }));
       const config = { ...writer.config };
-      if (writer.remoteCode) config.upcycled_from = hashed;
-      const recipe = recipeYaml(plan.options);
+      if (writer.remoteCode) config.upcycled_from = seedHashes;
+      const recipe = recipeYaml(plan.options, prompts);
       await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
         "config.json": `${JSON.stringify(config, null, 2)}\n`,
         "recipe.yaml": recipe,
-        "README.md": modelCard(plan, recipe, writer.remoteCode),
+        "README.md": modelCard(plan, recipe, writer.remoteCode, seeds),
       }, writer.remoteCode);
       if (hooks.signal?.aborted) throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`);
       await folder.commit();
@@ -139,7 +167,7 @@ export async function upcycle(
         files: written.files.map((file) => join(plan.options.output, basename(file))), // where they are now, not the temp folder
         bytesWritten,
         seconds: (performance.now() - started) / 1000,
-        seeds: hashed,
+        seeds: seedHashes,
       };
     } catch (error) {
       hashing.cancel();

@@ -3,10 +3,13 @@
  * them, and resolved with every default filled in (what the plan records and
  * the output's recipe.yaml repeats, so a run can be reproduced).
  */
+import { existsSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import YAML, { Lexer } from "yaml";
 import { BamError, ioError, isBamError } from "../errors.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
+import { parseRepoRef } from "../hub/index.js";
 import { fromMergekit, isMergekitConfig } from "./mergekit.js";
 
 export type OutputDType = "keep" | "bf16" | "f16" | "f32";
@@ -47,8 +50,8 @@ export interface UpcycleOptions {
   /** Copy every shared tensor (embeddings, norms, head, merged or shared attention) from this model instead of averaging the seeds (mergekit-moe's base_model); a seed or another model of the same architecture. */
   sharedFrom?: string;
   routerInit?: RouterInit;
-  /** With routerInit "hidden" or "cheap-embed": YAML file of prompts per expert (see ./router-init.ts). */
-  prompts?: string;
+  /** With routerInit "hidden" or "cheap-embed": YAML file of prompts per expert (see ./router-init.ts), or the same mapping inline. */
+  prompts?: string | PromptsMapping;
   /** Scale of the random router init relative to the fan-in init (Switch: 0.1). */
   routerScale?: number;
   /** Seed of every random choice (routers, Drop-Upcycling). */
@@ -61,7 +64,12 @@ export interface UpcycleOptions {
   force?: boolean;
   routerAuxLossCoef?: number;
   routerZLossCoef?: number;
+  /** Title of the model card; default: the output folder's name. */
+  name?: string;
 }
+
+/** A prompts file's content as a mapping, `{ experts: [{ positive_prompts, negative_prompts }, ...] }`: what a recipe holds inline. */
+export type PromptsMapping = { experts: unknown[] } & Record<string, unknown>;
 
 export interface ResolvedOptions {
   seeds: string[];
@@ -75,7 +83,7 @@ export interface ResolvedOptions {
   weights: number[];
   sharedFrom: string | null;
   routerInit: RouterInit;
-  prompts: string | null;
+  prompts: string | PromptsMapping | null;
   routerScale: number;
   seed: number;
   dtype: OutputDType;
@@ -84,6 +92,7 @@ export interface ResolvedOptions {
   force: boolean;
   routerAuxLossCoef: number;
   routerZLossCoef: number;
+  name: string | null;
 }
 
 const invalid = (message: string): never => {
@@ -91,7 +100,7 @@ const invalid = (message: string): never => {
 };
 
 /** What each option holds; a new option gets its line here (the compiler insists), and the recipe key below. */
-type ValueKind = "paths" | "path" | "string" | "number" | "numbers" | "size" | "boolean";
+type ValueKind = "paths" | "path" | "prompts" | "string" | "number" | "numbers" | "size" | "boolean";
 const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
   seeds: "paths",
   output: "path",
@@ -104,7 +113,7 @@ const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
   weights: "numbers",
   sharedFrom: "path",
   routerInit: "string",
-  prompts: "path",
+  prompts: "prompts",
   routerScale: "number",
   seed: "number",
   dtype: "string",
@@ -113,6 +122,7 @@ const OPTION_KINDS: Readonly<Record<keyof UpcycleOptions, ValueKind>> = {
   force: "boolean",
   routerAuxLossCoef: "number",
   routerZLossCoef: "number",
+  name: "string",
 };
 /** Most seeds an upcycle takes; checked before any seed is opened. */
 const MAX_SEEDS = 256;
@@ -120,6 +130,7 @@ const MAX_SEEDS = 256;
 const KIND_TEXT: Readonly<Record<ValueKind, string>> = {
   paths: "a list of folder paths",
   path: "a path",
+  prompts: "a path or a mapping with experts: [...]",
   string: "a string",
   number: "a number",
   numbers: "a list of numbers",
@@ -137,11 +148,14 @@ function describeValue(value: unknown): string {
 }
 
 const isPath = (value: unknown) => typeof value === "string" && value !== "" && !value.includes("\0");
+const isPromptsMapping = (value: unknown): value is PromptsMapping =>
+  value !== null && typeof value === "object" && !Array.isArray(value) && Array.isArray((value as { experts?: unknown }).experts);
 
 function hasKind(value: unknown, kind: ValueKind): boolean {
   switch (kind) {
     case "paths": return Array.isArray(value) && value.every(isPath);
     case "path": return isPath(value);
+    case "prompts": return isPath(value) || isPromptsMapping(value);
     case "string": return typeof value === "string";
     case "number": return typeof value === "number";
     case "numbers": return Array.isArray(value) && value.every((v) => typeof v === "number");
@@ -243,7 +257,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
   if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`routerScale must be a positive number, not ${routerScale}`);
   const routerInit = oneOf("routerInit", options.routerInit, ROUTER_INITS, "random");
   const fromPrompts = PROMPT_ROUTER_INITS.includes(routerInit);
-  if (fromPrompts && typeof options.prompts !== "string") invalid(`routerInit "${routerInit}" needs prompts (a YAML file of prompts per expert)`);
+  if (fromPrompts && options.prompts === undefined) invalid(`routerInit "${routerInit}" needs prompts (a YAML file of prompts per expert)`);
   if (!fromPrompts && options.prompts !== undefined) invalid('prompts goes with routerInit "hidden" or "cheap-embed"');
   const sharedFrom = options.sharedFrom ?? null;
   if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0"))) invalid("sharedFrom must be a model folder");
@@ -273,7 +287,16 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     force: options.force ?? false,
     routerAuxLossCoef: coefficient("routerAuxLossCoef", options.routerAuxLossCoef, 0.01),
     routerZLossCoef: coefficient("routerZLossCoef", options.routerZLossCoef, 0.001),
+    name: modelName(options.name),
   };
+}
+
+/** The card's title: one line of printable text (it becomes a Markdown heading). */
+function modelName(name: string | undefined): string | null {
+  if (name === undefined) return null;
+  const title = name.trim();
+  if (title === "" || title.length > 200 || /[\p{Cc}\p{Zl}\p{Zp}]/u.test(title)) invalid(`name must be one line of at most 200 printable characters, not ${JSON.stringify(name).slice(0, 60)}`);
+  return title;
 }
 
 /** Recipe keys (YAML, kebab-case as the CLI flags) -> option names. */
@@ -297,6 +320,7 @@ const RECIPE_KEYS: Record<string, keyof UpcycleOptions> = {
   format: "format",
   "router-aux-loss-coef": "routerAuxLossCoef",
   "router-z-loss-coef": "routerZLossCoef",
+  name: "name",
 };
 
 /** A recipe (or a prompts file) is a screenful of options; this is far beyond any. */
@@ -361,7 +385,22 @@ export async function readYamlFile(path: string): Promise<unknown> {
   }
 }
 
-/** Reads a recipe file into options; flags given on the command line override it. */
+/**
+ * A model named in a recipe: a path relative to the recipe's folder when
+ * one exists there; else a Hugging Face id owner/name[@revision] stays an
+ * id; else the path (reported missing when opened). The hub's rule
+ * (src/hub), with the recipe's folder in place of the current one.
+ */
+function recipeModel(value: string, recipePath: string): string {
+  const local = resolve(dirname(recipePath), value);
+  return existsSync(local) || parseRepoRef(value) === undefined ? local : value;
+}
+
+/**
+ * Reads a recipe file into options; flags given on the command line override
+ * it. Paths (seeds, shared-from, a prompts file) are relative to the recipe's
+ * folder; prompts may also be inline, the prompts file's mapping itself.
+ */
 export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>> {
   const parsed = await readYamlFile(path);
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed)) {
@@ -374,14 +413,21 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
     if (name === undefined) {
       throw new BamError("RECIPE_INVALID", `${path}: unknown key "${key}"; known keys: ${Object.keys(RECIPE_KEYS).join(", ")}`);
     }
+    if (name === "prompts" && isPromptsMapping(value)) {
+      options.prompts = value;
+      continue;
+    }
     const wantsList = name === "seeds" || name === "weights";
     const typeOk = wantsList ? Array.isArray(value) : ["string", "number", "boolean"].includes(typeof value);
-    if (!typeOk) throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be ${wantsList ? "a list" : "a single value"}`);
+    if (!typeOk) throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be ${wantsList ? "a list" : name === "prompts" ? "a path or a mapping with experts: [...]" : "a single value"}`);
     const item = name === "seeds" ? "string" : "number";
     if (wantsList && !(value as unknown[]).every((v) => typeof v === item)) {
       throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be a list of ${name === "seeds" ? "folder names" : "numbers"}`);
     }
-    options[name] = value;
+    options[name] = name === "seeds" ? (value as string[]).map((seed) => (seed === "" ? seed : recipeModel(seed, path)))
+      : name === "sharedFrom" && typeof value === "string" && value !== "" ? recipeModel(value, path)
+      : name === "prompts" && typeof value === "string" && value !== "" ? resolve(dirname(path), value)
+      : value;
   }
   return options as Partial<UpcycleOptions>;
 }
@@ -404,15 +450,29 @@ export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<v
   });
 }
 
-/** The recipe written into the output folder: every resolved option, in recipe keys. */
-export function recipeYaml(options: ResolvedOptions): string {
+/**
+ * The recipe written into the output folder: every resolved option, in
+ * recipe keys, reproducing the model from any folder: seeds and shared-from
+ * as absolute paths (a Hugging Face id, which names no local path, as it is),
+ * and the experts' prompts (as read) inline.
+ */
+export function recipeYaml(options: ResolvedOptions, prompts?: ReadonlyArray<{ positive: string[]; negative: string[] }>): string {
+  const absolute = (model: string) => (existsSync(model) ? resolve(model) : model); // the hub's rule: an existing path is a folder
   const byKey: Record<string, unknown> = {};
   for (const [key, name] of Object.entries(RECIPE_KEYS)) {
     byKey[key] = name === "maxShardSize" ? options.maxShardBytes : options[name as keyof ResolvedOptions];
   }
+  byKey.seeds = options.seeds.map(absolute);
   if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
   if (options.prompts === null) delete byKey.prompts; // only with --router-init hidden, and refused without it
+  else if (prompts !== undefined) {
+    byKey.prompts = { experts: prompts.map((p) => ({ positive_prompts: p.positive, ...(p.negative.length > 0 ? { negative_prompts: p.negative } : {}) })) };
+  }
+  if (options.name === null) delete byKey.name;
   if (options.sharedFrom === null) delete byKey["shared-from"];
-  else delete byKey.weights; // unused, and refused beside it
+  else {
+    byKey["shared-from"] = absolute(options.sharedFrom);
+    delete byKey.weights; // unused, and refused beside it
+  }
   return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
 }

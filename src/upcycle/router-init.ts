@@ -34,7 +34,7 @@ import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { resolveModelReference } from "./mergekit.js";
-import { readYamlFile } from "./options.js";
+import { readYamlFile, type PromptsMapping } from "./options.js";
 import { sharedIndex, type UpcyclePlan } from "./plan.js";
 
 export interface ExpertPrompts {
@@ -44,9 +44,19 @@ export interface ExpertPrompts {
 
 const EXPERT_KEYS = new Set(["positive_prompts", "negative_prompts", "source_model"]);
 
-/** The prompts of each expert; `expertModels[e]` is the seed expert e comes from, for a mergekit config's `source_model`. */
-export async function readPrompts(path: string, expertModels: string[]): Promise<ExpertPrompts[]> {
-  const parsed = await readYamlFile(path);
+/** How messages name the prompts: the file, or the mapping a recipe holds inline. */
+export function promptsLabel(source: string | PromptsMapping): string {
+  return typeof source === "string" ? source : "prompts (inline in the recipe)";
+}
+
+/**
+ * The prompts of each expert, from a YAML file or the same mapping inline
+ * (a recipe's `prompts:`); `expertModels[e]` is the seed expert e comes from,
+ * for a mergekit config's `source_model`.
+ */
+export async function readPrompts(source: string | PromptsMapping, expertModels: string[]): Promise<ExpertPrompts[]> {
+  const parsed = typeof source === "string" ? await readYamlFile(source) : source;
+  const path = promptsLabel(source);
   const fail = (why: string): never => {
     throw new BamError("RECIPE_INVALID", `${path}: ${why}`);
   };
@@ -86,11 +96,21 @@ function bySourceModel(entries: unknown[], expertModels: string[], path: string,
   });
 }
 
-/** Router name -> rows [E, H] (float32), for every router of the plan, from --prompts by --router-init hidden or cheap-embed. */
-export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], promptsFile: string, signal?: AbortSignal): Promise<Map<string, Float32Array>> {
-  const E = plan.moe.numExperts;
+/** The plan's prompts (--prompts), one entry per expert. */
+export function readPlanPrompts(plan: UpcyclePlan, source: string | PromptsMapping): Promise<ExpertPrompts[]> {
   const seedDirs = plan.options.seeds;
-  const experts = await readPrompts(promptsFile, Array.from({ length: E }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!));
+  return readPrompts(source, Array.from({ length: plan.moe.numExperts }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!));
+}
+
+/**
+ * Router name -> rows [E, H] (float32), for every router of the plan, from the experts' prompts
+ * (readPlanPrompts; `promptsFile` names them in messages) by --router-init hidden or cheap-embed.
+ * `onProgress` counts prompts run through the averaged model (all at once for cheap-embed, which runs none).
+ */
+export async function promptRouterRows(
+  plan: UpcyclePlan, seeds: Seed[], experts: ExpertPrompts[], promptsFile: string, signal?: AbortSignal, onProgress?: (done: number, total: number) => void,
+): Promise<Map<string, Float32Array>> {
+  const E = plan.moe.numExperts;
   // The CPU engine loads only here: upcycles without prompts start without it.
   const { loadTokenizer, meanLayerInputs } = await import("../onnx/index.js");
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
@@ -111,10 +131,12 @@ export async function promptRouterRows(plan: UpcyclePlan, seeds: Seed[], prompts
     const model = averagedModel(plan, seeds);
     const embedding = toFloat32(await model.read("model.embed_tokens.weight"), "F32");
     const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, tokenized);
+    const prompts = tokenized.reduce((sum, x) => sum + x.positive.length + x.negative.length, 0);
+    onProgress?.(prompts, prompts);
     return new Map(plan.tensors.filter((t) => t.operation.kind === "router").map((t) => [t.name, rows]));
   }
   const lists = tokenized.flatMap((x) => [x.positive, x.negative]).filter((l) => l.length > 0);
-  const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal);
+  const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal, onProgress);
   let next = 0;
   const perExpert = experts.map((x) => ({ positive: means[next++]!, negative: x.negative.length > 0 ? means[next++]! : null }));
   const H = plan.features.hiddenSize;

@@ -8,7 +8,7 @@
 import assert from "node:assert/strict";
 import { spawn, spawnSync } from "node:child_process";
 import { cp, mkdir, readdir, stat, utimes, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, test } from "node:test";
 import type { BamError } from "../../src/errors.js";
@@ -128,24 +128,27 @@ describe("bam eval, generate, export-onnx", () => {
       assert.ok(Math.abs(first.overall.nll - expected[0]!) <= 1e-4 * Math.abs(expected[0]!));
     }));
 
-  test("export-onnx writes a transformers.js folder; the cache is reused, and rebuilt when the weights change", () =>
+  test("export-onnx writes a transformers.js folder into the user cache, not the model folder; reused, and rebuilt when the weights change", () =>
     withTempDir(async (dir) => {
       const model = join(dir, "model");
+      const cacheDir = join(dir, "cache");
       await cp(fixture("gpt2", "base"), model, { recursive: true });
-      const first = bam(["export-onnx", model, "--json"], null);
+      const before = (await readdir(model)).sort();
+      const first = bam(["export-onnx", model, "--json"], cacheDir);
       assert.equal(first.status, 0, first.stderr);
       const result = JSON.parse(first.stdout);
       assert.equal(result.built, true);
-      assert.equal(result.folder, join(model, "onnx-cpu"), "a writable model folder holds its own export");
+      assert.equal(dirname(result.folder), join(cacheDir, "onnx"), "in BAM_CACHE_DIR");
+      assert.deepEqual((await readdir(model)).sort(), before, "nothing written into the model folder");
       assert.deepEqual((await readdir(result.folder)).sort(), ["bam-onnx.json", "config.json", "generation_config.json", "onnx", "tokenizer.json", "tokenizer_config.json"]);
       assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), ["model.onnx", "model.onnx_data"]);
-      assert.equal((await prepareOnnx(model)).built, false, "unchanged weights: reused");
+      assert.equal((await prepareOnnx(model, { cacheDir })).built, false, "unchanged weights: reused");
       const weights = join(model, "model.safetensors");
       const later = new Date((await stat(weights)).mtimeMs + 5000);
       await utimes(weights, later, later);
-      assert.equal((await prepareOnnx(model)).built, true, "touched weights: rebuilt");
-      assert.equal((await prepareOnnx(model, { force: true })).built, true, "--force: rebuilt");
-      const generate = bam(["generate", model, "--prompt", "The experts", "--max-new-tokens", "4", "--json"], null);
+      assert.equal((await prepareOnnx(model, { cacheDir })).built, true, "touched weights: rebuilt");
+      assert.equal((await prepareOnnx(model, { cacheDir, force: true })).built, true, "--force: rebuilt");
+      const generate = bam(["generate", model, "--prompt", "The experts", "--max-new-tokens", "4", "--json"], cacheDir);
       assert.equal(generate.status, 0, generate.stderr);
       assert.equal(JSON.parse(generate.stdout).newIds.length, 4);
     }));

@@ -27,7 +27,7 @@ test("scripts/reproduce.sh --scale tiny runs every stage and the engines agree",
     await copyFile("data/corpus/tokenizer.json", join(dir, "tokenizer.json"));
     const out = join(dir, "out");
     const run = spawnSync("scripts/reproduce.sh", ["--scale", "tiny", "--data", tokens, "--out", out, "--jobs", "2", "--device", "cpu", "--seeds", "1"],
-      { encoding: "utf8", env: { ...process.env, PYTHON: PYTHON! } });
+      { encoding: "utf8", env: { ...process.env, PYTHON: PYTHON!, BAM_CACHE_DIR: join(dir, "bam-cache") } }); // bam eval's builds, removed with the run
     assert.equal(run.status, 0, run.stdout.slice(-3000) + run.stderr.slice(-3000));
     const results = JSON.parse(await readFile(join(out, "reproduction.json"), "utf8"));
     const mixed = [...["dense", "sparse", "btx", "bam-shared-kv", "bam-kv", "bam-kv-renorm", "btx-renorm"].map((m) => `${m}-dm-s0`),

@@ -2,7 +2,7 @@ import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
 import { DEFAULT_NORM_TOPK_PROB, inFlagWords, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
-import { planUpcycle, readRecipe, upcycle, type DownloadProgress, type UpcycleOptions, type UpcyclePlan } from "../../upcycle/index.js";
+import { planUpcycle, readRecipe, upcycle, type DownloadProgress, type UpcycleOptions, type UpcyclePlan, type UpcycleProgress, type UpcycleStage } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar, type ProgressBar } from "../progress.js";
 import { numberFlag, printJson, runCommand } from "../run.js";
 
@@ -25,6 +25,7 @@ interface UpcycleArgs {
   dtype?: string;
   "max-shard-size"?: string;
   format?: string;
+  name?: string;
   force: boolean;
   "dry-run": boolean;
   json: boolean;
@@ -63,6 +64,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
       .option("dtype", { choices: OUTPUT_DTYPES, describe: "Output dtype (default keep: the seeds' dtype, f32 when they differ)" })
       .option("max-shard-size", { type: "string", describe: "Largest safetensors shard, e.g. 5GB (default), 500MB" })
       .option("format", { choices: OUTPUT_FORMATS, describe: "bam (default, remote code), or native mixtral / qwen3-moe where the model fits" })
+      .option("name", { type: "string", describe: "Title of the model card (default: the output folder's name)" })
       .option("force", { type: "boolean", default: false, describe: "Replace an existing output folder (only once the new one is complete)" })
       .option("dry-run", { type: "boolean", default: false, describe: "Print the plan and write nothing" })
       .option("json", { type: "boolean", default: false, describe: "Print one JSON result on stdout" })
@@ -82,9 +84,9 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
         else printPlan(plan);
         return;
       }
-      const bar = progressBar("upcycling", "bytes");
-      const result = await upcycle(options, { signal, onDownload, onProgress: (p) => bar.update(p.bytesWritten, p.totalBytes) });
-      bar.finish();
+      const stages = stageBars();
+      const result = await upcycle(options, { signal, onDownload, onProgress: stages.update });
+      stages.finish();
       // On stderr either way: --json's stdout stays one JSON document (which lists them too).
       for (const warning of result.plan.warnings) process.stderr.write(`bam: warning: ${warning}\n`);
       if (args.json) {
@@ -119,6 +121,7 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
     maxShardSize: args["max-shard-size"],
     format: args.format as UpcycleOptions["format"],
     force: args.force || undefined,
+    name: args.name,
   };
   const merged = { ...recipe } as Record<string, unknown>;
   for (const [key, value] of Object.entries(flags)) if (value !== undefined) merged[key] = value;
@@ -126,6 +129,28 @@ async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
   if (typeof merged.output !== "string" && !args["dry-run"]) throw new BamError("OPTIONS_INVALID", "name the output folder with -o DIR");
   if (typeof merged.output !== "string") merged.output = "(dry run)";
   return merged as unknown as UpcycleOptions;
+}
+
+/** What each stage's bar says, and what it counts. */
+const STAGE_BARS: Readonly<Record<UpcycleStage, [string, "bytes" | "items"]>> = {
+  "router-init": ["routers from prompts", "items"],
+  writing: ["writing", "bytes"],
+  hashing: ["hashing seeds", "bytes"],
+};
+
+/** One labelled bar per upcycle stage, each finished when the next starts. */
+function stageBars(): { update: (progress: UpcycleProgress) => void; finish: () => void } {
+  let current: { stage: UpcycleStage; bar: ProgressBar } | undefined;
+  return {
+    update: ({ stage, done, total }) => {
+      if (current?.stage !== stage) {
+        current?.bar.finish();
+        current = { stage, bar: progressBar(...STAGE_BARS[stage]) };
+      }
+      current.bar.update(done, total);
+    },
+    finish: () => current?.bar.finish(),
+  };
 }
 
 /** One progress bar per repository downloaded (files already cached never reach the total; the next bar then redraws over it). */
