@@ -106,10 +106,12 @@ export function nativeModel(format: NativeFormat, config: HfConfig): { features:
   const layout = NATIVE_LAYOUTS[format];
   const { file, raw } = config;
   const bad = (key: string, want: string): never => {
-    throw new BamError("FEATURE_UNSUPPORTED", `${file}: "${key}" is ${show(raw[key])}; a ${layout.modelType} folder is read with ${want} (as bam upcycle --format ${format} writes it)`);
+    throw new BamError("CONFIG_INVALID", `${file}: "${key}" must be ${want}, found ${show(raw[key])}`);
   };
   for (const [key, want] of Object.entries(layout.required)) {
-    if (raw[key] != null && JSON.stringify(raw[key]) !== JSON.stringify(want)) bad(key, show(want));
+    if (raw[key] != null && JSON.stringify(raw[key]) !== JSON.stringify(want)) {
+      throw new BamError("FEATURE_UNSUPPORTED", `${file}: "${key}" is ${show(raw[key])}; ${layout.modelType} folders are read with ${show(want)}, as bam upcycle --format ${format} writes them`);
+    }
   }
   const family = layout.families[0]!;
   const features = featuresFromHfConfig(config, layout.spec(familySpec(family)));
