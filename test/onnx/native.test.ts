@@ -4,12 +4,13 @@
  * where the user chose none, and names every conflicting flag in one line;
  * the tools read the folders it writes: `bam inspect` reports the experts,
  * and `bam eval --ids --save-logits` gives the logits of the BAM folder of
- * the same merge (which the engine matches to modeling_bam.py elsewhere).
+ * the same merge (which the engine matches to modeling_bam.py elsewhere),
+ * `bam generate` its greedy tokens, and `bam export-onnx` writes its graph.
  * test/pytorch/native.test.ts checks stock transformers on the same folders.
  */
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { readdir } from "node:fs/promises";
+import { access, readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, test } from "node:test";
@@ -45,7 +46,7 @@ for (const { format, family, modelType, normTopkProb } of FORMATS) {
       assert.equal(plan.options.normTopkProb, normTopkProb);
     });
 
-    test("bam inspect reports the experts; bam eval gives the BAM folder's logits", () =>
+    test("bam inspect reports the experts; eval, generate and export-onnx run it as the BAM folder", () =>
       withTempDir(async (dir) => {
         const env = { BAM_CACHE_DIR: join(dir, "cache") };
         const native = join(dir, "native");
@@ -88,6 +89,18 @@ for (const { format, family, modelType, normTopkProb } of FORMATS) {
         const [got, want] = logits as [Float32Array, Float32Array];
         assert.ok(maxAbsDiff(want, new Float32Array(want.length)) > 0.1, "the logits are not trivial");
         assert.ok(maxAbsDiff(got, want) <= TOLERANCE, `max |native - bam| = ${maxAbsDiff(got, want)}`);
+
+        // generate runs the native folder greedily as the BAM folder; export-onnx writes its graph.
+        const [nativeIds, bamIds] = [native, bamFolder].map((folder) => {
+          const generated = bam(env, "generate", folder, "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--json");
+          assert.equal(generated.status, 0, generated.stderr);
+          return (JSON.parse(generated.stdout) as { newIds: number[] }).newIds;
+        });
+        assert.equal(nativeIds!.length, 8);
+        assert.deepEqual(nativeIds, bamIds);
+        const exported = bam(env, "export-onnx", native, "-o", join(dir, "onnx"));
+        assert.equal(exported.status, 0, exported.stderr);
+        await access(join(dir, "onnx", "onnx", "model.onnx"));
       }));
   });
 }
