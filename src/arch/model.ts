@@ -80,7 +80,7 @@ export async function openModel(dir: string): Promise<OpenedModel> {
   const native = nativeFormatOf(config.raw.model_type);
   if (native === undefined) return openDense(dir);
   const { features, moe } = nativeModel(native, config);
-  return openMixture(dir, config, NATIVE_LAYOUTS[native].modelType as ModelKind, features, moe, fromNativeName(native));
+  return openMixture(dir, config, NATIVE_LAYOUTS[native].modelType, features, moe, fromNativeName(native));
 }
 
 async function openDense(dir: string): Promise<OpenedModel> {

@@ -10,14 +10,14 @@
 import { BamError } from "../errors.js";
 import { featuresFromHfConfig, show, type HfConfig } from "./config.js";
 import { familySpec, type FamilySpec } from "./families.js";
-import type { MoeSettings } from "./model.js";
+import type { ModelKind, MoeSettings } from "./model.js";
 import type { ArchFeatures, Family } from "./types.js";
 
 export type NativeFormat = "mixtral" | "qwen3-moe";
 
 export interface NativeLayout {
   /** config.json `model_type` and `architectures`. */
-  modelType: string;
+  modelType: Exclude<ModelKind, "dense" | "bam">;
   architecture: string;
   /** Seed families the format holds; the first is the one its folders read back as. */
   families: readonly Family[];

@@ -90,8 +90,10 @@ export function formatWriter(
  * in a sequential block, and Mixtral's renormalised gate.
  */
 export function formatDefaults(format: OutputFormat | undefined): Pick<UpcycleOptions, "attention" | "block" | "normTopkProb"> {
-  if (format === undefined || format === "bam") return {};
-  return { attention: "merged", block: "sequential", ...(NATIVE_LAYOUTS[format].normTopkProbKey === null ? { normTopkProb: true } : {}) };
+  // Not yet validated (the API takes any string): anything but a native format implies nothing, and ./options.ts refuses it.
+  const layout = typeof format === "string" && Object.hasOwn(NATIVE_LAYOUTS, format) ? NATIVE_LAYOUTS[format as NativeFormat] : undefined;
+  if (layout === undefined) return {};
+  return { attention: "merged", block: "sequential", ...(layout.normTopkProbKey === null ? { normTopkProb: true } : {}) };
 }
 
 /** Config keys shared by the native MoE families (v5 rope_parameters, v4 rope_theta). */

@@ -17,7 +17,7 @@ import { describe, test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import type { Family } from "../../src/arch/types.js";
 import { planUpcycle, upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture, FIXTURES, maxAbsDiff, withTempDir } from "../helpers.js";
+import { fixture, FIXTURES, maxAbsDiff, refused, withTempDir } from "../helpers.js";
 import { readTensors } from "./engine.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
@@ -117,3 +117,6 @@ test("conflicting flags are all named in one line, and nothing is written", () =
     assert.match(lines[0]!, /--format mixtral cannot hold this model: .*change all of these, or use --format bam$/);
     assert.deepEqual(await readdir(dir), []);
   }));
+
+test("an unknown format given to the API is refused as an option, not by what it would imply", () =>
+  refused(planUpcycle({ seeds: [fixture("qwen3", "base")], output: "unused", format: "gguf" as "bam" }), "OPTIONS_INVALID", /format must be one of bam, mixtral, qwen3-moe, not "gguf"/));
