@@ -90,9 +90,8 @@ export function familyOf(config: HfConfig): FamilySpec {
   return spec;
 }
 
-/** The canonical features of a dense seed, from its config.json. */
-export function featuresFromHfConfig(config: HfConfig): ArchFeatures {
-  const spec = familyOf(config);
+/** The canonical features of a dense seed, from its config.json (read by `spec`: its family's adapter unless given). */
+export function featuresFromHfConfig(config: HfConfig, spec: FamilySpec = familyOf(config)): ArchFeatures {
   const cfg = new ConfigReader(config.raw, config.file);
   const family = spec.family;
 

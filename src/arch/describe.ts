@@ -5,7 +5,7 @@
 import { basename } from "node:path";
 import { BamError } from "../errors.js";
 import { isFloatDType, toFloat32 } from "../safetensors/index.js";
-import type { AttentionExperts, BlockKind, ModelTensor, OpenedModel } from "./model.js";
+import type { AttentionExperts, BlockKind, ModelKind, ModelTensor, OpenedModel } from "./model.js";
 import type { ArchFeatures } from "./types.js";
 
 export interface ParameterCounts {
@@ -16,7 +16,7 @@ export interface ParameterCounts {
 
 export interface ModelSummary {
   dir: string;
-  kind: "dense" | "bam";
+  kind: ModelKind;
   family: string;
   block: BlockKind;
   layers: number;

@@ -1,9 +1,10 @@
 /**
- * Any model folder we read: a dense seed of a supported family, or a BAM
+ * Any model folder we read: a dense seed of a supported family, a BAM
  * folder written by the upcycler (or saved back by modeling_bam.py after
- * fine-tuning). Both come out as the BAM view of docs/format.md: a dense
- * seed is a BAM model with one expert, merged attention, no routers, and its
- * FFN under mlp.experts.0.
+ * fine-tuning), or a native Mixtral or Qwen3-MoE folder (`bam upcycle
+ * --format`, ./native.ts). All come out as the BAM view of docs/format.md: a
+ * dense seed is a BAM model with one expert, merged attention, no routers,
+ * and its FFN under mlp.experts.0.
  */
 import { basename, join, resolve } from "node:path";
 import { BamError } from "../errors.js";
@@ -13,6 +14,7 @@ import { readConfigFile, show, type HfConfig } from "./config.js";
 import { featuresFromConfig } from "./features.js";
 import { canonicalLayout } from "./layout.js";
 import { openSeed } from "./load.js";
+import { fromNativeName, nativeFormatOf, nativeModel, NATIVE_LAYOUTS } from "./native.js";
 import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import type { ArchFeatures } from "./types.js";
 
@@ -47,8 +49,11 @@ export interface ModelTensor {
   stored: string;
 }
 
+/** What a folder holds: a dense seed, a BAM folder, or a native MoE folder (its model_type). */
+export type ModelKind = "dense" | "bam" | "mixtral" | "qwen3_moe";
+
 export interface OpenedModel {
-  kind: "dense" | "bam";
+  kind: ModelKind;
   dir: string;
   name: string;
   features: ArchFeatures;
@@ -71,7 +76,11 @@ export function denseToBamName(name: string): string {
 
 export async function openModel(dir: string): Promise<OpenedModel> {
   const config = await readConfigFile(dir);
-  return config.raw.model_type === "bam" ? openBam(dir, config) : openDense(dir);
+  if (config.raw.model_type === "bam") return openMixture(dir, config, "bam", featuresFromConfig(config.raw, config.file), moeFromConfig(config.raw, config.file), (name) => name);
+  const native = nativeFormatOf(config.raw.model_type);
+  if (native === undefined) return openDense(dir);
+  const { features, moe } = nativeModel(native, config);
+  return openMixture(dir, config, NATIVE_LAYOUTS[native].modelType, features, moe, fromNativeName(native));
 }
 
 async function openDense(dir: string): Promise<OpenedModel> {
@@ -111,19 +120,21 @@ async function openDense(dir: string): Promise<OpenedModel> {
   };
 }
 
-async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<OpenedModel> {
-  const features = featuresFromConfig(config, file);
-  const moe = moeFromConfig(config, file);
+/** A BAM or native MoE folder: its tensors under their BAM names (`toBamName` of the stored ones). */
+async function openMixture(
+  dir: string, { raw: config }: HfConfig, kind: ModelKind, features: ArchFeatures, moe: MoeSettings, toBamName: (stored: string) => string,
+): Promise<OpenedModel> {
   const checkpoint = await CheckpointFiles.open(dir);
   try {
     const tensors = new Map<string, ModelTensor>();
     for (const info of checkpoint.tensors.values()) {
-      tensors.set(info.name, { name: info.name, shape: info.shape, dtype: info.dtype, stored: info.name });
+      const name = toBamName(info.name);
+      tensors.set(name, { name, shape: info.shape, dtype: info.dtype, stored: info.name });
     }
     checkSharedTensors(features, tensors, dir);
     const tokenizerHash = await tokenizerContentHash(join(dir, "tokenizer.json"));
     return {
-      kind: "bam",
+      kind,
       dir,
       name: basename(resolve(dir)),
       features,
@@ -132,7 +143,11 @@ async function openBam(dir: string, { file, raw: config }: HfConfig): Promise<Op
       files: checkpoint.files,
       tokenizerHash,
       rawConfig: config,
-      read: (name) => checkpoint.read(name),
+      read: (name) => {
+        const stored = tensors.get(name)?.stored;
+        if (stored === undefined) throw new BamError("TENSOR_NOT_FOUND", `${dir}: no tensor ${name}`);
+        return checkpoint.read(stored);
+      },
       close: () => checkpoint.close(),
     };
   } catch (error) {

@@ -8,7 +8,8 @@ import { featuresToConfig, sizeConfig } from "../arch/features.js";
 import type { MoeSettings } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
 import type { FloatDType } from "../safetensors/index.js";
-import type { OutputFormat } from "../upcycle/options.js";
+import { NATIVE_LAYOUTS, toNativeName, type NativeFormat } from "../arch/native.js";
+import type { OutputFormat, UpcycleOptions } from "../upcycle/options.js";
 
 export interface FormatWriter {
   /** config.json for the output folder. */
@@ -33,79 +34,66 @@ function tokenIds(seedConfig: Record<string, unknown>): Record<string, unknown> 
 export function formatWriter(
   format: OutputFormat, features: ArchFeatures, moe: MoeSettings, dtype: FloatDType, seedConfig: Record<string, unknown>,
 ): FormatWriter {
-  switch (format) {
-    case "bam":
-      return {
-        remoteCode: true,
-        rename: (name) => name,
-        config: {
-          model_type: "bam",
-          architectures: ["BamForCausalLM"],
-          auto_map: { AutoConfig: "configuration_bam.BamConfig", AutoModelForCausalLM: "modeling_bam.BamForCausalLM" },
-          ...featuresToConfig(features),
-          num_experts: moe.numExperts,
-          num_experts_per_tok: moe.expertsPerToken,
-          norm_topk_prob: moe.normTopkProb,
-          attention_experts: moe.attentionExperts,
-          block: moe.block,
-          router_aux_loss_coef: moe.routerAuxLossCoef,
-          router_z_loss_coef: moe.routerZLossCoef,
-          router_jitter: 0,
-          expert_dropout: 0,
-          capacity_factor: null,
-          upcycled_from: moe.upcycledFrom,
-          ...tokenIds(seedConfig),
-          dtype: TORCH_DTYPE[dtype],
-          use_cache: true,
-        },
-      };
-    case "mixtral":
-      requireNative(format, features, moe, ["llama", "mistral"]);
-      if (!moe.normTopkProb) {
-        // transformers' Mixtral always renormalises the top-k weights: it cannot hold the paper's gate.
-        throw new BamError("OPTIONS_INVALID", "--format mixtral always renormalises the top-k weights, so it cannot hold the paper's gate (--no-norm-topk-prob); pass --norm-topk-prob, or use --format bam or qwen3-moe");
-      }
-      return {
-        remoteCode: false,
-        rename: (name) =>
-          name
-            .replace(".attn.", ".self_attn.")
-            .replace(".mlp.router.", ".block_sparse_moe.gate.")
-            .replace(/\.mlp\.experts\.(\d+)\.gate_proj\./, ".block_sparse_moe.experts.$1.w1.")
-            .replace(/\.mlp\.experts\.(\d+)\.down_proj\./, ".block_sparse_moe.experts.$1.w2.")
-            .replace(/\.mlp\.experts\.(\d+)\.up_proj\./, ".block_sparse_moe.experts.$1.w3."),
-        config: {
-          model_type: "mixtral",
-          architectures: ["MixtralForCausalLM"],
-          ...nativeCommon(features, moe),
-          num_local_experts: moe.numExperts,
-          norm_topk_prob: true, // transformers' Mixtral ignores the key and always renormalises; written so the folder says which gate it computes
-          sliding_window: features.slidingWindow,
-          ...tokenIds(seedConfig),
-          dtype: TORCH_DTYPE[dtype],
-        },
-      };
-    case "qwen3-moe":
-      requireNative(format, features, moe, ["qwen3"]);
-      return {
-        remoteCode: false,
-        rename: (name) => name.replace(".attn.", ".self_attn.").replace(".mlp.router.", ".mlp.gate."),
-        config: {
-          model_type: "qwen3_moe",
-          architectures: ["Qwen3MoeForCausalLM"],
-          ...nativeCommon(features, moe),
-          moe_intermediate_size: features.intermediateSize,
-          num_experts: moe.numExperts,
-          norm_topk_prob: moe.normTopkProb,
-          decoder_sparse_step: 1,
-          mlp_only_layers: [],
-          attention_bias: false,
-          use_sliding_window: false,
-          ...tokenIds(seedConfig),
-          dtype: TORCH_DTYPE[dtype],
-        },
-      };
+  if (format === "bam") {
+    return {
+      remoteCode: true,
+      rename: (name) => name,
+      config: {
+        model_type: "bam",
+        architectures: ["BamForCausalLM"],
+        auto_map: { AutoConfig: "configuration_bam.BamConfig", AutoModelForCausalLM: "modeling_bam.BamForCausalLM" },
+        ...featuresToConfig(features),
+        num_experts: moe.numExperts,
+        num_experts_per_tok: moe.expertsPerToken,
+        norm_topk_prob: moe.normTopkProb,
+        attention_experts: moe.attentionExperts,
+        block: moe.block,
+        router_aux_loss_coef: moe.routerAuxLossCoef,
+        router_z_loss_coef: moe.routerZLossCoef,
+        router_jitter: 0,
+        expert_dropout: 0,
+        capacity_factor: null,
+        upcycled_from: moe.upcycledFrom,
+        ...tokenIds(seedConfig),
+        dtype: TORCH_DTYPE[dtype],
+        use_cache: true,
+      },
+    };
   }
+  const problems = nativeProblems(format, features, moe);
+  if (problems.length > 0) {
+    throw new BamError("OPTIONS_INVALID", `--format ${format} cannot hold this model: ${problems.join("; ")}; ${problems.length > 1 ? "change all of these" : "change this"}, or use --format bam`);
+  }
+  const layout = NATIVE_LAYOUTS[format];
+  return {
+    remoteCode: false,
+    rename: toNativeName(format),
+    config: {
+      model_type: layout.modelType,
+      architectures: [layout.architecture],
+      ...nativeCommon(features, moe),
+      [layout.intermediateKey]: features.intermediateSize,
+      [layout.expertsKey]: moe.numExperts,
+      // transformers' Mixtral ignores the key and always renormalises; written so the folder says which gate it computes
+      norm_topk_prob: moe.normTopkProb,
+      ...layout.required,
+      ...(format === "mixtral" ? { sliding_window: features.slidingWindow } : {}),
+      ...tokenIds(seedConfig),
+      dtype: TORCH_DTYPE[dtype],
+    },
+  };
+}
+
+/**
+ * What the native formats need of the options, picked by the format where
+ * the user chose nothing (./options.ts resolves the rest): merged attention
+ * in a sequential block, and Mixtral's renormalised gate.
+ */
+export function formatDefaults(format: OutputFormat | undefined): Pick<UpcycleOptions, "attention" | "block" | "normTopkProb"> {
+  // Not yet validated (the API takes any string): anything but a native format implies nothing, and ./options.ts refuses it.
+  const layout = typeof format === "string" && Object.hasOwn(NATIVE_LAYOUTS, format) ? NATIVE_LAYOUTS[format as NativeFormat] : undefined;
+  if (layout === undefined) return {};
+  return { attention: "merged", block: "sequential", ...(layout.normTopkProbKey === null ? { normTopkProb: true } : {}) };
 }
 
 /** Config keys shared by the native MoE families (v5 rope_parameters, v4 rope_theta). */
@@ -127,18 +115,28 @@ function nativeCommon(f: ArchFeatures, moe: MoeSettings): Record<string, unknown
   };
 }
 
-/** The native formats hold a plain sequential llama-style block with merged attention. */
-function requireNative(format: OutputFormat, f: ArchFeatures, moe: MoeSettings, families: string[]): void {
-  const refuse = (why: string): never => {
-    throw new BamError("OPTIONS_INVALID", `--format ${format} cannot hold this model: ${why}; use --format bam`);
-  };
-  if (!families.includes(f.family)) refuse(`it takes ${families.join(" or ")} seeds, not ${f.family}`);
-  if (moe.attentionExperts !== "merged") refuse(`it has no attention experts (pass --attention merged), not ${moe.attentionExperts}`);
-  if (moe.block !== "sequential") refuse("its block is sequential (pass --block sequential)");
-  if (moe.numExperts < 2) refuse("it needs at least 2 experts");
-  if (f.qkvBias || f.attnOutBias || f.mlpBias) refuse("the seeds have projection biases");
-  if (f.norm !== "rms" || f.normUnitOffset || f.activation !== "silu" || !f.gatedMlp) refuse("the seeds are not llama-style (RMSNorm, gated SiLU MLP)");
-  if (f.rope === null || f.rope.dim !== f.headDim || f.rope.style !== "half") refuse("the seeds' rotary embedding is not full half-split rope");
-  if (f.embeddingScale !== null || f.logitScale !== null) refuse("the seeds scale embeddings or logits");
-  if ((f.qkNorm !== "none") !== (f.family === "qwen3")) refuse("the seeds' query/key norms do not match the format");
+/**
+ * Everything that keeps the model out of a native format (a plain sequential
+ * llama-style block with merged attention), each saying what to change; all
+ * of them, so one run names every flag to fix.
+ */
+function nativeProblems(format: NativeFormat, f: ArchFeatures, moe: MoeSettings): string[] {
+  const layout = NATIVE_LAYOUTS[format];
+  const problems: string[] = [];
+  if (!layout.families.includes(f.family)) problems.push(`it takes ${layout.families.join(" or ")} seeds, not ${f.family}`);
+  if (moe.attentionExperts !== "merged") problems.push(`it has no attention experts (--attention ${moe.attentionExperts}; leave it out or pass --attention merged)`);
+  if (moe.block !== "sequential") problems.push(`its block is sequential (--block ${moe.block}; leave it out or pass --block sequential)`);
+  if (layout.normTopkProbKey === null && !moe.normTopkProb) {
+    // transformers' Mixtral always renormalises the top-k weights: it cannot hold the paper's gate.
+    problems.push("it always renormalises the top-k weights, so it cannot hold the paper's gate (--no-norm-topk-prob; leave it out or pass --norm-topk-prob, or use --format qwen3-moe)");
+  }
+  if (moe.numExperts < 2) problems.push("it needs at least 2 experts");
+  if (f.qkvBias || f.attnOutBias || f.mlpBias) problems.push("the seeds have projection biases");
+  if (f.norm !== "rms" || f.normUnitOffset || f.activation !== "silu" || !f.gatedMlp) problems.push("the seeds are not llama-style (RMSNorm, gated SiLU MLP)");
+  if (f.rope === null || f.rope.dim !== f.headDim || f.rope.style !== "half") problems.push("the seeds' rotary embedding is not full half-split rope");
+  if (format === "qwen3-moe" && f.slidingWindow !== null) problems.push("the seeds use sliding-window attention");
+  if (f.embeddingScale !== null || f.logitScale !== null) problems.push("the seeds scale embeddings or logits");
+  const qkNorm = format === "qwen3-moe" ? "shared" : "none";
+  if (f.qkNorm !== qkNorm) problems.push(qkNorm === "none" ? "the seeds have query/key norms, which it lacks" : "the seeds lack the shared query/key norms it has");
+  return problems;
 }

@@ -10,7 +10,7 @@ import { openSeed, type Seed } from "../arch/index.js";
 import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard } from "../export/card.js";
-import { formatWriter } from "../export/formats.js";
+import { formatDefaults, formatWriter } from "../export/formats.js";
 import { resolveSeed, type DownloadProgress } from "../hub/index.js";
 import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
@@ -84,7 +84,14 @@ async function withSeeds<T>(refs: string[], hooks: SeedHooks, body: (seeds: Seed
 function planFor(options: UpcycleOptions, seeds: Seed[]): UpcyclePlan {
   checkSeeds(seeds);
   const first = seeds[0]!;
-  const resolved = resolveOptions(options, first.features.parallelBlock ? "parallel" : "sequential");
+  const implied = formatDefaults(options.format); // what the format needs, where the user chose nothing
+  const withFormat: UpcycleOptions = {
+    ...options,
+    attention: options.attention ?? implied.attention,
+    block: options.block ?? implied.block,
+    normTopkProb: options.normTopkProb ?? implied.normTopkProb,
+  };
+  const resolved = resolveOptions(withFormat, first.features.parallelBlock ? "parallel" : "sequential");
   const plan = buildPlan(seeds, resolved);
   formatWriter(resolved.format, plan.features, plan.moe, plan.tensors[0]!.dtype, first.rawConfig); // refuses a format that cannot hold the model
   return plan;

@@ -1,7 +1,8 @@
 """Logits of a native MoE folder (Mixtral, Qwen3-MoE: stock transformers, no remote code) against the BAM
-folder of the same upcycle (modeling_bam.py's pure-torch core). Used by test/pytorch/native.test.ts.
+folder of the same upcycle (modeling_bam.py's pure-torch core), or against logits our CPU engine computed
+from the native folder itself (a LOGITS.safetensors file holding "logits"). Used by test/pytorch/native.test.ts.
 
-    python test/python/native_folder.py REFERENCE.safetensors NATIVE_DIR BAM_DIR [NATIVE_DIR BAM_DIR ...]
+    python test/python/native_folder.py REFERENCE.safetensors NATIVE_DIR BAM_DIR|LOGITS.safetensors [...]
 prints one line {"max_abs_error": ..., "max_abs_logit": ...} per pair, on the reference's input_ids.
 """
 import json
@@ -24,7 +25,7 @@ def main():
         raise SystemExit(__doc__)
     ids = read_safetensors(reference)["input_ids"]
     for native, bam in zip(folders[::2], folders[1::2]):
-        want = logits_of(load_folder(bam), ids)
+        want = read_safetensors(bam)["logits"] if bam.endswith(".safetensors") else logits_of(load_folder(bam), ids)
         got = logits_of(AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval(), ids)
         print(json.dumps({"max_abs_error": (got - want).abs().max().item(), "max_abs_logit": want.abs().max().item()}), flush=True)
 

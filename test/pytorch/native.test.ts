@@ -3,15 +3,18 @@
  * ([base, code], distinct experts, the same deterministic routers) written
  * with --format qwen3-moe (each gate) or mixtral (renormalised), loaded by
  * stock transformers, gives modeling_bam.py's logits for --format bam with
- * the same options; and the two gates give visibly different functions, so
- * the comparison can tell them apart.
+ * the same options; our CPU engine reading the native folder itself (what
+ * `bam eval` does) gives transformers' logits too; and the two gates give
+ * visibly different functions, so the comparison can tell them apart.
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { before, describe, test } from "node:test";
 import type { Family } from "../../src/arch/types.js";
+import { writeSafetensors } from "../../src/safetensors/index.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
 import { fixture, FIXTURES, withTempDir } from "../helpers.js";
+import { logitsOf, readTensors } from "../onnx/engine.js";
 import { NO_TORCH, runPython } from "./python.js";
 
 const TOLERANCE = 1e-4;
@@ -25,6 +28,7 @@ const CASES: Array<{ label: string; family: Family; format: "qwen3-moe" | "mixtr
 
 describe("native exports and the BAM folder agree on the gate", { skip: NO_TORCH }, () => {
   let results: Array<{ max_abs_error: number; max_abs_logit: number }> = [];
+  let engine: Array<{ max_abs_error: number; max_abs_logit: number }> = [];
   let gatesDiffer: { max_abs_error: number; max_abs_logit: number } | undefined;
   before(() =>
     withTempDir(async (dir) => {
@@ -36,18 +40,36 @@ describe("native exports and the BAM folder agree on the gate", { skip: NO_TORCH
         await upcycle({ ...common, output: join(dir, `bam${i}`), format: "bam" });
         pairs.push(join(dir, `native${i}`), join(dir, `bam${i}`));
       }
+      const reference = join(FIXTURES, "qwen3", "reference.safetensors");
+      // The engine's logits of each native folder, as bam eval computes them (the fixtures share one vocabulary).
+      const inputIds = (await readTensors(reference)).tensors.get("input_ids")!;
+      const [batch, seq] = inputIds.shape as [number, number];
+      for (const i of CASES.keys()) {
+        const logits = await logitsOf(join(dir, `native${i}`), { ids: inputIds.data as BigInt64Array, batch, seq });
+        const file = join(dir, `engine${i}.safetensors`);
+        await writeSafetensors(file, [{ name: "logits", dtype: "F32", shape: [batch, seq, logits.length / (batch * seq)], data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength) }]);
+        pairs.push(join(dir, `native${i}`), file);
+      }
       // The paper's-gate qwen3-moe folder against the renormalised BAM folder of the same top-2 merge.
       pairs.push(join(dir, "native1"), join(dir, "bam2"));
-      const lines = runPython(["test/python/native_folder.py", join(FIXTURES, "qwen3", "reference.safetensors"), ...pairs]).trim().split("\n");
+      const lines = runPython(["test/python/native_folder.py", reference, ...pairs]).trim().split("\n");
       const parsed = lines.map((line) => JSON.parse(line) as { max_abs_error: number; max_abs_logit: number });
       gatesDiffer = parsed.pop();
-      results = parsed;
+      results = parsed.slice(0, CASES.length);
+      engine = parsed.slice(CASES.length);
     }));
   for (const [i, { label }] of CASES.entries()) {
     test(`${label}: transformers gives modeling_bam.py's logits`, () => {
       const result = results[i]!;
       assert.ok(result.max_abs_logit > 0.1, "the logits are not trivial");
       assert.ok(result.max_abs_error <= TOLERANCE, `max |native - bam| = ${result.max_abs_error}`);
+    });
+  }
+  for (const [i, { label }] of CASES.entries()) {
+    test(`${label}: the engine reading the native folder gives transformers' logits`, () => {
+      const result = engine[i]!;
+      assert.ok(result.max_abs_logit > 0.1, "the logits are not trivial");
+      assert.ok(result.max_abs_error <= TOLERANCE, `max |transformers - engine| = ${result.max_abs_error}`);
     });
   }
   test("the two gates are different functions on this merge", () => {

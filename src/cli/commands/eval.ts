@@ -21,7 +21,7 @@ interface EvalArgs {
 
 export const evalCommand: CommandModule<object, EvalArgs> = {
   command: "eval <dir>",
-  describe: "Perplexity of text or token files, or logits of token ids, on CPU (a dense seed or a BAM model)",
+  describe: "Perplexity of text or token files, or logits of token ids, on CPU (a dense seed, a BAM model, or a mixtral or qwen3_moe one)",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })

@@ -12,7 +12,7 @@ interface ExportArgs {
 
 export const exportOnnxCommand: CommandModule<object, ExportArgs> = {
   command: "export-onnx <dir>",
-  describe: "Write a model (dense seed or BAM) as ONNX for onnxruntime and transformers.js",
+  describe: "Write a model (dense seed, BAM, mixtral or qwen3_moe) as ONNX for onnxruntime and transformers.js",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors)" })

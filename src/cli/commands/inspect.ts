@@ -13,7 +13,7 @@ interface InspectArgs {
 
 export const inspectCommand: CommandModule<object, InspectArgs> = {
   command: "inspect <dir>",
-  describe: "Describe a model folder (a dense seed or a BAM model)",
+  describe: "Describe a model folder (a dense seed, a BAM model, or a mixtral or qwen3_moe one)",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Hugging Face model folder (config.json + safetensors)" })
@@ -45,22 +45,23 @@ export const inspectCommand: CommandModule<object, InspectArgs> = {
 
 function printSummary(s: ModelSummary, findings: { tensor: string; nan: number; inf: number }[] | null): void {
   const f = s.features;
+  const mixture = s.kind !== "dense";
   const millions = (n: number) => `${(n / 1e6).toFixed(n < 1e7 ? 3 : 1)}M`;
   const rows: Array<[string, string]> = [
-    ["model", `${s.dir} (${s.kind === "bam" ? "BAM mixture" : "dense"}, family ${s.family})`],
-    ["block", `${s.block}${s.kind === "bam" && f.parallelBlock !== (s.block === "parallel") ? ` (seeds are ${f.parallelBlock ? "parallel" : "sequential"})` : ""}`],
+    ["model", `${s.dir} (${mixture ? `${s.kind === "bam" ? "BAM" : s.kind} mixture` : "dense"}, family ${s.family})`],
+    ["block", `${s.block}${mixture && f.parallelBlock !== (s.block === "parallel") ? ` (seeds are ${f.parallelBlock ? "parallel" : "sequential"})` : ""}`],
     ["layers", String(s.layers)],
     ["hidden", `${s.hiddenSize}, FFN ${s.intermediateSize} (${f.gatedMlp ? "gated " : ""}${f.activation})`],
     ["heads", `${s.heads} query, ${s.kvHeads} key/value, head_dim ${s.headDim}`],
     ["norm", `${f.norm === "rms" ? "RMSNorm" : "LayerNorm"} eps ${f.normEps}${f.normBias ? " +bias" : ""}${f.normUnitOffset ? " (1+w)" : ""}${f.qkNorm !== "none" ? `, qk-norm ${f.qkNorm}` : ""}`],
     ["positions", f.learnedPositions ? `learned, ${f.maxPositions}` : f.rope ? `rotary ${f.rope.dim}/${s.headDim} dims, theta ${f.rope.theta}, ${f.rope.style}${f.rope.scaling ? `, scaling ${f.rope.scaling.type}` : ""}` : "none"],
     ["vocab", `${s.vocabSize}, embeddings ${s.tiedEmbeddings ? "tied" : "untied"}`],
-    ["parameters", s.kind === "bam" ? `${millions(s.parameters.total)} total, ${millions(s.parameters.activePerToken)} active per token` : millions(s.parameters.total)],
+    ["parameters", mixture ? `${millions(s.parameters.total)} total, ${millions(s.parameters.activePerToken)} active per token` : millions(s.parameters.total)],
     ["dtypes", Object.entries(s.dtypes).map(([d, n]) => `${d} x${n}`).join(", ")],
     ["shards", `${s.shards.length}: ${s.shards.join(", ")}`],
     ["tokenizer", s.tokenizerSha256 ? `sha256 ${s.tokenizerSha256.slice(0, 16)}...` : "none"],
   ];
-  if (s.kind === "bam") {
+  if (mixture) {
     rows.push(["experts", `${s.experts} FFN experts, top-${s.expertsPerToken}; attention ${s.attentionExperts}`]);
     if (s.upcycledFrom.length > 0) rows.push(["seeds", s.upcycledFrom.map((seed) => seed.name).join(", ")]);
   }
