@@ -38,6 +38,8 @@ export type ErrorCode =
   // runtime
   | "IO_ERROR"
   | "DISK_FULL"
+  /** onnxruntime-node or @huggingface/transformers (optional dependencies) is not installed. */
+  | "ENGINE_MISSING"
   | "ABORTED";
 
 export class BamError extends Error {

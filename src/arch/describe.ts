@@ -5,7 +5,7 @@
 import { basename } from "node:path";
 import { BamError } from "../errors.js";
 import { isFloatDType, toFloat32 } from "../safetensors/index.js";
-import type { AttentionExperts, BlockKind, ModelTensor, OpenedModel } from "./model.js";
+import { openModel, type AttentionExperts, type BlockKind, type ModelTensor, type OpenedModel } from "./model.js";
 import type { ArchFeatures } from "./types.js";
 
 export interface ParameterCounts {
@@ -122,4 +122,29 @@ export async function scanModel(
     options.onProgress?.(done, total);
   }
   return [...findings.values()];
+}
+
+export interface InspectOptions {
+  /** Also read every float tensor and count NaN and Inf (slow: reads the whole model). */
+  scan?: boolean;
+  /** Bytes scanned so far, of all. */
+  onProgress?: (done: number, total: number) => void;
+  signal?: AbortSignal;
+}
+
+/** What `bam inspect --json` prints. */
+export interface Inspection extends ModelSummary {
+  /** Tensors holding NaN or Inf (empty: all finite); null when not scanned. */
+  scan: ScanFinding[] | null;
+}
+
+/** Opens the model folder, describes it (and scans it when asked), and closes it. */
+export async function inspectModel(dir: string, options: InspectOptions = {}): Promise<Inspection> {
+  const model = await openModel(dir);
+  try {
+    const summary = describeModel(model);
+    return { ...summary, scan: options.scan ? await scanModel(model, options) : null };
+  } finally {
+    await model.close();
+  }
 }

@@ -5,5 +5,7 @@
  */
 export { prepareOnnx, DEFAULT_FOLDER, type PrepareOptions, type PreparedOnnx } from "./export.js";
 export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
-export { checkGeneration, generateText, loadTokenizer, type Generation, type GenerationSettings } from "./transformers.js";
+export { checkGeneration, generateFromExport, loadTokenizer } from "./transformers.js";
+export { generateText, DEFAULT_GENERATION, type GenerateOptions, type Generation, type GenerationSettings } from "./generate.js";
+export { ENGINE_PACKAGES } from "./optional.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";

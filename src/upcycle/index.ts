@@ -21,7 +21,7 @@ import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js"
 import { promptRouterRows } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
-export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
+export type { UpcyclePlan, PlannedTensor, Operation, SourceRef, SeedInfo, PlanSummary } from "./plan.js";
 export type { DownloadProgress } from "../hub/index.js";
 export { readRecipe, recipeYaml } from "./options.js";
 

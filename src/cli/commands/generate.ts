@@ -37,7 +37,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
         signal,
         onText: args.json ? undefined : (text: string) => process.stdout.write(text),
       };
-      const { checkGeneration, generateText, prepareOnnx } = await onnxEngine();
+      const { checkGeneration, generateFromExport, prepareOnnx } = await onnxEngine();
       // The library's checks, before an export that can take minutes, in the words of the flags.
       try {
         checkGeneration(args.prompt, settings);
@@ -47,7 +47,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       const bar = progressBar("exporting", "bytes");
       const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
       if (prepared.built) bar.finish();
-      const result = await generateText(prepared.folder, args.prompt, settings).catch((error: unknown) => {
+      const result = await generateFromExport(prepared.folder, args.prompt, settings).catch((error: unknown) => {
         throw isBamError(error, "OPTIONS_INVALID") ? new BamError(error.code, flagNames(error.message)) : error;
       });
       if (args.json) {
