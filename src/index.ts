@@ -16,5 +16,6 @@ export type { DType, FloatDType } from "./safetensors/dtype.js";
 export { BamError, isBamError, type ErrorCode } from "./errors.js";
 export { prepareOnnx, type PrepareOptions, type PreparedOnnx } from "./onnx/export.js";
 export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./onnx/evaluate.js";
-export { generateText, DEFAULT_GENERATION, type GenerateOptions, type Generation, type GenerationSettings } from "./onnx/generate.js";
+export { generateText, type GenerateOptions } from "./onnx/generate.js";
+export { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./onnx/generation.js";
 export { ENGINE_PACKAGES, type EnginePackage } from "./onnx/optional.js";

@@ -6,6 +6,7 @@
 export { prepareOnnx, DEFAULT_FOLDER, type PrepareOptions, type PreparedOnnx } from "./export.js";
 export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
 export { checkGeneration, generateFromExport, loadTokenizer } from "./transformers.js";
-export { generateText, DEFAULT_GENERATION, type GenerateOptions, type Generation, type GenerationSettings } from "./generate.js";
+export { generateText, type GenerateOptions } from "./generate.js";
+export { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
 export { ENGINE_PACKAGES } from "./optional.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";

@@ -9,7 +9,7 @@ import { readFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { PreTrainedTokenizer } from "@huggingface/transformers";
 import { BamError, isBamError } from "../errors.js";
-import type { Generation, GenerationSettings } from "./generate.js";
+import type { Generation, GenerationSettings } from "./generation.js";
 import { importEngine } from "./optional.js";
 
 async function transformersJs() {

@@ -26,7 +26,9 @@ export type { DownloadProgress } from "../hub/index.js";
 export { readRecipe, recipeYaml } from "./options.js";
 
 export interface UpcycleProgress {
+  /** Bytes of the output written so far. */
   bytesWritten: number;
+  /** Bytes of the output in all. */
   totalBytes: number;
   /** Output tensor being written. */
   tensor: string;
@@ -34,16 +36,24 @@ export interface UpcycleProgress {
 
 /** Seeds given by Hugging Face id and missing from the cache are downloaded first. */
 export interface SeedHooks {
+  /** Progress of each Hub seed being downloaded. */
   onDownload?: (progress: DownloadProgress) => void;
+  /** Stops the run (ABORTED); a partial output is removed. */
   signal?: AbortSignal;
 }
 
 export interface UpcycleResult {
+  /** The output folder. */
   output: string;
+  /** The plan that was run. */
   plan: UpcyclePlan;
+  /** The weight files written, at their final paths. */
   files: string[];
+  /** Bytes written into the weight files. */
   bytesWritten: number;
+  /** Wall time of the run. */
   seconds: number;
+  /** Each seed's record with the sha256 of each of its files. */
   seeds: HashedSeed[];
 }
 
@@ -58,6 +68,7 @@ async function withSeeds<T>(refs: string[], hooks: SeedHooks, body: (seeds: Seed
   const seeds: Seed[] = [];
   try {
     for (const ref of refs) {
+      if (hooks.signal?.aborted) throw new BamError("ABORTED", `${ref}: interrupted before the seed was read`);
       const source = await resolveSeed(ref, { sideFiles: SEED_SIDE_FILES, onDownload: hooks.onDownload, signal: hooks.signal });
       seeds.push(await openSeed(source.dir, source.name));
     }
@@ -89,7 +100,10 @@ export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}
 /** Runs the upcycle; the output folder appears complete or not at all. */
 export async function upcycle(
   options: UpcycleOptions,
-  hooks: SeedHooks & { onProgress?: (progress: UpcycleProgress) => void } = {},
+  hooks: SeedHooks & {
+    /** Called as the weight files are written. */
+    onProgress?: (progress: UpcycleProgress) => void;
+  } = {},
 ): Promise<UpcycleResult> {
   checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   const started = performance.now();

@@ -1,5 +1,6 @@
 import type { CommandModule } from "yargs";
 import { BamError, isBamError } from "../../errors.js";
+import { DEFAULT_GENERATION } from "../../onnx/generation.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
@@ -21,9 +22,9 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
       .option("prompt", { type: "string", demandOption: true, describe: "Text to continue" })
-      .option("max-new-tokens", { type: "number", default: 64, describe: "Tokens to generate at most" })
-      .option("temperature", { type: "number", default: 0, describe: "0 = greedy; above 0 samples" })
-      .option("top-p", { type: "number", default: 1, describe: "Nucleus sampling: keep the smallest set of tokens with this much probability" })
+      .option("max-new-tokens", { type: "number", default: DEFAULT_GENERATION.maxNewTokens, describe: "Tokens to generate at most" })
+      .option("temperature", { type: "number", default: DEFAULT_GENERATION.temperature, describe: "0 = greedy; above 0 samples" })
+      .option("top-p", { type: "number", default: DEFAULT_GENERATION.topP, describe: "Nucleus sampling: keep the smallest set of tokens with this much probability" })
       .option("seed", { type: "number", describe: "Seed of the sampler (sampling is reproducible with it)" })
       .option("json", { type: "boolean", default: false, describe: "No streaming; print one JSON result on stdout" })
       .example("$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40", "greedy continuation"),
