@@ -127,6 +127,7 @@ export async function upcycle(
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,
         metadata: SHARD_METADATA,
+        buffers: averages.buffers,
         signal: hooks.signal,
         onBytes: (n) => {
           bytesWritten += n;
