@@ -8,5 +8,4 @@ export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type
 export { checkGeneration, generateFromExport, loadTokenizer } from "./transformers.js";
 export { generateText, type GenerateOptions } from "./generate.js";
 export { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
-export { ENGINE_PACKAGES } from "./optional.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";
