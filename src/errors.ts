@@ -38,12 +38,18 @@ export type ErrorCode =
   // runtime
   | "IO_ERROR"
   | "DISK_FULL"
+  /** onnxruntime-node or @huggingface/transformers (optional dependencies) is not installed. */
+  | "ENGINE_MISSING"
   | "ABORTED";
 
 export class BamError extends Error {
+  /** Stable across versions: match on it, not on the message. */
   readonly code: ErrorCode;
 
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+  constructor(code: ErrorCode, message: string, options?: {
+    /** The error this one words (e.g. the system error of a failed read). */
+    cause?: unknown;
+  }) {
     super(oneLine(message), options);
     this.name = "BamError";
     this.code = code;

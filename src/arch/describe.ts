@@ -5,36 +5,58 @@
 import { basename } from "node:path";
 import { BamError } from "../errors.js";
 import { isFloatDType, toFloat32 } from "../safetensors/index.js";
-import type { AttentionExperts, BlockKind, ModelKind, ModelTensor, OpenedModel } from "./model.js";
+import { openModel, type AttentionExperts, type BlockKind, type ModelKind, type ModelTensor, type OpenedModel, type SeedRecord } from "./model.js";
 import type { ArchFeatures } from "./types.js";
 
 export interface ParameterCounts {
+  /** Every parameter of the model. */
   total: number;
   /** Parameters one token runs through: all attention experts (soft routing), k of E FFN experts. */
   activePerToken: number;
 }
 
 export interface ModelSummary {
+  /** The folder, as given. */
   dir: string;
+  /** A dense model, a BAM mixture, or a native mixtral / qwen3_moe mixture. */
   kind: ModelKind;
+  /** The transformers model_type of the (seed) architecture. */
   family: string;
+  /** Parallel or sequential block. */
   block: BlockKind;
+  /** Transformer blocks. */
   layers: number;
+  /** Width of the residual stream. */
   hiddenSize: number;
+  /** Width of one FFN (expert). */
   intermediateSize: number;
+  /** Query heads. */
   heads: number;
+  /** Key/value heads. */
   kvHeads: number;
+  /** Width of one head. */
   headDim: number;
+  /** Rows of the embedding. */
   vocabSize: number;
+  /** The head shares the embedding's weight. */
   tiedEmbeddings: boolean;
+  /** Parameter counts. */
   parameters: ParameterCounts;
+  /** Tensors per dtype. */
   dtypes: Record<string, number>;
+  /** The weight files. */
   shards: string[];
+  /** sha256 of tokenizer.json, or null without one. */
   tokenizerSha256: string | null;
+  /** FFN experts per layer (1 for a dense model). */
   experts: number;
+  /** Top-k of the FFN router (1 for a dense model). */
   expertsPerToken: number;
+  /** Attention experts ("merged" for a dense model). */
   attentionExperts: AttentionExperts;
-  upcycledFrom: { name: string; sha256: string }[];
+  /** The seeds of a BAM model, in expert order (empty when dense). */
+  upcycledFrom: SeedRecord[];
+  /** The architecture. */
   features: ArchFeatures;
 }
 
@@ -85,7 +107,9 @@ export function describeModel(model: OpenedModel): ModelSummary {
 export interface ScanFinding {
   /** As named in the weights file. */
   tensor: string;
+  /** NaN values. */
   nan: number;
+  /** Infinite values. */
   inf: number;
 }
 
@@ -122,4 +146,30 @@ export async function scanModel(
     options.onProgress?.(done, total);
   }
   return [...findings.values()];
+}
+
+export interface InspectOptions {
+  /** Also read every float tensor and count NaN and Inf (slow: reads the whole model). */
+  scan?: boolean;
+  /** Bytes scanned so far, of all. */
+  onProgress?: (done: number, total: number) => void;
+  /** Stops the scan between tensors (ABORTED). */
+  signal?: AbortSignal;
+}
+
+/** What `bam inspect --json` prints. */
+export interface Inspection extends ModelSummary {
+  /** Tensors holding NaN or Inf (empty: all finite); null when not scanned. */
+  scan: ScanFinding[] | null;
+}
+
+/** Opens the model folder, describes it (and scans it when asked), and closes it. */
+export async function inspectModel(dir: string, options: InspectOptions = {}): Promise<Inspection> {
+  const model = await openModel(dir);
+  try {
+    const summary = describeModel(model);
+    return { ...summary, scan: options.scan ? await scanModel(model, options) : null };
+  } finally {
+    await model.close();
+  }
 }

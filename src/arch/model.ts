@@ -24,20 +24,29 @@ export const ATTENTION_EXPERTS: readonly AttentionExperts[] = ["moa", "shared-kv
 export const BLOCK_KINDS: readonly BlockKind[] = ["parallel", "sequential"];
 
 export interface SeedRecord {
+  /** The seed's repo id, or its folder's name. */
   name: string;
+  /** sha256 of the seed's sha256sum manifest of its files (docs/format.md). */
   sha256: string;
 }
 
 /** The mixture part of a BAM config.json. */
 export interface MoeSettings {
+  /** FFN experts per layer (and attention experts, unless merged). */
   numExperts: number;
+  /** Top-k of the FFN router. */
   expertsPerToken: number;
   /** FFN gate: true renormalises the top-k probabilities to sum 1 (Mixtral); false weights each chosen expert by its softmax probability over all experts (BAM, Switch). docs/method.md. */
   normTopkProb: boolean;
+  /** Attention experts: soft MoA, shared K/V, or merged. */
   attentionExperts: AttentionExperts;
+  /** Parallel (BAM) or sequential block. */
   block: BlockKind;
+  /** Weight of the load-balancing loss in fine-tuning (router_aux_loss_coef). */
   routerAuxLossCoef: number;
+  /** Weight of the router z-loss in fine-tuning (router_z_loss_coef). */
   routerZLossCoef: number;
+  /** The seeds, in expert order. */
   upcycledFrom: SeedRecord[];
 }
 

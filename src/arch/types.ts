@@ -29,24 +29,37 @@ export interface RopeScaling {
 export interface Rope {
   /** Rotated dimensions per head (head_dim x partial factor, floored, even). */
   dim: number;
+  /** Base of the rotary frequencies (rope_theta). */
   theta: number;
+  /** Which dimensions rotate together. */
   style: RopeStyle;
+  /** The seed's rope_scaling, or null. */
   scaling: RopeScaling | null;
 }
 
 export interface ArchFeatures {
   /** The seed's transformers model_type. */
   family: Family;
+  /** Rows of the embedding. */
   vocabSize: number;
+  /** Width of the residual stream. */
   hiddenSize: number;
+  /** Width of the FFN. */
   intermediateSize: number;
+  /** Transformer blocks. */
   numLayers: number;
+  /** Query heads. */
   numHeads: number;
+  /** Key/value heads (fewer than numHeads: grouped-query attention). */
   numKvHeads: number;
+  /** Width of one head. */
   headDim: number;
+  /** Longest sequence the model was configured for (max_position_embeddings). */
   maxPositions: number;
 
+  /** RMSNorm or LayerNorm. */
   norm: NormKind;
+  /** Epsilon of every norm. */
   normEps: number;
   /** LayerNorm carries a bias (gpt2, gpt_neox, phi); cohere's LayerNorm has none. */
   normBias: boolean;
@@ -57,6 +70,7 @@ export interface ArchFeatures {
   /** The seed's own block: x + attn(Na x) + mlp(Nf x) (gpt_neox parallel residual, phi, cohere). */
   parallelBlock: boolean;
 
+  /** Activation of the FFN. */
   activation: Activation;
   /** down(act(gate x) * up x) when true; down(act(up x)) when false. */
   gatedMlp: boolean;
@@ -66,6 +80,7 @@ export interface ArchFeatures {
   attnOutBias: boolean;
   /** Biases on every MLP projection. */
   mlpBias: boolean;
+  /** Bias on the language-model head. */
   lmHeadBias: boolean;
 
   /**
@@ -74,6 +89,7 @@ export interface ArchFeatures {
    * (qwen3); "per_head": weight [heads, head_dim] (cohere).
    */
   qkNorm: "none" | "shared" | "per_head";
+  /** Rotary position embedding, or null for none. */
   rope: Rope | null;
   /** gpt2: learned absolute positions, model.embed_positions.weight [maxPositions, hidden]. */
   learnedPositions: boolean;
@@ -81,6 +97,7 @@ export interface ArchFeatures {
   embeddingScale: number | null;
   /** Logits are multiplied by this (cohere); null for none. */
   logitScale: number | null;
+  /** The head shares the embedding's weight. */
   tiedEmbeddings: boolean;
   /** Sliding-window attention length (mistral, qwen2), or null for full attention. */
   slidingWindow: number | null;

@@ -11,6 +11,7 @@ import { BamError, ioError } from "../errors.js";
 import { COMMIT_HASH, fetchCommand, indexShards, repoFolder, type HubSettings, type RepoRef } from "./cache.js";
 
 export interface DownloadProgress {
+  /** The repository being downloaded (owner/name). */
   repoId: string;
   /** Bytes received so far for this repository. */
   bytes: number;

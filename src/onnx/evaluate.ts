@@ -18,16 +18,25 @@ export interface Perplexity {
   predicted: number;
   /** Summed negative log-likelihood (nats). */
   nll: number;
+  /** exp(nll / predicted). */
   perplexity: number;
 }
 
 export interface PerplexityReport {
+  /** The model folder, as given. */
   model: string;
+  /** Window length in tokens. */
   context: number;
-  files: Array<Perplexity & { file: string }>;
+  /** One result per input file, in order. */
+  files: Array<Perplexity & {
+    /** The input file, as given. */
+    file: string;
+  }>;
+  /** All files together. */
   overall: Perplexity;
   /** Seconds in the model (tokenising and building the ONNX file excluded), and tokens per second there. */
   seconds: number;
+  /** Tokens run through the model per second. */
   tokensPerSecond: number;
 }
 
@@ -68,7 +77,10 @@ export async function evaluatePerplexity(modelDir: string, files: string[], opti
  * (default: uint16 when the vocabulary fits), the layout scripts/data writes
  * and scripts/finetune.py reads, so both engines score the same windows.
  */
-export async function evaluateTokenFiles(modelDir: string, files: string[], options: EvalOptions & { binDType?: BinDType } = {}): Promise<PerplexityReport> {
+export async function evaluateTokenFiles(modelDir: string, files: string[], options: EvalOptions & {
+  /** Element type of the files (default: uint16 when the vocabulary fits, else uint32, as scripts/data writes them). */
+  binDType?: BinDType;
+} = {}): Promise<PerplexityReport> {
   if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one token file (--tokens FILE)");
   const vocab = await checkContext(modelDir, options);
   const binDType = options.binDType ?? (vocab <= 65536 ? "uint16" : "uint32");
@@ -172,7 +184,10 @@ function withPerplexity(sum: { tokens: number; predicted: number; nll: number })
 }
 
 /** Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`. */
-export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: Omit<EvalOptions, "context" | "onProgress"> = {}): Promise<{ shape: number[] }> {
+export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: Omit<EvalOptions, "context" | "onProgress"> = {}): Promise<{
+  /** Shape of the logits written: [batch, seq, vocab]. */
+  shape: number[];
+}> {
   const { ids, batch, seq } = await readInputIds(idsFile);
   const model = await openModel(modelDir);
   await model.close();

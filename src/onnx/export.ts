@@ -53,6 +53,7 @@ export interface PrepareOptions {
   cacheDir?: string;
   /** Rebuild even when the folder is up to date; replace a folder that is not an export. */
   force?: boolean;
+  /** Stops the export (ABORTED); nothing is left behind. */
   signal?: AbortSignal;
   /** Bytes of weights written, while building. */
   onProgress?: (written: number, total: number) => void;
@@ -65,6 +66,7 @@ export interface PreparedOnnx {
   modelFile: string;
   /** false when an up-to-date export was reused. */
   built: boolean;
+  /** Hash of what the export was built from (engine version, config, weight files); see the file comment. */
   key: string;
 }
 

@@ -5,5 +5,7 @@
  */
 export { prepareOnnx, type PrepareOptions, type PreparedOnnx } from "./export.js";
 export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./evaluate.js";
-export { checkGeneration, generateText, loadTokenizer, type Generation, type GenerationSettings } from "./transformers.js";
+export { checkGeneration, generateFromExport, loadTokenizer } from "./transformers.js";
+export { generateText, type GenerateOptions } from "./generate.js";
+export { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
 export { meanLayerInputs, type LayerInputMeans } from "./probe.js";

@@ -6,6 +6,7 @@
  */
 import type * as Ort from "onnxruntime-node";
 import { BamError } from "../errors.js";
+import { importEngine } from "./optional.js";
 
 export class OnnxSession {
   private constructor(
@@ -16,7 +17,7 @@ export class OnnxSession {
   ) {}
 
   static async open(modelFile: string): Promise<OnnxSession> {
-    const ort = await import("onnxruntime-node");
+    const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
     let session: Ort.InferenceSession;
     try {
       session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 4 });

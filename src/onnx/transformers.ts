@@ -9,9 +9,11 @@ import { readFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { PreTrainedTokenizer } from "@huggingface/transformers";
 import { BamError, isBamError } from "../errors.js";
+import type { Generation, GenerationSettings } from "./generation.js";
+import { importEngine } from "./optional.js";
 
 async function transformersJs() {
-  const library = await import("@huggingface/transformers");
+  const library = await importEngine("@huggingface/transformers", () => import("@huggingface/transformers"));
   library.env.allowRemoteModels = false;
   library.env.allowLocalModels = true;
   library.env.useFSCache = false;
@@ -33,27 +35,6 @@ export async function loadTokenizer(dir: string): Promise<PreTrainedTokenizer> {
   } catch (error) {
     throw new BamError("CONFIG_INVALID", `${dir}: transformers.js cannot load the tokenizer (${firstLine(error)})`, { cause: error });
   }
-}
-
-export interface GenerationSettings {
-  maxNewTokens: number;
-  /** 0 = greedy. */
-  temperature: number;
-  topP: number;
-  /** Seeds transformers.js's sampler; null leaves it seeded from the OS. */
-  seed: number | null;
-  /** Each piece of text as soon as it decodes. */
-  onText?: (text: string) => void;
-  /** Checked between tokens: generation stops and throws ABORTED. */
-  signal?: AbortSignal;
-}
-
-export interface Generation {
-  /** Prompt and generated token ids. */
-  promptIds: number[];
-  newIds: number[];
-  text: string;
-  seconds: number;
 }
 
 const invalid = (message: string): never => {
@@ -88,11 +69,12 @@ async function modelPositions(folder: string): Promise<number> {
 }
 
 /**
- * Generates from `prompt` with the exported folder `folder` (see prepareOnnx), streaming text.
+ * Generates from `prompt` with the exported folder `folder` (see prepareOnnx), streaming text
+ * (generate.ts's generateText takes the model folder itself).
  * The prompt and maxNewTokens together must fit the model's positions: checked on the
  * prompt's tokens before the model is loaded, so a long prompt costs nothing.
  */
-export async function generateText(folder: string, prompt: string, settings: GenerationSettings): Promise<Generation> {
+export async function generateFromExport(folder: string, prompt: string, settings: GenerationSettings): Promise<Generation> {
   checkGeneration(prompt, settings);
   const positions = await modelPositions(folder);
   const tokenizer = await loadTokenizer(folder);

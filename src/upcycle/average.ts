@@ -79,9 +79,18 @@ const isShared = (bytes: Uint8Array) => bytes.buffer instanceof SharedArrayBuffe
  * one, at most 4 (the main thread and the kernel's copies need the rest).
  * Tasks whose buffers are not all shared run inline.
  */
+/**
+ * One buffer pool for every run in the process. A SharedArrayBuffer is freed
+ * only when the garbage collector gets round to it, which an idle process
+ * may never do: 5 back-to-back upcycles of a 430 MB model, each with its own
+ * pools, left 241 MiB of dead buffers (bench/upcycle-rss/repeat.ts). Shared,
+ * the next run takes back what the last one gave.
+ */
+const PROCESS_BUFFERS = new SharedBufferPool();
+
 export class AveragePool {
-  /** Shared buffers for the sources' slices, reused across tasks. */
-  readonly buffers = new SharedBufferPool();
+  /** Shared buffers for the sources' slices and the writer's batches, reused across tasks and runs. */
+  readonly buffers = PROCESS_BUFFERS;
   private workers: Worker[] = [];
   private readonly idle: Worker[] = [];
   private readonly busy = new Map<Worker, (error?: Error) => void>();

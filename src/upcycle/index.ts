@@ -21,7 +21,7 @@ import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js"
 import { promptRouterRows, promptsLabel, readPlanPrompts } from "./router-init.js";
 
 export type { UpcycleOptions, ResolvedOptions } from "./options.js";
-export type { UpcyclePlan, PlannedTensor, Operation, PlanSummary } from "./plan.js";
+export type { UpcyclePlan, PlannedTensor, Operation, SourceRef, SeedInfo, PlanSummary } from "./plan.js";
 export type { DownloadProgress } from "../hub/index.js";
 export { readRecipe, recipeYaml } from "./options.js";
 
@@ -35,12 +35,15 @@ export { readRecipe, recipeYaml } from "./options.js";
 export type UpcycleStage = "router-init" | "writing" | "hashing";
 
 export interface UpcycleProgress {
+  /** The stage this event reports. */
   stage: UpcycleStage;
   /** Progress of this stage: prompts for "router-init", bytes otherwise. */
   done: number;
+  /** The stage's total, in the unit of done. */
   total: number;
-  /** Output bytes written so far, and in all (0 before "writing"). */
+  /** Output bytes written so far (0 before "writing"). */
   bytesWritten: number;
+  /** Bytes of the output in all. */
   totalBytes: number;
   /** Output tensor being written ("writing" only). */
   tensor: string;
@@ -48,16 +51,24 @@ export interface UpcycleProgress {
 
 /** Seeds given by Hugging Face id and missing from the cache are downloaded first. */
 export interface SeedHooks {
+  /** Progress of each Hub seed being downloaded. */
   onDownload?: (progress: DownloadProgress) => void;
+  /** Stops the run (ABORTED); a partial output is removed. */
   signal?: AbortSignal;
 }
 
 export interface UpcycleResult {
+  /** The output folder. */
   output: string;
+  /** The plan that was run. */
   plan: UpcyclePlan;
+  /** The weight files written, at their final paths. */
   files: string[];
+  /** Bytes written into the weight files. */
   bytesWritten: number;
+  /** Wall time of the run. */
   seconds: number;
+  /** Each seed's record with the sha256 of each of its files. */
   seeds: HashedSeed[];
 }
 
@@ -72,6 +83,7 @@ async function withSeeds<T>(refs: string[], hooks: SeedHooks, body: (seeds: Seed
   const seeds: Seed[] = [];
   try {
     for (const ref of refs) {
+      if (hooks.signal?.aborted) throw new BamError("ABORTED", `${ref}: interrupted before the seed was read`);
       const source = await resolveSeed(ref, { sideFiles: SEED_SIDE_FILES, onDownload: hooks.onDownload, signal: hooks.signal });
       seeds.push(await openSeed(source.dir, source.name));
     }
@@ -110,7 +122,10 @@ export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}
 /** Runs the upcycle; the output folder appears complete or not at all. */
 export async function upcycle(
   options: UpcycleOptions,
-  hooks: SeedHooks & { onProgress?: (progress: UpcycleProgress) => void } = {},
+  hooks: SeedHooks & {
+    /** Called as the weight files are written. */
+    onProgress?: (progress: UpcycleProgress) => void;
+  } = {},
 ): Promise<UpcycleResult> {
   checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   const started = performance.now();
@@ -146,6 +161,7 @@ export async function upcycle(
       const written = await writeShardedSafetensors(folder.path, tensors, {
         maxShardBytes: plan.options.maxShardBytes,
         metadata: SHARD_METADATA,
+        buffers: averages.buffers,
         signal: hooks.signal,
         onBytes: (n) => {
           bytesWritten += n;

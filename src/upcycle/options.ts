@@ -49,6 +49,7 @@ export interface UpcycleOptions {
   weights?: number[];
   /** Copy every shared tensor (embeddings, norms, head, merged or shared attention) from this model instead of averaging the seeds (mergekit-moe's base_model); a seed or another model of the same architecture. */
   sharedFrom?: string;
+  /** How new routers start: ROUTER_INITS (default "random"). */
   routerInit?: RouterInit;
   /** With routerInit "hidden" or "cheap-embed": YAML file of prompts per expert (see ./router-init.ts), or the same mapping inline. */
   prompts?: string | PromptsMapping;
@@ -56,13 +57,17 @@ export interface UpcycleOptions {
   routerScale?: number;
   /** Seed of every random choice (routers, Drop-Upcycling). */
   seed?: number;
+  /** Output dtype: OUTPUT_DTYPES (default "keep": the seeds'). */
   dtype?: OutputDType;
   /** Largest shard, bytes or text such as "5GB" (default). */
   maxShardSize?: number | string;
+  /** Output folder: OUTPUT_FORMATS (default "bam"). */
   format?: OutputFormat;
   /** Replace an existing output folder (it is only replaced once the new one is complete). */
   force?: boolean;
+  /** Weight of the load-balancing loss written into config.json for fine-tuning (default 0.01). */
   routerAuxLossCoef?: number;
+  /** Weight of the router z-loss written into config.json for fine-tuning (default 0.001). */
   routerZLossCoef?: number;
   /** Title of the model card; default: the output folder's name. */
   name?: string;
@@ -72,26 +77,47 @@ export interface UpcycleOptions {
 export type PromptsMapping = { experts: unknown[] } & Record<string, unknown>;
 
 export interface ResolvedOptions {
+  /** Seed folders or Hugging Face ids, as given. */
   seeds: string[];
+  /** Output folder. */
   output: string;
+  /** Attention experts. */
   attention: AttentionExperts;
+  /** Block kind. */
   block: BlockKind;
+  /** FFN experts per layer. */
   experts: number;
+  /** Drop-Upcycling ratio (0: plain copies). */
   dropRatio: number;
+  /** Top-k of the FFN router. */
   expertsPerToken: number;
+  /** FFN gate renormalised (true) or the paper's (false). */
   normTopkProb: boolean;
+  /** Averaging weights, one per seed, summing to 1. */
   weights: number[];
+  /** Model the shared tensors are copied from, or null (averaged). */
   sharedFrom: string | null;
+  /** How new routers start. */
   routerInit: RouterInit;
+  /** Prompts of a prompt-based router init (a file, or the mapping inline), or null. */
   prompts: string | PromptsMapping | null;
+  /** Scale of the random router init. */
   routerScale: number;
+  /** Seed of every random choice. */
   seed: number;
+  /** Output dtype. */
   dtype: OutputDType;
+  /** Largest shard in bytes. */
   maxShardBytes: number;
+  /** Output folder format. */
   format: OutputFormat;
+  /** Replace an existing output folder. */
   force: boolean;
+  /** Weight of the load-balancing loss in config.json. */
   routerAuxLossCoef: number;
+  /** Weight of the router z-loss in config.json. */
   routerZLossCoef: number;
+  /** Title of the model card, or null for the default. */
   name: string | null;
 }
 

@@ -16,6 +16,7 @@ import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
 import { PROMPT_ROUTER_INITS, type ResolvedOptions, type UpcycleOptions } from "./options.js";
 
 export interface SourceRef {
+  /** Index of the seed in the options' `seeds`. */
   seed: number;
   /** Canonical seed tensor name. */
   tensor: string;
@@ -23,58 +24,105 @@ export interface SourceRef {
 
 export type Operation =
   /** The seed tensor, converted to the output dtype if it differs. */
-  | { kind: "copy"; from: SourceRef }
+  | {
+    /** Which operation. */
+    kind: "copy";
+    /** The seed tensor copied. */
+    from: SourceRef;
+  }
   /** Weighted sum of the seeds' tensors (weights sum to 1), in float64. */
-  | { kind: "average"; from: SourceRef[]; weights: number[] }
-  /**
-   * A new router: truncated normal with this std (0 for zeros), keyed by `key` and the run's seed;
-   * with `bound`, uniform in [-bound, bound) instead (torch.nn.Linear's init, mergekit's uniform_random);
-   * or, fromPrompts, rows computed from the prompts (./router-init.ts).
-   */
-  | { kind: "router"; std: number; key: string; fromPrompts?: true; bound?: number }
-  /**
-   * Drop-Upcycling: a copy in which the intermediate dimensions chosen by
-   * `key` (the same for an expert's gate, up and down) are re-drawn from
-   * N(mean, std) of the source matrix; `axis` 0 = rows (gate/up), 1 = columns (down).
-   */
-  | { kind: "drop"; from: SourceRef; ratio: number; axis: 0 | 1; key: string };
+  | {
+    /** Which operation. */
+    kind: "average";
+    /** The seed tensors averaged. */
+    from: SourceRef[];
+    /** Their weights, in the same order. */
+    weights: number[];
+  }
+  /** A new router (./router-init.ts for the rows from prompts). */
+  | {
+    /** Which operation. */
+    kind: "router";
+    /** Std of the truncated normal draw; 0 for zeros. */
+    std: number;
+    /** Keys this tensor's draws, with the run's seed. */
+    key: string;
+    /** Rows computed from the prompts, not drawn. */
+    fromPrompts?: true;
+    /** Uniform in [-bound, bound) instead of the normal (torch.nn.Linear's init, mergekit's uniform_random). */
+    bound?: number;
+  }
+  /** Drop-Upcycling: a copy in which some intermediate dimensions are re-drawn from N(mean, std) of the source matrix. */
+  | {
+    /** Which operation. */
+    kind: "drop";
+    /** The seed tensor copied. */
+    from: SourceRef;
+    /** Fraction of the intermediate dimensions re-drawn. */
+    ratio: number;
+    /** 0 = rows (gate/up), 1 = columns (down). */
+    axis: 0 | 1;
+    /** Chooses the dimensions, the same for an expert's gate, up and down. */
+    key: string;
+  };
 
 export interface PlannedTensor {
   /** Output name (docs/format.md, "Tensor names"). */
   name: string;
+  /** Output shape. */
   shape: number[];
+  /** Output dtype. */
   dtype: FloatDType;
+  /** How the tensor is made from the seeds. */
   operation: Operation;
 }
 
 export interface SeedInfo {
+  /** The seed's folder (a Hugging Face id's snapshot folder). */
   dir: string;
+  /** How the output names it: the repo id for a Hub seed, else the folder's name. */
   name: string;
+  /** The dtypes of its weights. */
   dtypes: DType[];
 }
 
 export interface PlanSummary {
+  /** FFN experts per layer. */
   experts: number;
+  /** Top-k of the FFN router. */
   expertsPerToken: number;
+  /** Attention experts. */
   attention: AttentionExperts;
+  /** Block kind of the output. */
   block: BlockKind;
+  /** Parameters of one seed. */
   seedParameters: number;
+  /** Parameters of the output. */
   totalParameters: number;
+  /** Parameters one token runs through (k of the FFN experts, every attention expert). */
   activeParameters: number;
   /** Forward FLOPs per token relative to one seed, at a context of FLOP_CONTEXT tokens. */
   flopsPerTokenRatio: number;
+  /** Bytes of the output's tensor data. */
   outputBytes: number;
   /** Estimated peak resident memory of the upcycle: the executor and, on a first run, the threads hashing the seeds. */
   peakMemoryBytes: number;
 }
 
 export interface UpcyclePlan {
+  /** The options with every default filled in. */
   options: ResolvedOptions;
+  /** The seeds, in order: expert e is seed e. */
   seeds: SeedInfo[];
+  /** The architecture the seeds share. */
   features: ArchFeatures;
+  /** The mixture settings written into config.json. */
   moe: MoeSettings;
+  /** Every output tensor and how it is made, in writing order. */
   tensors: PlannedTensor[];
+  /** Sizes and costs of the output. */
   summary: PlanSummary;
+  /** Choices that are allowed but probably unintended, one line each. */
   warnings: string[];
 }
 

@@ -13,7 +13,7 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import * as ort from "onnxruntime-node";
 import { prepareOnnx } from "../../src/onnx/export.js";
-import { generateText } from "../../src/onnx/transformers.js";
+import { generateFromExport } from "../../src/onnx/transformers.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
 import { fixture, maxAbsDiff, withTempDir } from "../helpers.js";
 import { TOLERANCE, withGraph, withSession } from "./engine.js";
@@ -126,7 +126,7 @@ describe("generation through transformers.js", () => {
       withTempDir(async (dir) => {
         const model = await make(dir);
         const { folder } = await prepareOnnx(model, { output: join(dir, "onnx") });
-        const generated = await generateText(folder, "The experts learned", { maxNewTokens: 8, temperature: 0, topP: 1, seed: null });
+        const generated = await generateFromExport(folder, "The experts learned", { maxNewTokens: 8, temperature: 0, topP: 1, seed: null });
         assert.equal(generated.newIds.length, 8);
         await withSession(model, async (session) => {
           const ids = [...generated.promptIds];
@@ -149,7 +149,7 @@ describe("generation through transformers.js", () => {
       env.allowRemoteModels = false;
       const generator = await pipeline("text-generation", folder, { dtype: "fp32" });
       const [out] = (await generator("The experts learned", { max_new_tokens: 6, do_sample: false })) as Array<{ generated_text: string }>;
-      const ours = await generateText(folder, "The experts learned", { maxNewTokens: 6, temperature: 0, topP: 1, seed: null });
+      const ours = await generateFromExport(folder, "The experts learned", { maxNewTokens: 6, temperature: 0, topP: 1, seed: null });
       assert.equal(out!.generated_text, `The experts learned${ours.text}`);
       await generator.dispose();
     }));

@@ -1,5 +1,5 @@
 /**
- * `bam generate` and generateText: an empty prompt, a prompt past the
+ * `bam generate` and generateFromExport: an empty prompt, a prompt past the
  * model's positions and a maxNewTokens past them are refused in one line
  * before the model is loaded (the prompt's tokens are counted); generation
  * stops between tokens on an abort signal, and SIGINT exits 130.
@@ -9,7 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { generateText, prepareOnnx, type GenerationSettings } from "../../src/onnx/index.js";
+import { generateFromExport, prepareOnnx, type GenerationSettings } from "../../src/onnx/index.js";
 import { OnnxSession } from "../../src/onnx/session.js";
 import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
@@ -26,20 +26,20 @@ before(async () => {
 });
 after(() => rm(root, { recursive: true, force: true }));
 
-test("generateText refuses what the CLI refuses, before loading the model", async () => {
-  await refused(generateText(folder, "", greedy), "OPTIONS_INVALID", /^prompt must be a non-empty string/);
-  await refused(generateText(folder, "hello", { ...greedy, maxNewTokens: 1e12 }), "OPTIONS_INVALID", /exceed the 128 positions of the model; ask for at most \d+ new tokens/);
-  await refused(generateText(folder, "hello", { ...greedy, maxNewTokens: "2" as unknown as number }), "OPTIONS_INVALID", /^maxNewTokens must be a positive integer/);
-  await refused(generateText(folder, "hello", { ...greedy, topP: 0 }), "OPTIONS_INVALID", /^topP must be in/);
+test("generateFromExport refuses what the CLI refuses, before loading the model", async () => {
+  await refused(generateFromExport(folder, "", greedy), "OPTIONS_INVALID", /^prompt must be a non-empty string/);
+  await refused(generateFromExport(folder, "hello", { ...greedy, maxNewTokens: 1e12 }), "OPTIONS_INVALID", /exceed the 128 positions of the model; ask for at most \d+ new tokens/);
+  await refused(generateFromExport(folder, "hello", { ...greedy, maxNewTokens: "2" as unknown as number }), "OPTIONS_INVALID", /^maxNewTokens must be a positive integer/);
+  await refused(generateFromExport(folder, "hello", { ...greedy, topP: 0 }), "OPTIONS_INVALID", /^topP must be in/);
   const started = performance.now();
-  await refused(generateText(folder, "word ".repeat(20_000), greedy), "OPTIONS_INVALID", /^prompt is \d+ tokens, past the 128 positions of the model/);
+  await refused(generateFromExport(folder, "word ".repeat(20_000), greedy), "OPTIONS_INVALID", /^prompt is \d+ tokens, past the 128 positions of the model/);
   assert.ok(performance.now() - started < 10_000, `took ${performance.now() - started} ms`);
 });
 
 test("an abort signal stops generation between tokens", async () => {
   const controller = new AbortController();
   let pieces = 0;
-  await refused(generateText(folder, "The experts", {
+  await refused(generateFromExport(folder, "The experts", {
     ...greedy,
     maxNewTokens: 100,
     signal: controller.signal,
@@ -47,7 +47,7 @@ test("an abort signal stops generation between tokens", async () => {
   }), "ABORTED", /generation interrupted/);
   assert.equal(pieces, 1, "no text after the abort");
   // Without the abort the same call runs to the end.
-  const whole = await generateText(folder, "The experts", { ...greedy, maxNewTokens: 100 });
+  const whole = await generateFromExport(folder, "The experts", { ...greedy, maxNewTokens: 100 });
   assert.equal(whole.newIds.length > 1, true);
 });
 

@@ -1,5 +1,6 @@
 import type { CommandModule } from "yargs";
 import { BamError, isBamError } from "../../errors.js";
+import { DEFAULT_GENERATION } from "../../onnx/generation.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
 import { printJson, runCommand } from "../run.js";
@@ -21,9 +22,9 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
       .option("prompt", { type: "string", demandOption: true, describe: "Text to continue" })
-      .option("max-new-tokens", { type: "number", default: 64, describe: "Tokens to generate at most" })
-      .option("temperature", { type: "number", default: 0, describe: "0 = greedy; above 0 samples" })
-      .option("top-p", { type: "number", default: 1, describe: "Nucleus sampling: keep the smallest set of tokens with this much probability" })
+      .option("max-new-tokens", { type: "number", default: DEFAULT_GENERATION.maxNewTokens, describe: "Tokens to generate at most" })
+      .option("temperature", { type: "number", default: DEFAULT_GENERATION.temperature, describe: "0 = greedy; above 0 samples" })
+      .option("top-p", { type: "number", default: DEFAULT_GENERATION.topP, describe: "Nucleus sampling: keep the smallest set of tokens with this much probability" })
       .option("seed", { type: "number", describe: "Seed of the sampler (sampling is reproducible with it)" })
       .option("json", { type: "boolean", default: false, describe: "No streaming; print one JSON result on stdout" })
       .example("$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40", "greedy continuation"),
@@ -37,7 +38,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
         signal,
         onText: args.json ? undefined : (text: string) => process.stdout.write(text),
       };
-      const { checkGeneration, generateText, prepareOnnx } = await onnxEngine();
+      const { checkGeneration, generateFromExport, prepareOnnx } = await onnxEngine();
       // The library's checks, before an export that can take minutes, in the words of the flags.
       try {
         checkGeneration(args.prompt, settings);
@@ -47,7 +48,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       const bar = progressBar("exporting", "bytes");
       const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
       if (prepared.built) bar.finish();
-      const result = await generateText(prepared.folder, args.prompt, settings).catch((error: unknown) => {
+      const result = await generateFromExport(prepared.folder, args.prompt, settings).catch((error: unknown) => {
         throw isBamError(error, "OPTIONS_INVALID") ? new BamError(error.code, flagNames(error.message)) : error;
       });
       if (args.json) {

@@ -1,6 +1,5 @@
 import type { CommandModule } from "yargs";
-import { describeModel, scanModel, type ModelSummary } from "../../arch/describe.js";
-import { openModel } from "../../arch/model.js";
+import { inspectModel, type ModelSummary } from "../../arch/describe.js";
 import { BamError } from "../../errors.js";
 import { printJson, runCommand } from "../run.js";
 import { progressBar } from "../progress.js";
@@ -23,22 +22,13 @@ export const inspectCommand: CommandModule<object, InspectArgs> = {
       .example("$0 inspect out/bam --scan --json", "also scan every tensor; machine-readable"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
-      const model = await openModel(args.dir);
-      try {
-        const summary = describeModel(model);
-        let findings = null;
-        if (args.scan) {
-          const bar = progressBar("scanning", "bytes");
-          findings = await scanModel(model, { onProgress: bar.update, signal });
-          bar.finish();
-        }
-        if (args.json) printJson({ ...summary, scan: findings });
-        else printSummary(summary, findings);
-        if (findings && findings.length > 0) {
-          throw new BamError("TENSOR_INVALID", `${args.dir}: ${findings.length} tensor(s) hold NaN or Inf, first ${findings[0]!.tensor}`);
-        }
-      } finally {
-        await model.close();
+      const bar = args.scan ? progressBar("scanning", "bytes") : null;
+      const { scan, ...summary } = await inspectModel(args.dir, { scan: args.scan, onProgress: bar?.update, signal });
+      bar?.finish();
+      if (args.json) printJson({ ...summary, scan });
+      else printSummary(summary, scan);
+      if (scan && scan.length > 0) {
+        throw new BamError("TENSOR_INVALID", `${args.dir}: ${scan.length} tensor(s) hold NaN or Inf, first ${scan[0]!.tensor}`);
       }
     }),
 };

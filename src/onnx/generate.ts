@@ -1,0 +1,27 @@
+/**
+ * The API's text generation: a model folder (a dense seed or a mixture that
+ * `bam inspect` reads) in, text out. The folder is exported to ONNX on demand
+ * (prepareOnnx, reused while up to date) and run by transformers.js
+ * (transformers.ts). These declarations name no transformers.js type, so the
+ * package's root `.d.ts` needs none of that optional dependency.
+ */
+import { prepareOnnx } from "./export.js";
+import { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
+import { checkGeneration, generateFromExport } from "./transformers.js";
+
+export interface GenerateOptions extends Partial<GenerationSettings> {
+  /** Bytes of weights written, when the ONNX export must be built first. */
+  onExportProgress?: (written: number, total: number) => void;
+}
+
+/**
+ * Generates a continuation of `prompt` with the model in `modelDir`, streaming text
+ * through `onText`; settings default to DEFAULT_GENERATION (greedy, 64 tokens).
+ */
+export async function generateText(modelDir: string, prompt: string, options: GenerateOptions = {}): Promise<Generation> {
+  const { onExportProgress, ...given } = options ?? {};
+  const settings: GenerationSettings = { ...DEFAULT_GENERATION, ...given };
+  checkGeneration(prompt, settings); // before an export that can take minutes
+  const prepared = await prepareOnnx(modelDir, { signal: settings.signal, onProgress: onExportProgress });
+  return generateFromExport(prepared.folder, prompt, settings);
+}

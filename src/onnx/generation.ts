@@ -1,0 +1,32 @@
+/**
+ * Generation's settings and result, and their defaults: no imports, so the
+ * CLI's flags take their defaults from here without loading the engine.
+ */
+export interface GenerationSettings {
+  /** Tokens to generate at most (default 64). */
+  maxNewTokens: number;
+  /** 0 = greedy (default); above 0 samples. */
+  temperature: number;
+  /** Nucleus sampling: keep the smallest set of tokens with this much probability (default 1). */
+  topP: number;
+  /** Seeds transformers.js's sampler; null (default) leaves it seeded from the OS. */
+  seed: number | null;
+  /** Each piece of text as soon as it decodes. */
+  onText?: (text: string) => void;
+  /** Checked between tokens: generation stops and throws ABORTED. */
+  signal?: AbortSignal;
+}
+
+export interface Generation {
+  /** The prompt's token ids. */
+  promptIds: number[];
+  /** The generated token ids. */
+  newIds: number[];
+  /** The generated text, special tokens skipped. */
+  text: string;
+  /** Seconds spent generating (tokenising and loading excluded). */
+  seconds: number;
+}
+
+/** The settings `bam generate` and generateText use where none are given. */
+export const DEFAULT_GENERATION: Readonly<GenerationSettings> = { maxNewTokens: 64, temperature: 0, topP: 1, seed: null };
