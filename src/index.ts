@@ -8,7 +8,7 @@
 export { upcycle, planUpcycle, readRecipe, recipeYaml } from "./upcycle/index.js";
 export type { UpcycleOptions, ResolvedOptions, UpcyclePlan, PlannedTensor, Operation, SourceRef, SeedInfo, PlanSummary, UpcycleProgress, UpcycleStage, UpcycleResult, SeedHooks, DownloadProgress } from "./upcycle/index.js";
 export type { HashedSeed } from "./upcycle/hash-seeds.js";
-export { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS, type OutputDType, type OutputFormat, type RouterInit } from "./upcycle/options.js";
+export { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS, type ExpertPrompts, type OutputDType, type OutputFormat, type PromptsMapping, type RouterInit } from "./upcycle/options.js";
 export { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind, type ModelKind, type MoeSettings, type SeedRecord } from "./arch/model.js";
 export { inspectModel, type Inspection, type InspectOptions, type ModelSummary, type ParameterCounts, type ScanFinding } from "./arch/describe.js";
 export { FAMILIES, type Activation, type ArchFeatures, type Family, type NormKind, type Rope, type RopeScaling, type RopeStyle } from "./arch/types.js";

@@ -74,7 +74,20 @@ export interface UpcycleOptions {
 }
 
 /** A prompts file's content as a mapping, `{ experts: [{ positive_prompts, negative_prompts }, ...] }`: what a recipe holds inline. */
-export type PromptsMapping = { experts: unknown[] } & Record<string, unknown>;
+export interface PromptsMapping {
+  /** One entry per expert: `{ positive_prompts: [...], negative_prompts?: [...] }` (a mergekit config's also names its source_model). */
+  experts: unknown[];
+  /** Other keys, refused by the prompts reader. */
+  [key: string]: unknown;
+}
+
+/** One expert's prompts, as read. */
+export interface ExpertPrompts {
+  /** Prompts whose hidden states (or token embeddings) the expert's router row points towards. */
+  positive: string[];
+  /** Prompts it points away from. */
+  negative: string[];
+}
 
 export interface ResolvedOptions {
   /** Seed folders or Hugging Face ids, as given. */
@@ -482,7 +495,7 @@ export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<v
  * as absolute paths (a Hugging Face id, which names no local path, as it is),
  * and the experts' prompts (as read) inline.
  */
-export function recipeYaml(options: ResolvedOptions, prompts?: ReadonlyArray<{ positive: string[]; negative: string[] }>): string {
+export function recipeYaml(options: ResolvedOptions, prompts?: readonly ExpertPrompts[]): string {
   const absolute = (model: string) => (existsSync(model) ? resolve(model) : model); // the hub's rule: an existing path is a folder
   const byKey: Record<string, unknown> = {};
   for (const [key, name] of Object.entries(RECIPE_KEYS)) {

@@ -34,13 +34,9 @@ import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { resolveModelReference } from "./mergekit.js";
-import { readYamlFile, type PromptsMapping } from "./options.js";
+import { readYamlFile, type ExpertPrompts, type PromptsMapping } from "./options.js";
 import { sharedIndex, type UpcyclePlan } from "./plan.js";
 
-export interface ExpertPrompts {
-  positive: string[];
-  negative: string[];
-}
 
 const EXPERT_KEYS = new Set(["positive_prompts", "negative_prompts", "source_model"]);
 
