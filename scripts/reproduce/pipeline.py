@@ -141,7 +141,7 @@ class Pipeline:
                                     elapsed_s=round(time.time() - self.started, 1))
             tmp = self.results_path + ".tmp"
             with open(tmp, "w") as f:
-                json.dump(self.results, f, indent=1)
+                json.dump(self.results, f, separators=(",", ":"))  # one line: every run's step log makes it megabytes
                 f.write("\n")
             os.replace(tmp, self.results_path)
 
@@ -506,8 +506,14 @@ def torch_nll(model, ids, context, device):
     return dict(nll=nll / predicted, ppl=math.exp(nll / predicted), predicted=predicted)
 
 
+def six_digits(value):
+    """A float to 6 significant digits (the step log's scalars: more is noise, and megabytes in the results)."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
+
+
 def compact_log(path):
-    """Every step's scalars (log), the expert load and attention weights every tenth step, every evaluation."""
+    """Every step's scalars (log, 6 significant digits), the expert load and attention weights every tenth step,
+    every evaluation."""
     steps, loads, evals = [], [], []
     with open(path) as f:
         for line in f:
@@ -515,8 +521,8 @@ def compact_log(path):
             if "eval" in r:
                 evals.append({k: r[k] for k in ("step", "tokens", "eval", "routing", "router_lm_grad_norm") if k in r})
                 continue
-            steps.append({k: r[k] for k in ("step", "tokens", "loss", "nll", "lb_loss", "z_loss", "grad_norm", "lr",
-                                             "tokens_per_s", "mfu") if k in r})
+            steps.append({k: six_digits(r[k]) for k in ("step", "tokens", "loss", "nll", "lb_loss", "z_loss", "grad_norm",
+                                                         "lr", "tokens_per_s", "mfu") if k in r})
             if ("ffn_load" in r or "attn_weight" in r) and (r["step"] % 10 == 0 or r["step"] == 1):
                 loads.append({k: r[k] for k in ("step", "ffn_load", "attn_weight") if k in r})
     return dict(log=steps, loads=loads, evals=evals)
