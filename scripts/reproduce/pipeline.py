@@ -32,7 +32,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -110,7 +109,6 @@ class Pipeline:
         self.bam = shlex.split(args.bam) if args.bam else ["node", os.path.join(ROOT, "dist", "src", "cli", "main.js")]
         self.cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         self.gpus = (args.gpus or torch.cuda.device_count()) if self.cuda else 0
-        self.lock = threading.Lock()
         self.results_path = os.path.join(self.out, "reproduction.json")
         self.results = self._load_results()
         self.started = time.time()
@@ -129,21 +127,20 @@ class Pipeline:
 
     def save(self):
         """Writes OUT/reproduction.json (main thread only), with the `bam eval` results finished so far."""
-        with self.lock:
-            for name, job in list(self.onnx_jobs.items()):
-                if job.done() and name not in self.onnx_recorded:
-                    self.results["heldout"].setdefault(name, {}).update(job.result() or {})
-                    self.onnx_recorded.add(name)
-            if self.args.bam_eval == "only":  # the training run's environment and times stay as they were
-                self.results["bam_eval_env"] = self.env
-            else:
-                self.results.update(scale=dict(name=self.args.scale, **self.s), env=self.env,
-                                    elapsed_s=round(time.time() - self.started, 1))
-            tmp = self.results_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump(self.results, f, separators=(",", ":"))  # one line: every run's step log makes it megabytes
-                f.write("\n")
-            os.replace(tmp, self.results_path)
+        for name, job in list(self.onnx_jobs.items()):
+            if job.done() and name not in self.onnx_recorded:
+                self.results["heldout"].setdefault(name, {}).update(job.result() or {})
+                self.onnx_recorded.add(name)
+        if self.args.bam_eval == "only":  # the training run's environment and times stay as they were
+            self.results["bam_eval_env"] = self.env
+        else:
+            self.results.update(scale=dict(name=self.args.scale, **self.s), env=self.env,
+                                elapsed_s=round(time.time() - self.started, 1))
+        tmp = self.results_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f, separators=(",", ":"))  # one line: every run's step log makes it megabytes
+            f.write("\n")
+        os.replace(tmp, self.results_path)
 
     def stage(self, name, body):
         t0 = time.time()
