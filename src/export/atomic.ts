@@ -31,7 +31,7 @@ import { BamError, ioError } from "../errors.js";
 const TEMP_PREFIX = ".bam-tmp-";
 const OLD_PREFIX = ".bam-old-";
 const LOCK_PREFIX = ".bam-lock-";
-/** The first line of every recipe.yaml this tool writes (src/upcycle/options.ts): what `force` looks for. */
+/** How every recipe.yaml this tool writes begins (recipeYaml in src/upcycle/options.ts): what `force` looks for. */
 export const RECIPE_MARKER = "# bam-upcycle recipe";
 /** `<name>-<pid>-<call>`, or `<name>-<pid>` as written before the call number existed. */
 const LEFTOVER = [/^(.+)-(\d+)-\d+$/, /^(.+)-(\d+)$/];

@@ -7,6 +7,7 @@ import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import YAML, { Lexer } from "yaml";
 import { BamError, ioError, isBamError } from "../errors.js";
+import { RECIPE_MARKER } from "../export/atomic.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
 import { parseRepoRef } from "../hub/index.js";
@@ -513,5 +514,5 @@ export function recipeYaml(options: ResolvedOptions, prompts?: readonly ExpertPr
     byKey["shared-from"] = absolute(options.sharedFrom);
     delete byKey.weights; // unused, and refused beside it
   }
-  return `# bam-upcycle recipe: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
+  return `${RECIPE_MARKER}: \`bam upcycle --recipe recipe.yaml\` reproduces this model\n${YAML.stringify(byKey)}`;
 }
