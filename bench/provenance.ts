@@ -3,6 +3,7 @@
  * from it. Taken when a run starts, since files may change while it goes on.
  */
 import { execFileSync } from "node:child_process";
+import { cpus, totalmem } from "node:os";
 
 export interface MeasuredTree {
   commit: string;
@@ -23,4 +24,16 @@ export function measuredTree(commit?: string): MeasuredTree {
     // Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
     uncommittedSource: git("status", "--porcelain", "--", "src").split("\n").filter(Boolean).map((line) => line.slice(3)),
   };
+}
+
+/** The machine a benchmark ran on, as every result JSON records it (callers add their load averages). */
+export function machineInfo(): { cpus: number; cpuModel: string | undefined; memoryBytes: number; node: string } {
+  return { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version };
+}
+
+/** `--name value` from the command line, or `fallback`. */
+export function argOption(name: string, fallback: string): string {
+  const args = process.argv.slice(2);
+  const at = args.indexOf(name);
+  return at >= 0 && args[at + 1] ? args[at + 1]! : fallback;
 }

@@ -10,12 +10,12 @@
  *     [--formats safetensors,index,config,tokenizer,recipe] [--upcycle-rate 0.25] [--out bench/results/fuzz.json]
  */
 import { mkdir, writeFile } from "node:fs/promises";
-import { cpus, totalmem } from "node:os";
+import { cpus } from "node:os";
 import { dirname, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { FORMATS, type Format } from "../../test/fuzz/harness.js";
 import { emptyFormat, type FormatSummary, runWorker } from "../../test/fuzz/run-worker.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo } from "../provenance.js";
 
 const { values } = parseArgs({
   options: {
@@ -91,7 +91,7 @@ const result = {
   benchmark: "fuzz (test/fuzz generators, bench/fuzz/run.ts)",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
+  machine: machineInfo(),
   seed: values.seed,
   casesPerFormat: cases,
   upcycleRate,

@@ -15,11 +15,11 @@
  *   npm run build && node dist/bench/kill/run.js [--rounds 40] [--seed 1] [--out bench/results/kill.json]
  */
 import { cp, mkdir, mkdtemp, readdir, rm, writeFile } from "node:fs/promises";
-import { cpus, tmpdir, totalmem } from "node:os";
+import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { folderHashes, runCli, writeSeed } from "../../test/reliability/synth.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo } from "../provenance.js";
 
 const { values } = parseArgs({
   options: {
@@ -127,7 +127,7 @@ const result = {
   benchmark: "kill (SIGKILL at random moments, bench/kill/run.ts)",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version },
+  machine: machineInfo(),
   seed: values.seed,
   rounds,
   uninterruptedRunMs: Math.round(runMs),

@@ -20,25 +20,21 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdir, rm, writeFile } from "node:fs/promises";
-import { cpus, loadavg, totalmem } from "node:os";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { CLI, folderBytes } from "../../test/reliability/synth.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo, argOption } from "../provenance.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
 
 const args = process.argv.slice(2);
-const option = (name: string, fallback: string) => {
-  const at = args.indexOf(name);
-  return at >= 0 && args[at + 1] ? args[at + 1]! : fallback;
-};
-const work = resolve(option("--work", "/tmp/bam-bench-mergekit"));
-const repeats = Number(option("--repeats", "3"));
-const mergekit = resolve(option("--mergekit", ".venv-mergekit/bin/mergekit-moe"));
+const work = resolve(argOption("--work", "/tmp/bam-bench-mergekit"));
+const repeats = Number(argOption("--repeats", "3"));
+const mergekit = resolve(argOption("--mergekit", ".venv-mergekit/bin/mergekit-moe"));
 const SHAPES: Record<string, LlamaShape> = {
   small: { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 },
   "1b": ONE_BILLION,
 };
-const sizes = option("--sizes", "small,1b").split(",");
+const sizes = argOption("--sizes", "small,1b").split(",");
 for (const size of sizes) if (!(size in SHAPES)) throw new Error(`--sizes: unknown size "${size}" (small, 1b)`);
 if (!existsSync(mergekit)) throw new Error(`${mergekit}: not found; install the peer as this file's header says, or pass --mergekit`);
 
@@ -60,7 +56,7 @@ function measured(command: string, commandArgs: string[]): Run {
   return { seconds, peakRssBytes: kib * 1024 };
 }
 
-const tree = measuredTree(args.includes("--commit") ? option("--commit", "") : undefined);
+const tree = measuredTree(args.includes("--commit") ? argOption("--commit", "") : undefined);
 const results = [];
 for (const size of sizes) {
   const shape = SHAPES[size]!;
@@ -119,12 +115,12 @@ const result = {
   benchmark: "bam upcycle vs mergekit-moe",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: loadavg() },
+  machine: { ...machineInfo(), loadAverage: loadavg() },
   mergekit: execFileSync(resolve(mergekit, "..", "python"), ["-c", "import importlib.metadata as m; print(m.version('mergekit'))"], { encoding: "utf8" }).trim(),
   repeats,
   results,
 };
-const file = resolve(option("--result", "bench/results/mergekit.json"));
+const file = resolve(argOption("--result", "bench/results/mergekit.json"));
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
 for (const r of results) {
   const line = (name: string) => {

@@ -20,16 +20,12 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, argOption } from "../provenance.js";
 
 const args = process.argv.slice(2);
-const option = (name: string, fallback: string) => {
-  const at = args.indexOf(name);
-  return at >= 0 && args[at + 1] ? args[at + 1]! : fallback;
-};
-const work = resolve(option("--work", "/tmp/bam-bench-onnx"));
-const tokens = Number(option("--tokens", "1024"));
-const context = Number(option("--context", "512"));
+const work = resolve(argOption("--work", "/tmp/bam-bench-onnx"));
+const tokens = Number(argOption("--tokens", "1024"));
+const context = Number(argOption("--context", "512"));
 /** About 0.48B parameters: 32 layers, hidden 1024, FFN 2816, vocab 32000 (untied). */
 const HALF_BILLION: LlamaShape = { layers: 32, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 };
 const shape: LlamaShape = args.includes("--small") ? { ...HALF_BILLION, layers: 4 } : HALF_BILLION;

@@ -11,13 +11,13 @@
  */
 import { existsSync } from "node:fs";
 import { mkdir, rm, writeFile } from "node:fs/promises";
-import { cpus, loadavg, totalmem } from "node:os";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { parseArgs } from "node:util";
 import { upcycle } from "../../src/index.js";
 import { folderBytes, type LlamaSeed, writeSeed } from "../../test/reliability/synth.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo } from "../provenance.js";
 
 const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss-repeat" }, runs: { type: "string", default: "5" } } });
 const work = resolve(values.work!);
@@ -57,7 +57,7 @@ const result = {
   benchmark: "RSS of one process after back-to-back API upcycles (3 seeds, BAM moa, bf16), no manual gc",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
+  machine: { ...machineInfo(), loadAverage: { before: loadBefore, after: loadavg() } },
   shape: SHAPE,
   seedBytes: await folderBytes(seeds[0]!),
   outputBytes,

@@ -11,12 +11,12 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
-import { cpus, loadavg, totalmem } from "node:os";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { parseArgs } from "node:util";
 import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from "../../src/safetensors/index.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo } from "../provenance.js";
 
 const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } } });
 const work = resolve(values.work!);
@@ -90,7 +90,7 @@ const result = {
   benchmark: "peak RSS of bam upcycle at two model sizes (3 seeds, BAM moa, bf16)",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: { before: loadBefore, after: loadavg() } },
+  machine: { ...machineInfo(), loadAverage: { before: loadBefore, after: loadavg() } },
   writeBatchBytes: WRITE_BATCH_BYTES,
   batchesInFlight: BATCHES_IN_FLIGHT,
   earlyBatchesInFlight: EARLY_BATCHES_IN_FLIGHT,

@@ -24,20 +24,16 @@
 import { execFileSync, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { cpus, loadavg, totalmem } from "node:os";
+import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { CLI, folderBytes, RSS_PROBE } from "../../test/reliability/synth.js";
-import { measuredTree } from "../provenance.js";
+import { measuredTree, machineInfo, argOption } from "../provenance.js";
 import { HASH_THREADS } from "../../src/upcycle/hash-seeds.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
 
 const args = process.argv.slice(2);
-const option = (name: string, fallback: string) => {
-  const at = args.indexOf(name);
-  return at >= 0 && args[at + 1] ? args[at + 1]! : fallback;
-};
-const work = resolve(option("--work", "/tmp/bam-bench"));
-const repeats = Number(option("--repeats", "5"));
+const work = resolve(argOption("--work", "/tmp/bam-bench"));
+const repeats = Number(argOption("--repeats", "5"));
 const shape: LlamaShape = args.includes("--small") ? { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 } : ONE_BILLION;
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
@@ -52,7 +48,7 @@ function timed(command: string, commandArgs: string[], env: NodeJS.ProcessEnv = 
   return { seconds: (performance.now() - start) / 1000, stdout: run.stdout };
 }
 
-const tree = measuredTree(args.includes("--commit") ? option("--commit", "") : undefined);
+const tree = measuredTree(args.includes("--commit") ? argOption("--commit", "") : undefined);
 
 const seeds = ["seed-a", "seed-b", "seed-c"].map((name) => join(work, name));
 for (const seed of seeds) {
@@ -112,7 +108,7 @@ const result = {
   ...tree,
   date: new Date().toISOString(),
   // Other work on the machine skews both timings: the load average says how quiet it was.
-  machine: { cpus: cpus().length, cpuModel: cpus()[0]?.model, memoryBytes: totalmem(), node: process.version, loadAverage: loadavg() },
+  machine: { ...machineInfo(), loadAverage: loadavg() },
   shape,
   seeds: seeds.length,
   seedBytes,
@@ -139,7 +135,7 @@ const result = {
   },
   targets: { ratio: 1.3, peakRssBytes: 2 ** 30 },
 };
-const file = resolve(option("--result", "bench/results/upcycle.json"));
+const file = resolve(argOption("--result", "bench/results/upcycle.json"));
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
 const seconds = (values: number[]) => `median ${median(values).toFixed(2)} s, min ${min(values).toFixed(2)} s  (${values.map((v) => v.toFixed(2)).join(", ")})`;
 const ratio = (r: { median: number; min: number }) => `${r.median.toFixed(2)}x cp (median), ${r.min.toFixed(2)}x (min)`;
