@@ -20,11 +20,12 @@ import os
 import sys
 import traceback
 
-import safetensors
 import safetensors.torch
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
+
+import safetensors
 
 TOLERANCE = 1e-4
 

@@ -705,9 +705,10 @@ def main() -> int:
 
     torch.set_num_threads(1)  # fixed reduction order on CPU
 
-    import safetensors
     import tokenizers
     import transformers
+
+    import safetensors
 
     transformers.logging.set_verbosity_error()
     try:
@@ -783,7 +784,7 @@ def main() -> int:
     vpath.write_text(compact_json(versions) + "\n")
 
     total = dir_size(out)
-    print(f"\nper-directory sizes (kB): " + ", ".join(
+    print("\nper-directory sizes (kB): " + ", ".join(
         f"{p.name} {dir_size(p) / 1e3:.0f}" for p in sorted(out.iterdir()) if p.is_dir()))
     print(f"total size of {out}: {total / 1e6:.2f} MB (cap {args.max_mb} MB)")
     if failures:

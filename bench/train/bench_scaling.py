@@ -38,9 +38,8 @@ if __name__ == "__main__":
     sys.modules.setdefault("transformers", None)
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
 import synthetic  # noqa: E402
+import torch  # noqa: E402
 
 FINETUNE = os.path.join(REPO, "scripts", "finetune.py")
 

@@ -50,12 +50,12 @@ if __name__ == "__main__":
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, HERE)
 
+import synthetic  # noqa: E402
 import torch  # noqa: E402
+from loop_experts import loop_experts  # noqa: E402
 
 from bamtrain import folder, metrics, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
-from loop_experts import loop_experts  # noqa: E402
-import synthetic  # noqa: E402
 
 ROWS = {  # in the order they run: the compile rows last (they take longest)
     "bam": dict(model="bam", impl="fused", compile=False),

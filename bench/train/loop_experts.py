@@ -9,9 +9,10 @@ in test/python/test_bench_loop.py); it lives here because nothing but bench_trai
 
 import contextlib
 
-import modeling_bam as mb
 import torch
 import torch.nn.functional as F
+
+import modeling_bam as mb
 
 
 def _moe_loop(self, x, w, idx):

@@ -25,8 +25,9 @@ import struct
 
 import torch
 
-from . import PYTHON_DIR, BamTrainError, native
 from modeling_bam import BamForCausalLMCore  # noqa: E402  (python/ is on sys.path: see __init__)
+
+from . import PYTHON_DIR, BamTrainError, native
 
 try:  # the reference implementation, where installed (requirements.txt pins it); plain reads otherwise
     import safetensors.torch as st_lib
@@ -97,7 +98,7 @@ def read_header(path):
         raise BamTrainError(f"{path}: {METADATA} must map strings to strings")
     entries = {}
     for name, info in header.items():
-        bad = lambda reason: BamTrainError(f"{path}: tensor {name!r}: {reason}")  # noqa: E731
+        bad = lambda reason: BamTrainError(f"{path}: tensor {name!r}: {reason}")  # noqa: B023
         if not isinstance(info, dict):
             raise bad("entry is not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")

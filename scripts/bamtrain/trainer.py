@@ -19,10 +19,10 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device=torch.device("cpu")):
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, device=None):
     """AdamW; the fused CUDA kernel where torch has it, else the foreach one."""
     groups = param_groups(model, weight_decay)
-    if device.type == "cuda":
+    if device is not None and torch.device(device).type == "cuda":
         try:
             return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
         except (TypeError, RuntimeError):

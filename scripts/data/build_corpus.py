@@ -392,7 +392,7 @@ def verify(out):
         man = json.load(f)
     bad = 0
     tokdir = os.path.join(out, man["tokens"]["dir"])
-    for name, rec in man["tokens"]["files"].items():
+    for rec in man["tokens"]["files"].values():
         p = os.path.join(tokdir, rec["path"])
         ok = os.path.exists(p) and sha256_file(p) == rec["sha256"]
         bad += not ok

@@ -300,8 +300,8 @@ _SKIP_REQ = {"ig", "de", "de1", "am", "ds", "as", "nr", "rr", "ie", "el", "if", 
              "IX", "iX", "UC", "DT", "AT", "ev", "rm", "rn", "ss", "cs", "fam", "pso", "tm", "ab",
              "nroff", "troff", "ns", "rs", "ul", "cu", "uf", "lt", "pl", "nx", "fl", "wh", "ch", "it",
              "em", "fp", "fc", "lg", "kern", "ochar", "char", "tag", "mk", "rt", "di", "da", "box",
-             "boxa", "ss", "ls", "po", "c2", "shc", "nm", "nn", "sy", "pi", "cf", "so", "psbb", "hc",
-             "hla", "hlm", "hpf", "hym", "hys", "ie", "Vb", "Ve", "Sh", "Ip"}
+             "boxa", "ls", "po", "c2", "shc", "nm", "nn", "sy", "pi", "cf", "psbb", "hc",
+             "hla", "hlm", "hpf", "hym", "hys", "Vb", "Ve", "Sh", "Ip"}
 
 
 def roff_to_text(src):

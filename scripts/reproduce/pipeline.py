@@ -226,7 +226,7 @@ class Pipeline:
         self.save()
         jobs = []
         for seed in range(self.args.seeds):
-            start = lambda name: "seed" if name == "dense" else upcycled(name, seed)
+            start = lambda name: "seed" if name == "dense" else upcycled(name, seed)  # noqa: B023
             for name in ("dense", *MIXTURES):
                 jobs.append(self.job(run_name(name, "dm", seed), start(name), uniform, mix_tokens, lr, seed))
             for name, p in plan.items():
@@ -528,7 +528,7 @@ def compact_log(path):
 def main(argv=None):
     args = parse_args(argv)
     p = Pipeline(args)
-    log(f"reproduction at scale {args.scale} in {p.out}: {'%d GPU(s)' % p.gpus if p.cuda else 'CPU'}, {args.jobs} runs at once")
+    log(f"reproduction at scale {args.scale} in {p.out}: {f'{p.gpus} GPU(s)' if p.cuda else 'CPU'}, {args.jobs} runs at once")
     if args.bam_eval == "only":
         for name in sorted(os.listdir(p.models)):
             p.evaluate_onnx(name)

@@ -11,7 +11,6 @@ other way, and as inconclusive otherwise."""
 
 import argparse
 import json
-import math
 import os
 import re
 
@@ -281,7 +280,7 @@ def main():
         pattern = re.compile(rf"(<!-- report:{name} -->\n)(?:.*?\n)?(<!-- /report:{name} -->)", re.S)
         if not pattern.search(doc):
             raise SystemExit(f"{args.doc}: no <!-- report:{name} --> ... <!-- /report:{name} --> block")
-        doc = pattern.sub(lambda m: m[1] + text + "\n" + m[2], doc)
+        doc = pattern.sub(lambda m: m[1] + text + "\n" + m[2], doc)  # noqa: B023
     with open(args.doc, "w") as f:
         f.write(doc)
     plots(R, os.path.join(os.path.dirname(args.doc), "reproduction"))

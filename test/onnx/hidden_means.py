@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 from bam_folder import load_folder  # noqa: E402
+
 from modeling_bam import BamForCausalLMCore  # noqa: E402
 
 

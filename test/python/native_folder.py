@@ -9,9 +9,8 @@ import json
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM
-
 from bam_folder import load_folder, read_safetensors
+from transformers import AutoModelForCausalLM
 
 
 def logits_of(model, ids):

@@ -14,8 +14,9 @@ for p in (os.path.join(REPO, "python"), os.path.join(REPO, "bench", "train")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import modeling_bam as mb  # noqa: E402
 from loop_experts import loop_experts  # noqa: E402
+
+import modeling_bam as mb  # noqa: E402
 
 
 class TestLoopExperts(unittest.TestCase):
@@ -34,10 +35,10 @@ class TestLoopExperts(unittest.TestCase):
                         p.add_(torch.randn_like(p) * 0.1)
 
                 def loss_and_grads():
-                    model.zero_grad()
-                    out = model(input_ids=x, labels=x, use_cache=False)
+                    model.zero_grad()  # noqa: B023
+                    out = model(input_ids=x, labels=x, use_cache=False)  # noqa: B023
                     out["loss"].backward()
-                    return out["loss"].detach(), [p.grad.clone() for p in model.parameters()]
+                    return out["loss"].detach(), [p.grad.clone() for p in model.parameters()]  # noqa: B023
 
                 fused = loss_and_grads()
                 with loop_experts():

@@ -43,11 +43,12 @@ for p in (os.path.join(REPO, "scripts"), os.path.join(REPO, "python"), os.path.j
     if p not in sys.path:
         sys.path.insert(0, p)
 
+import bam_folder  # noqa: E402
 import finetune  # noqa: E402
+
 import modeling_bam as mb  # noqa: E402
 from bamtrain import BamTrainError, ckpt, data, folder, metrics, parallel  # noqa: E402
 from bamtrain.trainer import lr_at  # noqa: E402
-import bam_folder  # noqa: E402
 
 NODE = shutil.which("node")
 CLI = os.path.join(REPO, "dist", "src", "cli", "main.js")
@@ -143,10 +144,10 @@ def _rank_main(rank, argv, port):
 
 
 def train_two_processes(out, *extra):
-    import torch.multiprocessing as tmp
     import torch.distributed.checkpoint.state_dict  # noqa: F401  (imported once here, not in every forked rank)
     import torch.distributed.device_mesh  # noqa: F401
     import torch.distributed.fsdp  # noqa: F401
+    import torch.multiprocessing as tmp
 
     argv = ["--model", BAM, "--out", out] + data_args() + COMMON + list(extra)
     tmp.start_processes(_rank_main, args=(argv, free_port()), nprocs=2, start_method="fork")
@@ -593,8 +594,7 @@ class TestConsole(unittest.TestCase):
         c = folder.read_config(BAM)
         line = next(line for line in lines if line.startswith("step 10/12"))
         self.assertRegex(line, r"per layer: load-balance [\d.]+ z [\d.]+ \| .* [\d.]+k? tok/s, \d+ ms/step \| "
-                               r"FFN expert load( [\d.]+){%d} \| attention expert weight( [\d.]+){%d}$"
-                         % (c["num_experts"], c["num_experts"]))
+                               rf"FFN expert load( [\d.]+){{{c['num_experts']}}} \| attention expert weight( [\d.]+){{{c['num_experts']}}}$")
         self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step_00000010", "step_00000012"])
         log = metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
         loss = {(tag, step): v for tag, v, step in scalars}
@@ -704,7 +704,7 @@ class TestModelPieces(unittest.TestCase):
             c = mb.BamConfig(hidden_size=32, num_attention_heads=4, head_dim=8, rotary_dim=rot, rope_style=style)
             cos, sin = mb.rope_cos_sin(c, torch.arange(5)[None].expand(2, 5))
             x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
-            self.assertTrue(torch.autograd.gradcheck(lambda t: mb.apply_rope(t, cos.double(), sin.double(), style), (x,)))
+            self.assertTrue(torch.autograd.gradcheck(lambda t: mb.apply_rope(t, cos.double(), sin.double(), style), (x,)))  # noqa: B023
 
 
 @unittest.skipUnless(HAS_CLI, NO_CLI)
@@ -791,6 +791,7 @@ class TestBenchmark(unittest.TestCase):
         """bench_train.py --tiny on CPU: every row measured, the JSON written, and a micro-batch that runs
         out of memory (simulated) replaced by the next candidate."""
         import bench_train
+
         from bamtrain import trainer
 
         out = os.path.join(TMP, "bench")

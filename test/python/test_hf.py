@@ -30,9 +30,10 @@ except ImportError:
     transformers = None
 
 if transformers is not None:
+    from test_modeling import randomize, upcycle
+
     import modeling_bam as mb
     from configuration_bam import BamConfig
-    from test_modeling import randomize, upcycle
 
 CUDA = torch.cuda.is_available()
 FEATURE_KEYS = [  # FeatureConfig of src/arch/features.ts
@@ -150,7 +151,7 @@ def seed_family(family):
                 src = f"transformer.h.{l}."
                 sd[f"{L(l)}input_layernorm.{t}"] = s[f"{src}ln_1.{t}"]
                 sd[f"{L(l)}post_attention_layernorm.{t}"] = s[f"{src}ln_2.{t}"]
-                conv = lambda n: s[f"{src}{n}.{t}"].t() if t == "weight" else s[f"{src}{n}.{t}"]  # Conv1D: [in, out]
+                conv = lambda n: s[f"{src}{n}.{t}"].t() if t == "weight" else s[f"{src}{n}.{t}"]  # Conv1D: [in, out]  # noqa: B023
                 for p, part in zip("qkv", split_rows(conv("attn.c_attn"), [32, 32, 32])):
                     sd[f"{L(l)}attn.{p}_proj.{t}"] = part
                 sd[f"{L(l)}attn.o_proj.{t}"] = conv("attn.c_proj")

@@ -334,7 +334,7 @@ class TestLosses(unittest.TestCase):
             out = moe(x, labels=x)
             torch.testing.assert_close(out["loss"], out["nll"])  # nothing but the LM loss
             out["loss"].backward()
-            norm_of = lambda part: torch.stack([p.grad.norm() for n, p in moe.named_parameters()
+            norm_of = lambda part: torch.stack([p.grad.norm() for n, p in moe.named_parameters()  # noqa: B023
                                                 if n.endswith(f".{part}.router.weight")]).norm().item()
             self.assertGreater(norm_of("attn"), 0, (k, norm))
             ratios[k, norm] = norm_of("mlp") / norm_of("attn")

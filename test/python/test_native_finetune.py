@@ -31,6 +31,7 @@ for p in (os.path.join(REPO, "scripts"), os.path.join(REPO, "python")):
         sys.path.insert(0, p)
 
 import finetune  # noqa: E402
+
 from bamtrain import data, folder, metrics, native  # noqa: E402
 
 NODE = shutil.which("node")

@@ -10,8 +10,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "scripts"))
 sys.path.insert(0, HERE)
-from bamtrain import routing  # noqa: E402
 from test_modeling import BASE, mb, randomize  # noqa: E402
+
+from bamtrain import routing  # noqa: E402
 from configuration_bam import BamConfig  # noqa: E402
 
 
