@@ -161,7 +161,9 @@ class BamConfig(_Base):
         one_of("qk_norm", QK_NORMS)
         one_of("rope_style", ROPE_STYLES)
         if not 1 <= self.num_experts_per_tok <= self.num_experts:
-            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}")
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], got {self.num_experts_per_tok}"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.rotary_dim % 2 or self.rotary_dim > self.head_dim:

@@ -368,7 +368,6 @@ class Attention(nn.Module):
         return out, logits
 
 
-
 # ----------------------------------------------------------------------------- FFN experts
 
 
@@ -463,7 +462,9 @@ class MoE(nn.Module):
         starts = padded.cumsum(0) - padded
         dest = starts[sorted_e] + torch.arange(M, device=xs.device) - (counts.cumsum(0) - counts)[sorted_e]
         rows = (M + E * A + A - 1) // A * A
-        offs = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([rows])]).to(torch.int32)  # last group takes the slack
+        offs = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([rows])]).to(
+            torch.int32
+        )  # last group takes the slack
         buf = xs.new_zeros(rows, H, dtype=torch.bfloat16).index_put((dest,), xs.to(torch.bfloat16))
         row_e = torch.zeros(rows, dtype=torch.long, device=xs.device).index_put((dest,), sorted_e)
         row_onehot = F.one_hot(row_e, E).to(torch.bfloat16)  # [rows, E]: adds biases by matmul (fp32-accumulated grads)
@@ -592,8 +593,17 @@ class ModelMixin:
     def new_cache(self):
         return KVCache()
 
-    def run(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-            use_cache=None, output_hidden_states=False, **kwargs):
+    def run(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        output_hidden_states=False,
+        **kwargs,
+    ):
         """-> dict(last_hidden_state [B, T, H], past_key_values, hidden_states, attn_router_logits,
         router_logits, router_choices (per layer), token_mask [B, T] or None)."""
         c = self.config
@@ -624,7 +634,12 @@ class ModelMixin:
             mask_fn = lambda k_len: (m4[..., -k_len:], False)
         else:
             mask_fn = MaskFn(pad, T, past + T, c.sliding_window, x.device)
-        out = dict(hidden_states=[x] if output_hidden_states else None, attn_router_logits=[], router_logits=[], router_choices=[])
+        out = dict(
+            hidden_states=[x] if output_hidden_states else None,
+            attn_router_logits=[],
+            router_logits=[],
+            router_choices=[],
+        )
         for block in self.layers:
             if self.gradient_checkpointing and self.training:
                 ckpt = getattr(self, "_gradient_checkpointing_func", None)
@@ -643,8 +658,11 @@ class ModelMixin:
         x = self.norm(x)
         if output_hidden_states:
             out["hidden_states"][-1] = x  # as transformers: the last entry is the final norm's output
-        out.update(last_hidden_state=x, past_key_values=past_key_values if use_cache else None,
-                   token_mask=pad[:, -T:].bool() if pad is not None else None)
+        out.update(
+            last_hidden_state=x,
+            past_key_values=past_key_values if use_cache else None,
+            token_mask=pad[:, -T:].bool() if pad is not None else None,
+        )
         return out
 
 
@@ -660,14 +678,27 @@ def _lm_init(m, c):
 class CausalLMMixin:
     """Head, losses and outputs, shared by BamForCausalLMCore (torch) and BamForCausalLM (transformers)."""
 
-    def run(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-            labels=None, use_cache=None, output_router_logits=False, output_hidden_states=False, logits_to_keep=0,
-            num_items_in_batch=None, **kwargs):
+    def run(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_router_logits=False,
+        output_hidden_states=False,
+        logits_to_keep=0,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
         """-> dict(loss, nll, aux_loss, lb_loss, z_loss, logits, past_key_values, hidden_states,
         router_logits, attn_router_logits (when output_router_logits), expert_load [L, E])."""
         c = self.config
-        out = self.model.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                             output_hidden_states)
+        out = self.model.run(
+            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_hidden_states
+        )
         h = out["last_hidden_state"]
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             h = h[:, -logits_to_keep:]
@@ -695,17 +726,26 @@ class CausalLMMixin:
         nll = loss = None
         if labels is not None:
             shift = labels[:, 1:].reshape(-1)
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift, ignore_index=-100,
-                                  reduction="sum")
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift, ignore_index=-100, reduction="sum"
+            )
             n = num_items_in_batch if num_items_in_batch is not None else (shift != -100).sum().clamp(min=1)
             nll = nll / n
             loss = nll + aux if aux is not None else nll
         keep = output_router_logits
-        return dict(loss=loss, nll=nll, aux_loss=aux, lb_loss=lb, z_loss=z, logits=logits,
-                    past_key_values=out["past_key_values"], hidden_states=out["hidden_states"],
-                    router_logits=tuple(out["router_logits"]) if keep else None,
-                    attn_router_logits=tuple(out["attn_router_logits"]) if keep else None,
-                    expert_load=torch.stack(load) if load else None)
+        return dict(
+            loss=loss,
+            nll=nll,
+            aux_loss=aux,
+            lb_loss=lb,
+            z_loss=z,
+            logits=logits,
+            past_key_values=out["past_key_values"],
+            hidden_states=out["hidden_states"],
+            router_logits=tuple(out["router_logits"]) if keep else None,
+            attn_router_logits=tuple(out["attn_router_logits"]) if keep else None,
+            expert_load=torch.stack(load) if load else None,
+        )
 
 
 def init_weights(module, c, init=nn.init):
@@ -802,13 +842,31 @@ if _HAS_TRANSFORMERS:
         def set_input_embeddings(self, value):
             self.embed_tokens = value
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, use_cache=None, output_hidden_states=None, **kwargs):
-            out = self.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                           bool(output_hidden_states))
-            return MoeModelOutputWithPast(last_hidden_state=out["last_hidden_state"],
-                                          past_key_values=out["past_key_values"],
-                                          hidden_states=tuple(out["hidden_states"]) if output_hidden_states else None)
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            position_ids=None,
+            past_key_values=None,
+            inputs_embeds=None,
+            use_cache=None,
+            output_hidden_states=None,
+            **kwargs,
+        ):
+            out = self.run(
+                input_ids,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                inputs_embeds,
+                use_cache,
+                bool(output_hidden_states),
+            )
+            return MoeModelOutputWithPast(
+                last_hidden_state=out["last_hidden_state"],
+                past_key_values=out["past_key_values"],
+                hidden_states=tuple(out["hidden_states"]) if output_hidden_states else None,
+            )
 
     class BamForCausalLM(CausalLMMixin, BamPreTrainedModel, GenerationMixin):
         _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -831,18 +889,47 @@ if _HAS_TRANSFORMERS:
         def set_output_embeddings(self, value):
             self.lm_head = value
 
-        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, labels=None, use_cache=None, output_router_logits=None,
-                    output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
-            out = self.run(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, labels, use_cache,
-                           bool(output_router_logits), bool(output_hidden_states), logits_to_keep,
-                           kwargs.get("num_items_in_batch"))
+        def forward(
+            self,
+            input_ids=None,
+            attention_mask=None,
+            position_ids=None,
+            past_key_values=None,
+            inputs_embeds=None,
+            labels=None,
+            use_cache=None,
+            output_router_logits=None,
+            output_hidden_states=None,
+            return_dict=None,
+            logits_to_keep=0,
+            **kwargs,
+        ):
+            out = self.run(
+                input_ids,
+                attention_mask,
+                position_ids,
+                past_key_values,
+                inputs_embeds,
+                labels,
+                use_cache,
+                bool(output_router_logits),
+                bool(output_hidden_states),
+                logits_to_keep,
+                kwargs.get("num_items_in_batch"),
+            )
             res = BamCausalLMOutput(
-                loss=out["loss"], aux_loss=out["aux_loss"], logits=out["logits"],
+                loss=out["loss"],
+                aux_loss=out["aux_loss"],
+                logits=out["logits"],
                 past_key_values=out["past_key_values"],
                 hidden_states=tuple(out["hidden_states"]) if output_hidden_states else None,
-                router_logits=out["router_logits"], nll_loss=out["nll"], lb_loss=out["lb_loss"],
-                z_loss=out["z_loss"], attn_router_logits=out["attn_router_logits"], expert_load=out["expert_load"])
+                router_logits=out["router_logits"],
+                nll_loss=out["nll"],
+                lb_loss=out["lb_loss"],
+                z_loss=out["z_loss"],
+                attn_router_logits=out["attn_router_logits"],
+                expert_load=out["expert_load"],
+            )
             return res if return_dict is not False else res.to_tuple()
 
     __all__ = ["BamConfig", "BamPreTrainedModel", "BamModel", "BamForCausalLM", "BamModelCore", "BamForCausalLMCore"]

@@ -15,6 +15,7 @@ is one; its logits against fixtures/<family>/reference.safetensors.
 Writes the evidence JSON (with each file's sha256 from cases.json) and exits
 non-zero if any case fails.
 """
+
 import json
 import os
 import sys
@@ -39,7 +40,8 @@ def check_case(case, cases_dir, fixtures):
             result["safetensors_loaded"] += len(tensors)
     reference = safetensors.torch.load_file(os.path.join(fixtures, case["family"], "reference.safetensors"))
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, trust_remote_code=case["remote_code"], dtype=torch.float32, output_loading_info=True)
+        folder, trust_remote_code=case["remote_code"], dtype=torch.float32, output_loading_info=True
+    )
     result["class"] = type(model).__name__
     result["missing_keys"] = sorted(info["missing_keys"])
     result["unexpected_keys"] = sorted(info["unexpected_keys"])
@@ -49,8 +51,11 @@ def check_case(case, cases_dir, fixtures):
         with torch.no_grad():
             logits = model(input_ids=reference["input_ids"].to(device)).logits.float().cpu()
         result[f"max_abs_error_{device}"] = (logits - reference[case["reference"]]).abs().max().item()
-    result["ok"] = (not result["missing_keys"] and not result["unexpected_keys"]
-                    and all(result[f"max_abs_error_{d}"] <= TOLERANCE for d in devices))
+    result["ok"] = (
+        not result["missing_keys"]
+        and not result["unexpected_keys"]
+        and all(result[f"max_abs_error_{d}"] <= TOLERANCE for d in devices)
+    )
     return result
 
 
@@ -65,11 +70,18 @@ def main():
         except Exception:  # one broken case must not hide the others
             results.append({"name": case["name"], "files": case["files"], "ok": False, "error": traceback.format_exc()})
         r = results[-1]
-        print(f"{r['name']:28s} {'ok' if r['ok'] else 'FAILED'} "
-              + " ".join(f"{k}={v:.2e}" for k, v in r.items() if k.startswith("max_abs_error")), flush=True)
+        print(
+            f"{r['name']:28s} {'ok' if r['ok'] else 'FAILED'} "
+            + " ".join(f"{k}={v:.2e}" for k, v in r.items() if k.startswith("max_abs_error")),
+            flush=True,
+        )
     evidence = {
         "tolerance": TOLERANCE,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__,
+        },
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "cases": results,
     }
@@ -78,7 +90,9 @@ def main():
         json.dump(evidence, f, indent=1)
         f.write("\n")
     failed = [r["name"] for r in results if not r["ok"]]
-    print(f"{len(results) - len(failed)}/{len(results)} cases ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"{len(results) - len(failed)}/{len(results)} cases ok" + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     sys.exit(1 if failed else 0)
 
 

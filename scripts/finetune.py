@@ -64,8 +64,12 @@ from bamtrain import BamTrainError  # noqa: E402  (torch-free: torch loads after
 
 DTYPE_CHOICES = ("bf16", "fp32")
 CONFIG_FLAGS = {  # flag -> config.json field (set only when the flag is given)
-    "router_jitter": "router_jitter", "expert_dropout": "expert_dropout", "hidden_dropout": "hidden_dropout",
-    "capacity_factor": "capacity_factor", "aux_loss_coef": "router_aux_loss_coef", "z_loss_coef": "router_z_loss_coef",
+    "router_jitter": "router_jitter",
+    "expert_dropout": "expert_dropout",
+    "hidden_dropout": "hidden_dropout",
+    "capacity_factor": "capacity_factor",
+    "aux_loss_coef": "router_aux_loss_coef",
+    "z_loss_coef": "router_z_loss_coef",
 }
 RUN_FILES = ("train_log.jsonl", "train_args.json", "checkpoints", "final", "tensorboard", "train_curves.png")
 INTERRUPTED = 130  # the exit code for SIGINT and SIGTERM alike (the shell's code for Ctrl-C)
@@ -83,28 +87,53 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), formatter_class=HelpFormatter,
-                                epilog="docs/finetune.md: the run folder, resuming, and what each check refuses.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=HelpFormatter,
+        epilog="docs/finetune.md: the run folder, resuming, and what each check refuses.",
+    )
     a = p.add_argument_group("model and data")
-    a.add_argument("--model", required=True, help="BAM, mixtral or qwen3_moe folder (bam upcycle's output, or a "
-                                                  "final/ of this script); final/ keeps its format")
-    a.add_argument("--data", required=True, nargs="+", metavar="NAME=PATH[,PATH][:W]",
-                   help="training domains (weight 0: held-out evaluation only)")
-    a.add_argument("--eval-data", nargs="*", default=[], metavar="NAME=PATH",
-                   help="held-out data of a --data domain (default: the last blocks of its own stream)")
+    a.add_argument(
+        "--model",
+        required=True,
+        help="BAM, mixtral or qwen3_moe folder (bam upcycle's output, or a "
+        "final/ of this script); final/ keeps its format",
+    )
+    a.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        metavar="NAME=PATH[,PATH][:W]",
+        help="training domains (weight 0: held-out evaluation only)",
+    )
+    a.add_argument(
+        "--eval-data",
+        nargs="*",
+        default=[],
+        metavar="NAME=PATH",
+        help="held-out data of a --data domain (default: the last blocks of its own stream)",
+    )
     a.add_argument("--out", required=True, help="run folder: log, checkpoints, final model (not inside the model)")
     a.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default min(2048, max positions))")
     a.add_argument("--eval-blocks", type=int, default=16, help="held-out sequences per domain (at most a tenth)")
-    a.add_argument("--bin-dtype", choices=["uint16", "uint32"], default=None,
-                   help=".bin token width (default: a meta.json beside the file, else uint16 when the vocabulary fits)")
+    a.add_argument(
+        "--bin-dtype",
+        choices=["uint16", "uint32"],
+        default=None,
+        help=".bin token width (default: a meta.json beside the file, else uint16 when the vocabulary fits)",
+    )
     a.add_argument("--eos-id", type=int, default=None, help="document separator (default: the config's eos_token_id)")
     a.add_argument("--text-key", default="text", help="field of .jsonl / .jsonl.gz documents, column of .parquet")
     a = p.add_argument_group("batch and schedule")
     a.add_argument("--steps", type=int, default=1000, help="optimiser steps")
     a.add_argument("--micro-batch", type=int, default=4, help="sequences per forward, per process")
-    a.add_argument("--global-batch", type=int, default=None,
-                   help="sequences per optimiser step over all processes (default micro-batch x processes); "
-                        "gradient accumulation makes up the rest, so runs at any world size see the same batches")
+    a.add_argument(
+        "--global-batch",
+        type=int,
+        default=None,
+        help="sequences per optimiser step over all processes (default micro-batch x processes); "
+        "gradient accumulation makes up the rest, so runs at any world size see the same batches",
+    )
     a.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     a.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of the peak")
     a.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps, at most 1000")
@@ -112,9 +141,13 @@ def parse_args(argv=None):
     a.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.95))
     a.add_argument("--eps", type=float, default=1e-8)
     a.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: no clipping)")
-    a.add_argument("--max-nonfinite-steps", type=int, default=3,
-                   help="stop (exit 1, nothing saved) after this many steps in a row with a NaN/Inf loss or "
-                        "gradient norm; their updates are skipped")
+    a.add_argument(
+        "--max-nonfinite-steps",
+        type=int,
+        default=3,
+        help="stop (exit 1, nothing saved) after this many steps in a row with a NaN/Inf loss or "
+        "gradient norm; their updates are skipped",
+    )
     a.add_argument("--seed", type=int, default=0)
     a = p.add_argument_group("MoE regularisation (config.json fields; unset: the folder's values)")
     a.add_argument("--router-jitter", type=float, default=None, help="multiplicative router-input noise (Switch: 1e-2)")
@@ -125,39 +158,86 @@ def parse_args(argv=None):
     a.add_argument("--z-loss-coef", type=float, default=None, help="router z-loss weight beta (default 1e-3)")
     a = p.add_argument_group("performance and parallelism")
     a.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    a.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="autocast dtype (default bf16 on CUDA, fp32 on CPU; fp16 is not offered: it needs loss scaling)")
-    a.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile every block (default: on with CUDA, where bench/train measures 1.6x the "
-                        "tokens/s of eager; off on CPU); --no-compile: eager")
+    a.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="autocast dtype (default bf16 on CUDA, fp32 on CPU; fp16 is not offered: it needs loss scaling)",
+    )
+    a.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile every block (default: on with CUDA, where bench/train measures 1.6x the "
+        "tokens/s of eager; off on CPU); --no-compile: eager",
+    )
     a.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     a.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto", help="FSDP2 (auto: with several processes)")
-    a.add_argument("--fsdp-param-dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="dtype FSDP all-gathers parameters in (bf16: half the traffic, bf16-rounded routers)")
+    a.add_argument(
+        "--fsdp-param-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="dtype FSDP all-gathers parameters in (bf16: half the traffic, bf16-rounded routers)",
+    )
     a.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak for MFU (default: by GPU, H100 989e12)")
     a = p.add_argument_group("logging, evaluation, checkpoints, output")
     a.add_argument("--log-every", type=int, default=10, help="console line every N steps (the JSONL gets every step)")
-    a.add_argument("--eval-every", type=int, default=200,
-                   help="held-out perplexity every N steps, and at step 0 and the last (0: at those two only)")
-    a.add_argument("--save-every", type=int, default=None,
-                   help="checkpoint every N steps (default: a tenth of --steps, at most 500; 0: never)")
+    a.add_argument(
+        "--eval-every",
+        type=int,
+        default=200,
+        help="held-out perplexity every N steps, and at step 0 and the last (0: at those two only)",
+    )
+    a.add_argument(
+        "--save-every",
+        type=int,
+        default=None,
+        help="checkpoint every N steps (default: a tenth of --steps, at most 500; 0: never)",
+    )
     a.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
-    a.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue OUT's run from its newest readable checkpoint, or from the one given; the "
-                        "checkpoint's learning-rate schedule is kept")
-    a.add_argument("--overwrite", action="store_true",
-                   help="start over in an OUT that holds a run: its log, checkpoints and final/ are deleted")
-    a.add_argument("--stop-after", type=int, default=None,
-                   help="checkpoint and stop after this step (the schedule still spans --steps)")
-    a.add_argument("--save-dtype", choices=["keep", "bf16", "fp32"], default="keep",
-                   help="dtype of the final folder's weights (keep: the input folder's)")
+    a.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue OUT's run from its newest readable checkpoint, or from the one given; the "
+        "checkpoint's learning-rate schedule is kept",
+    )
+    a.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an OUT that holds a run: its log, checkpoints and final/ are deleted",
+    )
+    a.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="checkpoint and stop after this step (the schedule still spans --steps)",
+    )
+    a.add_argument(
+        "--save-dtype",
+        choices=["keep", "bf16", "fp32"],
+        default="keep",
+        help="dtype of the final folder's weights (keep: the input folder's)",
+    )
     a.add_argument("--max-shard-size", default="5GB")
     a.add_argument("--no-final", action="store_true", help="do not write OUT/final")
     a.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
-    for key, low in (("steps", 1), ("micro_batch", 1), ("global_batch", 1), ("seq_len", 2), ("log_every", 1),
-                     ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 0), ("eval_blocks", 0),
-                     ("stop_after", 1), ("warmup_steps", 0), ("max_nonfinite_steps", 1)):
+    for key, low in (
+        ("steps", 1),
+        ("micro_batch", 1),
+        ("global_batch", 1),
+        ("seq_len", 2),
+        ("log_every", 1),
+        ("eval_every", 0),
+        ("save_every", 0),
+        ("keep_checkpoints", 0),
+        ("eval_blocks", 0),
+        ("stop_after", 1),
+        ("warmup_steps", 0),
+        ("max_nonfinite_steps", 1),
+    ):
         value = getattr(args, key)
         if value is not None and value < low:
             p.error(f"--{key.replace('_', '-')} must be at least {low}, not {value}")
@@ -243,8 +323,10 @@ def fmt_line(step, steps, r, layers):
         parts.append(f"per layer: load-balance {r['lb_loss'] / layers:.3f} z {r['z_loss'] / layers:.3f}")
     parts.append(f"grad norm {r['grad_norm']:.3f}")
     parts.append(f"lr {r['lr']:.2e}")
-    parts.append(f"{rate(r['tokens_per_s'])}, {1000 * r['step_time']:.0f} ms/step"
-                 + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""))
+    parts.append(
+        f"{rate(r['tokens_per_s'])}, {1000 * r['step_time']:.0f} ms/step"
+        + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "")
+    )
     if "ffn_load" in r:  # mean over layers of each expert's share: 1/E each when balanced
         parts.append(f"FFN expert load {shares(r['ffn_load'])}")
     if "attn_weight" in r:
@@ -274,8 +356,11 @@ def main(argv=None):
         (console or Console(True)).warn(str(e))
         return INTERRUPTED
     except KeyboardInterrupt:
-        print("interrupted (no checkpoint of the step in progress); --resume continues from the last one",
-              file=sys.stderr, flush=True)
+        print(
+            "interrupted (no checkpoint of the step in progress); --resume continues from the last one",
+            file=sys.stderr,
+            flush=True,
+        )
         return INTERRUPTED
     except BamTrainError as e:
         if os.environ.get("BAM_DEBUG"):
@@ -294,14 +379,18 @@ def check_out(args, console, main):
     out, model = os.path.realpath(args.out), os.path.realpath(args.model)
     if out == model or out.startswith(model + os.sep) or model.startswith(out + os.sep):
         where = "is" if out == model else "is inside" if out.startswith(model + os.sep) else "contains"
-        raise BamTrainError(f"--out {args.out} {where} the model folder {args.model}; run files would mix with the "
-                            "model: choose another --out")
+        raise BamTrainError(
+            f"--out {args.out} {where} the model folder {args.model}; run files would mix with the "
+            "model: choose another --out"
+        )
     if os.path.exists(out) and not os.path.isdir(out):
         raise BamTrainError(f"--out {args.out}: exists and is not a folder; choose another --out")
     found = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if found and not args.resume and not args.overwrite:
-        raise BamTrainError(f"{args.out}: holds a run ({', '.join(found)}); continue it with --resume, start over with "
-                            "--overwrite (deletes its log, checkpoints and final/), or choose another --out")
+        raise BamTrainError(
+            f"{args.out}: holds a run ({', '.join(found)}); continue it with --resume, start over with "
+            "--overwrite (deletes its log, checkpoints and final/), or choose another --out"
+        )
     if main:
         from bamtrain import ckpt, folder
 
@@ -358,8 +447,10 @@ def non_finite_weight(model, ctx):
 def refuse_non_finite(model, ctx, step, what):
     name = non_finite_weight(model, ctx)
     if name:
-        raise BamTrainError(f"step {step}: parameter {name!r} holds NaN or Inf; {what} not written (the previous "
-                            "checkpoint stays the newest); lower --lr or check the data")
+        raise BamTrainError(
+            f"step {step}: parameter {name!r} holds NaN or Inf; {what} not written (the previous "
+            "checkpoint stays the newest); lower --lr or check the data"
+        )
 
 
 def run(args, ctx, say):
@@ -382,15 +473,28 @@ def run(args, ctx, say):
     positions = config["max_position_embeddings"]
     seq_len = args.seq_len or min(2048, positions)
     if seq_len > positions:
-        raise BamTrainError(f"--seq-len {seq_len} exceeds max_position_embeddings {positions} of "
-                            f"{os.path.join(args.model, 'config.json')}; give --seq-len {positions} or less")
+        raise BamTrainError(
+            f"--seq-len {seq_len} exceeds max_position_embeddings {positions} of "
+            f"{os.path.join(args.model, 'config.json')}; give --seq-len {positions} or less"
+        )
     compiled = use_compile(args.compile, torch, ctx.device, say.warn)
-    mixture = data.build_mixture(args.data, args.eval_data, args.model, config, seq_len, args.eval_blocks, args.seed,
-                                 args.bin_dtype, args.eos_id, args.text_key)
+    mixture = data.build_mixture(
+        args.data,
+        args.eval_data,
+        args.model,
+        config,
+        seq_len,
+        args.eval_blocks,
+        args.seed,
+        args.bin_dtype,
+        args.eos_id,
+        args.text_key,
+    )
     global_batch = args.global_batch or args.micro_batch * ctx.world
     if global_batch % (args.micro_batch * ctx.world):
-        raise BamTrainError(f"--global-batch {global_batch} is not a multiple of micro-batch {args.micro_batch} x "
-                            f"{ctx.world} processes")
+        raise BamTrainError(
+            f"--global-batch {global_batch} is not a multiple of micro-batch {args.micro_batch} x {ctx.world} processes"
+        )
     accum = global_batch // (args.micro_batch * ctx.world)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(1000, max(1, round(0.05 * args.steps)))
     save_every = args.save_every if args.save_every is not None else min(500, max(1, math.ceil(args.steps / 10)))
@@ -422,21 +526,29 @@ def run(args, ctx, say):
     if state is not None:
         mixture.load_state_dict(state["data"])
         start, tokens_seen = state["step"], state["tokens"]
-        say(f"resumed from {resume} at step {start} (saved by {state['world_size']} process(es)"
-            f"{'' if rng_restored else '; this rank had no RNG state there: fresh streams'})")
+        say(
+            f"resumed from {resume} at step {start} (saved by {state['world_size']} process(es)"
+            f"{'' if rng_restored else '; this rank had no RNG state there: fresh streams'})"
+        )
         if state["global_batch"] != global_batch or state["seq_len"] != seq_len:
-            say.warn(f"warning: the checkpoint trained with global batch {state['global_batch']} x {state['seq_len']}, "
-                     f"this run uses {global_batch} x {seq_len}")
+            say.warn(
+                f"warning: the checkpoint trained with global batch {state['global_batch']} x {state['seq_len']}, "
+                f"this run uses {global_batch} x {seq_len}"
+            )
         saved = state.get("schedule", schedule)
         if saved != schedule:  # the saved schedule is kept: a changed --steps would re-spread the cosine
-            say.warn(f"warning: keeping the checkpoint's learning-rate schedule (peak {saved['peak']:g}, warm-up "
-                     f"{saved['warmup']}, cosine to {saved['min_ratio']:g} of the peak at step {saved['total']}), not "
-                     f"this run's (peak {args.lr:g}, warm-up {warmup}, step {args.steps})"
-                     + (f"; steps after {saved['total']} run at the floor" if args.steps > saved["total"] else ""))
+            say.warn(
+                f"warning: keeping the checkpoint's learning-rate schedule (peak {saved['peak']:g}, warm-up "
+                f"{saved['warmup']}, cosine to {saved['min_ratio']:g} of the peak at step {saved['total']}), not "
+                f"this run's (peak {args.lr:g}, warm-up {warmup}, step {args.steps})"
+                + (f"; steps after {saved['total']} run at the floor" if args.steps > saved["total"] else "")
+            )
             schedule = saved
         if start >= args.steps:
-            raise BamTrainError(f"{resume}: the checkpoint is at step {start}, --steps is {args.steps}; give a larger "
-                                "--steps to train on")
+            raise BamTrainError(
+                f"{resume}: the checkpoint is at step {start}, --steps is {args.steps}; give a larger "
+                "--steps to train on"
+            )
 
     n_params = metrics.count_params(model)
     fl = metrics.model_flops(config, seq_len)
@@ -445,24 +557,43 @@ def run(args, ctx, say):
     logger = board = None
     if ctx.main:
         with open(os.path.join(args.out, "train_args.json"), "w") as f:
-            json.dump(dict(vars(args), compile=compiled, world_size=ctx.world, fsdp=ctx.fsdp, accum=accum, global_batch=global_batch,
-                           seq_len=seq_len, warmup_steps=warmup, save_every=save_every, schedule=schedule,
-                           amp_dtype=str(amp), params=n_params, peak_flops=peak, torch=torch.__version__, **fl),
-                      f, indent=2)
+            json.dump(
+                dict(
+                    vars(args),
+                    compile=compiled,
+                    world_size=ctx.world,
+                    fsdp=ctx.fsdp,
+                    accum=accum,
+                    global_batch=global_batch,
+                    seq_len=seq_len,
+                    warmup_steps=warmup,
+                    save_every=save_every,
+                    schedule=schedule,
+                    amp_dtype=str(amp),
+                    params=n_params,
+                    peak_flops=peak,
+                    torch=torch.__version__,
+                    **fl,
+                ),
+                f,
+                indent=2,
+            )
         logger = metrics.JsonlLog(os.path.join(args.out, "train_log.jsonl"), start if state else None)
         if logger.torn:
             say.warn(f"warning: {args.out}/train_log.jsonl: dropped {logger.torn} line(s) cut off by an interruption")
         board = metrics.TensorBoard(os.path.join(args.out, "tensorboard"), purge_step=start + 1 if state else None)
         if board.note:
             say(board.note)
-    say(f"model {args.model}: {n_params / 1e6:.1f}M parameters, {fl['active_matmul_params'] / 1e6:.1f}M active "
+    say(
+        f"model {args.model}: {n_params / 1e6:.1f}M parameters, {fl['active_matmul_params'] / 1e6:.1f}M active "
         f"in matmuls, {fl['flops_per_token'] / 1e9:.2f} GFLOP/token ({fl['attention_experts_per_token']} attention "
         f"expert(s) per token); {ctx.world} process(es) on {ctx.device.type}"
         f"{' with FSDP2' if ctx.fsdp else ''}, {str(amp).replace('torch.', '')}"
         f"{', torch.compile' if compiled else ''}; batch {global_batch} x {seq_len} "
         f"= {tokens_per_step} tokens/step (micro {args.micro_batch}, accumulation {accum}); "
         f"domains {', '.join(f'{d.name} {mixture.weights.get(i, 0):.2f}' for i, d in enumerate(mixture.domains))}; "
-        f"console every {args.log_every} steps, checkpoints every {save_every or 'never'}")
+        f"console every {args.log_every} steps, checkpoints every {save_every or 'never'}"
+    )
 
     def record(r):
         if ctx.main:
@@ -472,15 +603,25 @@ def run(args, ctx, say):
     def evaluate(step):
         ev = trainer.evaluate(mixture, args.micro_batch)
         # per-domain routing and the routers' LM-loss gradient norms (bamtrain/routing.py); one process only
-        routed = routing.at_eval(model, mixture, args.micro_batch, ctx.device, amp) if args.eval_data and not ctx.fsdp else {}
+        routed = (
+            routing.at_eval(model, mixture, args.micro_batch, ctx.device, amp)
+            if args.eval_data and not ctx.fsdp
+            else {}
+        )
         record({"step": step, "tokens": tokens_seen, "eval": ev, **routed})
         say(fmt_eval(step, ev))
         return ev
 
     def save(step):
         refuse_non_finite(model, ctx, step, "checkpoint")
-        ckpt_state = dict(step=step, tokens=tokens_seen, data=mixture.state_dict(), global_batch=global_batch,
-                          seq_len=seq_len, schedule=schedule)
+        ckpt_state = dict(
+            step=step,
+            tokens=tokens_seen,
+            data=mixture.state_dict(),
+            global_batch=global_batch,
+            seq_len=seq_len,
+            schedule=schedule,
+        )
         return ckpt.save(args.out, step, model, optimizer, ckpt_state, ctx, args.keep_checkpoints)
 
     stop = min(args.steps, args.stop_after or args.steps)
@@ -492,8 +633,10 @@ def run(args, ctx, say):
             for step in range(start + 1, stop + 1):
                 t0 = time.perf_counter()
                 refs = mixture.next_refs(global_batch)
-                mine = [refs[j * args.micro_batch : (j + 1) * args.micro_batch]
-                        for j in range(ctx.rank, global_batch // args.micro_batch, ctx.world)]
+                mine = [
+                    refs[j * args.micro_batch : (j + 1) * args.micro_batch]
+                    for j in range(ctx.rank, global_batch // args.micro_batch, ctx.world)
+                ]
                 batches = [mixture.batch(r, config["vocab_size"]) for r in mine]
                 if ctx.device.type == "cuda":
                     batches = [b.pin_memory() for b in batches]
@@ -501,9 +644,15 @@ def run(args, ctx, say):
                 r = trainer.step(batches, lr)  # its .tolist() waits for the GPU
                 dt = time.perf_counter() - t0
                 tokens_seen += tokens_per_step
-                r.update(step=step, lr=lr, tokens=tokens_seen, step_time=dt, tokens_per_s=tokens_per_step / dt,
-                         mfu=metrics.mfu(tokens_per_step / dt, fl["flops_per_token"], peak, ctx.world),
-                         domains={d.name: sum(1 for i, _ in refs if i == k) for k, d in enumerate(mixture.domains)})
+                r.update(
+                    step=step,
+                    lr=lr,
+                    tokens=tokens_seen,
+                    step_time=dt,
+                    tokens_per_s=tokens_per_step / dt,
+                    mfu=metrics.mfu(tokens_per_step / dt, fl["flops_per_token"], peak, ctx.world),
+                    domains={d.name: sum(1 for i, _ in refs if i == k) for k, d in enumerate(mixture.domains)},
+                )
                 last = r
                 record(r)
                 finite = math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
@@ -512,11 +661,16 @@ def run(args, ctx, say):
                     what = f"step {step}: loss {r['loss']}, grad norm {r['grad_norm']}"
                     if bad >= args.max_nonfinite_steps:
                         latest = ckpt.latest(args.out)
-                        raise BamTrainError(f"{what}: not finite for {bad} step(s) in a row (updates skipped); stopped "
-                                            "without saving" + (f"; the last checkpoint is {latest}" if latest else "")
-                                            + ". Lower --lr, check the data, or the model with `bam inspect --scan`")
-                    say.warn(f"warning: {what}: not finite, update skipped ({bad} in a row; --max-nonfinite-steps "
-                             f"{args.max_nonfinite_steps} stops the run)")
+                        raise BamTrainError(
+                            f"{what}: not finite for {bad} step(s) in a row (updates skipped); stopped "
+                            "without saving"
+                            + (f"; the last checkpoint is {latest}" if latest else "")
+                            + ". Lower --lr, check the data, or the model with `bam inspect --scan`"
+                        )
+                    say.warn(
+                        f"warning: {what}: not finite, update skipped ({bad} in a row; --max-nonfinite-steps "
+                        f"{args.max_nonfinite_steps} stops the run)"
+                    )
                 if step % args.log_every == 0 or step in (start + 1, stop):
                     say(fmt_line(step, args.steps, r, layers))
                 if (args.eval_every and step % args.eval_every == 0) or step == args.steps:
@@ -537,13 +691,28 @@ def run(args, ctx, say):
         sd = full_state_dict(model, ctx)
         if ctx.main:
             dtype = stored if args.save_dtype == "keep" else dtypes[args.save_dtype]
-            training = dict(source=os.path.abspath(args.model), steps=args.steps, tokens=tokens_seen, seq_len=seq_len,
-                            global_batch=global_batch, lr=args.lr, data=args.data, eval_data=args.eval_data,
-                            final=last and {k: last[k] for k in ("loss", "nll", "lb_loss", "z_loss")},
-                            held_out=last_eval)
+            training = dict(
+                source=os.path.abspath(args.model),
+                steps=args.steps,
+                tokens=tokens_seen,
+                seq_len=seq_len,
+                global_batch=global_batch,
+                lr=args.lr,
+                data=args.data,
+                eval_data=args.eval_data,
+                final=last and {k: last[k] for k in ("loss", "nll", "lb_loss", "z_loss")},
+                held_out=last_eval,
+            )
             card = model_card(args, config, training, schedule, layers)
-            folder.save_folder(final, sd, dict(config), args.model, dtype, shard_bytes,
-                               extra={"training.json": json.dumps(training, indent=2) + "\n", "README.md": card})
+            folder.save_folder(
+                final,
+                sd,
+                dict(config),
+                args.model,
+                dtype,
+                shard_bytes,
+                extra={"training.json": json.dumps(training, indent=2) + "\n", "README.md": card},
+            )
             say(f"wrote {final}")
         parallel.barrier(ctx)
     if ctx.main and not args.no_plot and os.path.exists(os.path.join(args.out, "train_log.jsonl")):
@@ -554,14 +723,21 @@ def run(args, ctx, say):
 
 def model_card(args, config, t, schedule, layers):
     """final/README.md: what was trained, on what, and where it ended."""
-    lines = [f"# {os.path.basename(os.path.abspath(args.model))}, fine-tuned", "",
-             f"A BAM mixture-of-experts model ({config.get('num_experts')} experts, attention experts "
-             f"`{config.get('attention_experts')}`), fine-tuned by bam-upcycle's `scripts/finetune.py` from "
-             f"`{t['source']}`: {t['steps']} steps, {t['tokens']:,} tokens, "
-             f"batch {t['global_batch']} x {t['seq_len']}, "
-             f"AdamW, learning rate warm-up over {schedule['warmup']} step(s) to {schedule['peak']:g}, then cosine to "
-             f"{schedule['min_ratio']:g} of it at step {schedule['total']}.", "", "## Data", "",
-             "| domain | files | weight |", "|---|---|---|"]
+    lines = [
+        f"# {os.path.basename(os.path.abspath(args.model))}, fine-tuned",
+        "",
+        f"A BAM mixture-of-experts model ({config.get('num_experts')} experts, attention experts "
+        f"`{config.get('attention_experts')}`), fine-tuned by bam-upcycle's `scripts/finetune.py` from "
+        f"`{t['source']}`: {t['steps']} steps, {t['tokens']:,} tokens, "
+        f"batch {t['global_batch']} x {t['seq_len']}, "
+        f"AdamW, learning rate warm-up over {schedule['warmup']} step(s) to {schedule['peak']:g}, then cosine to "
+        f"{schedule['min_ratio']:g} of it at step {schedule['total']}.",
+        "",
+        "## Data",
+        "",
+        "| domain | files | weight |",
+        "|---|---|---|",
+    ]
     from bamtrain import folder
     from bamtrain.data import parse_spec
 
@@ -570,16 +746,27 @@ def model_card(args, config, t, schedule, layers):
         lines.append(f"| {name} | {', '.join(paths)} | {1.0 if weight is None else weight:g} |")
     if t["final"]:
         f = t["final"]
-        lines += ["", "## Last step", "",
-                  f"Loss {f['loss']:.4f}: next-token NLL {f['nll']:.4f} nats, load-balance {f['lb_loss']:.4f} and "
-                  f"z-loss {f['z_loss']:.4f} (each summed over the {layers} layers)."]
+        lines += [
+            "",
+            "## Last step",
+            "",
+            f"Loss {f['loss']:.4f}: next-token NLL {f['nll']:.4f} nats, load-balance {f['lb_loss']:.4f} and "
+            f"z-loss {f['z_loss']:.4f} (each summed over the {layers} layers).",
+        ]
     if t["held_out"]:
         lines += ["", "## Held-out", "", "| domain | NLL | perplexity |", "|---|---|---|"]
         lines += [f"| {k} | {v['nll']:.4f} | {v['ppl']:.2f} |" for k, v in t["held_out"].items()]
-    load = ("`AutoModelForCausalLM.from_pretrained(folder)` (stock transformers, no remote code)"
-            if folder.native_format(args.model) else "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`")
-    lines += ["", f"Load it with {load};",
-              "`training.json` holds these numbers, and the run folder's `train_log.jsonl` every step.", ""]
+    load = (
+        "`AutoModelForCausalLM.from_pretrained(folder)` (stock transformers, no remote code)"
+        if folder.native_format(args.model)
+        else "`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`"
+    )
+    lines += [
+        "",
+        f"Load it with {load};",
+        "`training.json` holds these numbers, and the run folder's `train_log.jsonl` every step.",
+        "",
+    ]
     return "\n".join(lines)
 
 

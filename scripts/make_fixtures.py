@@ -122,145 +122,372 @@ def rope(theta: float, partial: float | None = None) -> dict:
 
 def family_specs() -> dict:
     H, I, L, NH, KV, P = HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, MAX_POS
-    common = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH,
-                  max_position_embeddings=P)
+    common = dict(
+        hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=NH, max_position_embeddings=P
+    )
     return {
         "llama": dict(
             quirks="GQA 4q/2kv; attention_bias (q,k,v,o) and mlp_bias on; untied; theta 5000; rms eps 1e-3",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="silu", rms_norm_eps=1e-3,
-                        rope_parameters=rope(5000.0), attention_bias=True, mlp_bias=True,
-                        tie_word_embeddings=False),
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="silu",
+                rms_norm_eps=1e-3,
+                rope_parameters=rope(5000.0),
+                attention_bias=True,
+                mlp_bias=True,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
-                     "initializer_range", "rms_norm_eps", "pretraining_tp", "use_cache", "rope_theta",
-                     "rope_scaling", "attention_bias", "attention_dropout", "mlp_bias", "head_dim"],
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "hidden_act",
+                "initializer_range",
+                "rms_norm_eps",
+                "pretraining_tp",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "attention_bias",
+                "attention_dropout",
+                "mlp_bias",
+                "head_dim",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2),
         ),
         "mistral": dict(
             quirks="GQA 4q/2kv; no biases; untied; sliding_window 128 (= max positions, never active); "
-                   "theta 20000; rms eps 5e-4",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="silu", rms_norm_eps=5e-4,
-                        rope_parameters=rope(20000.0), sliding_window=P, tie_word_embeddings=False),
+            "theta 20000; rms eps 5e-4",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="silu",
+                rms_norm_eps=5e-4,
+                rope_parameters=rope(20000.0),
+                sliding_window=P,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "sliding_window", "head_dim",
-                     "num_key_value_heads", "hidden_act", "initializer_range", "rms_norm_eps", "use_cache",
-                     "rope_theta", "attention_dropout"],
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "sliding_window",
+                "head_dim",
+                "num_key_value_heads",
+                "hidden_act",
+                "initializer_range",
+                "rms_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "attention_dropout",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2),
         ),
         "qwen2": dict(
-            quirks="GQA 4q/2kv; q,k,v bias (o without); untied; use_sliding_window False; theta 1000; "
-                   "rms eps 2e-3",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="silu", rms_norm_eps=2e-3,
-                        rope_parameters=rope(1000.0), use_sliding_window=False, sliding_window=P,
-                        max_window_layers=L, tie_word_embeddings=False),
+            quirks="GQA 4q/2kv; q,k,v bias (o without); untied; use_sliding_window False; theta 1000; rms eps 2e-3",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="silu",
+                rms_norm_eps=2e-3,
+                rope_parameters=rope(1000.0),
+                use_sliding_window=False,
+                sliding_window=P,
+                max_window_layers=L,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "use_sliding_window", "sliding_window",
-                     "max_window_layers", "num_key_value_heads", "hidden_act", "initializer_range",
-                     "rms_norm_eps", "use_cache", "rope_theta", "rope_scaling", "attention_dropout"],
-            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=None,
-                                   eos_token_id=None),
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "use_sliding_window",
+                "sliding_window",
+                "max_window_layers",
+                "num_key_value_heads",
+                "hidden_act",
+                "initializer_range",
+                "rms_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "attention_dropout",
+            ],
+            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None),
         ),
         "qwen3": dict(
             quirks="GQA 4q/2kv; head_dim 16 != hidden/heads 8; q_norm/k_norm (RMSNorm over head_dim); "
-                   "tied embeddings; no biases; theta 80000; rms eps 1e-4",
-            kwargs=dict(**common, num_key_value_heads=KV, head_dim=16, hidden_act="silu", rms_norm_eps=1e-4,
-                        rope_parameters=rope(80000.0), attention_bias=False, use_sliding_window=False,
-                        sliding_window=P, max_window_layers=L, tie_word_embeddings=True),
+            "tied embeddings; no biases; theta 80000; rms eps 1e-4",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                head_dim=16,
+                hidden_act="silu",
+                rms_norm_eps=1e-4,
+                rope_parameters=rope(80000.0),
+                attention_bias=False,
+                use_sliding_window=False,
+                sliding_window=P,
+                max_window_layers=L,
+                tie_word_embeddings=True,
+            ),
             v4_version="4.51.3",  # qwen3 first shipped in v4.51
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "use_sliding_window", "sliding_window",
-                     "max_window_layers", "num_key_value_heads", "head_dim", "hidden_act", "initializer_range",
-                     "rms_norm_eps", "use_cache", "rope_theta", "rope_scaling", "attention_bias",
-                     "attention_dropout"],
-            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=None,
-                                   eos_token_id=None),
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "use_sliding_window",
+                "sliding_window",
+                "max_window_layers",
+                "num_key_value_heads",
+                "head_dim",
+                "hidden_act",
+                "initializer_range",
+                "rms_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "attention_bias",
+                "attention_dropout",
+            ],
+            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None),
         ),
         "gemma": dict(
             quirks="GQA 4q/2kv; head_dim 16 != hidden/heads 8; RMSNorm applies (1+w); embeddings x sqrt(hidden); "
-                   "gelu_pytorch_tanh; tied; theta 30000; rms eps 1e-3",
+            "gelu_pytorch_tanh; tied; theta 30000; rms eps 1e-3",
             zero_centered_norm=True,
-            kwargs=dict(**common, num_key_value_heads=KV, head_dim=16, hidden_act="gelu_pytorch_tanh",
-                        rms_norm_eps=1e-3, rope_parameters=rope(30000.0), attention_bias=False,
-                        tie_word_embeddings=True),
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                head_dim=16,
+                hidden_act="gelu_pytorch_tanh",
+                rms_norm_eps=1e-3,
+                rope_parameters=rope(30000.0),
+                attention_bias=False,
+                tie_word_embeddings=True,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "head_dim", "num_key_value_heads", "hidden_act",
-                     "hidden_activation", "initializer_range", "rms_norm_eps", "use_cache", "rope_theta",
-                     "attention_bias", "attention_dropout"],
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "head_dim",
+                "num_key_value_heads",
+                "hidden_act",
+                "hidden_activation",
+                "initializer_range",
+                "rms_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "attention_bias",
+                "attention_dropout",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=True, pad_token_id=0, bos_token_id=2, eos_token_id=1),
         ),
         "gpt_neox": dict(
             quirks="MHA (no GQA in gpt_neox); fused query_key_value (per-head [q|k|v] interleave); partial rotary "
-                   "0.25; parallel residual; LayerNorm with bias; all linear biases; gelu; untied (head saved as "
-                   "embed_out.weight); theta 7000; ln eps 1e-3",
-            kwargs=dict(**common, hidden_act="gelu", layer_norm_eps=1e-3,
-                        rope_parameters=rope(7000.0, 0.25), use_parallel_residual=True, attention_bias=True,
-                        tie_word_embeddings=False),
+            "0.25; parallel residual; LayerNorm with bias; all linear biases; gelu; untied (head saved as "
+            "embed_out.weight); theta 7000; ln eps 1e-3",
+            kwargs=dict(
+                **common,
+                hidden_act="gelu",
+                layer_norm_eps=1e-3,
+                rope_parameters=rope(7000.0, 0.25),
+                use_parallel_residual=True,
+                attention_bias=True,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size", "hidden_act", "rotary_pct",
-                     "partial_rotary_factor", "rotary_emb_base", "rope_theta", "attention_dropout",
-                     "hidden_dropout", "classifier_dropout", "initializer_range", "layer_norm_eps", "use_cache",
-                     "use_parallel_residual", "rope_scaling", "attention_bias"],
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "hidden_act",
+                "rotary_pct",
+                "partial_rotary_factor",
+                "rotary_emb_base",
+                "rope_theta",
+                "attention_dropout",
+                "hidden_dropout",
+                "classifier_dropout",
+                "initializer_range",
+                "layer_norm_eps",
+                "use_cache",
+                "use_parallel_residual",
+                "rope_scaling",
+                "attention_bias",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=0, eos_token_id=2),
         ),
         "phi": dict(
             quirks="GQA 4q/2kv; one LayerNorm per layer, parallel attn+mlp; partial rotary 0.5; all biases incl. "
-                   "lm_head bias; gelu_new; untied; theta 3000; ln eps 2e-3",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="gelu_new", layer_norm_eps=2e-3,
-                        rope_parameters=rope(3000.0, 0.5), partial_rotary_factor=0.5, qk_layernorm=False,
-                        tie_word_embeddings=False),
+            "lm_head bias; gelu_new; untied; theta 3000; ln eps 2e-3",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="gelu_new",
+                layer_norm_eps=2e-3,
+                rope_parameters=rope(3000.0, 0.5),
+                partial_rotary_factor=0.5,
+                qk_layernorm=False,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
-                     "max_position_embeddings", "initializer_range", "layer_norm_eps", "use_cache", "rope_theta",
-                     "rope_scaling", "partial_rotary_factor", "qk_layernorm"],
+            v4_keys=[
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "resid_pdrop",
+                "embd_pdrop",
+                "attention_dropout",
+                "hidden_act",
+                "max_position_embeddings",
+                "initializer_range",
+                "layer_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "partial_rotary_factor",
+                "qk_layernorm",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=None, bos_token_id=1, eos_token_id=2),
         ),
         "cohere": dict(
             quirks="GQA 4q/2kv; one bias-free mean-centred LayerNorm per layer, parallel attn+mlp; interleaved "
-                   "(GPT-J style) rotary; use_qk_norm (per-head LayerNorm weights [heads, head_dim]); "
-                   "logit_scale 0.25; tied; theta 40000; ln eps 1e-3",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="silu", layer_norm_eps=1e-3,
-                        logit_scale=0.25, rope_parameters=rope(40000.0), attention_bias=False, use_qk_norm=True,
-                        tie_word_embeddings=True),
+            "(GPT-J style) rotary; use_qk_norm (per-head LayerNorm weights [heads, head_dim]); "
+            "logit_scale 0.25; tied; theta 40000; ln eps 1e-3",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="silu",
+                layer_norm_eps=1e-3,
+                logit_scale=0.25,
+                rope_parameters=rope(40000.0),
+                attention_bias=False,
+                use_qk_norm=True,
+                tie_word_embeddings=True,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "max_position_embeddings", "hidden_size", "logit_scale", "intermediate_size",
-                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
-                     "initializer_range", "layer_norm_eps", "use_cache", "rope_theta", "rope_scaling",
-                     "attention_bias", "attention_dropout", "use_qk_norm"],
+            v4_keys=[
+                "vocab_size",
+                "max_position_embeddings",
+                "hidden_size",
+                "logit_scale",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "hidden_act",
+                "initializer_range",
+                "layer_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "attention_bias",
+                "attention_dropout",
+                "use_qk_norm",
+            ],
             v4_class_defaults=dict(tie_word_embeddings=True, pad_token_id=0, bos_token_id=5, eos_token_id=255001),
         ),
         "gpt2": dict(
             quirks="MHA; Conv1D weights stored [in, out]; fused c_attn; learned positions (wpe); LayerNorm with bias; "
-                   "all biases; gelu_new; tied; ln eps 1e-3; n_inner 64 explicit",
-            kwargs=dict(n_embd=H, n_layer=L, n_head=NH, n_inner=I, n_positions=P, activation_function="gelu_new",
-                        layer_norm_epsilon=1e-3, tie_word_embeddings=True),
+            "all biases; gelu_new; tied; ln eps 1e-3; n_inner 64 explicit",
+            kwargs=dict(
+                n_embd=H,
+                n_layer=L,
+                n_head=NH,
+                n_inner=I,
+                n_positions=P,
+                activation_function="gelu_new",
+                layer_norm_epsilon=1e-3,
+                tie_word_embeddings=True,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
-                     "resid_pdrop", "embd_pdrop", "attn_pdrop", "layer_norm_epsilon", "initializer_range",
-                     "summary_type", "summary_use_proj", "summary_activation", "summary_first_dropout",
-                     "summary_proj_to_labels", "scale_attn_weights", "use_cache",
-                     "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"],
-            v4_class_defaults=dict(tie_word_embeddings=True, pad_token_id=None, bos_token_id=50256,
-                                   eos_token_id=50256),
+            v4_keys=[
+                "vocab_size",
+                "n_positions",
+                "n_embd",
+                "n_layer",
+                "n_head",
+                "n_inner",
+                "activation_function",
+                "resid_pdrop",
+                "embd_pdrop",
+                "attn_pdrop",
+                "layer_norm_epsilon",
+                "initializer_range",
+                "summary_type",
+                "summary_use_proj",
+                "summary_activation",
+                "summary_first_dropout",
+                "summary_proj_to_labels",
+                "scale_attn_weights",
+                "use_cache",
+                "scale_attn_by_inverse_layer_idx",
+                "reorder_and_upcast_attn",
+            ],
+            v4_class_defaults=dict(tie_word_embeddings=True, pad_token_id=None, bos_token_id=50256, eos_token_id=50256),
         ),
         "phi3": dict(
             quirks="GQA 4q/2kv; fused qkv_proj [q|k|v] and gate_up_proj [gate|up]; no biases; untied; "
-                   "no sliding window; theta 15000; rms eps 1e-3",
-            kwargs=dict(**common, num_key_value_heads=KV, hidden_act="silu", rms_norm_eps=1e-3,
-                        rope_parameters=rope(15000.0), original_max_position_embeddings=P, sliding_window=None,
-                        tie_word_embeddings=False),
+            "no sliding window; theta 15000; rms eps 1e-3",
+            kwargs=dict(
+                **common,
+                num_key_value_heads=KV,
+                hidden_act="silu",
+                rms_norm_eps=1e-3,
+                rope_parameters=rope(15000.0),
+                original_max_position_embeddings=P,
+                sliding_window=None,
+                tie_word_embeddings=False,
+            ),
             v4_version="4.46.3",
-            v4_keys=["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "resid_pdrop", "embd_pdrop", "attention_dropout", "hidden_act",
-                     "max_position_embeddings", "original_max_position_embeddings", "initializer_range",
-                     "rms_norm_eps", "use_cache", "rope_theta", "rope_scaling", "sliding_window"],
-            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1,
-                                   eos_token_id=32000),
+            v4_keys=[
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "resid_pdrop",
+                "embd_pdrop",
+                "attention_dropout",
+                "hidden_act",
+                "max_position_embeddings",
+                "original_max_position_embeddings",
+                "initializer_range",
+                "rms_norm_eps",
+                "use_cache",
+                "rope_theta",
+                "rope_scaling",
+                "sliding_window",
+            ],
+            v4_class_defaults=dict(tie_word_embeddings=False, pad_token_id=32000, bos_token_id=1, eos_token_id=32000),
         ),
     }
 
@@ -277,6 +504,7 @@ def family_seed(name: str) -> int:
 
 def compact_json(obj, indent: int = 0) -> str:
     """JSON with dicts indented; lists of scalars and rows such as ["name", [32, 64], "F32"] on one line."""
+
     def scalar(x):
         return not isinstance(x, (dict, list, tuple))
 
@@ -334,11 +562,19 @@ def build_tokenizer(out: Path):
         print("WARNING: PreTrainedTokenizerFast.save_pretrained failed; writing tokenizer files directly")
         traceback.print_exc()
         tok.save(str(tdir / "tokenizer.json"))
-        (tdir / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": SPECIAL, "eos_token": SPECIAL, "model_max_length": MAX_POS,
-            "clean_up_tokenization_spaces": False,
-        }, indent=2) + "\n")
+        (tdir / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": SPECIAL,
+                    "eos_token": SPECIAL,
+                    "model_max_length": MAX_POS,
+                    "clean_up_tokenization_spaces": False,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     # Compact tokenizer.json: it is copied into every model folder.
     tj = tdir / "tokenizer.json"
     data = json.loads(tj.read_text(encoding="utf-8"))
@@ -532,8 +768,12 @@ def make_family(family: str, spec: dict, out: Path, tdir: Path, vocab: int, inpu
     def reload(d: Path):
         return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32, attn_implementation="eager")
 
-    for key, d in (("logits_base", dirs["base"]), ("logits_base", dirs["sharded"]),
-                   ("logits_code", dirs["code"]), ("logits_math", dirs["math"])):
+    for key, d in (
+        ("logits_base", dirs["base"]),
+        ("logits_base", dirs["sharded"]),
+        ("logits_code", dirs["code"]),
+        ("logits_math", dirs["math"]),
+    ):
         got = logits_of(reload(d), input_ids)
         if not torch.equal(got, logits[key]):
             diff = (got - logits[key]).abs().max().item()
@@ -555,13 +795,17 @@ def make_family(family: str, spec: dict, out: Path, tdir: Path, vocab: int, inpu
         if not torch.isfinite(v).all():
             raise AssertionError(f"{family}: {k} has non-finite values")
     if torch.equal(logits["logits_base"], logits["logits_code"]) or torch.equal(
-            logits["logits_base"], logits["logits_math"]):
+        logits["logits_base"], logits["logits_math"]
+    ):
         raise AssertionError(f"{family}: domain variants give the base logits")
 
     # One metadata key only: safetensors writes its metadata map in no fixed order, so several keys
     # would make the file bytes differ between identical runs. Provenance lives in versions.json.
-    save_file({"input_ids": input_ids.clone().contiguous(), **logits}, str(fdir / "reference.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {"input_ids": input_ids.clone().contiguous(), **logits},
+        str(fdir / "reference.safetensors"),
+        metadata={"format": "pt"},
+    )
 
     cfg5 = json.loads((dirs["base"] / "config.json").read_text())
     v4 = to_v4_config(family, spec, cfg5)
@@ -574,8 +818,7 @@ def make_family(family: str, spec: dict, out: Path, tdir: Path, vocab: int, inpu
     # Compact summary for the lead: names and shapes as saved, config keys.
     print(f"\n== {family}: {spec['quirks']}")
     print(f"   files base/: {sorted(p.name for p in dirs['base'].iterdir())}")
-    print(f"   sharded/: {len(shards)} shards; bf16/ dtypes {bf16_dtypes}; "
-          f"size {dir_size(fdir) / 1e3:.0f} kB")
+    print(f"   sharded/: {len(shards)} shards; bf16/ dtypes {bf16_dtypes}; size {dir_size(fdir) / 1e3:.0f} kB")
     print(f"   config.json keys: {sorted(cfg5.keys())}")
     print(f"   rope_parameters: {cfg5.get('rope_parameters')}")
     print(f"   config.v4.json keys: {sorted(v4.keys())}")
@@ -620,16 +863,36 @@ def make_dtype_fixture(out: Path) -> None:
 
     # f16 landmarks.
     f16_max = 65504.0
-    f16_min_normal = 2.0 ** -14
-    f16_min_sub = 2.0 ** -24
+    f16_min_normal = 2.0**-14
+    f16_min_sub = 2.0**-24
     f16_max_sub = f16_min_normal - f16_min_sub
-    add_vals([f16_max, f16_min_normal, f16_min_sub, f16_max_sub, 65519.0, 65519.99, 65520.0, 65520.01, 65535.0,
-             65536.0, 1e5, 0.5 * f16_min_sub, 0.75 * f16_min_sub, 0.25 * f16_min_sub, 1.5 * f16_min_sub,
-             2.5 * f16_min_sub, f16_min_normal - 0.5 * f16_min_sub, 1e-8, 1e-9])
+    add_vals(
+        [
+            f16_max,
+            f16_min_normal,
+            f16_min_sub,
+            f16_max_sub,
+            65519.0,
+            65519.99,
+            65520.0,
+            65520.01,
+            65535.0,
+            65536.0,
+            1e5,
+            0.5 * f16_min_sub,
+            0.75 * f16_min_sub,
+            0.25 * f16_min_sub,
+            1.5 * f16_min_sub,
+            2.5 * f16_min_sub,
+            f16_min_normal - 0.5 * f16_min_sub,
+            1e-8,
+            1e-9,
+        ]
+    )
     # f16 ties (round half to even) at several exponents, and neighbours just above / below.
     for e in (-14, -10, -1, 0, 1, 5, 10, 15):
         ulp = 2.0 ** (e - 10)
-        base = 2.0 ** e
+        base = 2.0**e
         for k in (0, 1, 2, 3, 1022, 1023):
             if k == 1023 and e == 15:
                 continue
@@ -641,8 +904,22 @@ def make_dtype_fixture(out: Path) -> None:
         add_vals([(k + 0.5) * f16_min_sub])
 
     # bf16 landmarks: max (0x7F7F), min normal (0x0080), min/max subnormal, overflow boundary.
-    add_bits(0x7F7F0000, 0x00800000, 0x00010000, 0x007F0000, 0x7F7F7FFF, 0x7F7F8000, 0x7F7F8001, 0x7F7FFFFF,
-             0xFF7F8000, 0x00008000, 0x00018000, 0x00017FFF, 0x00008001, 0x00007FFF)
+    add_bits(
+        0x7F7F0000,
+        0x00800000,
+        0x00010000,
+        0x007F0000,
+        0x7F7F7FFF,
+        0x7F7F8000,
+        0x7F7F8001,
+        0x7F7FFFFF,
+        0xFF7F8000,
+        0x00008000,
+        0x00018000,
+        0x00017FFF,
+        0x00008001,
+        0x00007FFF,
+    )
     # bf16 ties: low 16 bits exactly 0x8000 (even and odd kept mantissa), and just above / below.
     rng_bits = np.random.default_rng(SEED)
     hi = [0x3F80, 0x3F81, 0x4049, 0x3DCC, 0x0080, 0x0081, 0x7F00, 0x7F01, 0x4780, 0x4781, 0xBF80, 0xBF81, 0xC049]
@@ -655,12 +932,13 @@ def make_dtype_fixture(out: Path) -> None:
     rng = np.random.default_rng(SEED + 1)
     for scale in (1e-30, 1e-10, 1e-6, 1e-4, 1e-2, 1.0, 1e2, 1e4, 3e4, 1e6, 1e20, 1e38):
         add_vals(rng.standard_normal(170) * scale)
-    add_bits(*rng.integers(0, 2 ** 32, size=512, dtype=np.uint64).tolist())
+    add_bits(*rng.integers(0, 2**32, size=512, dtype=np.uint64).tolist())
 
     f32 = torch.from_numpy(np.asarray(bits, dtype=np.uint32).view(np.int32).copy()).view(torch.float32)
     all16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.int16)
     bf16 = torch.from_numpy(all16.copy()).view(torch.bfloat16)
     f16 = torch.from_numpy(all16.copy()).view(torch.float16)
+
     def canon_nan(t: torch.Tensor) -> torch.Tensor:
         # The bits torch gives a NaN on narrowing depend on the CPU's vector path (0xFFFF from the
         # AVX-512 f32->bf16 kernel, 0x7FC0 from scalar code): store the canonical quiet NaN instead,
@@ -683,8 +961,11 @@ def make_dtype_fixture(out: Path) -> None:
     }
     ddir = out / "dtype"
     ddir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(ddir / "conversions.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(ddir / "conversions.safetensors"),
+        metadata={"format": "pt"},
+    )
     print(f"\n== dtype: f32 grid of {f32.numel()} values; all 65536 bf16 and f16 bit patterns")
 
 
@@ -777,15 +1058,24 @@ def main() -> int:
         "tokenizer_vocab_size": vocab,
         "input_ids": input_ids.tolist(),
         "prompts": PROMPTS,
-        "sizes": dict(hidden=HIDDEN, intermediate=INTERMEDIATE, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS,
-                      max_position_embeddings=MAX_POS, seq_len=SEQ_LEN),
+        "sizes": dict(
+            hidden=HIDDEN,
+            intermediate=INTERMEDIATE,
+            layers=LAYERS,
+            heads=HEADS,
+            kv_heads=KV_HEADS,
+            max_position_embeddings=MAX_POS,
+            seq_len=SEQ_LEN,
+        ),
         "families": dict(sorted(fam_records.items())),
     }
     vpath.write_text(compact_json(versions) + "\n")
 
     total = dir_size(out)
-    print("\nper-directory sizes (kB): " + ", ".join(
-        f"{p.name} {dir_size(p) / 1e3:.0f}" for p in sorted(out.iterdir()) if p.is_dir()))
+    print(
+        "\nper-directory sizes (kB): "
+        + ", ".join(f"{p.name} {dir_size(p) / 1e3:.0f}" for p in sorted(out.iterdir()) if p.is_dir())
+    )
     print(f"total size of {out}: {total / 1e6:.2f} MB (cap {args.max_mb} MB)")
     if failures:
         print(f"FAILED families: {', '.join(failures)}")

@@ -28,12 +28,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from bamtrain.folder import load_model, read_safetensors, write_safetensors  # noqa: E402
 
-FAMILIES = ["llama", "qwen3", "cohere", "gpt2"]  # GQA+biases; qk-norm; interleaved rope+parallel seed; learned positions
+FAMILIES = [
+    "llama",
+    "qwen3",
+    "cohere",
+    "gpt2",
+]  # GQA+biases; qk-norm; interleaved rope+parallel seed; learned positions
 # One block kind, k and FFN gate per mode, so that the three files cover both blocks, both k and both
 # gates (the paper's at k = 1 and 2, renormalised at k = 2).
 CASES = {
     "moa": {"attention": "moa", "block": "parallel", "expertsPerToken": 2, "normTopkProb": False, "seed": 7},
-    "shared-kv": {"attention": "shared-kv", "block": "sequential", "expertsPerToken": 1, "normTopkProb": False, "seed": 7},
+    "shared-kv": {
+        "attention": "shared-kv",
+        "block": "sequential",
+        "expertsPerToken": 1,
+        "normTopkProb": False,
+        "seed": 7,
+    },
     "merged": {"attention": "merged", "block": "sequential", "expertsPerToken": 2, "normTopkProb": True, "seed": 7},
 }
 FLAGS = {"attention": "--attention", "block": "--block", "expertsPerToken": "--experts-per-token", "seed": "--seed"}
@@ -59,16 +70,23 @@ def main():
         for mode, options in CASES.items():
             with tempfile.TemporaryDirectory() as tmp:
                 folder = os.path.join(tmp, "bam")
-                run = subprocess.run(["node", args.cli, "upcycle", *seeds, "-o", folder, *cli_flags(options)], cwd=ROOT,
-                                     capture_output=True, text=True)
+                run = subprocess.run(
+                    ["node", args.cli, "upcycle", *seeds, "-o", folder, *cli_flags(options)],
+                    cwd=ROOT,
+                    capture_output=True,
+                    text=True,
+                )
                 if run.returncode != 0:
                     sys.exit(f"bam upcycle failed for {family} {mode}:\n{run.stderr}")
                 with torch.no_grad():
                     model = load_model(folder)[0].eval()
                     logits = model(input_ids=ids, use_cache=False)["logits"].float().contiguous()
             out = os.path.join(args.out, f"{family}-{mode}.safetensors")
-            write_safetensors(out, [("input_ids", ids), ("logits", logits)],
-                              {"options": json.dumps(options), "torch": torch.__version__})
+            write_safetensors(
+                out,
+                [("input_ids", ids), ("logits", logits)],
+                {"options": json.dumps(options), "torch": torch.__version__},
+            )
             print(f"{out}: logits {list(logits.shape)}, max |logit| {logits.abs().max().item():.3f}")
 
 

@@ -96,8 +96,9 @@ def main(argv=None):
     if not model:
         shape = dict(synthetic.TINY_SHAPE if tiny else synthetic.SEED_SHAPE)
         shape["max_position_embeddings"] = max(shape["max_position_embeddings"], T)
-        model = synthetic.write_folder(os.path.join(cache, "bam-scaling"), shape, synthetic.MOE,
-                                       device="cuda" if cuda else "cpu")
+        model = synthetic.write_folder(
+            os.path.join(cache, "bam-scaling"), shape, synthetic.MOE, device="cuda" if cuda else "cpu"
+        )
     with open(os.path.join(model, "config.json")) as f:
         vocab = json.load(f)["vocab_size"]
     data_dir = os.path.join(args.out, "data")
@@ -107,11 +108,40 @@ def main(argv=None):
     specs = []
     for name in ("a", "b"):
         path = os.path.join(data_dir, f"{name}.npy")
-        np.save(path, rng.integers(0, vocab, need // 2 + 64 * T, dtype=np.int64).astype(np.uint16 if vocab <= 65536 else np.uint32))
+        np.save(
+            path,
+            rng.integers(0, vocab, need // 2 + 64 * T, dtype=np.int64).astype(
+                np.uint16 if vocab <= 65536 else np.uint32
+            ),
+        )
         specs.append(f"{name}={path}")
-    common = ["--model", model, "--data", *specs, "--steps", str(steps), "--seq-len", str(T), "--micro-batch", str(mb),
-              "--global-batch", str(G), "--eval-every", "0", "--eval-blocks", "2", "--save-every", str(half),
-              "--log-every", "1", "--no-plot", "--lr", "1e-4", "--warmup-steps", "2"] + args.extra.split()
+    common = [
+        "--model",
+        model,
+        "--data",
+        *specs,
+        "--steps",
+        str(steps),
+        "--seq-len",
+        str(T),
+        "--micro-batch",
+        str(mb),
+        "--global-batch",
+        str(G),
+        "--eval-every",
+        "0",
+        "--eval-blocks",
+        "2",
+        "--save-every",
+        str(half),
+        "--log-every",
+        "1",
+        "--no-plot",
+        "--lr",
+        "1e-4",
+        "--warmup-steps",
+        "2",
+    ] + args.extra.split()
     if tiny:
         common += ["--device", "cpu"]
     py = [sys.executable]
@@ -121,16 +151,33 @@ def main(argv=None):
         shutil.rmtree(d, ignore_errors=True)
     N = args.gpus
     wall = {}
-    print(f"model {model}; {steps} steps of {G} x {T} tokens; micro-batch {mb}; {N} processes for the FSDP runs", flush=True)
+    print(
+        f"model {model}; {steps} steps of {G} x {T} tokens; micro-batch {mb}; {N} processes for the FSDP runs",
+        flush=True,
+    )
     wall["ws1"] = run(py + [FINETUNE, *common, "--out", out["ws1"], "--no-final"], os.path.join(args.out, "ws1.log"))
-    wall[f"ws{N}"] = run(torchrun + [FINETUNE, *common, "--out", out[f"ws{N}"], "--stop-after", str(half)],
-                         os.path.join(args.out, f"ws{N}.log"))
+    wall[f"ws{N}"] = run(
+        torchrun + [FINETUNE, *common, "--out", out[f"ws{N}"], "--stop-after", str(half)],
+        os.path.join(args.out, f"ws{N}.log"),
+    )
     shutil.copytree(out[f"ws{N}"], out[f"ws{N}to1"])
-    wall[f"ws{N}to1"] = run(py + [FINETUNE, *common, "--out", out[f"ws{N}to1"], "--resume", "--no-final"],
-                            os.path.join(args.out, f"ws{N}to1.log"))
-    wall[f"ws1to{N}"] = run(torchrun + [FINETUNE, *common, "--out", out[f"ws1to{N}"], "--resume",
-                                        os.path.join(out["ws1"], "checkpoints", f"step_{half:08d}"), "--no-final"],
-                            os.path.join(args.out, f"ws1to{N}.log"))
+    wall[f"ws{N}to1"] = run(
+        py + [FINETUNE, *common, "--out", out[f"ws{N}to1"], "--resume", "--no-final"],
+        os.path.join(args.out, f"ws{N}to1.log"),
+    )
+    wall[f"ws1to{N}"] = run(
+        torchrun
+        + [
+            FINETUNE,
+            *common,
+            "--out",
+            out[f"ws1to{N}"],
+            "--resume",
+            os.path.join(out["ws1"], "checkpoints", f"step_{half:08d}"),
+            "--no-final",
+        ],
+        os.path.join(args.out, f"ws1to{N}.log"),
+    )
     recs = {k: [r for r in records(v) if "loss" in r] for k, v in out.items()}
     loss = {k: {r["step"]: r["loss"] for r in v} for k, v in recs.items()}
     ref = loss["ws1"]
@@ -139,25 +186,41 @@ def main(argv=None):
     def median_after_warmup(k, key):
         """The run's own steps after its first --skip (at least one kept)."""
         vals = [r[key] for r in recs[k] if r.get(key) is not None]
-        vals = vals[min(args.skip, len(vals) - 1):] if vals else []
+        vals = vals[min(args.skip, len(vals) - 1) :] if vals else []
         return statistics.median(vals) if vals else None
 
     tps1, tpsN = median_after_warmup("ws1", "tokens_per_s"), median_after_warmup(f"ws{N}", "tokens_per_s")
     tpsN_resumed = median_after_warmup(f"ws1to{N}", "tokens_per_s")
     mfu = {k: median_after_warmup(k, "mfu") for k in recs}
-    result = dict(commit=args.commit, date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), torch=torch.__version__,
-                  device=torch.cuda.get_device_name(0) if cuda else "cpu", gpus=N, steps=steps, checkpoint_step=half,
-                  seq_len=T, micro_batch=mb, global_batch=G, extra=args.extra, model=model,
-                  tokens_per_s={"1": tps1, str(N): tpsN, f"{N} (resumed from 1)": tpsN_resumed},
-                  scaling=(tpsN / tps1) if tps1 and tpsN else None, mfu=mfu,
-                  max_abs_loss_diff_vs_ws1=diffs, losses=loss, wall_s=wall)
+    result = dict(
+        commit=args.commit,
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        torch=torch.__version__,
+        device=torch.cuda.get_device_name(0) if cuda else "cpu",
+        gpus=N,
+        steps=steps,
+        checkpoint_step=half,
+        seq_len=T,
+        micro_batch=mb,
+        global_batch=G,
+        extra=args.extra,
+        model=model,
+        tokens_per_s={"1": tps1, str(N): tpsN, f"{N} (resumed from 1)": tpsN_resumed},
+        scaling=(tpsN / tps1) if tps1 and tpsN else None,
+        mfu=mfu,
+        max_abs_loss_diff_vs_ws1=diffs,
+        losses=loss,
+        wall_s=wall,
+    )
     with open(os.path.join(args.out, "scaling.json"), "w") as f:
         json.dump(result, f, indent=2)
     pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"
     print("\n| processes | tokens/s | MFU | scaling |\n|---|---|---|---|")
     print(f"| 1 | {tps1:,.0f} | {pct(mfu['ws1'])} | 1.00x |")
     print(f"| {N} (FSDP2) | {tpsN:,.0f} | {pct(mfu[f'ws{N}'])} | {result['scaling']:.2f}x |")
-    print(f"| {N} (FSDP2, resumed from 1) | {tpsN_resumed:,.0f} | {pct(mfu[f'ws1to{N}'])} | {tpsN_resumed / tps1:.2f}x |")
+    print(
+        f"| {N} (FSDP2, resumed from 1) | {tpsN_resumed:,.0f} | {pct(mfu[f'ws1to{N}'])} | {tpsN_resumed / tps1:.2f}x |"
+    )
     print(f"\nlosses against the uninterrupted 1-process run (steps 1..{steps}, checkpoint at {half}):")
     for k, d in diffs.items():
         print(f"  {k:>10}: max |diff| {d:.2e} over steps {min(loss[k])}..{max(loss[k])}")

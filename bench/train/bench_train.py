@@ -69,8 +69,24 @@ MIN_SECONDS = {False: 45, True: 200}  # a row starts only with this much of --ti
 CATEGORIES = [  # kernel name fragments (lower case) -> category, first match wins
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa", "mem_eff")),
     ("grouped GEMM (FFN experts)", ("grouped", "groupmm", "group_mm", "ptr_array")),
-    ("GEMM", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "wgmma", "matmul", "sm90_", "sm80_", "aten::mm", "aten::addmm",
-              "aten::bmm", "aten::linear")),
+    (
+        "GEMM",
+        (
+            "gemm",
+            "cutlass",
+            "xmma",
+            "nvjet",
+            "cublas",
+            "wgmma",
+            "matmul",
+            "sm90_",
+            "sm80_",
+            "aten::mm",
+            "aten::addmm",
+            "aten::bmm",
+            "aten::linear",
+        ),
+    ),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("loss / softmax", ("softmax", "cross_entropy", "nll_loss", "logsumexp")),
     ("norm / reduce", ("reduce", "norm", "welford")),
@@ -88,8 +104,11 @@ def parse_args(argv=None):
     p.add_argument("--dense", help="its dense seed as a BAM folder (E = 1); default: none when --model is given")
     p.add_argument("--commit", default=None, help="the commit measured (git rev-parse HEAD)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
-    p.add_argument("--rows", default=None, help=f"comma list of {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; "
-                                                 "--tiny: without the compile rows)")
+    p.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma list of {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; --tiny: without the compile rows)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="default 2048 (--tiny 128)")
     p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch instead of searching")
     p.add_argument("--batch-candidates", default="16,12,10,8,6,4,3,2,1", help="micro-batches tried, largest first")
@@ -99,14 +118,22 @@ def parse_args(argv=None):
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--attention", choices=["moa", "shared-kv", "merged"], default="moa")
     p.add_argument("--top-k", type=int, default=1)
-    p.add_argument("--sdpa", choices=["auto", "flash", "cudnn", "efficient"], default="auto",
-                   help="restrict scaled_dot_product_attention to one backend (auto: torch's choice)")
+    p.add_argument(
+        "--sdpa",
+        choices=["auto", "flash", "cudnn", "efficient"],
+        default="auto",
+        help="restrict scaled_dot_product_attention to one backend (auto: torch's choice)",
+    )
     p.add_argument("--peak-flops", type=float, default=None, help="per-GPU peak FLOP/s (default by GPU name)")
     p.add_argument("--profile", default="bam,bam-compile", help="rows to profile (comma list; '' for none)")
     p.add_argument("--profile-steps", type=int, default=3)
     p.add_argument("--cache-dir", default=None, help="where the synthetic folders go (default /tmp/bam-bench[-tiny])")
-    p.add_argument("--time-budget", type=float, default=540.0,
-                   help="seconds; a row starts only with 45 s (compile rows: 200 s) of it left")
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=540.0,
+        help="seconds; a row starts only with 45 s (compile rows: 200 s) of it left",
+    )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     return p.parse_args(argv)
 
@@ -134,8 +161,13 @@ def sdpa_context(choice):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[choice])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        }[choice]
+    )
 
 
 def category(name):
@@ -185,20 +217,36 @@ def profile_steps(step, device, steps):
         c["share"] = c["time_us"] / total
     lines = [f"{'share':>6} {'ms/step':>8} {'calls/step':>10}  kernel ({'device' if cuda else 'CPU op'} self time)"]
     for k in kernels[:25]:
-        lines.append(f"{100 * k['share']:5.1f}% {k['time_us'] / 1e3 / steps:8.2f} {k['calls'] / steps:10.1f}  "
-                     f"[{k['category']}] {k['name'][:140]}")
+        lines.append(
+            f"{100 * k['share']:5.1f}% {k['time_us'] / 1e3 / steps:8.2f} {k['calls'] / steps:10.1f}  "
+            f"[{k['category']}] {k['name'][:140]}"
+        )
     lines.append("")
     lines.append("by category:")
     for name, c in sorted(cats.items(), key=lambda kv: -kv[1]["time_us"]):
         lines.append(f"{100 * c['share']:5.1f}% {c['time_us'] / 1e3 / steps:8.2f} ms/step  {name}")
     busy = total / wall_us if cuda else None
     if cuda:
-        lines.append(f"GPU busy {100 * busy:.1f}% of the wall time ({total / 1e3 / steps:.1f} of {wall_us / 1e3 / steps:.1f} ms/step)")
+        lines.append(
+            f"GPU busy {100 * busy:.1f}% of the wall time ({total / 1e3 / steps:.1f} of {wall_us / 1e3 / steps:.1f} ms/step)"
+        )
     names = " ".join(k["name"].lower() for k in kernels)
-    backend = ("flash" if "flash" in names else "cudnn" if "cudnn" in names else
-               "efficient" if ("fmha" in names or "mem_eff" in names or "efficient" in names) else "math/none seen")
-    return dict(top=kernels[:40], categories=cats, gpu_busy=busy, attention_backend=backend,
-                wall_ms_per_step=wall_us / 1e3 / steps), "\n".join(lines)
+    backend = (
+        "flash"
+        if "flash" in names
+        else "cudnn"
+        if "cudnn" in names
+        else "efficient"
+        if ("fmha" in names or "mem_eff" in names or "efficient" in names)
+        else "math/none seen"
+    )
+    return dict(
+        top=kernels[:40],
+        categories=cats,
+        gpu_busy=busy,
+        attention_backend=backend,
+        wall_ms_per_step=wall_us / 1e3 / steps,
+    ), "\n".join(lines)
 
 
 def load(path, device, shared):
@@ -277,14 +325,26 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         shared["micro_batch"][spec["model"]] = chosen
     tokens = chosen * T
     peak = metrics.peak_flops(device, args.peak_flops)
-    row = dict(row=name, model=spec["model"], expert_impl=spec["impl"], compiled=spec["compile"], micro_batch=chosen,
-               seq_len=T, tokens_per_step=tokens, step_ms=1e3 * dt, tokens_per_s=tokens / dt,
-               mfu=metrics.mfu(tokens / dt, fl["flops_per_token"], peak),
-               mfu_causal=metrics.mfu(tokens / dt, fl["flops_per_token_causal"], peak),
-               flops_per_token=fl["flops_per_token"], active_matmul_params=fl["active_matmul_params"],
-               params=metrics.count_params(model), first_step_s=t_first,
-               peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-               loss_first=first["loss"], loss_last=losses[-1])
+    row = dict(
+        row=name,
+        model=spec["model"],
+        expert_impl=spec["impl"],
+        compiled=spec["compile"],
+        micro_batch=chosen,
+        seq_len=T,
+        tokens_per_step=tokens,
+        step_ms=1e3 * dt,
+        tokens_per_s=tokens / dt,
+        mfu=metrics.mfu(tokens / dt, fl["flops_per_token"], peak),
+        mfu_causal=metrics.mfu(tokens / dt, fl["flops_per_token_causal"], peak),
+        flops_per_token=fl["flops_per_token"],
+        active_matmul_params=fl["active_matmul_params"],
+        params=metrics.count_params(model),
+        first_step_s=t_first,
+        peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        loss_first=first["loss"],
+        loss_last=losses[-1],
+    )
     if name in shared["profile_rows"]:
         prof, text = profile_steps(lambda: step(chosen), device, args.profile_steps)
         row["profile"] = prof
@@ -301,23 +361,31 @@ def fmt(v, spec, unit=""):
 
 
 def table(rows):
-    head = "| row | micro-batch | tokens/step | step ms | tokens/s | MFU | MFU (causal) | peak GiB | loss first -> last |"
+    head = (
+        "| row | micro-batch | tokens/step | step ms | tokens/s | MFU | MFU (causal) | peak GiB | loss first -> last |"
+    )
     out = [head, "|" + "---|" * 9]
     for r in rows:
         if "error" in r or "skipped" in r:
             out.append(f"| {r['row']} | {r.get('error') or r.get('skipped')} |" + " |" * 7)
             continue
-        out.append(f"| {r['row']} | {r['micro_batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
-                   f"{r['tokens_per_s']:,.0f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} | "
-                   f"{fmt(r['mfu_causal'] and 100 * r['mfu_causal'], '.1f', '%')} | {fmt(r['peak_memory_gb'], '.1f')} | "
-                   f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        out.append(
+            f"| {r['row']} | {r['micro_batch']} | {r['tokens_per_step']} | {r['step_ms']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')} | "
+            f"{fmt(r['mfu_causal'] and 100 * r['mfu_causal'], '.1f', '%')} | {fmt(r['peak_memory_gb'], '.1f')} | "
+            f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
+        )
     return "\n".join(out)
 
 
 def git_commit():
     try:
-        return subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except Exception:  # noqa: BLE001
         return None
 
@@ -336,8 +404,7 @@ def main(argv=None):
     args.warmup = max(1, args.warmup or (1 if args.tiny else 3))
     if args.tiny and args.micro_batch is None:
         args.micro_batch = 2
-    rows = (args.rows.split(",") if args.rows else
-            [r for r in DEFAULT_ROWS if not (args.tiny and ROWS[r]["compile"])])
+    rows = args.rows.split(",") if args.rows else [r for r in DEFAULT_ROWS if not (args.tiny and ROWS[r]["compile"])]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
@@ -354,26 +421,64 @@ def main(argv=None):
         if not args.tiny:
             shape["num_key_value_heads"] = args.kv_heads
         shape["max_position_embeddings"] = max(shape["max_position_embeddings"], args.seq_len)
-        moe = dict(synthetic.MOE, num_experts=args.experts, num_experts_per_tok=args.top_k, attention_experts=args.attention)
+        moe = dict(
+            synthetic.MOE, num_experts=args.experts, num_experts_per_tok=args.top_k, attention_experts=args.attention
+        )
         t = time.perf_counter()
         gen_device = "cuda" if cuda else "cpu"
         tag = f"L{shape['num_hidden_layers']}-H{shape['hidden_size']}-kv{shape['num_key_value_heads']}"
-        paths["bam"] = synthetic.write_folder(os.path.join(cache, f"bam-{moe['num_experts']}x-{moe['attention_experts']}-k{moe['num_experts_per_tok']}-{tag}"),
-                                              shape, moe, device=gen_device)
-        paths["dense"] = synthetic.write_folder(os.path.join(cache, f"seed0-{tag}"), shape, synthetic.DENSE, device=gen_device)
+        paths["bam"] = synthetic.write_folder(
+            os.path.join(
+                cache, f"bam-{moe['num_experts']}x-{moe['attention_experts']}-k{moe['num_experts_per_tok']}-{tag}"
+            ),
+            shape,
+            moe,
+            device=gen_device,
+        )
+        paths["dense"] = synthetic.write_folder(
+            os.path.join(cache, f"seed0-{tag}"), shape, synthetic.DENSE, device=gen_device
+        )
         notes.append(f"synthetic folders ready in {time.perf_counter() - t:.1f} s: {paths['bam']}, {paths['dense']}")
         print(notes[-1], flush=True)
     bam_config = folder.read_config(paths["bam"])
 
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
-               cuda=torch.version.cuda if cuda else None, grouped_mm=hasattr(torch.nn.functional, "grouped_mm"),
-               peak_flops=metrics.peak_flops(device, args.peak_flops), sdpa=args.sdpa, amp=str(amp))
-    result = dict(commit=args.commit or git_commit(), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), env=env,
-                  args=vars(args), model=dict(path=paths["bam"], **{k: bam_config.get(k) for k in (
-                      "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                      "vocab_size", "num_experts", "num_experts_per_tok", "attention_experts", "block")},
-                      **metrics.model_flops(bam_config, args.seq_len)),
-                  rows=[], notes=notes)
+    env = dict(
+        torch=torch.__version__,
+        python=platform.python_version(),
+        device=torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu",
+        cuda=torch.version.cuda if cuda else None,
+        grouped_mm=hasattr(torch.nn.functional, "grouped_mm"),
+        peak_flops=metrics.peak_flops(device, args.peak_flops),
+        sdpa=args.sdpa,
+        amp=str(amp),
+    )
+    result = dict(
+        commit=args.commit or git_commit(),
+        date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        env=env,
+        args=vars(args),
+        model=dict(
+            path=paths["bam"],
+            **{
+                k: bam_config.get(k)
+                for k in (
+                    "num_hidden_layers",
+                    "hidden_size",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                    "num_experts",
+                    "num_experts_per_tok",
+                    "attention_experts",
+                    "block",
+                )
+            },
+            **metrics.model_flops(bam_config, args.seq_len),
+        ),
+        rows=[],
+        notes=notes,
+    )
     print(f"{env['device']}, torch {env['torch']}, peak {env['peak_flops']}; rows {rows}", flush=True)
     shared = dict(micro_batch={}, weights={}, profile_rows=set(filter(None, args.profile.split(","))))
     out_json = os.path.join(args.out, "train_bench.json")
@@ -393,8 +498,15 @@ def main(argv=None):
             r = dict(row=name, error=f"{type(e).__name__}: {str(e)[:300]}")
         free(device)  # after run_row returned: its model, optimiser and activations are gone
         result["rows"].append(r)
-        print(f"{name}: " + (r.get("error") or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
-                             f"micro-batch {r['micro_batch']}"), flush=True)
+        print(
+            f"{name}: "
+            + (
+                r.get("error")
+                or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
+                f"micro-batch {r['micro_batch']}"
+            ),
+            flush=True,
+        )
         with open(out_json, "w") as f:  # after every row: a timeout still leaves the rows done
             json.dump(result, f, indent=2)
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
@@ -411,10 +523,12 @@ def main(argv=None):
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     m = result["model"]
-    print(f"model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts "
-          f"({m['attention_experts']}, top-{m['num_experts_per_tok']}), {m['active_matmul_params'] / 1e9:.3f}B active "
-          f"matmul params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq_len}; wrote {out_json} "
-          f"in {result['seconds']:.0f} s")
+    print(
+        f"model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts "
+        f"({m['attention_experts']}, top-{m['num_experts_per_tok']}), {m['active_matmul_params'] / 1e9:.3f}B active "
+        f"matmul params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq_len}; wrote {out_json} "
+        f"in {result['seconds']:.0f} s"
+    )
     return result
 
 

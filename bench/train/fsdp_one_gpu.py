@@ -4,6 +4,7 @@ the resumed losses must equal the uninterrupted run's. Writes OUT/fsdp_one_gpu.j
 
     python3 bench/train/fsdp_one_gpu.py --out "$OUT" --commit <sha>
 """
+
 import argparse
 import json
 import os
@@ -21,9 +22,35 @@ import synthetic  # noqa: E402
 
 def train(model, data, out, extra):
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", os.path.join(ROOT, "scripts", "finetune.py"), "--model", model,
-           "--out", out, "--data", f"a={data}", "--seq-len", "128", "--micro-batch", "4", "--global-batch", "8",
-           "--steps", "20", "--save-every", "10", "--fsdp", "on", "--no-plot", "--eval-every", "10"] + extra
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "1",
+        os.path.join(ROOT, "scripts", "finetune.py"),
+        "--model",
+        model,
+        "--out",
+        out,
+        "--data",
+        f"a={data}",
+        "--seq-len",
+        "128",
+        "--micro-batch",
+        "4",
+        "--global-batch",
+        "8",
+        "--steps",
+        "20",
+        "--save-every",
+        "10",
+        "--fsdp",
+        "on",
+        "--no-plot",
+        "--eval-every",
+        "10",
+    ] + extra
     subprocess.run(cmd, check=True, env=env)
     with open(os.path.join(out, "train_log.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r and "step" in r}
@@ -43,9 +70,16 @@ def main():
     resumed = train(model, data, os.path.join(work, "split"), ["--resume"])
     steps = sorted(s for s in straight if s > 10)
     diffs = [abs(straight[s] - resumed[s]) for s in steps]
-    result = {"commit": a.commit, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-              "world_size": 1, "fsdp": True, "steps_compared": steps, "max_abs_loss_difference": max(diffs),
-              "straight": straight, "resumed": {s: resumed[s] for s in steps}}
+    result = {
+        "commit": a.commit,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "world_size": 1,
+        "fsdp": True,
+        "steps_compared": steps,
+        "max_abs_loss_difference": max(diffs),
+        "straight": straight,
+        "resumed": {s: resumed[s] for s in steps},
+    }
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "fsdp_one_gpu.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -18,23 +18,56 @@ from bamtrain import folder
 
 # The benchmark shape: a small llama (24 layers, hidden 1024, 16 heads, FFN 2816, vocab 32000): about
 # 0.37B parameters per seed, 1.3B in the 4-expert BAM model (0.64B active per token).
-SEED_SHAPE = dict(seed_model_type="llama", vocab_size=32000, hidden_size=1024, intermediate_size=2816,
-                  num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, head_dim=64,
-                  max_position_embeddings=4096, norm_type="rms", norm_eps=1e-5, second_norm=True, hidden_act="silu",
-                  gated_mlp=True, rope_theta=10000.0, rope_style="half", tie_word_embeddings=False,
-                  bos_token_id=1, eos_token_id=2)
-TINY_SHAPE = dict(SEED_SHAPE, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+SEED_SHAPE = dict(
+    seed_model_type="llama",
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    head_dim=64,
+    max_position_embeddings=4096,
+    norm_type="rms",
+    norm_eps=1e-5,
+    second_norm=True,
+    hidden_act="silu",
+    gated_mlp=True,
+    rope_theta=10000.0,
+    rope_style="half",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+TINY_SHAPE = dict(
+    SEED_SHAPE,
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+)
 MOE = dict(num_experts=4, num_experts_per_tok=1, attention_experts="moa", block="parallel")
 DENSE = dict(num_experts=1, num_experts_per_tok=1, attention_experts="merged", block="sequential")
 
 
 def bam_config(shape, moe):
-    c = dict(model_type="bam", architectures=["BamForCausalLM"],
-             auto_map={"AutoConfig": "configuration_bam.BamConfig", "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"})
+    c = dict(
+        model_type="bam",
+        architectures=["BamForCausalLM"],
+        auto_map={"AutoConfig": "configuration_bam.BamConfig", "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"},
+    )
     c.update(shape)
-    c.update(moe, router_aux_loss_coef=0.01, router_z_loss_coef=0.001, dtype="bfloat16",
-             upcycled_from=[{"name": f"synthetic-seed-{e}", "sha256": "0" * 64} for e in range(moe["num_experts"])])
+    c.update(
+        moe,
+        router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+        dtype="bfloat16",
+        upcycled_from=[{"name": f"synthetic-seed-{e}", "sha256": "0" * 64} for e in range(moe["num_experts"])],
+    )
     return c
 
 

@@ -71,8 +71,14 @@ def complete(out):
     root = checkpoint_dir(out)
     if not os.path.isdir(root):
         return []
-    steps = sorted((d for d in os.listdir(root)
-                    if STEP_DIR.match(d) and os.path.exists(os.path.join(root, d, "trainer_state.json"))), reverse=True)
+    steps = sorted(
+        (
+            d
+            for d in os.listdir(root)
+            if STEP_DIR.match(d) and os.path.exists(os.path.join(root, d, "trainer_state.json"))
+        ),
+        reverse=True,
+    )
     return [os.path.join(root, d) for d in steps]
 
 
@@ -179,8 +185,10 @@ def load_newest(out, model, optimizer, ctx, warn):
             return (path,) + load(path, model, optimizer, ctx)
         except (Exception, _dcp_error()) as e:  # a torn or damaged checkpoint: any reader's error
             if i + 1 == len(found):
-                raise BamTrainError(f"{path}: cannot be read ({reason(e)}) and no earlier checkpoint is left; "
-                                    "start over with --overwrite") from e
+                raise BamTrainError(
+                    f"{path}: cannot be read ({reason(e)}) and no earlier checkpoint is left; "
+                    "start over with --overwrite"
+                ) from e
             warn(f"warning: {path} cannot be read ({reason(e)}); resuming from {found[i + 1]}")
     return None, None, False
 
@@ -192,7 +200,9 @@ def load(path, model, optimizer, ctx):
         state = json.load(f)
     if os.path.exists(os.path.join(path, ".metadata")):
         if not dcp_available():
-            raise RuntimeError(f"{path} is a torch.distributed.checkpoint; this torch ({torch.__version__}) cannot read it")
+            raise RuntimeError(
+                f"{path} is a torch.distributed.checkpoint; this torch ({torch.__version__}) cannot read it"
+            )
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 

@@ -62,8 +62,9 @@ def parse_spec(spec):
     if not paths:
         raise BamTrainError(f"data spec {spec!r} names no file")
     if weight is not None and not weight >= 0:
-        raise BamTrainError(f"data spec {spec}:{tail}: the weight must be >= 0 (relative shares; 0: evaluated, "
-                            "never trained on)")
+        raise BamTrainError(
+            f"data spec {spec}:{tail}: the weight must be >= 0 (relative shares; 0: evaluated, never trained on)"
+        )
     if name is None:
         name = os.path.splitext(os.path.basename(paths[0].rstrip("/")))[0]
     return name, paths, weight
@@ -78,8 +79,9 @@ def expand(paths):
             raise BamTrainError(f"{p}: no such file")
         for m in matches:
             if os.path.isdir(m):
-                found = sorted(os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs
-                               if f.endswith(TOKEN_EXTS + TEXT_EXTS))
+                found = sorted(
+                    os.path.join(r, f) for r, _, fs in os.walk(m) for f in fs if f.endswith(TOKEN_EXTS + TEXT_EXTS)
+                )
                 if not found:
                     raise BamTrainError(f"{m}: no {'/'.join(TOKEN_EXTS + TEXT_EXTS)} files under it")
                 out += found
@@ -106,9 +108,11 @@ class Tokenizer:
             try:
                 from tokenizers import Tokenizer as HfTokenizer
             except ImportError as e:
-                raise BamTrainError("text data (.txt, .jsonl, .parquet) needs the `tokenizers` package (pip install "
-                                    "tokenizers); "
-                                    "or give token ids as .npy/.bin") from e
+                raise BamTrainError(
+                    "text data (.txt, .jsonl, .parquet) needs the `tokenizers` package (pip install "
+                    "tokenizers); "
+                    "or give token ids as .npy/.bin"
+                ) from e
             if not os.path.exists(self.path):
                 raise BamTrainError(f"{self.path}: text data needs the model folder's tokenizer.json")
             self._tok = HfTokenizer.from_file(self.path)
@@ -135,8 +139,10 @@ def read_documents(path, text_key="text"):
                     raise BamTrainError(f"{path}: line {n} is not JSON ({e})") from e
                 if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
                     keys = ", ".join(doc) if isinstance(doc, dict) else "none"
-                    raise BamTrainError(f"{path}: line {n} has no string field {text_key!r} (its keys: {keys}); "
-                                        "name the field with --text-key")
+                    raise BamTrainError(
+                        f"{path}: line {n} has no string field {text_key!r} (its keys: {keys}); "
+                        "name the field with --text-key"
+                    )
                 docs.append(doc[text_key])
     except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError; EOFError: cut off
         raise BamTrainError(f"{path}: not readable {'gzip ' if opener is gzip.open else ''}text ({e})") from e
@@ -146,7 +152,7 @@ def read_documents(path, text_key="text"):
 def read_parquet(path, text_key):
     """A parquet file's `text_key` column as documents: pyarrow where installed, else pandas (which needs
     pyarrow or fastparquet itself); neither: one line saying what to install."""
-    missing = (f"{path}: .parquet data needs pyarrow (pip install pyarrow); or give the text as .jsonl / .jsonl.gz")
+    missing = f"{path}: .parquet data needs pyarrow (pip install pyarrow); or give the text as .jsonl / .jsonl.gz"
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -171,8 +177,9 @@ def read_parquet(path, text_key):
     except Exception as e:  # noqa: BLE001  (each library has its own error types for a damaged file)
         raise BamTrainError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else e!r})") from e
     if texts is None:
-        raise BamTrainError(f"{path}: no column {text_key!r} (its columns: {', '.join(columns)}); name the column "
-                            "with --text-key")
+        raise BamTrainError(
+            f"{path}: no column {text_key!r} (its columns: {', '.join(columns)}); name the column with --text-key"
+        )
     for n, text in enumerate(texts, 1):
         if not isinstance(text, str):
             raise BamTrainError(f"{path}: row {n} of column {text_key!r} is {type(text).__name__}, not text")
@@ -222,20 +229,25 @@ def open_bin(path, dtype, given):
     stated, meta = meta_dtype(path)
     if stated is not None and stated != dtype:
         if given:
-            raise BamTrainError(f"{path}: {meta} says {stated.name} but --bin-dtype is {dtype.name}; drop --bin-dtype "
-                                "or fix meta.json")
+            raise BamTrainError(
+                f"{path}: {meta} says {stated.name} but --bin-dtype is {dtype.name}; drop --bin-dtype or fix meta.json"
+            )
         dtype = stated
     size = os.path.getsize(path)
     if size % dtype.itemsize:
-        raise BamTrainError(f"{path}: {size} bytes is not a whole number of {dtype.name} tokens; "
-                            f"pass --bin-dtype {'uint16' if dtype.itemsize == 4 else 'uint32'} if that is its width")
+        raise BamTrainError(
+            f"{path}: {size} bytes is not a whole number of {dtype.name} tokens; "
+            f"pass --bin-dtype {'uint16' if dtype.itemsize == 4 else 'uint32'} if that is its width"
+        )
     ids = np.memmap(path, dtype=dtype, mode="r")
     if dtype == np.uint16 and len(ids) >= 16:
         head = np.asarray(ids[: min(len(ids), 1 << 20) // 2 * 2])
         if not head[1::2].any() and head[0::2].any():
             source = f" ({meta} says uint16)" if meta else ""
-            raise BamTrainError(f"{path}: every second uint16 value is 0, as uint32 ids read as uint16 are{source}; "
-                                "pass --bin-dtype uint32")
+            raise BamTrainError(
+                f"{path}: every second uint16 value is 0, as uint32 ids read as uint16 are{source}; "
+                "pass --bin-dtype uint32"
+            )
     return ids
 
 
@@ -248,8 +260,10 @@ def check_ids(path, ids, vocab, offset=0):
             bad = low if low < 0 else high
             where = start + int(np.argmax(chunk == bad))
             hint = "; wrong --bin-dtype, or tokens of another tokenizer?" if path.endswith(".bin") else ""
-            raise BamTrainError(f"{path}: token id {bad} at position {offset + where} is outside the model's "
-                                f"vocabulary (0..{vocab - 1}){hint}")
+            raise BamTrainError(
+                f"{path}: token id {bad} at position {offset + where} is outside the model's "
+                f"vocabulary (0..{vocab - 1}){hint}"
+            )
 
 
 def load_stream(files, eos, tokenizer, bin_dtype, text_key="text", vocab=None, bin_dtype_given=False):
@@ -310,11 +324,15 @@ class Domain:
             self.eval_blocks = list(range(n - k, n))
             self.train_blocks = n - k
         if weight > 0 and self.train_blocks < 1:
-            raise BamTrainError(f"domain {name!r}: {len(stream)} tokens make no training block of {seq_len} "
-                                "(and its held-out share); add data or lower --seq-len")
+            raise BamTrainError(
+                f"domain {name!r}: {len(stream)} tokens make no training block of {seq_len} "
+                "(and its held-out share); add data or lower --seq-len"
+            )
         if eval_stream is not None and not self.eval_blocks and eval_blocks:
-            raise BamTrainError(f"--eval-data {name}: {len(eval_stream)} tokens make no block of {seq_len}; "
-                                "add held-out data or lower --seq-len")
+            raise BamTrainError(
+                f"--eval-data {name}: {len(eval_stream)} tokens make no block of {seq_len}; "
+                "add held-out data or lower --seq-len"
+            )
 
     def block(self, i, eval=False):
         return (self.eval_stream if eval else self.stream).read(i * self.seq_len, self.seq_len)
@@ -336,7 +354,10 @@ class Mixture:
 
     def _permutation(self, i, epoch):  # one cached per domain: its current epoch's
         if self._perm.get(i, (None,))[0] != epoch:
-            self._perm[i] = (epoch, np.random.default_rng([self.seed, i, epoch]).permutation(self.domains[i].train_blocks))
+            self._perm[i] = (
+                epoch,
+                np.random.default_rng([self.seed, i, epoch]).permutation(self.domains[i].train_blocks),
+            )
         return self._perm[i][1]
 
     def next_refs(self, n):
@@ -369,8 +390,10 @@ class Mixture:
 
     def load_state_dict(self, state):
         if set(state["domains"]) != set(self.state["domains"]):
-            raise BamTrainError(f"the checkpoint's data domains {sorted(state['domains'])} differ from "
-                             f"--data's {sorted(self.state['domains'])}")
+            raise BamTrainError(
+                f"the checkpoint's data domains {sorted(state['domains'])} differ from "
+                f"--data's {sorted(self.state['domains'])}"
+            )
         self.state = json.loads(json.dumps(state))
 
 
@@ -392,8 +415,9 @@ def eos_id(config, folder, given=None):
     raise BamTrainError("the model's config has no eos_token_id; give --eos-id")
 
 
-def build_mixture(specs, eval_specs, model_folder, config, seq_len, eval_blocks, seed=0, bin_dtype=None, eos=None,
-                  text_key="text"):
+def build_mixture(
+    specs, eval_specs, model_folder, config, seq_len, eval_blocks, seed=0, bin_dtype=None, eos=None, text_key="text"
+):
     """--data and --eval-data specs -> Mixture."""
     vocab = config["vocab_size"]
     given = bin_dtype is not None

@@ -34,9 +34,18 @@ try:  # the reference implementation, where installed (requirements.txt pins it)
 except ImportError:
     st_lib = None
 
-ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool}
+ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
     if hasattr(torch, _attr):
         ST_DTYPES[_name] = getattr(torch, _attr)
@@ -48,9 +57,11 @@ METADATA = "__metadata__"
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # files of the source folder that travel with the model (as the upcycler copies them from the first seed)
-SIDE_FILES = re.compile(r"^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|"
-                        r"vocab\.json|merges\.txt|added_tokens\.json|generation_config\.json|"
-                        r"chat_template\.(jinja|json)|recipe\.yaml|README\.md)$")
+SIDE_FILES = re.compile(
+    r"^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|"
+    r"vocab\.json|merges\.txt|added_tokens\.json|generation_config\.json|"
+    r"chat_template\.(jinja|json)|recipe\.yaml|README\.md)$"
+)
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -80,8 +91,10 @@ def read_header(path):
             if n > MAX_HEADER_BYTES:
                 raise BamTrainError(f"{path}: header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit")
             if n > size - 8:
-                raise BamTrainError(f"{path}: header claims {n} bytes but the file has only {size - 8} after the "
-                                    "length; truncated or not safetensors")
+                raise BamTrainError(
+                    f"{path}: header claims {n} bytes but the file has only {size - 8} after the "
+                    "length; truncated or not safetensors"
+                )
             raw = f.read(n)
     except OSError as e:
         raise BamTrainError(f"{path}: {e.strerror or e}") from e
@@ -118,8 +131,10 @@ def read_header(path):
             problem = f"leaves a gap after data byte {expected}" if begin > expected else "overlaps the previous tensor"
             raise BamTrainError(f"{path}: tensor {name!r} at data bytes {begin}..{end} {problem}")
         if end > data_bytes:
-            raise BamTrainError(f"{path}: tensor {name!r} ends at data byte {end} but the file holds {data_bytes} "
-                                "data bytes; the file is truncated")
+            raise BamTrainError(
+                f"{path}: tensor {name!r} ends at data byte {end} but the file holds {data_bytes} "
+                "data bytes; the file is truncated"
+            )
         expected = end
     if expected < data_bytes:
         raise BamTrainError(f"{path}: {data_bytes - expected} bytes after the last tensor belong to no tensor")
@@ -166,7 +181,11 @@ def write_safetensors(path, tensors, metadata=None):
     if metadata:
         header[METADATA] = metadata
     for name, t in tensors:
-        header[name] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+        header[name] = {
+            "dtype": ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + _nbytes(t)],
+        }
         offset += _nbytes(t)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
@@ -197,7 +216,10 @@ def write_sharded(folder, tensors, max_shard_bytes=5 * 10**9):
         write_safetensors(os.path.join(folder, file), items, {"format": "pt"})
         files.append(file)
         weight_map.update({name: file for name, _ in items})
-    index = {"metadata": {"total_size": sum(size for _, size in shards)}, "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(size for _, size in shards)},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     with open(os.path.join(folder, INDEX), "w") as f:
         json.dump(index, f, indent=2)
         f.write("\n")
@@ -207,8 +229,18 @@ def write_sharded(folder, tensors, max_shard_bytes=5 * 10**9):
 def parse_size(text):
     """'5GB' (5e9, as Hugging Face counts), '500MB', '2GiB', '1024'."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-             "tib": 2**40}
+    units = {
+        "": 1,
+        "b": 1,
+        "kb": 1e3,
+        "mb": 1e6,
+        "gb": 1e9,
+        "tb": 1e12,
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "tib": 2**40,
+    }
     if not m or m.group(2).lower() not in units:
         raise ValueError(f"{text!r} is not a size (bytes, or a number with KB, MB, GB, KiB, MiB, GiB)")
     return int(float(m.group(1)) * units[m.group(2).lower()])
@@ -308,17 +340,21 @@ def load_model(folder, device="cpu", overrides=None):
     if fmt in native.FORMATS:
         config = native.to_bam_config(fmt, config, os.path.join(folder, "config.json"))
     elif fmt != "bam":
-        raise BamTrainError(f"{folder}: model_type is {fmt!r}, not 'bam'; build a BAM folder with `bam upcycle` first "
-                            "(a dense seed is `bam upcycle seed -o out --experts 1`; `--format mixtral|qwen3-moe` "
-                            "folders are read too)")
+        raise BamTrainError(
+            f"{folder}: model_type is {fmt!r}, not 'bam'; build a BAM folder with `bam upcycle` first "
+            "(a dense seed is `bam upcycle seed -o out --experts 1`; `--format mixtral|qwen3-moe` "
+            "folders are read too)"
+        )
     config.update(overrides or {})
     state = read_weights(folder)
     if fmt in native.FORMATS:
         state = native.to_bam_state(fmt, state)
     bad = first_non_finite(state.items())
     if bad:
-        raise BamTrainError(f"{folder}: tensor {bad!r} holds NaN or Inf values; the weights are damaged "
-                            "(`bam inspect --scan` lists every such tensor): rebuild the folder")
+        raise BamTrainError(
+            f"{folder}: tensor {bad!r} holds NaN or Inf values; the weights are damaged "
+            "(`bam inspect --scan` lists every such tensor): rebuild the folder"
+        )
     dtype = stored_dtype(config, state)
     model = build_model(config, device)
     if config.get("tie_word_embeddings"):
@@ -326,8 +362,10 @@ def load_model(folder, device="cpu", overrides=None):
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         layout = f"{fmt} layout of `bam upcycle --format`" if fmt in native.FORMATS else "BAM layout (docs/format.md)"
-        raise BamTrainError(f"{folder}: tensors missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
-                            f"not a folder of this version's {layout}")
+        raise BamTrainError(
+            f"{folder}: tensors missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}; "
+            f"not a folder of this version's {layout}"
+        )
     return model, config, dtype
 
 
@@ -411,8 +449,9 @@ def save_folder(out, state, config, source=None, dtype=torch.float32, max_shard_
         if fmt:
             state = native.to_native_state(fmt, state)
             config = native.to_native_config(fmt, config, read_config(source))
-        tensors = [(k, v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
-                   for k, v in state.items()]
+        tensors = [
+            (k, v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu()) for k, v in state.items()
+        ]
         write_sharded(tmp, tensors, max_shard_bytes)
         config = dict(config)
         config["dtype"] = {v: k for k, v in DTYPE_NAMES.items()}.get(dtype, "float32")

@@ -25,9 +25,19 @@ import os
 
 import torch
 
-PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("H800", 989e12), ("B200", 2250e12),
-             ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12),
-             ("A10", 125e12)]
+PEAK_BF16 = [
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("B100", 1750e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10", 125e12),
+]
 
 
 def model_flops(c, seq_len):
@@ -49,9 +59,13 @@ def model_flops(c, seq_len):
     ffn, ffn_router = (ffn_one, 0) if E == 1 else (k * ffn_one, E * H)
     active = L * (attn + attn_router + ffn + ffn_router) + V * H
     attn_scores = 12 * L * A * nh * D * seq_len
-    return dict(active_matmul_params=active, attention_experts_per_token=A,
-                flops_per_token=6 * active + attn_scores, flops_per_token_causal=6 * active + attn_scores // 2,
-                attention_score_flops_per_token=attn_scores)
+    return dict(
+        active_matmul_params=active,
+        attention_experts_per_token=A,
+        flops_per_token=6 * active + attn_scores,
+        flops_per_token_causal=6 * active + attn_scores // 2,
+        attention_score_flops_per_token=attn_scores,
+    )
 
 
 def mfu(tokens_per_s, flops_per_token, peak, world=1):
@@ -95,7 +109,9 @@ def router_stats(out):
         res["ffn_load"] = out["expert_load"].detach().float()
     attn = [a for a in (out.get("attn_router_logits") or ()) if a is not None]
     if attn:
-        res["attn_weight"] = torch.stack([a.detach().float().softmax(-1).reshape(-1, a.shape[-1]).mean(0) for a in attn])
+        res["attn_weight"] = torch.stack(
+            [a.detach().float().softmax(-1).reshape(-1, a.shape[-1]).mean(0) for a in attn]
+        )
     return res
 
 
@@ -197,8 +213,10 @@ def plot(jsonl, png):
     steps = [r["step"] for r in train]
     ax[0].plot(steps, [r["loss"] for r in train], label="loss (NLL + aux)", lw=1)
     ax[0].plot(steps, [r["nll"] for r in train], label="train NLL", lw=1)
-    for name in (evals[0]["eval"] if evals else {}):
-        ax[0].plot([r["step"] for r in evals], [r["eval"][name]["nll"] for r in evals], "o-", ms=3, label=f"held-out {name}")
+    for name in evals[0]["eval"] if evals else {}:
+        ax[0].plot(
+            [r["step"] for r in evals], [r["eval"][name]["nll"] for r in evals], "o-", ms=3, label=f"held-out {name}"
+        )
     ax[0].set(xlabel="step", ylabel="nats/token", title="loss")
     ax[0].legend(fontsize=7)
     for key, label in (("ffn_load_entropy", "FFN load"), ("attn_weight_entropy", "attention weights")):

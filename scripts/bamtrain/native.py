@@ -14,25 +14,61 @@ import re
 from . import BamTrainError
 
 # BAM config values every native folder implies (the llama-style block of the formats' writer)
-IMPLIED = dict(norm_type="rms", norm_bias=False, norm_unit_offset=False, second_norm=True, seed_parallel_block=False,
-               gated_mlp=True, qkv_bias=False, attn_out_bias=False, mlp_bias=False, lm_head_bias=False,
-               rope_style="half", learned_positions=False, embedding_scale=None, logit_scale=None,
-               attention_scale=None, attention_experts="merged", block="sequential")
+IMPLIED = dict(
+    norm_type="rms",
+    norm_bias=False,
+    norm_unit_offset=False,
+    second_norm=True,
+    seed_parallel_block=False,
+    gated_mlp=True,
+    qkv_bias=False,
+    attn_out_bias=False,
+    mlp_bias=False,
+    lm_head_bias=False,
+    rope_style="half",
+    learned_positions=False,
+    embedding_scale=None,
+    logit_scale=None,
+    attention_scale=None,
+    attention_experts="merged",
+    block="sequential",
+)
 # config keys with the same name and meaning in BAM and both formats
-SHARED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "head_dim", "max_position_embeddings", "hidden_act", "rope_theta", "rope_scaling",
-               "tie_word_embeddings", "num_experts_per_tok", "router_aux_loss_coef", "bos_token_id", "eos_token_id",
-               "pad_token_id")
+SHARED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "hidden_act",
+    "rope_theta",
+    "rope_scaling",
+    "tie_word_embeddings",
+    "num_experts_per_tok",
+    "router_aux_loss_coef",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 FORMATS = {
     "mixtral": dict(
         # (BAM fragment, native fragment); {e} is an expert index
-        tensors=[(".attn.", ".self_attn."), (".mlp.router.", ".block_sparse_moe.gate."),
-                 (".mlp.experts.{e}.gate_proj.", ".block_sparse_moe.experts.{e}.w1."),
-                 (".mlp.experts.{e}.down_proj.", ".block_sparse_moe.experts.{e}.w2."),
-                 (".mlp.experts.{e}.up_proj.", ".block_sparse_moe.experts.{e}.w3.")],
-        keys=[("norm_eps", "rms_norm_eps"), ("intermediate_size", "intermediate_size"),
-              ("num_experts", "num_local_experts"), ("sliding_window", "sliding_window")],
+        tensors=[
+            (".attn.", ".self_attn."),
+            (".mlp.router.", ".block_sparse_moe.gate."),
+            (".mlp.experts.{e}.gate_proj.", ".block_sparse_moe.experts.{e}.w1."),
+            (".mlp.experts.{e}.down_proj.", ".block_sparse_moe.experts.{e}.w2."),
+            (".mlp.experts.{e}.up_proj.", ".block_sparse_moe.experts.{e}.w3."),
+        ],
+        keys=[
+            ("norm_eps", "rms_norm_eps"),
+            ("intermediate_size", "intermediate_size"),
+            ("num_experts", "num_local_experts"),
+            ("sliding_window", "sliding_window"),
+        ],
         implied=dict(seed_model_type="mistral", qk_norm="none", norm_topk_prob=True),
         defaults=dict(rope_theta=1e6),  # MixtralConfig's, for a config.json that leaves it out
         # native keys that must hold these values for the folder to be the BAM model
@@ -40,15 +76,25 @@ FORMATS = {
     ),
     "qwen3_moe": dict(
         tensors=[(".attn.", ".self_attn."), (".mlp.router.", ".mlp.gate.")],
-        keys=[("norm_eps", "rms_norm_eps"), ("intermediate_size", "moe_intermediate_size"),
-              ("num_experts", "num_experts"), ("norm_topk_prob", "norm_topk_prob")],
+        keys=[
+            ("norm_eps", "rms_norm_eps"),
+            ("intermediate_size", "moe_intermediate_size"),
+            ("num_experts", "num_experts"),
+            ("norm_topk_prob", "norm_topk_prob"),
+        ],
         implied=dict(seed_model_type="qwen3", qk_norm="shared", sliding_window=None),
         defaults=dict(rope_theta=10000.0),
         required=dict(decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, use_sliding_window=False),
     ),
 }
-NATIVE_DEFAULTS = dict(hidden_act="silu", rope_scaling=None, tie_word_embeddings=False,
-                       router_aux_loss_coef=0.001, sliding_window=None, norm_topk_prob=False)
+NATIVE_DEFAULTS = dict(
+    hidden_act="silu",
+    rope_scaling=None,
+    tie_word_embeddings=False,
+    router_aux_loss_coef=0.001,
+    sliding_window=None,
+    norm_topk_prob=False,
+)
 
 
 def _patterns(fmt, forward):
@@ -92,8 +138,10 @@ def to_bam_config(fmt, native, path):
     spec = FORMATS[fmt]
     for key, want in spec["required"].items():
         if key in native and native[key] != want:
-            raise BamTrainError(f"{path}: {key} is {native[key]!r}; finetune.py reads {fmt} folders with {key} "
-                                f"{want!r} (as `bam upcycle --format` writes them)")
+            raise BamTrainError(
+                f"{path}: {key} is {native[key]!r}; finetune.py reads {fmt} folders with {key} "
+                f"{want!r} (as `bam upcycle --format` writes them)"
+            )
     if native.get("hidden_act", "silu") != "silu":
         raise BamTrainError(f"{path}: hidden_act is {native['hidden_act']!r}; the {fmt} layout BAM reads is SiLU")
     theta, scaling = _rope(fmt, native)

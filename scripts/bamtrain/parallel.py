@@ -56,10 +56,13 @@ def init(device="auto", fsdp="auto"):
     ctx = Context()
     if want_fsdp:
         if not fsdp_available():
-            raise RuntimeError(f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is {torch.__version__}")
+            raise RuntimeError(
+                f"FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6; this is {torch.__version__}"
+            )
         if "RANK" not in os.environ:  # plain `python finetune.py --fsdp on`: a group of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
         ctx.rank, ctx.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         ctx.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if cuda:

@@ -88,7 +88,9 @@ def at_eval(model, mixture, micro_batch, device, amp=None):
     if not any(router_params(model).values()):
         return {}
     sets = list(mixture.eval_sets())
-    batches = {name: [mixture.batch(refs[i : i + micro_batch], eval=True).to(device) for i in range(0, len(refs), micro_batch)]
-               for name, refs in sets}
+    batches = {
+        name: [mixture.batch(refs[i : i + micro_batch], eval=True).to(device) for i in range(0, len(refs), micro_batch)]
+        for name, refs in sets
+    }
     first = torch.cat([mixture.batch(refs[:micro_batch], eval=True) for _, refs in sets]).to(device)
     return {"routing": domain_routing(model, batches, amp), "router_lm_grad_norm": lm_grad_norms(model, first, amp)}

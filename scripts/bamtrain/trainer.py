@@ -138,8 +138,12 @@ class Trainer:
                     out = model(input_ids=x, labels=x, use_cache=False)
                 if j < real:
                     tokens = x.shape[0] * (x.shape[1] - 1)
-                    sums += torch.stack([out["nll"].double() * tokens, torch.tensor(float(tokens), dtype=torch.float64,
-                                                                                     device=ctx.device)])
+                    sums += torch.stack(
+                        [
+                            out["nll"].double() * tokens,
+                            torch.tensor(float(tokens), dtype=torch.float64, device=ctx.device),
+                        ]
+                    )
             sums = parallel.all_reduce_sum(sums, ctx)
             nll = (sums[0] / sums[1]).item()
             res[name] = {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": int(sums[1].item())}

@@ -68,8 +68,10 @@ SOURCES = {
         ("manpages-dev", MAN),
         ("bash-doc", [(r"usr/share/info/bash\.info\.gz$", "info")]),
         ("git-doc", [(r"usr/share/doc/git-doc/.*\.txt$", "text")]),
-        ("postgresql-doc-15", [(r"usr/share/doc/postgresql-doc-15/html/(?!(index|bookindex)\.html)[^/]+\.html$",
-                                "html")]),
+        (
+            "postgresql-doc-15",
+            [(r"usr/share/doc/postgresql-doc-15/html/(?!(index|bookindex)\.html)[^/]+\.html$", "html")],
+        ),
     ],
     # Python (the 3.11 standard library and its test suite) and C (the X.Org server's source tree)
     "code": [
@@ -91,12 +93,28 @@ SOURCES = {
         ("r-cran-vcd", R_VIGNETTES),
         ("r-cran-multcomp", R_VIGNETTES),
         ("r-cran-strucchange", R_VIGNETTES),
-        ("python-sympy-doc", [(r"usr/share/doc/python-sympy-doc/html/(?!_|genindex|search|py-modindex)"
-                               r"(.*/)?[^/_][^/]*\.html$", "html")]),
+        (
+            "python-sympy-doc",
+            [
+                (
+                    r"usr/share/doc/python-sympy-doc/html/(?!_|genindex|search|py-modindex)"
+                    r"(.*/)?[^/_][^/]*\.html$",
+                    "html",
+                )
+            ],
+        ),
         ("gap-doc", [(r"usr/share/gap/doc/[^/]+/chap(?!0\.|Bib|Ind)[^/_]+\.html$", "html")]),
         ("maxima-doc", [(r"usr/share/info/maxima\.info-\d+\.gz$", "info")]),
-        ("octave-doc", [(r"usr/share/doc/octave/(octave|liboctave)\.html/(?!index\.html)(?![^/]*Index\.html)"
-                         r"[^/]+\.html$", "html")]),
+        (
+            "octave-doc",
+            [
+                (
+                    r"usr/share/doc/octave/(octave|liboctave)\.html/(?!index\.html)(?![^/]*Index\.html)"
+                    r"[^/]+\.html$",
+                    "html",
+                )
+            ],
+        ),
     ],
     # dictionaries (dictd format): GCIDE (Webster 1913 with WordNet 1.5 glosses), FOLDOC, the Jargon
     # File, the Devil's Dictionary. One document = consecutive entries, about 16K characters.
@@ -135,6 +153,7 @@ def rel(path):
 # --------------------------------------------------------------------------------------------------
 # 1. fetch
 
+
 def apt_candidate(pkg):
     r = subprocess.run(["apt-cache", "show", "--no-all-versions", pkg], capture_output=True, text=True)
     if r.returncode != 0 or not r.stdout.strip():
@@ -144,9 +163,13 @@ def apt_candidate(pkg):
         m = re.match(r"([A-Za-z0-9-]+):\s*(.*)$", line)
         if m:
             fields[m.group(1)] = m.group(2)
-    return {"version": fields["Version"], "architecture": fields["Architecture"],
-            "filename": os.path.basename(fields["Filename"]), "size": int(fields["Size"]),
-            "sha256": fields["SHA256"]}
+    return {
+        "version": fields["Version"],
+        "architecture": fields["Architecture"],
+        "filename": os.path.basename(fields["Filename"]),
+        "size": int(fields["Size"]),
+        "sha256": fields["SHA256"],
+    }
 
 
 def apt_download(pkg, version, dest_dir, want_sha, filename):
@@ -156,8 +179,10 @@ def apt_download(pkg, version, dest_dir, want_sha, filename):
         r = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
         if r.returncode != 0 or len(debs) != 1:
-            raise SystemExit(f"`{' '.join(cmd)}` failed:\n{r.stdout}{r.stderr}\n"
-                             "(a version that left the archive: rerun with --refresh to take the current one)")
+            raise SystemExit(
+                f"`{' '.join(cmd)}` failed:\n{r.stdout}{r.stderr}\n"
+                "(a version that left the archive: rerun with --refresh to take the current one)"
+            )
         got = os.path.join(tmp, debs[0])
         sha = sha256_file(got)
         if want_sha and sha != want_sha:
@@ -168,8 +193,7 @@ def apt_download(pkg, version, dest_dir, want_sha, filename):
 
 
 def deb_field(path, field):
-    return subprocess.run(["dpkg-deb", "-f", path, field], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(["dpkg-deb", "-f", path, field], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def fetch(packages, cache, old, refresh):
@@ -198,6 +222,7 @@ def fetch(packages, cache, old, refresh):
 
 # --------------------------------------------------------------------------------------------------
 # 2. extract
+
 
 def read_maybe_gz(path):
     with open(path, "rb") as f:
@@ -245,7 +270,7 @@ def extract_package(deb, rules):
                     continue
                 nfiles += 1
                 if kind == "dictd":
-                    base = path[:-len(".index")]
+                    base = path[: -len(".index")]
                     dz = base + ".dict.dz"
                     plain = base + ".dict"
                     body = read_maybe_gz(dz) if os.path.exists(dz) else open(plain, "rb").read()
@@ -254,7 +279,7 @@ def extract_package(deb, rules):
                     for i, t in enumerate(X.group(X.dictd_entries(index, body))):
                         texts.append((f"{relpath}#{i}", t))
                 elif kind.startswith("tarball:"):
-                    inner = kind[len("tarball:"):]
+                    inner = kind[len("tarball:") :]
                     with tarfile.open(path, "r:*") as tf:
                         members = sorted((m for m in tf.getmembers() if m.isfile()), key=lambda m: m.name)
                         for m in members:
@@ -268,7 +293,7 @@ def extract_package(deb, rules):
                         texts.append((relpath if i == 0 else f"{relpath}#{i}", t))
                 break
         kinds = {k for _, k in rules}
-        if "html" in kinds:           # navigation lines the class filter missed
+        if "html" in kinds:  # navigation lines the class filter missed
             cleaned = X.drop_boilerplate([t for _, t in texts])
             texts = [(p, t) for (p, _), t in zip(texts, cleaned)]
     return texts, nfiles
@@ -294,20 +319,24 @@ def build_documents(debs):
                         st["duplicates"] += 1
                         continue
                     seen.add(key)
-                    docs[domain].append({"key": f"{name}/{path}" + (f"@{j}" if j else ""),
-                                         "package": name, "text": part})
+                    docs[domain].append(
+                        {"key": f"{name}/{path}" + (f"@{j}" if j else ""), "package": name, "text": part}
+                    )
                     st["documents"] += 1
                     st["chars"] += len(part)
                     st["bytes"] += len(part.encode("utf-8"))
             stats[name] = st
-            log(f"  {domain:8s} {name:28s} files={nfiles:5d} docs={st['documents']:6d} "
+            log(
+                f"  {domain:8s} {name:28s} files={nfiles:5d} docs={st['documents']:6d} "
                 f"chars={st['chars'] / 1e6:7.2f}M dup={st['duplicates']} short={st['short']} "
-                f"({time.time() - t0:.1f}s)")
+                f"({time.time() - t0:.1f}s)"
+            )
     return docs, stats
 
 
 # --------------------------------------------------------------------------------------------------
 # 3. split
+
 
 def split(docs, seed, frac, lo, hi):
     """Seeded shuffle; held-out = leading documents until frac of the characters (clamped to [lo, hi]).
@@ -328,13 +357,20 @@ def split(docs, seed, frac, lo, hi):
 # --------------------------------------------------------------------------------------------------
 # 4. tokenizer
 
+
 def train_tokenizer(texts, vocab_size, path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[SPECIAL],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     tok.save(path)
     return tok
@@ -343,18 +379,19 @@ def train_tokenizer(texts, vocab_size, path):
 # --------------------------------------------------------------------------------------------------
 # 5. tokens
 
+
 def write_tokens(tok, docs, eos, path, cap=None, batch=256):
     """Encodes docs in order, each followed by eos, into a uint16 file; stops at cap tokens (the last
     document cut). Returns counts."""
     buf = array.array("H")
     used_docs, used_chars, used_bytes, cut = 0, 0, 0, False
     for i in range(0, len(docs), batch):
-        chunk = docs[i:i + batch]
+        chunk = docs[i : i + batch]
         encs = tok.encode_batch([d["text"] for d in chunk], add_special_tokens=False)
         for d, e in zip(chunk, encs):
             ids = e.ids + [eos]
             if cap is not None and len(buf) + len(ids) > cap:
-                ids = ids[:cap - len(buf)]
+                ids = ids[: cap - len(buf)]
                 cut = True
             buf.extend(ids)
             used_docs += 1
@@ -368,12 +405,20 @@ def write_tokens(tok, docs, eos, path, cap=None, batch=256):
         buf.byteswap()
     with open(path, "wb") as f:
         buf.tofile(f)
-    return {"path": os.path.basename(path), "tokens": len(buf), "documents": used_docs,
-            "last_document_cut": cut, "chars": used_chars, "bytes": used_bytes,
-            "file_bytes": os.path.getsize(path), "sha256": sha256_file(path)}
+    return {
+        "path": os.path.basename(path),
+        "tokens": len(buf),
+        "documents": used_docs,
+        "last_document_cut": cut,
+        "chars": used_chars,
+        "bytes": used_bytes,
+        "file_bytes": os.path.getsize(path),
+        "sha256": sha256_file(path),
+    }
 
 
 # --------------------------------------------------------------------------------------------------
+
 
 def by_package(docs):
     """{package: [documents, characters]} in the order of SOURCES."""
@@ -408,8 +453,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, "data", "corpus"))
     ap.add_argument("--cache", default=None, help="where the .deb files are kept (default <out>/cache/debs)")
-    ap.add_argument("--refresh", action="store_true",
-                    help="take apt's current candidate versions, not the ones the manifest records")
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="take apt's current candidate versions, not the ones the manifest records",
+    )
     ap.add_argument("--seed", type=int, default=8)
     ap.add_argument("--heldout-frac", type=float, default=0.02)
     ap.add_argument("--heldout-min-chars", type=int, default=256_000)
@@ -417,8 +465,9 @@ def main():
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--train-tokens", type=int, default=8_000_000, help="cap per domain's train split")
     ap.add_argument("--threads", type=int, default=1, help="tokenizers' threads (RAYON_RS_NUM_CPUS)")
-    ap.add_argument("--verify", action="store_true", help="only check the token files and tokenizer "
-                    "against the manifest's sha256")
+    ap.add_argument(
+        "--verify", action="store_true", help="only check the token files and tokenizer against the manifest's sha256"
+    )
     args = ap.parse_args()
 
     out = os.path.abspath(args.out)
@@ -449,11 +498,14 @@ def main():
     log("3. split")
     splits = {}
     for d in DOMAINS:
-        splits[d] = split(docs[d], f"{args.seed}:{d}", args.heldout_frac, args.heldout_min_chars,
-                          args.heldout_max_chars)
+        splits[d] = split(
+            docs[d], f"{args.seed}:{d}", args.heldout_frac, args.heldout_min_chars, args.heldout_max_chars
+        )
         tr, he = splits[d]
-        log(f"  {d:8s} train={len(tr)} docs {sum(len(x['text']) for x in tr) / 1e6:.2f}M chars, "
-            f"heldout={len(he)} docs {sum(len(x['text']) for x in he) / 1e6:.2f}M chars")
+        log(
+            f"  {d:8s} train={len(tr)} docs {sum(len(x['text']) for x in tr) / 1e6:.2f}M chars, "
+            f"heldout={len(he)} docs {sum(len(x['text']) for x in he) / 1e6:.2f}M chars"
+        )
 
     log("4. tokenizer (general train split)")
     tok_path = os.path.join(out, "tokenizer.json")
@@ -468,21 +520,28 @@ def main():
     files = {}
     for d in DOMAINS:
         tr, he = splits[d]
-        files[f"{d}.train"] = write_tokens(tok, tr, eos, os.path.join(tokdir, f"{d}.train.bin"),
-                                           cap=args.train_tokens)
+        files[f"{d}.train"] = write_tokens(tok, tr, eos, os.path.join(tokdir, f"{d}.train.bin"), cap=args.train_tokens)
         files[f"{d}.heldout"] = write_tokens(tok, he, eos, os.path.join(tokdir, f"{d}.heldout.bin"))
         for s in ("train", "heldout"):
             r = files[f"{d}.{s}"]
-            log(f"  {d}.{s}: {r['tokens']} tokens, {r['documents']} docs, "
-                f"{r['bytes'] / max(1, r['tokens'] - r['documents']):.2f} bytes/token")
+            log(
+                f"  {d}.{s}: {r['tokens']} tokens, {r['documents']} docs, "
+                f"{r['bytes'] / max(1, r['tokens'] - r['documents']):.2f} bytes/token"
+            )
     t_bins = time.time()
 
-    tokens_meta = {"dir": "tokens", "dtype": "uint16", "byteorder": "little", "eos_id": eos,
-                   "eos_token": SPECIAL, "vocab_size": args.vocab_size,
-                   "layout": "flat token ids; every document is followed by eos_id",
-                   "files": files,
-                   "total_tokens": sum(r["tokens"] for r in files.values()),
-                   "total_file_bytes": sum(r["file_bytes"] for r in files.values())}
+    tokens_meta = {
+        "dir": "tokens",
+        "dtype": "uint16",
+        "byteorder": "little",
+        "eos_id": eos,
+        "eos_token": SPECIAL,
+        "vocab_size": args.vocab_size,
+        "layout": "flat token ids; every document is followed by eos_id",
+        "files": files,
+        "total_tokens": sum(r["tokens"] for r in files.values()),
+        "total_file_bytes": sum(r["file_bytes"] for r in files.values()),
+    }
     with open(os.path.join(tokdir, "meta.json"), "w") as f:
         json.dump({**tokens_meta, "tokenizer": "../tokenizer.json"}, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -494,54 +553,80 @@ def main():
             "packages": [name for name, _ in SOURCES[d]],
             "documents": {"train": len(tr), "heldout": len(he)},
             "chars": {"train": sum(len(x["text"]) for x in tr), "heldout": sum(len(x["text"]) for x in he)},
-            "bytes": {"train": sum(len(x["text"].encode("utf-8")) for x in tr),
-                      "heldout": sum(len(x["text"].encode("utf-8")) for x in he)},
+            "bytes": {
+                "train": sum(len(x["text"].encode("utf-8")) for x in tr),
+                "heldout": sum(len(x["text"].encode("utf-8")) for x in he),
+            },
             "tokens": {"train": files[f"{d}.train"]["tokens"], "heldout": files[f"{d}.heldout"]["tokens"]},
             "train_documents_in_tokens": files[f"{d}.train"]["documents"],
             # documents per package: in the held-out split, and in the (capped) train token file
             "heldout_by_package": by_package(he),
-            "train_tokens_by_package": by_package(tr[:files[f"{d}.train"]["documents"]]),
+            "train_tokens_by_package": by_package(tr[: files[f"{d}.train"]["documents"]]),
             "heldout_keys_sha256": hashlib.sha256("\n".join(sorted(x["key"] for x in he)).encode()).hexdigest(),
         }
     import tokenizers as _t
+
     manifest = {
         "format": FORMAT,
         "what": "four-domain corpus from Debian packages for the small-scale BAM reproduction (issue 8); "
-                "built by scripts/data/build_corpus.py, described in docs/data.md",
-        "distribution": subprocess.run(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"],
-                                       capture_output=True, text=True).stdout.strip(),
-        "settings": {"seed": args.seed, "heldout_frac": args.heldout_frac,
-                     "heldout_min_chars": args.heldout_min_chars, "heldout_max_chars": args.heldout_max_chars,
-                     "min_doc_chars": MIN_CHARS, "chunk": "texts over 65536 chars cut at blank lines into parts "
-                     "of at most 32768 chars", "dedup": "exact, sha256 of the text with white space collapsed, "
-                     "across all domains in the order general, code, math, lexicon",
-                     "vocab_size": args.vocab_size, "train_tokens_cap": args.train_tokens,
-                     "tokenizers_version": _t.__version__},
-        "packages": [{k: debs[name][k] for k in ("name", "domain", "version", "architecture", "filename",
-                                                   "size", "sha256")} | pkg_stats[name]
-                     for _, name in wanted],
+        "built by scripts/data/build_corpus.py, described in docs/data.md",
+        "distribution": subprocess.run(
+            ["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"], capture_output=True, text=True
+        ).stdout.strip(),
+        "settings": {
+            "seed": args.seed,
+            "heldout_frac": args.heldout_frac,
+            "heldout_min_chars": args.heldout_min_chars,
+            "heldout_max_chars": args.heldout_max_chars,
+            "min_doc_chars": MIN_CHARS,
+            "chunk": "texts over 65536 chars cut at blank lines into parts of at most 32768 chars",
+            "dedup": "exact, sha256 of the text with white space collapsed, "
+            "across all domains in the order general, code, math, lexicon",
+            "vocab_size": args.vocab_size,
+            "train_tokens_cap": args.train_tokens,
+            "tokenizers_version": _t.__version__,
+        },
+        "packages": [
+            {k: debs[name][k] for k in ("name", "domain", "version", "architecture", "filename", "size", "sha256")}
+            | pkg_stats[name]
+            for _, name in wanted
+        ],
         "download_bytes": sum(debs[name]["size"] for _, name in wanted),
         "domains": domains,
-        "tokenizer": {"path": "tokenizer.json", "sha256": sha256_file(tok_path), "vocab_size": args.vocab_size,
-                      "eos_id": eos, "special_tokens": [SPECIAL], "model": "byte-level BPE",
-                      "trained_on": "general train split", "documents": len(general_train),
-                      "chars": sum(len(x["text"]) for x in general_train)},
+        "tokenizer": {
+            "path": "tokenizer.json",
+            "sha256": sha256_file(tok_path),
+            "vocab_size": args.vocab_size,
+            "eos_id": eos,
+            "special_tokens": [SPECIAL],
+            "model": "byte-level BPE",
+            "trained_on": "general train split",
+            "documents": len(general_train),
+            "chars": sum(len(x["text"]) for x in general_train),
+        },
         "tokens": tokens_meta,
     }
-    if old and old.get("tokens") and all(
-            p["sha256"] == debs[p["name"]]["sha256"] for p in old.get("packages", []) if p["name"] in debs) \
-            and old.get("settings") == manifest["settings"]:
+    if (
+        old
+        and old.get("tokens")
+        and all(p["sha256"] == debs[p["name"]]["sha256"] for p in old.get("packages", []) if p["name"] in debs)
+        and old.get("settings") == manifest["settings"]
+    ):
         same = all(old["tokens"]["files"].get(k, {}).get("sha256") == v["sha256"] for k, v in files.items())
-        log("  rebuild of the recorded package versions: token files "
-            + ("IDENTICAL to the manifest's" if same else "DIFFER from the manifest's"))
+        log(
+            "  rebuild of the recorded package versions: token files "
+            + ("IDENTICAL to the manifest's" if same else "DIFFER from the manifest's")
+        )
     with open(man_path, "w") as f:
         json.dump(manifest, f, indent=1)
         f.write("\n")
     t_end = time.time()
-    log(f"done in {t_end - t_start:.0f}s (fetch {t_fetch - t_start:.0f}s, extract {t_extract - t_fetch:.0f}s, "
+    log(
+        f"done in {t_end - t_start:.0f}s (fetch {t_fetch - t_start:.0f}s, extract {t_extract - t_fetch:.0f}s, "
         f"tokenizer {t_tok - t_extract:.0f}s, tokens {t_bins - t_tok:.0f}s); "
         f"{tokens_meta['total_tokens']} tokens in {tokens_meta['total_file_bytes'] / 2**20:.1f} MiB; "
-        f"manifest {rel(man_path)}")
+        f"manifest {rel(man_path)}"
+    )
     return 0
 
 

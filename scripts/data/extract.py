@@ -60,7 +60,7 @@ def chunk(text, max_chars=65536, part_chars=32768):
             return
         if not seps:
             for i in range(0, len(t), part_chars):
-                yield t[i:i + part_chars]
+                yield t[i : i + part_chars]
             return
         sep, rest = seps[0], seps[1:]
         bits = t.split(sep)
@@ -80,21 +80,73 @@ def chunk(text, max_chars=65536, part_chars=32768):
 # --------------------------------------------------------------------------------------------------
 # HTML
 
-_BLOCK = {"p", "div", "br", "h1", "h2", "h3", "h4", "h5", "h6", "li", "tr", "pre", "table", "dt", "dd",
-          "dl", "ul", "ol", "blockquote", "section", "hr", "article", "header", "footer", "title",
-          "caption", "figure", "figcaption", "tbody", "thead"}
+_BLOCK = {
+    "p",
+    "div",
+    "br",
+    "h1",
+    "h2",
+    "h3",
+    "h4",
+    "h5",
+    "h6",
+    "li",
+    "tr",
+    "pre",
+    "table",
+    "dt",
+    "dd",
+    "dl",
+    "ul",
+    "ol",
+    "blockquote",
+    "section",
+    "hr",
+    "article",
+    "header",
+    "footer",
+    "title",
+    "caption",
+    "figure",
+    "figcaption",
+    "tbody",
+    "thead",
+}
 _HEAD = {"h1", "h2", "h3", "h4", "h5", "h6", "title"}
-_VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "param", "source",
-         "track", "wbr"}
-_SKIP_TAGS = {"script", "style", "nav", "noscript", "svg", "math", "button", "form", "select", "aside",
-              "footer"}
+_VOID = {"br", "hr", "img", "meta", "link", "input", "area", "base", "col", "embed", "param", "source", "track", "wbr"}
+_SKIP_TAGS = {"script", "style", "nav", "noscript", "svg", "math", "button", "form", "select", "aside", "footer"}
 # navigation bars and footers of the generators these packages use (DocBook, Sphinx, texi2html,
 # makeinfo, GAPDoc)
-_SKIP_CLASSES = {"navheader", "navfooter", "nav-panel", "navigation", "related", "sphinxsidebar",
-                 "footer", "header", "chlinktop", "chlinkprevnexttop", "chlinkprevnextbot", "chlinkbot",
-                 "copy_link", "toc", "contents", "mjx-chtml", "MathJax_Preview", "headerlink",
-                 "viewcode-link", "viewcode-back", "sidebar-drawer", "toc-drawer", "mobile-header",
-                 "visually-hidden", "toctree-checkbox", "skip-to-content", "announcement", "back-to-top"}
+_SKIP_CLASSES = {
+    "navheader",
+    "navfooter",
+    "nav-panel",
+    "navigation",
+    "related",
+    "sphinxsidebar",
+    "footer",
+    "header",
+    "chlinktop",
+    "chlinkprevnexttop",
+    "chlinkprevnextbot",
+    "chlinkbot",
+    "copy_link",
+    "toc",
+    "contents",
+    "mjx-chtml",
+    "MathJax_Preview",
+    "headerlink",
+    "viewcode-link",
+    "viewcode-back",
+    "sidebar-drawer",
+    "toc-drawer",
+    "mobile-header",
+    "visually-hidden",
+    "toctree-checkbox",
+    "skip-to-content",
+    "announcement",
+    "back-to-top",
+}
 
 
 class _HtmlText(html.parser.HTMLParser):
@@ -104,19 +156,19 @@ class _HtmlText(html.parser.HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.out = []
-        self.skip = []      # stack of [tag, open count] for skipped elements
+        self.skip = []  # stack of [tag, open count] for skipped elements
         self.pre = 0
 
     def handle_starttag(self, tag, attrs):
         if tag in _VOID:
             if not self.skip and tag in ("br", "hr"):
                 self.out.append("\n")
-            elif not self.skip and tag == "img":      # Sphinx imgmath: the TeX source is the alt text
+            elif not self.skip and tag == "img":  # Sphinx imgmath: the TeX source is the alt text
                 a = dict(attrs)
                 alt = re.sub(r"\s+", " ", a.get("alt") or "").strip()
                 if alt and "math" in (a.get("class") or "").split():
                     self.out.append("$" + alt + "$")
-                elif alt and "/math/" in (a.get("src") or ""):    # display math
+                elif alt and "/math/" in (a.get("src") or ""):  # display math
                     self.out.append("\n$$" + alt + "$$\n")
             return
         if self.skip:
@@ -133,8 +185,7 @@ class _HtmlText(html.parser.HTMLParser):
         if tag == "pre":
             self.pre += 1
         if tag in _BLOCK:
-            self.out.append("\n\n" if tag in _HEAD or tag in ("p", "pre", "table", "dl", "ul", "ol")
-                            else "\n")
+            self.out.append("\n\n" if tag in _HEAD or tag in ("p", "pre", "table", "dl", "ul", "ol") else "\n")
         elif tag in ("td", "th"):
             self.out.append(" ")
 
@@ -156,7 +207,7 @@ class _HtmlText(html.parser.HTMLParser):
         if self.skip:
             return
         if self.pre:
-            self.out.append(data.replace("\n", "\x00"))   # marks the line ends inside <pre>
+            self.out.append(data.replace("\n", "\x00"))  # marks the line ends inside <pre>
         else:
             self.out.append(re.sub(r"[ \t\r\n]+", " ", data))
 
@@ -177,7 +228,7 @@ def html_to_text(src):
     try:
         p.feed(src)
         p.close()
-    except Exception:       # malformed markup: keep what was parsed
+    except Exception:  # malformed markup: keep what was parsed
         pass
     return normalise(p.text())
 
@@ -203,26 +254,142 @@ def drop_boilerplate(docs, min_docs=10, frac=0.3):
 # roff (man pages)
 
 _CHARS = {
-    "aq": "'", "dq": '"', "em": "\u2014", "en": "\u2013", "bu": "\u2022", "hy": "-", "lq": "\u201c",
-    "rq": "\u201d", "oq": "\u2018", "cq": "\u2019", "co": "\u00a9", "rg": "\u00ae", "tm": "\u2122",
-    "mu": "\u00d7", "di": "\u00f7", "+-": "\u00b1", "de": "\u00b0", "<=": "\u2264", ">=": "\u2265",
-    "!=": "\u2260", "->": "\u2192", "<-": "\u2190", "ti": "~", "ha": "^", "rs": "\\", "sl": "/",
-    "ga": "`", "aa": "\u00b4", "lB": "[", "rB": "]", "lC": "{", "rC": "}", "ba": "|", "or": "|",
-    "pl": "+", "mi": "-", "eq": "=", "sq": "\u25a1", "dg": "\u2020", "fm": "\u2032", "ua": "\u2191",
-    "da": "\u2193", "ss": "\u00df", "a:": "\u00e4", "o:": "\u00f6", "u:": "\u00fc", "e'": "\u00e9",
-    "e`": "\u00e8", "'e": "\u00e9", "`e": "\u00e8", ":a": "\u00e4", ":o": "\u00f6", ":u": "\u00fc",
-    "ct": "\u00a2", "Po": "\u00a3", "Eu": "\u20ac", "sc": "\u00a7", "ps": "\u00b6", "lh": "\u261c",
-    "rh": "\u261e", "at": "@", "sh": "#", "Fo": "\u00ab", "Fc": "\u00bb", "fo": "\u2039", "fc": "\u203a",
-    "Cs": "\u00a4", "OK": "\u2713", "*a": "\u03b1", "*b": "\u03b2", "*p": "\u03c0", "*m": "\u03bc",
-    "12": "\u00bd", "14": "\u00bc", "34": "\u00be", "S1": "\u00b9", "S2": "\u00b2", "S3": "\u00b3",
-    "ff": "ff", "fi": "fi", "fl": "fl", "Fi": "ffi", "Fl": "ffl", "ul": "_", "ru": "_", "br": "|",
-    "bv": "|", "nm": "\u2209", "mo": "\u2208", "if": "\u221e", "sr": "\u221a", "pt": "\u221d",
+    "aq": "'",
+    "dq": '"',
+    "em": "\u2014",
+    "en": "\u2013",
+    "bu": "\u2022",
+    "hy": "-",
+    "lq": "\u201c",
+    "rq": "\u201d",
+    "oq": "\u2018",
+    "cq": "\u2019",
+    "co": "\u00a9",
+    "rg": "\u00ae",
+    "tm": "\u2122",
+    "mu": "\u00d7",
+    "di": "\u00f7",
+    "+-": "\u00b1",
+    "de": "\u00b0",
+    "<=": "\u2264",
+    ">=": "\u2265",
+    "!=": "\u2260",
+    "->": "\u2192",
+    "<-": "\u2190",
+    "ti": "~",
+    "ha": "^",
+    "rs": "\\",
+    "sl": "/",
+    "ga": "`",
+    "aa": "\u00b4",
+    "lB": "[",
+    "rB": "]",
+    "lC": "{",
+    "rC": "}",
+    "ba": "|",
+    "or": "|",
+    "pl": "+",
+    "mi": "-",
+    "eq": "=",
+    "sq": "\u25a1",
+    "dg": "\u2020",
+    "fm": "\u2032",
+    "ua": "\u2191",
+    "da": "\u2193",
+    "ss": "\u00df",
+    "a:": "\u00e4",
+    "o:": "\u00f6",
+    "u:": "\u00fc",
+    "e'": "\u00e9",
+    "e`": "\u00e8",
+    "'e": "\u00e9",
+    "`e": "\u00e8",
+    ":a": "\u00e4",
+    ":o": "\u00f6",
+    ":u": "\u00fc",
+    "ct": "\u00a2",
+    "Po": "\u00a3",
+    "Eu": "\u20ac",
+    "sc": "\u00a7",
+    "ps": "\u00b6",
+    "lh": "\u261c",
+    "rh": "\u261e",
+    "at": "@",
+    "sh": "#",
+    "Fo": "\u00ab",
+    "Fc": "\u00bb",
+    "fo": "\u2039",
+    "fc": "\u203a",
+    "Cs": "\u00a4",
+    "OK": "\u2713",
+    "*a": "\u03b1",
+    "*b": "\u03b2",
+    "*p": "\u03c0",
+    "*m": "\u03bc",
+    "12": "\u00bd",
+    "14": "\u00bc",
+    "34": "\u00be",
+    "S1": "\u00b9",
+    "S2": "\u00b2",
+    "S3": "\u00b3",
+    "ff": "ff",
+    "fi": "fi",
+    "fl": "fl",
+    "Fi": "ffi",
+    "Fl": "ffl",
+    "ul": "_",
+    "ru": "_",
+    "br": "|",
+    "bv": "|",
+    "nm": "\u2209",
+    "mo": "\u2208",
+    "if": "\u221e",
+    "sr": "\u221a",
+    "pt": "\u221d",
 }
-_STRINGS = {"lq": "\u201c", "rq": "\u201d", "R": "\u00ae", "Tm": "\u2122", "aq": "'", "dq": '"',
-            "Lq": "\u201c", "Rq": "\u201d", "ga": "`", "ha": "^", "ti": "~"}
-_SINGLE = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "&": "", "|": "", "^": "",
-           "%": "", "c": "", ":": "", ".": ".", "'": "'", "`": "`", "t": "\t", "!": "", ")": "",
-           "/": "", ",": "", "}": "", "{": "", "a": "", "r": "", "d": "", "u": "", "p": "", "E": "\\"}
+_STRINGS = {
+    "lq": "\u201c",
+    "rq": "\u201d",
+    "R": "\u00ae",
+    "Tm": "\u2122",
+    "aq": "'",
+    "dq": '"',
+    "Lq": "\u201c",
+    "Rq": "\u201d",
+    "ga": "`",
+    "ha": "^",
+    "ti": "~",
+}
+_SINGLE = {
+    "-": "-",
+    "e": "\\",
+    "\\": "\\",
+    " ": " ",
+    "~": " ",
+    "0": " ",
+    "&": "",
+    "|": "",
+    "^": "",
+    "%": "",
+    "c": "",
+    ":": "",
+    ".": ".",
+    "'": "'",
+    "`": "`",
+    "t": "\t",
+    "!": "",
+    ")": "",
+    "/": "",
+    ",": "",
+    "}": "",
+    "{": "",
+    "a": "",
+    "r": "",
+    "d": "",
+    "u": "",
+    "p": "",
+    "E": "\\",
+}
 _ESC = re.compile(
     r"\\(?:"
     r"(?P<font>f(?:\[[^\]]*\]|\(..|.))"
@@ -233,12 +400,14 @@ _ESC = re.compile(
     r"|(?P<reg>[nkgmFY](?:\[[^\]]*\]|\(..|.))"
     r"|(?P<arg>[hvwlLDNxXbZoABCRSM])'[^']*'"
     r"|(?P<one>.)"
-    r")", re.S)
+    r")",
+    re.S,
+)
 
 
 def _esc(m):
     if m.group("font") or m.group("size") or m.group("reg") or m.group("arg"):
-        if m.group("arg") == "C":        # \C'name' is a named character
+        if m.group("arg") == "C":  # \C'name' is a named character
             return _CHARS.get(m.group(0)[3:-1], "")
         return ""
     s = m.group("str")
@@ -293,23 +462,137 @@ def _split_args(s):
 
 _FONT_ALT = {"BR", "RB", "IR", "RI", "BI", "IB"}
 _FONT_ONE = {"B", "I", "SM", "SB", "CW", "CR"}
-_BREAK = {"PP", "LP", "P", "TP", "TQ", "HP", "sp", "br", "RS", "RE", "SY", "YS", "EX", "EE", "in",
-          "ti", "bp", "Sp", "Ip", "nf", "fi", "UR", "UE", "MT", "ME", "ad", "na", "ce"}
-_SKIP_REQ = {"ig", "de", "de1", "am", "ds", "as", "nr", "rr", "ie", "el", "if", "tr", "so", "hy", "nh",
-             "ne", "PD", "ft", "ps", "vs", "ll", "ta", "lf", "cc", "ec", "eo", "mso", "pc", "hw",
-             "IX", "iX", "UC", "DT", "AT", "ev", "rm", "rn", "ss", "cs", "fam", "pso", "tm", "ab",
-             "nroff", "troff", "ns", "rs", "ul", "cu", "uf", "lt", "pl", "nx", "fl", "wh", "ch", "it",
-             "em", "fp", "fc", "lg", "kern", "ochar", "char", "tag", "mk", "rt", "di", "da", "box",
-             "boxa", "ls", "po", "c2", "shc", "nm", "nn", "sy", "pi", "cf", "psbb", "hc",
-             "hla", "hlm", "hpf", "hym", "hys", "Vb", "Ve", "Sh", "Ip"}
+_BREAK = {
+    "PP",
+    "LP",
+    "P",
+    "TP",
+    "TQ",
+    "HP",
+    "sp",
+    "br",
+    "RS",
+    "RE",
+    "SY",
+    "YS",
+    "EX",
+    "EE",
+    "in",
+    "ti",
+    "bp",
+    "Sp",
+    "Ip",
+    "nf",
+    "fi",
+    "UR",
+    "UE",
+    "MT",
+    "ME",
+    "ad",
+    "na",
+    "ce",
+}
+_SKIP_REQ = {
+    "ig",
+    "de",
+    "de1",
+    "am",
+    "ds",
+    "as",
+    "nr",
+    "rr",
+    "ie",
+    "el",
+    "if",
+    "tr",
+    "so",
+    "hy",
+    "nh",
+    "ne",
+    "PD",
+    "ft",
+    "ps",
+    "vs",
+    "ll",
+    "ta",
+    "lf",
+    "cc",
+    "ec",
+    "eo",
+    "mso",
+    "pc",
+    "hw",
+    "IX",
+    "iX",
+    "UC",
+    "DT",
+    "AT",
+    "ev",
+    "rm",
+    "rn",
+    "ss",
+    "cs",
+    "fam",
+    "pso",
+    "tm",
+    "ab",
+    "nroff",
+    "troff",
+    "ns",
+    "rs",
+    "ul",
+    "cu",
+    "uf",
+    "lt",
+    "pl",
+    "nx",
+    "fl",
+    "wh",
+    "ch",
+    "it",
+    "em",
+    "fp",
+    "fc",
+    "lg",
+    "kern",
+    "ochar",
+    "char",
+    "tag",
+    "mk",
+    "rt",
+    "di",
+    "da",
+    "box",
+    "boxa",
+    "ls",
+    "po",
+    "c2",
+    "shc",
+    "nm",
+    "nn",
+    "sy",
+    "pi",
+    "cf",
+    "psbb",
+    "hc",
+    "hla",
+    "hlm",
+    "hpf",
+    "hym",
+    "hys",
+    "Vb",
+    "Ve",
+    "Sh",
+    "Ip",
+}
 
 
 def roff_to_text(src):
     """A man page's roff source -> readable text (None for a `.so` redirect page)."""
     out, para = [], []
     nofill = False
-    skip_until = None      # '..' after .de/.ig
-    table = 0               # 0 none, 1 options/format lines, 2 data
+    skip_until = None  # '..' after .de/.ig
+    table = 0  # 0 none, 1 options/format lines, 2 data
 
     def flush():
         if para:
@@ -317,7 +600,7 @@ def roff_to_text(src):
             para.clear()
 
     for raw in src.split("\n"):
-        line = re.sub(r'(?<!\\)\\".*$', "", raw)      # comments
+        line = re.sub(r'(?<!\\)\\".*$', "", raw)  # comments
         if skip_until is not None:
             if raw.strip().startswith(skip_until):
                 skip_until = None
@@ -368,8 +651,33 @@ def roff_to_text(src):
                 text = roff_inline("".join(_split_args(rest)))
             elif req in _FONT_ONE:
                 text = roff_inline(" ".join(_split_args(rest)))
-            elif req in ("IP", "TP", "TQ", "HP", "LP", "PP", "P", "sp", "br", "bp", "Sp", "Ip",
-                         "EX", "EE", "nf", "fi", "RS", "RE", "SY", "YS", "UR", "UE", "MT", "ME", "OP"):
+            elif req in (
+                "IP",
+                "TP",
+                "TQ",
+                "HP",
+                "LP",
+                "PP",
+                "P",
+                "sp",
+                "br",
+                "bp",
+                "Sp",
+                "Ip",
+                "EX",
+                "EE",
+                "nf",
+                "fi",
+                "RS",
+                "RE",
+                "SY",
+                "YS",
+                "UR",
+                "UE",
+                "MT",
+                "ME",
+                "OP",
+            ):
                 flush()
                 if req in ("nf", "EX"):
                     nofill = True
@@ -388,7 +696,7 @@ def roff_to_text(src):
                     para.append(roff_inline(" ".join(_split_args(rest))))
                 continue
             else:
-                continue        # any other request: layout or macro plumbing
+                continue  # any other request: layout or macro plumbing
         else:
             text = roff_inline(line)
         if nofill:
@@ -406,20 +714,20 @@ def roff_to_text(src):
 # --------------------------------------------------------------------------------------------------
 # GNU info
 
+
 def info_to_nodes(src):
     """An info file -> the text of each node, the node header line and the tag table dropped."""
     nodes = []
     for n in src.split("\x1f"):
         n = n.lstrip("\n")
-        if not n or n.startswith(("Tag Table:", "Indirect:", "End Tag Table", "Local Variables",
-                                  "\x08[index")):
+        if not n or n.startswith(("Tag Table:", "Indirect:", "End Tag Table", "Local Variables", "\x08[index")):
             continue
         lines = n.split("\n")
         if lines[0].startswith("File:"):
             lines = lines[1:]
         text = "\n".join(lines)
         if text.lstrip().startswith("This is ") and " produced by makeinfo" in text[:300]:
-            continue        # the file's preamble
+            continue  # the file's preamble
         text = normalise(text.replace("\x7f", "").replace("\x00", ""))
         if text:
             nodes.append(text)
@@ -453,7 +761,7 @@ def dictd_entries(index_text, dict_bytes):
         spans.add((_b64num(parts[1]), _b64num(parts[2])))
     entries = []
     for off, ln in sorted(spans):
-        text = normalise(decode(dict_bytes[off:off + ln]))
+        text = normalise(decode(dict_bytes[off : off + ln]))
         if text:
             entries.append(text)
     return entries
@@ -475,6 +783,7 @@ def group(texts, target_chars=16384):
 
 # --------------------------------------------------------------------------------------------------
 # code
+
 
 def looks_generated(text, max_line=1000, max_mean=200):
     """Generated or data-like source (very long lines): not useful as code text."""

@@ -52,12 +52,44 @@ BRANCHES = ("code", "math", "lexicon")  # the seed is the fourth expert, the gen
 # more than 4 times along any seed -> branch -> mixture line; every stage fits one GPU call.
 # tiny: a CPU smoke run of every stage.
 SCALES = {
-    "small": dict(hidden=80, layers=4, heads=5, intermediate=240, seq_len=256, micro_batch=64, global_batch=64,
-                  tokens_per_param=20, branch_tokens=4_000_000, mix_tokens=4_000_000, seed_lr=3e-3,
-                  eval_every=40, eval_blocks=16, heldout_tokens=65_536, check_tokens=4_096, log_every=50, timing_steps=60),
-    "tiny": dict(hidden=32, layers=2, heads=2, intermediate=64, seq_len=64, micro_batch=4, global_batch=4,
-                 tokens_per_param=0.008, branch_tokens=1_024, mix_tokens=1_024, seed_lr=1e-3,
-                 eval_every=2, eval_blocks=2, heldout_tokens=256, check_tokens=128, log_every=1, timing_steps=3),
+    "small": dict(
+        hidden=80,
+        layers=4,
+        heads=5,
+        intermediate=240,
+        seq_len=256,
+        micro_batch=64,
+        global_batch=64,
+        tokens_per_param=20,
+        branch_tokens=4_000_000,
+        mix_tokens=4_000_000,
+        seed_lr=3e-3,
+        eval_every=40,
+        eval_blocks=16,
+        heldout_tokens=65_536,
+        check_tokens=4_096,
+        log_every=50,
+        timing_steps=60,
+    ),
+    "tiny": dict(
+        hidden=32,
+        layers=2,
+        heads=2,
+        intermediate=64,
+        seq_len=64,
+        micro_batch=4,
+        global_batch=4,
+        tokens_per_param=0.008,
+        branch_tokens=1_024,
+        mix_tokens=1_024,
+        seed_lr=1e-3,
+        eval_every=2,
+        eval_blocks=2,
+        heldout_tokens=256,
+        check_tokens=128,
+        log_every=1,
+        timing_steps=3,
+    ),
 }
 
 # How attention is upcycled: name -> (bam upcycle arguments after the seeds, seeds). BAM's recipe is top-1 FFN
@@ -72,7 +104,11 @@ VARIANTS = {
 # its probability over all experts (BAM 3.3, Switch); renorm = Mixtral's, the constant 1 at top-1.
 GATES = {"paper": "--no-norm-topk-prob", "renorm": "--norm-topk-prob"}
 # The mixtures: name -> (variant, gate). The -renorm ones are the gate A/B, data-matched only.
-MIXTURES = {**{v: (v, "paper") for v in VARIANTS}, "bam-kv-renorm": ("bam-kv", "renorm"), "btx-renorm": ("btx", "renorm")}
+MIXTURES = {
+    **{v: (v, "paper") for v in VARIANTS},
+    "bam-kv-renorm": ("bam-kv", "renorm"),
+    "btx-renorm": ("btx", "renorm"),
+}
 # Compute-matched runs spend the FLOPs of the most expensive mixture's data-matched run.
 REFERENCE = "bam-kv"
 # Extra data budgets, as multiples of mix_tokens: how much a token is worth against a parameter.
@@ -80,19 +116,28 @@ TOKEN_MULTIPLES = {"btx": (0.5, 2.0)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "reproduce"), help="work folder (models, runs, results)")
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "corpus", "tokens"),
-                   help="token files DOMAIN.train.bin / DOMAIN.heldout.bin (scripts/data/build_corpus.sh)")
+    p.add_argument(
+        "--data",
+        default=os.path.join(ROOT, "data", "corpus", "tokens"),
+        help="token files DOMAIN.train.bin / DOMAIN.heldout.bin (scripts/data/build_corpus.sh)",
+    )
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--jobs", type=int, default=12, help="training runs at once (they share the GPUs)")
     p.add_argument("--seeds", type=int, default=3, help="mixing seeds per run (data order and router init)")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to spread runs over (default: all visible)")
     p.add_argument("--bam", default=None, help="the bam command (default: node dist/src/cli/main.js in the repo)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--bam-eval", choices=["on", "off", "only"], default="on",
-                   help="the `bam eval` check: beside training (on), not at all (off: a machine without the ONNX "
-                        "runtime), or alone over the models OUT/models holds (only: after an off run, elsewhere)")
+    p.add_argument(
+        "--bam-eval",
+        choices=["on", "off", "only"],
+        default="on",
+        help="the `bam eval` check: beside training (on), not at all (off: a machine without the ONNX "
+        "runtime), or alone over the models OUT/models holds (only: after an off run, elsewhere)",
+    )
     return p.parse_args(argv)
 
 
@@ -134,8 +179,9 @@ class Pipeline:
         if self.args.bam_eval == "only":  # the training run's environment and times stay as they were
             self.results["bam_eval_env"] = self.env
         else:
-            self.results.update(scale=dict(name=self.args.scale, **self.s), env=self.env,
-                                elapsed_s=round(time.time() - self.started, 1))
+            self.results.update(
+                scale=dict(name=self.args.scale, **self.s), env=self.env, elapsed_s=round(time.time() - self.started, 1)
+            )
         tmp = self.results_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.results, f, separators=(",", ":"))  # one line: every run's step log makes it megabytes
@@ -178,8 +224,13 @@ class Pipeline:
             params = metrics.count_params(model)
             tokens = self.s.get("seed_tokens") or round(self.s["tokens_per_param"] * params)
             general = os.path.getsize(self.data("general", "train")) // 2
-            budget = self.results["seed_budget"] = dict(params=params, tokens=tokens, tokens_per_param=tokens / params,
-                                                        general_train_tokens=general, passes=tokens / general)
+            budget = self.results["seed_budget"] = dict(
+                params=params,
+                tokens=tokens,
+                tokens_per_param=tokens / params,
+                general_train_tokens=general,
+                passes=tokens / general,
+            )
             self.save()
         self.train_all([self.job("seed", "init", {"general": 1.0}, budget["tokens"], self.s["seed_lr"])])
 
@@ -197,9 +248,13 @@ class Pipeline:
                 command = ["upcycle", *seeds, "--seed", str(seed), *flags, GATES[gate]]
                 if not os.path.exists(target):
                     t0 = time.time()
-                    self.run_bam([*command[:1], *[self.model(m) for m in seeds], "-o", target, *command[len(seeds) + 1 :]],
-                                 f"upcycle-{name}-s{seed}")
-                    self.results["upcycle"][f"{name}-s{seed}"] = dict(seconds=round(time.time() - t0, 2), command=["bam", *command])
+                    self.run_bam(
+                        [*command[:1], *[self.model(m) for m in seeds], "-o", target, *command[len(seeds) + 1 :]],
+                        f"upcycle-{name}-s{seed}",
+                    )
+                    self.results["upcycle"][f"{name}-s{seed}"] = dict(
+                        seconds=round(time.time() - t0, 2), command=["bam", *command]
+                    )
                 if seed == 0:
                     self.evaluate_onnx(upcycled(name, seed))
 
@@ -213,16 +268,28 @@ class Pipeline:
         mix_tokens = self.s["mix_tokens"]
         flops = {name: self.flops_per_token(self.model(upcycled(name, 0))) for name in MIXTURES}
         flops["dense"] = self.flops_per_token(self.model("seed"))
-        branch_flops = sum(self.results["runs"][d]["tokens"] * self.results["runs"][d]["flops_per_token"] for d in BRANCHES)
+        branch_flops = sum(
+            self.results["runs"][d]["tokens"] * self.results["runs"][d]["flops_per_token"] for d in BRANCHES
+        )
         budget = flops[REFERENCE] * mix_tokens
         plan = {}
         for name in ("dense", *VARIANTS):
             credit = branch_flops if name in ("dense", "sparse") else 0
-            plan[name] = dict(flops_per_token=flops[name], data_matched_tokens=mix_tokens, branch_flops_credited=credit,
-                              compute_matched_tokens=round((budget + credit) / flops[name]),
-                              token_multiples=list(TOKEN_MULTIPLES.get(name, ())))
-        self.results["mix_plan"] = dict(reference=REFERENCE, compute_budget_flops=budget, branch_flops=branch_flops,
-                                        lr=lr, seeds=self.args.seeds, models=plan)
+            plan[name] = dict(
+                flops_per_token=flops[name],
+                data_matched_tokens=mix_tokens,
+                branch_flops_credited=credit,
+                compute_matched_tokens=round((budget + credit) / flops[name]),
+                token_multiples=list(TOKEN_MULTIPLES.get(name, ())),
+            )
+        self.results["mix_plan"] = dict(
+            reference=REFERENCE,
+            compute_budget_flops=budget,
+            branch_flops=branch_flops,
+            lr=lr,
+            seeds=self.args.seeds,
+            models=plan,
+        )
         self.save()
         jobs = []
         for seed in range(self.args.seeds):
@@ -231,9 +298,15 @@ class Pipeline:
                 jobs.append(self.job(run_name(name, "dm", seed), start(name), uniform, mix_tokens, lr, seed))
             for name, p in plan.items():
                 if name != REFERENCE:
-                    jobs.append(self.job(run_name(name, "cm", seed), start(name), uniform, p["compute_matched_tokens"], lr, seed))
+                    jobs.append(
+                        self.job(
+                            run_name(name, "cm", seed), start(name), uniform, p["compute_matched_tokens"], lr, seed
+                        )
+                    )
                 for m in p["token_multiples"]:
-                    jobs.append(self.job(run_name(name, f"x{m:g}", seed), start(name), uniform, m * mix_tokens, lr, seed))
+                    jobs.append(
+                        self.job(run_name(name, f"x{m:g}", seed), start(name), uniform, m * mix_tokens, lr, seed)
+                    )
         jobs.sort(key=lambda j: -j["cost"])  # longest first: the last wave is short
         self.train_all(jobs)
 
@@ -253,7 +326,9 @@ class Pipeline:
             model, _, _ = folder.load_model(self.model(name), device)
             model.eval()
             entry["torch"] = {d: torch_nll(model, ids[d], self.s["seq_len"], device) for d in DOMAINS}
-            entry["torch_check"] = {d: torch_nll(model, ids[d][: self.s["check_tokens"]], self.s["seq_len"], device) for d in DOMAINS}
+            entry["torch_check"] = {
+                d: torch_nll(model, ids[d][: self.s["check_tokens"]], self.s["seq_len"], device) for d in DOMAINS
+            }
             windows = {d: windows_of(ids[d], self.s["seq_len"], device) for d in DOMAINS}
             routed = routing.domain_routing(model, windows)
             if routed:
@@ -271,15 +346,26 @@ class Pipeline:
             if name in timing:
                 continue
             start = "seed" if name == "dense" else upcycled(name, 0)
-            j = self.job(f"timing-{name}", start, {d: 0.25 for d in DOMAINS}, self.s["timing_steps"] * self.tokens_per_step(),
-                         self.s["seed_lr"], 0, evaluate=False)
+            j = self.job(
+                f"timing-{name}",
+                start,
+                {d: 0.25 for d in DOMAINS},
+                self.s["timing_steps"] * self.tokens_per_step(),
+                self.s["seed_lr"],
+                0,
+                evaluate=False,
+            )
             out = os.path.join(self.runs, j["name"])
             shutil.rmtree(out, ignore_errors=True)
             with open(os.path.join(self.logs, f"{j['name']}.log"), "w") as f:
-                done = subprocess.run(j["cmd"], env=self.run_env(0 if self.gpus else None), stdout=f, stderr=subprocess.STDOUT)
+                done = subprocess.run(
+                    j["cmd"], env=self.run_env(0 if self.gpus else None), stdout=f, stderr=subprocess.STDOUT
+                )
             if done.returncode != 0:
                 raise SystemExit(f"timing {name} failed (exit {done.returncode}); see {self.logs}/{j['name']}.log")
-            steps = [r["step_time"] for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl")) if "step_time" in r]
+            steps = [
+                r["step_time"] for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl")) if "step_time" in r
+            ]
             tail = sorted(steps[len(steps) // 2 :])
             timing[name] = dict(step_s=tail[len(tail) // 2], steps=len(steps), tokens_per_step=self.tokens_per_step())
             log(f"timing {name}: {1000 * timing[name]['step_s']:.1f} ms/step alone")
@@ -290,8 +376,11 @@ class Pipeline:
         self.save()  # records every result
         for entry in self.results["heldout"].values():
             if "torch_check" in entry and "bam_eval" in entry:
-                entry["agreement"] = {d: abs(entry["torch_check"][d]["ppl"] - entry["bam_eval"][d]["ppl"]) / entry["torch_check"][d]["ppl"]
-                                      for d in DOMAINS}
+                entry["agreement"] = {
+                    d: abs(entry["torch_check"][d]["ppl"] - entry["bam_eval"][d]["ppl"])
+                    / entry["torch_check"][d]["ppl"]
+                    for d in DOMAINS
+                }
         agreed = [max(e["agreement"].values()) for e in self.results["heldout"].values() if "agreement" in e]
         self.results["max_relative_ppl_difference"] = max(agreed) if agreed else None
         self.save()
@@ -310,17 +399,57 @@ class Pipeline:
         steps = max(1, round(tokens / tokens_per_step))
         data = [f"{d}={self.data(d, 'train')}:{weights.get(d, 0)}" for d in DOMAINS]
         evals = [f"{d}={self.data(d, 'heldout')}" for d in DOMAINS]
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", "finetune.py"), "--model", self.model(start), "--out",
-               os.path.join(self.runs, name), "--data", *data, "--steps", str(steps),
-               "--seq-len", str(s["seq_len"]), "--micro-batch", str(s["micro_batch"]), "--global-batch", str(s["global_batch"]),
-               "--lr", str(lr), "--eval-blocks", str(s["eval_blocks"]), "--save-every", "0", "--log-every", str(s["log_every"]),
-               "--no-plot", "--seed", str(seed), "--device", "cuda" if self.cuda else "cpu",
-               # a run killed before its model folder appeared starts over (it keeps no checkpoints); eager: at
-               # this size compiling costs more than it saves, and the measured step times are eager
-               "--overwrite", "--no-compile"]
-        cmd += ["--eval-data", *evals, "--eval-every", str(s["eval_every"])] if evaluate else ["--eval-every", "0", "--no-final"]
-        return dict(name=name, start=start, cmd=cmd, steps=steps, tokens=steps * tokens_per_step, lr=lr, weights=weights,
-                    seed=seed, cost=steps * tokens_per_step * self.flops_per_token(self.model(start)))
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "finetune.py"),
+            "--model",
+            self.model(start),
+            "--out",
+            os.path.join(self.runs, name),
+            "--data",
+            *data,
+            "--steps",
+            str(steps),
+            "--seq-len",
+            str(s["seq_len"]),
+            "--micro-batch",
+            str(s["micro_batch"]),
+            "--global-batch",
+            str(s["global_batch"]),
+            "--lr",
+            str(lr),
+            "--eval-blocks",
+            str(s["eval_blocks"]),
+            "--save-every",
+            "0",
+            "--log-every",
+            str(s["log_every"]),
+            "--no-plot",
+            "--seed",
+            str(seed),
+            "--device",
+            "cuda" if self.cuda else "cpu",
+            # a run killed before its model folder appeared starts over (it keeps no checkpoints); eager: at
+            # this size compiling costs more than it saves, and the measured step times are eager
+            "--overwrite",
+            "--no-compile",
+        ]
+        cmd += (
+            ["--eval-data", *evals, "--eval-every", str(s["eval_every"])]
+            if evaluate
+            else ["--eval-every", "0", "--no-final"]
+        )
+        return dict(
+            name=name,
+            start=start,
+            cmd=cmd,
+            steps=steps,
+            tokens=steps * tokens_per_step,
+            lr=lr,
+            weights=weights,
+            seed=seed,
+            cost=steps * tokens_per_step * self.flops_per_token(self.model(start)),
+        )
 
     def run_env(self, gpu):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -365,12 +494,22 @@ class Pipeline:
                 record = compact_log(os.path.join(run_dir, "train_log.jsonl"))
                 with open(os.path.join(run_dir, "train_args.json")) as f:
                     record["params"] = json.load(f)["params"]
-                record.update(start=j["start"], steps=j["steps"], tokens=j["tokens"], lr=j["lr"], weights=j["weights"], seed=j["seed"],
-                              wall_s=round(time.time() - t0, 1),
-                              flops_per_token=self.flops_per_token(self.model(j["name"])))
+                record.update(
+                    start=j["start"],
+                    steps=j["steps"],
+                    tokens=j["tokens"],
+                    lr=j["lr"],
+                    weights=j["weights"],
+                    seed=j["seed"],
+                    wall_s=round(time.time() - t0, 1),
+                    flops_per_token=self.flops_per_token(self.model(j["name"])),
+                )
                 self.results["runs"][j["name"]] = record
                 last = record["evals"][-1]["eval"] if record["evals"] else {}
-                log(f"done {j['name']} in {record['wall_s']}s: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in last.items()))
+                log(
+                    f"done {j['name']} in {record['wall_s']}s: "
+                    + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in last.items())
+                )
                 self.save()
                 self.evaluate_onnx(j["name"])
         if failed:
@@ -399,17 +538,39 @@ class Pipeline:
         def work():  # a worker thread: returns what to record; only the main thread touches self.results
             files = [self.data(d, "heldout") for d in DOMAINS]
             t0 = time.time()
-            done = subprocess.run(["nice", "-n", "10", *self.bam, "eval", self.model(name), "--tokens", *files, "--context", str(self.s["seq_len"]),
-                                   "--max-tokens", str(self.s["check_tokens"]), "--json"], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    "nice",
+                    "-n",
+                    "10",
+                    *self.bam,
+                    "eval",
+                    self.model(name),
+                    "--tokens",
+                    *files,
+                    "--context",
+                    str(self.s["seq_len"]),
+                    "--max-tokens",
+                    str(self.s["check_tokens"]),
+                    "--json",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 log(f"bam eval {name} failed: {done.stderr.strip()}")
                 return {"bam_eval_error": done.stderr.strip()}
             report = json.loads(done.stdout)
-            found = {d: dict(nll=f["nll"] / f["predicted"], ppl=f["perplexity"], predicted=f["predicted"])
-                     for d, f in zip(DOMAINS, report["files"])}
+            found = {
+                d: dict(nll=f["nll"] / f["predicted"], ppl=f["perplexity"], predicted=f["predicted"])
+                for d, f in zip(DOMAINS, report["files"])
+            }
             log(f"bam eval {name}: " + ", ".join(f"{d} {v['ppl']:.2f}" for d, v in found.items()))
-            return {"bam_eval": found, "bam_eval_seconds": round(time.time() - t0, 2),
-                    "bam_eval_tokens_per_s": report["tokensPerSecond"]}
+            return {
+                "bam_eval": found,
+                "bam_eval_seconds": round(time.time() - t0, 2),
+                "bam_eval_tokens_per_s": report["tokensPerSecond"],
+            }
 
         self.onnx_jobs[name] = self.onnx_pool.submit(work)
 
@@ -445,11 +606,19 @@ def environment(cuda):
     commit = os.environ.get("BAM_COMMIT")
     if commit is None:
         try:
-            commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+            commit = (
+                subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+                or None
+            )
         except OSError:
             commit = None
-    return dict(torch=torch.__version__, python=sys.version.split()[0], device=torch.cuda.get_device_name(0) if cuda else "cpu",
-                gpus=torch.cuda.device_count() if cuda else 0, commit=commit)
+    return dict(
+        torch=torch.__version__,
+        python=sys.version.split()[0],
+        device=torch.cuda.get_device_name(0) if cuda else "cpu",
+        gpus=torch.cuda.device_count() if cuda else 0,
+        commit=commit,
+    )
 
 
 def write_random_cohere(dense, s, tokenizer):
@@ -462,21 +631,44 @@ def write_random_cohere(dense, s, tokenizer):
     tensors = [("model.embed_tokens.weight", normal(V, H))]
     for l in range(L):
         p = f"model.layers.{l}"
-        tensors += [(f"{p}.input_layernorm.weight", torch.ones(H)),
-                    (f"{p}.self_attn.q_proj.weight", normal(H, H)), (f"{p}.self_attn.k_proj.weight", normal(H, H)),
-                    (f"{p}.self_attn.v_proj.weight", normal(H, H)), (f"{p}.self_attn.o_proj.weight", normal(H, H, std=residual)),
-                    (f"{p}.mlp.gate_proj.weight", normal(I, H)), (f"{p}.mlp.up_proj.weight", normal(I, H)),
-                    (f"{p}.mlp.down_proj.weight", normal(H, I, std=residual))]
+        tensors += [
+            (f"{p}.input_layernorm.weight", torch.ones(H)),
+            (f"{p}.self_attn.q_proj.weight", normal(H, H)),
+            (f"{p}.self_attn.k_proj.weight", normal(H, H)),
+            (f"{p}.self_attn.v_proj.weight", normal(H, H)),
+            (f"{p}.self_attn.o_proj.weight", normal(H, H, std=residual)),
+            (f"{p}.mlp.gate_proj.weight", normal(I, H)),
+            (f"{p}.mlp.up_proj.weight", normal(I, H)),
+            (f"{p}.mlp.down_proj.weight", normal(H, I, std=residual)),
+        ]
     tensors.append(("model.norm.weight", torch.ones(H)))
     tmp = dense + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     folder.write_sharded(tmp, tensors)
-    config = dict(architectures=["CohereForCausalLM"], model_type="cohere", vocab_size=V, hidden_size=H, intermediate_size=I,
-                  num_hidden_layers=L, num_attention_heads=s["heads"], num_key_value_heads=s["heads"], hidden_act="silu",
-                  max_position_embeddings=2048, initializer_range=0.02, layer_norm_eps=1e-5, use_qk_norm=False,
-                  logit_scale=1.0, tie_word_embeddings=True, rope_theta=10000.0, attention_bias=False,
-                  bos_token_id=0, eos_token_id=0, pad_token_id=0, torch_dtype="float32")
+    config = dict(
+        architectures=["CohereForCausalLM"],
+        model_type="cohere",
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=I,
+        num_hidden_layers=L,
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["heads"],
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        layer_norm_eps=1e-5,
+        use_qk_norm=False,
+        logit_scale=1.0,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        attention_bias=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        torch_dtype="float32",
+    )
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
@@ -518,8 +710,24 @@ def compact_log(path):
             if "eval" in r:
                 evals.append({k: r[k] for k in ("step", "tokens", "eval", "routing", "router_lm_grad_norm") if k in r})
                 continue
-            steps.append({k: six_digits(r[k]) for k in ("step", "tokens", "loss", "nll", "lb_loss", "z_loss", "grad_norm",
-                                                         "lr", "tokens_per_s", "mfu") if k in r})
+            steps.append(
+                {
+                    k: six_digits(r[k])
+                    for k in (
+                        "step",
+                        "tokens",
+                        "loss",
+                        "nll",
+                        "lb_loss",
+                        "z_loss",
+                        "grad_norm",
+                        "lr",
+                        "tokens_per_s",
+                        "mfu",
+                    )
+                    if k in r
+                }
+            )
             if ("ffn_load" in r or "attn_weight" in r) and (r["step"] % 10 == 0 or r["step"] == 1):
                 loads.append({k: r[k] for k in ("step", "ffn_load", "attn_weight") if k in r})
     return dict(log=steps, loads=loads, evals=evals)
@@ -528,7 +736,9 @@ def compact_log(path):
 def main(argv=None):
     args = parse_args(argv)
     p = Pipeline(args)
-    log(f"reproduction at scale {args.scale} in {p.out}: {f'{p.gpus} GPU(s)' if p.cuda else 'CPU'}, {args.jobs} runs at once")
+    log(
+        f"reproduction at scale {args.scale} in {p.out}: {f'{p.gpus} GPU(s)' if p.cuda else 'CPU'}, {args.jobs} runs at once"
+    )
     if args.bam_eval == "only":
         for name in sorted(os.listdir(p.models)):
             p.evaluate_onnx(name)
@@ -543,8 +753,10 @@ def main(argv=None):
     p.stage("evaluate-torch", p.evaluate_torch)
     p.stage("evaluate-bam", p.finish_onnx)
     p.stage("timing", p.timing)
-    log(f"done in {time.time() - p.started:.0f}s; largest torch/bam eval perplexity difference "
-        f"{p.results['max_relative_ppl_difference']}; results in {p.results_path}")
+    log(
+        f"done in {time.time() - p.started:.0f}s; largest torch/bam eval perplexity difference "
+        f"{p.results['max_relative_ppl_difference']}; results in {p.results_path}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,15 @@ import re
 
 DOMAINS = ("general", "code", "math", "lexicon")
 EXPERTS = ("seed", "code", "math", "lexicon")  # expert i of every BAM / BTX mixture comes from this model
-LABELS = {"dense": "Dense (seed, trained on)", "sparse": "Sparse upcycling", "btx": "BTX", "bam-shared-kv": "BAM, shared KV",
-          "bam-kv": "BAM, KV experts", "btx-renorm": "BTX, renormalised gate", "bam-kv-renorm": "BAM, KV experts, renormalised gate"}
+LABELS = {
+    "dense": "Dense (seed, trained on)",
+    "sparse": "Sparse upcycling",
+    "btx": "BTX",
+    "bam-shared-kv": "BAM, shared KV",
+    "bam-kv": "BAM, KV experts",
+    "btx-renorm": "BTX, renormalised gate",
+    "bam-kv-renorm": "BAM, KV experts, renormalised gate",
+}
 MAIN = ("dense", "sparse", "btx", "bam-shared-kv", "bam-kv")
 REFERENCE = "bam-kv"
 
@@ -66,8 +73,13 @@ def fmt(st):
 def perplexity_table(R, budget):
     stats = {m: R.stat(m, budget) for m in MAIN}
     best = min(stats, key=lambda m: stats[m][0])
-    lines = ["| model | " + " | ".join(DOMAINS) + " | average, mean (min-max over seeds) |", "|---" * (len(DOMAINS) + 2) + "|",
-             "| Seed (before mixing) | " + " | ".join(f"{R.ppl('seed', d):.2f}" for d in DOMAINS) + f" | {R.ppl('seed'):.2f} |"]
+    lines = [
+        "| model | " + " | ".join(DOMAINS) + " | average, mean (min-max over seeds) |",
+        "|---" * (len(DOMAINS) + 2) + "|",
+        "| Seed (before mixing) | "
+        + " | ".join(f"{R.ppl('seed', d):.2f}" for d in DOMAINS)
+        + f" | {R.ppl('seed'):.2f} |",
+    ]
     for m in MAIN:
         cells = [f"{R.stat(m, budget, d)[0]:.2f}" for d in DOMAINS] + [fmt(stats[m])]
         if m == best:
@@ -100,7 +112,10 @@ CLAIMS = [  # (claim, budget, the model said to be better, the other)
 
 
 def claims_table(R):
-    lines = ["| claim (BAM / BTX papers) | better, mean (range) | other, mean (range) | gap | verdict |", "|---|---|---|---|---|"]
+    lines = [
+        "| claim (BAM / BTX papers) | better, mean (range) | other, mean (range) | gap | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for text, budget, a, b in CLAIMS:
         sa, sb = R.stat(a, budget), R.stat(b, budget)
         lines.append(f"| {text} | {fmt(sa)} | {fmt(sb)} | {100 * (sb[0] - sa[0]) / sb[0]:+.1f}% | {verdict(sa, sb)} |")
@@ -108,8 +123,11 @@ def claims_table(R):
 
 
 def gate_table(R):
-    lines = ["| mixture, data-matched | paper gate (`--no-norm-topk-prob`) | renormalised (`--norm-topk-prob`) | gap | verdict | "
-             "FFN-router LM-gradient norm, first / last eval (paper / renormalised) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| mixture, data-matched | paper gate (`--no-norm-topk-prob`) | renormalised (`--norm-topk-prob`) | gap | verdict | "
+        "FFN-router LM-gradient norm, first / last eval (paper / renormalised) |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in ("bam-kv", "btx"):
         paper, renorm = R.stat(m, "dm"), R.stat(f"{m}-renorm", "dm")
         if paper[0] <= renorm[0]:
@@ -118,11 +136,15 @@ def gate_table(R):
             v = verdict(renorm, paper).replace("reproduced", "renormalised gate better")
         grads = []
         for name in (m, f"{m}-renorm"):
-            norms = [[e["router_lm_grad_norm"]["ffn"] for e in R.run(name, "dm", s)["evals"] if "router_lm_grad_norm" in e]
-                     for s in range(R.seeds)]
+            norms = [
+                [e["router_lm_grad_norm"]["ffn"] for e in R.run(name, "dm", s)["evals"] if "router_lm_grad_norm" in e]
+                for s in range(R.seeds)
+            ]
             grads.append(f"{mean([n[0] for n in norms]):.2g} / {mean([n[-1] for n in norms]):.2g}")
-        lines.append(f"| {LABELS[m]} | {fmt(paper)} | {fmt(renorm)} | {100 * (renorm[0] - paper[0]) / renorm[0]:+.1f}% | {v} | "
-                     f"{grads[0]} ; {grads[1]} |")
+        lines.append(
+            f"| {LABELS[m]} | {fmt(paper)} | {fmt(renorm)} | {100 * (renorm[0] - paper[0]) / renorm[0]:+.1f}% | {v} | "
+            f"{grads[0]} ; {grads[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -133,24 +155,32 @@ def tokens_table(R):
     for m, b in sorted(rows, key=lambda mb: R.run(*mb)["tokens"] * R.run(*mb)["flops_per_token"]):
         run = R.run(m, b)
         label = {"x0.5": "0.5x", "dm": "1x (data-matched)", "cm": "compute-matched", "x2": "2x"}[b]
-        lines.append(f"| {LABELS[m]}, {label} | {run['tokens'] / 1e6:.2f}M | {run['tokens'] * run['flops_per_token'] / 1e15:.3f} | "
-                     f"{fmt(R.stat(m, b))} |")
+        lines.append(
+            f"| {LABELS[m]}, {label} | {run['tokens'] / 1e6:.2f}M | {run['tokens'] * run['flops_per_token'] / 1e15:.3f} | "
+            f"{fmt(R.stat(m, b))} |"
+        )
     return "\n".join(lines)
 
 
 def budget_table(R):
     plan, timing = R.r["mix_plan"], R.r.get("timing", {})
-    lines = ["| model | parameters | GFLOP/token | data-matched tokens | compute-matched tokens (branch credit) | "
-             "ms per step alone | GPU seconds alone (dm / cm) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | parameters | GFLOP/token | data-matched tokens | compute-matched tokens (branch credit) | "
+        "ms per step alone | GPU seconds alone (dm / cm) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in MAIN:
         p, dm, cm = plan["models"][m], R.run(m, "dm"), R.run(m, "cm")
         t = timing.get(m)
         gpu = f"{dm['steps'] * t['step_s']:.1f} / {cm['steps'] * t['step_s']:.1f}" if t else "-"
         credit = f" ({p['branch_flops_credited'] / 1e15:.3f} PFLOP)" if p["branch_flops_credited"] else ""
-        lines.append(f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
-                     f"{cm['tokens'] / 1e6:.2f}M{credit} | {1000 * t['step_s']:.1f} | {gpu} |" if t else
-                     f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
-                     f"{cm['tokens'] / 1e6:.2f}M{credit} | - | - |")
+        lines.append(
+            f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
+            f"{cm['tokens'] / 1e6:.2f}M{credit} | {1000 * t['step_s']:.1f} | {gpu} |"
+            if t
+            else f"| {LABELS[m]} | {dm['params'] / 1e6:.2f}M | {p['flops_per_token'] / 1e9:.4f} | {dm['tokens'] / 1e6:.2f}M | "
+            f"{cm['tokens'] / 1e6:.2f}M{credit} | - | - |"
+        )
     return "\n".join(lines)
 
 
@@ -162,20 +192,31 @@ def seed_table(R):
     longest = max(v["tokens"] for k, v in r["runs"].items() if re.search(r"-s\d+$", k))
     branch = max(r["runs"][d]["tokens"] for d in ("code", "math", "lexicon"))
     passes = (b["tokens"] + 0.1 * branch + 0.25 * longest) / general
-    lines = ["| | |", "|---|---|",
-             f"| parameters (all, tied embedding once) | {b['params']:,} |",
-             f"| seed training tokens | {seed['tokens']:,} ({seed['tokens'] / b['params']:.1f} per parameter) |",
-             f"| general train split | {general:,} tokens; the seed makes {seed['tokens'] / general:.2f} passes |",
-             f"| most passes over any general text along seed -> branch -> longest mix | {passes:.2f} |",
-             f"| peak learning rate: seed / branches / mixtures | {seed['lr']:g} / {r['runs']['code']['lr']:g} / {r['mix_plan']['lr']:g} |",
-             f"| mixing seeds per run | {R.seeds} |"]
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| parameters (all, tied embedding once) | {b['params']:,} |",
+        f"| seed training tokens | {seed['tokens']:,} ({seed['tokens'] / b['params']:.1f} per parameter) |",
+        f"| general train split | {general:,} tokens; the seed makes {seed['tokens'] / general:.2f} passes |",
+        f"| most passes over any general text along seed -> branch -> longest mix | {passes:.2f} |",
+        f"| peak learning rate: seed / branches / mixtures | {seed['lr']:g} / {r['runs']['code']['lr']:g} / {r['mix_plan']['lr']:g} |",
+        f"| mixing seeds per run | {R.seeds} |",
+    ]
     return "\n".join(lines)
 
 
 def stages_table(R):
     lines = ["| model | " + " | ".join(DOMAINS) + " | average |", "|---" * (len(DOMAINS) + 2) + "|"]
-    rows = [("seed", "Seed (general)"), ("code", "Branch: code"), ("math", "Branch: math"), ("lexicon", "Branch: lexicon")]
-    rows += [(f"{m}-s0-upcycled", f"{LABELS[m]}, upcycled, before mixing (seed 0)") for m in ("bam-kv", "bam-shared-kv", "btx", "sparse")]
+    rows = [
+        ("seed", "Seed (general)"),
+        ("code", "Branch: code"),
+        ("math", "Branch: math"),
+        ("lexicon", "Branch: lexicon"),
+    ]
+    rows += [
+        (f"{m}-s0-upcycled", f"{LABELS[m]}, upcycled, before mixing (seed 0)")
+        for m in ("bam-kv", "bam-shared-kv", "btx", "sparse")
+    ]
     for name, label in rows:
         lines.append(f"| {label} | " + " | ".join(f"{R.ppl(name, d):.2f}" for d in DOMAINS) + f" | {R.ppl(name):.2f} |")
     return "\n".join(lines)
@@ -194,7 +235,10 @@ def routing_matrix(R, model, key, budget="dm"):
 def routing_table(R):
     """Per held-out domain: the share of FFN assignments (and attention-router weight) its own expert gets,
     averaged over layers and seeds; uniform is 25%."""
-    lines = ["| mixture (data-matched) | what | " + " | ".join(f"{d} tokens" for d in DOMAINS) + " |", "|---|---|" + "---|" * len(DOMAINS)]
+    lines = [
+        "| mixture (data-matched) | what | " + " | ".join(f"{d} tokens" for d in DOMAINS) + " |",
+        "|---|---|" + "---|" * len(DOMAINS),
+    ]
     for m in ("bam-kv", "bam-kv-renorm", "bam-shared-kv", "btx", "btx-renorm"):
         for key, what in (("ffn_share", "FFN share"), ("attn_weight", "attention weight")):
             try:
@@ -205,7 +249,9 @@ def routing_table(R):
             for d in DOMAINS:
                 per_expert = [mean([row[e] for row in mat[d]]) for e in range(len(EXPERTS))]
                 top = max(range(len(EXPERTS)), key=lambda e: per_expert[e])
-                cells.append(f"own {100 * per_expert[EXPERTS.index(d) if d in EXPERTS else 0]:.0f}%, top {EXPERTS[top]} {100 * per_expert[top]:.0f}%")
+                cells.append(
+                    f"own {100 * per_expert[EXPERTS.index(d) if d in EXPERTS else 0]:.0f}%, top {EXPERTS[top]} {100 * per_expert[top]:.0f}%"
+                )
             lines.append(f"| {LABELS[m]} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -214,8 +260,13 @@ def agreement_table(R):
     checked = {n: e for n, e in R.r["heldout"].items() if "agreement" in e}
     worst = max(checked, key=lambda n: max(checked[n]["agreement"].values()))
     diffs = sorted(max(e["agreement"].values()) for e in checked.values())
-    return "\n".join(["| models checked | median largest relative difference | largest (model) |", "|---|---|---|",
-                      f"| {len(checked)} | {diffs[len(diffs) // 2]:.1e} | {diffs[-1]:.1e} ({worst}) |"])
+    return "\n".join(
+        [
+            "| models checked | median largest relative difference | largest (model) |",
+            "|---|---|---|",
+            f"| {len(checked)} | {diffs[len(diffs) // 2]:.1e} | {diffs[-1]:.1e} ({worst}) |",
+        ]
+    )
 
 
 def plots(R, out_dir):
@@ -239,17 +290,26 @@ def plots(R, out_dir):
             xs = [e[0]["tokens"] * fpt / 1e15 for e in evals]
             ys = [mean([mean([x["eval"][d]["ppl"] for d in DOMAINS]) for x in e]) for e in evals]
             ax.plot(xs, ys, style, color=colors[m], label=f"{LABELS[m]} ({budget})")
-    ax.set(xlabel="mixing PFLOP (dense and sparse: branch credit not drawn)", ylabel="held-out perplexity, mean of 4 domains",
-           title=f"Mix stage, mean of {R.seeds} seeds (evaluated on --eval-blocks)", yscale="log")
+    ax.set(
+        xlabel="mixing PFLOP (dense and sparse: branch credit not drawn)",
+        ylabel="held-out perplexity, mean of 4 domains",
+        title=f"Mix stage, mean of {R.seeds} seeds (evaluated on --eval-blocks)",
+        yscale="log",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=110)
     plt.close(fig)
 
-    panels = [("bam-kv", "ffn_share", "BAM KV experts: FFN share"), ("bam-kv", "attn_weight", "BAM KV experts: attention weight"),
-              ("bam-shared-kv", "ffn_share", "BAM shared KV: FFN share"), ("bam-shared-kv", "attn_weight", "BAM shared KV: attention weight"),
-              ("btx", "ffn_share", "BTX: FFN share"), ("bam-kv-renorm", "ffn_share", "BAM KV, renormalised gate: FFN share"),
-              ("btx-renorm", "ffn_share", "BTX, renormalised gate: FFN share")]
+    panels = [
+        ("bam-kv", "ffn_share", "BAM KV experts: FFN share"),
+        ("bam-kv", "attn_weight", "BAM KV experts: attention weight"),
+        ("bam-shared-kv", "ffn_share", "BAM shared KV: FFN share"),
+        ("bam-shared-kv", "attn_weight", "BAM shared KV: attention weight"),
+        ("btx", "ffn_share", "BTX: FFN share"),
+        ("bam-kv-renorm", "ffn_share", "BAM KV, renormalised gate: FFN share"),
+        ("btx-renorm", "ffn_share", "BTX, renormalised gate: FFN share"),
+    ]
     fig, axes = plt.subplots(len(panels), len(DOMAINS), figsize=(11, 2.8 * len(panels)), squeeze=False)
     for row, (m, key, title) in zip(axes, panels):
         mat = routing_matrix(R, m, key)
@@ -257,7 +317,15 @@ def plots(R, out_dir):
             im = ax.imshow(mat[d], vmin=0, vmax=1, cmap="viridis", aspect="auto")
             for l, vals in enumerate(mat[d]):
                 for e, v in enumerate(vals):
-                    ax.text(e, l, f"{100 * v:.0f}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+                    ax.text(
+                        e,
+                        l,
+                        f"{100 * v:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if v < 0.6 else "black",
+                    )
             ax.set_xticks(range(len(EXPERTS)), EXPERTS, fontsize=7)
             ax.set_yticks(range(len(mat[d])), [f"L{l}" for l in range(len(mat[d]))], fontsize=7)
             ax.set_title(f"{title}\n{d} held-out tokens", fontsize=8)
@@ -271,9 +339,18 @@ def main():
     args = parse_args()
     with open(args.results) as f:
         R = Results(json.load(f))
-    sections = {"setup": seed_table(R), "claims": claims_table(R), "data-matched": perplexity_table(R, "dm"),
-                "compute-matched": perplexity_table(R, "cm"), "tokens": tokens_table(R), "gate": gate_table(R),
-                "budgets": budget_table(R), "routing": routing_table(R), "stages": stages_table(R), "agreement": agreement_table(R)}
+    sections = {
+        "setup": seed_table(R),
+        "claims": claims_table(R),
+        "data-matched": perplexity_table(R, "dm"),
+        "compute-matched": perplexity_table(R, "cm"),
+        "tokens": tokens_table(R),
+        "gate": gate_table(R),
+        "budgets": budget_table(R),
+        "routing": routing_table(R),
+        "stages": stages_table(R),
+        "agreement": agreement_table(R),
+    }
     with open(args.doc) as f:
         doc = f.read()
     for name, text in sections.items():

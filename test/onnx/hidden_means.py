@@ -7,6 +7,7 @@ with the job's block; prompts is a list of prompt lists (token ids). Prints, per
 per layer, the mean over prompts of each prompt's mean over tokens of the attention's input ("attn")
 and of the FFN's input ("ffn"): [{"attn": [[[H floats] per layer] per list], "ffn": ...} per job].
 """
+
 import json
 import os
 import sys

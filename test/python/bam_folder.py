@@ -6,6 +6,7 @@ reference. Used by test/pytorch/*.test.ts.
 prints one line {"max_abs_error": ..., "max_abs_reference": ..., "shape": [...]} per triple (one
 process for many folders: starting python with torch costs seconds).
 """
+
 import json
 import os
 import sys

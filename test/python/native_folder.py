@@ -5,6 +5,7 @@ from the native folder itself (a LOGITS.safetensors file holding "logits"). Used
     python test/python/native_folder.py REFERENCE.safetensors NATIVE_DIR BAM_DIR|LOGITS.safetensors [...]
 prints one line {"max_abs_error": ..., "max_abs_logit": ...} per pair, on the reference's input_ids.
 """
+
 import json
 import sys
 
@@ -26,7 +27,10 @@ def main():
     for native, bam in zip(folders[::2], folders[1::2]):
         want = read_safetensors(bam)["logits"] if bam.endswith(".safetensors") else logits_of(load_folder(bam), ids)
         got = logits_of(AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval(), ids)
-        print(json.dumps({"max_abs_error": (got - want).abs().max().item(), "max_abs_logit": want.abs().max().item()}), flush=True)
+        print(
+            json.dumps({"max_abs_error": (got - want).abs().max().item(), "max_abs_logit": want.abs().max().item()}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,21 @@ import modeling_bam as mb  # noqa: E402
 
 class TestLoopExperts(unittest.TestCase):
     def test_loop_experts_compute_the_fused_model(self):
-        c = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=8, num_experts=3, num_experts_per_tok=2, qkv_bias=True,
-                 attn_out_bias=True, mlp_bias=True, qk_norm="shared")
+        c = dict(
+            vocab_size=61,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=3,
+            num_experts_per_tok=2,
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            qk_norm="shared",
+        )
         x = torch.randint(0, 61, (2, 11), generator=torch.Generator().manual_seed(0))
         for attention in ("moa", "shared-kv"):
             for norm_topk_prob in (True, False):

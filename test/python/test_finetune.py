@@ -71,15 +71,33 @@ except ImportError:
 TMP = None
 BAM = None  # the upcycled llama fixtures: 3 experts, moa, parallel
 THREADS = None
-COMMON = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--eval-blocks", "2", "--no-plot",
-          "--log-every", "1000"]
+COMMON = [
+    "--seq-len",
+    "32",
+    "--micro-batch",
+    "2",
+    "--global-batch",
+    "4",
+    "--eval-blocks",
+    "2",
+    "--no-plot",
+    "--log-every",
+    "1000",
+]
 
 
 def setUpModule():
     global TMP, BAM, THREADS
-    missing = [reason for ok, reason in ((HAS_CLI, NO_CLI), (HAS_DIST, "FSDP2 and DCP (torch >= 2.6)"),
-                                         (HAS_TOKENIZERS, "the tokenizers package"), (HAS_TRANSFORMERS, "transformers"))
-               if not ok]
+    missing = [
+        reason
+        for ok, reason in (
+            (HAS_CLI, NO_CLI),
+            (HAS_DIST, "FSDP2 and DCP (torch >= 2.6)"),
+            (HAS_TOKENIZERS, "the tokenizers package"),
+            (HAS_TRANSFORMERS, "transformers"),
+        )
+        if not ok
+    ]
     if missing and os.environ.get("BAM_REQUIRE_PYTHON"):
         raise RuntimeError(f"BAM_REQUIRE_PYTHON is set, but these tests would skip: {'; '.join(missing)}")
     THREADS = torch.get_num_threads()
@@ -95,8 +113,9 @@ def setUpModule():
     if HAS_CLI:
         BAM = os.path.join(TMP, "bam3")
         fx = os.path.join(REPO, "fixtures", "llama")
-        subprocess.run([NODE, CLI, "upcycle", f"{fx}/base", f"{fx}/code", f"{fx}/math", "-o", BAM],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [NODE, CLI, "upcycle", f"{fx}/base", f"{fx}/code", f"{fx}/math", "-o", BAM], check=True, capture_output=True
+        )
 
 
 def tearDownModule():
@@ -137,8 +156,9 @@ def free_port():
 
 
 def _rank_main(rank, argv, port):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     sys.stdout = open(os.devnull, "w")
     finetune.main(argv)
 
@@ -160,8 +180,9 @@ class TestFinetune(unittest.TestCase):
     def setUpClass(cls):
         cls.out = os.path.join(TMP, "run")
         cls.steps = 12
-        cls.log = train(cls.out, "--steps", "12", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6",
-                        "--save-every", "0")
+        cls.log = train(
+            cls.out, "--steps", "12", "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "6", "--save-every", "0"
+        )
 
     def test_loss_decreases_and_everything_is_logged(self):
         train_recs = [r for r in self.log if "loss" in r]
@@ -214,9 +235,20 @@ class TestFinetune(unittest.TestCase):
                 chosen = probs.topk(k, -1).indices
                 f = torch.stack([(chosen == e).double().sum() for e in range(E)]) / chosen.numel()
                 lb += E * (f * probs.mean(0)).sum() / 2
-            load = load + torch.stack([torch.stack([(fl.topk(k, -1).indices == e).double().mean() * 1.0 for e in range(E)])
-                                       for fl in out["router_logits"]]) / 2
-            attn = attn + torch.stack([a.reshape(-1, E).double().softmax(-1).mean(0) for a in out["attn_router_logits"]]) / 2
+            load = (
+                load
+                + torch.stack(
+                    [
+                        torch.stack([(fl.topk(k, -1).indices == e).double().mean() * 1.0 for e in range(E)])
+                        for fl in out["router_logits"]
+                    ]
+                )
+                / 2
+            )
+            attn = (
+                attn
+                + torch.stack([a.reshape(-1, E).double().softmax(-1).mean(0) for a in out["attn_router_logits"]]) / 2
+            )
         r = [x for x in self.log if "loss" in x][0]
         self.assertEqual(r["step"], 1)
         self.assertAlmostEqual(r["lb_loss"], lb.item(), places=5)
@@ -245,15 +277,30 @@ class TestFinetune(unittest.TestCase):
             hf = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
             x = torch.randint(0, c["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
             with torch.no_grad():
-                torch.testing.assert_close(hf(x).logits, model(input_ids=x, use_cache=False)["logits"], atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    hf(x).logits, model(input_ids=x, use_cache=False)["logits"], atol=1e-5, rtol=0
+                )
         run = subprocess.run([NODE, CLI, "inspect", final, "--json"], capture_output=True, text=True)
         self.assertEqual(run.returncode, 0, run.stderr)
         info = json.loads(run.stdout)
         self.assertIn("bam", json.dumps(info).lower())
 
     def test_resume_continues_bit_for_bit(self):
-        extra = ["--steps", "6", "--lr", "3e-3", "--eval-every", "3", "--save-every", "3", "--router-jitter", "0.05",
-                 "--expert-dropout", "0.2", "--no-final"]
+        extra = [
+            "--steps",
+            "6",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "3",
+            "--save-every",
+            "3",
+            "--router-jitter",
+            "0.05",
+            "--expert-dropout",
+            "0.2",
+            "--no-final",
+        ]
         whole = train(os.path.join(TMP, "whole"), *extra)
         out = os.path.join(TMP, "parts")
         first = train(out, *extra, "--stop-after", "3")
@@ -271,8 +318,9 @@ class TestFinetune(unittest.TestCase):
         extra = ["--steps", "4", "--lr", "3e-3", "--eval-every", "3", "--save-every", "1", "--keep-checkpoints", "0"]
         ref = train(os.path.join(TMP, "ws1"), *extra)
         run = os.path.join(TMP, "ws1-2-1")
-        mid = train_two_processes(run, *extra, "--stop-after", "3", "--resume",
-                                  os.path.join(TMP, "ws1", "checkpoints", "step_00000002"))
+        mid = train_two_processes(
+            run, *extra, "--stop-after", "3", "--resume", os.path.join(TMP, "ws1", "checkpoints", "step_00000002")
+        )
         args = read_json(os.path.join(run, "train_args.json"))
         self.assertEqual((args["world_size"], args["fsdp"], args["accum"]), (2, True, 1))
         self.assertEqual([s for s, _ in losses(mid)], [3])
@@ -365,10 +413,14 @@ class TestRunSafety(unittest.TestCase):
                 f.seek(start + entries["model.layers.0.mlp.experts.0.up_proj.weight"][2])
                 f.write(b"\xff" * 400)
 
-        self.assertFails(run_main(self.out, *SHORT, model=self.damaged_model(truncate)), "model.safetensors: .*truncated")
+        self.assertFails(
+            run_main(self.out, *SHORT, model=self.damaged_model(truncate)), "model.safetensors: .*truncated"
+        )
         shutil.rmtree(os.path.join(self.dir, "model"))
-        self.assertFails(run_main(self.out, *SHORT, model=self.damaged_model(poison)),
-                         "'model.layers.0.mlp.experts.0.up_proj.weight' holds NaN or Inf")
+        self.assertFails(
+            run_main(self.out, *SHORT, model=self.damaged_model(poison)),
+            "'model.layers.0.mlp.experts.0.up_proj.weight' holds NaN or Inf",
+        )
         self.assertFalse(os.path.exists(os.path.join(self.out, "final")))
 
     def test_nonfinite_loss_stops_after_the_grace_naming_the_step(self):
@@ -378,14 +430,19 @@ class TestRunSafety(unittest.TestCase):
 
         with patched_step(nan_from_step_3):
             result = run_main(self.out, "--steps", "8", "--save-every", "1", "--max-nonfinite-steps", "2")
-        self.assertFails(result, r"step 4: loss nan, grad norm nan: not finite for 2 step\(s\) in a row .*step_00000002")
-        self.assertRegex(result[2].splitlines()[0], "^warning: step 3: loss nan, grad norm nan: not finite, update skipped")
+        self.assertFails(
+            result, r"step 4: loss nan, grad norm nan: not finite for 2 step\(s\) in a row .*step_00000002"
+        )
+        self.assertRegex(
+            result[2].splitlines()[0], "^warning: step 3: loss nan, grad norm nan: not finite, update skipped"
+        )
         self.assertEqual(sorted(os.listdir(os.path.join(self.out, "checkpoints"))), ["step_00000001", "step_00000002"])
         self.assertFalse(os.path.exists(os.path.join(self.out, "final")))
 
     def test_nan_weights_are_never_saved(self):
         global POISONED
         POISONED = next(n for n, _ in bam_folder.load_folder(BAM).named_parameters() if "layers.1" in n and "down" in n)
+
         def poison_after_step_2(trainer, n, r):
             if n == 2:
                 with torch.no_grad():
@@ -405,9 +462,14 @@ class TestRunSafety(unittest.TestCase):
         code, stdout, _ = run_main(self.out, "--steps", "2", "--lr", "3e-3", "--overwrite", "--save-every", "0")
         self.assertEqual(code, 0)
         self.assertFalse(os.path.exists(os.path.join(self.out, "checkpoints")))  # the old run's, deleted
-        self.assertEqual([r["step"] for r in metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl"))], [0, 1, 2, 2])
-        for out, where in ((BAM, "is the model folder"), (os.path.join(BAM, "run"), "is inside the model folder"),
-                           (os.path.dirname(BAM), "contains the model folder")):
+        self.assertEqual(
+            [r["step"] for r in metrics.read_jsonl(os.path.join(self.out, "train_log.jsonl"))], [0, 1, 2, 2]
+        )
+        for out, where in (
+            (BAM, "is the model folder"),
+            (os.path.join(BAM, "run"), "is inside the model folder"),
+            (os.path.dirname(BAM), "contains the model folder"),
+        ):
             self.assertFails(run_main(out, *SHORT), f"--out {out} {where}")
         self.assertFalse(os.path.exists(os.path.join(BAM, "run")))
         self.assertFails(run_main(self.out, *SHORT, "--resume", "--overwrite"), "give one", code=2)
@@ -416,8 +478,19 @@ class TestRunSafety(unittest.TestCase):
         """After a kill between a re-save's renames (step 2 moved aside, the new one not in), with an unfinished
         step_*.tmp, a torn last log line and a damaged newest checkpoint (step 3), --resume falls back to
         step 2 with a warning and the run ends with the uninterrupted run's losses."""
-        extra = ["--steps", "5", "--lr", "3e-3", "--eval-every", "0", "--save-every", "1", "--keep-checkpoints", "0",
-                 "--no-final"]
+        extra = [
+            "--steps",
+            "5",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "1",
+            "--keep-checkpoints",
+            "0",
+            "--no-final",
+        ]
         whole = train(os.path.join(self.dir, "whole"), *extra)
         self.assertEqual(run_main(self.out, *extra, "--stop-after", "3")[0], 0)
         root = os.path.join(self.out, "checkpoints")
@@ -439,8 +512,19 @@ class TestRunSafety(unittest.TestCase):
     def test_sigterm_checkpoints_and_exits_130_then_resume_is_exact(self):
         import signal
 
-        extra = ["--steps", "4", "--lr", "3e-3", "--eval-every", "0", "--save-every", "0", "--no-final",
-                 "--router-jitter", "0.05"]
+        extra = [
+            "--steps",
+            "4",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            "--no-final",
+            "--router-jitter",
+            "0.05",
+        ]
         whole = train(os.path.join(self.dir, "whole"), *extra)
 
         def term_at_step_2(trainer, n, r):
@@ -470,14 +554,19 @@ class TestRunSafety(unittest.TestCase):
 
         def full_at_step_4(obj, path, *a, **kw):
             if "step_00000004" in str(path):
-                raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
-                                   "file data/0: file write failed\nException raised from ...\nframe #0: ...")
+                raise RuntimeError(
+                    "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                    "file data/0: file write failed\nException raised from ...\nframe #0: ..."
+                )
             return real(obj, path, *a, **kw)
 
         with mock.patch.object(torch, "save", full_at_step_4):
             result = run_main(self.out, *SHORT, "--save-every", "2")
-        self.assertFails(result, r"step_00000004.tmp: disk full while writing the checkpoint of step 4 .*MB free.*; "
-                                 r"the previous checkpoint .*step_00000002 is intact")
+        self.assertFails(
+            result,
+            r"step_00000004.tmp: disk full while writing the checkpoint of step 4 .*MB free.*; "
+            r"the previous checkpoint .*step_00000002 is intact",
+        )
         self.assertEqual(os.listdir(os.path.join(self.out, "checkpoints")), ["step_00000002"])
 
 
@@ -521,14 +610,22 @@ class TestUserErrors(unittest.TestCase):
             ([code, f"x={self.path('wide.bin')}"], "wide.bin: every second uint16 value is 0.*--bin-dtype uint32"),
             ([code, f"x={self.path('odd.bin')}"], "odd.bin: 41 bytes is not a whole number of uint32 tokens"),
             ([code, f"x={self.path('negative.npy')}"], "negative.npy: token id -7 at position 1000 is outside"),
-            ([code, f"x={self.path('oov.npy')}"], f"oov.npy: token id {vocab + 5} at position 1000 is outside the "
-                                                   f"model's vocabulary \\(0..{vocab - 1}\\)"),
+            (
+                [code, f"x={self.path('oov.npy')}"],
+                f"oov.npy: token id {vocab + 5} at position 1000 is outside the "
+                f"model's vocabulary \\(0..{vocab - 1}\\)",
+            ),
             ([f"{code}:-1"], r"weight must be >= 0"),
             ([f"{code}:0"], "no domain has a positive weight"),
         ]
         if HAS_TOKENIZERS:
-            cases.append(([code, f"x={self.path('docs.jsonl')}"], "docs.jsonl: line 2 has no string field 'text' "
-                                                                  r"\(its keys: content\); name the field with --text-key"))
+            cases.append(
+                (
+                    [code, f"x={self.path('docs.jsonl')}"],
+                    "docs.jsonl: line 2 has no string field 'text' "
+                    r"\(its keys: content\); name the field with --text-key",
+                )
+            )
         for data_spec, pattern in cases:
             with self.subTest(pattern):
                 self.check(data_spec, pattern, *(["--bin-dtype", "uint32"] if "odd" in pattern else []))
@@ -536,15 +633,27 @@ class TestUserErrors(unittest.TestCase):
 
     def test_flags_and_model(self):
         code = [f"code={TMP}/code.npy"]
-        for flag, value in (("--seq-len", "1"), ("--seq-len", "0"), ("--log-every", "0"), ("--eval-every", "-1"),
-                            ("--save-every", "-2")):
+        for flag, value in (
+            ("--seq-len", "1"),
+            ("--seq-len", "0"),
+            ("--log-every", "0"),
+            ("--eval-every", "-1"),
+            ("--save-every", "-2"),
+        ):
             with self.subTest(flag=flag, value=value):
                 self.check(code, f"{flag} must be at least", flag, value, code=2)
         positions = folder.read_config(BAM)["max_position_embeddings"]
-        self.check(code, f"--seq-len {positions + 1} exceeds max_position_embeddings {positions} .*config.json",
-                   "--seq-len", str(positions + 1))
-        self.check(code, "base: model_type is 'llama', not 'bam'; build a BAM folder with `bam upcycle`",
-                   model=os.path.join(REPO, "fixtures", "llama", "base"))
+        self.check(
+            code,
+            f"--seq-len {positions + 1} exceeds max_position_embeddings {positions} .*config.json",
+            "--seq-len",
+            str(positions + 1),
+        )
+        self.check(
+            code,
+            "base: model_type is 'llama', not 'bam'; build a BAM folder with `bam upcycle`",
+            model=os.path.join(REPO, "fixtures", "llama", "base"),
+        )
         with mock.patch.object(torch, "compile", None):
             self.check(code, "--compile: torch .* has no torch.compile.*run without --compile", "--compile")
 
@@ -582,8 +691,25 @@ class TestConsole(unittest.TestCase):
         fake = types.ModuleType("torch.utils.tensorboard")
         fake.SummaryWriter = SummaryWriter
         out = os.path.join(tempfile.mkdtemp(dir=TMP), "run")
-        argv = ["--model", BAM, "--out", out, "--data", f"code={TMP}/code.npy", "--seq-len", "32", "--micro-batch", "2",
-                "--eval-blocks", "2", "--no-plot", "--steps", "12", "--lr", "3e-3"]
+        argv = [
+            "--model",
+            BAM,
+            "--out",
+            out,
+            "--data",
+            f"code={TMP}/code.npy",
+            "--seq-len",
+            "32",
+            "--micro-batch",
+            "2",
+            "--eval-blocks",
+            "2",
+            "--no-plot",
+            "--steps",
+            "12",
+            "--lr",
+            "3e-3",
+        ]
         stdout = io.StringIO()
         with mock.patch.dict(sys.modules, {"torch.utils.tensorboard": fake}), contextlib.redirect_stdout(stdout):
             self.assertEqual(finetune.main(argv), 0)
@@ -593,8 +719,11 @@ class TestConsole(unittest.TestCase):
         self.assertTrue(lines[1].startswith("step 0 held-out: code nll"), lines)
         c = folder.read_config(BAM)
         line = next(line for line in lines if line.startswith("step 10/12"))
-        self.assertRegex(line, r"per layer: load-balance [\d.]+ z [\d.]+ \| .* [\d.]+k? tok/s, \d+ ms/step \| "
-                               rf"FFN expert load( [\d.]+){{{c['num_experts']}}} \| attention expert weight( [\d.]+){{{c['num_experts']}}}$")
+        self.assertRegex(
+            line,
+            r"per layer: load-balance [\d.]+ z [\d.]+ \| .* [\d.]+k? tok/s, \d+ ms/step \| "
+            rf"FFN expert load( [\d.]+){{{c['num_experts']}}} \| attention expert weight( [\d.]+){{{c['num_experts']}}}$",
+        )
         self.assertEqual(sorted(os.listdir(os.path.join(out, "checkpoints"))), ["step_00000010", "step_00000012"])
         log = metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
         loss = {(tag, step): v for tag, v, step in scalars}
@@ -610,9 +739,11 @@ class TestConsole(unittest.TestCase):
         self.assertNotIn("need fine-tuning", card.lower())
 
     def test_help_shows_defaults_without_torch(self):
-        code = ("import runpy, sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
-                f"sys.argv = ['finetune.py', '--help']; runpy.run_path({os.path.join(REPO, 'scripts', 'finetune.py')!r}, "
-                "run_name='__main__')")
+        code = (
+            "import runpy, sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; "
+            f"sys.argv = ['finetune.py', '--help']; runpy.run_path({os.path.join(REPO, 'scripts', 'finetune.py')!r}, "
+            "run_name='__main__')"
+        )
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         self.assertEqual(run.returncode, 0, run.stderr)
         self.assertIn("optimiser steps (default: 1000)", " ".join(run.stdout.split()))
@@ -685,8 +816,18 @@ class TestModelPieces(unittest.TestCase):
         """6 x (every attention expert's projections + routers + k FFN experts + lm_head), counted from the
         model's own tensors, plus 12 L A heads D T."""
         for attention, A in (("moa", 4), ("shared-kv", 4), ("merged", 1)):
-            c = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, attention_experts=attention)
+            c = dict(
+                vocab_size=100,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=8,
+                num_experts=4,
+                num_experts_per_tok=2,
+                attention_experts=attention,
+            )
             sd = mb.BamForCausalLMCore(c).state_dict()
             active = 0
             for name, t in sd.items():
@@ -704,24 +845,35 @@ class TestModelPieces(unittest.TestCase):
             c = mb.BamConfig(hidden_size=32, num_attention_heads=4, head_dim=8, rotary_dim=rot, rope_style=style)
             cos, sin = mb.rope_cos_sin(c, torch.arange(5)[None].expand(2, 5))
             x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
-            self.assertTrue(torch.autograd.gradcheck(lambda t: mb.apply_rope(t, cos.double(), sin.double(), style), (x,)))  # noqa: B023
+            cos, sin = cos.double(), sin.double()
+            rope = lambda t, cos=cos, sin=sin, style=style: mb.apply_rope(t, cos, sin, style)
+            self.assertTrue(torch.autograd.gradcheck(rope, (x,)))
 
 
 @unittest.skipUnless(HAS_CLI, NO_CLI)
 class TestSpeedDefaults(unittest.TestCase):
     def test_compile_is_on_by_default_on_cuda_only(self):
         base = ["--model", "m", "--data", "d.npy", "--out", "o"]
-        self.assertEqual([finetune.parse_args(base + flag).compile for flag in ([], ["--compile"], ["--no-compile"])],
-                         [None, True, False])
+        self.assertEqual(
+            [finetune.parse_args(base + flag).compile for flag in ([], ["--compile"], ["--no-compile"])],
+            [None, True, False],
+        )
         warnings = []
         cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
         with mock.patch.object(finetune, "compile_problem", return_value=None):
-            self.assertEqual([finetune.use_compile(flag, torch, dev, warnings.append)
-                              for flag in (None, True, False) for dev in (cpu, cuda)],
-                             [False, True, True, True, False, False])
+            self.assertEqual(
+                [
+                    finetune.use_compile(flag, torch, dev, warnings.append)
+                    for flag in (None, True, False)
+                    for dev in (cpu, cuda)
+                ],
+                [False, True, True, True, False, False],
+            )
         with mock.patch.object(finetune, "compile_problem", return_value="no triton"):
             self.assertFalse(finetune.use_compile(None, torch, cuda, warnings.append))  # the default falls back
-            self.assertEqual(warnings, ["warning: no triton; training without torch.compile (--no-compile silences this)"])
+            self.assertEqual(
+                warnings, ["warning: no triton; training without torch.compile (--no-compile silences this)"]
+            )
             with self.assertRaisesRegex(BamTrainError, "--compile: no triton; run without --compile"):
                 finetune.use_compile(True, torch, cuda, warnings.append)
 
@@ -732,11 +884,36 @@ class TestSpeedDefaults(unittest.TestCase):
 
         out, peak = os.path.join(TMP, "mfu-run"), 1e12
         with contextlib.redirect_stdout(io.StringIO()):
-            self.assertEqual(finetune.main(["--model", BAM, "--out", out, "--data", f"{TMP}/code.npy"] + COMMON
-                                           + SHORT + ["--peak-flops", str(peak)]), 0)
-            res = bench_train.main(["--out", os.path.join(TMP, "mfu-bench"), "--tiny", "--model", BAM, "--rows", "bam",
-                                    "--seq-len", "32", "--micro-batch", "2", "--steps", "1", "--profile", "",
-                                    "--peak-flops", str(peak)])
+            self.assertEqual(
+                finetune.main(
+                    ["--model", BAM, "--out", out, "--data", f"{TMP}/code.npy"]
+                    + COMMON
+                    + SHORT
+                    + ["--peak-flops", str(peak)]
+                ),
+                0,
+            )
+            res = bench_train.main(
+                [
+                    "--out",
+                    os.path.join(TMP, "mfu-bench"),
+                    "--tiny",
+                    "--model",
+                    BAM,
+                    "--rows",
+                    "bam",
+                    "--seq-len",
+                    "32",
+                    "--micro-batch",
+                    "2",
+                    "--steps",
+                    "1",
+                    "--profile",
+                    "",
+                    "--peak-flops",
+                    str(peak),
+                ]
+            )
         train_args = read_json(os.path.join(out, "train_args.json"))
         self.assertFalse(train_args["compile"])  # CPU: eager by default
         row = res["rows"][0]
@@ -772,8 +949,19 @@ class TestReadme(unittest.TestCase):
             name, paths, _ = data.parse_spec(spec)
             with open(os.path.join(cwd, paths[0]), "w") as f:
                 f.write(f"A {name} document, written for the README test. " * 30)
-        sizes = ["--steps", "2", "--global-batch", "4", "--micro-batch", "2", "--seq-len", "32", "--eval-blocks", "2",
-                 "--no-plot"]
+        sizes = [
+            "--steps",
+            "2",
+            "--global-batch",
+            "4",
+            "--micro-batch",
+            "2",
+            "--seq-len",
+            "32",
+            "--eval-blocks",
+            "2",
+            "--no-plot",
+        ]
         here = os.getcwd()
         os.chdir(cwd)  # (contextlib.chdir is Python 3.11+)
         try:
@@ -805,9 +993,23 @@ class TestBenchmark(unittest.TestCase):
         trainer.Trainer.step = step
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                res = bench_train.main(["--out", out, "--tiny", "--steps", "1", "--micro-batch", "0",
-                                        "--batch-candidates", "4,2", "--cache-dir", os.path.join(TMP, "bench-cache"),
-                                        "--profile", "bam"])
+                res = bench_train.main(
+                    [
+                        "--out",
+                        out,
+                        "--tiny",
+                        "--steps",
+                        "1",
+                        "--micro-batch",
+                        "0",
+                        "--batch-candidates",
+                        "4,2",
+                        "--cache-dir",
+                        os.path.join(TMP, "bench-cache"),
+                        "--profile",
+                        "bam",
+                    ]
+                )
         finally:
             trainer.Trainer.step = orig
         rows = {r["row"]: r for r in res["rows"]}

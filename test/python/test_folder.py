@@ -21,9 +21,21 @@ if os.path.join(REPO, "scripts") not in sys.path:
 
 from bamtrain import BamTrainError, folder  # noqa: E402
 
-CONFIG = dict(model_type="bam", vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-              num_attention_heads=2, num_key_value_heads=1, head_dim=8, num_experts=2, num_experts_per_tok=1,
-              attention_experts="moa", max_position_embeddings=64, tie_word_embeddings=False)
+CONFIG = dict(
+    model_type="bam",
+    vocab_size=61,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+    num_experts=2,
+    num_experts_per_tok=1,
+    attention_experts="moa",
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
 
 
 def tiny_state():
@@ -33,10 +45,12 @@ def tiny_state():
 
 def both_readers(test):
     """Runs `test(self)` with the safetensors package and with plain reads."""
+
     def run(self):
         for lib in (folder.st_lib, None):
             with self.subTest(safetensors_package=lib is not None), mock.patch.object(folder, "st_lib", lib):
                 test(self)
+
     return run
 
 
@@ -44,8 +58,11 @@ class TestSafetensors(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="bam-folder-test-")
         self.path = os.path.join(self.dir, "t.safetensors")
-        self.tensors = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.ones(4, dtype=torch.bfloat16)),
-                        ("c", torch.tensor([1, -2], dtype=torch.int64))]
+        self.tensors = [
+            ("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)),
+            ("b", torch.ones(4, dtype=torch.bfloat16)),
+            ("c", torch.tensor([1, -2], dtype=torch.int64)),
+        ]
 
     def tearDown(self):
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -146,8 +163,11 @@ class TestFolders(unittest.TestCase):
         index = self.index()
         name, file = next(iter(index["weight_map"].items()))
         other = next(f for f in index["weight_map"].values() if f != file)
-        for change, pattern in ((other, "not where weight_map puts it|listed in weight_map but missing"), ("../x.safetensors", "lies outside"),
-                                (None, "is not a file name")):
+        for change, pattern in (
+            (other, "not where weight_map puts it|listed in weight_map but missing"),
+            ("../x.safetensors", "lies outside"),
+            (None, "is not a file name"),
+        ):
             with self.subTest(pattern):
                 self.write_index(dict(index, weight_map=dict(index["weight_map"], **{name: change})))
                 with self.assertRaisesRegex(BamTrainError, pattern):
@@ -210,8 +230,10 @@ class TestFolders(unittest.TestCase):
                 folder.save_folder(self.model, self.state, CONFIG)
         self.assertEqual(sorted(os.listdir(self.model)), before)
         self.assertFalse(os.path.exists(folder._staging(self.model)))
-        torch_full = RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
-                                  "data/0: file write failed\nframe #0: c10::Error ...")
+        torch_full = RuntimeError(
+            "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+            "data/0: file write failed\nframe #0: c10::Error ..."
+        )
         self.assertIn("disk full", str(folder.write_error(self.model, torch_full, "x")))
 
 

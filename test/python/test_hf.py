@@ -37,14 +37,47 @@ if transformers is not None:
 
 CUDA = torch.cuda.is_available()
 FEATURE_KEYS = [  # FeatureConfig of src/arch/features.ts
-    "seed_model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "norm_type", "norm_eps", "norm_bias",
-    "norm_unit_offset", "second_norm", "seed_parallel_block", "hidden_act", "gated_mlp", "qkv_bias",
-    "attn_out_bias", "mlp_bias", "lm_head_bias", "qk_norm", "rotary_dim", "rope_theta", "rope_style",
-    "rope_scaling", "learned_positions", "embedding_scale", "logit_scale", "tie_word_embeddings", "sliding_window",
-    "attention_scale"]
-SMALL = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64)
+    "seed_model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "norm_type",
+    "norm_eps",
+    "norm_bias",
+    "norm_unit_offset",
+    "second_norm",
+    "seed_parallel_block",
+    "hidden_act",
+    "gated_mlp",
+    "qkv_bias",
+    "attn_out_bias",
+    "mlp_bias",
+    "lm_head_bias",
+    "qk_norm",
+    "rotary_dim",
+    "rope_theta",
+    "rope_style",
+    "rope_scaling",
+    "learned_positions",
+    "embedding_scale",
+    "logit_scale",
+    "tie_word_embeddings",
+    "sliding_window",
+    "attention_scale",
+]
+SMALL = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+)
 
 
 def rotary_dim_of(model):
@@ -70,27 +103,42 @@ def seed_family(family):
             feats.update(qkv_bias=True, attn_out_bias=True)
         elif family == "llama3":
             sc = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16)
-            hf = T.LlamaForCausalLM(T.LlamaConfig(**kw, rms_norm_eps=1e-5, rope_theta=500000.0,
-                                                  rope_scaling=dict(rope_type="llama3", **sc)))
+            hf = T.LlamaForCausalLM(
+                T.LlamaConfig(**kw, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", **sc))
+            )
             feats.update(rope_theta=500000.0, rope_scaling=dict(type="llama3", **sc))
         elif family == "mistral":
             hf = T.MistralForCausalLM(T.MistralConfig(**kw, rms_norm_eps=1e-5, sliding_window=4))
             feats.update(sliding_window=4)
         elif family == "qwen3":
             sc = dict(factor=4.0, original_max_position_embeddings=16)
-            hf = T.Qwen3ForCausalLM(T.Qwen3Config(**kw, head_dim=8, rms_norm_eps=1e-5,
-                                                  rope_scaling=dict(rope_type="yarn", **sc)))
+            hf = T.Qwen3ForCausalLM(
+                T.Qwen3Config(**kw, head_dim=8, rms_norm_eps=1e-5, rope_scaling=dict(rope_type="yarn", **sc))
+            )
             feats.update(qk_norm="shared", rope_scaling=dict(type="yarn", **sc))
         elif family == "gemma":
             kw.update(num_key_value_heads=1, tie_word_embeddings=True)
             hf = T.GemmaForCausalLM(T.GemmaConfig(**kw, head_dim=16, rms_norm_eps=1e-5))
-            feats.update(norm_unit_offset=True, hidden_act="gelu_tanh", embedding_scale=math.sqrt(32), head_dim=16,
-                         num_key_value_heads=1, tie_word_embeddings=True)
+            feats.update(
+                norm_unit_offset=True,
+                hidden_act="gelu_tanh",
+                embedding_scale=math.sqrt(32),
+                head_dim=16,
+                num_key_value_heads=1,
+                tie_word_embeddings=True,
+            )
         else:  # cohere
             kw.update(tie_word_embeddings=True)
             hf = T.CohereForCausalLM(T.CohereConfig(**kw, layer_norm_eps=1e-5, use_qk_norm=True, logit_scale=0.25))
-            feats.update(norm_type="layer", rope_style="interleaved", qk_norm="per_head", second_norm=False,
-                         seed_parallel_block=True, tie_word_embeddings=True, logit_scale=0.25)
+            feats.update(
+                norm_type="layer",
+                rope_style="interleaved",
+                qk_norm="per_head",
+                second_norm=False,
+                seed_parallel_block=True,
+                tie_word_embeddings=True,
+                logit_scale=0.25,
+            )
         feats.setdefault("num_key_value_heads", 2)
         feats.setdefault("tie_word_embeddings", False)
         randomize(hf, 1)
@@ -101,9 +149,17 @@ def seed_family(family):
                 k = k.replace(f".mlp.{p}_proj.", f".mlp.experts.0.{p}_proj.")
             sd[k] = v
     elif family == "gpt_neox":
-        hf = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**SMALL, rotary_pct=0.5, partial_rotary_factor=0.5,
-                                                  use_parallel_residual=True, layer_norm_eps=1e-5, hidden_act="gelu",
-                                                  tie_word_embeddings=False))
+        hf = T.GPTNeoXForCausalLM(
+            T.GPTNeoXConfig(
+                **SMALL,
+                rotary_pct=0.5,
+                partial_rotary_factor=0.5,
+                use_parallel_residual=True,
+                layer_norm_eps=1e-5,
+                hidden_act="gelu",
+                tie_word_embeddings=False,
+            )
+        )
         randomize(hf, 1)
         s, sd = hf.state_dict(), {}
         sd["model.embed_tokens.weight"] = s["gpt_neox.embed_in.weight"]
@@ -121,26 +177,69 @@ def seed_family(family):
                 sd[f"{L(l)}attn.o_proj.{t}"] = s[f"{src}attention.dense.{t}"]
                 sd[f"{L(l)}mlp.experts.0.up_proj.{t}"] = s[f"{src}mlp.dense_h_to_4h.{t}"]
                 sd[f"{L(l)}mlp.experts.0.down_proj.{t}"] = s[f"{src}mlp.dense_4h_to_h.{t}"]
-        feats = dict(norm_type="layer", norm_bias=True, hidden_act="gelu", gated_mlp=False, qkv_bias=True,
-                     attn_out_bias=True, mlp_bias=True, seed_parallel_block=True, num_key_value_heads=4)
+        feats = dict(
+            norm_type="layer",
+            norm_bias=True,
+            hidden_act="gelu",
+            gated_mlp=False,
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            seed_parallel_block=True,
+            num_key_value_heads=4,
+        )
     elif family == "phi":
-        hf = T.PhiForCausalLM(T.PhiConfig(**SMALL, partial_rotary_factor=0.5, qk_layernorm=True, layer_norm_eps=1e-5,
-                                          hidden_act="gelu_new", tie_word_embeddings=False))
+        hf = T.PhiForCausalLM(
+            T.PhiConfig(
+                **SMALL,
+                partial_rotary_factor=0.5,
+                qk_layernorm=True,
+                layer_norm_eps=1e-5,
+                hidden_act="gelu_new",
+                tie_word_embeddings=False,
+            )
+        )
         randomize(hf, 1)
         sd = {}
         for k, v in hf.state_dict().items():
-            for a, b in ((".self_attn.dense.", ".attn.o_proj."), (".self_attn.q_layernorm.", ".attn.q_norm."),
-                         (".self_attn.k_layernorm.", ".attn.k_norm."), (".self_attn.", ".attn."),
-                         (".mlp.fc1.", ".mlp.experts.0.up_proj."), (".mlp.fc2.", ".mlp.experts.0.down_proj."),
-                         ("model.final_layernorm.", "model.norm.")):
+            for a, b in (
+                (".self_attn.dense.", ".attn.o_proj."),
+                (".self_attn.q_layernorm.", ".attn.q_norm."),
+                (".self_attn.k_layernorm.", ".attn.k_norm."),
+                (".self_attn.", ".attn."),
+                (".mlp.fc1.", ".mlp.experts.0.up_proj."),
+                (".mlp.fc2.", ".mlp.experts.0.down_proj."),
+                ("model.final_layernorm.", "model.norm."),
+            ):
                 k = k.replace(a, b)
             sd[k] = v
-        feats = dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
-                     attn_out_bias=True, mlp_bias=True, lm_head_bias=True, second_norm=False, seed_parallel_block=True,
-                     qk_norm="shared", num_key_value_heads=4)
+        feats = dict(
+            norm_type="layer",
+            norm_bias=True,
+            hidden_act="gelu_tanh",
+            gated_mlp=False,
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            lm_head_bias=True,
+            second_norm=False,
+            seed_parallel_block=True,
+            qk_norm="shared",
+            num_key_value_heads=4,
+        )
     elif family == "gpt2":
-        hf = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=48,
-                                            activation_function="gelu_new", layer_norm_epsilon=1e-5))
+        hf = T.GPT2LMHeadModel(
+            T.GPT2Config(
+                vocab_size=61,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                n_inner=48,
+                activation_function="gelu_new",
+                layer_norm_epsilon=1e-5,
+            )
+        )
         randomize(hf, 1)
         s, sd = hf.state_dict(), {}
         sd["model.embed_tokens.weight"] = s["transformer.wte.weight"]
@@ -157,9 +256,18 @@ def seed_family(family):
                 sd[f"{L(l)}attn.o_proj.{t}"] = conv("attn.c_proj")
                 sd[f"{L(l)}mlp.experts.0.up_proj.{t}"] = conv("mlp.c_fc")
                 sd[f"{L(l)}mlp.experts.0.down_proj.{t}"] = conv("mlp.c_proj")
-        feats = dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
-                     attn_out_bias=True, mlp_bias=True, learned_positions=True, tie_word_embeddings=True,
-                     num_key_value_heads=4)
+        feats = dict(
+            norm_type="layer",
+            norm_bias=True,
+            hidden_act="gelu_tanh",
+            gated_mlp=False,
+            qkv_bias=True,
+            attn_out_bias=True,
+            mlp_bias=True,
+            learned_positions=True,
+            tie_word_embeddings=True,
+            num_key_value_heads=4,
+        )
     else:
         raise KeyError(family)
     feats.setdefault("rotary_dim", rotary_dim_of(hf))
@@ -167,9 +275,15 @@ def seed_family(family):
     if "rope_theta" in rp or hasattr(hf.config, "rope_theta"):
         feats.setdefault("rope_theta", rp.get("rope_theta", getattr(hf.config, "rope_theta", None)))
     feats.setdefault("head_dim", 8)
-    cfg = dict(SMALL, norm_eps=1e-5, seed_model_type=family.replace("llama3", "llama"), num_experts=1,
-               attention_experts="merged", block="parallel" if feats.get("seed_parallel_block") else "sequential",
-               **feats)
+    cfg = dict(
+        SMALL,
+        norm_eps=1e-5,
+        seed_model_type=family.replace("llama3", "llama"),
+        num_experts=1,
+        attention_experts="merged",
+        block="parallel" if feats.get("seed_parallel_block") else "sequential",
+        **feats,
+    )
     return hf.eval(), BamConfig(**cfg), sd
 
 
@@ -205,24 +319,53 @@ class TestSeedParity(unittest.TestCase):
         cases = [
             dict(rope_type="linear", factor=2.0),
             dict(rope_type="dynamic", factor=2.0),
-            dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                 original_max_position_embeddings=16),
+            dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
             dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
-            dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16, beta_fast=16, beta_slow=2,
-                 mscale=1.0, mscale_all_dim=0.5),
+            dict(
+                rope_type="yarn",
+                factor=4.0,
+                original_max_position_embeddings=16,
+                beta_fast=16,
+                beta_slow=2,
+                mscale=1.0,
+                mscale_all_dim=0.5,
+            ),
             dict(rope_type="yarn", factor=4.0, attention_factor=1.3, original_max_position_embeddings=16),
-            dict(rope_type="longrope", short_factor=[1.0, 1.5, 2.0, 2.5], long_factor=[3.0, 4.0, 5.0, 6.0],
-                 original_max_position_embeddings=16),
+            dict(
+                rope_type="longrope",
+                short_factor=[1.0, 1.5, 2.0, 2.5],
+                long_factor=[3.0, 4.0, 5.0, 6.0],
+                original_max_position_embeddings=16,
+            ),
         ]
         for sc in cases:
             for seq_len in (None, 100):
                 with self.subTest(sc=sc, seq_len=seq_len):
-                    hc = transformers.LlamaConfig(hidden_size=64, num_attention_heads=8, head_dim=8,
-                                                  max_position_embeddings=64, rope_theta=10000.0,
-                                                  rope_scaling=dict(sc))
+                    hc = transformers.LlamaConfig(
+                        hidden_size=64,
+                        num_attention_heads=8,
+                        head_dim=8,
+                        max_position_embeddings=64,
+                        rope_theta=10000.0,
+                        rope_scaling=dict(sc),
+                    )
                     inv, att = ROPE_INIT_FUNCTIONS[sc["rope_type"]](hc, torch.device("cpu"), seq_len)
-                    bc = BamConfig(**dict(SMALL, hidden_size=64, num_attention_heads=8, head_dim=8, rotary_dim=8,
-                                          rope_scaling={("type" if k == "rope_type" else k): v for k, v in sc.items()}))
+                    bc = BamConfig(
+                        **dict(
+                            SMALL,
+                            hidden_size=64,
+                            num_attention_heads=8,
+                            head_dim=8,
+                            rotary_dim=8,
+                            rope_scaling={("type" if k == "rope_type" else k): v for k, v in sc.items()},
+                        )
+                    )
                     mine, att2 = mb.rope_inv_freq(bc, seq_len or 0, torch.device("cpu"))
                     torch.testing.assert_close(mine, inv.float(), atol=0, rtol=1e-6)
                     self.assertAlmostEqual(float(att), float(att2), places=6)
@@ -243,16 +386,28 @@ class TestSeedParity(unittest.TestCase):
 
 
 def tiny_bam(attention="moa", E=3, k=2, **over):
-    d = dict(SMALL, num_key_value_heads=2, head_dim=8, norm_eps=1e-5, num_experts=E, num_experts_per_tok=k,
-             attention_experts=attention, block="parallel", qk_norm="shared", qkv_bias=True,
-             upcycled_from=[{"name": "seed", "sha256": "0" * 64}])
+    d = dict(
+        SMALL,
+        num_key_value_heads=2,
+        head_dim=8,
+        norm_eps=1e-5,
+        num_experts=E,
+        num_experts_per_tok=k,
+        attention_experts=attention,
+        block="parallel",
+        qk_norm="shared",
+        qkv_bias=True,
+        upcycled_from=[{"name": "seed", "sha256": "0" * 64}],
+    )
     d.update(over)
     return BamConfig(**d)
 
 
 def save_folder(model, folder):
-    model.config.auto_map = {"AutoConfig": "configuration_bam.BamConfig",
-                             "AutoModelForCausalLM": "modeling_bam.BamForCausalLM"}
+    model.config.auto_map = {
+        "AutoConfig": "configuration_bam.BamConfig",
+        "AutoModelForCausalLM": "modeling_bam.BamForCausalLM",
+    }
     model.config.architectures = ["BamForCausalLM"]
     model.save_pretrained(folder)
     for f in ("configuration_bam.py", "modeling_bam.py"):
@@ -276,15 +431,18 @@ class TestTransformersModel(unittest.TestCase):
         x = torch.randint(0, 61, (2, 7), generator=torch.Generator().manual_seed(1))
         for attention, tied in (("moa", False), ("shared-kv", True), ("merged", False)):
             with self.subTest(attention=attention, tied=tied), tempfile.TemporaryDirectory() as d:
-                model = mb.BamForCausalLM(tiny_bam(attention, tie_word_embeddings=tied, rope_scaling={
-                    "type": "linear", "factor": 2.0})).eval()
+                model = mb.BamForCausalLM(
+                    tiny_bam(attention, tie_word_embeddings=tied, rope_scaling={"type": "linear", "factor": 2.0})
+                ).eval()
                 randomize(model, 2)
                 ref = model(x).logits
                 save_folder(model, d)
                 want = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
                 self.assertEqual(saved_names(d), want)
-                self.assertEqual(want, set(mb.BamForCausalLMCore(model.config).state_dict()) - (
-                    {"lm_head.weight"} if tied else set()))
+                self.assertEqual(
+                    want,
+                    set(mb.BamForCausalLMCore(model.config).state_dict()) - ({"lm_head.weight"} if tied else set()),
+                )
                 cfg = json.load(open(os.path.join(d, "config.json")))
                 for key in FEATURE_KEYS:
                     self.assertIn(key, cfg)
@@ -343,13 +501,16 @@ class TestTransformersModel(unittest.TestCase):
             torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
-@unittest.skipUnless(CUDA and transformers is not None and hasattr(torch.nn.functional, "grouped_mm"),
-                     "needs CUDA and torch.nn.functional.grouped_mm")
+@unittest.skipUnless(
+    CUDA and transformers is not None and hasattr(torch.nn.functional, "grouped_mm"),
+    "needs CUDA and torch.nn.functional.grouped_mm",
+)
 class TestGroupedMM(unittest.TestCase):
     def test_grouped_equals_loop_with_gradients(self):
         for over in (dict(), dict(gated_mlp=False, mlp_bias=True, hidden_act="gelu")):
-            c = BamConfig(**dict(SMALL, hidden_size=256, intermediate_size=512, num_experts=4, num_experts_per_tok=2,
-                                 **over))
+            c = BamConfig(
+                **dict(SMALL, hidden_size=256, intermediate_size=512, num_experts=4, num_experts_per_tok=2, **over)
+            )
             layer32 = mb.MoE(c).cuda()
             torch.manual_seed(0)
             for p in layer32.parameters():
@@ -373,9 +534,20 @@ class TestGroupedMM(unittest.TestCase):
                 self.assertLess(err_g, 2 * err_l + 5e-3, (n, err_g, err_l))
 
     def test_bf16_training_step(self):
-        c = tiny_bam("moa", E=4, k=1, hidden_size=256, intermediate_size=512, num_attention_heads=8,
-                     num_key_value_heads=4, head_dim=32, vocab_size=1000, router_jitter=0.01, expert_dropout=0.1,
-                     hidden_dropout=0.1)
+        c = tiny_bam(
+            "moa",
+            E=4,
+            k=1,
+            hidden_size=256,
+            intermediate_size=512,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=32,
+            vocab_size=1000,
+            router_jitter=0.01,
+            expert_dropout=0.1,
+            hidden_dropout=0.1,
+        )
         model = mb.BamForCausalLM(c).cuda().bfloat16().train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         x = torch.randint(0, 1000, (4, 256), device="cuda")

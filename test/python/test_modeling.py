@@ -20,30 +20,96 @@ from configuration_bam import BamConfig  # noqa: E402
 torch.set_default_dtype(torch.float32)
 ATOL = 1e-5
 
-BASE = dict(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, norm_eps=1e-5)
+BASE = dict(
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    norm_eps=1e-5,
+)
 
 # seed-like feature sets (names after the family they imitate)
 SEEDS = {
     "llama": dict(),
-    "qwen2_sliding_llama3": dict(qkv_bias=True, sliding_window=4, rope_theta=500000.0,
-                                 rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "qwen3": dict(qk_norm="shared", rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}),
-    "gemma": dict(norm_unit_offset=True, hidden_act="gelu_tanh", embedding_scale=math.sqrt(32), tie_word_embeddings=True,
-                  num_key_value_heads=1, head_dim=16),
-    "gpt_neox": dict(norm_type="layer", norm_bias=True, hidden_act="gelu", gated_mlp=False, qkv_bias=True,
-                     attn_out_bias=True, mlp_bias=True, rotary_dim=4, seed_parallel_block=True,
-                     num_key_value_heads=4, rope_scaling={"type": "linear", "factor": 2.0}),
-    "phi": dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
-                attn_out_bias=True, mlp_bias=True, lm_head_bias=True, rotary_dim=4, second_norm=False,
-                seed_parallel_block=True, qk_norm="shared", num_key_value_heads=4),
-    "cohere": dict(norm_type="layer", norm_bias=False, rope_style="interleaved", qk_norm="per_head", second_norm=False,
-                   seed_parallel_block=True, tie_word_embeddings=True, logit_scale=0.25,
-                   rope_scaling={"type": "dynamic", "factor": 2.0}),
-    "gpt2": dict(norm_type="layer", norm_bias=True, hidden_act="gelu_tanh", gated_mlp=False, qkv_bias=True,
-                 attn_out_bias=True, mlp_bias=True, rotary_dim=0, learned_positions=True, tie_word_embeddings=True,
-                 num_key_value_heads=4),
+    "qwen2_sliding_llama3": dict(
+        qkv_bias=True,
+        sliding_window=4,
+        rope_theta=500000.0,
+        rope_scaling={
+            "type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
+    "qwen3": dict(
+        qk_norm="shared", rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    ),
+    "gemma": dict(
+        norm_unit_offset=True,
+        hidden_act="gelu_tanh",
+        embedding_scale=math.sqrt(32),
+        tie_word_embeddings=True,
+        num_key_value_heads=1,
+        head_dim=16,
+    ),
+    "gpt_neox": dict(
+        norm_type="layer",
+        norm_bias=True,
+        hidden_act="gelu",
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        rotary_dim=4,
+        seed_parallel_block=True,
+        num_key_value_heads=4,
+        rope_scaling={"type": "linear", "factor": 2.0},
+    ),
+    "phi": dict(
+        norm_type="layer",
+        norm_bias=True,
+        hidden_act="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        lm_head_bias=True,
+        rotary_dim=4,
+        second_norm=False,
+        seed_parallel_block=True,
+        qk_norm="shared",
+        num_key_value_heads=4,
+    ),
+    "cohere": dict(
+        norm_type="layer",
+        norm_bias=False,
+        rope_style="interleaved",
+        qk_norm="per_head",
+        second_norm=False,
+        seed_parallel_block=True,
+        tie_word_embeddings=True,
+        logit_scale=0.25,
+        rope_scaling={"type": "dynamic", "factor": 2.0},
+    ),
+    "gpt2": dict(
+        norm_type="layer",
+        norm_bias=True,
+        hidden_act="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        attn_out_bias=True,
+        mlp_bias=True,
+        rotary_dim=0,
+        learned_positions=True,
+        tie_word_embeddings=True,
+        num_key_value_heads=4,
+    ),
     "relu_attnscale": dict(hidden_act="relu", attention_scale=0.2, num_key_value_heads=4),
 }
 
@@ -113,7 +179,9 @@ class TestIdentity(unittest.TestCase):
                 atol = tol * max(1.0, ref.abs().max().item())
                 for attention in ("moa", "shared-kv", "merged"):
                     with self.subTest(dtype=dtype, seed=seed, attention=attention):
-                        moe = upcycle([dense], attention, norm_topk_prob=True)  # top-2 of 3: needs the renormalised gate
+                        moe = upcycle(
+                            [dense], attention, norm_topk_prob=True
+                        )  # top-2 of 3: needs the renormalised gate
                         out = moe(x)
                         torch.testing.assert_close(out["logits"], ref, atol=atol, rtol=0)
                         self.assertIsNotNone(out["aux_loss"])
@@ -125,7 +193,9 @@ class TestIdentity(unittest.TestCase):
         dense = dense_model("llama")
         ref = dense(x)["logits"]
         atol = ATOL * max(1.0, ref.abs().max().item())
-        torch.testing.assert_close(upcycle([dense], "moa", k=3, norm_topk_prob=False)(x)["logits"], ref, atol=atol, rtol=0)
+        torch.testing.assert_close(
+            upcycle([dense], "moa", k=3, norm_topk_prob=False)(x)["logits"], ref, atol=atol, rtol=0
+        )
         differs = (upcycle([dense], "moa", k=2, norm_topk_prob=False)(x)["logits"] - ref).abs().max().item()
         self.assertGreater(differs, 100 * atol)
 
@@ -223,7 +293,9 @@ class TestMoE(unittest.TestCase):
                 w, i = probs.topk(2, -1)
                 if norm:
                     w = w / w.sum(-1, keepdim=True)
-                ref = torch.stack([sum(w[n, j] * layer.experts[int(i[n, j])](xf[n]) for j in range(2)) for n in range(10)])
+                ref = torch.stack(
+                    [sum(w[n, j] * layer.experts[int(i[n, j])](xf[n]) for j in range(2)) for n in range(10)]
+                )
                 torch.testing.assert_close(y.reshape(-1, 32), ref, atol=ATOL, rtol=ATOL)
                 self.assertTrue(torch.equal(idx, i))
 
@@ -235,7 +307,9 @@ class TestMoE(unittest.TestCase):
         keep = layer.capacity_keep(idx)
         for e in range(4):  # at most `cap` tokens per expert, the first ones in token order
             chosen = (idx[:, 0] == e).nonzero().flatten()
-            self.assertEqual(keep[chosen, 0].tolist(), [1.0] * min(cap, len(chosen)) + [0.0] * max(0, len(chosen) - cap))
+            self.assertEqual(
+                keep[chosen, 0].tolist(), [1.0] * min(cap, len(chosen)) + [0.0] * max(0, len(chosen) - cap)
+            )
         dropped = keep[:, 0] == 0
         self.assertTrue(dropped.any())
         self.assertTrue(torch.equal(y.reshape(16, 32)[dropped], torch.zeros(int(dropped.sum()), 32)))
@@ -254,6 +328,7 @@ class TestMoE(unittest.TestCase):
     def test_grouped_path_matches_loop(self):
         """The grouped_mm bookkeeping (sorting, padded groups, offsets, per-row biases), run on CPU with a
         reference grouped_mm when torch has none (the real kernel is CUDA bf16: see test_hf.py)."""
+
         def ref_grouped_mm(a, b, offs=None):  # a [rows, K], b [E, K, N], offs int32 group ends
             out, start = [], 0
             for e, end in enumerate(offs.tolist()):
@@ -318,7 +393,6 @@ class TestLosses(unittest.TestCase):
                     self.assertGreater(p.grad.abs().sum().item(), 0, n)
                 self.assertEqual(attention != "merged", any("attn.router" in n for n, _ in moe.named_parameters()))
 
-
     def test_ffn_router_learns_from_the_lm_loss(self):
         """With the auxiliary losses off, the FFN router's gradient comes from the LM loss alone. It is of the
         attention router's order at k = 1 and 2 with the paper's gate and at k = 2 renormalised; at k = 1
@@ -328,14 +402,30 @@ class TestLosses(unittest.TestCase):
         switch_init = math.sqrt(0.1 / BASE["hidden_size"])  # bam upcycle's router init (Switch's 0.1 scale)
         ratios = {}
         for k, norm in ((1, False), (2, False), (2, True), (1, True)):
-            moe = upcycle(denses, "moa", k=k, router_scale=switch_init, norm_topk_prob=norm,
-                          router_aux_loss_coef=0.0, router_z_loss_coef=0.0).train()
+            moe = upcycle(
+                denses,
+                "moa",
+                k=k,
+                router_scale=switch_init,
+                norm_topk_prob=norm,
+                router_aux_loss_coef=0.0,
+                router_z_loss_coef=0.0,
+            ).train()
             x = ids(B=4, T=16, seed=9)
             out = moe(x, labels=x)
             torch.testing.assert_close(out["loss"], out["nll"])  # nothing but the LM loss
             out["loss"].backward()
-            norm_of = lambda part: torch.stack([p.grad.norm() for n, p in moe.named_parameters()  # noqa: B023
-                                                if n.endswith(f".{part}.router.weight")]).norm().item()
+            norm_of = lambda part: (
+                torch.stack(
+                    [
+                        p.grad.norm()
+                        for n, p in moe.named_parameters()  # noqa: B023
+                        if n.endswith(f".{part}.router.weight")
+                    ]
+                )
+                .norm()
+                .item()
+            )
             self.assertGreater(norm_of("attn"), 0, (k, norm))
             ratios[k, norm] = norm_of("mlp") / norm_of("attn")
         learning = [ratios[1, False], ratios[2, False], ratios[2, True]]
@@ -382,11 +472,28 @@ class TestCache(unittest.TestCase):
 
 class TestLayout(unittest.TestCase):
     def test_bam_tensor_names(self):
-        c = dict(BASE, num_hidden_layers=1, num_experts=2, num_experts_per_tok=1, qk_norm="shared", qkv_bias=True,
-                 gated_mlp=False, block="parallel", second_norm=False)
+        c = dict(
+            BASE,
+            num_hidden_layers=1,
+            num_experts=2,
+            num_experts_per_tok=1,
+            qk_norm="shared",
+            qkv_bias=True,
+            gated_mlp=False,
+            block="parallel",
+            second_norm=False,
+        )
         names = lambda attention: set(mb.BamForCausalLMCore(dict(c, attention_experts=attention)).state_dict())
-        L, common = "model.layers.0.", {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
-                                        "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.router.weight"}
+        L, common = (
+            "model.layers.0.",
+            {
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+                "model.layers.0.input_layernorm.weight",
+                "model.layers.0.mlp.router.weight",
+            },
+        )
         for e in range(2):
             common |= {f"{L}mlp.experts.{e}.{p}_proj.weight" for p in ("up", "down")}
         qkv = lambda pre, ps: {f"{pre}{p}_proj.{t}" for p in ps for t in ("weight", "bias")} - {f"{pre}o_proj.bias"}
@@ -397,8 +504,11 @@ class TestLayout(unittest.TestCase):
             moa |= qkv(pre, "qkv") | {pre + "o_proj.weight", pre + "q_norm.weight", pre + "k_norm.weight"}
             sh |= qkv(pre, "q") | {pre + "o_proj.weight", pre + "q_norm.weight"}
         sh |= qkv(L + "attn.", "kv") | {L + "attn.k_norm.weight"}
-        merged = set(common) | qkv(L + "attn.", "qkv") | {L + "attn.o_proj.weight", L + "attn.q_norm.weight",
-                                                           L + "attn.k_norm.weight"}
+        merged = (
+            set(common)
+            | qkv(L + "attn.", "qkv")
+            | {L + "attn.o_proj.weight", L + "attn.q_norm.weight", L + "attn.k_norm.weight"}
+        )
         self.assertEqual(names("moa"), moa)
         self.assertEqual(names("shared-kv"), sh)
         self.assertEqual(names("merged"), merged)

@@ -53,8 +53,25 @@ CASES = {
 }
 TMP = None
 FOLDERS = {}
-SPEC = ["--seq-len", "32", "--micro-batch", "2", "--global-batch", "4", "--eval-blocks", "2", "--no-plot",
-        "--log-every", "1000", "--steps", "4", "--lr", "3e-3", "--eval-every", "0"]
+SPEC = [
+    "--seq-len",
+    "32",
+    "--micro-batch",
+    "2",
+    "--global-batch",
+    "4",
+    "--eval-blocks",
+    "2",
+    "--no-plot",
+    "--log-every",
+    "1000",
+    "--steps",
+    "4",
+    "--lr",
+    "3e-3",
+    "--eval-every",
+    "0",
+]
 
 
 def setUpModule():
@@ -68,9 +85,27 @@ def setUpModule():
     for fmt, (family, flags) in CASES.items():
         fx = os.path.join(REPO, "fixtures", family)
         FOLDERS[fmt] = os.path.join(TMP, fmt)
-        subprocess.run([NODE, CLI, "upcycle", f"{fx}/base", f"{fx}/code", f"{fx}/math", "-o", FOLDERS[fmt],
-                        "--attention", "merged", "--block", "sequential", "--experts-per-token", "2", *flags],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                NODE,
+                CLI,
+                "upcycle",
+                f"{fx}/base",
+                f"{fx}/code",
+                f"{fx}/math",
+                "-o",
+                FOLDERS[fmt],
+                "--attention",
+                "merged",
+                "--block",
+                "sequential",
+                "--experts-per-token",
+                "2",
+                *flags,
+            ],
+            check=True,
+            capture_output=True,
+        )
 
 
 def tearDownModule():
@@ -85,7 +120,7 @@ def held_out(model_dir):
     """The held-out batch finetune evaluates (code domain, 2 blocks of 32)."""
     config = folder.load_model(model_dir)[1]
     mixture = data.build_mixture([f"code={TMP}/code.npy"], [], model_dir, config, 32, 2, seed=0)
-    (_, refs), = mixture.eval_sets()
+    ((_, refs),) = mixture.eval_sets()
     return mixture.batch(refs, eval=True)
 
 
@@ -98,8 +133,11 @@ class TestNativeFolders(unittest.TestCase):
                 with contextlib.redirect_stdout(io.StringIO()):
                     code = finetune.main(["--model", source, "--out", out, "--data", f"code={TMP}/code.npy"] + SPEC)
                 self.assertEqual(code, 0)
-                evals = [r["eval"]["code"]["nll"] for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
-                         if "eval" in r]
+                evals = [
+                    r["eval"]["code"]["nll"]
+                    for r in metrics.read_jsonl(os.path.join(out, "train_log.jsonl"))
+                    if "eval" in r
+                ]
                 x = held_out(source)
                 with torch.no_grad():  # transformers' own loss: mean NLL of every predicted token
                     self.assertAlmostEqual(hf_model(source)(input_ids=x, labels=x).loss.item(), evals[0], places=5)
@@ -113,8 +151,9 @@ class TestNativeFolders(unittest.TestCase):
                 hf, ours = hf_model(final), folder.load_model(final)[0].eval()
                 ids = torch.randint(0, hf.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
                 with torch.no_grad():
-                    torch.testing.assert_close(hf(input_ids=ids).logits, ours(input_ids=ids, use_cache=False)["logits"],
-                                               atol=1e-5, rtol=0)
+                    torch.testing.assert_close(
+                        hf(input_ids=ids).logits, ours(input_ids=ids, use_cache=False)["logits"], atol=1e-5, rtol=0
+                    )
                     self.assertAlmostEqual(hf(input_ids=x, labels=x).loss.item(), evals[-1], places=5)
                 self.assertLess(evals[-1], evals[0])  # it trained: the held-out NLL moved down
                 before, after = folder.read_weights(source), folder.read_weights(final)
@@ -142,8 +181,9 @@ class TestNativeFolders(unittest.TestCase):
             json.dump(config, f)
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
-            code = finetune.main(["--model", bad, "--out", os.path.join(TMP, "run-bad"), "--data",
-                                  f"code={TMP}/code.npy"] + SPEC)
+            code = finetune.main(
+                ["--model", bad, "--out", os.path.join(TMP, "run-bad"), "--data", f"code={TMP}/code.npy"] + SPEC
+            )
         self.assertEqual(code, 1)
         self.assertRegex(stderr.getvalue(), r"config.json: decoder_sparse_step is 2; finetune.py reads qwen3_moe")
         self.assertEqual(len(stderr.getvalue().strip().splitlines()), 1)

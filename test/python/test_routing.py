@@ -17,8 +17,21 @@ from configuration_bam import BamConfig  # noqa: E402
 
 
 def model(norm_topk_prob=False, **over):
-    c = BamConfig(**dict(BASE, **dict(dict(num_experts=4, num_experts_per_tok=1, attention_experts="moa", block="parallel",
-                                           norm_topk_prob=norm_topk_prob), **over)))
+    c = BamConfig(
+        **dict(
+            BASE,
+            **dict(
+                dict(
+                    num_experts=4,
+                    num_experts_per_tok=1,
+                    attention_experts="moa",
+                    block="parallel",
+                    norm_topk_prob=norm_topk_prob,
+                ),
+                **over,
+            ),
+        )
+    )
     return randomize(mb.BamForCausalLMCore(c), 3).eval()
 
 
@@ -43,7 +56,9 @@ class TestDomainRouting(unittest.TestCase):
     def test_merged_attention_and_dense_models(self):
         x = tokens(3)
         self.assertNotIn("attn_weight", routing.domain_routing(model(attention_experts="merged"), {"d": [x]})["d"])
-        dense = randomize(mb.BamForCausalLMCore(BamConfig(**dict(BASE, num_experts=1, attention_experts="merged"))), 3).eval()
+        dense = randomize(
+            mb.BamForCausalLMCore(BamConfig(**dict(BASE, num_experts=1, attention_experts="merged"))), 3
+        ).eval()
         self.assertEqual(routing.domain_routing(dense, {"d": [x]}), {})
         self.assertEqual(routing.lm_grad_norms(dense, x), {"ffn": None, "attn": None})
 

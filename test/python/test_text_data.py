@@ -48,7 +48,9 @@ class TestTextFiles(unittest.TestCase):
     def setUp(self):
         self.dir = tempfile.mkdtemp(prefix="bam-text-test-")
         self.addCleanup(shutil.rmtree, self.dir, True)
-        self.jsonl = self.write("docs.jsonl", "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS)))
+        self.jsonl = self.write(
+            "docs.jsonl", "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(DOCS))
+        )
         self.expected = tokens([self.jsonl])
         self.assertEqual(self.expected.count(0), len(DOCS))  # an EOS after each document
 
@@ -65,8 +67,11 @@ class TestTextFiles(unittest.TestCase):
         self.assertEqual(data.expand([self.dir]), [self.jsonl, gz])  # a directory finds it too
         other = self.write("body.jsonl.gz", "".join(json.dumps({"body": d}) + "\n" for d in DOCS), gzip.open)
         self.assertEqual(tokens([other], "body"), self.expected)  # the text key as for .jsonl
-        with self.assertRaisesRegex(BamTrainError, r"body.jsonl.gz: line 1 has no string field 'text' \(its keys: "
-                                                   r"body\); name the field with --text-key"):
+        with self.assertRaisesRegex(
+            BamTrainError,
+            r"body.jsonl.gz: line 1 has no string field 'text' \(its keys: "
+            r"body\); name the field with --text-key",
+        ):
             tokens([other])
 
     def test_damaged_gzip_is_one_line(self):
@@ -86,8 +91,11 @@ class TestTextFiles(unittest.TestCase):
         path = os.path.join(self.dir, "docs.parquet")
         pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), path)
         self.assertEqual(tokens([path]), self.expected)
-        with self.assertRaisesRegex(BamTrainError, r"docs.parquet: no column 'body' \(its columns: id, text\); name the "
-                                                   "column with --text-key"):
+        with self.assertRaisesRegex(
+            BamTrainError,
+            r"docs.parquet: no column 'body' \(its columns: id, text\); name the "
+            "column with --text-key",
+        ):
             tokens([path], "body")
 
     def test_parquet_without_its_library_is_one_line(self):
@@ -95,8 +103,11 @@ class TestTextFiles(unittest.TestCase):
         with open(path, "wb") as f:
             f.write(b"PAR1 any bytes: the library is asked for first PAR1")
         with mock.patch.dict(sys.modules, NO_PARQUET):
-            with self.assertRaisesRegex(BamTrainError, r"^[^\n]*docs.parquet: .parquet data needs pyarrow \(pip install "
-                                                       r"pyarrow\); or give the text as .jsonl / .jsonl.gz$"):
+            with self.assertRaisesRegex(
+                BamTrainError,
+                r"^[^\n]*docs.parquet: .parquet data needs pyarrow \(pip install "
+                r"pyarrow\); or give the text as .jsonl / .jsonl.gz$",
+            ):
                 tokens([path])
 
 
