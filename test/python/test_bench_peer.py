@@ -1,0 +1,117 @@
+"""The peer rows of bench/train/bench_train.py on CPU with a tiny shape: transformers' own Mixtral and
+Qwen3-MoE, trained from the native folder synthetic.write_native writes of our BTX folder, compute our
+model's function (same logits, same first loss on the same batch), learn, and run as benchmark rows."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+from unittest import mock
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+for p in (os.path.join(REPO, "scripts"), os.path.join(REPO, "bench", "train")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import bench_train  # noqa: E402
+import peer  # noqa: E402
+import synthetic  # noqa: E402
+
+from bamtrain import folder, trainer  # noqa: E402
+
+SEEDS = {"mixtral": {}, "qwen3moe": synthetic.QWEN3_SEEDS}  # family -> the seed family its format holds
+
+
+def setUpModule():
+    global TMP
+    TMP = tempfile.mkdtemp(prefix="bam-peer-")
+
+
+def tearDownModule():
+    shutil.rmtree(TMP, ignore_errors=True)
+
+
+def bench(*rows, extra=()):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return bench_train.main(
+            ["--out", os.path.join(TMP, "out"), "--tiny", "--cache-dir", os.path.join(TMP, "cache")]
+            + ["--rows", ",".join(rows), "--seq-len", "32", "--steps", "1", "--profile", ""]
+            + list(extra)
+        )
+
+
+class TestPeer(unittest.TestCase):
+    def test_every_experts_implementation_of_transformers_has_its_rows(self):
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        self.assertEqual(set(peer.EXPERTS_IMPLEMENTATIONS), {"eager"} | set(ALL_EXPERTS_FUNCTIONS))
+        for family in peer.FAMILIES:
+            for impl in peer.EXPERTS_IMPLEMENTATIONS:
+                self.assertIn(f"hf-{family}-{impl}-compile", bench_train.ROWS)
+
+    def test_same_weights_same_function_and_the_peer_learns(self):
+        """Our model on the BTX folder and transformers' on its native export: the same logits; one
+        backward of the peer's own loss reaches every parameter (experts and routers included)."""
+        x = torch.randint(0, synthetic.TINY_SHAPE["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+        for family, spec in peer.FAMILIES.items():
+            with self.subTest(family=family):
+                shape = dict(synthetic.TINY_SHAPE, **SEEDS[family])
+                bam = synthetic.write_folder(os.path.join(TMP, f"btx-{family}"), shape, synthetic.BTX)
+                path = synthetic.write_native(bam, spec["fmt"], bam + "-native")
+                with open(os.path.join(path, "config.json")) as f:
+                    self.assertEqual(json.load(f)["model_type"], spec["fmt"])
+                ours = folder.load_model(bam)[0]
+                model = peer.load(path, family, "eager", torch.device("cpu"))
+                with torch.no_grad():
+                    want = ours(input_ids=x, labels=x, use_cache=False)
+                got = model(input_ids=x, labels=x)
+                err = (got["logits"] - want["logits"]).abs().max().item()
+                self.assertLess(err, 1e-5 * want["logits"].abs().max().item())
+                self.assertAlmostEqual(got["nll"].item(), want["nll"].item(), places=5)
+                self.assertGreater(got["lb_loss"].item(), 0)
+                got["loss"].backward()
+                for name, p in model.named_parameters():
+                    self.assertTrue(p.grad is not None and bool(p.grad.abs().sum() > 0), name)
+
+    def test_peer_rows_run_and_start_from_our_loss(self):
+        res = bench("btx", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "btx-qwen3", "hf-qwen3moe-batched_mm")
+        rows = {r["row"]: r for r in res["rows"]}
+        for r in rows.values():
+            self.assertGreater(r["tokens_per_s"], 0, r)
+            self.assertEqual(r["flops_per_token"], rows["btx"]["flops_per_token"])  # one count for all
+        for ours, peers in (
+            ("btx", ["hf-mixtral-eager", "hf-mixtral-grouped_mm"]),
+            ("btx-qwen3", ["hf-qwen3moe-batched_mm"]),
+        ):
+            for name in peers:  # same weights, same batch: the same cross-entropy
+                self.assertAlmostEqual(rows[name]["nll_first"], rows[ours]["nll_first"], places=5)
+        best = res["best_peer"]["mixtral"]
+        self.assertIn(best, ("hf-mixtral-eager", "hf-mixtral-grouped_mm"))
+        self.assertAlmostEqual(
+            res["ratios"][f"btx / {best} tokens/s"], rows["btx"]["tokens_per_s"] / rows[best]["tokens_per_s"]
+        )
+        self.assertEqual(res["models"]["mixtral"]["flops_per_token"], res["models"]["btx"]["flops_per_token"])
+        with open(os.path.join(TMP, "out", "train_bench.json")) as f:
+            self.assertEqual(len(json.load(f)["rows"]), 5)
+
+    def test_a_row_out_of_memory_at_every_micro_batch_is_recorded(self):
+        def oom(self, micro_batches, lr):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+        with mock.patch.object(trainer.Trainer, "step", oom):
+            res = bench("btx", "hf-mixtral-eager", extra=["--micro-batch", "0", "--batch-candidates", "4,2"])
+        for r in res["rows"]:
+            self.assertEqual(r["error"], "out of memory at every micro-batch (4,2)")
+            self.assertEqual(r["oom"], [4, 2])
+        self.assertEqual(res["ratios"], {})
+
+
+if __name__ == "__main__":
+    unittest.main()
