@@ -317,6 +317,9 @@ def run_row(name, spec, path, args, ctx, amp, shared):
 def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
     device = ctx.device
+    eager_row = (spec["model"], spec["impl"])  # shared["micro_batch"] key: a compile row starts from its eager row's
+    if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
+        return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
     model, blocks, config = load_peer(path, spec, device) if "family" in spec else load(path, device, shared)
     model.train()
     if spec["compile"]:
@@ -333,7 +336,6 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         with sdpa_context(args.sdpa):
             return trainer.step([x], 1e-5)
 
-    eager_row = (spec["model"], spec["impl"])
     if args.micro_batch:
         candidates = [args.micro_batch]
     elif spec["compile"] and eager_row in shared["micro_batch"]:
@@ -366,14 +368,14 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
             optimizer.zero_grad(set_to_none=True)
             free(device)
             t_first = time.perf_counter()
+    if not spec["compile"]:
+        shared["micro_batch"][eager_row] = chosen
     if chosen is None:
         if spec["compile"]:
             torch._dynamo.reset()
         return dict(
             row=name, error=f"out of memory at every micro-batch ({','.join(map(str, candidates))})", oom=candidates
         )
-    if not spec["compile"]:
-        shared["micro_batch"][eager_row] = chosen
     tokens = chosen * T
     peak = metrics.peak_flops(device, args.peak_flops)
     row = dict(
@@ -573,6 +575,7 @@ def main(argv=None):
             f"{name}: "
             + (
                 r.get("error")
+                or r.get("skipped")
                 or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
                 f"micro-batch {r['micro_batch']}"
             ),

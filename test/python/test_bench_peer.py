@@ -102,14 +102,25 @@ class TestPeer(unittest.TestCase):
             self.assertEqual(len(json.load(f)["rows"]), 5)
 
     def test_a_row_out_of_memory_at_every_micro_batch_is_recorded(self):
+        """Recorded, not a crash; its compile row is skipped (it would search the same micro-batches again)."""
+
         def oom(self, micro_batches, lr):
             raise RuntimeError("CUDA out of memory (simulated)")
 
         with mock.patch.object(trainer.Trainer, "step", oom):
-            res = bench("btx", "hf-mixtral-eager", extra=["--micro-batch", "0", "--batch-candidates", "4,2"])
-        for r in res["rows"]:
-            self.assertEqual(r["error"], "out of memory at every micro-batch (4,2)")
-            self.assertEqual(r["oom"], [4, 2])
+            res = bench(
+                "btx",
+                "hf-mixtral-eager",
+                "hf-mixtral-eager-compile",
+                extra=["--micro-batch", "0", "--batch-candidates", "4,2"],
+            )
+        rows = {r["row"]: r for r in res["rows"]}
+        for name in ("btx", "hf-mixtral-eager"):
+            self.assertEqual(rows[name]["error"], "out of memory at every micro-batch (4,2)")
+            self.assertEqual(rows[name]["oom"], [4, 2])
+        self.assertEqual(
+            rows["hf-mixtral-eager-compile"]["skipped"], "its eager row ran out of memory at every micro-batch"
+        )
         self.assertEqual(res["ratios"], {})
 
 
