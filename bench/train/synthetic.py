@@ -74,7 +74,8 @@ DENSE = dict(num_experts=1, num_experts_per_tok=1, attention_experts="merged", b
 BTX = dict(num_experts=4, num_experts_per_tok=1, attention_experts="merged", block="sequential", norm_topk_prob=True)
 # config.json keys of a native folder that native.to_native_config does not take from the BAM config
 NATIVE_BASE = {
-    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"]),
+    # transformers' Mixtral always renormalises; the key says so in the folder, as the CLI writes it
+    "mixtral": dict(model_type="mixtral", architectures=["MixtralForCausalLM"], norm_topk_prob=True),
     "qwen3_moe": dict(
         model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], **native.FORMATS["qwen3_moe"]["required"]
     ),
@@ -153,7 +154,8 @@ def _stamp_matches(out, stamp):
 
 
 def _write(out, stamp, config, tensors, code=()):
-    """Writes the folder beside `out`, then moves it in (a killed run leaves no half folder at `out`). -> out"""
+    """Writes the folder beside `out`, then moves it in (a killed run leaves no half folder at `out`); the stamp
+    says what it holds. -> out"""
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -162,8 +164,9 @@ def _write(out, stamp, config, tensors, code=()):
         json.dump(config, f, indent=2)
     for file in code:
         shutil.copyfile(os.path.join(folder.PYTHON_DIR, file), os.path.join(tmp, file))
-    with open(os.path.join(tmp, ".bench-stamp"), "w") as f:
-        f.write(stamp)
+    if stamp:
+        with open(os.path.join(tmp, ".bench-stamp"), "w") as f:
+            f.write(stamp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
@@ -178,12 +181,20 @@ def write_native(bam_dir, fmt, out):
     for key in ("attention_experts", "block", "qk_norm"):
         if config.get(key, "none") != held[key]:
             raise ValueError(f"{bam_dir}: {key} is {config.get(key)!r}; the {fmt} format holds {held[key]!r}")
-    with open(os.path.join(bam_dir, ".bench-stamp")) as f:
-        stamp = hashlib.sha256(f"{f.read()}/{fmt}".encode()).hexdigest()
-    if _stamp_matches(out, stamp):
+    stamp = None  # a folder write_folder did not write (no stamp) is exported every time
+    if os.path.exists(os.path.join(bam_dir, ".bench-stamp")):
+        with open(os.path.join(bam_dir, ".bench-stamp")) as f:
+            stamp = hashlib.sha256(f"{f.read()}/{fmt}".encode()).hexdigest()
+    if stamp and _stamp_matches(out, stamp):
         return out
     rope = dict(rope_type="default")  # v5's key, kept in step with rope_theta by to_native_config
-    base = dict(NATIVE_BASE[fmt], rope_parameters=rope, output_router_logits=False, dtype=config["dtype"])
+    base = dict(
+        NATIVE_BASE[fmt],
+        intermediate_size=config["intermediate_size"],  # as the CLI writes it (Qwen3-MoE: dense MLPs, none here)
+        rope_parameters=rope,
+        output_router_logits=False,
+        dtype=config["dtype"],
+    )
     native_config = native.to_native_config(fmt, dict(config, sliding_window=config.get("sliding_window")), base)
     tensors = list(native.to_native_state(fmt, folder.read_weights(bam_dir)).items())
     return _write(out, stamp, native_config, tensors)

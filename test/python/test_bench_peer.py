@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -26,6 +27,8 @@ import synthetic  # noqa: E402
 
 from bamtrain import folder, trainer  # noqa: E402
 
+NODE = shutil.which("node")
+CLI = os.path.join(REPO, "dist", "src", "cli", "main.js")
 SEEDS = {"mixtral": {}, "qwen3moe": synthetic.QWEN3_SEEDS}  # family -> the seed family its format holds
 
 
@@ -79,6 +82,40 @@ class TestPeer(unittest.TestCase):
                 got["loss"].backward()
                 for name, p in model.named_parameters():
                     self.assertTrue(p.grad is not None and bool(p.grad.abs().sum() > 0), name)
+
+    @unittest.skipUnless(NODE and os.path.exists(CLI), "needs node and the built CLI (npm run build)")
+    def test_the_native_folder_is_what_bam_upcycle_format_writes(self):
+        """synthetic.write_native of a BTX-layout BAM folder from `bam upcycle` is that command's own --format
+        mixtral / qwen3-moe folder: the same tensors, bit for bit, and the same config as transformers reads it."""
+        import transformers
+
+        for family, spec in peer.FAMILIES.items():
+            with self.subTest(family=family):
+                seeds = [
+                    os.path.join(REPO, "fixtures", "mistral" if family == "mixtral" else "qwen3", v)
+                    for v in ("base", "code", "math")
+                ]
+                native_fmt = spec["fmt"].replace("_", "-")  # the CLI's spelling
+                out = {}
+                for fmt in ("bam", native_fmt):
+                    out[fmt] = os.path.join(TMP, f"cli-{family}-{fmt}")
+                    subprocess.run(
+                        [NODE, CLI, "upcycle", *seeds, "-o", out[fmt], "--format", fmt, "--attention", "merged"]
+                        + ["--block", "sequential", "--norm-topk-prob", "--seed", "3"],
+                        check=True,
+                        capture_output=True,
+                    )
+                ours = synthetic.write_native(out["bam"], spec["fmt"], os.path.join(TMP, f"py-{family}"))
+                want = folder.read_weights(out[native_fmt])
+                got = folder.read_weights(ours)
+                self.assertEqual(sorted(got), sorted(want))
+                for name, t in want.items():
+                    self.assertEqual(got[name].dtype, t.dtype, name)
+                    self.assertTrue(torch.equal(got[name], t), name)
+                configs = [transformers.AutoConfig.from_pretrained(path).to_dict() for path in (ours, out[native_fmt])]
+                for c in configs:
+                    c.pop("_name_or_path")
+                self.assertEqual(configs[0], configs[1])
 
     def test_peer_rows_run_and_start_from_our_loss(self):
         res = bench("btx", "hf-mixtral-eager", "hf-mixtral-grouped_mm", "btx-qwen3", "hf-qwen3moe-batched_mm")
