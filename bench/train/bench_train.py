@@ -29,7 +29,7 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   btx-qwen3      the same from qwen3 seeds (the BAM folder the Qwen3-MoE one is written from)
   hf-mixtral-IMPL, hf-qwen3moe-IMPL   transformers' MixtralForCausalLM / Qwen3MoeForCausalLM from the
                  native folder of btx / btx-qwen3 (same weights), experts_implementation IMPL: eager,
-                 batched_mm, deepgemm, grouped_mm, sonicmoe (bench/train/peer.py); the same Trainer
+                 grouped_mm, batched_mm, deepgemm, sonicmoe (bench/train/peer.py); the same Trainer
   any row + "-compile" (but bam-loop): with torch.compile on every decoder block
 --rows takes names and shell patterns ('hf-mixtral-*'). A row that fails (or runs out of memory at every
 micro-batch) is recorded as such and the others still run.
@@ -40,7 +40,8 @@ steps after --warmup. MFU counts the FLOPs of scripts/bamtrain/metrics.py (6 x a
 reported too) against --peak-flops (default: the GPU's dense bf16 peak, H100 989e12).
 
 Writes OUT/train_bench.json (rows, ratios: ours over the loop, the dense seed and the best peer row of
-each family; profile, environment, --commit) and OUT/profile_<row>.txt, and prints a table. Stays under --time-budget seconds (rows left are reported as skipped).
+each family; profile, environment, --commit) and OUT/profile_<row>.txt, and prints a table. Stays under
+--time-budget seconds (rows left are reported as skipped).
 """
 
 import os
@@ -73,7 +74,7 @@ from loop_experts import loop_experts  # noqa: E402
 from bamtrain import folder, metrics, native, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
 
-ROWS = {  # model: the folder (FOLDERS); impl: how the experts run; family: a peer row's transformers class
+ROWS = {  # model: the folder (write_folders); impl: how the experts run; family: a peer row's transformers class
     "bam": dict(model="bam", impl="fused"),
     "bam-loop": dict(model="bam", impl="loop"),
     "dense": dict(model="dense", impl="fused"),
