@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """Training throughput and MFU of a BAM model on one GPU, against the same model with its experts run
-one by one in a Python loop and against the dense seed, in one run; plus a profile of the top kernels.
+one by one in a Python loop, against the dense seed, and, in BTX mode, against transformers' own Mixtral
+and Qwen3-MoE trained from the very folder our export writes; plus a profile of the top kernels.
 
     python bench/train/bench_train.py --out OUT --commit "$(git rev-parse HEAD)"     (one H100: all of it)
+    python bench/train/bench_train.py --out OUT --rows 'btx,btx-compile,hf-mixtral-*'  (ours against the peer)
     python bench/train/bench_train.py --out /tmp/bench-tiny --tiny                   (CPU smoke test, seconds)
 
-Without --model it first writes (once, cached under --cache-dir) a BAM folder mixed in Python from 4
-synthetic llama seeds of 24 layers, hidden 1024, 16 heads, FFN 2816, vocab 32000 (0.37B parameters each;
-1.3B in the BAM model, 0.64B active per token), soft MoA attention experts, parallel block, top-1 FFN
-routing, and seed 0 alone as the dense folder: bench/train/synthetic.py.
+Without --model it first writes (once, cached under --cache-dir) the folders its rows need, mixed in Python
+from 4 synthetic llama seeds (bench/train/synthetic.py) of --shape base: 24 layers, hidden 1024, 16 heads,
+FFN 2816, vocab 32000 (0.37B parameters each; 1.3B in the BAM model, 0.64B active per token), or --shape
+1b: TinyLlama 1.1B's 22 layers, hidden 2048, 32 heads, 4 key/value heads, FFN 5632 (1.10B each). The BAM
+folder has soft MoA attention experts, a parallel block, top-1 FFN routing; the dense folder is seed 0
+alone; the BTX folder has the seeds' attention averaged, a sequential block and top-1 of 4 FFN experts
+renormalised (what `bam upcycle --format mixtral` holds), and its Mixtral folder the same tensors in the
+native layout (synthetic.write_native); the same again from qwen3 seeds (q/k norms) for Qwen3-MoE.
 
 Rows (--rows; each loads its folder through scripts/bamtrain and trains with the Trainer of
 scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own loss with router losses):
@@ -19,14 +25,23 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
                  projections and attention, FFN by torch.where / index_add_, as transformers' eager MoE)
   dense          the dense seed (E = 1, merged attention, sequential block) through the same code
   dense-compile  the same with torch.compile
+  btx            our model in BTX mode (merged attention, sequential block), from the BTX folder
+  btx-qwen3      the same from qwen3 seeds (the BAM folder the Qwen3-MoE one is written from)
+  hf-mixtral-IMPL, hf-qwen3moe-IMPL   transformers' MixtralForCausalLM / Qwen3MoeForCausalLM from the
+                 native folder of btx / btx-qwen3 (same weights), experts_implementation IMPL: eager,
+                 grouped_mm, batched_mm, deepgemm, sonicmoe (bench/train/peer.py); the same Trainer
+  any row + "-compile" (but bam-loop): with torch.compile on every decoder block
+--rows takes names and shell patterns ('hf-mixtral-*'). A row that fails (or runs out of memory at every
+micro-batch) is recorded as such and the others still run.
 The micro-batch (sequences of --seq-len) is the largest of --batch-candidates that trains without running
 out of memory, found per model (compile rows reuse their eager row's); tokens/s is over --steps timed
 steps after --warmup. MFU counts the FLOPs of scripts/bamtrain/metrics.py (6 x active matmul parameters
 + attention scores of every attention expert, causal mask not discounted; the discounted figure is
 reported too) against --peak-flops (default: the GPU's dense bf16 peak, H100 989e12).
 
-Writes OUT/train_bench.json (rows, ratios, profile, environment, --commit) and OUT/profile_<row>.txt, and
-prints a table. Stays under --time-budget seconds (rows left are reported as skipped).
+Writes OUT/train_bench.json (rows, ratios: ours over the loop, the dense seed and the best peer row of
+each family; profile, environment, --commit) and OUT/profile_<row>.txt, and prints a table. Stays under
+--time-budget seconds (rows left are reported as skipped).
 """
 
 import os
@@ -36,6 +51,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # 
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import fnmatch  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
@@ -50,20 +66,33 @@ if __name__ == "__main__":
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 sys.path.insert(0, HERE)
 
+import peer  # noqa: E402
 import synthetic  # noqa: E402
 import torch  # noqa: E402
 from loop_experts import loop_experts  # noqa: E402
 
-from bamtrain import folder, metrics, parallel  # noqa: E402
+from bamtrain import folder, metrics, native, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
 
-ROWS = {  # in the order they run: the compile rows last (they take longest)
-    "bam": dict(model="bam", impl="fused", compile=False),
-    "bam-loop": dict(model="bam", impl="loop", compile=False),
-    "dense": dict(model="dense", impl="fused", compile=False),
-    "bam-compile": dict(model="bam", impl="fused", compile=True),
-    "dense-compile": dict(model="dense", impl="fused", compile=True),
+ROWS = {  # model: the folder (write_folders); impl: how the experts run; family: a peer row's transformers class
+    "bam": dict(model="bam", impl="fused"),
+    "bam-loop": dict(model="bam", impl="loop"),
+    "dense": dict(model="dense", impl="fused"),
+    "btx": dict(model="btx", impl="fused"),
+    "btx-qwen3": dict(model="btx-qwen3", impl="fused"),
+    **{
+        f"hf-{family}-{impl}": dict(model=spec["fmt"], impl=impl, family=family)
+        for family, spec in peer.FAMILIES.items()
+        for impl in peer.EXPERTS_IMPLEMENTATIONS
+    },
 }
+# in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
+ROWS = {
+    **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
+    **{f"{name}-compile": dict(spec, compile=True) for name, spec in ROWS.items() if spec["impl"] != "loop"},
+}
+# native folder -> the BAM folder it is written from (the same weights)
+EXPORTS = {spec["fmt"]: spec["ours"] for spec in peer.FAMILIES.values()}
 DEFAULT_ROWS = ["bam", "bam-loop", "dense", "bam-compile"]
 MIN_SECONDS = {False: 45, True: 200}  # a row starts only with this much of --time-budget left (compile: compiling)
 CATEGORIES = [  # kernel name fragments (lower case) -> category, first match wins
@@ -107,16 +136,25 @@ def parse_args(argv=None):
     p.add_argument(
         "--rows",
         default=None,
-        help=f"comma list of {', '.join(ROWS)} (default: {','.join(DEFAULT_ROWS)}; --tiny: without the compile rows)",
+        help=f"comma list of row names or shell patterns of {', '.join(ROWS)} "
+        f"(default: {','.join(DEFAULT_ROWS)}; --tiny: without the compile rows)",
+    )
+    p.add_argument(
+        "--shape",
+        choices=list(synthetic.SHAPES),
+        default="base",
+        help="the synthetic seeds: base (24 layers, hidden 1024: 0.37B) or 1b (22 layers, hidden 2048: 1.10B)",
     )
     p.add_argument("--seq-len", type=int, default=None, help="default 2048 (--tiny 128)")
     p.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch instead of searching")
     p.add_argument("--batch-candidates", default="16,12,10,8,6,4,3,2,1", help="micro-batches tried, largest first")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10, --tiny 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3, --tiny 1)")
-    p.add_argument("--kv-heads", type=int, default=16, help="key/value heads of the synthetic seeds (16 or 8)")
+    p.add_argument(
+        "--kv-heads", type=int, default=None, help="key/value heads of the synthetic seeds (default: the shape's)"
+    )
     p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--attention", choices=["moa", "shared-kv", "merged"], default="moa")
+    p.add_argument("--attention", choices=["moa", "shared-kv", "merged"], default="moa", help="the bam rows'")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument(
         "--sdpa",
@@ -250,7 +288,7 @@ def profile_steps(step, device, steps):
 
 
 def load(path, device, shared):
-    """folder.load_model, with the folder's tensors read from disk once per run."""
+    """folder.load_model, with the folder's tensors read from disk once per run. -> (model, its blocks, config)"""
     if path not in shared["weights"]:
         shared["weights"][path] = folder.read_weights(path)
     config = folder.read_config(path)
@@ -259,7 +297,16 @@ def load(path, device, shared):
     if config.get("tie_word_embeddings"):
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, strict=True)
-    return model, config
+    return model, model.model.layers, config
+
+
+def load_peer(path, spec, device):
+    """A peer row's transformers model. -> (PeerModel, its decoder layers, the BAM config of the folder: the
+    FLOPs of metrics.model_flops are counted from it, as for ours)"""
+    fmt = spec["model"]
+    config = native.to_bam_config(fmt, folder.read_config(path), path)
+    model = peer.load(path, spec["family"], spec["impl"], device)
+    return model, peer.blocks(model), config
 
 
 def run_row(name, spec, path, args, ctx, amp, shared):
@@ -271,10 +318,13 @@ def run_row(name, spec, path, args, ctx, amp, shared):
 def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
     device = ctx.device
-    model, config = load(path, device, shared)
+    eager_row = (spec["model"], spec["impl"])  # shared["micro_batch"] key: a compile row starts from its eager row's
+    if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
+        return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
+    model, blocks, config = load_peer(path, spec, device) if "family" in spec else load(path, device, shared)
     model.train()
     if spec["compile"]:
-        for block in model.model.layers:
+        for block in blocks:
             block.compile()
     optimizer = make_optimizer(model, 1e-5, device=device)
     trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0)
@@ -289,8 +339,8 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
 
     if args.micro_batch:
         candidates = [args.micro_batch]
-    elif spec["compile"] and spec["model"] in shared["micro_batch"]:
-        start = shared["micro_batch"][spec["model"]]
+    elif spec["compile"] and eager_row in shared["micro_batch"]:
+        start = shared["micro_batch"][eager_row]
         candidates = [c for c in map(int, args.batch_candidates.split(",")) if c <= start]
     else:
         candidates = list(map(int, args.batch_candidates.split(",")))
@@ -319,10 +369,14 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
             optimizer.zero_grad(set_to_none=True)
             free(device)
             t_first = time.perf_counter()
-    if chosen is None:
-        raise RuntimeError(f"{name}: even micro-batch {candidates[-1]} runs out of memory")
     if not spec["compile"]:
-        shared["micro_batch"][spec["model"]] = chosen
+        shared["micro_batch"][eager_row] = chosen
+    if chosen is None:
+        if spec["compile"]:
+            torch._dynamo.reset()
+        return dict(
+            row=name, error=f"out of memory at every micro-batch ({','.join(map(str, candidates))})", oom=candidates
+        )
     tokens = chosen * T
     peak = metrics.peak_flops(device, args.peak_flops)
     row = dict(
@@ -330,6 +384,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         model=spec["model"],
         expert_impl=spec["impl"],
         compiled=spec["compile"],
+        family=spec.get("family", "ours"),
         micro_batch=chosen,
         seq_len=T,
         tokens_per_step=tokens,
@@ -343,6 +398,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         first_step_s=t_first,
         peak_memory_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         loss_first=first["loss"],
+        nll_first=first["nll"],  # the cross-entropy alone: equal for ours and a peer on the same weights and batch
         loss_last=losses[-1],
     )
     if name in shared["profile_rows"]:
@@ -390,6 +446,68 @@ def git_commit():
         return None
 
 
+def select_rows(text):
+    """--rows: names and shell patterns, in the order given (a pattern's rows in ROWS order), each once."""
+    rows = []
+    for item in filter(None, text.split(",")):
+        matched = [item] if item in ROWS else [r for r in ROWS if fnmatch.fnmatchcase(r, item)]
+        if not matched:
+            raise SystemExit(f"--rows: {item!r} names no row; choose from {', '.join(ROWS)}")
+        rows += [r for r in matched if r not in rows]
+    return rows
+
+
+def write_folders(needed, args, device):
+    """The synthetic folders the rows need (bench/train/synthetic.py), cached under --cache-dir. -> {key: path}"""
+    cache = args.cache_dir or ("/tmp/bam-bench-tiny" if args.tiny else "/tmp/bam-bench")
+    shape = dict(synthetic.TINY_SHAPE if args.tiny else synthetic.SHAPES[args.shape])
+    if args.kv_heads and not args.tiny:
+        shape["num_key_value_heads"] = args.kv_heads
+    shape["max_position_embeddings"] = max(shape["max_position_embeddings"], args.seq_len)
+    E, k = args.experts, args.top_k
+    tag = f"L{shape['num_hidden_layers']}-H{shape['hidden_size']}-kv{shape['num_key_value_heads']}"
+    btx = dict(synthetic.BTX, num_experts=E, num_experts_per_tok=k)
+    recipes = {  # key -> (folder name, seed shape, mixture)
+        "bam": (
+            f"bam-{E}x-{args.attention}-k{k}-{tag}",
+            shape,
+            dict(synthetic.MOE, num_experts=E, num_experts_per_tok=k, attention_experts=args.attention),
+        ),
+        "dense": (f"seed0-{tag}", shape, synthetic.DENSE),
+        "btx": (f"btx-{E}x-k{k}-{tag}", shape, btx),
+        "btx-qwen3": (f"btx-qwen3-{E}x-k{k}-{tag}", dict(shape, **synthetic.QWEN3_SEEDS), btx),
+    }
+    paths = {}
+    for key in sorted(needed | {EXPORTS[n] for n in needed if n in EXPORTS}, key=lambda n: n in EXPORTS):
+        if key in EXPORTS:  # the same weights as the BAM folder of our row, in the native layout
+            paths[key] = synthetic.write_native(paths[EXPORTS[key]], key, f"{paths[EXPORTS[key]]}-{key}")
+        else:
+            name, seed_shape, moe = recipes[key]
+            paths[key] = synthetic.write_folder(os.path.join(cache, name), seed_shape, moe, device=device)
+    return paths
+
+
+def describe(path, seq_len):
+    """A folder's shape and FLOPs (the BAM config of a native folder) for the result JSON."""
+    config = folder.read_config(path)
+    if config.get("model_type") in native.FORMATS:
+        config = native.to_bam_config(config["model_type"], config, path)
+    keys = (
+        "num_hidden_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+        "num_experts",
+        "num_experts_per_tok",
+        "attention_experts",
+        "block",
+        "qk_norm",
+    )
+    return dict(path=path, **{k: config.get(k) for k in keys}, **metrics.model_flops(config, seq_len))
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
@@ -404,43 +522,17 @@ def main(argv=None):
     args.warmup = max(1, args.warmup or (1 if args.tiny else 3))
     if args.tiny and args.micro_batch is None:
         args.micro_batch = 2
-    rows = args.rows.split(",") if args.rows else [r for r in DEFAULT_ROWS if not (args.tiny and ROWS[r]["compile"])]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        raise SystemExit(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    rows = select_rows(args.rows) if args.rows else [r for r in DEFAULT_ROWS if not (args.tiny and ROWS[r]["compile"])]
     os.makedirs(args.out, exist_ok=True)
 
-    paths, notes = {}, []
+    notes = []
     if args.model:
-        paths["bam"] = args.model
-        if args.dense:
-            paths["dense"] = args.dense
+        paths = {"bam": args.model, **({"dense": args.dense} if args.dense else {})}
     else:
-        cache = args.cache_dir or ("/tmp/bam-bench-tiny" if args.tiny else "/tmp/bam-bench")
-        shape = dict(synthetic.TINY_SHAPE if args.tiny else synthetic.SEED_SHAPE)
-        if not args.tiny:
-            shape["num_key_value_heads"] = args.kv_heads
-        shape["max_position_embeddings"] = max(shape["max_position_embeddings"], args.seq_len)
-        moe = dict(
-            synthetic.MOE, num_experts=args.experts, num_experts_per_tok=args.top_k, attention_experts=args.attention
-        )
         t = time.perf_counter()
-        gen_device = "cuda" if cuda else "cpu"
-        tag = f"L{shape['num_hidden_layers']}-H{shape['hidden_size']}-kv{shape['num_key_value_heads']}"
-        paths["bam"] = synthetic.write_folder(
-            os.path.join(
-                cache, f"bam-{moe['num_experts']}x-{moe['attention_experts']}-k{moe['num_experts_per_tok']}-{tag}"
-            ),
-            shape,
-            moe,
-            device=gen_device,
-        )
-        paths["dense"] = synthetic.write_folder(
-            os.path.join(cache, f"seed0-{tag}"), shape, synthetic.DENSE, device=gen_device
-        )
-        notes.append(f"synthetic folders ready in {time.perf_counter() - t:.1f} s: {paths['bam']}, {paths['dense']}")
+        paths = write_folders({ROWS[r]["model"] for r in rows}, args, "cuda" if cuda else "cpu")
+        notes.append(f"synthetic folders ready in {time.perf_counter() - t:.1f} s: {', '.join(paths.values())}")
         print(notes[-1], flush=True)
-    bam_config = folder.read_config(paths["bam"])
 
     env = dict(
         torch=torch.__version__,
@@ -457,25 +549,7 @@ def main(argv=None):
         date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         env=env,
         args=vars(args),
-        model=dict(
-            path=paths["bam"],
-            **{
-                k: bam_config.get(k)
-                for k in (
-                    "num_hidden_layers",
-                    "hidden_size",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "intermediate_size",
-                    "vocab_size",
-                    "num_experts",
-                    "num_experts_per_tok",
-                    "attention_experts",
-                    "block",
-                )
-            },
-            **metrics.model_flops(bam_config, args.seq_len),
-        ),
+        models={key: describe(path, args.seq_len) for key, path in paths.items()},
         rows=[],
         notes=notes,
     )
@@ -486,7 +560,7 @@ def main(argv=None):
         spec = ROWS[name]
         elapsed = time.perf_counter() - started
         if spec["model"] not in paths:
-            result["rows"].append(dict(row=name, skipped="no folder for this model (--dense)"))
+            result["rows"].append(dict(row=name, skipped="no folder for this model (--model: bam; --dense: dense)"))
             continue
         if args.time_budget - elapsed < (0 if args.tiny else MIN_SECONDS[spec["compile"]]):
             result["rows"].append(dict(row=name, skipped=f"not enough of the {args.time_budget:.0f} s budget left"))
@@ -495,13 +569,14 @@ def main(argv=None):
         try:
             r = run_row(name, spec, paths[spec["model"]], args, ctx, amp, shared)
         except Exception as e:  # noqa: BLE001  (a row that fails is reported, the others still run)
-            r = dict(row=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+            r = dict(row=name, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")  # one line
         free(device)  # after run_row returned: its model, optimiser and activations are gone
         result["rows"].append(r)
         print(
             f"{name}: "
             + (
                 r.get("error")
+                or r.get("skipped")
                 or f"{r['tokens_per_s']:,.0f} tokens/s, MFU {fmt(r['mfu'] and 100 * r['mfu'], '.1f', '%')}, "
                 f"micro-batch {r['micro_batch']}"
             ),
@@ -514,6 +589,17 @@ def main(argv=None):
     for a, b in (("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")):
         if a in got and b in got:
             ratios[f"{a} / {b} tokens/s"] = got[a]["tokens_per_s"] / got[b]["tokens_per_s"]
+    best_peer = {}  # family -> its fastest row: our rows on the same weights over it
+    for family, spec in peer.FAMILIES.items():
+        peers = [r for r in got.values() if r["family"] == family]
+        if not peers:
+            continue
+        best = max(peers, key=lambda r: r["tokens_per_s"])["row"]
+        best_peer[family] = best
+        for ours in (spec["ours"], spec["ours"] + "-compile"):
+            if ours in got:
+                ratios[f"{ours} / {best} tokens/s"] = got[ours]["tokens_per_s"] / got[best]["tokens_per_s"]
+    result["best_peer"] = best_peer
     result["ratios"] = ratios
     result["seconds"] = time.perf_counter() - started
     with open(out_json, "w") as f:
@@ -522,13 +608,13 @@ def main(argv=None):
     print(table(result["rows"]))
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
-    m = result["model"]
-    print(
-        f"model: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts "
-        f"({m['attention_experts']}, top-{m['num_experts_per_tok']}), {m['active_matmul_params'] / 1e9:.3f}B active "
-        f"matmul params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq_len}; wrote {out_json} "
-        f"in {result['seconds']:.0f} s"
-    )
+    for key, m in result["models"].items():
+        print(
+            f"{key}: {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, {m['num_experts']} experts "
+            f"({m['attention_experts']}, top-{m['num_experts_per_tok']}), {m['active_matmul_params'] / 1e9:.3f}B "
+            f"active matmul params, {m['flops_per_token'] / 1e9:.2f} GFLOP/token at seq {args.seq_len}"
+        )
+    print(f"wrote {out_json} in {result['seconds']:.0f} s")
     return result
 
 
