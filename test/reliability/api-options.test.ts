@@ -29,7 +29,6 @@ test("unknown, mistyped and missing options are refused by name, with a suggesti
     [{ seeds, output, force: "yes" }, /^force must be true or false, not the string "yes"$/],
     [{ seeds: "base", output }, /^seeds must be a list of folder paths/],
     [{ seeds, output: 7 }, /^output must be a path, not number 7$/],
-    [{ seeds }, /output: name the output folder/],
     [null, /upcycle options must be an object/],
     [undefined, /upcycle options must be an object/],
     [[seeds], /upcycle options must be an object/],
@@ -39,6 +38,20 @@ test("unknown, mistyped and missing options are refused by name, with a suggesti
     await refused(upcycle(options as UpcycleOptions), "OPTIONS_INVALID", message);
     await refused(planUpcycle(options as UpcycleOptions), "OPTIONS_INVALID", message);
   }
+  assert.deepEqual(await readdir(root), [], "nothing written");
+});
+
+test("a plan needs no output folder (null in the plan, and in --dry-run --json); a run that writes does", async () => {
+  const plan = await planUpcycle({ seeds: seeds.slice(0, 2) });
+  assert.equal(plan.options.output, null);
+  assert.equal(plan.summary.experts, 2);
+  await refused(upcycle({ seeds: seeds.slice(0, 2) }), "OPTIONS_INVALID", /^output: name the output folder$/);
+  const dryRun = await runCli(["upcycle", ...seeds.slice(0, 2), "--dry-run", "--json"]);
+  assert.equal(dryRun.code, 0, dryRun.stderr);
+  assert.deepEqual(JSON.parse(dryRun.stdout).options, { ...plan.options, seeds: seeds.slice(0, 2) });
+  const text = await runCli(["upcycle", ...seeds.slice(0, 2), "--dry-run"]);
+  assert.equal(text.code, 0, text.stderr);
+  assert.match(text.stdout, /^output {6}\d+(\.\d+)? KB in bam format, \d+ tensors$/m);
   assert.deepEqual(await readdir(root), [], "nothing written");
 });
 
