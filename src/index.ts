@@ -15,7 +15,8 @@ export { FAMILIES, type Activation, type ArchFeatures, type Family, type NormKin
 export type { DType, FloatDType } from "./safetensors/dtype.js";
 export { BamError, isBamError, type ErrorCode } from "./errors.js";
 export { prepareOnnx, type PrepareOptions, type PreparedOnnx } from "./onnx/export.js";
-export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type BinDType, type EvalOptions, type Perplexity, type PerplexityReport } from "./onnx/evaluate.js";
+export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type EvalOptions, type Perplexity, type PerplexityReport, type SaveLogitsOptions } from "./onnx/evaluate.js";
+export { BIN_DTYPES, type BinDType } from "./onnx/token-files.js";
 export { generateText, type GenerateOptions } from "./onnx/generate.js";
 export { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./onnx/generation.js";
 export { ENGINE_PACKAGES, type EnginePackage } from "./onnx/optional.js";

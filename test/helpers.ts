@@ -30,6 +30,13 @@ export async function withTempDir<T>(body: (dir: string) => Promise<T>): Promise
   }
 }
 
+/**
+ * Largest |logits - reference| any logits comparison allows (the CPU engine or modeling_bam.py against
+ * transformers, or against each other): the 1e-5 README.md promises ("Checking a merge on CPU"). The worst
+ * the tests measure is 9.4e-6 (the engine on qwen3's [s, s, s] in moa, logits up to 11 in magnitude).
+ */
+export const TOLERANCE = 1e-5;
+
 /** Largest |a - b| over two equally long arrays. */
 export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
   if (a.length !== b.length) throw new Error(`length ${a.length} vs ${b.length}`);

@@ -18,10 +18,12 @@ import { fromNativeName, nativeFormatOf, nativeModel, NATIVE_LAYOUTS } from "./n
 import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import type { ArchFeatures } from "./types.js";
 
-export type AttentionExperts = "moa" | "shared-kv" | "merged";
-export type BlockKind = "parallel" | "sequential";
-export const ATTENTION_EXPERTS: readonly AttentionExperts[] = ["moa", "shared-kv", "merged"];
-export const BLOCK_KINDS: readonly BlockKind[] = ["parallel", "sequential"];
+/** The attention of a mixture: soft attention experts, per-expert q/o with shared k/v, or averaged (BTX). The list is `bam upcycle --attention`'s choices. */
+export const ATTENTION_EXPERTS = ["moa", "shared-kv", "merged"] as const;
+export type AttentionExperts = (typeof ATTENTION_EXPERTS)[number];
+/** How attention and FFN combine in a layer. The list is `bam upcycle --block`'s choices. */
+export const BLOCK_KINDS = ["parallel", "sequential"] as const;
+export type BlockKind = (typeof BLOCK_KINDS)[number];
 
 export interface SeedRecord {
   /** The seed's repo id, or its folder's name. */

@@ -37,8 +37,10 @@ await yargs(hideBin(process.argv))
   .strict()
   // An option given twice becomes a list; only list options may be (`-o x -o y` would otherwise reach the library as a list).
   .check((argv, options: { array?: string[] }) => {
-    const repeated = Object.entries(argv).find(([key, value]) => key !== "_" && key.length > 1 && Array.isArray(value) && !(options.array ?? []).includes(key));
-    if (repeated) throw new Error(`--${repeated[0]} given more than once (${(repeated[1] as unknown[]).map((v) => JSON.stringify(String(v))).join(", ")}); give it once`);
+    for (const [key, value] of Object.entries(argv)) {
+      if (key === "_" || key.length === 1 || !Array.isArray(value) || (options.array ?? []).includes(key)) continue;
+      throw new Error(`--${key} given more than once (${value.map((v) => JSON.stringify(String(v))).join(", ")}); give it once`);
+    }
     return true;
   }, true)
   .recommendCommands()
@@ -49,7 +51,8 @@ await yargs(hideBin(process.argv))
       process.exitCode = reportError(error);
       return;
     }
-    process.stderr.write(`bam: ${message ?? error?.message}\nRun \`bam --help\` for usage.\n`);
+    // One line, as every error: yargs writes some of its messages on several ("Invalid values:\n  Argument: ...").
+    process.stderr.write(`bam: ${(message ?? error?.message ?? "").replace(/\s*\n\s*/g, " ")}\nRun \`bam --help\` for usage.\n`);
     process.exit(EXIT_USAGE);
   })
   .parseAsync();

@@ -4,6 +4,7 @@
  * stderr (exit 1; 2 for OPTIONS_INVALID, bad usage) and Ctrl-C, SIGTERM and
  * SIGHUP into an abort signal the library honours (exit 130).
  */
+import type { ArgumentsCamelCase, Argv, CommandModule } from "yargs";
 import { BamError, isBamError } from "../errors.js";
 
 const EXIT_ERROR = 1;
@@ -44,6 +45,21 @@ export async function runCommand(body: (context: CommandContext) => Promise<void
   } finally {
     for (const signal of STOP_SIGNALS) process.off(signal, onSignal);
   }
+}
+
+/**
+ * A command whose handler's arguments are typed by its builder: each option's
+ * type is inferred from its declaration (`choices: ATTENTION_EXPERTS` gives
+ * AttentionExperts, `type: "boolean", default: false` a boolean), so no
+ * interface repeats the options and no handler casts them.
+ */
+export function defineCommand<U>(command: {
+  command: string;
+  describe: string;
+  builder: (y: Argv) => Argv<U>;
+  handler: (args: ArgumentsCamelCase<U>) => Promise<void>;
+}): CommandModule<object, U> {
+  return command;
 }
 
 /**

@@ -56,9 +56,9 @@ export function finetuneCommand(path: string): string {
   return `python node_modules/bam-upcycle/scripts/finetune.py --model ${shellWord(path)} --out ${shellWord(out)} --data web=web.txt code=code.txt --steps 1000 --global-batch 32`;
 }
 
-export function modelCard(plan: UpcyclePlan, recipe: string, remoteCode: boolean, seeds: CardSeed[]): string {
+export function modelCard(plan: UpcyclePlan, output: string, recipe: string, remoteCode: boolean, seeds: CardSeed[]): string {
   const { summary, moe } = plan;
-  const path = plan.options.output.replace(/\/+$/, "") || plan.options.output;
+  const path = output.replace(/\/+$/, "") || output;
   const title = plan.options.name ?? path.split("/").pop() ?? "model";
   const method = plan.seeds.length === 1
     ? plan.options.dropRatio > 0 ? `Drop-Upcycling (ratio ${plan.options.dropRatio}) of one seed` : "sparse upcycling of one seed"

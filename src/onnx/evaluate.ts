@@ -7,8 +7,10 @@ import { readFile } from "node:fs/promises";
 import { BamError, ioError } from "../errors.js";
 import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
 import { openModel } from "../arch/model.js";
+import { checkOutputFile } from "../export/atomic.js";
 import { prepareOnnx, type PrepareOptions } from "./export.js";
 import { OnnxSession } from "./session.js";
+import { BIN_DTYPES, type BinDType } from "./token-files.js";
 import { loadTokenizer } from "./transformers.js";
 
 export interface Perplexity {
@@ -51,8 +53,6 @@ export interface EvalOptions extends Omit<PrepareOptions, "output" | "onProgress
   onBuild?: (written: number, total: number) => void;
 }
 
-/** Element type of a flat token-id file. */
-export type BinDType = "uint16" | "uint32";
 
 /** Perplexity of text files, tokenised with the model's tokenizer.json. */
 export async function evaluatePerplexity(modelDir: string, files: string[], options: EvalOptions = {}): Promise<PerplexityReport> {
@@ -82,6 +82,9 @@ export async function evaluateTokenFiles(modelDir: string, files: string[], opti
   binDType?: BinDType;
 } = {}): Promise<PerplexityReport> {
   if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one token file (--tokens FILE)");
+  if (options.binDType !== undefined && !BIN_DTYPES.includes(options.binDType)) {
+    throw new BamError("OPTIONS_INVALID", `--bin-dtype must be one of ${BIN_DTYPES.join(", ")}, not ${JSON.stringify(options.binDType)}`);
+  }
   const vocab = await checkContext(modelDir, options);
   const binDType = options.binDType ?? (vocab <= 65536 ? "uint16" : "uint32");
   const width = binDType === "uint16" ? 2 : 4;
@@ -183,11 +186,20 @@ function withPerplexity(sum: { tokens: number; predicted: number; nll: number })
   return { ...sum, perplexity: sum.predicted > 0 ? Math.exp(sum.nll / sum.predicted) : NaN };
 }
 
-/** Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`. */
-export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: Omit<EvalOptions, "context" | "onProgress"> = {}): Promise<{
+export interface SaveLogitsOptions extends Omit<EvalOptions, "context" | "onProgress"> {
+  /** Replace an existing file at the output path; a path that is or lies inside the model folder, or is the ids file, is refused whatever this says. */
+  overwrite?: boolean;
+}
+
+/**
+ * Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`,
+ * which may not be an existing file (unless `overwrite`) nor one of the model's or the ids file: checked first.
+ */
+export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: SaveLogitsOptions = {}): Promise<{
   /** Shape of the logits written: [batch, seq, vocab]. */
   shape: number[];
 }> {
+  await checkOutputFile(outFile, { force: options.overwrite ?? false, inputs: [modelDir, idsFile] });
   const { ids, batch, seq } = await readInputIds(idsFile);
   const model = await openModel(modelDir);
   await model.close();

@@ -16,7 +16,7 @@ import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafet
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
-import { checkOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
+import { checkOptions, checkWriteOptions, recipeYaml, resolveOptions, type UpcycleOptions } from "./options.js";
 import { buildPlan, checkSeeds, inputModels, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows, promptsLabel, readPlanPrompts } from "./router-init.js";
 
@@ -127,13 +127,14 @@ export async function upcycle(
     onProgress?: (progress: UpcycleProgress) => void;
   } = {},
 ): Promise<UpcycleResult> {
-  checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
+  checkWriteOptions(options); // before any file is opened: the API refuses what the CLI refuses
+  const { output } = options;
   const started = performance.now();
   return withSeeds(inputModels(options), hooks, async (seeds) => {
     const plan = planFor(options, seeds);
     const copied = await sideFiles(seeds[0]!.dir);
     const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(typeof plan.options.prompts === "string" ? [plan.options.prompts] : [])];
-    const folder = await openAtomicFolder(plan.options.output, { force: plan.options.force, inputs });
+    const folder = await openAtomicFolder(output, { force: plan.options.force, inputs });
     let bytesWritten = 0;
     let totalBytes = 0;
     let hashed: [number, number] | undefined; // bytes hashed and to hash, once the hashing threads know
@@ -180,14 +181,14 @@ export async function upcycle(
       await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
         "config.json": `${JSON.stringify(config, null, 2)}\n`,
         "recipe.yaml": recipe,
-        "README.md": modelCard(plan, recipe, writer.remoteCode, seeds),
+        "README.md": modelCard(plan, output, recipe, writer.remoteCode, seeds),
       }, writer.remoteCode);
-      if (hooks.signal?.aborted) throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`);
+      if (hooks.signal?.aborted) throw new BamError("ABORTED", `${output}: interrupted; nothing was written`);
       await folder.commit();
       return {
-        output: plan.options.output,
+        output,
         plan,
-        files: written.files.map((file) => join(plan.options.output, basename(file))), // where they are now, not the temp folder
+        files: written.files.map((file) => join(output, basename(file))), // where they are now, not the temp folder
         bytesWritten,
         seconds: (performance.now() - started) / 1000,
         seeds: seedHashes,
@@ -197,7 +198,7 @@ export async function upcycle(
       await averages.close();
       await folder.discard();
       if (hooks.signal?.aborted && !(error instanceof BamError && error.code === "ABORTED")) {
-        throw new BamError("ABORTED", `${plan.options.output}: interrupted; nothing was written`, { cause: error });
+        throw new BamError("ABORTED", `${output}: interrupted; nothing was written`, { cause: error });
       }
       throw folder.explain(error);
     }

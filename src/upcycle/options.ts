@@ -13,12 +13,13 @@ import { parseSize, readTextFile } from "../safetensors/index.js";
 import { parseRepoRef } from "../hub/index.js";
 import { fromMergekit, isMergekitConfig } from "./mergekit.js";
 
-export type OutputDType = "keep" | "bf16" | "f16" | "f32";
-export type RouterInit = "random" | "zero" | "hidden" | "cheap-embed" | "uniform-random";
 export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
 
-export const OUTPUT_DTYPES: readonly OutputDType[] = ["keep", "bf16", "f16", "f32"];
-export const ROUTER_INITS: readonly RouterInit[] = ["random", "zero", "hidden", "cheap-embed", "uniform-random"];
+/** Each list is the type's one source and the CLI flag's choices (`--dtype`, `--router-init`). */
+export const OUTPUT_DTYPES = ["keep", "bf16", "f16", "f32"] as const;
+export type OutputDType = (typeof OUTPUT_DTYPES)[number];
+export const ROUTER_INITS = ["random", "zero", "hidden", "cheap-embed", "uniform-random"] as const;
+export type RouterInit = (typeof ROUTER_INITS)[number];
 /** Router inits computed from --prompts. */
 export const PROMPT_ROUTER_INITS: readonly RouterInit[] = ["hidden", "cheap-embed"];
 export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
@@ -32,8 +33,8 @@ export const DEFAULT_NORM_TOPK_PROB = false;
 export interface UpcycleOptions {
   /** Seed folders: E seeds (BAM/BTX), or one seed with `experts` (sparse upcycling, Drop-Upcycling). */
   seeds: string[];
-  /** Output folder; must not exist or be empty unless `force`. */
-  output: string;
+  /** Output folder; must not exist or be empty unless `force`. upcycle() needs it; planUpcycle() plans without one. */
+  output?: string;
   /** Attention experts: "moa" (default with several seeds: soft Mixture-of-Attention), "shared-kv", or "merged" (BTX; default with one seed). */
   attention?: AttentionExperts;
   /** "parallel" (default with several seeds, as BAM) or "sequential"; one seed defaults to its own block. */
@@ -93,8 +94,8 @@ export interface ExpertPrompts {
 export interface ResolvedOptions {
   /** Seed folders or Hugging Face ids, as given. */
   seeds: string[];
-  /** Output folder. */
-  output: string;
+  /** Output folder, or null in a plan made without one (planUpcycle only: nothing can be written). */
+  output: string | null;
   /** Attention experts. */
   attention: AttentionExperts;
   /** Block kind. */
@@ -230,7 +231,8 @@ function closestName(key: string, names: readonly string[]): string | undefined 
  * the API (TypeScript types do not reach JavaScript callers or YAML) and the
  * CLI both come through here. Unknown keys, wrong types and too many seeds
  * are OPTIONS_INVALID, named as the caller wrote them; ranges are checked by
- * resolveOptions once the seeds are known.
+ * resolveOptions once the seeds are known. A plan needs no output folder;
+ * checkWriteOptions adds that check for a run that writes one.
  */
 export function checkOptions(options: unknown): asserts options is UpcycleOptions {
   if (options === null || typeof options !== "object" || Array.isArray(options)) {
@@ -248,7 +250,12 @@ export function checkOptions(options: unknown): asserts options is UpcycleOption
   }
   if (!Array.isArray(given.seeds) || given.seeds.length === 0) invalid("seeds: name at least one seed folder");
   if ((given.seeds as unknown[]).length > MAX_SEEDS) invalid(`seeds: at most ${MAX_SEEDS} seed folders, not ${(given.seeds as unknown[]).length}`);
-  if (given.output === undefined) invalid("output: name the output folder");
+}
+
+/** checkOptions, and an output folder named: what upcycle() checks before any file is opened. */
+export function checkWriteOptions(options: unknown): asserts options is UpcycleOptions & { output: string } {
+  checkOptions(options);
+  if (options.output === undefined) invalid("output: name the output folder");
 }
 
 function oneOf<T extends string>(name: string, value: T | undefined, options: readonly T[], fallback: T): T {
@@ -308,7 +315,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     value === undefined ? fallback : Number.isFinite(value) && value >= 0 ? value : invalid(`${name} must be a non-negative number, not ${value}`);
   return {
     seeds: options.seeds,
-    output: options.output,
+    output: options.output ?? null,
     attention: oneOf("attention", options.attention, ATTENTION_EXPERTS, seedCount > 1 ? "moa" : "merged"),
     block: oneOf("block", options.block, BLOCK_KINDS, seedCount > 1 ? "parallel" : seedBlock),
     experts,
@@ -480,7 +487,8 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
 export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
   return (...args) => body(...args).catch((error: unknown) => {
     if (!isBamError(error, "OPTIONS_INVALID")) throw error;
-    const flags = new Map<string, string>([...Object.entries(RECIPE_KEYS).map(([key, name]) => [name, `--${key}`] as [string, string]), ["force", "--force"]]);
+    // seeds are positional: "seeds: name at least one seed folder" stays as it is.
+    const flags = new Map<string, string>([...Object.entries(RECIPE_KEYS).filter(([key]) => key !== "seeds").map(([key, name]) => [name, `--${key}`] as [string, string]), ["force", "--force"]]);
     const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
     // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
     const message = error.message

@@ -24,8 +24,9 @@ test("bad usage exits 2 with one line, and writes nothing", { timeout: 120_000 }
     const ids = join(fixture("llama", "base"), "..", "reference.safetensors");
     const out = join(dir, "out");
     const cases: Array<[string[], RegExp]> = [
-      [["upcycle", seed, seed], /-o DIR/],
-      [["upcycle", "-o", out], /name the seed folders/],
+      [["upcycle", seed, seed], /^bam: --output: name the output folder$/],
+      [["upcycle", "-o", out], /^bam: seeds: name at least one seed folder$/],
+      [["upcycle", seed, seed, "-o", out, "--attention", "sideways"], /^bam: Invalid values: Argument: attention, Given: "sideways", Choices: "moa", "shared-kv", "merged"$/],
       [["upcycle", seed, seed, "-o", out, "-k", "0"], /--experts-per-token .*not 0/],
       [["upcycle", seed, seed, "-o", out, "-o", join(dir, "other")], /--output given more than once/],
       [["upcycle", seed, seed, "-o", out, "-k", "abc"], /--experts-per-token \(-k\) must be a number, not "abc"/],

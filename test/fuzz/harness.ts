@@ -193,6 +193,10 @@ export async function checkUpcycleSuccess(options: UpcycleOptions, plan: Upcycle
   if (!weights.every(Number.isFinite) || Math.abs(sum - 1) > 1e-9) violations.push(`plan weights ${JSON.stringify(weights)} do not sum to 1`);
   if (dryRun) return;
   const out = options.output;
+  if (out === undefined) {
+    violations.push("upcycle succeeded without an output folder");
+    return;
+  }
   const entries = await readdir(out).catch(() => undefined);
   if (entries === undefined) {
     violations.push("upcycle succeeded but the output folder is missing");

@@ -15,8 +15,8 @@ import * as ort from "onnxruntime-node";
 import { prepareOnnx } from "../../src/onnx/export.js";
 import { generateFromExport } from "../../src/onnx/transformers.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture, maxAbsDiff, withTempDir } from "../helpers.js";
-import { TOLERANCE, withGraph, withSession } from "./engine.js";
+import { fixture, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
+import { withGraph, withSession } from "./engine.js";
 
 const IDS = [[279, 274, 88, 80, 261, 84, 83, 313, 280, 78, 288, 291], [55, 258, 78, 260, 221, 82, 295, 315, 79, 80, 80, 288]];
 

@@ -7,8 +7,6 @@ import { MODEL_FILE } from "../../src/onnx/write.js";
 import { SafetensorsReader, toFloat32 } from "../../src/safetensors/index.js";
 import { withTempDir } from "../helpers.js";
 
-export const TOLERANCE = 1e-4;
-
 /** The graph of `modelDir` written into a temp folder; the folder goes when `body` ends. */
 export async function withGraph<T>(modelDir: string, body: (modelFile: string) => Promise<T>): Promise<T> {
   return withTempDir(async (dir) => {

@@ -10,8 +10,8 @@ import { existsSync, readdirSync } from "node:fs";
 import { join } from "node:path";
 import { describe, test } from "node:test";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { FIXTURES, maxAbsDiff, withTempDir } from "../helpers.js";
-import { idsOf, logitsOf, readTensors, TOLERANCE } from "./engine.js";
+import { FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
+import { idsOf, logitsOf, readTensors } from "./engine.js";
 
 const MERGES = join(FIXTURES, "merge");
 const files = existsSync(MERGES) ? readdirSync(MERGES).filter((f) => f.endsWith(".safetensors")).sort() : [];

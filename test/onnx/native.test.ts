@@ -17,12 +17,10 @@ import { describe, test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import type { Family } from "../../src/arch/types.js";
 import { planUpcycle, upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture, FIXTURES, maxAbsDiff, refused, withTempDir } from "../helpers.js";
+import { fixture, FIXTURES, maxAbsDiff, refused, TOLERANCE, withTempDir } from "../helpers.js";
 import { readTensors } from "./engine.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
-/** The engine computes both folders from the same bytes in the same graph. */
-const TOLERANCE = 1e-5;
 
 function bam(env: Record<string, string>, ...args: string[]): { status: number | null; stdout: string; stderr: string } {
   const run = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: { ...process.env, ...env } });

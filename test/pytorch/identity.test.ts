@@ -11,10 +11,8 @@ import { before, describe, test } from "node:test";
 import { openSeed } from "../../src/arch/index.js";
 import type { AttentionExperts } from "../../src/arch/model.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture, fixtureFamilies, FIXTURES, withTempDir } from "../helpers.js";
+import { fixture, fixtureFamilies, FIXTURES, TOLERANCE, withTempDir } from "../helpers.js";
 import { NO_TORCH, runPython } from "./python.js";
-
-const TOLERANCE = 1e-4;
 
 interface Comparison {
   max_abs_error: number;

@@ -35,11 +35,11 @@ test("every output's config.json says which gate it computes, the default when n
       ["mixtral", { ...native("mistral", "mixtral"), output: join(dir, "mixtral"), normTopkProb: true }, true],
     ];
     for (const [label, options, gate] of cases) {
-      await upcycle(options);
-      assert.equal((await config(options.output)).norm_topk_prob, gate, label);
-      assert.match(await readFile(join(options.output, "recipe.yaml"), "utf8"), new RegExp(`^norm-topk-prob: ${gate}$`, "m"), label);
+      const { output } = await upcycle(options);
+      assert.equal((await config(output)).norm_topk_prob, gate, label);
+      assert.match(await readFile(join(output, "recipe.yaml"), "utf8"), new RegExp(`^norm-topk-prob: ${gate}$`, "m"), label);
       if (options.format === undefined) {
-        const model = await openModel(options.output);
+        const model = await openModel(output);
         assert.equal(model.moe.normTopkProb, gate, `${label}: read back`);
         await model.close();
       }

@@ -1,25 +1,11 @@
-import type { CommandModule } from "yargs";
 import { BamError } from "../../errors.js";
-import { checkOutputFile } from "../../export/atomic.js";
-import type { BinDType, Perplexity, PerplexityReport } from "../../onnx/index.js";
+import type { Perplexity, PerplexityReport } from "../../onnx/index.js";
+import { BIN_DTYPES } from "../../onnx/token-files.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
-import { numberFlag, printJson, runCommand } from "../run.js";
+import { defineCommand, numberFlag, printJson, runCommand } from "../run.js";
 
-interface EvalArgs {
-  dir: string;
-  text?: string[];
-  tokens?: string[];
-  "bin-dtype"?: BinDType;
-  context: string;
-  "max-tokens"?: string;
-  ids?: string;
-  "save-logits"?: string;
-  json: boolean;
-  force: boolean;
-}
-
-export const evalCommand: CommandModule<object, EvalArgs> = {
+export const evalCommand = defineCommand({
   command: "eval <dir>",
   describe: "Perplexity of text or token files, or logits of token ids, on CPU (a dense seed, a BAM model, or a mixtral or qwen3_moe one)",
   builder: (y) =>
@@ -27,7 +13,7 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
       .option("text", { type: "string", array: true, describe: "Text files: perplexity per file and overall" })
       .option("tokens", { type: "string", array: true, describe: "Token-id files (flat little-endian, as scripts/data writes): perplexity per file and overall" })
-      .option("bin-dtype", { choices: ["uint16", "uint32"] as const, describe: "Width of --tokens ids (default: uint16 when the vocabulary fits)" })
+      .option("bin-dtype", { choices: BIN_DTYPES, describe: "Width of --tokens ids (default: uint16 when the vocabulary fits)" })
       .option("context", { type: "string", default: "512", describe: "Tokens per window (non-overlapping)" })
       .option("max-tokens", { type: "string", describe: "Evaluate only the first N tokens of each file" })
       .option("ids", { type: "string", describe: "Safetensors file holding input_ids (int64 [batch, seq])" })
@@ -44,27 +30,26 @@ export const evalCommand: CommandModule<object, EvalArgs> = {
       const { evaluatePerplexity, evaluateTokenFiles, saveLogits } = await onnxEngine();
       const build = progressBar("exporting", "bytes");
       if (args.ids !== undefined) {
-        if (args["save-logits"] === undefined) throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
-        await checkOutputFile(args["save-logits"], { force: args.force, inputs: [args.dir, args.ids] });
-        const { shape } = await saveLogits(args.dir, args.ids, args["save-logits"], { signal, onBuild: build.update });
-        if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args["save-logits"], shape });
-        else process.stdout.write(`wrote ${args["save-logits"]}: logits [${shape.join(", ")}]\n`);
+        if (args.saveLogits === undefined) throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
+        const { shape } = await saveLogits(args.dir, args.ids, args.saveLogits, { overwrite: args.force, signal, onBuild: build.update });
+        if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args.saveLogits, shape });
+        else process.stdout.write(`wrote ${args.saveLogits}: logits [${shape.join(", ")}]\n`);
         return;
       }
       const text = args.text ?? [];
       const tokens = args.tokens ?? [];
       if (text.length === 0 && tokens.length === 0) throw new BamError("OPTIONS_INVALID", "name text files with --text FILE..., token files with --tokens FILE..., or token ids with --ids FILE --save-logits OUT");
-      if (args["save-logits"] !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
+      if (args.saveLogits !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
       const bar = progressBar("evaluating", "items");
-      const options = { context: numberFlag("--context", args.context)!, maxTokens: numberFlag("--max-tokens", args["max-tokens"]), signal, onBuild: build.update, onProgress: bar.update };
+      const options = { context: numberFlag("--context", args.context), maxTokens: numberFlag("--max-tokens", args.maxTokens), signal, onBuild: build.update, onProgress: bar.update };
       const report = tokens.length > 0
-        ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args["bin-dtype"] })
+        ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args.binDtype })
         : await evaluatePerplexity(args.dir, text, options);
       bar.finish();
       if (args.json) printJson(report);
       else printReport(report);
     }),
-};
+});
 
 function printReport(report: PerplexityReport): void {
   const rows: Array<[string, Perplexity]> = [...report.files.map((f): [string, Perplexity] => [f.file, f]), ["overall", report.overall]];

@@ -1,16 +1,8 @@
-import type { CommandModule } from "yargs";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
-import { printJson, runCommand } from "../run.js";
+import { defineCommand, printJson, runCommand } from "../run.js";
 
-interface ExportArgs {
-  dir: string;
-  output?: string;
-  force: boolean;
-  json: boolean;
-}
-
-export const exportOnnxCommand: CommandModule<object, ExportArgs> = {
+export const exportOnnxCommand = defineCommand({
   command: "export-onnx <dir>",
   describe: "Write a model (dense seed, BAM, mixtral or qwen3_moe) as ONNX for onnxruntime and transformers.js",
   builder: (y) =>
@@ -30,4 +22,4 @@ export const exportOnnxCommand: CommandModule<object, ExportArgs> = {
       if (args.json) printJson(result);
       else process.stdout.write(`${result.built ? "wrote" : "up to date:"} ${result.folder} (${result.modelFile})\n`);
     }),
-};
+});

@@ -1,21 +1,10 @@
-import type { CommandModule } from "yargs";
 import { BamError, isBamError } from "../../errors.js";
 import { DEFAULT_GENERATION } from "../../onnx/generation.js";
 import { onnxEngine } from "../engine.js";
 import { progressBar } from "../progress.js";
-import { printJson, runCommand } from "../run.js";
+import { defineCommand, printJson, runCommand } from "../run.js";
 
-interface GenerateArgs {
-  dir: string;
-  prompt: string;
-  "max-new-tokens": number;
-  temperature: number;
-  "top-p": number;
-  seed?: number;
-  json: boolean;
-}
-
-export const generateCommand: CommandModule<object, GenerateArgs> = {
+export const generateCommand = defineCommand({
   command: "generate <dir>",
   describe: "Generate text on CPU with the KV cache (transformers.js), streaming it to stdout",
   builder: (y) =>
@@ -31,9 +20,9 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
   handler: (args) =>
     runCommand(async ({ signal }) => {
       const settings = {
-        maxNewTokens: args["max-new-tokens"],
+        maxNewTokens: args.maxNewTokens,
         temperature: args.temperature,
-        topP: args["top-p"],
+        topP: args.topP,
         seed: args.seed ?? null,
         signal,
         onText: args.json ? undefined : (text: string) => process.stdout.write(text),
@@ -58,7 +47,7 @@ export const generateCommand: CommandModule<object, GenerateArgs> = {
       process.stdout.write("\n");
       process.stderr.write(`bam: ${result.newIds.length} tokens in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`);
     }),
-};
+});
 
 /** The library names settings as the API does; the CLI user typed flags. */
 const FLAGS: Readonly<Record<string, string>> = { prompt: "--prompt", maxNewTokens: "--max-new-tokens", temperature: "--temperature", topP: "--top-p", seed: "--seed" };

@@ -1,16 +1,9 @@
-import type { CommandModule } from "yargs";
 import { inspectModel, type ModelSummary } from "../../arch/describe.js";
 import { BamError } from "../../errors.js";
-import { printJson, runCommand } from "../run.js";
+import { defineCommand, printJson, runCommand } from "../run.js";
 import { progressBar } from "../progress.js";
 
-interface InspectArgs {
-  dir: string;
-  json: boolean;
-  scan: boolean;
-}
-
-export const inspectCommand: CommandModule<object, InspectArgs> = {
+export const inspectCommand = defineCommand({
   command: "inspect <dir>",
   describe: "Describe a model folder (a dense seed, a BAM model, or a mixtral or qwen3_moe one)",
   builder: (y) =>
@@ -31,7 +24,7 @@ export const inspectCommand: CommandModule<object, InspectArgs> = {
         throw new BamError("TENSOR_INVALID", `${args.dir}: ${scan.length} tensor(s) hold NaN or Inf, first ${scan[0]!.tensor}`);
       }
     }),
-};
+});
 
 function printSummary(s: ModelSummary, findings: { tensor: string; nan: number; inf: number }[] | null): void {
   const f = s.features;

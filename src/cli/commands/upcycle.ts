@@ -1,37 +1,11 @@
-import type { CommandModule } from "yargs";
 import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
 import { DEFAULT_NORM_TOPK_PROB, inFlagWords, OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS } from "../../upcycle/options.js";
 import { planUpcycle, readRecipe, upcycle, type DownloadProgress, type UpcycleOptions, type UpcyclePlan, type UpcycleProgress, type UpcycleStage } from "../../upcycle/index.js";
 import { formatBytes, formatDuration, progressBar, type ProgressBar } from "../progress.js";
-import { numberFlag, printJson, runCommand } from "../run.js";
+import { defineCommand, numberFlag, printJson, runCommand } from "../run.js";
 
-interface UpcycleArgs {
-  seeds: string[];
-  output?: string;
-  recipe?: string;
-  attention?: string;
-  block?: string;
-  experts?: string;
-  "drop-ratio"?: string;
-  "experts-per-token"?: string;
-  "norm-topk-prob"?: boolean;
-  weights?: string;
-  "shared-from"?: string;
-  "router-init"?: string;
-  prompts?: string;
-  "router-scale"?: string;
-  seed?: string;
-  dtype?: string;
-  "max-shard-size"?: string;
-  format?: string;
-  name?: string;
-  force: boolean;
-  "dry-run": boolean;
-  json: boolean;
-}
-
-export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
+export const upcycleCommand = defineCommand({
   command: "upcycle [seeds..]",
   describe: "Build a Mixture-of-Experts model from dense seeds (BAM, BTX, sparse upcycling, Drop-Upcycling)",
   builder: (y) =>
@@ -78,7 +52,7 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
     runCommand(inFlagWords(async ({ signal }) => {
       const options = await optionsFrom(args);
       const onDownload = downloadBars();
-      if (args["dry-run"]) {
+      if (args.dryRun) {
         const plan = await planUpcycle(options, { signal, onDownload });
         if (args.json) printJson(planJson(plan));
         else printPlan(plan);
@@ -98,37 +72,38 @@ export const upcycleCommand: CommandModule<object, UpcycleArgs> = {
           `${result.files.length} shard(s), ${formatBytes(result.bytesWritten)} in ${formatDuration(result.seconds)} (${formatBytes(result.bytesWritten / Math.max(result.seconds, 1e-3))}/s)\n`,
       );
     })),
-};
+});
 
+type UpcycleArgs = Parameters<typeof upcycleCommand.handler>[0];
+
+/** The recipe's options, each overridden by its flag where one was given; the library checks the whole. */
 async function optionsFrom(args: UpcycleArgs): Promise<UpcycleOptions> {
   const recipe = args.recipe ? await readRecipe(args.recipe) : {};
   const flags: Partial<UpcycleOptions> = {
     seeds: args.seeds.length > 0 ? args.seeds : undefined,
     output: args.output,
-    attention: args.attention as UpcycleOptions["attention"],
-    block: args.block as UpcycleOptions["block"],
+    attention: args.attention,
+    block: args.block,
     experts: numberFlag("--experts", args.experts),
-    dropRatio: numberFlag("--drop-ratio", args["drop-ratio"]),
-    expertsPerToken: numberFlag("--experts-per-token (-k)", args["experts-per-token"]),
-    normTopkProb: args["norm-topk-prob"],
+    dropRatio: numberFlag("--drop-ratio", args.dropRatio),
+    expertsPerToken: numberFlag("--experts-per-token (-k)", args.expertsPerToken),
+    normTopkProb: args.normTopkProb,
     weights: args.weights === undefined ? undefined : parseWeights(args.weights),
-    sharedFrom: args["shared-from"],
-    routerInit: args["router-init"] as UpcycleOptions["routerInit"],
+    sharedFrom: args.sharedFrom,
+    routerInit: args.routerInit,
     prompts: args.prompts,
-    routerScale: numberFlag("--router-scale", args["router-scale"]),
+    routerScale: numberFlag("--router-scale", args.routerScale),
     seed: numberFlag("--seed", args.seed),
-    dtype: args.dtype as UpcycleOptions["dtype"],
-    maxShardSize: args["max-shard-size"],
-    format: args.format as UpcycleOptions["format"],
+    dtype: args.dtype,
+    maxShardSize: args.maxShardSize,
+    format: args.format,
     force: args.force || undefined,
     name: args.name,
   };
-  const merged = { ...recipe } as Record<string, unknown>;
-  for (const [key, value] of Object.entries(flags)) if (value !== undefined) merged[key] = value;
-  if (!Array.isArray(merged.seeds) || merged.seeds.length === 0) throw new BamError("OPTIONS_INVALID", "name the seed folders (bam upcycle SEED... -o OUT) or a --recipe that lists them");
-  if (typeof merged.output !== "string" && !args["dry-run"]) throw new BamError("OPTIONS_INVALID", "name the output folder with -o DIR");
-  if (typeof merged.output !== "string") merged.output = "(dry run)";
-  return merged as unknown as UpcycleOptions;
+  // A flag not given leaves the recipe's value (a spread would overwrite it with undefined).
+  const merged: Partial<UpcycleOptions> = { ...recipe };
+  for (const [key, value] of Object.entries(flags)) if (value !== undefined) Object.assign(merged, { [key]: value });
+  return { ...merged, seeds: merged.seeds ?? [] }; // none: the library's message says to name them
 }
 
 /** What each stage's bar says, and what it counts. */
@@ -211,7 +186,7 @@ function printPlan(plan: UpcyclePlan): void {
     `block       ${s.block}`,
     `parameters  ${millions(s.totalParameters)} total, ${millions(s.activeParameters)} active per token (one seed: ${millions(s.seedParameters)})`,
     `FLOPs       ${s.flopsPerTokenRatio.toFixed(2)}x one seed per token (context 2048)`,
-    `output      ${plan.options.output}, ${formatBytes(s.outputBytes)} in ${plan.options.format} format, ${plan.tensors.length} tensors`,
+    `output      ${plan.options.output === null ? "" : `${plan.options.output}, `}${formatBytes(s.outputBytes)} in ${plan.options.format} format, ${plan.tensors.length} tensors`,
     `memory      about ${formatBytes(s.peakMemoryBytes)} peak`,
     "",
     ...plan.tensors.map((t) => `  ${t.name} [${t.shape.join(", ")}] ${t.dtype} <- ${describeOperation(plan, t.operation)}`),
