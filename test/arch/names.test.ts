@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
+import { fromNativeName, NATIVE_FORMATS, toNativeName } from "../../src/arch/native.js";
 import { denseToBamName, moduleName, parseTensorName, siteOf, tensorName, type TensorName } from "../../src/arch/names.js";
 import type { Family } from "../../src/arch/types.js";
 import { planUpcycle } from "../../src/upcycle/index.js";
@@ -114,5 +115,26 @@ test("names docs/format.md does not define are refused", () => {
     { layer: 0.5, slot: "mlp.up_proj", expert: null, part: "weight" },
   ] as TensorName[]) {
     assert.throws(() => tensorName(t), /is no BAM tensor/, JSON.stringify(t));
+  }
+});
+
+test("native names (src/arch/native.ts) map to BAM names one to one, and leave what no BAM tensor is as it was", () => {
+  const mixtralToBam = fromNativeName("mixtral");
+  assert.equal(mixtralToBam("model.layers.3.block_sparse_moe.experts.2.w1.weight"), "model.layers.3.mlp.experts.2.gate_proj.weight");
+  assert.equal(mixtralToBam("model.layers.3.self_attn.o_proj.weight"), "model.layers.3.attn.o_proj.weight");
+  for (const format of NATIVE_FORMATS) {
+    const toBam = fromNativeName(format);
+    const toNative = toNativeName(format);
+    for (const name of [
+      "model.layers.0.block_sparse_moe.gate.bias", // routers have no bias
+      "model.layers.0.mlp.gate.bias",
+      "model.layers.01.self_attn.q_proj.weight", // zero-padded: not the format's spelling
+      "model.layers.0.block_sparse_moe.experts.01.w1.weight",
+      "model.layers.0.self_attn.rotary_emb.inv_freq",
+    ]) {
+      assert.equal(toBam(name), name, `${format}: ${name}`);
+    }
+    // an attention expert has no native name: it is not folded onto the merged attention's
+    assert.equal(toNative("model.layers.0.attn.experts.1.q_proj.weight"), "model.layers.0.attn.experts.1.q_proj.weight");
   }
 });
