@@ -23,6 +23,7 @@ export interface TensorName {
   slot: Slot | RouterSlot;
   /** The attention or FFN expert it belongs to; null for a merged, shared or dense one (and every other slot). */
   expert: number | null;
+  /** The weight or the bias. */
   part: Part;
 }
 
