@@ -6,6 +6,7 @@ import { basename } from "node:path";
 import { BamError } from "../errors.js";
 import { isFloatDType, toFloat32 } from "../safetensors/index.js";
 import { openModel, type AttentionExperts, type BlockKind, type ModelKind, type ModelTensor, type OpenedModel, type SeedRecord } from "./model.js";
+import { parseTensorName, siteOf } from "./names.js";
 import type { ArchFeatures } from "./types.js";
 
 export interface ParameterCounts {
@@ -60,7 +61,11 @@ export interface ModelSummary {
   features: ArchFeatures;
 }
 
-const FFN_EXPERT = /^model\.layers\.\d+\.mlp\.experts\.\d+\./;
+/** A tensor of one FFN expert: a token runs through k of the E. */
+function isFfnExpert(name: string): boolean {
+  const t = parseTensorName(name);
+  return t !== undefined && t.expert !== null && siteOf(t.slot) === "mlp";
+}
 
 export function countParameters(tensors: Iterable<Pick<ModelTensor, "name" | "shape">>, numExperts: number, expertsPerToken: number): ParameterCounts {
   let total = 0;
@@ -68,7 +73,7 @@ export function countParameters(tensors: Iterable<Pick<ModelTensor, "name" | "sh
   for (const tensor of tensors) {
     const size = tensor.shape.reduce((a, b) => a * b, 1);
     total += size;
-    if (FFN_EXPERT.test(tensor.name)) ffnExperts += size;
+    if (isFfnExpert(tensor.name)) ffnExperts += size;
   }
   return { total, activePerToken: total - ffnExperts + (ffnExperts * expertsPerToken) / numExperts };
 }

@@ -6,6 +6,7 @@
 import { BamError } from "../errors.js";
 import { isFloatDType, type TensorInfo } from "../safetensors/index.js";
 import type { FamilySpec, FusedLayout, Slot, SourceSpec } from "./families.js";
+import { tensorName, type Part } from "./names.js";
 import type { ArchFeatures, CanonicalTensor, TensorSource } from "./types.js";
 
 /** One tensor of the canonical description, before it is matched to a checkpoint. */
@@ -15,7 +16,7 @@ export interface LayoutEntry {
   slot: Slot;
   /** Layer index, or null for embeddings, final norm and head. */
   layer: number | null;
-  suffix: "weight" | "bias";
+  suffix: Part;
 }
 
 /** Every canonical tensor of a dense model with these features, in canonical order. */
@@ -25,10 +26,11 @@ export function canonicalLayout(f: ArchFeatures): LayoutEntry[] {
   const kvDim = f.numKvHeads * f.headDim;
   const I = f.intermediateSize;
   const entries: LayoutEntry[] = [];
+  const push = (slot: Slot, layer: number | null, suffix: Part, shape: number[]) =>
+    entries.push({ name: tensorName({ layer, slot, expert: null, part: suffix }), shape, slot, layer, suffix });
   const add = (slot: Slot, layer: number | null, weight: number[], bias: number[] | null) => {
-    const base = layer === null ? GLOBAL_NAMES[slot] : `model.layers.${layer}.${slot}`;
-    entries.push({ name: `${base}.weight`, shape: weight, slot, layer, suffix: "weight" });
-    if (bias !== null) entries.push({ name: `${base}.bias`, shape: bias, slot, layer, suffix: "bias" });
+    push(slot, layer, "weight", weight);
+    if (bias !== null) push(slot, layer, "bias", bias);
   };
   const normBias = f.normBias ? [H] : null;
 
@@ -54,16 +56,9 @@ export function canonicalLayout(f: ArchFeatures): LayoutEntry[] {
   }
   add("norm", null, [H], normBias);
   if (!f.tiedEmbeddings) add("lm_head", null, [f.vocabSize, H], f.lmHeadBias ? [f.vocabSize] : null);
-  else if (f.lmHeadBias) entries.push({ name: "lm_head.bias", shape: [f.vocabSize], slot: "lm_head", layer: null, suffix: "bias" });
+  else if (f.lmHeadBias) push("lm_head", null, "bias", [f.vocabSize]);
   return entries;
 }
-
-const GLOBAL_NAMES: Readonly<Record<string, string>> = {
-  embed_tokens: "model.embed_tokens",
-  embed_positions: "model.embed_positions",
-  norm: "model.norm",
-  lm_head: "lm_head",
-};
 
 export interface CheckpointMapping {
   /** Canonical name -> tensor, in canonical order. */

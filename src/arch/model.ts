@@ -13,6 +13,7 @@ import type { DType } from "../safetensors/index.js";
 import { readConfigFile, show, type HfConfig } from "./config.js";
 import { featuresFromConfig } from "./features.js";
 import { canonicalLayout } from "./layout.js";
+import { denseToBamName } from "./names.js";
 import { openSeed } from "./load.js";
 import { fromNativeName, nativeFormatOf, nativeModel, NATIVE_LAYOUTS } from "./native.js";
 import { tokenizerHash as tokenizerContentHash } from "./hash.js";
@@ -78,11 +79,6 @@ export interface OpenedModel {
   /** Bytes of a tensor in its stored dtype, little-endian, [out, in] layout. */
   read(name: string): Promise<Uint8Array>;
   close(): Promise<void>;
-}
-
-/** Dense canonical name -> BAM-view name: the FFN becomes expert 0. */
-export function denseToBamName(name: string): string {
-  return name.replace(/^(model\.layers\.\d+\.mlp)\./, "$1.experts.0.");
 }
 
 export async function openModel(dir: string): Promise<OpenedModel> {

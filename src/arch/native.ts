@@ -4,12 +4,14 @@
  * (src/export/formats.ts) renames BAM tensors and names config keys from it,
  * and the opener (./model.ts) reads the same folders back into the BAM view
  * of docs/format.md. Both formats hold a BAM model with merged attention, a
- * sequential block and llama-style layers. scripts/bamtrain/native.py holds
- * the same table for the Python side.
+ * sequential block and llama-style layers. The BAM side of every name comes
+ * from ./names.ts. scripts/bamtrain/native.py holds the same mapping (as
+ * name fragments) for the Python side.
  */
 import { BamError } from "../errors.js";
 import { featuresFromHfConfig, show, type HfConfig } from "./config.js";
-import { familySpec, type FamilySpec } from "./families.js";
+import { familySpec, LAYER_SLOTS, type FamilySpec, type LayerSlot } from "./families.js";
+import { parseTensorName, ROUTER_SLOTS, siteOf, tensorName, type Part, type RouterSlot } from "./names.js";
 import type { ModelKind, MoeSettings } from "./model.js";
 import type { ArchFeatures, Family } from "./types.js";
 
@@ -21,8 +23,11 @@ export interface NativeLayout {
   architecture: string;
   /** Seed families the format holds; the first is the one its folders read back as. */
   families: readonly Family[];
-  /** (BAM fragment, native fragment) of tensor names, applied in order; {e} is an expert index. */
-  tensors: ReadonlyArray<readonly [string, string]>;
+  /**
+   * The native module of each BAM slot the format names otherwise, under `model.layers.{l}.` ({e}: the
+   * expert); every other tensor keeps its BAM name (src/arch/names.ts).
+   */
+  modules: Readonly<Partial<Record<LayerSlot | RouterSlot, string>>>;
   /** Config keys of the expert count and of each expert's intermediate size. */
   expertsKey: string;
   intermediateKey: string;
@@ -36,18 +41,23 @@ export interface NativeLayout {
   spec: (family: FamilySpec) => FamilySpec;
 }
 
+/** Both formats: the merged attention is transformers' `self_attn`. */
+const SELF_ATTN = Object.fromEntries(
+  LAYER_SLOTS.filter((slot) => siteOf(slot) === "attn").map((slot) => [slot, `self_attn.${slot.slice("attn.".length)}`]),
+);
+
 export const NATIVE_LAYOUTS: Readonly<Record<NativeFormat, NativeLayout>> = {
   mixtral: {
     modelType: "mixtral",
     architecture: "MixtralForCausalLM",
     families: ["mistral", "llama"],
-    tensors: [
-      [".attn.", ".self_attn."],
-      [".mlp.router.", ".block_sparse_moe.gate."],
-      [".mlp.experts.{e}.gate_proj.", ".block_sparse_moe.experts.{e}.w1."],
-      [".mlp.experts.{e}.down_proj.", ".block_sparse_moe.experts.{e}.w2."],
-      [".mlp.experts.{e}.up_proj.", ".block_sparse_moe.experts.{e}.w3."],
-    ],
+    modules: {
+      ...SELF_ATTN,
+      "mlp.router": "block_sparse_moe.gate",
+      "mlp.gate_proj": "block_sparse_moe.experts.{e}.w1",
+      "mlp.down_proj": "block_sparse_moe.experts.{e}.w2",
+      "mlp.up_proj": "block_sparse_moe.experts.{e}.w3",
+    },
     expertsKey: "num_local_experts",
     intermediateKey: "intermediate_size",
     normTopkProbKey: null,
@@ -65,10 +75,7 @@ export const NATIVE_LAYOUTS: Readonly<Record<NativeFormat, NativeLayout>> = {
     modelType: "qwen3_moe",
     architecture: "Qwen3MoeForCausalLM",
     families: ["qwen3"],
-    tensors: [
-      [".attn.", ".self_attn."],
-      [".mlp.router.", ".mlp.gate."],
-    ],
+    modules: { ...SELF_ATTN, "mlp.router": "mlp.gate" },
     expertsKey: "num_experts",
     intermediateKey: "moe_intermediate_size",
     normTopkProbKey: "norm_topk_prob",
@@ -87,19 +94,42 @@ export function nativeFormatOf(modelType: unknown): NativeFormat | undefined {
 
 type Renamer = (name: string) => string;
 
-function renamer(format: NativeFormat, toNative: boolean): Renamer {
-  const patterns = NATIVE_LAYOUTS[format].tensors.map(([bam, native]) => {
-    const [from, to] = toNative ? [bam, native] : [native, bam];
-    const regex = new RegExp(from.split("{e}").map((part) => part.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")).join("(\\d+)"));
-    return [regex, to.replace("{e}", "$1")] as const;
-  });
-  return (name) => patterns.reduce((renamed, [regex, to]) => renamed.replace(regex, to), name);
+/** BAM tensor name -> the format's. */
+export function toNativeName(format: NativeFormat): Renamer {
+  const { modules } = NATIVE_LAYOUTS[format];
+  return (name) => {
+    const t = parseTensorName(name);
+    const module = t === undefined || t.layer === null ? undefined : modules[t.slot as LayerSlot | RouterSlot];
+    // a module per expert only for a tensor of one expert, a shared one only for a shared tensor
+    if (t === undefined || module === undefined || module.includes("{e}") !== (t.expert !== null)) return name;
+    return `${NATIVE_LAYER}${t.layer}.${module.replace("{e}", String(t.expert))}.${t.part}`;
+  };
 }
 
-/** BAM tensor name -> the format's. */
-export const toNativeName = (format: NativeFormat): Renamer => renamer(format, true);
 /** The format's tensor name -> BAM's. */
-export const fromNativeName = (format: NativeFormat): Renamer => renamer(format, false);
+export function fromNativeName(format: NativeFormat): Renamer {
+  const toNative = toNativeName(format);
+  const patterns = Object.entries(NATIVE_LAYOUTS[format].modules).map(([slot, module]) => {
+    const escaped = `${NATIVE_LAYER}{l}.${module}.`.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+    const parts = (ROUTER_SLOTS as readonly string[]).includes(slot) ? "weight" : "weight|bias";
+    const regex = new RegExp(`^${escaped.replace("\\{l\\}", "(?<layer>\\d+)").replace("\\{e\\}", "(?<expert>\\d+)")}(?<part>${parts})$`);
+    return { slot: slot as LayerSlot | RouterSlot, regex };
+  });
+  return (name) => {
+    for (const { slot, regex } of patterns) {
+      const groups = regex.exec(name)?.groups;
+      if (groups === undefined) continue;
+      const expert = groups.expert === undefined ? null : Number(groups.expert);
+      const bam = tensorName({ layer: Number(groups.layer), slot, expert, part: groups.part as Part });
+      // one name each way: a spelling that does not come back (a zero-padded index) is no tensor of the format
+      return toNative(bam) === name ? bam : name;
+    }
+    return name;
+  };
+}
+
+/** Where both formats keep a layer's tensors. */
+const NATIVE_LAYER = "model.layers.";
 
 /** The features and mixture of a native folder's config.json; refuses one that holds more than the BAM view can. */
 export function nativeModel(format: NativeFormat, config: HfConfig): { features: ArchFeatures; moe: MoeSettings } {

@@ -28,7 +28,9 @@
  * [batch, cacheHeads, sequence, head_dim] with cacheHeads = E x kv_heads for
  * moa and kv_heads otherwise (shared-kv: one cache for every expert).
  */
+import type { GlobalSlot } from "../arch/families.js";
 import type { OpenedModel } from "../arch/model.js";
+import { expertModule, moduleName, tensorName } from "../arch/names.js";
 import type { ArchFeatures } from "../arch/types.js";
 import { BamError } from "../errors.js";
 import { float, Graph } from "./graph.js";
@@ -39,6 +41,8 @@ import { concat, gatherColumns, gatherRows, WeightSource } from "./weights.js";
 export const OPSET = 18;
 /** Fills masked attention scores: finite, so a fully masked row (left padding) stays finite and uniform. */
 const MASKED = -3.4028234663852886e38;
+/** The weight of a global tensor (embeddings, head), by docs/format.md's names. */
+const globalWeight = (slot: GlobalSlot) => tensorName({ layer: null, slot, expert: null, part: "weight" });
 
 export interface BuildOptions {
   /** Also output each layer's attention input `attn_input.{l}` and FFN input `ffn_input.{l}` ([B, T, H]), for router init. */
@@ -134,15 +138,15 @@ class Builder {
     this.mask = this.attentionMask(attentionMask, tokens);
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
 
-    let x = g.op("Gather", [this.weight("model.embed_tokens.weight"), g.op("Reshape", [ids, g.int64([-1])])], { axis: 0 });
+    let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], { axis: 0 });
     if (f.embeddingScale !== null) x = g.op("Mul", [x, g.scalar(f.embeddingScale)]);
-    if (f.learnedPositions) x = g.op("Add", [x, g.op("Gather", [this.weight("model.embed_positions.weight"), flatPositions], { axis: 0 })]);
+    if (f.learnedPositions) x = g.op("Add", [x, g.op("Gather", [this.weight(globalWeight("embed_positions")), flatPositions], { axis: 0 })]);
 
     for (let l = 0; l < layers; l++) {
       x = g.scope(`layer${l}`, () => this.block(l, x, past[l]!));
     }
-    x = this.norm(x, "model.norm");
-    const head = f.tiedEmbeddings ? this.weight("model.embed_tokens.weight") : this.weight("lm_head.weight");
+    x = this.norm(x, moduleName({ layer: null, slot: "norm", expert: null }));
+    const head = this.weight(globalWeight(f.tiedEmbeddings ? "embed_tokens" : "lm_head"));
     let logits = g.op("Gemm", [x, head, f.lmHeadBias ? this.weight("lm_head.bias") : ""], { transB: 1 });
     if (f.logitScale !== null) logits = g.op("Mul", [logits, g.scalar(f.logitScale)]);
     g.output(this.unflatten(logits, f.vocabSize), "logits", DataType.FLOAT, ["batch_size", "sequence_length", f.vocabSize]);
@@ -215,11 +219,11 @@ class Builder {
 
   private block(l: number, x: string, [pastKey, pastValue]: [string, string]): string {
     const g = this.g;
-    const prefix = `model.layers.${l}`;
-    const h = this.norm(x, `${prefix}.input_layernorm`);
+    const inputNorm = moduleName({ layer: l, slot: "input_layernorm", expert: null });
+    const h = this.norm(x, inputNorm);
     this.probe(`attn_input.${l}`, h);
     const attention = g.scope("attn", () => this.attention(l, h, pastKey, pastValue));
-    const ffnNorm = (input: string) => (this.f.secondNorm ? this.norm(input, `${prefix}.post_attention_layernorm`) : input === x ? h : this.norm(input, `${prefix}.input_layernorm`));
+    const ffnNorm = (input: string) => (this.f.secondNorm ? this.norm(input, moduleName({ layer: l, slot: "post_attention_layernorm", expert: null })) : input === x ? h : this.norm(input, inputNorm));
     if (this.model.moe.block === "parallel") {
       const m = ffnNorm(x);
       this.probe(`ffn_input.${l}`, m);
@@ -272,10 +276,10 @@ class Builder {
     const f = this.f;
     const D = f.headDim;
     const { heads: kvHeads, queryHeads } = this.layout;
-    const at = `model.layers.${l}.attn`;
+    const at = expertModule(l, "attn", null);
     const mode = this.model.moe.attentionExperts;
-    const qOwner = (e: number) => (mode === "merged" ? at : `${at}.experts.${e}`);
-    const kvOwner = (e: number) => (mode === "moa" ? `${at}.experts.${e}` : at);
+    const qOwner = (e: number) => expertModule(l, "attn", mode === "merged" ? null : e);
+    const kvOwner = (e: number) => expertModule(l, "attn", mode === "moa" ? e : null);
 
     const qExperts = mode === "merged" ? 1 : this.model.moe.numExperts;
     const kvExperts = mode === "moa" ? this.model.moe.numExperts : 1;
@@ -333,7 +337,7 @@ class Builder {
     let outBias = "";
     if (qExperts > 1) {
       // soft routing: every expert's output weighted by softmax(W_ar h), per query head
-      const gates = g.op("Softmax", [g.op("Gemm", [h, this.weight(`${at}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
+      const gates = g.op("Softmax", [g.op("Gemm", [h, this.weight(tensorName({ layer: l, slot: "attn.router", expert: null, part: "weight" }))], { transB: 1 })], { axis: -1 }); // [N, E]
       const headGates = g.op("Gather", [gates, g.int64(this.heads.query.map((q) => q.expert))], { axis: 1 }); // [N, heads]
       y = g.op("Mul", [y, g.op("Unsqueeze", [headGates, g.int64([2])])]);
       if (f.attnOutBias) {
@@ -394,10 +398,9 @@ class Builder {
   private ffn(l: number, x: string): string {
     const g = this.g;
     const E = this.model.moe.numExperts;
-    const mlp = `model.layers.${l}.mlp`;
-    if (E === 1) return this.expert(`${mlp}.experts.0`, x);
+    if (E === 1) return this.expert(expertModule(l, "mlp", 0), x);
     const k = this.model.moe.expertsPerToken;
-    const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(`${mlp}.router.weight`)], { transB: 1 })], { axis: -1 }); // [N, E]
+    const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(tensorName({ layer: l, slot: "mlp.router", expert: null, part: "weight" }))], { transB: 1 })], { axis: -1 }); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
     // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
     const weights = this.model.moe.normTopkProb ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]) : top!;
@@ -409,7 +412,7 @@ class Builder {
         const picked = g.op("Greater", [g.op("ReduceSum", [hit, g.int64([1])], { keepdims: 0 }), g.scalar(0.5)]);
         const rows = g.op("NonZero", [picked]); // [1, M]: this expert's tokens
         const tokens = g.op("Reshape", [rows, g.int64([-1])]);
-        const out = this.expert(`${mlp}.experts.${e}`, g.op("Gather", [x, tokens], { axis: 0 }));
+        const out = this.expert(expertModule(l, "mlp", e), g.op("Gather", [x, tokens], { axis: 0 }));
         const weighted = g.op("Mul", [out, g.op("Unsqueeze", [g.op("Gather", [weight, tokens], { axis: 0 }), g.int64([1])])]);
         return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), weighted], { reduction: "add" });
       });

@@ -9,7 +9,8 @@ import { BamError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
-import { chatSettingWarnings, type Seed } from "../arch/index.js";
+import { canonicalLayout, chatSettingWarnings, expertModule, moduleName, parseTensorName, siteOf, tensorName, type LayoutEntry, type RouterSlot, type Seed } from "../arch/index.js";
+import type { Slot } from "../arch/families.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
 import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
 import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
@@ -133,9 +134,12 @@ const AVERAGE_WORKER_BYTES = 10e6;
 /** Node's own footprint, for the memory estimate. */
 const BASE_MEMORY_BYTES = 120e6;
 
-const ATTENTION_TENSOR = /^model\.layers\.(\d+)\.attn\.((q|k|v|o)_proj|(q|k)_norm)\.(weight|bias)$/;
-const MLP_TENSOR = /^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)$/;
-const LAYER_TENSOR = /^model\.layers\.(\d+)\./;
+/** The attention slots that shared-kv averages instead of giving each expert its own. */
+const SHARED_KV_SLOTS: readonly Slot[] = ["attn.k_proj", "attn.v_proj", "attn.k_norm"];
+/** The token embedding: what a router's dtype follows under --dtype keep (it has no seed tensor of its own). */
+const EMBEDDING = tensorName({ layer: null, slot: "embed_tokens", expert: null, part: "weight" });
+/** Embedding lookups: no matmul, so no FLOPs. */
+const isEmbeddingSlot = (slot: string | undefined) => slot === "embed_tokens" || slot === "embed_positions";
 
 /** Checks the seeds agree on everything the mixture needs; names both seeds and the difference. */
 export function checkSeeds(seeds: DenseModel[]): void {
@@ -212,7 +216,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
   const tensors: PlannedTensor[] = [];
   const add = (name: string, shape: number[], sources: SourceRef[], operation: Operation) => {
     // "keep" looks at the tensor in every seed, not only the one copied: an expert copied from a bf16 seed beside an f32 one is widened too
-    const refs = sources.length > 0 ? sources : [{ seed: 0, tensor: "model.embed_tokens.weight" }];
+    const refs = sources.length > 0 ? sources : [{ seed: 0, tensor: EMBEDDING }];
     const sourceDtypes = refs.flatMap((ref) => seeds.map((_, seed) => dtypeOf({ ...ref, seed })));
     tensors.push({ name, shape, dtype: outputDType(options.dtype, sourceDtypes), operation });
   };
@@ -225,7 +229,9 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     const from = { seed, tensor };
     add(outName, shapeOf(tensor), [from], { kind: "copy", from });
   };
-  const router = (name: string, key: string) => {
+  const router = (layer: number, slot: RouterSlot) => {
+    const name = tensorName({ layer, slot, expert: null, part: "weight" });
+    const key = moduleName({ layer, slot, expert: null });
     // Switch: truncated normal with std sqrt(scale / fan_in); zero routers start uniform.
     const std = options.routerInit === "zero" ? 0 : Math.sqrt(options.routerScale / features.hiddenSize);
     const operation: Operation = PROMPT_ROUTER_INITS.includes(options.routerInit) ? { kind: "router", std: 0, key, fromPrompts: true }
@@ -234,57 +240,45 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     add(name, [E, features.hiddenSize], [], operation);
   };
 
-  const byLayer = new Map<number, string[]>();
-  const outside: string[] = [];
-  for (const name of first.tensors.keys()) {
-    const layer = LAYER_TENSOR.exec(name);
-    if (layer) {
-      const list = byLayer.get(Number(layer[1])) ?? [];
-      list.push(name);
-      byLayer.set(Number(layer[1]), list);
-    } else {
-      outside.push(name);
-    }
-  }
-  const head = outside.filter((n) => n.startsWith("model.embed_"));
-  const tail = outside.filter((n) => !n.startsWith("model.embed_"));
+  // The seeds' canonical layout, in order: embeddings, then per layer its norms, attention router and
+  // attention, FFN router and experts, then the final norm and head.
+  const layout = canonicalLayout(features);
+  const expertName = (entry: LayoutEntry, expert: number) => tensorName({ layer: entry.layer, slot: entry.slot, expert, part: entry.suffix });
+  const globals = layout.filter((entry) => entry.layer === null);
 
-  for (const name of head) average(name, name);
-  for (const [layer, names] of [...byLayer.entries()].sort((a, b) => a[0] - b[0])) {
-    const prefix = `model.layers.${layer}`;
-    const attentionNames = names.filter((n) => ATTENTION_TENSOR.test(n));
-    const mlpNames = names.filter((n) => MLP_TENSOR.test(n));
-    for (const name of names) {
-      if (!attentionNames.includes(name) && !mlpNames.includes(name)) average(name, name);
+  for (const entry of globals.filter((x) => isEmbeddingSlot(x.slot))) average(entry.name, entry.name);
+  for (let layer = 0; layer < features.numLayers; layer++) {
+    const entries = layout.filter((entry) => entry.layer === layer);
+    const attentionEntries = entries.filter((entry) => siteOf(entry.slot) === "attn");
+    const mlpEntries = entries.filter((entry) => siteOf(entry.slot) === "mlp");
+    for (const entry of entries) {
+      if (siteOf(entry.slot) === null) average(entry.name, entry.name);
     }
-    if (hasRouters && attention !== "merged") router(`${prefix}.attn.router.weight`, `${prefix}.attn.router`);
+    if (hasRouters && attention !== "merged") router(layer, "attn.router");
     if (attention === "merged") {
-      for (const name of attentionNames) average(name, name);
+      for (const entry of attentionEntries) average(entry.name, entry.name);
     } else {
-      const isShared = (name: string) => attention === "shared-kv" && /\.attn\.(k_proj|v_proj|k_norm)\./.test(name);
+      const isShared = (entry: LayoutEntry) => attention === "shared-kv" && SHARED_KV_SLOTS.includes(entry.slot);
       for (let e = 0; e < E; e++) {
-        for (const name of attentionNames.filter((n) => !isShared(n))) {
-          copy(name.replace(".attn.", `.attn.experts.${e}.`), expertSeed(e), name);
-        }
+        for (const entry of attentionEntries.filter((x) => !isShared(x))) copy(expertName(entry, e), expertSeed(e), entry.name);
       }
-      for (const name of attentionNames.filter(isShared)) average(name, name);
+      for (const entry of attentionEntries.filter(isShared)) average(entry.name, entry.name);
     }
-    if (hasRouters) router(`${prefix}.mlp.router.weight`, `${prefix}.mlp.router`);
+    if (hasRouters) router(layer, "mlp.router");
     for (let e = 0; e < E; e++) {
-      for (const name of mlpNames) {
-        const outName = name.replace(".mlp.", `.mlp.experts.${e}.`);
-        const from = { seed: expertSeed(e), tensor: name };
-        const isWeight = name.endsWith(".weight");
-        if (options.dropRatio > 0 && isWeight) {
-          const axis = name.includes(".down_proj.") ? 1 : 0;
-          add(outName, shapeOf(name), [from], { kind: "drop", from, ratio: options.dropRatio, axis, key: `${prefix}.mlp.experts.${e}` });
+      for (const entry of mlpEntries) {
+        const outName = expertName(entry, e);
+        const from = { seed: expertSeed(e), tensor: entry.name };
+        if (options.dropRatio > 0 && entry.suffix === "weight") {
+          const axis = entry.slot === "mlp.down_proj" ? 1 : 0;
+          add(outName, shapeOf(entry.name), [from], { kind: "drop", from, ratio: options.dropRatio, axis, key: expertModule(layer, "mlp", e) });
         } else {
-          add(outName, shapeOf(name), [from], { kind: "copy", from });
+          add(outName, shapeOf(entry.name), [from], { kind: "copy", from });
         }
       }
     }
   }
-  for (const name of tail) average(name, name);
+  for (const entry of globals.filter((x) => !isEmbeddingSlot(x.slot))) average(entry.name, entry.name);
 
   const moe: MoeSettings = {
     numExperts: E,
@@ -331,7 +325,9 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   const f = seed.features;
   const embeddings = (list: Iterable<{ name: string; shape: number[] }>) => {
     let n = 0;
-    for (const t of list) if (t.name.startsWith("model.embed_")) n += t.shape.reduce((a, b) => a * b, 1);
+    for (const t of list) {
+      if (isEmbeddingSlot(parseTensorName(t.name)?.slot)) n += t.shape.reduce((a, b) => a * b, 1);
+    }
     return n;
   };
   // Forward FLOPs per token: 2 per matmul weight (embedding lookups are free), plus attention

@@ -29,7 +29,8 @@
  * never by position.
  */
 import { resolve } from "node:path";
-import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
+import type { ModelTensor, OpenedModel } from "../arch/model.js";
+import { denseToBamName, tensorName } from "../arch/names.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
 import { fromFloat32, isFloatDType, toFloat32 } from "../safetensors/index.js";
@@ -125,7 +126,7 @@ export async function promptRouterRows(
   }));
   if (plan.options.routerInit === "cheap-embed") {
     const model = averagedModel(plan, seeds);
-    const embedding = toFloat32(await model.read("model.embed_tokens.weight"), "F32");
+    const embedding = toFloat32(await model.read(tensorName({ layer: null, slot: "embed_tokens", expert: null, part: "weight" })), "F32");
     const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, tokenized);
     const prompts = tokenized.reduce((sum, x) => sum + x.positive.length + x.negative.length, 0);
     onProgress?.(prompts, prompts);
@@ -138,8 +139,8 @@ export async function promptRouterRows(
   const H = plan.features.hiddenSize;
   const rows = new Map<string, Float32Array>();
   for (let l = 0; l < plan.features.numLayers; l++) {
-    for (const [router, site] of [["attn", "attention"], ["mlp", "ffn"]] as const) {
-      const name = `model.layers.${l}.${router}.router.weight`;
+    for (const [slot, site] of [["attn.router", "attention"], ["mlp.router", "ffn"]] as const) {
+      const name = tensorName({ layer: l, slot, expert: null, part: "weight" });
       if (!plan.tensors.some((t) => t.name === name)) continue;
       const values = new Float32Array(E * H);
       perExpert.forEach(({ positive, negative }, e) => {
