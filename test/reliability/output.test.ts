@@ -13,6 +13,7 @@ import { join, relative } from "node:path";
 import { test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import { isBamError } from "../../src/errors.js";
+import { openAtomicFolder } from "../../src/export/atomic.js";
 import { SafetensorsReader } from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { deadPid, fixture, withTempDir } from "../helpers.js";
@@ -149,18 +150,21 @@ test("a folder created at the target during the run makes the run fail; it is ke
     assert.deepEqual(await readdir(forced), ["mine.txt"]);
   }));
 
-test("two upcycle() calls to one output in one process: the second is refused while the first writes; the folder is the first's", () =>
+test("an upcycle() to an output another run in this process is writing is refused; the folder stays the first's", () =>
   withTempDir(async (dir) => {
-    // Seeds large enough (2 x 17 MB) that the first call is still writing when the second gets to its output.
-    const shape = { ...TINY, vocab: 16000, hidden: 256, intermediate: 512, layers: 4, heads: 4, kvHeads: 4 };
-    const base = await writeSeed(join(dir, "work", "base"), shape);
-    const code = await writeSeed(join(dir, "work", "code"), { ...shape, valueSeed: 2 });
+    // Deterministic: the in-flight run is an open atomic folder (what upcycle() holds while it writes), not a
+    // second upcycle() raced against the first, which a loaded machine can finish before the other starts.
+    const base = await writeSeed(join(dir, "work", "base"), TINY);
+    const code = await writeSeed(join(dir, "work", "code"), { ...TINY, valueSeed: 2 });
     const out = join(dir, "out");
-    let second: Promise<unknown> | undefined;
-    const first = await upcycle({ seeds: [base, code], output: out, attention: "moa" }, {
-      onProgress: () => { second ??= upcycle({ seeds: [base, code], output: out, attention: "merged", force: true }).then(() => "succeeded", (error: unknown) => error); },
-    });
-    const outcome = await second;
+    const first = await upcycle({ seeds: [base, code], output: out, attention: "moa" });
+    const inFlight = await openAtomicFolder(out, { force: true, inputs: [base, code] });
+    let outcome: unknown;
+    try {
+      outcome = await upcycle({ seeds: [base, code], output: out, attention: "merged", force: true }).then(() => "succeeded", (error: unknown) => error);
+    } finally {
+      await inFlight.discard();
+    }
     assert.ok(isBamError(outcome, "OUTPUT_BUSY"), `the second call: ${String(outcome)}`);
     assert.match(outcome.message, /another bam run is writing/);
     assert.doesNotMatch(outcome.message, /\.bam-tmp-|python\//);
