@@ -114,9 +114,14 @@ test("a plan that is not what its options give for its seeds is refused (PLAN_IN
       [edited("tensors.0.shape", [1e12, 1e12]), /^plan\.tensors\[0\]\.shape\[0\] is 1000000000000 in the plan/],
       [edited("format.tensorNames", { "model.norm.weight": "../../escape" }), /^plan\.format\.tensorNames\.model\.norm\.weight is "\.\.\/\.\.\/escape" in the plan, but absent /],
       [edited("extra", 1), /^plan\.extra is 1 in the plan, but absent /],
+      [edited("options.dtype", "f16"), /^plan\.format\.config\.dtype is "float32" in the plan, but "float16" /],
       [unreadable, /^plan: cannot be read \(boom\)/],
     ];
     for (const [bad, message] of cases) await refused(executePlan(bad as UpcyclePlan), "PLAN_INVALID", message);
     assert.deepEqual(await readdir(dir), [], "nothing written");
+    // an option the plan records nowhere else gives what planning with it gives
+    const moved = await executePlan(edited("options.output", join(dir, "elsewhere")));
+    assert.equal(moved.output, join(dir, "elsewhere"));
+    assert.deepEqual(await readdir(dir), ["elsewhere"]);
   });
 });
