@@ -335,6 +335,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
   }));
 }
 
+/** Freezes every object and list reachable from `value` (plain data without cycles, as a plan is). */
 function deepFreeze<T>(value: T): T {
   if (value !== null && typeof value === "object") {
     for (const item of Object.values(value)) deepFreeze(item);
