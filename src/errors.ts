@@ -32,6 +32,10 @@ export type ErrorCode =
   | "OUTPUT_UNSAFE"
   /** Another run holds the output's lock. */
   | "OUTPUT_BUSY"
+  /** executePlan: a seed's files changed since the plan was made. */
+  | "PLAN_STALE"
+  /** executePlan: not a plan, or not the plan its own options give for its seeds (edited by hand). */
+  | "PLAN_INVALID"
   // seeds from the Hugging Face Hub
   | "SEED_MISSING"
   | "HUB_ERROR"

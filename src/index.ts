@@ -5,8 +5,8 @@
  * named in ENGINE_PACKAGES; their declarations name none of those packages'
  * types, so this file's types check without them.
  */
-export { upcycle, planUpcycle, readRecipe, recipeYaml } from "./upcycle/index.js";
-export type { UpcycleOptions, ResolvedOptions, UpcyclePlan, PlannedTensor, Operation, SourceRef, SeedInfo, PlanSummary, UpcycleProgress, UpcycleStage, UpcycleResult, SeedHooks, DownloadProgress } from "./upcycle/index.js";
+export { upcycle, planUpcycle, executePlan, readRecipe, recipeYaml } from "./upcycle/index.js";
+export type { UpcycleOptions, ResolvedOptions, UpcyclePlan, PlannedTensor, Operation, SourceRef, SeedInfo, SeedFile, PlanSummary, FormatPlan, FormatMoe, UpcycleProgress, UpcycleStage, UpcycleResult, SeedHooks, UpcycleHooks, DownloadProgress } from "./upcycle/index.js";
 export type { HashedSeed } from "./upcycle/hash-seeds.js";
 export { OUTPUT_DTYPES, OUTPUT_FORMATS, ROUTER_INITS, type ExpertPrompts, type OutputDType, type OutputFormat, type PromptsMapping, type RouterInit } from "./upcycle/options.js";
 export { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind, type ModelKind, type MoeSettings, type SeedRecord } from "./arch/model.js";

@@ -4,10 +4,35 @@
  * library_name), then what the model is, how to load it and how to fine-tune it.
  */
 import YAML from "yaml";
+import type { Family } from "../arch/types.js";
 import { parseRepoRef } from "../hub/index.js";
-import type { UpcyclePlan } from "../upcycle/plan.js";
+import type { FormatMoe } from "./formats.js";
 
-/** What the card needs of a seed besides the plan: its name and its own config.json. */
+/** What the card says of the model (src/upcycle assembles it from its plan). */
+export interface CardModel {
+  /** The output folder, as the user named it. */
+  output: string;
+  /** The card's title, or null for the output folder's name. */
+  title: string | null;
+  /** The seeds' family. */
+  family: Family;
+  /** The names of the models read, in order (the seeds, then a --shared-from model that is none of them). */
+  seedNames: readonly string[];
+  /** Drop-Upcycling's ratio (0: plain copies). */
+  dropRatio: number;
+  /** The mixture. */
+  moe: FormatMoe;
+  /** Parameters of the output. */
+  totalParameters: number;
+  /** Parameters one token runs through. */
+  activeParameters: number;
+  /** Forward FLOPs per token relative to one seed. */
+  flopsPerTokenRatio: number;
+  /** The plan's warnings, one line each. */
+  warnings: readonly string[];
+}
+
+/** What the card needs of a seed besides the CardModel: its name and its own config.json. */
 export interface CardSeed {
   /** The repository id for a seed from the Hub, else the folder's name (src/hub). */
   name: string;
@@ -56,12 +81,12 @@ export function finetuneCommand(path: string): string {
   return `python node_modules/bam-upcycle/scripts/finetune.py --model ${shellWord(path)} --out ${shellWord(out)} --data web=web.txt code=code.txt --steps 1000 --global-batch 32`;
 }
 
-export function modelCard(plan: UpcyclePlan, output: string, recipe: string, remoteCode: boolean, seeds: CardSeed[]): string {
-  const { summary, moe } = plan;
-  const path = output.replace(/\/+$/, "") || output;
-  const title = plan.options.name ?? path.split("/").pop() ?? "model";
-  const method = plan.seeds.length === 1
-    ? plan.options.dropRatio > 0 ? `Drop-Upcycling (ratio ${plan.options.dropRatio}) of one seed` : "sparse upcycling of one seed"
+export function modelCard(model: CardModel, recipe: string, remoteCode: boolean, seeds: CardSeed[]): string {
+  const { moe } = model;
+  const path = model.output.replace(/\/+$/, "") || model.output;
+  const title = model.title ?? path.split("/").pop() ?? "model";
+  const method = model.seedNames.length === 1
+    ? model.dropRatio > 0 ? `Drop-Upcycling (ratio ${model.dropRatio}) of one seed` : "sparse upcycling of one seed"
     : moe.attentionExperts === "merged" ? "BTX (FFN experts, averaged attention)" : `BAM (FFN experts and ${moe.attentionExperts === "moa" ? "soft attention experts" : "attention experts with shared K/V"})`;
   const local = seeds.filter((seed) => seedRepoId(seed) === undefined).map((seed) => `\`${seed.name}\``);
   return `---
@@ -71,18 +96,18 @@ ${YAML.stringify(cardMetadata(seeds)).trimEnd()}
 # ${title}
 
 A Mixture-of-Experts model built by [bam-upcycle](https://www.npmjs.com/package/bam-upcycle) by ${method},
-from the ${plan.features.family} seeds ${plan.seeds.map((s) => `\`${s.name}\``).join(", ")}${local.length > 0 ? ` (local folders, with no Hugging Face id: ${[...new Set(local)].join(", ")})` : ""}.
+from the ${model.family} seeds ${model.seedNames.map((name) => `\`${name}\``).join(", ")}${local.length > 0 ? ` (local folders, with no Hugging Face id: ${[...new Set(local)].join(", ")})` : ""}.
 
 | | |
 |---|---|
 | experts | ${moe.numExperts} FFN experts, top-${moe.expertsPerToken} routing, ${moe.normTopkProb ? "renormalised gate (norm_topk_prob)" : "each expert weighted by its probability over all experts"} |
 | attention | ${moe.attentionExperts} |
 | block | ${moe.block} |
-| parameters | ${(summary.totalParameters / 1e6).toFixed(1)}M total, ${(summary.activeParameters / 1e6).toFixed(1)}M active per token |
-| forward FLOPs per token | ${summary.flopsPerTokenRatio.toFixed(2)}x one seed |
+| parameters | ${(model.totalParameters / 1e6).toFixed(1)}M total, ${(model.activeParameters / 1e6).toFixed(1)}M active per token |
+| forward FLOPs per token | ${model.flopsPerTokenRatio.toFixed(2)}x one seed |
 
 The routers are new: the model needs fine-tuning (Attend-Mix training) before it is useful.
-${plan.warnings.map((w) => `\n> Note: ${w}.\n`).join("")}
+${model.warnings.map((w) => `\n> Note: ${w}.\n`).join("")}
 ## Load
 
 ${remoteCode ? "The model code (`modeling_bam.py`) is in this folder, hence `trust_remote_code=True`." : "Stock transformers loads this folder."}

@@ -5,20 +5,30 @@
  */
 import { BamError } from "../errors.js";
 import { featuresToConfig, sizeConfig } from "../arch/features.js";
-import type { MoeSettings } from "../arch/model.js";
+import type { AttentionExperts, BlockKind, MoeSettings, SeedRecord } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
 import type { FloatDType } from "../safetensors/index.js";
 import { NATIVE_LAYOUTS, toNativeName, type NativeFormat } from "../arch/native.js";
-import type { OutputFormat, UpcycleOptions } from "../upcycle/options.js";
 
-export interface FormatWriter {
-  /** config.json for the output folder. */
+/** The type's one source and the CLI flag's choices (`--format`). */
+export const OUTPUT_FORMATS = ["bam", "mixtral", "qwen3-moe"] as const;
+export type OutputFormat = (typeof OUTPUT_FORMATS)[number];
+
+/** The mixture settings a format writes; upcycled_from (the seeds' hashes) is known only once the seeds are hashed. */
+export type FormatMoe = Omit<MoeSettings, "upcycledFrom">;
+
+/** What the output format makes of the model, decided while planning: plain data, part of the plan. */
+export interface FormatPlan {
+  /** config.json of the output folder, less `upcycled_from` (configJson adds it). */
   config: Record<string, unknown>;
-  /** BAM tensor name -> the format's tensor name. */
-  rename: (name: string) => string;
-  /** Whether modeling_bam.py and configuration_bam.py go into the folder. */
+  /** BAM tensor name -> its name in the format's weights files, for each name the format changes. */
+  tensorNames: Record<string, string>;
+  /** Whether modeling_bam.py and configuration_bam.py go into the folder (the BAM format), and `upcycled_from` into config.json. */
   remoteCode: boolean;
 }
+
+/** The key `upcycled_from` follows in a BAM config.json (docs/format.md's order, as every folder so far has it). */
+const UPCYCLED_FROM_AFTER = "capacity_factor";
 
 const TORCH_DTYPE: Record<FloatDType, string> = { F32: "float32", F16: "float16", BF16: "bfloat16" };
 
@@ -31,13 +41,17 @@ function tokenIds(seedConfig: Record<string, unknown>): Record<string, unknown> 
   return kept;
 }
 
-export function formatWriter(
-  format: OutputFormat, features: ArchFeatures, moe: MoeSettings, dtype: FloatDType, seedConfig: Record<string, unknown>,
-): FormatWriter {
+/**
+ * The format's plan for a model whose tensors have these BAM `names`;
+ * refuses (OPTIONS_INVALID) a native format that cannot hold the model.
+ */
+export function planFormat(
+  format: OutputFormat, features: ArchFeatures, moe: FormatMoe, dtype: FloatDType, seedConfig: Record<string, unknown>, names: readonly string[],
+): FormatPlan {
   if (format === "bam") {
     return {
       remoteCode: true,
-      rename: (name) => name,
+      tensorNames: {},
       config: {
         model_type: "bam",
         architectures: ["BamForCausalLM"],
@@ -53,7 +67,6 @@ export function formatWriter(
         router_jitter: 0,
         expert_dropout: 0,
         capacity_factor: null,
-        upcycled_from: moe.upcycledFrom,
         ...tokenIds(seedConfig),
         dtype: TORCH_DTYPE[dtype],
         use_cache: true,
@@ -65,9 +78,10 @@ export function formatWriter(
     throw new BamError("OPTIONS_INVALID", `--format ${format} cannot hold this model: ${problems.join("; ")}; ${problems.length > 1 ? "change all of these" : "change this"}, or use --format bam`);
   }
   const layout = NATIVE_LAYOUTS[format];
+  const rename = toNativeName(format);
   return {
     remoteCode: false,
-    rename: toNativeName(format),
+    tensorNames: Object.fromEntries(names.filter((name) => rename(name) !== name).map((name) => [name, rename(name)])),
     config: {
       model_type: layout.modelType,
       architectures: [layout.architecture],
@@ -85,11 +99,37 @@ export function formatWriter(
 }
 
 /**
- * What the native formats need of the options, picked by the format where
- * the user chose nothing (./options.ts resolves the rest): merged attention
- * in a sequential block, and Mixtral's renormalised gate.
+ * config.json's text: the plan's config, with `upcycledFrom` (each seed's
+ * record as hashed, its files' hashes included: docs/format.md) as
+ * `upcycled_from` where the format has remote code.
  */
-export function formatDefaults(format: OutputFormat | undefined): Pick<UpcycleOptions, "attention" | "block" | "normTopkProb"> {
+export function configJson(format: FormatPlan, upcycledFrom: readonly SeedRecord[]): string {
+  const entries = Object.entries(format.config);
+  if (format.remoteCode) entries.splice(entries.findIndex(([key]) => key === UPCYCLED_FROM_AFTER) + 1, 0, ["upcycled_from", upcycledFrom]);
+  return `${JSON.stringify(Object.fromEntries(entries), null, 2)}\n`;
+}
+
+/** BAM tensor name -> its name in the format's weights files. */
+export function formatTensorName(format: FormatPlan, name: string): string {
+  return Object.hasOwn(format.tensorNames, name) ? format.tensorNames[name]! : name;
+}
+
+/** Options a native format picks where the user chose none. */
+export interface FormatDefaults {
+  /** Attention experts. */
+  attention?: AttentionExperts;
+  /** Block kind. */
+  block?: BlockKind;
+  /** FFN gate renormalised. */
+  normTopkProb?: boolean;
+}
+
+/**
+ * What the native formats need of the options, picked by the format where
+ * the user chose nothing (src/upcycle/options.ts resolves the rest): merged
+ * attention in a sequential block, and Mixtral's renormalised gate.
+ */
+export function formatDefaults(format: OutputFormat | undefined): FormatDefaults {
   // Not yet validated (the API takes any string): anything but a native format implies nothing, and ./options.ts refuses it.
   const layout = typeof format === "string" && Object.hasOwn(NATIVE_LAYOUTS, format) ? NATIVE_LAYOUTS[format as NativeFormat] : undefined;
   if (layout === undefined) return {};
@@ -97,7 +137,7 @@ export function formatDefaults(format: OutputFormat | undefined): Pick<UpcycleOp
 }
 
 /** Config keys shared by the native MoE families (v5 rope_parameters, v4 rope_theta). */
-function nativeCommon(f: ArchFeatures, moe: MoeSettings): Record<string, unknown> {
+function nativeCommon(f: ArchFeatures, moe: FormatMoe): Record<string, unknown> {
   const rope = f.rope!;
   return {
     ...sizeConfig(f),
@@ -120,7 +160,7 @@ function nativeCommon(f: ArchFeatures, moe: MoeSettings): Record<string, unknown
  * llama-style block with merged attention), each saying what to change; all
  * of them, so one run names every flag to fix.
  */
-function nativeProblems(format: NativeFormat, f: ArchFeatures, moe: MoeSettings): string[] {
+function nativeProblems(format: NativeFormat, f: ArchFeatures, moe: FormatMoe): string[] {
   const layout = NATIVE_LAYOUTS[format];
   const problems: string[] = [];
   if (!layout.families.includes(f.family)) problems.push(`it takes ${layout.families.join(" or ")} seeds, not ${f.family}`);

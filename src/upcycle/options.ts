@@ -8,12 +8,13 @@ import { dirname, resolve } from "node:path";
 import YAML, { Lexer } from "yaml";
 import { BamError, ioError, isBamError } from "../errors.js";
 import { RECIPE_MARKER } from "../export/atomic.js";
+import { OUTPUT_FORMATS, type OutputFormat } from "../export/formats.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
 import { parseSize, readTextFile } from "../safetensors/index.js";
 import { parseRepoRef } from "../hub/index.js";
 import { fromMergekit, isMergekitConfig } from "./mergekit.js";
 
-export type OutputFormat = "bam" | "mixtral" | "qwen3-moe";
+export { OUTPUT_FORMATS, type OutputFormat } from "../export/formats.js";
 
 /** Each list is the type's one source and the CLI flag's choices (`--dtype`, `--router-init`). */
 export const OUTPUT_DTYPES = ["keep", "bf16", "f16", "f32"] as const;
@@ -22,7 +23,6 @@ export const ROUTER_INITS = ["random", "zero", "hidden", "cheap-embed", "uniform
 export type RouterInit = (typeof ROUTER_INITS)[number];
 /** Router inits computed from --prompts. */
 export const PROMPT_ROUTER_INITS: readonly RouterInit[] = ["hidden", "cheap-embed"];
-export const OUTPUT_FORMATS: readonly OutputFormat[] = ["bam", "mixtral", "qwen3-moe"];
 /**
  * The FFN gate when none is asked for: false is BAM's (section 3.3) and Switch's, each chosen expert
  * weighted by its softmax probability over all experts, so the router learns from the LM loss at k = 1.
@@ -314,7 +314,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
   const coefficient = (name: string, value: number | undefined, fallback: number) =>
     value === undefined ? fallback : Number.isFinite(value) && value >= 0 ? value : invalid(`${name} must be a non-negative number, not ${value}`);
   return {
-    seeds: options.seeds,
+    seeds: [...options.seeds], // copies: the plan that holds these is frozen, the caller's own objects are not
     output: options.output ?? null,
     attention: oneOf("attention", options.attention, ATTENTION_EXPERTS, seedCount > 1 ? "moa" : "merged"),
     block: oneOf("block", options.block, BLOCK_KINDS, seedCount > 1 ? "parallel" : seedBlock),
@@ -325,7 +325,7 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     weights: weights.map((w) => w / weightSum),
     sharedFrom,
     routerInit,
-    prompts: options.prompts ?? null,
+    prompts: options.prompts === undefined || typeof options.prompts === "string" ? options.prompts ?? null : promptsCopy(options.prompts),
     routerScale,
     seed,
     dtype: oneOf("dtype", options.dtype, OUTPUT_DTYPES, "keep"),
@@ -336,6 +336,15 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     routerZLossCoef: coefficient("routerZLossCoef", options.routerZLossCoef, 0.001),
     name: modelName(options.name),
   };
+}
+
+/** A prompts mapping as plain data, which a plan holds (src/upcycle/router-init.ts checks what it says). */
+function promptsCopy(prompts: PromptsMapping): PromptsMapping {
+  try {
+    return structuredClone(prompts);
+  } catch {
+    return invalid("prompts must be plain data: a mapping with experts: [{ positive_prompts: [...] }, ...]");
+  }
 }
 
 /** The card's title: one line of printable text (it becomes a Markdown heading). */

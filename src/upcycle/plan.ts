@@ -4,11 +4,13 @@
  * descriptions alone (no tensor data), printed by --dry-run, executed by
  * ./execute.ts.
  */
+import { stat } from "node:fs/promises";
 import { resolve } from "node:path";
-import { BamError } from "../errors.js";
+import { BamError, ioError } from "../errors.js";
 import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
-import type { AttentionExperts, BlockKind, MoeSettings } from "../arch/model.js";
+import type { AttentionExperts, BlockKind } from "../arch/model.js";
+import { planFormat, type FormatMoe, type FormatPlan } from "../export/formats.js";
 import { canonicalLayout, chatSettingWarnings, expertModule, moduleName, parseTensorName, siteOf, tensorName, type LayoutEntry, type RouterSlot, type Seed } from "../arch/index.js";
 import type { Slot } from "../arch/families.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
@@ -85,6 +87,17 @@ export interface SeedInfo {
   name: string;
   /** The dtypes of its weights. */
   dtypes: DType[];
+  /** Its config.json and weight files (what `upcycled_from` hashes) as they were when planned: executePlan refuses the plan when one differs. */
+  files: SeedFile[];
+}
+
+export interface SeedFile {
+  /** Absolute path. */
+  path: string;
+  /** Size in bytes. */
+  bytes: number;
+  /** Last modification, in milliseconds since 1970 (stat's mtimeMs). */
+  modifiedMs: number;
 }
 
 export interface PlanSummary {
@@ -117,8 +130,10 @@ export interface UpcyclePlan {
   seeds: SeedInfo[];
   /** The architecture the seeds share. */
   features: ArchFeatures;
-  /** The mixture settings written into config.json. */
-  moe: MoeSettings;
+  /** The mixture settings written into config.json (upcycled_from, the seeds' hashes, is the run's: UpcycleResult.seeds). */
+  moe: FormatMoe;
+  /** The output format's config.json (less upcycled_from), tensor names and remote code. */
+  format: FormatPlan;
   /** Every output tensor and how it is made, in writing order. */
   tensors: PlannedTensor[];
   /** Sizes and costs of the output. */
@@ -199,8 +214,21 @@ export function inputModels(options: Pick<UpcycleOptions, "seeds" | "sharedFrom"
   return typeof sharedFrom === "string" && sharedIndex(seeds, sharedFrom) === seeds.length ? [...seeds, sharedFrom] : seeds;
 }
 
-/** Builds the plan from the opened `inputModels`; `options` must already be resolved and the models checked. */
-export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan {
+/** The files of a seed the plan records (SeedInfo.files), as they are now. */
+export async function seedFiles(seed: Seed): Promise<SeedFile[]> {
+  return Promise.all(filesToHash(seed).files.map(async (file) => {
+    const path = resolve(file);
+    const info = await stat(path).catch((error: unknown) => { throw ioError(path, error); });
+    return { path, bytes: info.size, modifiedMs: info.mtimeMs };
+  }));
+}
+
+/**
+ * Builds the plan from the opened `inputModels` and their `seedFiles`;
+ * `options` must already be resolved and the models checked. The plan is a
+ * frozen copy (plain data): nothing changes it once made.
+ */
+export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFile[][]): UpcyclePlan {
   const first = seeds[0]!;
   const features = first.features;
   const E = options.experts;
@@ -280,7 +308,7 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
   }
   for (const entry of globals.filter((x) => !isEmbeddingSlot(x.slot))) average(entry.name, entry.name);
 
-  const moe: MoeSettings = {
+  const moe: FormatMoe = {
     numExperts: E,
     expertsPerToken: options.expertsPerToken,
     normTopkProb: options.normTopkProb,
@@ -288,17 +316,26 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions): UpcyclePlan 
     block: options.block,
     routerAuxLossCoef: options.routerAuxLossCoef,
     routerZLossCoef: options.routerZLossCoef,
-    upcycledFrom: [],
   };
-  return {
+  return deepFreeze(structuredClone({
     options,
-    seeds: seeds.map((s) => ({ dir: s.dir, name: s.name, dtypes: [...new Set([...s.tensors.values()].map((t) => t.dtype))] })),
+    seeds: seeds.map((s, i) => ({ dir: s.dir, name: s.name, dtypes: [...new Set([...s.tensors.values()].map((t) => t.dtype))], files: files[i]! })),
     features,
     moe,
+    format: planFormat(options.format, features, moe, tensors[0]!.dtype, first.rawConfig, tensors.map((t) => t.name)), // refuses a format that cannot hold the model
     tensors,
     summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash)) + seeds.reduce((n, s) => n + s.entryBytes, 0)),
     warnings: [...planWarnings(features, options, seedCount, attention), ...chatSettingWarnings(seeds)],
-  };
+  }));
+}
+
+/** Freezes every object and list reachable from `value` (plain data without cycles, as a plan is). */
+function deepFreeze<T>(value: T): T {
+  if (value !== null && typeof value === "object") {
+    for (const item of Object.values(value)) deepFreeze(item);
+    Object.freeze(value);
+  }
+  return value;
 }
 
 function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCount: number, attention: AttentionExperts): string[] {
@@ -319,7 +356,7 @@ function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCoun
   return warnings;
 }
 
-function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: MoeSettings, hashingBytes: number): PlanSummary {
+function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: FormatMoe, hashingBytes: number): PlanSummary {
   const seedParams = countParameters(seed.tensors.values(), 1, 1);
   const params = countParameters(tensors, moe.numExperts, moe.expertsPerToken);
   const f = seed.features;

@@ -203,7 +203,7 @@ function averagedModel(plan: UpcyclePlan, seeds: Seed[]): OpenedModel {
     dir: first.dir,
     name: "average",
     features: plan.features,
-    moe: { ...plan.moe, numExperts: 1, expertsPerToken: 1, attentionExperts: "merged" },
+    moe: { ...plan.moe, numExperts: 1, expertsPerToken: 1, attentionExperts: "merged", upcycledFrom: [] },
     tensors,
     files: [],
     tokenizerHash: first.tokenizerHash,

@@ -91,7 +91,7 @@ describe("seeds from the Hugging Face cache", () => {
         encoding: "utf8", cwd: dir, env: { ...process.env, HF_HUB_CACHE: cache.dir, HF_HUB_OFFLINE: "1", BAM_CACHE_DIR: join(dir, "bam-cache") },
       });
       assert.equal(local.status, 0, local.stderr);
-      assert.deepEqual((JSON.parse(local.stdout) as { seeds: unknown[] }).seeds.map((s) => ({ ...(s as object), dtypes: undefined })), [{ dir: "org/base", name: "base", dtypes: undefined }]);
+      assert.deepEqual((JSON.parse(local.stdout) as { seeds: unknown[] }).seeds.map((s) => ({ ...(s as object), dtypes: undefined, files: undefined })), [{ dir: "org/base", name: "base", dtypes: undefined, files: undefined }]);
     }));
 
   test("offline, a missing id or a snapshot missing a shard is one line naming what is missing and how to fetch it (exit 1)", () =>

@@ -152,6 +152,7 @@ function planJson(plan: UpcyclePlan) {
   return {
     options: plan.options,
     seeds: plan.seeds,
+    format: plan.format,
     summary: plan.summary,
     warnings: plan.warnings,
     tensors: plan.tensors.map((t) => ({ name: t.name, shape: t.shape, dtype: t.dtype, operation: t.operation })),
