@@ -5,6 +5,7 @@
  */
 import { BamError } from "../errors.js";
 import { featuresToConfig, sizeConfig } from "../arch/features.js";
+import { tokenIds } from "../arch/folder.js";
 import type { MoeSettings } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
 import type { FloatDType } from "../safetensors/index.js";
@@ -21,15 +22,6 @@ export interface FormatWriter {
 }
 
 const TORCH_DTYPE: Record<FloatDType, string> = { F32: "float32", F16: "float16", BF16: "bfloat16" };
-
-/** Token ids and generation defaults carried over from the first seed's config. */
-function tokenIds(seedConfig: Record<string, unknown>): Record<string, unknown> {
-  const kept: Record<string, unknown> = {};
-  for (const key of ["bos_token_id", "eos_token_id", "pad_token_id"]) {
-    if (seedConfig[key] !== undefined) kept[key] = seedConfig[key];
-  }
-  return kept;
-}
 
 export function formatWriter(
   format: OutputFormat, features: ArchFeatures, moe: MoeSettings, dtype: FloatDType, seedConfig: Record<string, unknown>,
