@@ -178,13 +178,6 @@ function checkpointLabel(checkpoint: CheckpointFiles): string {
   return isAbsolute(only) ? only : join(checkpoint.dir, only);
 }
 
-/** Number of values of a model: every canonical tensor once (a tied head is the embedding). */
-export function parameterCount(model: Pick<DenseModel, "tensors">): number {
-  let total = 0;
-  for (const tensor of model.tensors.values()) total += elementCount(tensor.shape);
-  return total;
-}
-
 const elementCount = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 type ByteReader = Pick<CheckpointFiles, "read" | "readBytes">;
