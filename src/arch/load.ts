@@ -4,7 +4,7 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
+import { CheckpointFiles, concat, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -252,18 +252,8 @@ async function readTransposed(files: ByteReader, tensor: CanonicalTensor): Promi
   const transposed = transpose2d(await files.read(sourceName), inner, outer, size);
   if (rows === null) return transposed;
   const rowBytes = inner * size;
-  return concat(rows.map(([row, count]) => transposed.subarray(row * rowBytes, (row + count) * rowBytes)));
-}
-
-function concat(parts: readonly Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
+  const parts = rows.map(([row, count]) => transposed.subarray(row * rowBytes, (row + count) * rowBytes));
+  return parts.length === 1 ? parts[0]! : concat(parts);
 }
 
 /** [rows, cols] -> [cols, rows], moving whole elements (bit patterns untouched). */
