@@ -4,7 +4,7 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
-import { CheckpointFiles, concat, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
+import { CheckpointFiles, concat, DTYPE_SIZE, elementsOf, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -63,11 +63,11 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
       entryBytes: checkpoint.tensors.size * TENSOR_ENTRY_BYTES,
       read: async (name) => {
         const t = tensor(name);
-        return reader.read(t, 0, elementCount(t.shape));
+        return reader.read(t, 0, elementsOf(t.shape));
       },
       readElements: async (name, start, count, into) => {
         const t = tensor(name);
-        const total = elementCount(t.shape);
+        const total = elementsOf(t.shape);
         if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
           throw new BamError("INVALID_OFFSET", `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`);
         }
@@ -178,8 +178,6 @@ function checkpointLabel(checkpoint: CheckpointFiles): string {
   return isAbsolute(only) ? only : join(checkpoint.dir, only);
 }
 
-const elementCount = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
-
 type ByteReader = Pick<CheckpointFiles, "read" | "readBytes">;
 
 /**
@@ -224,7 +222,7 @@ export class CanonicalReader {
  */
 export function sourceSegments(source: TensorSource, start: number, count: number): Array<[number, number]> {
   const size = DTYPE_SIZE[source.dtype];
-  const rowLength = elementCount(source.sourceShape.slice(1));
+  const rowLength = elementsOf(source.sourceShape.slice(1));
   const rows = source.rows ?? [[0, source.sourceShape[0] ?? 1]];
   const end = start + count;
   const segments: Array<[number, number]> = [];

@@ -38,6 +38,11 @@ export function concat(parts: readonly (Float32Array | Uint8Array)[]): Float32Ar
   return out;
 }
 
+/** Elements of a tensor of this shape (1 for a scalar). */
+export function elementsOf(shape: readonly number[]): number {
+  return shape.reduce((count, dim) => count * dim, 1);
+}
+
 /** Bytes a tensor of this dtype and shape occupies; a bigint, since a lying shape can overflow a double. */
 export function tensorByteLength(dtype: DType, shape: readonly number[]): bigint {
   return shape.reduce((bytes, dim) => bytes * BigInt(dim), BigInt(DTYPE_SIZE[dtype]));

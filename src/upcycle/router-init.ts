@@ -32,7 +32,7 @@ import { resolve } from "node:path";
 import { denseToBamName, type ModelTensor, type OpenedModel } from "../arch/model.js";
 import type { Seed } from "../arch/index.js";
 import { BamError } from "../errors.js";
-import { isFloatDType, toFloat32, type FloatDType } from "../safetensors/index.js";
+import { elementsOf, isFloatDType, toFloat32, type FloatDType } from "../safetensors/index.js";
 import { averageInto } from "./average.js";
 import { resolveModelReference } from "./mergekit.js";
 import { readYamlFile, type ExpertPrompts, type PromptsMapping } from "./options.js";
@@ -219,7 +219,7 @@ export function averagedModel(plan: UpcyclePlan, seeds: Seed[], chunk = AVERAGE_
         if (!isFloatDType(dtype)) throw new BamError("DTYPE_UNSUPPORTED", `${seed.dir}: tensor ${source} is ${dtype}`);
         return dtype;
       });
-      const count = tensors.get(name)!.shape.reduce((a, b) => a * b, 1);
+      const count = elementsOf(tensors.get(name)!.shape);
       const out = new Uint8Array(count * 4);
       // The executor's averaging, chunk by chunk: the same numbers, in bounded memory whatever the tensor.
       for (let start = 0; start < count; start += chunk) {
