@@ -15,13 +15,14 @@
  *
  * The key hashes this engine's version, config.json, each weight file's
  * name, size, modification time and safetensors header (as the validating
- * reader parses it), and the side files' (tokenizer, generation_config.json:
- * src/arch/folder.ts) names, sizes and times. Rewriting weights (save_pretrained, an upcycle,
- * fine-tuning) changes times and usually headers, so the key catches it
- * without reading gigabytes of data on every run; hashing the data itself
- * would cost seconds to minutes per call on real models. (The device and
- * inode add nothing here: a copied folder has new times anyway, and the
- * same weights at another path may share an export.)
+ * reader parses it), and the side files' names, sizes and times (tokenizer,
+ * generation_config.json: src/arch/folder.ts). Rewriting weights
+ * (save_pretrained, an upcycle, fine-tuning) changes times and usually
+ * headers, so the key catches it without reading gigabytes of data on
+ * every run; hashing the data itself would cost seconds to minutes per call
+ * on real models. (The device and inode add nothing here: a copied folder
+ * has new times anyway, and the same weights at another path may share an
+ * export.)
  *
  * Weights are stored as float32 whatever their dtype: onnxruntime's CPU
  * provider has no bf16 kernels for MatMul or Gemm, so bf16 initializers
