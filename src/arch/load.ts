@@ -4,7 +4,7 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
-import { CheckpointFiles, DTYPE_SIZE, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
+import { CheckpointFiles, concat, DTYPE_SIZE, elementsOf, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -63,11 +63,11 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
       entryBytes: checkpoint.tensors.size * TENSOR_ENTRY_BYTES,
       read: async (name) => {
         const t = tensor(name);
-        return reader.read(t, 0, elementCount(t.shape));
+        return reader.read(t, 0, elementsOf(t.shape));
       },
       readElements: async (name, start, count, into) => {
         const t = tensor(name);
-        const total = elementCount(t.shape);
+        const total = elementsOf(t.shape);
         if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
           throw new BamError("INVALID_OFFSET", `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`);
         }
@@ -178,15 +178,6 @@ function checkpointLabel(checkpoint: CheckpointFiles): string {
   return isAbsolute(only) ? only : join(checkpoint.dir, only);
 }
 
-/** Number of values of a model: every canonical tensor once (a tied head is the embedding). */
-export function parameterCount(model: Pick<DenseModel, "tensors">): number {
-  let total = 0;
-  for (const tensor of model.tensors.values()) total += elementCount(tensor.shape);
-  return total;
-}
-
-const elementCount = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
-
 type ByteReader = Pick<CheckpointFiles, "read" | "readBytes">;
 
 /**
@@ -231,7 +222,7 @@ export class CanonicalReader {
  */
 export function sourceSegments(source: TensorSource, start: number, count: number): Array<[number, number]> {
   const size = DTYPE_SIZE[source.dtype];
-  const rowLength = elementCount(source.sourceShape.slice(1));
+  const rowLength = elementsOf(source.sourceShape.slice(1));
   const rows = source.rows ?? [[0, source.sourceShape[0] ?? 1]];
   const end = start + count;
   const segments: Array<[number, number]> = [];
@@ -259,18 +250,8 @@ async function readTransposed(files: ByteReader, tensor: CanonicalTensor): Promi
   const transposed = transpose2d(await files.read(sourceName), inner, outer, size);
   if (rows === null) return transposed;
   const rowBytes = inner * size;
-  return concat(rows.map(([row, count]) => transposed.subarray(row * rowBytes, (row + count) * rowBytes)));
-}
-
-function concat(parts: readonly Uint8Array[]): Uint8Array {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
+  const parts = rows.map(([row, count]) => transposed.subarray(row * rowBytes, (row + count) * rowBytes));
+  return parts.length === 1 ? parts[0]! : concat(parts);
 }
 
 /** [rows, cols] -> [cols, rows], moving whole elements (bit patterns untouched). */

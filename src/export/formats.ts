@@ -5,6 +5,7 @@
  */
 import { BamError } from "../errors.js";
 import { featuresToConfig, sizeConfig } from "../arch/features.js";
+import { tokenIds } from "../arch/folder.js";
 import type { AttentionExperts, BlockKind, MoeSettings, SeedRecord } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
 import type { FloatDType } from "../safetensors/index.js";
@@ -31,15 +32,6 @@ export interface FormatPlan {
 const UPCYCLED_FROM_AFTER = "capacity_factor";
 
 const TORCH_DTYPE: Record<FloatDType, string> = { F32: "float32", F16: "float16", BF16: "bfloat16" };
-
-/** Token ids and generation defaults carried over from the first seed's config. */
-function tokenIds(seedConfig: Record<string, unknown>): Record<string, unknown> {
-  const kept: Record<string, unknown> = {};
-  for (const key of ["bos_token_id", "eos_token_id", "pad_token_id"]) {
-    if (seedConfig[key] !== undefined) kept[key] = seedConfig[key];
-  }
-  return kept;
-}
 
 /**
  * The format's plan for a model whose tensors have these BAM `names`;

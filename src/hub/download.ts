@@ -2,11 +2,13 @@
  * Downloads the files a seed needs into the Hugging Face cache with the
  * official client (@huggingface/hub, loaded only when a download happens), so
  * Python tools find them too. Only config.json, the safetensors weights and
- * the side files asked for are fetched; pickle-only repositories are refused
- * before a byte of weights moves.
+ * the side files (tokenizer, generation defaults: src/arch/folder.ts) are
+ * fetched; pickle-only repositories are refused before a byte of weights
+ * moves.
  */
 import { mkdir, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import { isSideFile } from "../arch/folder.js";
 import { BamError, ioError } from "../errors.js";
 import { COMMIT_HASH, fetchCommand, indexShards, repoFolder, type HubSettings, type RepoRef } from "./cache.js";
 
@@ -21,8 +23,6 @@ export interface DownloadProgress {
 
 export interface DownloadOptions {
   settings: HubSettings;
-  /** Side files to fetch besides config.json and the weights, by name. */
-  sideFiles: RegExp;
   onProgress?: (progress: DownloadProgress) => void;
   signal?: AbortSignal;
 }
@@ -59,7 +59,7 @@ export async function downloadSeed(ref: RepoRef, options: DownloadOptions): Prom
     const first = ["config.json", ...(weights === INDEX_FILE ? [INDEX_FILE] : [])].filter((file) => sizes.has(file));
     for (const file of first) await download(file);
     const shards = weights === INDEX_FILE ? (await indexShards(join(snapshot, INDEX_FILE))).filter((shard) => sizes.has(shard)) : [weights];
-    const rest = [...shards, ...[...sizes.keys()].filter((file) => options.sideFiles.test(file)).sort()];
+    const rest = [...shards, ...[...sizes.keys()].filter(isSideFile).sort()];
     totalBytes = [...first, ...rest].reduce((sum, file) => sum + sizes.get(file)!, 0);
     for (const file of rest) await download(file);
     if (ref.revision !== commit) {

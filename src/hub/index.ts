@@ -27,15 +27,13 @@ export interface SeedSource {
 }
 
 export interface ResolveOptions {
-  /** Side files a seed brings besides config.json and the weights (tokenizer, ...), downloaded when the repository has them. */
-  sideFiles: RegExp;
   /** The cache and Hub settings; from the environment when absent. */
   settings?: HubSettings;
   onDownload?: (progress: DownloadProgress) => void;
   signal?: AbortSignal;
 }
 
-export async function resolveSeed(argument: string, options: ResolveOptions): Promise<SeedSource> {
+export async function resolveSeed(argument: string, options: ResolveOptions = {}): Promise<SeedSource> {
   if (await pathExists(argument)) {
     const cached = await cacheFolder(resolve(argument));
     if (cached === undefined) return { dir: argument, name: basename(resolve(argument)) };
@@ -53,7 +51,7 @@ export async function resolveSeed(argument: string, options: ResolveOptions): Pr
     const where = snapshot === undefined ? `no such folder, and not in the Hugging Face cache ${settings.cacheDir}` : `the cached snapshot ${snapshot} lacks ${missing!.join(", ")}`;
     throw new BamError("SEED_MISSING", `${argument}: ${where} (HF_HUB_OFFLINE is set); fetch it with \`${fetchCommand(ref)}\`, or unset HF_HUB_OFFLINE to download it`);
   }
-  const downloaded = await downloadSeed(ref, { settings, sideFiles: options.sideFiles, onProgress: options.onDownload, signal: options.signal });
+  const downloaded = await downloadSeed(ref, { settings, onProgress: options.onDownload, signal: options.signal });
   await checkComplete(downloaded.snapshot, ref, " after the download");
   return { dir: downloaded.snapshot, name: ref.repoId, ...ref, commit: downloaded.commit };
 }

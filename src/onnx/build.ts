@@ -33,10 +33,11 @@ import type { OpenedModel } from "../arch/model.js";
 import { expertModule, moduleName, tensorName } from "../arch/names.js";
 import type { ArchFeatures } from "../arch/types.js";
 import { BamError } from "../errors.js";
+import { concat } from "../safetensors/index.js";
 import { float, Graph } from "./graph.js";
 import { DataType } from "./proto.js";
 import { ropeFrequencies } from "./rope.js";
-import { concat, gatherColumns, gatherRows, WeightSource } from "./weights.js";
+import { gatherColumns, gatherRows, WeightSource } from "./weights.js";
 
 export const OPSET = 18;
 /** Fills masked attention scores: finite, so a fully masked row (left padding) stays finite and uniform. */

@@ -14,13 +14,15 @@
  * stamps name the same model folder) are removed once the new one is complete.
  *
  * The key hashes this engine's version, config.json, each weight file's
- * name, size, modification time and safetensors header, and the tokenizer
- * files' sizes and times. Rewriting weights (save_pretrained, an upcycle,
- * fine-tuning) changes times and usually headers, so the key catches it
- * without reading gigabytes of data on every run; hashing the data itself
- * would cost seconds to minutes per call on real models. (The device and
- * inode add nothing here: a copied folder has new times anyway, and the
- * same weights at another path may share an export.)
+ * name, size, modification time and safetensors header (as the validating
+ * reader parses it), and the side files' names, sizes and times (tokenizer,
+ * generation_config.json: src/arch/folder.ts). Rewriting weights
+ * (save_pretrained, an upcycle, fine-tuning) changes times and usually
+ * headers, so the key catches it without reading gigabytes of data on
+ * every run; hashing the data itself would cost seconds to minutes per call
+ * on real models. (The device and inode add nothing here: a copied folder
+ * has new times anyway, and the same weights at another path may share an
+ * export.)
  *
  * Weights are stored as float32 whatever their dtype: onnxruntime's CPU
  * provider has no bf16 kernels for MatMul or Gemm, so bf16 initializers
@@ -28,12 +30,14 @@
  * at load: half the disk, the same memory, and a second graph to keep exact.
  */
 import { createHash } from "node:crypto";
-import { copyFile, mkdir, open, readdir, readFile, realpath, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, realpath, rm, stat, writeFile } from "node:fs/promises";
 import { basename, dirname, join, resolve, sep } from "node:path";
+import { sideFiles, tokenIdsOrNull, writeInto, writeSideFiles } from "../arch/folder.js";
 import { openModel, type OpenedModel } from "../arch/model.js";
 import { userCacheDir } from "../cache-dir.js";
 import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
+import { SafetensorsReader } from "../safetensors/index.js";
 import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
 import { MODEL_FILE, writeModel } from "./write.js";
 
@@ -43,7 +47,6 @@ export const STAMP_FILE = "bam-onnx.json";
 const ONNX_SUBFOLDER = "onnx";
 /** The exports' folder inside the user cache. */
 const EXPORTS_SUBFOLDER = "onnx";
-const TOKENIZER_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json))$/;
 const PRODUCER_VERSION = "0.1.0";
 
 export interface PrepareOptions {
@@ -73,7 +76,8 @@ export interface PreparedOnnx {
 export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}): Promise<PreparedOnnx> {
   const model = await openModel(modelDir);
   try {
-    const key = await sourceKey(model);
+    const side = await sideFiles(model.dir);
+    const key = await sourceKey(model, side);
     const folder = resolve(options.output ?? (await cacheFolder(modelDir, key, options.cacheDir)));
     const source = resolve(modelDir);
     if (source === folder || source.startsWith(`${folder}${sep}`)) {
@@ -87,7 +91,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
     try {
       await mkdir(join(target.path, ONNX_SUBFOLDER));
       await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), { signal: options.signal, onProgress: options.onProgress });
-      await writeSideFiles(model, target.path);
+      await writeFolderFiles(model, side, target.path);
       await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify({ key, engine: ENGINE_VERSION, source: await realSource(modelDir) }, null, 2)}\n`);
       await target.commit();
     } catch (error) {
@@ -134,9 +138,7 @@ function transformersConfig(model: OpenedModel): Record<string, unknown> {
     num_key_value_heads: cache.heads,
     head_dim: cache.headDim,
     max_position_embeddings: f.maxPositions,
-    bos_token_id: raw.bos_token_id ?? null,
-    eos_token_id: raw.eos_token_id ?? null,
-    pad_token_id: raw.pad_token_id ?? null,
+    ...tokenIdsOrNull(raw),
     // no use_external_data_format: in Node, onnxruntime finds onnx/model.onnx_data by itself, while
     // transformers.js 4.3 would also stream the whole data file into memory in the background (its
     // FileResponse reads eagerly); a browser user passes use_external_data_format: true instead
@@ -154,35 +156,23 @@ function transformersConfig(model: OpenedModel): Record<string, unknown> {
   };
 }
 
-async function writeSideFiles(model: OpenedModel, dir: string): Promise<void> {
-  try {
-    const entries = await readdir(model.dir);
-    for (const entry of entries) if (TOKENIZER_FILES.test(entry)) await copyFile(join(model.dir, entry), join(dir, entry));
-    // transformers.js's AutoTokenizer needs a tokenizer_config.json, even an empty one
-    if (entries.includes("tokenizer.json") && !entries.includes("tokenizer_config.json")) await writeFile(join(dir, "tokenizer_config.json"), "{}\n");
-    await writeFile(join(dir, "config.json"), `${JSON.stringify(transformersConfig(model), null, 2)}\n`);
-    if (entries.includes("generation_config.json")) {
-      await copyFile(join(model.dir, "generation_config.json"), join(dir, "generation_config.json"));
-    } else {
-      const raw = model.rawConfig;
-      const defaults = Object.fromEntries(["bos_token_id", "eos_token_id", "pad_token_id"].filter((k) => raw[k] != null).map((k) => [k, raw[k]]));
-      await writeFile(join(dir, "generation_config.json"), `${JSON.stringify(defaults, null, 2)}\n`);
-    }
-  } catch (error) {
-    throw ioError(dir, error);
-  }
+/** The model's side files (`side`, from sideFiles) and config.json for transformers.js. */
+async function writeFolderFiles(model: OpenedModel, side: readonly string[], dir: string): Promise<void> {
+  await writeSideFiles(model.dir, side, dir, model.rawConfig);
+  // transformers.js's AutoTokenizer needs a tokenizer_config.json, even an empty one
+  if (side.includes("tokenizer.json") && !side.includes("tokenizer_config.json")) await writeInto(dir, "tokenizer_config.json", (path) => writeFile(path, "{}\n"));
+  await writeInto(dir, "config.json", (path) => writeFile(path, `${JSON.stringify(transformersConfig(model), null, 2)}\n`));
 }
 
-async function sourceKey(model: OpenedModel): Promise<string> {
+async function sourceKey(model: OpenedModel, side: readonly string[]): Promise<string> {
   const hash = createHash("sha256").update(`bam-onnx engine ${ENGINE_VERSION}\n`);
   const configPath = join(model.dir, "config.json");
-  const tokenizerFiles = (await readdir(model.dir)).filter((e) => TOKENIZER_FILES.test(e)).sort().map((e) => join(model.dir, e));
   try {
     hash.update(await readFile(configPath));
-    for (const file of [...model.files, ...tokenizerFiles]) {
+    for (const file of [...model.files, ...side.map((name) => join(model.dir, name))]) {
       const info = await stat(file);
       hash.update(`\n${basename(file)} ${info.size} ${info.mtimeMs}\n`);
-      if (file.endsWith(".safetensors")) hash.update(await safetensorsHeader(file));
+      if (file.endsWith(".safetensors")) hash.update(await headerKey(file));
     }
   } catch (error) {
     throw ioError(model.dir, error);
@@ -190,17 +180,14 @@ async function sourceKey(model: OpenedModel): Promise<string> {
   return hash.digest("hex");
 }
 
-async function safetensorsHeader(file: string): Promise<Uint8Array> {
-  const handle = await open(file, "r");
+/** A weights file's header as the validating reader parses it: data offset, metadata, and each tensor's name, dtype, shape and byte range. */
+async function headerKey(file: string): Promise<string> {
+  const reader = await SafetensorsReader.open(file);
   try {
-    const length = new Uint8Array(8);
-    await handle.read(length, 0, 8, 0);
-    const size = Number(new DataView(length.buffer).getBigUint64(0, true));
-    const header = new Uint8Array(Math.min(size, 100_000_000)); // the reader has validated the file already
-    await handle.read(header, 0, header.length, 8);
-    return header;
+    const tensors = [...reader.tensors.values()].map(({ name, dtype, shape, byteOffset, byteLength }) => [name, dtype, shape, byteOffset, byteLength]);
+    return JSON.stringify([reader.headerLength, reader.metadata, tensors]);
   } finally {
-    await handle.close();
+    await reader.close();
   }
 }
 

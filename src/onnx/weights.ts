@@ -57,13 +57,3 @@ export function gatherColumns(blocks: Array<{ from: Float32Array; width: number;
   }
   return out;
 }
-
-export function concat(parts: Float32Array[]): Float32Array {
-  const out = new Float32Array(parts.reduce((sum, p) => sum + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
-}

@@ -8,6 +8,7 @@
 import { open, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { BamError, ioError } from "../errors.js";
+import { elementsOf } from "../safetensors/index.js";
 import { valueInfo, type Graph } from "./graph.js";
 import { DataType, encodeModel, IR_VERSION, type TensorMessage } from "./proto.js";
 
@@ -30,7 +31,7 @@ export interface WriteModelOptions {
 
 /** Writes `model.onnx` and `model.onnx_data` into `dir`; returns the bytes of weights. */
 export async function writeModel(graph: Graph, dir: string, options: WriteModelOptions): Promise<number> {
-  const total = graph.weights.reduce((sum, w) => sum + 4 * elements(w.dims), 0);
+  const total = graph.weights.reduce((sum, w) => sum + 4 * elementsOf(w.dims), 0);
   const initializers: TensorMessage[] = [];
   const dataPath = join(dir, DATA_FILE);
   let offset = 0;
@@ -44,7 +45,7 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
     for (const weight of graph.weights) {
       if (options.signal?.aborted) throw new BamError("ABORTED", `${dir}: interrupted`);
       const values = await weight.produce();
-      if (values.length !== elements(weight.dims)) {
+      if (values.length !== elementsOf(weight.dims)) {
         throw new BamError("TENSOR_SHAPE", `${weight.name}: ${values.length} values for shape [${weight.dims}]`);
       }
       const bytes = new Uint8Array(values.buffer, values.byteOffset, values.byteLength);
@@ -90,8 +91,4 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
     throw ioError(join(dir, MODEL_FILE), error);
   }
   return total;
-}
-
-function elements(dims: number[]): number {
-  return dims.reduce((a, b) => a * b, 1);
 }

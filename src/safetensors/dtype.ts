@@ -24,6 +24,25 @@ export function isShape(value: unknown): value is number[] {
   return Array.isArray(value) && value.every((dim) => Number.isSafeInteger(dim) && dim >= 0);
 }
 
+/** The parts one after another, in a new array (a plain Uint8Array for bytes, Buffers included). */
+export function concat(parts: readonly Float32Array[]): Float32Array;
+export function concat(parts: readonly Uint8Array[]): Uint8Array;
+export function concat(parts: readonly (Float32Array | Uint8Array)[]): Float32Array | Uint8Array {
+  const length = parts.reduce((n, p) => n + p.length, 0);
+  const out = parts[0] instanceof Float32Array ? new Float32Array(length) : new Uint8Array(length);
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+/** Elements of a tensor of this shape (1 for a scalar). */
+export function elementsOf(shape: readonly number[]): number {
+  return shape.reduce((count, dim) => count * dim, 1);
+}
+
 /** Bytes a tensor of this dtype and shape occupies; a bigint, since a lying shape can overflow a double. */
 export function tensorByteLength(dtype: DType, shape: readonly number[]): bigint {
   return shape.reduce((bytes, dim) => bytes * BigInt(dim), BigInt(DTYPE_SIZE[dtype]));

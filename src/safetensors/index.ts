@@ -1,5 +1,5 @@
 export {
-  type DType, DTYPE_SIZE, isDType, isShape, tensorByteLength,
+  type DType, DTYPE_SIZE, isDType, isShape, tensorByteLength, elementsOf, concat,
   type FloatDType, isFloatDType, firstNonFinite, toFloat32, fromFloat32, decodeFloatsInto, encodeFloatsInto, convertFloats,
 } from "./dtype.js";
 export { type TensorInfo, SafetensorsReader, MAX_TENSORS_PER_FILE, TENSOR_ENTRY_BYTES } from "./reader.js";

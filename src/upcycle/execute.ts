@@ -5,13 +5,11 @@
  * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import { convertFloats, DTYPE_SIZE, firstNonFinite, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import { convertFloats, DTYPE_SIZE, elementsOf, firstNonFinite, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
 import { type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
 import { RandomStream } from "./random.js";
-
-const elementsOf = (shape: number[]) => shape.reduce((a, b) => a * b, 1);
 
 /** Fills a byte range of one output tensor; see TensorToWrite. */
 type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;

@@ -4,16 +4,17 @@
  * `executePlan(plan)` checks the plan against the seeds as they are now and
  * runs it into an atomic output folder; `upcycle(options)` is the two.
  */
-import { copyFile, readdir, writeFile } from "node:fs/promises";
+import { copyFile, writeFile } from "node:fs/promises";
 import { basename, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { openSeed, type Seed } from "../arch/index.js";
-import { BamError, ioError, isBamError } from "../errors.js";
+import { sideFiles, writeInto, writeSideFiles } from "../arch/folder.js";
+import { BamError, isBamError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { modelCard, type CardModel } from "../export/card.js";
 import { configJson, formatDefaults, formatTensorName } from "../export/formats.js";
 import { resolveSeed, type DownloadProgress } from "../hub/index.js";
-import { checkInsideFolder, openRegularFile, shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
+import { shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from "../safetensors/index.js";
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
@@ -79,8 +80,6 @@ export interface UpcycleResult {
   seeds: HashedSeed[];
 }
 
-/** Files copied from the first seed when present (tokenizer and generation defaults). */
-const SEED_SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|generation_config\.json|chat_template\.(jinja|json))$/;
 /** Marks the shards as PyTorch weights, as transformers writes them. */
 const SHARD_METADATA = { format: "pt" };
 const PYTHON_DIR = fileURLToPath(new URL("../../../python/", import.meta.url));
@@ -91,7 +90,7 @@ async function withSeeds<T>(refs: string[], hooks: SeedHooks, body: (seeds: Seed
   try {
     for (const ref of refs) {
       if (hooks.signal?.aborted) throw new BamError("ABORTED", `${ref}: interrupted before the seed was read`);
-      const source = await resolveSeed(ref, { sideFiles: SEED_SIDE_FILES, onDownload: hooks.onDownload, signal: hooks.signal });
+      const source = await resolveSeed(ref, { onDownload: hooks.onDownload, signal: hooks.signal });
       seeds.push(await openSeed(source.dir, source.name));
     }
     return await body(seeds);
@@ -331,7 +330,7 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
     const seedHashes = await hashing.result;
     for (const seed of seeds) await seed.checkUnchanged(); // what was read and hashed is one version of each seed
     const recipe = recipeYaml(plan.options, prompts);
-    await writeSideFiles(folder.path, seeds[0]!.dir, copied, {
+    await writeOutputFiles(folder.path, seeds[0]!, copied, {
       "config.json": configJson(plan.format, seedHashes),
       "recipe.yaml": recipe,
       "README.md": modelCard(cardModel(plan, output), recipe, plan.format.remoteCode, seeds),
@@ -339,7 +338,7 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
     if (hooks.signal?.aborted) throw new BamError("ABORTED", `${output}: interrupted; nothing was written`);
     await folder.commit();
     return {
-      output: output,
+      output,
       plan,
       files: written.files.map((file) => join(output, basename(file))), // where they are now, not the temp folder
       bytesWritten,
@@ -357,42 +356,11 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
   }
 }
 
-/**
- * The first seed's side files to copy, checked before anything is written:
- * each must be a regular file inside the seed folder (a link to a file of the
- * user's elsewhere would be copied into the output; a FIFO or /dev/zero would
- * hang the copy or fill the disk).
- */
-async function sideFiles(firstSeedDir: string): Promise<string[]> {
-  const names = (await readdir(firstSeedDir).catch((error: unknown) => { throw ioError(firstSeedDir, error); }))
-    .filter((entry) => SEED_SIDE_FILES.test(entry))
-    .sort();
-  for (const name of names) {
-    const file = join(firstSeedDir, name);
-    await checkInsideFolder(firstSeedDir, file);
-    const { handle } = await openRegularFile(file).catch((error: unknown) => { throw ioError(file, error); });
-    await handle.close();
-  }
-  return names;
-}
-
-async function writeSideFiles(dir: string, firstSeedDir: string, fromSeed: readonly string[], generated: Record<string, string>, remoteCode: boolean): Promise<void> {
-  // Each failure names the file being written (copyFile's own error names its source, which is not what ran out of space).
-  const write = async (file: string, body: () => Promise<void>) => body().catch((error: unknown) => { throw ioError(join(dir, file), error); });
-  for (const entry of fromSeed) await write(entry, () => copyFile(join(firstSeedDir, entry), join(dir, entry)));
+/** The output's side files: the first seed's (checked by sideFiles), the model code for trust_remote_code, and the generated files. */
+async function writeOutputFiles(dir: string, firstSeed: Seed, copied: readonly string[], generated: Record<string, string>, remoteCode: boolean): Promise<void> {
+  await writeSideFiles(firstSeed.dir, copied, dir, firstSeed.rawConfig);
   if (remoteCode) {
-    for (const file of ["configuration_bam.py", "modeling_bam.py"]) await write(file, () => copyFile(join(PYTHON_DIR, file), join(dir, file)));
+    for (const file of ["configuration_bam.py", "modeling_bam.py"]) await writeInto(dir, file, (path) => copyFile(join(PYTHON_DIR, file), path));
   }
-  for (const [file, text] of Object.entries(generated)) await write(file, () => writeFile(join(dir, file), text));
-  if (!fromSeed.includes("generation_config.json")) {
-    await write("generation_config.json", () => writeFile(join(dir, "generation_config.json"), `${JSON.stringify(generationDefaults(generated), null, 2)}\n`));
-  }
-}
-
-/** A minimal generation_config.json when the seed has none: the config's token ids. */
-function generationDefaults(generated: Record<string, string>): Record<string, unknown> {
-  const config = JSON.parse(generated["config.json"]!) as Record<string, unknown>;
-  const defaults: Record<string, unknown> = {};
-  for (const key of ["bos_token_id", "eos_token_id", "pad_token_id"]) if (config[key] !== undefined) defaults[key] = config[key];
-  return defaults;
+  for (const [file, text] of Object.entries(generated)) await writeInto(dir, file, (path) => writeFile(path, text));
 }

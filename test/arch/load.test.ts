@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { parameterCount } from "../../src/arch/load.js";
+import { countParameters } from "../../src/arch/describe.js";
 import { CanonicalReader, sourceSegments, transpose2d } from "../../src/arch/load.js";
 import { featuresFromConfig, featuresToConfig } from "../../src/arch/features.js";
 import { FAMILIES, type CanonicalTensor, type Family } from "../../src/arch/types.js";
@@ -299,12 +299,13 @@ test("BF16 checkpoints keep their dtype; tokenizer.json is hashed", async () => 
   });
 });
 
-test("parameterCount counts every canonical tensor once", async () => {
+test("countParameters counts every canonical tensor of a dense seed once, all of them active", async () => {
   const dir = newDir();
   await writeSynthetic(dir, "qwen2");
   await withSeed(dir, async (seed) => {
     const perLayer = 2 * H + (HEADS * D * H + HEADS * D) + 2 * (KV * D * H + KV * D) + H * HEADS * D + 3 * I * H;
-    assert.equal(parameterCount(seed), V * H + L * perLayer + H); // tied: no head
+    const total = V * H + L * perLayer + H; // tied: no head
+    assert.deepEqual(countParameters(seed.tensors.values(), 1, 1), { total, activePerToken: total });
   });
 });
 

@@ -17,7 +17,6 @@ import { fixture, withTempDir } from "../helpers.js";
 import { addSnapshot, HUB_PYTHON, pythonSnapshot, repoDir, weights, withEnv } from "./hub-cache.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
-const SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|generation_config\.json)$/;
 
 interface Cache { dir: string; base: string; code: string; math: string; sharded: string }
 
@@ -43,20 +42,20 @@ describe("seeds from the Hugging Face cache", () => {
       const cache = await makeCache(dir);
       const settings = { cacheDir: cache.dir, offline: true, endpoint: "http://127.0.0.1:9", token: undefined };
       const snapshot = (repo: string, commit: string) => resolve(repoDir(cache.dir, repo), "snapshots", commit);
-      const byId = await resolveSeed("org/base", { sideFiles: SIDE_FILES, settings });
+      const byId = await resolveSeed("org/base", { settings });
       assert.deepEqual(byId, { dir: snapshot("org/base", cache.base), name: "org/base", repoId: "org/base", revision: "main", commit: cache.base });
-      assert.equal((await resolveSeed("org/code@v2", { sideFiles: SIDE_FILES, settings })).dir, snapshot("org/code", cache.math));
-      assert.equal((await resolveSeed(`org/code@${cache.code}`, { sideFiles: SIDE_FILES, settings })).dir, snapshot("org/code", cache.code));
-      const root = await resolveSeed(repoDir(cache.dir, "org/code"), { sideFiles: SIDE_FILES, settings });
+      assert.equal((await resolveSeed("org/code@v2", { settings })).dir, snapshot("org/code", cache.math));
+      assert.equal((await resolveSeed(`org/code@${cache.code}`, { settings })).dir, snapshot("org/code", cache.code));
+      const root = await resolveSeed(repoDir(cache.dir, "org/code"), { settings });
       assert.deepEqual([root.dir, root.name], [snapshot("org/code", cache.code), "org/code"]);
-      const sharded = await resolveSeed("org/sharded", { sideFiles: SIDE_FILES, settings });
+      const sharded = await resolveSeed("org/sharded", { settings });
       assert.equal(sharded.dir, snapshot("org/sharded", cache.sharded));
       if (HUB_PYTHON !== null) {
         assert.equal(pythonSnapshot(cache.dir, "org/code", "v2"), snapshot("org/code", cache.math));
         assert.equal(pythonSnapshot(cache.dir, "org/sharded", "main"), sharded.dir);
       }
       // An existing local path is a folder, always: a fixture folder keeps its folder name.
-      assert.deepEqual(await resolveSeed(fixture("llama", "base"), { sideFiles: SIDE_FILES, settings }), { dir: fixture("llama", "base"), name: "base" });
+      assert.deepEqual(await resolveSeed(fixture("llama", "base"), { settings }), { dir: fixture("llama", "base"), name: "base" });
     }));
 
   test("the upcycle of ids equals the upcycle of the folders byte for byte, experts and card named by repo id", () =>

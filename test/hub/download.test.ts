@@ -23,7 +23,6 @@ import { fixture, withTempDir } from "../helpers.js";
 import { HUB_PYTHON, pythonSnapshot, repoDir, weights, withEnv } from "./hub-cache.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
-const SIDE_FILES = /^(tokenizer\.json|tokenizer_config\.json|generation_config\.json)$/;
 const TOKEN = "hf_test_token";
 /** Far above what one download makes (a few requests per file); past it the server answers 429 and the test fails. */
 const MAX_REQUESTS = 200;
@@ -160,7 +159,7 @@ describe("seeds downloaded from the Hub", () => {
 
         // Cached now: offline resolves without the server.
         const before = hub.requests.length;
-        const again = await resolveSeed("org/sharded", { sideFiles: SIDE_FILES, settings: { cacheDir, offline: true, endpoint: hub.url, token: undefined } });
+        const again = await resolveSeed("org/sharded", { settings: { cacheDir, offline: true, endpoint: hub.url, token: undefined } });
         assert.equal(again.dir, join(root, "snapshots", commit));
         assert.equal(hub.requests.length, before);
       });
@@ -185,7 +184,7 @@ describe("seeds downloaded from the Hub", () => {
         const evil = { ...repos["org/code"], commit: "../../../escaped" };
         await withHub({ "org/evil": evil }, undefined, async (other) => {
           const settings = { cacheDir: join(dir, "hub"), offline: false, endpoint: other.url, token: undefined };
-          await assert.rejects(resolveSeed("org/evil", { sideFiles: SIDE_FILES, settings }), (error: unknown) => isBamError(error, "HUB_ERROR") && /no commit hash/.test(error.message));
+          await assert.rejects(resolveSeed("org/evil", { settings }), (error: unknown) => isBamError(error, "HUB_ERROR") && /no commit hash/.test(error.message));
           assert.deepEqual(other.requests.map((r) => r.split(" ")[1]), ["/api/models/org/evil/revision/main"]);
         });
         assert.equal(existsSync(join(dir, "escaped")), false);

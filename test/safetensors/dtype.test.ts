@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { BamError } from "../../src/errors.js";
 import {
-  convertFloats, DTYPE_SIZE, type FloatDType, fromFloat32, isDType, isFloatDType, toFloat32,
+  concat, convertFloats, DTYPE_SIZE, type FloatDType, fromFloat32, isDType, isFloatDType, toFloat32,
 } from "../../src/safetensors/dtype.js";
 import { SafetensorsReader } from "../../src/safetensors/reader.js";
 
@@ -164,3 +164,14 @@ function patterns(bytes: Uint8Array, dtype: FloatDType): Uint16Array | Uint32Arr
   const copy = bytes.slice().buffer;
   return dtype === "F32" ? new Uint32Array(copy) : new Uint16Array(copy);
 }
+
+test("concat: parts in order, as floats or as plain bytes (Buffers too)", () => {
+  const floats = [Float32Array.of(1.5, -0), Float32Array.of(NaN, 3e38)];
+  const joined = concat(floats);
+  assert.ok(joined instanceof Float32Array);
+  assert.deepEqual([...joined], [...floats[0]!, ...floats[1]!]);
+  const parts = [Buffer.from([1, 2]), new Uint8Array([3]), Buffer.from([4, 5]).subarray(1)];
+  const bytes = concat(parts);
+  assert.equal(Object.getPrototypeOf(bytes), Uint8Array.prototype);
+  assert.deepEqual([...bytes], parts.flatMap((part) => [...part]));
+});

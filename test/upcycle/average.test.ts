@@ -3,14 +3,22 @@
  * exactly the bytes of the plain JavaScript computation: float64 sums in
  * seed order, one rounding to float32, then the output dtype. NaN payloads
  * included: where two sources hold different NaNs, the kernel adds in the
- * order V8 does on x64, so the same one survives.
+ * order V8 does on x64, so the same one survives. The averaged model that
+ * router init runs through computes with the same code.
  */
 import assert from "node:assert/strict";
+import { join } from "node:path";
 import { test } from "node:test";
-import { DTYPE_SIZE, fromFloat32, toFloat32, type FloatDType } from "../../src/safetensors/index.js";
+import { openSeed } from "../../src/arch/load.js";
+import { DTYPE_SIZE, fromFloat32, SafetensorsReader, toFloat32, type FloatDType } from "../../src/safetensors/index.js";
 import { assembleKernel, kernelSource } from "../../scripts/build-kernel.js";
 import { AveragePool } from "../../src/upcycle/average.js";
 import { AVERAGE_KERNEL_BASE64 } from "../../src/upcycle/average-kernel.js";
+import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
+import { resolveOptions } from "../../src/upcycle/options.js";
+import { buildPlan, seedFiles } from "../../src/upcycle/plan.js";
+import { averagedModel } from "../../src/upcycle/router-init.js";
+import { bytesEqual, fixture, withTempDir } from "../helpers.js";
 
 /** Random values with varied exponents, NaN and infinities included, in `dtype`. */
 function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Array {
@@ -94,3 +102,26 @@ test("average-kernel.ts holds average.wat as assembled now (npm run build:kernel
   const assembled = await assembleKernel();
   assert.equal(kernelSource(assembled), kernelSource(Buffer.from(AVERAGE_KERNEL_BASE64, "base64")));
 });
+
+test("the averaged model that router init runs is the executor's average, byte for byte, in any chunking", () =>
+  withTempDir(async (dir) => {
+    const paths = (["base", "code", "math"] as const).map((v) => fixture("llama", v));
+    const options: UpcycleOptions = { seeds: paths, output: join(dir, "out"), attention: "merged", dtype: "f32", weights: [0.5, 0.3, 0.2] };
+    await upcycle(options);
+    const seeds = await Promise.all(paths.map((path) => openSeed(path)));
+    const output = await SafetensorsReader.open(join(dir, "out", "model.safetensors"));
+    try {
+      const plan = buildPlan(seeds, resolveOptions(options, "sequential"), await Promise.all(seeds.map(seedFiles)));
+      const averaged = plan.tensors.filter((t) => t.operation.kind === "average");
+      assert.ok(averaged.some((t) => t.name === "model.embed_tokens.weight") && averaged.some((t) => t.name.includes(".attn.")), averaged.map((t) => t.name).join(", "));
+      const [whole, chunked] = [averagedModel(plan, seeds), averagedModel(plan, seeds, 999)];
+      for (const { name } of averaged) {
+        const expected = await output.read(name);
+        assert.ok(bytesEqual(await whole.read(name), expected), name);
+        assert.ok(bytesEqual(await chunked.read(name), expected), `${name}, in chunks of 999 elements`);
+      }
+    } finally {
+      await output.close();
+      await Promise.all(seeds.map((seed) => seed.close()));
+    }
+  }));
