@@ -17,7 +17,7 @@ interface GenerateArgs {
 
 export const generateCommand: CommandModule<object, GenerateArgs> = {
   command: "generate <dir>",
-  describe: "Generate text on CPU with the KV cache (transformers.js), streaming it to stdout",
+  describe: "Generate text on CPU with the KV cache, streaming it to stdout",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
