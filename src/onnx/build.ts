@@ -6,9 +6,10 @@
  * Layout. Hidden states stay 2-D [N, H], N = batch x tokens, so every
  * projection is one Gemm on the stored [out, in] weights (transB). Per layer:
  *   attention: one Gemm for every expert's q, k and v (their rows stacked),
- *     heads [B, heads, T, D], rotary, the cache appended, grouped-query
- *     attention as two MatMuls over [B, kv_heads, group x T, ...], the soft
- *     router's weights applied per head, one Gemm over every expert's o rows;
+ *     heads [B, T, heads, D], rotary, grouped-query attention with the cache
+ *     (onnxruntime's GroupQueryAttention, or for generation's "slots" graph
+ *     MatMuls over [B, kv_heads, group x T, ...]), the soft router's weights
+ *     applied per head, one Gemm over every expert's o rows;
  *   FFN: dense, or top-k routing that is sparse in compute: per expert,
  *     NonZero finds its tokens, Gather takes them, its MLP runs on them
  *     alone, and ScatterND adds them back weighted by its gate (the router
@@ -26,7 +27,8 @@
  *
  * KV cache: `past_key_values.{l}.key|value` in, `present.{l}.key|value` out,
  * [batch, cacheHeads, sequence, head_dim] with cacheHeads = E x kv_heads for
- * moa and kv_heads otherwise (shared-kv: one cache for every expert).
+ * moa and kv_heads otherwise (shared-kv: one cache for every expert); or
+ * generation's slots (BuildOptions.cache).
  */
 import type { OpenedModel } from "../arch/model.js";
 import type { ArchFeatures } from "../arch/types.js";
