@@ -6,9 +6,10 @@
  * Layout. Hidden states stay 2-D [N, H], N = batch x tokens, so every
  * projection is one Gemm on the stored [out, in] weights (transB). Per layer:
  *   attention: one Gemm for every expert's q, k and v (their rows stacked),
- *     heads [B, heads, T, D], rotary, the cache appended, grouped-query
- *     attention as two MatMuls over [B, kv_heads, group x T, ...], the soft
- *     router's weights applied per head, one Gemm over every expert's o rows;
+ *     heads [B, T, heads, D], rotary, grouped-query attention with the cache
+ *     (onnxruntime's GroupQueryAttention, or for generation's "slots" graph
+ *     MatMuls over [B, kv_heads, group x T, ...]), the soft router's weights
+ *     applied per head, one Gemm over every expert's o rows;
  *   FFN: dense, or top-k routing that is sparse in compute: per expert,
  *     NonZero finds its tokens, Gather takes them, its MLP runs on them
  *     alone, and ScatterND adds them back weighted by its gate (the router
@@ -26,7 +27,8 @@
  *
  * KV cache: `past_key_values.{l}.key|value` in, `present.{l}.key|value` out,
  * [batch, cacheHeads, sequence, head_dim] with cacheHeads = E x kv_heads for
- * moa and kv_heads otherwise (shared-kv: one cache for every expert).
+ * moa and kv_heads otherwise (shared-kv: one cache for every expert); or
+ * generation's slots (BuildOptions.cache).
  */
 import type { GlobalSlot } from "../arch/families.js";
 import type { OpenedModel } from "../arch/model.js";
@@ -48,7 +50,22 @@ const globalWeight = (slot: GlobalSlot) => tensorName({ layer: null, slot, exper
 export interface BuildOptions {
   /** Also output each layer's attention input `attn_input.{l}` and FFN input `ffn_input.{l}` ([B, T, H]), for router init. */
   probes?: boolean;
+  /**
+   * The cache's inputs and outputs. "append" (default; transformers.js's
+   * convention): `past_key_values.{l}.key|value` in, the same with this call's
+   * tokens appended out as `present.{l}.key|value`. "slots" (generation's own
+   * loop, generate.ts): the caller's buffers `cache.{l}.key` [B, cacheHeads,
+   * head_dim, slots] (keys transposed) and `cache.{l}.value` [B, cacheHeads,
+   * slots, head_dim], read in place, with `attention_mask` [B, slots + T]
+   * marking the filled slots; out only this call's `new.{l}.key|value`
+   * [B, cacheHeads, T, head_dim], which the caller writes into free slots. No
+   * step copies the cache, and onnxruntime-node copies every output it returns.
+   */
+  cache?: "append" | "slots";
 }
+
+/** Names of the inputs and outputs of a "slots" graph's cache (see BuildOptions.cache). */
+export const slotNames = (l: number) => ({ key: `cache.${l}.key`, value: `cache.${l}.value`, newKey: `new.${l}.key`, newValue: `new.${l}.value` });
 
 /** What transformers.js must know of the cache: its heads per layer. */
 export interface CacheLayout {
@@ -105,10 +122,15 @@ class Builder {
   private batch = "";
   private cos = "";
   private sin = "";
-  private mask = "";
+  private bias = "";
+  private slotsMask = "";
+  private slotsSplit = "";
+  private pastLengths = "";
+  private totalLength = "";
   private queryShape = "";
   private kvShape = "";
   private readonly declared = new Set<string>();
+  private readonly slots: boolean;
 
   constructor(private readonly model: OpenedModel, private readonly options: BuildOptions) {
     this.f = model.features;
@@ -116,6 +138,7 @@ class Builder {
     this.layout = cacheLayout(model);
     this.heads = headLayout(model);
     this.dimOrder = rotaryDimOrder(this.f);
+    this.slots = options.cache === "slots";
   }
 
   build(): Graph {
@@ -126,6 +149,11 @@ class Builder {
     const positions = g.input("position_ids", DataType.INT64, ["batch_size", "sequence_length"]);
     const past: Array<[string, string]> = [];
     for (let l = 0; l < layers; l++) {
+      if (this.slots) {
+        const names = slotNames(l);
+        past.push([g.input(names.key, DataType.FLOAT, ["batch_size", heads, headDim, "slots"]), g.input(names.value, DataType.FLOAT, ["batch_size", heads, "slots", headDim])]);
+        continue;
+      }
       const shape = ["batch_size", heads, "past_sequence_length", headDim];
       past.push([g.input(`past_key_values.${l}.key`, DataType.FLOAT, shape), g.input(`past_key_values.${l}.value`, DataType.FLOAT, shape)]);
     }
@@ -136,7 +164,15 @@ class Builder {
     this.queryShape = g.op("Concat", [this.batch, g.int64([-1, this.layout.queryHeads, headDim])], { axis: 0 });
     this.kvShape = g.op("Concat", [this.batch, g.int64([-1, heads, headDim])], { axis: 0 });
     const flatPositions = g.op("Reshape", [positions, g.int64([-1])]);
-    this.mask = this.attentionMask(attentionMask, tokens);
+    if (this.slots) {
+      this.slotsMask = this.slotMask(attentionMask, positions, tokens);
+    } else {
+      this.bias = this.attentionBias(attentionMask, tokens);
+      // GroupQueryAttention's lengths (int32): every row spans the whole mask, whose padding is in the bias
+      const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1], [])]);
+      this.totalLength = g.op("Cast", [total], { to: DataType.INT32 });
+      this.pastLengths = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.int64([1], [])]), this.batch])], { to: DataType.INT32 });
+    }
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
 
     let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], { axis: 0 });
@@ -163,11 +199,11 @@ class Builder {
   }
 
   /**
-   * Bool [B, 1, group x T, Tk]: causal over the cache slots (query i sits at
-   * slot Tk - T + i), within the sliding window, not padding; tiled over the
-   * query heads that share a kv head, as the scores are laid out.
+   * Added to the attention scores, [B, 1, T, Tk]: 0 where query i (at cache
+   * slot Tk - T + i) may see a slot (causal, within the sliding window, not
+   * padding), MASKED elsewhere.
    */
-  private attentionMask(attentionMask: string, tokens: string): string {
+  private attentionBias(attentionMask: string, tokens: string): string {
     const g = this.g;
     const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1])]);
     const scalar = (v: string) => g.op("Squeeze", [v, g.int64([0])]);
@@ -179,11 +215,34 @@ class Builder {
     }
     const notPadding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1, 2])]); // [B, 1, 1, Tk]
     const mask = g.op("And", [allowed, notPadding]); // [B, 1, T, Tk]
+    return g.op("Where", [mask, g.scalar(0), g.scalar(MASKED)]);
+  }
+
+  /**
+   * Bool [B, 1, group x T, slots + T] of a "slots" graph: slot s holds position
+   * s (generation starts at 0, unpadded) and is seen where attention_mask marks
+   * it filled; this call's tokens are seen causally; both within the sliding
+   * window. Tiled over the query heads that share a cache head, as the scores
+   * are laid out. Also sets the split of the scores into slots and tokens.
+   */
+  private slotMask(attentionMask: string, positions: string, tokens: string): string {
+    const g = this.g;
+    const slots = g.op("Sub", [g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1])]), tokens]); // [1]
+    this.slotsSplit = g.op("Concat", [slots, tokens], { axis: 0 });
+    const slotPositions = g.op("Expand", [g.op("Range", [g.int64([0], []), g.op("Squeeze", [slots, g.int64([0])]), g.int64([1], [])]), g.op("Concat", [this.batch, slots], { axis: 0 })]);
+    const keyPos = g.op("Unsqueeze", [g.op("Concat", [slotPositions, positions], { axis: 1 }), g.int64([1])]); // [B, 1, slots + T]
+    const queryPos = g.op("Unsqueeze", [positions, g.int64([2])]); // [B, T, 1]
+    let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [B, T, slots + T]
+    if (this.f.slidingWindow !== null) {
+      allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])])]);
+    }
+    const filled = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1])]); // [B, 1, slots + T]
+    const mask = g.op("Unsqueeze", [g.op("And", [allowed, filled]), g.int64([1])]); // [B, 1, T, slots + T]
     const group = this.layout.queryHeads / this.layout.heads;
     return group === 1 ? mask : g.op("Tile", [mask, g.int64([1, 1, group, 1])]);
   }
 
-  /** cos, sin [B, 1, T, rotary/2] (the scale of yarn/longrope included). */
+  /** cos, sin [B, T, 1, rotary/2] (the scale of yarn/longrope included). */
   private rotary(flatPositions: string): [string, string] {
     const g = this.g;
     const rope = ropeFrequencies(this.f);
@@ -208,7 +267,7 @@ class Builder {
       inv = g.op("Reciprocal", [g.op("Pow", [base, g.float32(rope.exponents)])]);
     }
     const freqs = g.op("Mul", [g.op("Unsqueeze", [positions, g.int64([1])]), inv]); // [N, half]
-    const shape = g.op("Concat", [this.batch, g.int64([1, -1, half])], { axis: 0 });
+    const shape = g.op("Concat", [this.batch, g.int64([-1, 1, half])], { axis: 0 });
     const wave = (op: "Cos" | "Sin") => {
       const w = g.op(op, [freqs]);
       return g.op("Reshape", [scale === 1 ? w : g.op("Mul", [w, g.scalar(scale)]), shape]);
@@ -309,26 +368,14 @@ class Builder {
       q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
       k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
     }
-    const transpose = (value: string) => g.op("Transpose", [value], { perm: [0, 2, 1, 3] });
-    let qt = transpose(q4); // [B, heads, T, D]
-    let kt = transpose(k4);
-    const vt = transpose(g.op("Reshape", [v!, this.kvShape]));
     if (f.rope) {
-      qt = this.applyRotary(qt);
-      kt = this.applyRotary(kt);
+      q4 = this.applyRotary(q4);
+      k4 = this.applyRotary(k4);
     }
-    const key = g.op("Concat", [pastKey, kt], { axis: 2 }); // [B, kvHeads, Tk, D]
-    const value = g.op("Concat", [pastValue, vt], { axis: 2 });
-    g.output(key, `present.${l}.key`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
-    g.output(value, `present.${l}.value`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
-
-    // grouped-query attention: the queries of one kv head are contiguous, [B, kvHeads, group x T, D]
-    const grouped = g.op("Reshape", [qt, g.int64([0, kvHeads, -1, D])]);
     const scale = f.attentionScale ?? 1 / Math.sqrt(D);
-    const scores = g.op("Mul", [g.op("MatMul", [grouped, g.op("Transpose", [key], { perm: [0, 1, 3, 2] })]), g.scalar(scale)]);
-    const probs = g.op("Softmax", [g.op("Where", [this.mask, scores, g.scalar(MASKED)])], { axis: -1 });
-    const context = g.op("Reshape", [g.op("MatMul", [probs, value]), g.int64([0, queryHeads, -1, D])]); // [B, heads, T, D]
-    let y = g.op("Reshape", [transpose(context), g.int64([-1, queryHeads, D])]); // [N, heads, D]
+    let y = this.slots
+      ? this.slotAttention(l, q4, k4, g.op("Reshape", [v!, this.kvShape]), pastKey, pastValue, scale)
+      : this.fusedAttention(l, q4, k4, v!, pastKey, pastValue, scale);
 
     // every expert's o_proj side by side, columns in graph head order: one Gemm
     const o = this.derived(`${at}.o.weight`, [H, queryHeads * D], async () => {
@@ -350,6 +397,55 @@ class Builder {
     }
     const out = g.op("Gemm", [g.op("Reshape", [y, g.int64([-1, queryHeads * D])]), o], { transB: 1 });
     return outBias === "" ? out : g.op("Add", [out, outBias]);
+  }
+
+  /**
+   * Attention of an "append" graph by onnxruntime's GroupQueryAttention on
+   * q, k, v [B, T, heads, D]: the queries of cache head c are heads
+   * c x group .. (c + 1) x group - 1, as laid out; it writes the cache with
+   * this call's keys appended. Returns [N, heads, D].
+   */
+  private fusedAttention(l: number, q: string, k: string, v: string, pastKey: string, pastValue: string, scale: number): string {
+    const g = this.g;
+    const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
+    const [context, key, value] = g.contribOpN("GroupQueryAttention", [
+      g.op("Reshape", [q, g.int64([0, 0, queryHeads * D])]), // [B, T, heads x D]
+      g.op("Reshape", [k, g.int64([0, 0, kvHeads * D])]),
+      this.unflatten(v, kvHeads * D),
+      pastKey, pastValue, this.pastLengths, this.totalLength,
+      "", "", "", this.bias, // no cos/sin cache (rotary is applied before), no position ids
+    ], 3, { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale) });
+    g.output(key!, `present.${l}.key`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
+    g.output(value!, `present.${l}.value`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
+    return g.op("Reshape", [context!, g.int64([-1, queryHeads, D])]);
+  }
+
+  /**
+   * Attention of a "slots" graph on q, k, v [B, T, heads, D]: the scores over
+   * the cache slots and over this call's tokens are two MatMuls that read the
+   * caller's buffers where they lie (keys stored transposed, so no Transpose
+   * copies them), softmax over both, and the two context MatMuls summed; the
+   * queries of one cache head are contiguous, [B, kvHeads, group x T, D].
+   * Outputs this call's k and v; returns [N, heads, D].
+   */
+  private slotAttention(l: number, q: string, k: string, v: string, cacheKey: string, cacheValue: string, scale: number): string {
+    const g = this.g;
+    const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
+    const transpose = (value: string) => g.op("Transpose", [value], { perm: [0, 2, 1, 3] });
+    const grouped = g.op("Reshape", [transpose(q), g.int64([0, kvHeads, -1, D])]);
+    const newKey = transpose(k); // [B, kvHeads, T, D]
+    const newValue = transpose(v);
+    const names = slotNames(l);
+    g.output(newKey, names.newKey, DataType.FLOAT, ["batch_size", kvHeads, "sequence_length", D]);
+    g.output(newValue, names.newValue, DataType.FLOAT, ["batch_size", kvHeads, "sequence_length", D]);
+    const scores = g.op("Concat", [
+      g.op("MatMul", [grouped, cacheKey]),
+      g.op("MatMul", [grouped, g.op("Transpose", [newKey], { perm: [0, 1, 3, 2] })]),
+    ], { axis: -1 });
+    const probs = g.op("Softmax", [g.op("Where", [this.slotsMask, g.op("Mul", [scores, g.scalar(scale)]), g.scalar(MASKED)])], { axis: -1 });
+    const [toSlots, toTokens] = g.opN("Split", [probs, this.slotsSplit], 2, { axis: -1 });
+    const context = g.op("Add", [g.op("MatMul", [toSlots!, cacheValue]), g.op("MatMul", [toTokens!, newValue])]);
+    return g.op("Reshape", [transpose(g.op("Reshape", [context, g.int64([0, queryHeads, -1, D])])), g.int64([-1, queryHeads, D])]);
   }
 
   /**
@@ -381,7 +477,7 @@ class Builder {
     return this.rmsNormalize(g.op("Sub", [x, g.op("ReduceMean", [x, g.int64([-1])], { keepdims: 1 })]));
   }
 
-  /** Rotate-half rotary on the first rotary dims of x [B, heads, T, D]. */
+  /** Rotate-half rotary on the first rotary dims of x [B, T, heads, D]. */
   private applyRotary(x: string): string {
     const g = this.g;
     const D = this.f.headDim;

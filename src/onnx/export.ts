@@ -39,10 +39,10 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { SafetensorsReader } from "../safetensors/index.js";
 import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
-import { MODEL_FILE, writeModel } from "./write.js";
+import { GENERATE_FILE, MODEL_FILE, writeModel } from "./write.js";
 
 /** Bump when the graph a model produces changes: every cached export is rebuilt. */
-export const ENGINE_VERSION = 1;
+export const ENGINE_VERSION = 2;
 export const STAMP_FILE = "bam-onnx.json";
 const ONNX_SUBFOLDER = "onnx";
 /** The exports' folder inside the user cache. */
@@ -105,7 +105,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
   }
 }
 
-/** Builds `model`'s graph and writes model.onnx + model.onnx_data into `dir`. */
+/** Builds `model`'s graphs and writes model.onnx, generate.onnx (generation's, see BuildOptions.cache) and their model.onnx_data into `dir`. */
 export async function writeOnnx(
   model: OpenedModel,
   dir: string,
@@ -118,6 +118,7 @@ export async function writeOnnx(
     metadata: { source: model.name, kind: model.kind, attention_experts: model.moe.attentionExperts, block: model.moe.block },
     signal: options.signal,
     onProgress: options.onProgress,
+    siblings: [{ file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) }],
   });
 }
 

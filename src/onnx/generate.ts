@@ -1,8 +1,8 @@
 /**
  * The API's text generation: a model folder (a dense seed or a mixture that
  * `bam inspect` reads) in, text out. The folder is exported to ONNX on demand
- * (prepareOnnx, reused while up to date) and run by transformers.js
- * (transformers.ts). These declarations name no transformers.js type, so the
+ * (prepareOnnx, reused while up to date) and run by our loop over its
+ * generate.onnx (decoder.ts), with transformers.js's tokenizer (transformers.ts). These declarations name no transformers.js type, so the
  * package's root `.d.ts` needs none of that optional dependency.
  */
 import { prepareOnnx } from "./export.js";

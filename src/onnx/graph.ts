@@ -29,6 +29,9 @@ export interface GraphIO {
   shape: Dim[];
 }
 
+/** onnxruntime's own operators (GroupQueryAttention); version 1 is the only one. */
+export const CONTRIB_DOMAIN = "com.microsoft";
+
 export class Graph {
   readonly nodes: NodeMessage[] = [];
   readonly constants: TensorMessage[] = [];
@@ -70,6 +73,20 @@ export class Graph {
 
   /** One node with `count` outputs. */
   opN(opType: string, inputs: string[], count: number, attributes: Record<string, Attribute> = {}): string[] {
+    return this.node("", opType, inputs, count, attributes);
+  }
+
+  /** One node of onnxruntime's contrib operators (domain com.microsoft, version 1). */
+  contribOpN(opType: string, inputs: string[], count: number, attributes: Record<string, Attribute> = {}): string[] {
+    return this.node(CONTRIB_DOMAIN, opType, inputs, count, attributes);
+  }
+
+  /** The operator sets the nodes use, as ModelProto's opset_import lists them beside ONNX's own. */
+  get contribDomains(): string[] {
+    return this.nodes.some((node) => node.domain === CONTRIB_DOMAIN) ? [CONTRIB_DOMAIN] : [];
+  }
+
+  private node(domain: string, opType: string, inputs: string[], count: number, attributes: Record<string, Attribute>): string[] {
     const base = this.unique(`${this.scopeName}${opType}`);
     const output = Array.from({ length: count }, (_, i) => (count === 1 ? base : `${base}:${i}`));
     this.used.add(base);
@@ -80,6 +97,7 @@ export class Graph {
       input: inputs,
       output,
       attribute: Object.entries(attributes).map(([name, value]) => attributeMessage(name, value)),
+      ...(domain === "" ? {} : { domain }),
     });
     return output;
   }

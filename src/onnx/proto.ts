@@ -44,6 +44,8 @@ export interface NodeMessage {
   input: string[];
   output: string[];
   attribute: AttributeMessage[];
+  /** Operator set of a contrib op ("com.microsoft"); absent for ONNX's own. */
+  domain?: string;
 }
 
 export interface Dimension { dimValue?: number; dimParam?: string }
@@ -105,6 +107,7 @@ const schema = {
             name: { type: "string", id: 3 },
             opType: { type: "string", id: 4 },
             attribute: { rule: "repeated", type: "AttributeProto", id: 5 },
+            domain: { type: "string", id: 7 },
           },
         },
         TensorShapeProto: {

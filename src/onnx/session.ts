@@ -1,7 +1,7 @@
 /**
  * Runs an exported graph with onnxruntime-node: whole sequences, no padding,
  * an empty cache (what evaluation and router init need; generation goes
- * through transformers.js, which feeds the cache itself). onnxruntime is
+ * through decoder.ts, which feeds its own cache slots). onnxruntime is
  * loaded on first use, so commands that never run a model do not pay for it.
  */
 import type * as Ort from "onnxruntime-node";

@@ -1,6 +1,6 @@
 /**
  * The bridge to @huggingface/transformers (transformers.js): the model's own
- * tokenizer.json, and generation with its KV cache on an exported folder.
+ * tokenizer.json and its text streamer; generation runs our own loop (decoder.ts).
  * Local files only: nothing is ever fetched from a hub. The library takes a
  * second to import, so it is imported on first use.
  */
@@ -8,9 +8,11 @@ import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { PreTrainedTokenizer } from "@huggingface/transformers";
-import { BamError, isBamError } from "../errors.js";
+import { BamError } from "../errors.js";
 import type { Generation, GenerationSettings } from "./generation.js";
+import { argmax, Decoder, sample, uniformRandom } from "./decoder.js";
 import { importEngine } from "./optional.js";
+import { GENERATE_FILE } from "./write.js";
 
 async function transformersJs() {
   const library = await importEngine("@huggingface/transformers", () => import("@huggingface/transformers"));
@@ -86,49 +88,51 @@ export async function generateFromExport(folder: string, prompt: string, setting
       ? `prompt is ${promptIds.length} tokens, past the ${positions} positions of the model; shorten it`
       : `prompt (${promptIds.length} tokens) and maxNewTokens (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens`);
   }
-  const { AutoModelForCausalLM, random, TextStreamer } = await transformersJs();
+  const { TextStreamer } = await transformersJs();
   const { signal } = settings;
   const interrupted = () => new BamError("ABORTED", "generation interrupted");
   if (signal?.aborted) throw interrupted();
-  let model;
+  const stop = await stopTokens(folder);
+  const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE));
   try {
-    model = await AutoModelForCausalLM.from_pretrained(resolve(folder), { local_files_only: true, device: "cpu", dtype: "fp32", session_options: { logSeverityLevel: 4 } });
-  } catch (error) {
-    throw new BamError("IO_ERROR", `${folder}: transformers.js cannot load the model (${firstLine(error)})`, { cause: error });
-  }
-  try {
-    if (settings.seed !== null) random.seed(settings.seed);
-    // The streamer sees every new token: the one place between tokens where a signal can stop generation.
-    const streamer = new TextStreamer(tokenizer, {
-      skip_prompt: true,
-      skip_special_tokens: true,
-      callback_function: (text: string) => settings.onText?.(text),
-    });
-    const put = streamer.put.bind(streamer);
-    streamer.put = (value) => {
-      if (signal?.aborted) throw interrupted();
-      put(value);
-    };
+    const streamer = new TextStreamer(tokenizer, { skip_prompt: false, skip_special_tokens: true, callback_function: (text: string) => settings.onText?.(text) });
+    const random = uniformRandom(settings.seed);
+    const newIds: number[] = [];
     const started = performance.now();
-    let output: { data: BigInt64Array };
-    try {
-      output = (await model.generate({
-        ...inputs,
-        max_new_tokens: settings.maxNewTokens,
-        do_sample: settings.temperature > 0,
-        ...(settings.temperature > 0 ? { temperature: settings.temperature, top_p: settings.topP } : {}),
-        streamer,
-      })) as { data: BigInt64Array };
-    } catch (error) {
-      if (signal?.aborted || isBamError(error, "ABORTED")) throw interrupted();
-      throw new BamError("IO_ERROR", `${folder}: onnxruntime failed while generating (${firstLine(error)})`, { cause: error });
+    while (newIds.length < settings.maxNewTokens) {
+      // between tokens: the one place a signal stops generation
+      if (signal?.aborted) throw interrupted();
+      const logits = await decoder.step(newIds.length === 0 ? promptIds : [newIds.at(-1)!]);
+      const next = settings.temperature > 0 ? sample(logits, settings.temperature, settings.topP, random) : argmax(logits);
+      newIds.push(next);
+      streamer.put([[BigInt(next)]]);
+      if (stop.has(next)) break;
     }
+    streamer.end();
     const seconds = (performance.now() - started) / 1000;
-    const newIds = Array.from(output.data, Number).slice(promptIds.length);
     return { promptIds, newIds, text: tokenizer.decode(newIds, { skip_special_tokens: true }), seconds };
   } finally {
-    await model.dispose();
+    await decoder.close();
   }
+}
+
+/** The tokens that end generation: eos_token_id of generation_config.json, else of config.json (a number or a list). */
+async function stopTokens(folder: string): Promise<Set<number>> {
+  for (const name of ["generation_config.json", "config.json"]) {
+    const file = join(folder, name);
+    if (!existsSync(file)) continue;
+    let eos: unknown;
+    try {
+      eos = (JSON.parse(await readFile(file, "utf8")) as { eos_token_id?: unknown }).eos_token_id;
+    } catch (error) {
+      throw new BamError("CONFIG_INVALID", `${file}: cannot read eos_token_id (${firstLine(error)}); export the model again`, { cause: error });
+    }
+    if (eos == null) continue;
+    const ids = Array.isArray(eos) ? eos : [eos];
+    if (!ids.every((id) => Number.isSafeInteger(id))) throw new BamError("CONFIG_INVALID", `${file}: eos_token_id must be a token id or a list of them`);
+    return new Set(ids as number[]);
+  }
+  return new Set();
 }
 
 function firstLine(error: unknown): string {

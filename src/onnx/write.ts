@@ -13,6 +13,8 @@ import { valueInfo, type Graph } from "./graph.js";
 import { DataType, encodeModel, IR_VERSION, type TensorMessage } from "./proto.js";
 
 export const MODEL_FILE = "model.onnx";
+/** The generation graph (BuildOptions.cache "slots") beside model.onnx, over the same weights file. */
+export const GENERATE_FILE = "generate.onnx";
 export const DATA_FILE = "model.onnx_data";
 /** Large weights start on 64 KiB boundaries so the runtime can map them (onnx.save's align_offset). */
 const ALIGN_LARGE = 65536;
@@ -27,6 +29,8 @@ export interface WriteModelOptions {
   signal?: AbortSignal;
   /** After each weight: bytes of weights written so far and in all. */
   onProgress?: (written: number, total: number) => void;
+  /** More graphs over the same weights, each written as its own file beside model.onnx, reading model.onnx_data. */
+  siblings?: Array<{ file: string; graph: Graph }>;
 }
 
 /** Writes `model.onnx` and `model.onnx_data` into `dir`; returns the bytes of weights. */
@@ -71,24 +75,32 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
   } finally {
     await file.close();
   }
-  const model = encodeModel({
-    irVersion: IR_VERSION,
-    opsetImport: [{ domain: "", version: options.opset }],
-    producerName: "bam-upcycle",
-    producerVersion: options.producerVersion,
-    graph: {
-      name: "bam",
-      node: graph.nodes,
-      initializer: [...graph.constants, ...initializers],
-      input: graph.inputs.map(valueInfo),
-      output: graph.outputs.map(valueInfo),
-    },
-    metadataProps: Object.entries(options.metadata ?? {}).map(([key, value]) => ({ key, value })),
-  });
-  try {
-    await writeFile(join(dir, MODEL_FILE), model);
-  } catch (error) {
-    throw ioError(join(dir, MODEL_FILE), error);
+  const stored = new Map(initializers.map((tensor) => [tensor.name, tensor]));
+  for (const { file, graph: written } of [{ file: MODEL_FILE, graph }, ...(options.siblings ?? [])]) {
+    const weights = written.weights.map((weight) => {
+      const tensor = stored.get(weight.name);
+      if (tensor === undefined) throw new Error(`${file}: weight ${weight.name} is not among ${MODEL_FILE}'s`);
+      return tensor;
+    });
+    const model = encodeModel({
+      irVersion: IR_VERSION,
+      opsetImport: [{ domain: "", version: options.opset }, ...written.contribDomains.map((domain) => ({ domain, version: 1 }))],
+      producerName: "bam-upcycle",
+      producerVersion: options.producerVersion,
+      graph: {
+        name: "bam",
+        node: written.nodes,
+        initializer: [...written.constants, ...weights],
+        input: written.inputs.map(valueInfo),
+        output: written.outputs.map(valueInfo),
+      },
+      metadataProps: Object.entries(options.metadata ?? {}).map(([key, value]) => ({ key, value })),
+    });
+    try {
+      await writeFile(join(dir, file), model);
+    } catch (error) {
+      throw ioError(join(dir, file), error);
+    }
   }
   return total;
 }

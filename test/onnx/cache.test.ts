@@ -5,7 +5,9 @@
  * through transformers.js (its own cache handling) picks, at every step, the
  * argmax of a full forward. Covers every attention mode (the cache of moa
  * holds E x kv heads), interleaved rotary, learned positions and a sliding
- * window shorter than the sequence.
+ * window shorter than the sequence. Our own generation loop (decoder.ts, on
+ * generate.onnx's cache slots) gives transformers.js's greedy tokens on
+ * model.onnx past the cache's first growth, and seeded sampling repeats.
  */
 import assert from "node:assert/strict";
 import { readFile, writeFile } from "node:fs/promises";
@@ -120,7 +122,7 @@ for (const { label, make } of CASES) {
   });
 }
 
-describe("generation through transformers.js", () => {
+describe("generation", () => {
   for (const { label, make } of [CASES[1]!, CASES[3]!]) {
     test(`${label}: greedy tokens with the KV cache are the full forward's argmax at every step`, () =>
       withTempDir(async (dir) => {
@@ -140,6 +142,33 @@ describe("generation through transformers.js", () => {
         });
       }));
   }
+
+  for (const { label, make } of [CASES[0]!, CASES[2]!, CASES[4]!, CASES[5]!]) {
+    test(`${label}: our loop's greedy tokens are transformers.js's, past 64 slots`, () =>
+      withTempDir(async (dir) => {
+        const { folder } = await prepareOnnx(await make(dir), { output: join(dir, "onnx") });
+        const ours = await generateFromExport(folder, "The experts learned", { maxNewTokens: 80, temperature: 0, topP: 1, seed: null });
+        const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
+        env.allowRemoteModels = false;
+        const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
+        const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
+        const output = (await model.generate({ ...tokenizer("The experts learned"), max_new_tokens: 80, do_sample: false })) as { data: BigInt64Array };
+        await model.dispose();
+        assert.deepEqual(ours.newIds, Array.from(output.data, Number).slice(ours.promptIds.length));
+        assert.ok(ours.promptIds.length + ours.newIds.length > 64, `${ours.newIds.length} tokens: the cache never grew`);
+      }));
+  }
+
+  test("sampling: a seed repeats its tokens, a tiny top-p is greedy", () =>
+    withTempDir(async (dir) => {
+      const { folder } = await prepareOnnx(await CASES[1]!.make(dir), { output: join(dir, "onnx") });
+      const settings = { maxNewTokens: 12, temperature: 1.5, topP: 1, seed: 7 };
+      const first = await generateFromExport(folder, "The experts", settings);
+      assert.deepEqual((await generateFromExport(folder, "The experts", settings)).newIds, first.newIds);
+      const greedy = await generateFromExport(folder, "The experts", { ...settings, temperature: 0 });
+      assert.notDeepEqual(first.newIds, greedy.newIds, "temperature 1.5 drew the greedy tokens");
+      assert.deepEqual((await generateFromExport(folder, "The experts", { ...settings, topP: 1e-6 })).newIds, greedy.newIds);
+    }));
 
   test("pipeline('text-generation', folder) loads the export from local files", () =>
     withTempDir(async (dir) => {

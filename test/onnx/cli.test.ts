@@ -142,7 +142,7 @@ describe("bam eval, generate, export-onnx", () => {
       assert.equal(dirname(result.folder), join(cacheDir, "onnx"), "in BAM_CACHE_DIR");
       assert.deepEqual((await readdir(model)).sort(), before, "nothing written into the model folder");
       assert.deepEqual((await readdir(result.folder)).sort(), ["bam-onnx.json", "config.json", "generation_config.json", "onnx", "tokenizer.json", "tokenizer_config.json"]);
-      assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), ["model.onnx", "model.onnx_data"]);
+      assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), ["generate.onnx", "model.onnx", "model.onnx_data"]);
       assert.equal((await prepareOnnx(model, { cacheDir })).built, false, "unchanged weights: reused");
       const weights = join(model, "model.safetensors");
       const later = new Date((await stat(weights)).mtimeMs + 5000);

@@ -6,7 +6,7 @@ import { defineCommand, printJson, runCommand } from "../run.js";
 
 export const generateCommand = defineCommand({
   command: "generate <dir>",
-  describe: "Generate text on CPU with the KV cache (transformers.js), streaming it to stdout",
+  describe: "Generate text on CPU with the KV cache, streaming it to stdout",
   builder: (y) =>
     y
       .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })

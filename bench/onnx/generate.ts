@@ -1,0 +1,167 @@
+/**
+ * Benchmark of generation's pace and of the CPU engine against PyTorch on
+ * CPU (issue 19), on a synthetic llama-like seed of about 25M parameters
+ * (bf16 random weights, the fixtures' 320-token tokenizer) and its upcycle
+ * `bam upcycle s s` (soft attention experts, parallel block, top-1):
+ *   - generation: the time of one new token at about 50 and at about 2000
+ *     tokens of context (a prompt of 40 or 1990 tokens, then 21 greedy tokens;
+ *     the median gap between steps), ours (decoder.ts on generate.onnx, as
+ *     `bam generate`) and transformers' `generate` with its cache;
+ *   - scoring: `bam eval --tokens` over windows of 512 tokens, and the same
+ *     windows through transformers (forward + NLL).
+ * PyTorch runs the same folder (trust_remote_code for the BAM folder, the
+ * stock class for the seed) in float32, as ours, with torch.set_num_threads
+ * equal to onnxruntime's intra-op threads. Engines and models alternate within
+ * each round; the figures are medians over rounds, the ratios ours over
+ * PyTorch's in the same run. Not a test: run
+ * `npm run build && node dist/bench/onnx/generate.js`.
+ *
+ *   --work DIR     models, exports and token files (default /tmp/bam-bench-generate)
+ *   --rounds N     interleaved repeats (default 3)
+ *   --python PATH  the interpreter with torch and transformers (default $BAM_PYTHON, else .venv/bin/python)
+ *
+ * Writes bench/results/onnx-generate.json with the commit measured.
+ */
+import { spawnSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { writeFile } from "node:fs/promises";
+import { availableParallelism, loadavg } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { argmax, Decoder } from "../../src/onnx/decoder.js";
+import { prepareOnnx } from "../../src/onnx/export.js";
+import { GENERATE_FILE } from "../../src/onnx/write.js";
+import { planUpcycle } from "../../src/upcycle/index.js";
+import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
+import { argOption, machineInfo, measuredTree } from "../provenance.js";
+
+const work = resolve(argOption("--work", "/tmp/bam-bench-generate"));
+const rounds = Number(argOption("--rounds", "3"));
+const python = argOption("--python", process.env.BAM_PYTHON ?? resolve(".venv/bin/python"));
+/** About 25.7M parameters: 8 layers, hidden 512, FFN 1408, the fixtures' tokenizer's 320 tokens. */
+const SHAPE: LlamaShape = { layers: 8, hidden: 512, intermediate: 1408, heads: 8, kvHeads: 8, vocab: 320 };
+const CONTEXT = 512;
+const EVAL_TOKENS = 4096;
+const PROMPTS = [40, 1990];
+const NEW_TOKENS = 21;
+/** onnxruntime's intra-op threads (its default is one per physical core) and PyTorch's. */
+const THREADS = availableParallelism();
+const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
+const TORCH = resolve("bench/onnx/torch_cpu.py");
+
+function run(command: string, args: string[]): string {
+  const result = spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 << 20, env: { ...process.env, BAM_CACHE_DIR: join(work, "cache") } });
+  if (result.status !== 0) throw new Error(`${command} ${args.join(" ")} failed: ${result.stderr}`);
+  return result.stdout;
+}
+
+const median = (values: number[]) => {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+};
+
+// deterministic token ids below the vocabulary: the eval windows, and the prompts (their first tokens)
+const ids = new Uint16Array(EVAL_TOKENS);
+for (let i = 0, x = 12345; i < ids.length; i++) {
+  x = (x * 1103515245 + 12345) >>> 0;
+  ids[i] = 1 + ((x >>> 16) % (SHAPE.vocab - 1));
+}
+const seed = join(work, "seed");
+const mixture = join(work, "bam2");
+if (!existsSync(join(seed, "config.json"))) await writeLlamaSeed(seed, SHAPE);
+if (!existsSync(join(mixture, "config.json"))) run(process.execPath, [CLI, "upcycle", seed, seed, "-o", mixture, "--force"]);
+const tokensFile = join(work, "tokens.bin");
+await writeFile(tokensFile, new Uint8Array(ids.buffer));
+const promptsFile = join(work, "prompts.json");
+const prompts = PROMPTS.map((n) => Array.from(ids.subarray(0, n)));
+await writeFile(promptsFile, JSON.stringify(prompts));
+const models = { seed: { dir: seed, remote: false }, bam: { dir: mixture, remote: true } };
+const exports = { seed: await prepareOnnx(seed, { cacheDir: join(work, "cache") }), bam: await prepareOnnx(mixture, { cacheDir: join(work, "cache") }) };
+
+/** Our seconds per new token after each prompt: prefill, then the median gap between decode steps. */
+async function oursGeneration(folder: string): Promise<number[]> {
+  const perToken: number[] = [];
+  for (const prompt of prompts) {
+    const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE), { threads: THREADS });
+    try {
+      let next = argmax(await decoder.step(prompt));
+      const times = [performance.now()];
+      for (let i = 1; i < NEW_TOKENS; i++) {
+        next = argmax(await decoder.step([next]));
+        times.push(performance.now());
+      }
+      perToken.push(median(times.slice(1).map((t, i) => t - times[i]!)) / 1000);
+    } finally {
+      await decoder.close();
+    }
+  }
+  return perToken;
+}
+
+interface Sample { evalTokensPerSecond: number; stepSeconds: number[] }
+const samples: Record<"seed" | "bam", { ours: Sample[]; torch: Sample[] }> = { seed: { ours: [], torch: [] }, bam: { ours: [], torch: [] } };
+const tree = measuredTree();
+const loadBefore = loadavg();
+let torchVersion = "";
+for (let round = 0; round < rounds; round++) {
+  for (const name of ["seed", "bam"] as const) {
+    const engines = round % 2 === 0 ? (["ours", "torch"] as const) : (["torch", "ours"] as const);
+    for (const engine of engines) {
+      process.stderr.write(`round ${round + 1}/${rounds}: ${name}, ${engine}\n`);
+      if (engine === "ours") {
+        const report = JSON.parse(run(process.execPath, [CLI, "eval", models[name].dir, "--tokens", tokensFile, "--context", String(CONTEXT), "--json"]));
+        samples[name].ours.push({ evalTokensPerSecond: report.tokensPerSecond, stepSeconds: await oursGeneration(exports[name].folder) });
+      } else {
+        const out = JSON.parse(run(python, [TORCH, "--model", models[name].dir, ...(models[name].remote ? ["--remote"] : []), "--tokens", tokensFile, "--context", String(CONTEXT), "--threads", String(THREADS), "--prompts", promptsFile, "--new-tokens", String(NEW_TOKENS)]));
+        torchVersion = out.torch;
+        samples[name].torch.push({ evalTokensPerSecond: out.eval.tokensPerSecond, stepSeconds: out.generation.map((g: { stepSeconds: number }) => g.stepSeconds) });
+      }
+    }
+  }
+}
+
+const summary = (runs: Sample[]) => ({
+  evalTokensPerSecond: median(runs.map((r) => r.evalTokensPerSecond)),
+  generation: PROMPTS.map((promptTokens, i) => {
+    const seconds = median(runs.map((r) => r.stepSeconds[i]!));
+    return { context: promptTokens + NEW_TOKENS / 2, promptTokens, secondsPerToken: seconds, tokensPerSecond: 1 / seconds };
+  }),
+  runs,
+});
+const rows = Object.fromEntries((["seed", "bam"] as const).map((name) => {
+  const ours = summary(samples[name].ours);
+  const torch = summary(samples[name].torch);
+  const pace = (s: typeof ours) => s.generation[1]!.secondsPerToken / s.generation[0]!.secondsPerToken;
+  return [name, {
+    ours,
+    pytorch: torch,
+    /** Ours over PyTorch's: scoring tokens/s, and generation tokens/s at each context. */
+    oursOverPytorch: {
+      eval: ours.evalTokensPerSecond / torch.evalTokensPerSecond,
+      generation: ours.generation.map((g, i) => ({ context: g.context, ratio: g.tokensPerSecond / torch.generation[i]!.tokensPerSecond })),
+    },
+    /** Seconds per token at about 2000 tokens of context over at about 50 (goal: at most 2). */
+    pace: { ours: pace(ours), pytorch: pace(torch) },
+  }];
+}));
+const plan = await planUpcycle({ seeds: [seed, seed], output: mixture });
+const result = {
+  benchmark: "generation pace (per-token time at 50 and 2000 tokens of context) and bam eval, ours (onnxruntime-node) vs PyTorch on CPU, same folder",
+  ...tree,
+  date: new Date().toISOString(),
+  machine: { ...machineInfo(), loadAverageBefore: loadBefore, loadAverageAfter: loadavg() },
+  threads: THREADS,
+  pytorch: { torch: torchVersion, dtype: "float32" },
+  rounds,
+  shape: SHAPE,
+  mixture: { experts: 2, attention: plan.summary.attention, block: plan.summary.block, expertsPerToken: plan.summary.expertsPerToken },
+  parameters: { seed: plan.summary.seedParameters, bamTotal: plan.summary.totalParameters, bamActivePerToken: plan.summary.activeParameters },
+  eval: { context: CONTEXT, tokens: EVAL_TOKENS },
+  generation: { promptTokens: PROMPTS, newTokens: NEW_TOKENS, decoding: "greedy" },
+  seed: rows.seed,
+  bam: rows.bam,
+};
+const out = resolve("bench/results/onnx-generate.json");
+await writeFile(out, `${JSON.stringify(result, null, 2)}\n`);
+process.stdout.write(`${JSON.stringify({ seed: { oursOverPytorch: rows.seed!.oursOverPytorch, pace: rows.seed!.pace }, bam: { oursOverPytorch: rows.bam!.oursOverPytorch, pace: rows.bam!.pace } }, null, 2)}\n`);
