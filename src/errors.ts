@@ -61,6 +61,7 @@ export class BamError extends Error {
 }
 
 /** Control characters and line or paragraph separators, which untrusted names and parser messages may carry. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
 const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
 const ESCAPES: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
 /** Longest message kept whole; past it the middle is elided (a tensor name can be megabytes long). */

@@ -25,7 +25,7 @@ function exponents(dim: number): Float32Array {
 
 /** 1 / base^exps in float32. */
 export function inverseFrequencies(base: number, exps: Float32Array): Float32Array {
-  return exps.map((e) => f32(1 / f32(Math.pow(f32(base), e))));
+  return exps.map((e) => f32(1 / f32(f32(base) ** e)));
 }
 
 export function ropeFrequencies(features: ArchFeatures): RopeFrequencies {

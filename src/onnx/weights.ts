@@ -37,7 +37,7 @@ export class WeightSource {
  */
 export function gatherRows(rows: Array<{ from: Float32Array; row: number }>, width: number): Float32Array {
   const out = new Float32Array(rows.length * width);
-  rows.forEach(({ from, row }, i) => out.set(from.subarray(row * width, (row + 1) * width), i * width));
+  for (const [i, { from, row }] of rows.entries()) out.set(from.subarray(row * width, (row + 1) * width), i * width);
   return out;
 }
 

@@ -131,12 +131,12 @@ async function resolveShards(root: string, shards: Set<string>, indexFile: strin
 }
 
 async function resolveShard(root: string, realRoot: string, shard: string, indexFile: string): Promise<string> {
-  const escape = (reason: string) => new BamError("PATH_ESCAPE", `${indexFile}: shard "${shard}" ${reason}; shards must lie inside ${root}`);
-  if (isAbsolute(shard)) throw escape("is an absolute path");
-  if (shard.split(/[\\/]/).includes("..")) throw escape("climbs out with ..");
+  const escapes = (reason: string) => new BamError("PATH_ESCAPE", `${indexFile}: shard "${shard}" ${reason}; shards must lie inside ${root}`);
+  if (isAbsolute(shard)) throw escapes("is an absolute path");
+  if (shard.split(/[\\/]/).includes("..")) throw escapes("climbs out with ..");
   const file = join(root, shard);
   const outside = await outsideFolder(realRoot, file);
-  if (outside !== undefined) throw escape(`links to ${outside}`);
+  if (outside !== undefined) throw escapes(`links to ${outside}`);
   return file;
 }
 

@@ -7,7 +7,7 @@
 import type { Seed } from "../arch/index.js";
 import { convertFloats, DTYPE_SIZE, elementsOf, firstNonFinite, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
 import { BamError } from "../errors.js";
-import { type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import type { PlannedTensor, SourceRef, UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
 import { RandomStream } from "./random.js";
 
@@ -22,6 +22,7 @@ type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;
 export function tensorsToWrite(
   plan: UpcyclePlan, seeds: Seed[], pool: AveragePool, rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
 ): TensorToWrite[] {
+  // biome-ignore lint/suspicious/useIterableCallbackReturn: the switch returns for every Operation kind (tsc checks it is exhaustive)
   return plan.tensors.map((tensor): TensorToWrite => {
     const layout = { name: rename(tensor.name), dtype: tensor.dtype, shape: tensor.shape };
     const op = tensor.operation;
@@ -91,7 +92,7 @@ function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tenso
     });
     try {
       const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start, count, buffer.subarray(0, count * DTYPE_SIZE[dtype]))));
-      read.forEach((bytes, i) => checkFinite(seeds, sources[i]!.ref, bytes, sources[i]!.dtype));
+      for (const [i, bytes] of read.entries()) checkFinite(seeds, sources[i]!.ref, bytes, sources[i]!.dtype);
       await pool.run({ sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })), weights, out: into, dtype: tensor.dtype });
     } finally {
       for (const { buffer } of sources) pool.buffers.give(buffer);

@@ -311,8 +311,20 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
     let current = "";
     // With several batches in flight, "current" is the tensor whose production started last.
     const tensors = tensorsToWrite(plan, seeds, averages, (name) => formatTensorName(plan.format, name), routerRows).map((t): TensorToWrite => ("fill" in t
-      ? { ...t, fill: (offset, into) => ((current = t.name), t.fill(offset, into)) }
-      : { ...t, data: () => ((current = t.name), t.data()) }));
+      ? {
+        ...t,
+        fill: (offset, into) => {
+          current = t.name;
+          return t.fill(offset, into);
+        },
+      }
+      : {
+        ...t,
+        data: () => {
+          current = t.name;
+          return t.data();
+        },
+      }));
     totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
     const written = await writeShardedSafetensors(folder.path, tensors, {
       maxShardBytes: plan.options.maxShardBytes,

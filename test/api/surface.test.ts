@@ -44,7 +44,7 @@ function readSurface(): Surface {
     for (const signature of [...type.getCallSignatures(), ...type.getConstructSignatures()]) visitSignature(signature, where);
     for (const property of type.getProperties()) {
       const declaration = property.valueDeclaration ?? property.declarations?.[0];
-      if (!declaration || !declaration.getSourceFile().fileName.startsWith(SRC)) continue;
+      if (!declaration?.getSourceFile().fileName.startsWith(SRC)) continue;
       const owner = (declaration.parent as ts.Node & { name?: ts.Identifier }).name?.text ?? where;
       if (ts.isPropertySignature(declaration) || ts.isPropertyDeclaration(declaration)) {
         if (property.getDocumentationComment(checker).length === 0) surface.undocumented.add(`${owner}.${property.name}`);

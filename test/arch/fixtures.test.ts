@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { copyFile, cp } from "node:fs/promises";
 import { join } from "node:path";
-import { type Seed } from "../../src/arch/load.js";
+import type { Seed } from "../../src/arch/load.js";
 import { FAMILIES } from "../../src/arch/types.js";
 import { bytesEqual, fixture, FIXTURES, withSeed, withTempDir } from "../helpers.js";
 

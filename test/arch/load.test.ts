@@ -130,8 +130,8 @@ test("gpt_neox: query_key_value is split per head ([heads, 3, D] rows)", async (
   const fused = new Float32Array(3 * H * H);
   const fusedBias = new Float32Array(3 * H);
   for (let h = 0; h < HEADS; h++) {
-    [q, k, v].forEach((m, part) => fused.set(rowsOf(m, H, h * D, D), (h * 3 * D + part * D) * H));
-    [qb, kb, vb].forEach((b, part) => fusedBias.set(b.subarray(h * D, (h + 1) * D), h * 3 * D + part * D));
+    for (const [part, m] of [q, k, v].entries()) fused.set(rowsOf(m, H, h * D, D), (h * 3 * D + part * D) * H);
+    for (const [part, b] of [qb, kb, vb].entries()) fusedBias.set(b.subarray(h * D, (h + 1) * D), h * 3 * D + part * D);
   }
   tensors.set("gpt_neox.layers.1.attention.query_key_value.weight", { shape: [3 * H, H], bytes: bytesOf(fused) });
   tensors.set("gpt_neox.layers.1.attention.query_key_value.bias", { shape: [3 * H], bytes: bytesOf(fusedBias) });
@@ -154,7 +154,7 @@ test("gpt2: Conv1D weights are transposed, c_attn split into q, k, v", async () 
   // Canonical [out, in] q, k, v; GPT-2 stores c_attn as [in, 3 * out] = transpose of the stacked rows.
   const [q, k, v] = [matrix(H, H, 201), matrix(H, H, 202), matrix(H, H, 203)];
   const stacked = new Float32Array(3 * H * H);
-  [q, k, v].forEach((m, part) => stacked.set(m, part * H * H));
+  for (const [part, m] of [q, k, v].entries()) stacked.set(m, part * H * H);
   const cAttn = new Float32Array(3 * H * H);
   for (let r = 0; r < 3 * H; r++) for (let c = 0; c < H; c++) cAttn[c * 3 * H + r] = stacked[r * H + c]!;
   const bias = matrix(3 * H, 1, 204);

@@ -58,6 +58,7 @@ export interface CaseResult {
 }
 
 /** One line, printable: no control characters, no line or paragraph separators. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
 export const NOT_ONE_LINE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
 
 let current: string[] | undefined;

@@ -62,7 +62,7 @@ export function deepObject(depth: number): unknown {
 
 /** Deeper than JSON.stringify can recurse, as raw text. */
 export function deepJsonText(depth: number, kind: "array" | "object" = "array"): string {
-  return kind === "array" ? "[".repeat(depth) + "]".repeat(depth) : '{"a":'.repeat(depth) + "{}" + "}".repeat(depth);
+  return kind === "array" ? "[".repeat(depth) + "]".repeat(depth) : `${'{"a":'.repeat(depth)}{}${"}".repeat(depth)}`;
 }
 
 /** One to three mutateText edits in a row, each one's note added to `notes`. */
@@ -115,7 +115,7 @@ export function mutateText(rng: Rng, text: string, alphabet = '{}[]:,"\\ \t\n012
     }
     case 7: {
       const strings = [...text.matchAll(/"([^"\\]|\\.)*"/g)];
-      if (strings.length === 0) return [text + "\u0000", "append NUL"];
+      if (strings.length === 0) return [`${text}\u0000`, "append NUL"];
       const m = rng.pick(strings);
       const replacement = rng.pick(['"\\ud800"', '"\\u0000"', '"a\\nb"', '"\\u001b[2J"', '""', '"../../x"', '"/etc/passwd"', '"\u2028"', `"${"y".repeat(rng.int(100, 100_000))}"`]);
       return [text.slice(0, m.index) + replacement + text.slice(m.index! + m[0].length), `string ${m[0].slice(0, 30)} -> ${replacement.slice(0, 30)}`];

@@ -70,7 +70,7 @@ describe("seeds from the Hugging Face cache", () => {
         assert.deepEqual(config.upcycled_from.map((s) => s.name), ["org/sharded", "org/code", "org/code", "org/base"]);
         assert.deepEqual(config.upcycled_from.map((s) => s.sha256), fromFolders.seeds.map((s) => s.sha256), "the same files, hashed through the links");
         const card = await readFile(join(fromIds.output, "README.md"), "utf8");
-        assert.match(card, /^---\nbase_model:\n  - org\/sharded\n  - org\/code\n  - org\/base\nbase_model_relation: merge\n/, "each repository once, in seed order");
+        assert.match(card, /^---\nbase_model:\n {2}- org\/sharded\n {2}- org\/code\n {2}- org\/base\nbase_model_relation: merge\n/, "each repository once, in seed order");
         assert.equal(await readFile(join(fromIds.output, "tokenizer.json"), "utf8"), await readFile(join(fixture("llama", "sharded"), "tokenizer.json"), "utf8"));
       });
     }));

@@ -159,7 +159,9 @@ describe("mergekit-moe configs", () => {
       assert.equal(routers.length, 4); // attention and FFN routers of both layers, all the same rows
       for (const name of routers) {
         const rows = moe.get(name)!.data as Float32Array;
-        expected.forEach((row, e) => row.forEach((x, h) => assert.ok(Math.abs(rows[e * H + h]! - x) < 1e-6, `${name} expert ${e} dim ${h}: ${rows[e * H + h]} vs ${x}`)));
+        for (const [e, row] of expected.entries()) {
+          for (const [h, x] of row.entries()) assert.ok(Math.abs(rows[e * H + h]! - x) < 1e-6, `${name} expert ${e} dim ${h}: ${rows[e * H + h]} vs ${x}`);
+        }
       }
 
       // the same experts and prompts in the seeds' order give the same model

@@ -177,7 +177,7 @@ describe("bam eval, generate, export-onnx", () => {
         [["export-onnx", model, "-o", taken], 1, /exists and is not empty/],
       ];
       const runs = await Promise.all(cases.map(([args]) => bamAsync(args, dir)));
-      runs.forEach((run, i) => assertFails(run, cases[i]![1], cases[i]![2]));
+      for (const [i, run] of runs.entries()) assertFails(run, cases[i]![1], cases[i]![2]);
     }));
 
   test("error paths of the API: each failure has its code and names the file", () =>

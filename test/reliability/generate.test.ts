@@ -63,6 +63,7 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
     const lines = run.stderr.split("\n").filter((line) => line !== "" && !line.startsWith("exporting"));
     assert.equal(lines.length, 1, run.stderr);
     assert.match(lines[0]!, message);
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
     assert.doesNotMatch(run.stderr, /\u001b\[|onnxruntime/i);
   }
   let sent = false;

@@ -57,7 +57,7 @@ test("F16 decodes every pattern to its IEEE value", () => {
 
 test("BF16 decodes every pattern to the upper half of an F32", () => {
   const bits = new Uint32Array(toFloat32(halvesToBytes(allHalfPatterns()), "BF16").buffer);
-  bits.forEach((word, half) => assert.equal(word, half * 0x10000));
+  for (const [half, word] of bits.entries()) assert.equal(word, half * 0x10000);
 });
 
 for (const dtype of ["F16", "BF16"] as const) {

@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import { cp, mkdir, readFile, readdir, rename, symlink, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
-import { BamError } from "../../src/errors.js";
+import type { BamError } from "../../src/errors.js";
 import { hashFiles } from "../../src/upcycle/hash-seeds.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { fixture, fixtureFamilies, withTempDir } from "../helpers.js";

@@ -50,5 +50,5 @@ function printSummary(s: ModelSummary, findings: { tensor: string; nan: number; 
   }
   if (findings) rows.push(["scan", findings.length === 0 ? "every tensor finite" : findings.map((x) => `${x.tensor}: ${x.nan} NaN, ${x.inf} Inf`).join("; ")]);
   const width = Math.max(...rows.map(([k]) => k.length));
-  process.stdout.write(rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n") + "\n");
+  process.stdout.write(`${rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`).join("\n")}\n`);
 }

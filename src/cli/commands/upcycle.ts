@@ -179,7 +179,7 @@ function printPlan(plan: UpcyclePlan): void {
   const s = plan.summary;
   const millions = (n: number) => `${(n / 1e6).toFixed(n < 1e7 ? 3 : 1)}M`;
   const lines = [
-    ...plan.seeds.map((x, i) => `${i === 0 ? "seeds" : ""}`.padEnd(12) + `${x.name} (${x.dtypes.join("/")})${x.dir === x.name ? "" : ` <- ${x.dir}`}`),
+    ...plan.seeds.map((x, i) => `${(i === 0 ? "seeds" : "").padEnd(12)}${x.name} (${x.dtypes.join("/")})${x.dir === x.name ? "" : ` <- ${x.dir}`}`),
     `family      ${plan.features.family}, ${plan.features.numLayers} layers, hidden ${plan.features.hiddenSize}`,
     `experts     ${s.experts} FFN experts, top-${s.expertsPerToken}, ${plan.moe.normTopkProb ? "renormalised gate (--norm-topk-prob)" : "gate: probability over all experts (--no-norm-topk-prob)"}`,
     `shared      ${plan.options.sharedFrom === null ? "averaged over the seeds" : `copied from ${plan.options.sharedFrom}`}`,

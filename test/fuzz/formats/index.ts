@@ -31,7 +31,7 @@ const weightMap = (index: Index): Record<string, unknown> =>
   index.weight_map !== null && typeof index.weight_map === "object" && !Array.isArray(index.weight_map) ? (index.weight_map as Record<string, unknown>) : {};
 
 const OPS: ReadonlyArray<readonly [number, FolderOp]> = [
-  [6, async (rng, seed, index, ctx, shards) => {
+  [6, async (rng, _seed, index, ctx, shards) => {
     const map = weightMap(index);
     if (Object.keys(map).length === 0) return "weight_map has no entries to edit";
     const name = rng.pick(Object.keys(map));

@@ -83,11 +83,11 @@ function wholeDocument(rng: Rng, good: string[]): [string, string] {
     },
     () => {
       const depth = rng.int(100, 3000);
-      let doc = seeds + "seed:\n";
+      let doc = `${seeds}seed:\n`;
       for (let i = 1; i <= depth; i++) doc += `${" ".repeat(i)}k:\n`;
       return [doc, `block nesting ${depth} deep`];
     },
-    () => [`${seeds}attention: moa\n`.repeat(1) + `# ${"c".repeat(rng.int(1, 5) * 1_000_000)}\n`, "megabytes of comment"],
+    () => [`${`${seeds}attention: moa\n`.repeat(1)}# ${"c".repeat(rng.int(1, 5) * 1_000_000)}\n`, "megabytes of comment"],
     () => [`${seeds}attention: *undefined\n`, "undefined alias"],
     () => [`${seeds}\tattention: moa\n`, "tab indentation"],
     () => [`base: &base {attention: merged}\n<<: *base\n${seeds}`, "merge key"],
@@ -153,7 +153,7 @@ export async function recipeCase(ctx: CaseContext): Promise<Step[]> {
         notes.push(`weights: ${lines.get("weights")}`);
       }
     }
-    text = [...lines].map(([k, v]) => (k.startsWith("?") ? `${k}\n: ${v}` : `${k}: ${v}`)).join("\n") + "\n";
+    text = `${[...lines].map(([k, v]) => (k.startsWith("?") ? `${k}\n: ${v}` : `${k}: ${v}`)).join("\n")}\n`;
     if (rng.chance(0.2)) text = mutateTextRepeatedly(rng, text, notes, ":-[]{}&*!|>%@`'\"#\t\n ,?<0123456789abcz");
   }
   const bytes = maybeInvalidUtf8(rng, encoder.encode(text), 0.04, notes);
