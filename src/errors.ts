@@ -50,10 +50,14 @@ export class BamError extends Error {
   /** Stable across versions: match on it, not on the message. */
   readonly code: ErrorCode;
 
-  constructor(code: ErrorCode, message: string, options?: {
-    /** The error this one words (e.g. the system error of a failed read). */
-    cause?: unknown;
-  }) {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    options?: {
+      /** The error this one words (e.g. the system error of a failed read). */
+      cause?: unknown;
+    },
+  ) {
     super(oneLine(message), options);
     this.name = "BamError";
     this.code = code;
@@ -89,15 +93,24 @@ export function ioError(path: string, error: unknown): BamError {
   if (error instanceof BamError) return error;
   const errno = (error as NodeJS.ErrnoException | undefined)?.code;
   if (errno === "ENOSPC" || errno === "EDQUOT") {
-    return new BamError("DISK_FULL", `${path}: no space left on device; free some space or choose another output folder`, { cause: error });
+    return new BamError(
+      "DISK_FULL",
+      `${path}: no space left on device; free some space or choose another output folder`,
+      { cause: error },
+    );
   }
   if (errno === "ABORT_ERR" || (error as Error | undefined)?.name === "AbortError") {
     return new BamError("ABORTED", `${path}: interrupted`, { cause: error });
   }
-  const reason = errno === "ENOENT" ? "no such file or folder"
-    : errno === "EACCES" || errno === "EPERM" ? "permission denied"
-    : errno === "EISDIR" ? "is a folder, expected a file"
-    : errno === "ENOTDIR" ? "not a folder"
-    : (error as Error | undefined)?.message ?? String(error);
+  const reason =
+    errno === "ENOENT"
+      ? "no such file or folder"
+      : errno === "EACCES" || errno === "EPERM"
+        ? "permission denied"
+        : errno === "EISDIR"
+          ? "is a folder, expected a file"
+          : errno === "ENOTDIR"
+            ? "not a folder"
+            : ((error as Error | undefined)?.message ?? String(error));
   return new BamError("IO_ERROR", `${path}: ${reason}`, { cause: error });
 }

@@ -29,4 +29,9 @@ export interface Generation {
 }
 
 /** The settings `bam generate` and generateText use where none are given. */
-export const DEFAULT_GENERATION: Readonly<GenerationSettings> = { maxNewTokens: 64, temperature: 0, topP: 1, seed: null };
+export const DEFAULT_GENERATION: Readonly<GenerationSettings> = {
+  maxNewTokens: 64,
+  temperature: 0,
+  topP: 1,
+  seed: null,
+};

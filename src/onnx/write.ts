@@ -84,7 +84,10 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
     });
     const model = encodeModel({
       irVersion: IR_VERSION,
-      opsetImport: [{ domain: "", version: options.opset }, ...written.contribDomains.map((domain) => ({ domain, version: 1 }))],
+      opsetImport: [
+        { domain: "", version: options.opset },
+        ...written.contribDomains.map((domain) => ({ domain, version: 1 })),
+      ],
       producerName: "bam-upcycle",
       producerVersion: options.producerVersion,
       graph: {
