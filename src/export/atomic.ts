@@ -24,7 +24,20 @@
  *   reclaimed by any run in that parent folder;
  * - parent folders created for the target are removed again when the run fails.
  */
-import { lstat, mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink } from "node:fs/promises";
+import {
+  link,
+  lstat,
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  realpath,
+  rename,
+  rm,
+  rmdir,
+  stat,
+  unlink,
+} from "node:fs/promises";
 import { basename, dirname, join, relative, resolve, sep } from "node:path";
 import { BamError, ioError } from "../errors.js";
 
@@ -170,6 +183,37 @@ export async function checkOutputFile(file: string, options: OutputOptions): Pro
     throw new BamError("OUTPUT_EXISTS", `${file}: exists and is not a file; choose another output file`);
   if (!options.force)
     throw new BamError("OUTPUT_EXISTS", `${file}: exists; choose another file or pass --force to replace it`);
+}
+
+/**
+ * Writes one file whole or not at all: `write` fills `.bam-tmp-<name>-<pid>-<call>` beside it, which then
+ * takes the file's place, so a failed or interrupted write leaves the old file (or none), never a partial
+ * one. Without `overwrite`, a file that appeared at the target meanwhile is kept and the write fails.
+ * Check the target first (checkOutputFile).
+ */
+export async function writeFileAtomically(
+  file: string,
+  overwrite: boolean,
+  write: (path: string) => Promise<void>,
+): Promise<void> {
+  const temp = join(dirname(resolve(file)), `${TEMP_PREFIX}${basename(file)}-${process.pid}-${++calls}`);
+  try {
+    await write(temp);
+    if (overwrite) {
+      await rename(temp, file).catch((error: unknown) => {
+        throw ioError(file, error);
+      });
+    } else {
+      // link, unlike rename, refuses an existing target
+      await link(temp, file).catch((error: unknown) => {
+        if ((error as NodeJS.ErrnoException).code === "EEXIST")
+          throw new BamError("OUTPUT_EXISTS", `${file}: appeared while it was being written; it is kept as it is`);
+        throw ioError(file, error);
+      });
+    }
+  } finally {
+    await unlink(temp).catch(() => undefined); // gone already after the rename
+  }
 }
 
 interface PathChain {

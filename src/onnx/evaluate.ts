@@ -7,7 +7,7 @@ import { readFile } from "node:fs/promises";
 import { BamError, ioError } from "../errors.js";
 import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
 import { openModel } from "../arch/model.js";
-import { checkOutputFile } from "../export/atomic.js";
+import { checkOutputFile, writeFileAtomically } from "../export/atomic.js";
 import { prepareOnnx, type PrepareOptions } from "./export.js";
 import { OnnxSession } from "./session.js";
 import { BIN_DTYPES, type BinDType } from "./token-files.js";
@@ -269,17 +269,19 @@ export async function saveLogits(
     await session.close();
   }
   const shape = [batch, seq, vocab];
-  await writeSafetensors(
-    outFile,
-    [
-      {
-        name: "logits",
-        dtype: "F32",
-        shape,
-        data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength),
-      },
-    ],
-    { metadata: { format: "pt" } },
+  await writeFileAtomically(outFile, options.overwrite ?? false, (path) =>
+    writeSafetensors(
+      path,
+      [
+        {
+          name: "logits",
+          dtype: "F32",
+          shape,
+          data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength),
+        },
+      ],
+      { metadata: { format: "pt" } },
+    ).then(() => undefined),
   );
   return { shape };
 }

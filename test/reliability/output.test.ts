@@ -13,7 +13,7 @@ import { join, relative } from "node:path";
 import { test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import { isBamError } from "../../src/errors.js";
-import { openAtomicFolder } from "../../src/export/atomic.js";
+import { openAtomicFolder, writeFileAtomically } from "../../src/export/atomic.js";
 import { SafetensorsReader } from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { deadPid, fixture, withTempDir } from "../helpers.js";
@@ -350,4 +350,30 @@ test("--dtype keep with an f32 and a bf16 seed writes f32 throughout, as config.
         await reader.close();
       }
     }
+  }));
+
+test("one file written atomically (eval --save-logits): a failed write keeps the old file, a file that appears meanwhile is kept", () =>
+  withTempDir(async (dir) => {
+    const file = join(dir, "logits.safetensors");
+    await writeFile(file, "old");
+    const failed = await writeFileAtomically(file, true, async (path) => {
+      await writeFile(path, "half");
+      throw new Error("disk full");
+    }).catch((error: unknown) => error);
+    assert.match(String(failed), /disk full/);
+    assert.equal(await readFile(file, "utf8"), "old", "the old file is whole");
+    const appeared = join(dir, "appeared.safetensors");
+    const refused = await writeFileAtomically(appeared, false, async (path) => {
+      await writeFile(path, "new");
+      await writeFile(appeared, "someone else's");
+    }).catch((error: unknown) => error);
+    assert.ok(isBamError(refused, "OUTPUT_EXISTS"), String(refused));
+    assert.equal(await readFile(appeared, "utf8"), "someone else's");
+    await writeFileAtomically(file, true, (path) => writeFile(path, "new"));
+    assert.equal(await readFile(file, "utf8"), "new");
+    assert.deepEqual(
+      (await readdir(dir)).sort(),
+      ["appeared.safetensors", "logits.safetensors"],
+      "no temporary file left",
+    );
   }));
