@@ -22,7 +22,10 @@ export function measuredTree(commit?: string): MeasuredTree {
   return {
     commit: git("rev-parse", "HEAD").trim(),
     // Lines are "XY path"; not trimmed, since X is a space for a file changed only in the work tree.
-    uncommittedSource: git("status", "--porcelain", "--", "src").split("\n").filter(Boolean).map((line) => line.slice(3)),
+    uncommittedSource: git("status", "--porcelain", "--", "src")
+      .split("\n")
+      .filter(Boolean)
+      .map((line) => line.slice(3)),
   };
 }
 

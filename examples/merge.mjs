@@ -1,6 +1,6 @@
 // The merge API, runnable from the repository after `npm run build`:
 //   node examples/merge.mjs [output-folder]
-import { planUpcycle, upcycle, isBamError } from "bam-upcycle";
+import { executePlan, planUpcycle, isBamError } from "bam-upcycle";
 
 const options = {
   seeds: ["fixtures/qwen3/base", "fixtures/qwen3/code", "fixtures/qwen3/math"],
@@ -14,7 +14,7 @@ try {
   const plan = await planUpcycle(options); // reads configs and headers only
   console.log(`${plan.summary.experts} experts, ${(plan.summary.totalParameters / 1e3).toFixed(0)}K parameters, ` +
     `${plan.summary.flopsPerTokenRatio.toFixed(2)}x the FLOPs of one seed`);
-  const result = await upcycle(options, {
+  const result = await executePlan(plan, { // checks the plan against the seeds as they are now, then writes
     onProgress: ({ bytesWritten, totalBytes }) => process.stderr.write(`\r${bytesWritten}/${totalBytes} bytes`),
   });
   console.log(`\nwrote ${result.output} (${result.files.length} file(s)) in ${result.seconds.toFixed(2)} s`);

@@ -50,10 +50,14 @@ export class BamError extends Error {
   /** Stable across versions: match on it, not on the message. */
   readonly code: ErrorCode;
 
-  constructor(code: ErrorCode, message: string, options?: {
-    /** The error this one words (e.g. the system error of a failed read). */
-    cause?: unknown;
-  }) {
+  constructor(
+    code: ErrorCode,
+    message: string,
+    options?: {
+      /** The error this one words (e.g. the system error of a failed read). */
+      cause?: unknown;
+    },
+  ) {
     super(oneLine(message), options);
     this.name = "BamError";
     this.code = code;
@@ -61,6 +65,7 @@ export class BamError extends Error {
 }
 
 /** Control characters and line or paragraph separators, which untrusted names and parser messages may carry. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
 const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/g;
 const ESCAPES: Readonly<Record<string, string>> = { "\n": "\\n", "\r": "\\r", "\t": "\\t" };
 /** Longest message kept whole; past it the middle is elided (a tensor name can be megabytes long). */
@@ -88,15 +93,24 @@ export function ioError(path: string, error: unknown): BamError {
   if (error instanceof BamError) return error;
   const errno = (error as NodeJS.ErrnoException | undefined)?.code;
   if (errno === "ENOSPC" || errno === "EDQUOT") {
-    return new BamError("DISK_FULL", `${path}: no space left on device; free some space or choose another output folder`, { cause: error });
+    return new BamError(
+      "DISK_FULL",
+      `${path}: no space left on device; free some space or choose another output folder`,
+      { cause: error },
+    );
   }
   if (errno === "ABORT_ERR" || (error as Error | undefined)?.name === "AbortError") {
     return new BamError("ABORTED", `${path}: interrupted`, { cause: error });
   }
-  const reason = errno === "ENOENT" ? "no such file or folder"
-    : errno === "EACCES" || errno === "EPERM" ? "permission denied"
-    : errno === "EISDIR" ? "is a folder, expected a file"
-    : errno === "ENOTDIR" ? "not a folder"
-    : (error as Error | undefined)?.message ?? String(error);
+  const reason =
+    errno === "ENOENT"
+      ? "no such file or folder"
+      : errno === "EACCES" || errno === "EPERM"
+        ? "permission denied"
+        : errno === "EISDIR"
+          ? "is a folder, expected a file"
+          : errno === "ENOTDIR"
+            ? "not a folder"
+            : ((error as Error | undefined)?.message ?? String(error));
   return new BamError("IO_ERROR", `${path}: ${reason}`, { cause: error });
 }

@@ -17,7 +17,10 @@ export function fixture(family: Family, variant: "base" | "code" | "math" | "sha
 /** Every family; throws when one's fixtures are missing, so coverage never shrinks silently. */
 export function fixtureFamilies(): Family[] {
   const missing = FAMILIES.filter((family) => !existsSync(join(fixture(family, "base"), "config.json")));
-  if (missing.length > 0) throw new Error(`fixtures missing for ${missing.join(", ")}: run scripts/make_fixtures.py (GPU machine) and commit them`);
+  if (missing.length > 0)
+    throw new Error(
+      `fixtures missing for ${missing.join(", ")}: run scripts/make_fixtures.py (GPU machine) and commit them`,
+    );
   return [...FAMILIES];
 }
 
@@ -46,7 +49,10 @@ export function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
 }
 
 export function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
-  return a.length === b.length && Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0;
+  return (
+    a.length === b.length &&
+    Buffer.compare(Buffer.from(a.buffer, a.byteOffset, a.length), Buffer.from(b.buffer, b.byteOffset, b.length)) === 0
+  );
 }
 
 /** Opens a seed, runs `body`, and closes it whatever happens. */

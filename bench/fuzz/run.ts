@@ -33,9 +33,15 @@ const chunk = Number(values.chunk);
 const upcycleRate = Number(values["upcycle-rate"]);
 const formats = values.formats!.split(",") as Format[];
 
-interface Chunk { format: Format; first: number; count: number }
+interface Chunk {
+  format: Format;
+  first: number;
+  count: number;
+}
 const queue: Chunk[] = [];
-for (const format of formats) for (let first = 0; first < cases; first += chunk) queue.push({ format, first, count: Math.min(chunk, cases - first) });
+for (const format of formats)
+  for (let first = 0; first < cases; first += chunk)
+    queue.push({ format, first, count: Math.min(chunk, cases - first) });
 
 const tree = measuredTree();
 
@@ -51,7 +57,8 @@ function merge(format: Format, part: FormatSummary): void {
   entry.cases += part.cases;
   entry.caseMs += part.caseMs;
   entry.violations += part.violations;
-  for (const [outcome, n] of Object.entries(part.outcomes)) entry.outcomes[outcome] = (entry.outcomes[outcome] ?? 0) + n;
+  for (const [outcome, n] of Object.entries(part.outcomes))
+    entry.outcomes[outcome] = (entry.outcomes[outcome] ?? 0) + n;
   for (const example of part.examples) if (entry.examples.length < 20) entry.examples.push(example);
   if (part.slowest && (entry.slowest === null || part.slowest.ms > entry.slowest.ms)) entry.slowest = part.slowest;
 }
@@ -60,7 +67,10 @@ async function runChunk({ format, first, count }: Chunk): Promise<void> {
   let next = first;
   const end = first + count;
   while (next < end) {
-    const summary = await runWorker({ [format]: end - next }, { seed: values.seed!, upcycleRate, timeoutSeconds: 3600, first: next, keepGoing: true });
+    const summary = await runWorker(
+      { [format]: end - next },
+      { seed: values.seed!, upcycleRate, timeoutSeconds: 3600, first: next, keepGoing: true },
+    );
     maxRssMB = Math.max(maxRssMB, summary.maxRssMB);
     if (summary.fds) fdGrowth = Math.max(fdGrowth, summary.fds.end - summary.fds.start);
     const part = summary.formats[format] ?? emptyFormat();
@@ -72,13 +82,17 @@ async function runChunk({ format, first, count }: Chunk): Promise<void> {
     next = failed + 1;
   }
   done += 1;
-  process.stderr.write(`${format} ${first}..${end - 1} done (${done}/${queue.length} chunks, ${((performance.now() - started) / 1000).toFixed(0)} s)\n`);
+  process.stderr.write(
+    `${format} ${first}..${end - 1} done (${done}/${queue.length} chunks, ${((performance.now() - started) / 1000).toFixed(0)} s)\n`,
+  );
 }
 
 const pending = [...queue];
-await Promise.all(Array.from({ length: Number(values.jobs) }, async () => {
-  for (let job = pending.shift(); job !== undefined; job = pending.shift()) await runChunk(job);
-}));
+await Promise.all(
+  Array.from({ length: Number(values.jobs) }, async () => {
+    for (let job = pending.shift(); job !== undefined; job = pending.shift()) await runChunk(job);
+  }),
+);
 
 const ordered: Partial<Record<Format, FormatSummary>> = {};
 for (const format of formats) {
@@ -110,6 +124,10 @@ const file = resolve(values.out!);
 await mkdir(dirname(file), { recursive: true });
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
 for (const [format, s] of Object.entries(ordered)) {
-  process.stdout.write(`${format.padEnd(12)} ${String(s.cases).padStart(6)} cases  ${String(s.violations).padStart(4)} violations  slowest ${s.slowest?.ms} ms  ${JSON.stringify(s.outcomes)}\n`);
+  process.stdout.write(
+    `${format.padEnd(12)} ${String(s.cases).padStart(6)} cases  ${String(s.violations).padStart(4)} violations  slowest ${s.slowest?.ms} ms  ${JSON.stringify(s.outcomes)}\n`,
+  );
 }
-process.stdout.write(`${result.totals.cases} cases in ${result.seconds} s, ${result.totals.violations} violations, ${crashes.length} crashes or hangs; wrote ${file}\n`);
+process.stdout.write(
+  `${result.totals.cases} cases in ${result.seconds} s, ${result.totals.violations} violations, ${crashes.length} crashes or hangs; wrote ${file}\n`,
+);

@@ -62,7 +62,12 @@ if (same(previous.hashes, fresh.hashes)) throw new Error("the previous model mus
 /** The fastest of three uninterrupted runs (the first also hashes the seeds): the scale of the kill delays. */
 const runMs = Math.min(fresh.ms, previous.ms, (await reference()).ms);
 
-type Landing = "target absent" | "previous intact" | "new model complete" | "previous moved aside, target absent" | "new model in, previous kept aside";
+type Landing =
+  | "target absent"
+  | "previous intact"
+  | "new model complete"
+  | "previous moved aside, target absent"
+  | "new model in, previous kept aside";
 const landings: Record<string, number> = {};
 const violations: Array<{ round: number; force: boolean; delayMs: number; what: string }> = [];
 let nextRunRefusals = 0;
@@ -77,7 +82,9 @@ for (let round = 0; round < rounds; round++) {
   const delayMs = Math.round((round % 4 === 3 ? 0.8 + 0.3 * random() : 1.3 * random()) * runMs);
   const run = await runCli(args(...(force ? ["--force"] : [])), {
     cwd: parent,
-    during: (child) => { setTimeout(() => child.kill("SIGKILL"), delayMs); },
+    during: (child) => {
+      setTimeout(() => child.kill("SIGKILL"), delayMs);
+    },
   });
   const violation = (what: string) => violations.push({ round, force, delayMs, what });
   const entries = await readdir(parent);
@@ -86,14 +93,16 @@ for (let round = 0; round < rounds; round++) {
   let landing: Landing;
   if (target === undefined) {
     if (!force) landing = "target absent";
-    else if (aside.length === 1 && same(await folderHashes(join(parent, aside[0]!)), previous.hashes)) landing = "previous moved aside, target absent";
+    else if (aside.length === 1 && same(await folderHashes(join(parent, aside[0]!)), previous.hashes))
+      landing = "previous moved aside, target absent";
     else {
       violation("target missing and no moved-aside previous model");
       continue;
     }
   } else if (same(target, fresh.hashes)) {
     landing = aside.length > 0 ? "new model in, previous kept aside" : "new model complete";
-    if (aside.length > 0 && !same(await folderHashes(join(parent, aside[0]!)), previous.hashes)) violation("the kept previous model changed");
+    if (aside.length > 0 && !same(await folderHashes(join(parent, aside[0]!)), previous.hashes))
+      violation("the kept previous model changed");
   } else if (force && same(target, previous.hashes)) {
     landing = "previous intact";
   } else {
@@ -107,20 +116,25 @@ for (let round = 0; round < rounds; round++) {
   let next = await runCli(args(...(force ? ["--force"] : [])), { cwd: parent });
   if (landing === "new model in, previous kept aside" || (!force && landing === "new model complete")) {
     // Refusals expected: a kept previous model is named, an existing output needs --force.
-    if (next.code !== 1 || next.stderr.trim().split("\n").length !== 1) violation(`next run: exit ${next.code}, ${next.stderr}`);
+    if (next.code !== 1 || next.stderr.trim().split("\n").length !== 1)
+      violation(`next run: exit ${next.code}, ${next.stderr}`);
     nextRunRefusals += 1;
     if (aside.length > 0) {
-      if (!next.stderr.includes(aside[0]!)) violation(`next run's refusal does not say where the previous model is: ${next.stderr}`);
+      if (!next.stderr.includes(aside[0]!))
+        violation(`next run's refusal does not say where the previous model is: ${next.stderr}`);
       await rm(join(parent, aside[0]!), { recursive: true }); // the user deletes it, having read the message
     }
     next = await runCli(args("--force"), { cwd: parent });
   }
   if (next.code !== 0) violation(`next run: exit ${next.code}, ${next.stderr}`);
-  else if (!same(await folderHashes(join(parent, "out")), fresh.hashes)) violation("next run's output differs from an uninterrupted run");
+  else if (!same(await folderHashes(join(parent, "out")), fresh.hashes))
+    violation("next run's output differs from an uninterrupted run");
   const left = (await readdir(parent)).filter((e) => e.startsWith(".bam-"));
   if (left.length > 0) violation(`left behind: ${left.join(", ")}`);
   await rm(parent, { recursive: true });
-  process.stderr.write(`round ${round + 1}/${rounds} (${force ? "--force, " : ""}kill at ${delayMs} ms): ${key}, ${violations.length} violations\n`);
+  process.stderr.write(
+    `round ${round + 1}/${rounds} (${force ? "--force, " : ""}kill at ${delayMs} ms): ${key}, ${violations.length} violations\n`,
+  );
 }
 
 const result = {
@@ -141,4 +155,6 @@ await rm(root, { recursive: true, force: true });
 const file = resolve(values.out!);
 await mkdir(dirname(file), { recursive: true });
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
-process.stdout.write(`${rounds} rounds in ${result.seconds} s: ${JSON.stringify(landings)}; ${violations.length} violations; wrote ${file}\n`);
+process.stdout.write(
+  `${rounds} rounds in ${result.seconds} s: ${JSON.stringify(landings)}; ${violations.length} violations; wrote ${file}\n`,
+);

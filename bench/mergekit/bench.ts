@@ -36,7 +36,8 @@ const SHAPES: Record<string, LlamaShape> = {
 };
 const sizes = argOption("--sizes", "small,1b").split(",");
 for (const size of sizes) if (!(size in SHAPES)) throw new Error(`--sizes: unknown size "${size}" (small, 1b)`);
-if (!existsSync(mergekit)) throw new Error(`${mergekit}: not found; install the peer as this file's header says, or pass --mergekit`);
+if (!existsSync(mergekit))
+  throw new Error(`${mergekit}: not found; install the peer as this file's header says, or pass --mergekit`);
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 
@@ -49,9 +50,13 @@ interface Run {
 function measured(command: string, commandArgs: string[]): Run {
   execFileSync("sync");
   const start = performance.now();
-  const run = spawnSync("/usr/bin/time", ["-f", "%M", command, ...commandArgs], { encoding: "utf8", maxBuffer: 64 << 20 });
+  const run = spawnSync("/usr/bin/time", ["-f", "%M", command, ...commandArgs], {
+    encoding: "utf8",
+    maxBuffer: 64 << 20,
+  });
   const seconds = (performance.now() - start) / 1000;
-  if (run.status !== 0) throw new Error(`${command} ${commandArgs.join(" ")} failed (${run.status}): ${run.stderr.slice(-2000)}`);
+  if (run.status !== 0)
+    throw new Error(`${command} ${commandArgs.join(" ")} failed (${run.status}): ${run.stderr.slice(-2000)}`);
   const kib = Number(run.stderr.trim().split("\n").at(-1));
   return { seconds, peakRssBytes: kib * 1024 };
 }
@@ -69,16 +74,48 @@ for (const size of sizes) {
     }
   }
   const config = join(dir, "mergekit.yaml");
-  await writeFile(config, [
-    `base_model: ${seeds[0]}`, "gate_mode: random", "dtype: bfloat16", "experts_per_token: 2", "experts:",
-    ...seeds.map((s) => `  - source_model: ${s}`), "",
-  ].join("\n"));
+  await writeFile(
+    config,
+    [
+      `base_model: ${seeds[0]}`,
+      "gate_mode: random",
+      "dtype: bfloat16",
+      "experts_per_token: 2",
+      "experts:",
+      ...seeds.map((s) => `  - source_model: ${s}`),
+      "",
+    ].join("\n"),
+  );
   const out = join(dir, "out");
   const contenders: Record<string, () => Run> = {
-    cp: () => measured("bash", ["-c", seeds.map((s, n) => `mkdir -p ${out}/${n} && cp --reflink=never ${s}/*.safetensors ${out}/${n}/`).join(" && ")]),
+    cp: () =>
+      measured("bash", [
+        "-c",
+        seeds.map((s, n) => `mkdir -p ${out}/${n} && cp --reflink=never ${s}/*.safetensors ${out}/${n}/`).join(" && "),
+      ]),
     "mergekit-moe": () => measured(mergekit, [config, out, "--random-seed", "0", "--quiet"]),
-    "bam upcycle": () => measured(process.execPath, [CLI, "upcycle", ...seeds, "-o", out, "--format", "mixtral", "--attention", "merged",
-      "--block", "sequential", "-k", "2", "--norm-topk-prob", "--shared-from", seeds[0]!, "--dtype", "bf16", "--json"]),
+    "bam upcycle": () =>
+      measured(process.execPath, [
+        CLI,
+        "upcycle",
+        ...seeds,
+        "-o",
+        out,
+        "--format",
+        "mixtral",
+        "--attention",
+        "merged",
+        "--block",
+        "sequential",
+        "-k",
+        "2",
+        "--norm-topk-prob",
+        "--shared-from",
+        seeds[0]!,
+        "--dtype",
+        "bf16",
+        "--json",
+      ]),
   };
   const runs: Record<string, Run[]> = Object.fromEntries(Object.keys(contenders).map((name) => [name, []]));
   const outputBytes: Record<string, number> = {};
@@ -92,16 +129,24 @@ for (const size of sizes) {
     }
   }
   await rm(out, { recursive: true, force: true });
-  const summary = Object.fromEntries(Object.entries(runs).map(([name, list]) => [name, {
-    seconds: list.map((r) => r.seconds),
-    medianSeconds: median(list.map((r) => r.seconds)),
-    peakRssBytes: Math.max(...list.map((r) => r.peakRssBytes)),
-    outputBytes: outputBytes[name],
-  }]));
+  const summary = Object.fromEntries(
+    Object.entries(runs).map(([name, list]) => [
+      name,
+      {
+        seconds: list.map((r) => r.seconds),
+        medianSeconds: median(list.map((r) => r.seconds)),
+        peakRssBytes: Math.max(...list.map((r) => r.peakRssBytes)),
+        outputBytes: outputBytes[name],
+      },
+    ]),
+  );
   const ours = summary["bam upcycle"]!;
   const peer = summary["mergekit-moe"]!;
   results.push({
-    size, shape, seeds: seeds.length, contenders: summary,
+    size,
+    shape,
+    seeds: seeds.length,
+    contenders: summary,
     ratios: {
       timeVsMergekit: ours.medianSeconds / peer.medianSeconds,
       peakRssVsMergekit: ours.peakRssBytes / peer.peakRssBytes,
@@ -116,7 +161,11 @@ const result = {
   ...tree,
   date: new Date().toISOString(),
   machine: { ...machineInfo(), loadAverage: loadavg() },
-  mergekit: execFileSync(resolve(mergekit, "..", "python"), ["-c", "import importlib.metadata as m; print(m.version('mergekit'))"], { encoding: "utf8" }).trim(),
+  mergekit: execFileSync(
+    resolve(mergekit, "..", "python"),
+    ["-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
+    { encoding: "utf8" },
+  ).trim(),
   repeats,
   results,
 };
@@ -127,7 +176,9 @@ for (const r of results) {
     const c = r.contenders[name]!;
     return `  ${name.padEnd(13)} ${c.medianSeconds.toFixed(2).padStart(7)} s   ${(c.peakRssBytes / 2 ** 20).toFixed(0).padStart(6)} MiB`;
   };
-  process.stdout.write(`${r.size}:\n${["cp", "mergekit-moe", "bam upcycle"].map(line).join("\n")}\n` +
-    `  bam / mergekit: ${r.ratios.timeVsMergekit.toFixed(2)}x time, ${r.ratios.peakRssVsMergekit.toFixed(2)}x peak RSS\n`);
+  process.stdout.write(
+    `${r.size}:\n${["cp", "mergekit-moe", "bam upcycle"].map(line).join("\n")}\n` +
+      `  bam / mergekit: ${r.ratios.timeVsMergekit.toFixed(2)}x time, ${r.ratios.peakRssVsMergekit.toFixed(2)}x peak RSS\n`,
+  );
 }
 process.stdout.write(`wrote ${file}\n`);

@@ -34,14 +34,40 @@ const EXPERTS = 4;
 
 function bam(cliArgs: string[]): { seconds: number; stdout: string } {
   const start = performance.now();
-  const run = spawnSync(process.execPath, [CLI, ...cliArgs], { encoding: "utf8", maxBuffer: 64 << 20, env: { ...process.env, BAM_CACHE_DIR: join(work, "cache") } });
+  const run = spawnSync(process.execPath, [CLI, ...cliArgs], {
+    encoding: "utf8",
+    maxBuffer: 64 << 20,
+    env: { ...process.env, BAM_CACHE_DIR: join(work, "cache") },
+  });
   if (run.status !== 0) throw new Error(`bam ${cliArgs.join(" ")} failed: ${run.stderr}`);
   return { seconds: (performance.now() - start) / 1000, stdout: run.stdout };
 }
 
 /** Plain English-like text of about `count` tokens for the fixtures' small byte-level BPE (about 1.6 characters a token). */
 function text(count: number): string {
-  const words = ["the", "model", "experts", "learned", "to", "write", "code", "and", "solve", "math", "problems", "while", "rain", "fell", "over", "quiet", "river", "bank", "near", "old", "town"];
+  const words = [
+    "the",
+    "model",
+    "experts",
+    "learned",
+    "to",
+    "write",
+    "code",
+    "and",
+    "solve",
+    "math",
+    "problems",
+    "while",
+    "rain",
+    "fell",
+    "over",
+    "quiet",
+    "river",
+    "bank",
+    "near",
+    "old",
+    "town",
+  ];
   const out: string[] = [];
   for (let i = 0; out.join(" ").length < count * 1.6; i++) out.push(words[(i * 7 + (i >> 3)) % words.length]!);
   return `${out.join(" ")}.\n`;
@@ -85,11 +111,28 @@ const result = {
   benchmark: "bam eval tokens/s: seed vs 4-expert BAM (onnxruntime-node, CPU)",
   ...tree,
   date: new Date().toISOString(),
-  machine: { cpus: cpus().length, availableParallelism: availableParallelism(), cpuModel: cpus()[0]?.model ?? "?", memoryBytes: totalmem(), node: process.version, loadAverageBefore: loadBefore, loadAverageAfter: loadavg() },
+  machine: {
+    cpus: cpus().length,
+    availableParallelism: availableParallelism(),
+    cpuModel: cpus()[0]?.model ?? "?",
+    memoryBytes: totalmem(),
+    node: process.version,
+    loadAverageBefore: loadBefore,
+    loadAverageAfter: loadavg(),
+  },
   shape,
   context,
-  mixture: { experts: EXPERTS, attention: plan.summary.attention, block: plan.summary.block, expertsPerToken: plan.summary.expertsPerToken },
-  parameters: { seed: plan.summary.seedParameters, bamTotal: plan.summary.totalParameters, bamActivePerToken: plan.summary.activeParameters },
+  mixture: {
+    experts: EXPERTS,
+    attention: plan.summary.attention,
+    block: plan.summary.block,
+    expertsPerToken: plan.summary.expertsPerToken,
+  },
+  parameters: {
+    seed: plan.summary.seedParameters,
+    bamTotal: plan.summary.totalParameters,
+    bamActivePerToken: plan.summary.activeParameters,
+  },
   seed: seedResult,
   bam: bamResult,
   /** Seed tokens/s over BAM tokens/s: how many times slower the mixture runs. */

@@ -50,7 +50,11 @@ const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 const TORCH = resolve("bench/onnx/torch_cpu.py");
 
 function run(command: string, args: string[]): string {
-  const result = spawnSync(command, args, { encoding: "utf8", maxBuffer: 64 << 20, env: { ...process.env, BAM_CACHE_DIR: join(work, "cache") } });
+  const result = spawnSync(command, args, {
+    encoding: "utf8",
+    maxBuffer: 64 << 20,
+    env: { ...process.env, BAM_CACHE_DIR: join(work, "cache") },
+  });
   if (result.status !== 0) throw new Error(`${command} ${args.join(" ")} failed: ${result.stderr}`);
   return result.stdout;
 }
@@ -70,14 +74,18 @@ for (let i = 0, x = 12345; i < ids.length; i++) {
 const seed = join(work, "seed");
 const mixture = join(work, "bam2");
 if (!existsSync(join(seed, "config.json"))) await writeLlamaSeed(seed, SHAPE);
-if (!existsSync(join(mixture, "config.json"))) run(process.execPath, [CLI, "upcycle", seed, seed, "-o", mixture, "--force"]);
+if (!existsSync(join(mixture, "config.json")))
+  run(process.execPath, [CLI, "upcycle", seed, seed, "-o", mixture, "--force"]);
 const tokensFile = join(work, "tokens.bin");
 await writeFile(tokensFile, new Uint8Array(ids.buffer));
 const promptsFile = join(work, "prompts.json");
 const prompts = PROMPTS.map((n) => Array.from(ids.subarray(0, n)));
 await writeFile(promptsFile, JSON.stringify(prompts));
 const models = { seed: { dir: seed, remote: false }, bam: { dir: mixture, remote: true } };
-const exports = { seed: await prepareOnnx(seed, { cacheDir: join(work, "cache") }), bam: await prepareOnnx(mixture, { cacheDir: join(work, "cache") }) };
+const exports = {
+  seed: await prepareOnnx(seed, { cacheDir: join(work, "cache") }),
+  bam: await prepareOnnx(mixture, { cacheDir: join(work, "cache") }),
+};
 
 /** Our seconds per new token after each prompt: prefill, then the median gap between decode steps. */
 async function oursGeneration(folder: string): Promise<number[]> {
@@ -99,8 +107,14 @@ async function oursGeneration(folder: string): Promise<number[]> {
   return perToken;
 }
 
-interface Sample { evalTokensPerSecond: number; stepSeconds: number[] }
-const samples: Record<"seed" | "bam", { ours: Sample[]; torch: Sample[] }> = { seed: { ours: [], torch: [] }, bam: { ours: [], torch: [] } };
+interface Sample {
+  evalTokensPerSecond: number;
+  stepSeconds: number[];
+}
+const samples: Record<"seed" | "bam", { ours: Sample[]; torch: Sample[] }> = {
+  seed: { ours: [], torch: [] },
+  bam: { ours: [], torch: [] },
+};
 const tree = measuredTree();
 const loadBefore = loadavg();
 let torchVersion = "";
@@ -110,12 +124,46 @@ for (let round = 0; round < rounds; round++) {
     for (const engine of engines) {
       process.stderr.write(`round ${round + 1}/${rounds}: ${name}, ${engine}\n`);
       if (engine === "ours") {
-        const report = JSON.parse(run(process.execPath, [CLI, "eval", models[name].dir, "--tokens", tokensFile, "--context", String(CONTEXT), "--json"]));
-        samples[name].ours.push({ evalTokensPerSecond: report.tokensPerSecond, stepSeconds: await oursGeneration(exports[name].folder) });
+        const report = JSON.parse(
+          run(process.execPath, [
+            CLI,
+            "eval",
+            models[name].dir,
+            "--tokens",
+            tokensFile,
+            "--context",
+            String(CONTEXT),
+            "--json",
+          ]),
+        );
+        samples[name].ours.push({
+          evalTokensPerSecond: report.tokensPerSecond,
+          stepSeconds: await oursGeneration(exports[name].folder),
+        });
       } else {
-        const out = JSON.parse(run(python, [TORCH, "--model", models[name].dir, ...(models[name].remote ? ["--remote"] : []), "--tokens", tokensFile, "--context", String(CONTEXT), "--threads", String(THREADS), "--prompts", promptsFile, "--new-tokens", String(NEW_TOKENS)]));
+        const out = JSON.parse(
+          run(python, [
+            TORCH,
+            "--model",
+            models[name].dir,
+            ...(models[name].remote ? ["--remote"] : []),
+            "--tokens",
+            tokensFile,
+            "--context",
+            String(CONTEXT),
+            "--threads",
+            String(THREADS),
+            "--prompts",
+            promptsFile,
+            "--new-tokens",
+            String(NEW_TOKENS),
+          ]),
+        );
         torchVersion = out.torch;
-        samples[name].torch.push({ evalTokensPerSecond: out.eval.tokensPerSecond, stepSeconds: out.generation.map((g: { stepSeconds: number }) => g.stepSeconds) });
+        samples[name].torch.push({
+          evalTokensPerSecond: out.eval.tokensPerSecond,
+          stepSeconds: out.generation.map((g: { stepSeconds: number }) => g.stepSeconds),
+        });
       }
     }
   }
@@ -125,29 +173,43 @@ const summary = (runs: Sample[]) => ({
   evalTokensPerSecond: median(runs.map((r) => r.evalTokensPerSecond)),
   generation: PROMPTS.map((promptTokens, i) => {
     const seconds = median(runs.map((r) => r.stepSeconds[i]!));
-    return { context: promptTokens + NEW_TOKENS / 2, promptTokens, secondsPerToken: seconds, tokensPerSecond: 1 / seconds };
+    return {
+      context: promptTokens + NEW_TOKENS / 2,
+      promptTokens,
+      secondsPerToken: seconds,
+      tokensPerSecond: 1 / seconds,
+    };
   }),
   runs,
 });
-const rows = Object.fromEntries((["seed", "bam"] as const).map((name) => {
-  const ours = summary(samples[name].ours);
-  const torch = summary(samples[name].torch);
-  const pace = (s: typeof ours) => s.generation[1]!.secondsPerToken / s.generation[0]!.secondsPerToken;
-  return [name, {
-    ours,
-    pytorch: torch,
-    /** Ours over PyTorch's: scoring tokens/s, and generation tokens/s at each context. */
-    oursOverPytorch: {
-      eval: ours.evalTokensPerSecond / torch.evalTokensPerSecond,
-      generation: ours.generation.map((g, i) => ({ context: g.context, ratio: g.tokensPerSecond / torch.generation[i]!.tokensPerSecond })),
-    },
-    /** Seconds per token at about 2000 tokens of context over at about 50 (goal: at most 2). */
-    pace: { ours: pace(ours), pytorch: pace(torch) },
-  }];
-}));
+const rows = Object.fromEntries(
+  (["seed", "bam"] as const).map((name) => {
+    const ours = summary(samples[name].ours);
+    const torch = summary(samples[name].torch);
+    const pace = (s: typeof ours) => s.generation[1]!.secondsPerToken / s.generation[0]!.secondsPerToken;
+    return [
+      name,
+      {
+        ours,
+        pytorch: torch,
+        /** Ours over PyTorch's: scoring tokens/s, and generation tokens/s at each context. */
+        oursOverPytorch: {
+          eval: ours.evalTokensPerSecond / torch.evalTokensPerSecond,
+          generation: ours.generation.map((g, i) => ({
+            context: g.context,
+            ratio: g.tokensPerSecond / torch.generation[i]!.tokensPerSecond,
+          })),
+        },
+        /** Seconds per token at about 2000 tokens of context over at about 50 (goal: at most 2). */
+        pace: { ours: pace(ours), pytorch: pace(torch) },
+      },
+    ];
+  }),
+);
 const plan = await planUpcycle({ seeds: [seed, seed], output: mixture });
 const result = {
-  benchmark: "generation pace (per-token time at 50 and 2000 tokens of context) and bam eval, ours (onnxruntime-node) vs PyTorch on CPU, same folder",
+  benchmark:
+    "generation pace (per-token time at 50 and 2000 tokens of context) and bam eval, ours (onnxruntime-node) vs PyTorch on CPU, same folder",
   ...tree,
   date: new Date().toISOString(),
   machine: { ...machineInfo(), loadAverageBefore: loadBefore, loadAverageAfter: loadavg() },
@@ -155,8 +217,17 @@ const result = {
   pytorch: { torch: torchVersion, dtype: "float32" },
   rounds,
   shape: SHAPE,
-  mixture: { experts: 2, attention: plan.summary.attention, block: plan.summary.block, expertsPerToken: plan.summary.expertsPerToken },
-  parameters: { seed: plan.summary.seedParameters, bamTotal: plan.summary.totalParameters, bamActivePerToken: plan.summary.activeParameters },
+  mixture: {
+    experts: 2,
+    attention: plan.summary.attention,
+    block: plan.summary.block,
+    expertsPerToken: plan.summary.expertsPerToken,
+  },
+  parameters: {
+    seed: plan.summary.seedParameters,
+    bamTotal: plan.summary.totalParameters,
+    bamActivePerToken: plan.summary.activeParameters,
+  },
   eval: { context: CONTEXT, tokens: EVAL_TOKENS },
   generation: { promptTokens: PROMPTS, newTokens: NEW_TOKENS, decoding: "greedy" },
   seed: rows.seed,
@@ -164,4 +235,6 @@ const result = {
 };
 const out = resolve("bench/results/onnx-generate.json");
 await writeFile(out, `${JSON.stringify(result, null, 2)}\n`);
-process.stdout.write(`${JSON.stringify({ seed: { oursOverPytorch: rows.seed!.oursOverPytorch, pace: rows.seed!.pace }, bam: { oursOverPytorch: rows.bam!.oursOverPytorch, pace: rows.bam!.pace } }, null, 2)}\n`);
+process.stdout.write(
+  `${JSON.stringify({ seed: { oursOverPytorch: rows.seed!.oursOverPytorch, pace: rows.seed!.pace }, bam: { oursOverPytorch: rows.bam!.oursOverPytorch, pace: rows.bam!.pace } }, null, 2)}\n`,
+);

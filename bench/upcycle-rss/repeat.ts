@@ -19,11 +19,22 @@ import { upcycle } from "../../src/index.js";
 import { folderBytes, type LlamaSeed, writeSeed } from "../../test/reliability/synth.js";
 import { measuredTree, machineInfo } from "../provenance.js";
 
-const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss-repeat" }, runs: { type: "string", default: "5" } } });
+const { values } = parseArgs({
+  options: { work: { type: "string", default: "/tmp/bam-rss-repeat" }, runs: { type: "string", default: "5" } },
+});
 const work = resolve(values.work!);
 const runs = Number(values.runs);
 // 105M parameters per seed; the 3-expert BAM model has 217M.
-const SHAPE: LlamaSeed = { vocab: 32000, hidden: 768, intermediate: 2048, layers: 8, heads: 12, kvHeads: 12, dtype: "BF16", maxShardBytes: 1e9 };
+const SHAPE: LlamaSeed = {
+  vocab: 32000,
+  hidden: 768,
+  intermediate: 2048,
+  layers: 8,
+  heads: 12,
+  kvHeads: 12,
+  dtype: "BF16",
+  maxShardBytes: 1e9,
+};
 
 const tree = measuredTree();
 const loadBefore = loadavg();
@@ -36,7 +47,15 @@ for (const [i, seed] of seeds.entries()) {
   }
 }
 const output = join(work, "out");
-const memory = () => { const m = process.memoryUsage(); return { rssMiB: mib(m.rss), heapUsedMiB: mib(m.heapUsed), externalMiB: mib(m.external), arrayBuffersMiB: mib(m.arrayBuffers) }; };
+const memory = () => {
+  const m = process.memoryUsage();
+  return {
+    rssMiB: mib(m.rss),
+    heapUsedMiB: mib(m.heapUsed),
+    externalMiB: mib(m.external),
+    arrayBuffersMiB: mib(m.arrayBuffers),
+  };
+};
 const startMemory = memory();
 const after: Array<ReturnType<typeof memory> & { seconds: number }> = [];
 let outputBytes = 0;

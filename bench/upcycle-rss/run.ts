@@ -18,7 +18,9 @@ import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from ".
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 import { measuredTree, machineInfo } from "../provenance.js";
 
-const { values } = parseArgs({ options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } } });
+const { values } = parseArgs({
+  options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } },
+});
 const work = resolve(values.work!);
 const repeats = Number(values.repeats);
 
@@ -60,7 +62,12 @@ for (const [name, shape] of Object.entries(SIZES)) {
   }
   const seedBytes = (await Promise.all(seeds.map(folderBytes))).reduce((a, b) => a + b, 0) / seeds.length;
   const output = join(dir, "out");
-  const plan = JSON.parse(execFileSync(process.execPath, [CLI, "upcycle", ...seeds, "-o", output, "--dry-run", "--json"], { encoding: "utf8", maxBuffer: 256 << 20 })) as {
+  const plan = JSON.parse(
+    execFileSync(process.execPath, [CLI, "upcycle", ...seeds, "-o", output, "--dry-run", "--json"], {
+      encoding: "utf8",
+      maxBuffer: 256 << 20,
+    }),
+  ) as {
     summary: { peakMemoryBytes: number; totalParameters: number };
   };
   const peaks: number[] = [];
@@ -70,7 +77,10 @@ for (const [name, shape] of Object.entries(SIZES)) {
     await rm(output, { recursive: true, force: true });
     const rssFile = join(dir, "rss.json");
     const started = performance.now();
-    const run = spawnSync(process.execPath, ["--import", RSS_PROBE, CLI, "upcycle", ...seeds, "-o", output], { encoding: "utf8", env: { ...process.env, BAM_TEST_RSS_FILE: rssFile } });
+    const run = spawnSync(process.execPath, ["--import", RSS_PROBE, CLI, "upcycle", ...seeds, "-o", output], {
+      encoding: "utf8",
+      env: { ...process.env, BAM_TEST_RSS_FILE: rssFile },
+    });
     if (run.status !== 0) throw new Error(`upcycle failed: ${run.stderr}`);
     seconds.push((performance.now() - started) / 1000);
     peaks.push((JSON.parse(await readFile(rssFile, "utf8")) as { maxRssBytes: number }).maxRssBytes);
@@ -79,8 +89,15 @@ for (const [name, shape] of Object.entries(SIZES)) {
   }
   await rm(output, { recursive: true, force: true });
   results[name] = {
-    shape, seeds: seeds.length, seedBytes, outputBytes, parameters: plan.summary.totalParameters,
-    peakRssBytes: peaks, medianPeakRssBytes: median(peaks), plannedPeakMemoryBytes: plan.summary.peakMemoryBytes, seconds,
+    shape,
+    seeds: seeds.length,
+    seedBytes,
+    outputBytes,
+    parameters: plan.summary.totalParameters,
+    peakRssBytes: peaks,
+    medianPeakRssBytes: median(peaks),
+    plannedPeakMemoryBytes: plan.summary.peakMemoryBytes,
+    seconds,
   };
 }
 
@@ -106,6 +123,6 @@ await mkdir(resolve("bench/results"), { recursive: true });
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
 process.stdout.write(
   `200MB seeds: median peak ${mib(small.medianPeakRssBytes)} MiB\n` +
-  `1GB seeds:   median peak ${mib(large.medianPeakRssBytes)} MiB (seeds x${result.seedGrowth.toFixed(1)})\n` +
-  `wrote ${file}\n`,
+    `1GB seeds:   median peak ${mib(large.medianPeakRssBytes)} MiB (seeds x${result.seedGrowth.toFixed(1)})\n` +
+    `wrote ${file}\n`,
 );

@@ -34,13 +34,22 @@ import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
 const args = process.argv.slice(2);
 const work = resolve(argOption("--work", "/tmp/bam-bench"));
 const repeats = Number(argOption("--repeats", "5"));
-const shape: LlamaShape = args.includes("--small") ? { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 } : ONE_BILLION;
+const shape: LlamaShape = args.includes("--small")
+  ? { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 }
+  : ONE_BILLION;
 
 const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 const min = (values: number[]) => Math.min(...values);
-const ratioOf = (values: number[], baseline: number[]) => ({ median: median(values) / median(baseline), min: min(values) / min(baseline) });
+const ratioOf = (values: number[], baseline: number[]) => ({
+  median: median(values) / median(baseline),
+  min: min(values) / min(baseline),
+});
 
-function timed(command: string, commandArgs: string[], env: NodeJS.ProcessEnv = process.env): { seconds: number; stdout: string } {
+function timed(
+  command: string,
+  commandArgs: string[],
+  env: NodeJS.ProcessEnv = process.env,
+): { seconds: number; stdout: string } {
   execFileSync("sync");
   const start = performance.now();
   const run = spawnSync(command, commandArgs, { encoding: "utf8", maxBuffer: 64 << 20, env });
@@ -57,7 +66,11 @@ for (const seed of seeds) {
     await writeLlamaSeed(seed, shape, seeds.indexOf(seed) + 1);
   }
 }
-const weightFiles = (await Promise.all(seeds.map(async (s) => (await readdir(s)).filter((f) => f.endsWith(".safetensors")).map((f) => join(s, f))))).flat();
+const weightFiles = (
+  await Promise.all(
+    seeds.map(async (s) => (await readdir(s)).filter((f) => f.endsWith(".safetensors")).map((f) => join(s, f))),
+  )
+).flat();
 const seedBytes = (await Promise.all(weightFiles.map(async (f) => (await stat(f)).size))).reduce((a, b) => a + b, 0);
 execFileSync("cat", weightFiles, { stdio: ["ignore", "ignore", "inherit"], maxBuffer: 1 }); // warm the page cache for both contenders
 
@@ -70,7 +83,9 @@ const copyWhileHashingSeconds: number[] = [];
 const upcycleSeconds = { coldHashes: [] as number[], cachedHashes: [] as number[] };
 const HASH_FILES = resolve(import.meta.dirname, "hash-files.js");
 const quoted = (paths: string[]) => paths.map((p) => `'${p}'`).join(" ");
-const copyCommand = seeds.map((s, n) => `mkdir -p ${copyDir}/${n} && cp --reflink=never ${s}/*.safetensors ${copyDir}/${n}/`).join(" && ");
+const copyCommand = seeds
+  .map((s, n) => `mkdir -p ${copyDir}/${n} && cp --reflink=never ${s}/*.safetensors ${copyDir}/${n}/`)
+  .join(" && ");
 const hashCommand = `'${process.execPath}' '${HASH_FILES}' ${quoted(weightFiles)}`;
 const peakRss: number[] = [];
 let outputBytes = 0;
@@ -79,7 +94,11 @@ let outputBytes = 0;
 async function upcycleOnce(cache: string): Promise<number> {
   await rm(outDir, { recursive: true, force: true });
   const rssFile = join(work, "rss.json");
-  const run = timed(process.execPath, ["--import", RSS_PROBE, CLI, "upcycle", ...seeds, "-o", outDir, "--json"], { ...process.env, BAM_CACHE_DIR: cache, BAM_TEST_RSS_FILE: rssFile });
+  const run = timed(process.execPath, ["--import", RSS_PROBE, CLI, "upcycle", ...seeds, "-o", outDir, "--json"], {
+    ...process.env,
+    BAM_CACHE_DIR: cache,
+    BAM_TEST_RSS_FILE: rssFile,
+  });
   peakRss.push((JSON.parse(await readFile(rssFile, "utf8")) as { maxRssBytes: number }).maxRssBytes);
   outputBytes = await folderBytes(outDir);
   await rm(rssFile, { force: true });
@@ -94,7 +113,9 @@ for (let i = 0; i < repeats; i++) {
   copySeconds.push(timed("bash", ["-c", copyCommand]).seconds);
   await rm(copyDir, { recursive: true, force: true });
   hashSeconds.push(timed("bash", ["-c", hashCommand]).seconds);
-  copyWhileHashingSeconds.push(timed("bash", ["-c", `set -e; ${hashCommand} & hashing=$!; ${copyCommand}; wait $hashing`]).seconds);
+  copyWhileHashingSeconds.push(
+    timed("bash", ["-c", `set -e; ${hashCommand} & hashing=$!; ${copyCommand}; wait $hashing`]).seconds,
+  );
   await rm(copyDir, { recursive: true, force: true });
   const empty = join(work, `empty-cache-${i}`);
   upcycleSeconds.coldHashes.push(await upcycleOnce(empty));
@@ -137,17 +158,18 @@ const result = {
 };
 const file = resolve(argOption("--result", "bench/results/upcycle.json"));
 await writeFile(file, `${JSON.stringify(result, null, 2)}\n`);
-const seconds = (values: number[]) => `median ${median(values).toFixed(2)} s, min ${min(values).toFixed(2)} s  (${values.map((v) => v.toFixed(2)).join(", ")})`;
+const seconds = (values: number[]) =>
+  `median ${median(values).toFixed(2)} s, min ${min(values).toFixed(2)} s  (${values.map((v) => v.toFixed(2)).join(", ")})`;
 const ratio = (r: { median: number; min: number }) => `${r.median.toFixed(2)}x cp (median), ${r.min.toFixed(2)}x (min)`;
 process.stdout.write(
   `seeds ${(seedBytes / 1e9).toFixed(2)} GB -> output ${(outputBytes / 1e9).toFixed(2)} GB\n` +
-  `cp                      ${seconds(copySeconds)}\n` +
-  `sha256 of the seeds     ${seconds(hashSeconds)} (${HASH_THREADS} thread(s))\n` +
-  `cp while hashing        ${seconds(copyWhileHashingSeconds)}\n` +
-  `upcycle, hashing seeds  ${seconds(upcycleSeconds.coldHashes)}\n` +
-  `upcycle, hashes cached  ${seconds(upcycleSeconds.cachedHashes)}\n` +
-  `ratio, hashing seeds    ${ratio(result.ratios.coldHashes)}; cp while hashing ${ratio(result.ratios.cpWhileHashing)}\n` +
-  `ratio, hashes cached    ${ratio(result.ratios.cachedHashes)} (target <= 1.3)\n` +
-  `peak RSS ${(Math.max(...peakRss) / 2 ** 20).toFixed(0)} MiB (target <= 1024)\n` +
-  `wrote ${file}\n`,
+    `cp                      ${seconds(copySeconds)}\n` +
+    `sha256 of the seeds     ${seconds(hashSeconds)} (${HASH_THREADS} thread(s))\n` +
+    `cp while hashing        ${seconds(copyWhileHashingSeconds)}\n` +
+    `upcycle, hashing seeds  ${seconds(upcycleSeconds.coldHashes)}\n` +
+    `upcycle, hashes cached  ${seconds(upcycleSeconds.cachedHashes)}\n` +
+    `ratio, hashing seeds    ${ratio(result.ratios.coldHashes)}; cp while hashing ${ratio(result.ratios.cpWhileHashing)}\n` +
+    `ratio, hashes cached    ${ratio(result.ratios.cachedHashes)} (target <= 1.3)\n` +
+    `peak RSS ${(Math.max(...peakRss) / 2 ** 20).toFixed(0)} MiB (target <= 1024)\n` +
+    `wrote ${file}\n`,
 );

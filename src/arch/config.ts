@@ -60,7 +60,10 @@ export async function readConfigFile(dir: string): Promise<HfConfig> {
   } catch (error) {
     const errno = (error as NodeJS.ErrnoException).code;
     if (errno === "ENOENT" || errno === "ENOTDIR") {
-      throw new BamError("NOT_A_CHECKPOINT", `${file}: not found; point at a Hugging Face model folder (config.json + *.safetensors)`);
+      throw new BamError(
+        "NOT_A_CHECKPOINT",
+        `${file}: not found; point at a Hugging Face model folder (config.json + *.safetensors)`,
+      );
     }
     throw ioError(file, error);
   }
@@ -85,7 +88,10 @@ export function familyOf(config: HfConfig): FamilySpec {
   const spec = specForModelType(modelType);
   if (spec === undefined) {
     const supported = FAMILY_SPECS.flatMap((s) => s.modelTypes).join(", ");
-    throw new BamError("FAMILY_UNSUPPORTED", `${config.file}: "model_type" ${show(modelType)} is not supported; supported: ${supported}`);
+    throw new BamError(
+      "FAMILY_UNSUPPORTED",
+      `${config.file}: "model_type" ${show(modelType)} is not supported; supported: ${supported}`,
+    );
   }
   return spec;
 }
@@ -102,7 +108,11 @@ export function featuresFromHfConfig(config: HfConfig, spec: FamilySpec = family
     }
   }
   if (config.raw.quantization_config != null) {
-    cfg.fail("FEATURE_UNSUPPORTED", "quantization_config", "quantized checkpoints are not supported; use the unquantized weights");
+    cfg.fail(
+      "FEATURE_UNSUPPORTED",
+      "quantization_config",
+      "quantized checkpoints are not supported; use the unquantized weights",
+    );
   }
 
   const { sizes } = spec;
@@ -112,13 +122,19 @@ export function featuresFromHfConfig(config: HfConfig, spec: FamilySpec = family
   const numLayers = cfg.int(sizes.numLayers, 1, L.numLayers);
   const numHeads = cfg.int(sizes.numHeads, 1, L.numHeads);
   const maxPositions = cfg.int(sizes.maxPositions, 1, L.maxPositions);
-  const intermediateSize = spec.intermediateFactorWhenUnset === undefined
-    ? cfg.int(sizes.intermediateSize, 1, L.intermediateSize)
-    : cfg.optionalInt(sizes.intermediateSize, 1, L.intermediateSize) ?? spec.intermediateFactorWhenUnset * hiddenSize;
+  const intermediateSize =
+    spec.intermediateFactorWhenUnset === undefined
+      ? cfg.int(sizes.intermediateSize, 1, L.intermediateSize)
+      : (cfg.optionalInt(sizes.intermediateSize, 1, L.intermediateSize) ??
+        spec.intermediateFactorWhenUnset * hiddenSize);
 
   const numKvHeads = cfg.optionalInt(sizes.numKvHeads, 1, L.numHeads) ?? numHeads;
   if (numHeads % numKvHeads !== 0) {
-    cfg.fail("CONFIG_INVALID", cfg.keyOf(sizes.numKvHeads), `${numKvHeads} must divide the number of attention heads (${numHeads})`);
+    cfg.fail(
+      "CONFIG_INVALID",
+      cfg.keyOf(sizes.numKvHeads),
+      `${numKvHeads} must divide the number of attention heads (${numHeads})`,
+    );
   }
   let headDim = cfg.optionalInt(sizes.headDim, 1, L.headDim);
   if (headDim === undefined) {
@@ -130,8 +146,13 @@ export function featuresFromHfConfig(config: HfConfig, spec: FamilySpec = family
   }
 
   const activationName = cfg.string(spec.activation);
-  const activation = ACTIVATIONS[activationName]
-    ?? cfg.fail("FEATURE_UNSUPPORTED", cfg.keyOf(spec.activation.keys), `${show(activationName)} is not a supported activation (supported: ${Object.keys(ACTIVATIONS).join(", ")})`);
+  const activation =
+    ACTIVATIONS[activationName] ??
+    cfg.fail(
+      "FEATURE_UNSUPPORTED",
+      cfg.keyOf(spec.activation.keys),
+      `${show(activationName)} is not a supported activation (supported: ${Object.keys(ACTIVATIONS).join(", ")})`,
+    );
 
   return {
     family,
@@ -183,23 +204,43 @@ function readRope(cfg: ConfigReader, spec: FamilySpec, headDim: number): Rope | 
   // A config that states the base twice, differently, describes two models: which one was trained is unknown.
   const v4Theta = cfg.raw[cfg.keyOf(ropeSpec.theta.keys)];
   if (thetaIn === v5 && typeof v4Theta === "number" && v4Theta !== theta) {
-    cfg.fail("CONFIG_INVALID", cfg.keyOf(ropeSpec.theta.keys), `is ${v4Theta} but "rope_parameters.rope_theta" is ${theta}; make them agree (or remove one)`);
+    cfg.fail(
+      "CONFIG_INVALID",
+      cfg.keyOf(ropeSpec.theta.keys),
+      `is ${v4Theta} but "rope_parameters.rope_theta" is ${theta}; make them agree (or remove one)`,
+    );
   }
 
-  const [partialIn, partialAt] = locate("partial_rotary_factor", ropeSpec.partial ?? { keys: ["partial_rotary_factor"], default: 1 });
+  const [partialIn, partialAt] = locate(
+    "partial_rotary_factor",
+    ropeSpec.partial ?? { keys: ["partial_rotary_factor"], default: 1 },
+  );
   const partial = partialIn.number(partialAt);
   const partialKey = partialIn.keyOf(partialAt.keys);
   if (!(partial > 0 && partial <= 1)) {
     partialIn.fail("CONFIG_INVALID", partialKey, `must be in (0, 1], found ${partial}`);
   }
   if (ropeSpec.partial === null && partial !== 1) {
-    partialIn.fail("FEATURE_UNSUPPORTED", partialKey, `${partial}: ${spec.family} rotates the whole head (partial rotary is not supported)`);
+    partialIn.fail(
+      "FEATURE_UNSUPPORTED",
+      partialKey,
+      `${partial}: ${spec.family} rotates the whole head (partial rotary is not supported)`,
+    );
   }
   const dim = Math.floor(headDim * partial);
   if (dim < 2 || dim % 2 !== 0) {
-    partialIn.fail("FEATURE_UNSUPPORTED", partialKey, `${partial} x head_dim ${headDim} gives ${dim} rotary dimensions; an even number >= 2 is required`);
+    partialIn.fail(
+      "FEATURE_UNSUPPORTED",
+      partialKey,
+      `${partial} x head_dim ${headDim} gives ${dim} rotary dimensions; an even number >= 2 is required`,
+    );
   }
-  return { dim, theta, style: ropeSpec.style, scaling: readRopeScaling(cfg, v5 ?? cfg.optionalObject("rope_scaling"), spec) };
+  return {
+    dim,
+    theta,
+    style: ropeSpec.style,
+    scaling: readRopeScaling(cfg, v5 ?? cfg.optionalObject("rope_scaling"), spec),
+  };
 }
 
 function readRopeScaling(cfg: ConfigReader, source: ConfigReader | undefined, spec: FamilySpec): RopeScaling | null {
@@ -209,15 +250,24 @@ function readRopeScaling(cfg: ConfigReader, source: ConfigReader | undefined, sp
   const type = spec.rope?.typeAliases?.[given] ?? given;
   if (type === "default") return null;
   if (!(ROPE_SCALING_TYPES as readonly string[]).includes(type)) {
-    source.fail("FEATURE_UNSUPPORTED", typeKey, `${show(given)} is not supported (supported: ${ROPE_SCALING_TYPES.join(", ")})`);
+    source.fail(
+      "FEATURE_UNSUPPORTED",
+      typeKey,
+      `${show(given)} is not supported (supported: ${ROPE_SCALING_TYPES.join(", ")})`,
+    );
   }
   const scaling: RopeScaling = { type };
   for (const [name, value] of Object.entries(source.raw)) {
     if (ROPE_NON_SCALING_KEYS.has(name)) continue;
     // Kept as written and repeated in the output's config.json, so only flat values: no nesting to blow up on.
-    if (!isScalingValue(value)) source.fail("CONFIG_INVALID", name, `must be a number, string, boolean or list of numbers, found ${show(value)}`);
+    if (!isScalingValue(value))
+      source.fail("CONFIG_INVALID", name, `must be a number, string, boolean or list of numbers, found ${show(value)}`);
     // Factors scale frequencies or lengths: zero or negative ones divide by zero or flip positions.
-    if (/factor$/.test(name) && value !== null && (Array.isArray(value) ? value : [value]).some((v) => typeof v === "number" && !(v > 0))) {
+    if (
+      /factor$/.test(name) &&
+      value !== null &&
+      (Array.isArray(value) ? value : [value]).some((v) => typeof v === "number" && !(v > 0))
+    ) {
       source.fail("CONFIG_INVALID", name, `must be positive, found ${show(value)}`);
     }
     scaling[name] = value;
@@ -248,17 +298,33 @@ function readSlidingWindow(cfg: ConfigReader, spec: FamilySpec, numLayers: numbe
   const key = layerTypes != null ? "layer_types" : cfg.keyOf(sliding.firstSlidingLayer.keys);
   let slidingLayers: number;
   if (layerTypes != null) {
-    const valid = Array.isArray(layerTypes) && layerTypes.length === numLayers
-      && layerTypes.every((t) => t === "full_attention" || t === "sliding_attention");
-    if (!valid) cfg.fail("CONFIG_INVALID", key, `must list "full_attention" or "sliding_attention" for each of the ${numLayers} layers`);
+    const valid =
+      Array.isArray(layerTypes) &&
+      layerTypes.length === numLayers &&
+      layerTypes.every((t) => t === "full_attention" || t === "sliding_attention");
+    if (!valid)
+      cfg.fail(
+        "CONFIG_INVALID",
+        key,
+        `must list "full_attention" or "sliding_attention" for each of the ${numLayers} layers`,
+      );
     slidingLayers = (layerTypes as unknown[]).filter((t) => t === "sliding_attention").length;
   } else {
-    const first = cfg.int(sliding.firstSlidingLayer.keys, 0, Number.MAX_SAFE_INTEGER, sliding.firstSlidingLayer.default);
+    const first = cfg.int(
+      sliding.firstSlidingLayer.keys,
+      0,
+      Number.MAX_SAFE_INTEGER,
+      sliding.firstSlidingLayer.default,
+    );
     slidingLayers = Math.max(0, numLayers - first);
   }
   if (slidingLayers === 0) return null;
   if (slidingLayers === numLayers) return window;
-  return cfg.fail("FEATURE_UNSUPPORTED", key, `sliding-window attention on ${slidingLayers} of ${numLayers} layers is not supported (all or none)`);
+  return cfg.fail(
+    "FEATURE_UNSUPPORTED",
+    key,
+    `sliding-window attention on ${slidingLayers} of ${numLayers} layers is not supported (all or none)`,
+  );
 }
 
 /**

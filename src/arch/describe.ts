@@ -5,7 +5,15 @@
 import { basename } from "node:path";
 import { BamError } from "../errors.js";
 import { isFloatDType, toFloat32 } from "../safetensors/index.js";
-import { openModel, type AttentionExperts, type BlockKind, type ModelKind, type ModelTensor, type OpenedModel, type SeedRecord } from "./model.js";
+import {
+  openModel,
+  type AttentionExperts,
+  type BlockKind,
+  type ModelKind,
+  type ModelTensor,
+  type OpenedModel,
+  type SeedRecord,
+} from "./model.js";
 import { parseTensorName, siteOf } from "./names.js";
 import type { ArchFeatures } from "./types.js";
 
@@ -67,7 +75,11 @@ function isFfnExpert(name: string): boolean {
   return t !== undefined && t.expert !== null && siteOf(t.slot) === "mlp";
 }
 
-export function countParameters(tensors: Iterable<Pick<ModelTensor, "name" | "shape">>, numExperts: number, expertsPerToken: number): ParameterCounts {
+export function countParameters(
+  tensors: Iterable<Pick<ModelTensor, "name" | "shape">>,
+  numExperts: number,
+  expertsPerToken: number,
+): ParameterCounts {
   let total = 0;
   let ffnExperts = 0;
   for (const tensor of tensors) {

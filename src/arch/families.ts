@@ -75,9 +75,17 @@ export type SourceSpec = string | { module: string; conv1d?: boolean; fused?: Fu
 export type FusedLayout = "qkv" | "qkv_per_head" | "gate_up";
 
 export const LAYER_SLOTS = [
-  "input_layernorm", "post_attention_layernorm",
-  "attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "attn.q_norm", "attn.k_norm",
-  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+  "input_layernorm",
+  "post_attention_layernorm",
+  "attn.q_proj",
+  "attn.k_proj",
+  "attn.v_proj",
+  "attn.o_proj",
+  "attn.q_norm",
+  "attn.k_norm",
+  "mlp.gate_proj",
+  "mlp.up_proj",
+  "mlp.down_proj",
 ] as const;
 export const GLOBAL_SLOTS = ["embed_tokens", "embed_positions", "norm", "lm_head"] as const;
 export type LayerSlot = (typeof LAYER_SLOTS)[number];

@@ -4,7 +4,15 @@
  */
 import { BamError } from "../errors.js";
 import { CONFIG_LIMITS, isScalingValue, show } from "./config.js";
-import { FAMILIES, type Activation, type ArchFeatures, type Family, type NormKind, type Rope, type RopeStyle } from "./types.js";
+import {
+  FAMILIES,
+  type Activation,
+  type ArchFeatures,
+  type Family,
+  type NormKind,
+  type Rope,
+  type RopeStyle,
+} from "./types.js";
 
 /** The architecture part of a BAM config.json. */
 export interface FeatureConfig {
@@ -94,7 +102,9 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
   };
   const int = (key: string, min = 1, max = Number.MAX_SAFE_INTEGER): number => {
     const v = config[key];
-    return typeof v === "number" && Number.isInteger(v) && v >= min && v <= max ? v : bad(key, `an integer from ${min} to ${max}`);
+    return typeof v === "number" && Number.isInteger(v) && v >= min && v <= max
+      ? v
+      : bad(key, `an integer from ${min} to ${max}`);
   };
   const num = (key: string): number => {
     const v = config[key];
@@ -112,8 +122,13 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
   const L = CONFIG_LIMITS;
   const rotaryDim = int("rotary_dim", 0, L.headDim);
   const scaling = config.rope_scaling;
-  if (scaling != null && (typeof scaling !== "object" || typeof (scaling as { type?: unknown }).type !== "string" || !Object.values(scaling).every(isScalingValue))) {
-    bad("rope_scaling", "null or an object with a string \"type\" and numbers, strings, booleans or lists of numbers");
+  if (
+    scaling != null &&
+    (typeof scaling !== "object" ||
+      typeof (scaling as { type?: unknown }).type !== "string" ||
+      !Object.values(scaling).every(isScalingValue))
+  ) {
+    bad("rope_scaling", 'null or an object with a string "type" and numbers, strings, booleans or lists of numbers');
   }
   return {
     family: oneOf("seed_model_type", FAMILIES),
@@ -138,12 +153,15 @@ export function featuresFromConfig(config: Record<string, unknown>, file: string
     mlpBias: bool("mlp_bias"),
     lmHeadBias: bool("lm_head_bias"),
     qkNorm: oneOf("qk_norm", ["none", "shared", "per_head"] as const),
-    rope: rotaryDim === 0 ? null : {
-      dim: rotaryDim,
-      theta: num("rope_theta"),
-      style: oneOf("rope_style", ["half", "interleaved"] as const),
-      scaling: (scaling ?? null) as Rope["scaling"],
-    },
+    rope:
+      rotaryDim === 0
+        ? null
+        : {
+            dim: rotaryDim,
+            theta: num("rope_theta"),
+            style: oneOf("rope_style", ["half", "interleaved"] as const),
+            scaling: (scaling ?? null) as Rope["scaling"],
+          },
     learnedPositions: bool("learned_positions"),
     embeddingScale: numOrNull("embedding_scale"),
     logitScale: numOrNull("logit_scale"),

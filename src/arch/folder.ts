@@ -15,8 +15,16 @@ import { checkInsideFolder, openRegularFile } from "../safetensors/index.js";
 const GENERATION_CONFIG = "generation_config.json";
 /** The tokenizer's files (tokenizers, sentencepiece, GPT-2 BPE, v5 chat templates) and generation_config.json. */
 const SIDE_FILES: ReadonlySet<string> = new Set([
-  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-  "added_tokens.json", "chat_template.jinja", "chat_template.json", GENERATION_CONFIG,
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "tokenizer.model",
+  "vocab.json",
+  "merges.txt",
+  "added_tokens.json",
+  "chat_template.jinja",
+  "chat_template.json",
+  GENERATION_CONFIG,
 ]);
 /** The special-token ids of config.json that generation needs. */
 const TOKEN_ID_KEYS = ["bos_token_id", "eos_token_id", "pad_token_id"] as const;
@@ -33,11 +41,19 @@ export function isSideFile(name: string): boolean {
  * or fill the disk).
  */
 export async function sideFiles(dir: string): Promise<string[]> {
-  const names = (await readdir(dir).catch((error: unknown) => { throw ioError(dir, error); })).filter(isSideFile).sort();
+  const names = (
+    await readdir(dir).catch((error: unknown) => {
+      throw ioError(dir, error);
+    })
+  )
+    .filter(isSideFile)
+    .sort();
   for (const name of names) {
     const file = join(dir, name);
     await checkInsideFolder(dir, file);
-    const { handle } = await openRegularFile(file).catch((error: unknown) => { throw ioError(file, error); });
+    const { handle } = await openRegularFile(file).catch((error: unknown) => {
+      throw ioError(file, error);
+    });
     await handle.close();
   }
   return names;
@@ -48,7 +64,12 @@ export async function sideFiles(dir: string): Promise<string[]> {
  * generation_config.json among them, writes one holding the token ids of
  * `config` (the source's config.json).
  */
-export async function writeSideFiles(from: string, names: readonly string[], to: string, config: Record<string, unknown>): Promise<void> {
+export async function writeSideFiles(
+  from: string,
+  names: readonly string[],
+  to: string,
+  config: Record<string, unknown>,
+): Promise<void> {
   for (const name of names) await writeInto(to, name, (path) => copyFile(join(from, name), path));
   if (!names.includes(GENERATION_CONFIG)) {
     await writeInto(to, GENERATION_CONFIG, (path) => writeFile(path, `${JSON.stringify(tokenIds(config), null, 2)}\n`));
@@ -62,7 +83,9 @@ export async function writeSideFiles(from: string, names: readonly string[], to:
  */
 export async function writeInto(dir: string, name: string, write: (path: string) => Promise<void>): Promise<void> {
   const path = join(dir, name);
-  await write(path).catch((error: unknown) => { throw ioError(path, error); });
+  await write(path).catch((error: unknown) => {
+    throw ioError(path, error);
+  });
 }
 
 /** The special-token ids `config` sets (null included), as a model's config.json and generation_config.json carry them. */

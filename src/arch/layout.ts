@@ -100,19 +100,35 @@ export function mapCheckpoint(
       continue;
     }
     if (!sameShape(info.shape, sourceShape)) {
-      throw new BamError("TENSOR_SHAPE", `${info.file}: tensor "${sourceName}" has shape ${shapeText(info.shape)}, expected ${shapeText(sourceShape)} from config.json (${features.family})`);
+      throw new BamError(
+        "TENSOR_SHAPE",
+        `${info.file}: tensor "${sourceName}" has shape ${shapeText(info.shape)}, expected ${shapeText(sourceShape)} from config.json (${features.family})`,
+      );
     }
     if (!isFloatDType(info.dtype)) {
-      throw new BamError("DTYPE_UNSUPPORTED", `${info.file}: tensor "${sourceName}" is ${info.dtype}; only F32, F16 and BF16 weights can be read`);
+      throw new BamError(
+        "DTYPE_UNSUPPORTED",
+        `${info.file}: tensor "${sourceName}" is ${info.dtype}; only F32, F16 and BF16 weights can be read`,
+      );
     }
     used.add(sourceName);
-    const tensorSource: TensorSource = { file: info.file, sourceName, dtype: info.dtype, sourceShape: info.shape, transpose, rows };
+    const tensorSource: TensorSource = {
+      file: info.file,
+      sourceName,
+      dtype: info.dtype,
+      sourceShape: info.shape,
+      transpose,
+      rows,
+    };
     tensors.set(entry.name, { name: entry.name, shape: entry.shape, dtype: info.dtype, source: tensorSource });
   }
   if (missing.size > 0) {
     const listed = [...missing.values()];
     const shown = listed.slice(0, 5).join(", ") + (listed.length > 5 ? `, and ${listed.length - 5} more` : "");
-    throw new BamError("TENSOR_MISSING", `${label}: ${listed.length} tensor(s) that config.json (${features.family}, ${features.numLayers} layers) requires are missing: ${shown}`);
+    throw new BamError(
+      "TENSOR_MISSING",
+      `${label}: ${listed.length} tensor(s) that config.json (${features.family}, ${features.numLayers} layers) requires are missing: ${shown}`,
+    );
   }
 
   const ignored = spec.tensors.ignored.map((template) => templatePattern(checkpointName(template, null)));
@@ -126,7 +142,10 @@ export function mapCheckpoint(
   return { tensors, unused };
 }
 
-function sourceSpec(spec: Pick<FamilySpec, "family" | "tensors">, slot: Slot): { module: string; conv1d: boolean; fused: FusedLayout | null } {
+function sourceSpec(
+  spec: Pick<FamilySpec, "family" | "tensors">,
+  slot: Slot,
+): { module: string; conv1d: boolean; fused: FusedLayout | null } {
   const source: SourceSpec | undefined = spec.tensors.sources[slot];
   if (source === undefined) throw new Error(`families.ts: ${spec.family} has no source for ${slot}`);
   return typeof source === "string"
@@ -164,7 +183,11 @@ function fusedRows(layout: FusedLayout, slot: Slot, f: ArchFeatures): { total: n
   };
   switch (layout) {
     case "qkv": {
-      const ranges: Array<[number, number]> = [[0, q], [q, kv], [q + kv, kv]];
+      const ranges: Array<[number, number]> = [
+        [0, q],
+        [q, kv],
+        [q + kv, kv],
+      ];
       return { total: q + 2 * kv, rows: [ranges[part(QKV)]!] };
     }
     case "qkv_per_head": {

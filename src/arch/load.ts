@@ -4,7 +4,16 @@
  */
 import { basename, isAbsolute, join, resolve } from "node:path";
 import { BamError, ioError } from "../errors.js";
-import { CheckpointFiles, concat, DTYPE_SIZE, elementsOf, isFloatDType, readTextFile, TENSOR_ENTRY_BYTES, toFloat32 } from "../safetensors/index.js";
+import {
+  CheckpointFiles,
+  concat,
+  DTYPE_SIZE,
+  elementsOf,
+  isFloatDType,
+  readTextFile,
+  TENSOR_ENTRY_BYTES,
+  toFloat32,
+} from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
 import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
 import { featuresFromConfig } from "./features.js";
@@ -47,7 +56,8 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
     const reader = new CanonicalReader(checkpoint);
     const tensor = (name: string): CanonicalTensor => {
       const found = tensors.get(name);
-      if (found === undefined) throw new BamError("TENSOR_NOT_FOUND", `${dir}: no canonical tensor "${name}" in this ${features.family} seed`);
+      if (found === undefined)
+        throw new BamError("TENSOR_NOT_FOUND", `${dir}: no canonical tensor "${name}" in this ${features.family} seed`);
       return found;
     };
     return {
@@ -68,8 +78,17 @@ export async function openSeed(dir: string, name = basename(resolve(dir))): Prom
       readElements: async (name, start, count, into) => {
         const t = tensor(name);
         const total = elementsOf(t.shape);
-        if (!Number.isSafeInteger(start) || !Number.isSafeInteger(count) || start < 0 || count < 0 || start + count > total) {
-          throw new BamError("INVALID_OFFSET", `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`);
+        if (
+          !Number.isSafeInteger(start) ||
+          !Number.isSafeInteger(count) ||
+          start < 0 ||
+          count < 0 ||
+          start + count > total
+        ) {
+          throw new BamError(
+            "INVALID_OFFSET",
+            `${dir}: elements ${start}..${start + count} are outside "${name}" (${total} elements)`,
+          );
         }
         return reader.read(t, start, count, into);
       },
@@ -94,21 +113,24 @@ const MAX_TOKENIZER_CONFIG_BYTES = 16_000_000;
  * JSON gives "absent": the copy of it is the first seed's either way.
  */
 async function readChatSettings(dir: string): Promise<Record<ChatSetting, string>> {
-  const read = (name: string) => readTextFile(join(dir, name), MAX_TOKENIZER_CONFIG_BYTES, "CONFIG_INVALID").catch((error: unknown) => {
-    if ((error as NodeJS.ErrnoException).code === "ENOENT") return null;
-    throw ioError(join(dir, name), error);
-  });
+  const read = (name: string) =>
+    readTextFile(join(dir, name), MAX_TOKENIZER_CONFIG_BYTES, "CONFIG_INVALID").catch((error: unknown) => {
+      if ((error as NodeJS.ErrnoException).code === "ENOENT") return null;
+      throw ioError(join(dir, name), error);
+    });
   let config: Record<string, unknown> = {};
   try {
     const parsed: unknown = JSON.parse((await read("tokenizer_config.json")) ?? "{}");
-    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed)) config = parsed as Record<string, unknown>;
+    if (parsed !== null && typeof parsed === "object" && !Array.isArray(parsed))
+      config = parsed as Record<string, unknown>;
   } catch {
     // not JSON: nothing to compare
   }
   const template = await read("chat_template.jinja");
   if (template !== null) config = { ...config, chat_template: template };
   const settings = {} as Record<ChatSetting, string>;
-  for (const key of CHAT_SETTINGS) settings[key] = config[key] === undefined || config[key] === null ? "absent" : JSON.stringify(config[key]);
+  for (const key of CHAT_SETTINGS)
+    settings[key] = config[key] === undefined || config[key] === null ? "absent" : JSON.stringify(config[key]);
   return settings;
 }
 
@@ -122,10 +144,14 @@ export function chatSettingWarnings(seeds: readonly Pick<Seed, "name" | "chatSet
   if (first === undefined) return [];
   const warnings: string[] = [];
   for (const key of CHAT_SETTINGS) {
-    const differing = rest.filter((seed) => seed.chatSettings[key] !== first.chatSettings[key]).map((seed) => seed.name);
+    const differing = rest
+      .filter((seed) => seed.chatSettings[key] !== first.chatSettings[key])
+      .map((seed) => seed.name);
     if (differing.length > 0) {
       const value = first.chatSettings[key];
-      warnings.push(`${key} differs between seeds (${[...new Set(differing)].join(", ")} vs ${first.name}); the output keeps the first seed's (${first.name}: ${value.length > 60 ? `${value.slice(0, 60)}...` : value})`);
+      warnings.push(
+        `${key} differs between seeds (${[...new Set(differing)].join(", ")} vs ${first.name}); the output keeps the first seed's (${first.name}: ${value.length > 60 ? `${value.slice(0, 60)}...` : value})`,
+      );
     }
   }
   return warnings;
@@ -141,10 +167,16 @@ function seedLayout(config: HfConfig): { spec: Pick<FamilySpec, "family" | "tens
   if (config.raw.model_type !== "bam") return { spec: familyOf(config), features: featuresFromHfConfig(config) };
   const { num_experts: experts, attention_experts: attention, block } = config.raw;
   if (experts !== 1 || attention !== "merged") {
-    throw new BamError("FEATURE_UNSUPPORTED", `${config.file}: a BAM model with num_experts ${show(experts)} and ${show(attention)} attention is not a dense seed; only a single-expert BAM folder with merged attention (bam upcycle SEED --experts 1) can be upcycled again`);
+    throw new BamError(
+      "FEATURE_UNSUPPORTED",
+      `${config.file}: a BAM model with num_experts ${show(experts)} and ${show(attention)} attention is not a dense seed; only a single-expert BAM folder with merged attention (bam upcycle SEED --experts 1) can be upcycled again`,
+    );
   }
   if (block !== "parallel" && block !== "sequential") {
-    throw new BamError("CONFIG_INVALID", `${config.file}: "block" must be parallel or sequential, found ${show(block)}`);
+    throw new BamError(
+      "CONFIG_INVALID",
+      `${config.file}: "block" must be parallel or sequential, found ${show(block)}`,
+    );
   }
   const features = { ...featuresFromConfig(config.raw, config.file), parallelBlock: block === "parallel" };
   return { spec: { family: features.family, tensors: SINGLE_EXPERT_BAM_TENSORS }, features };
@@ -157,16 +189,25 @@ function seedLayout(config: HfConfig): { spec: Pick<FamilySpec, "family" | "tens
  * it would change the model silently. Zeros change nothing and pass; other
  * leftovers (a vision tower, buffers) stay in `unusedTensors`.
  */
-async function refuseIgnoredParameters(checkpoint: CheckpointFiles, tensors: ReadonlyMap<string, CanonicalTensor>, unused: readonly string[]): Promise<void> {
+async function refuseIgnoredParameters(
+  checkpoint: CheckpointFiles,
+  tensors: ReadonlyMap<string, CanonicalTensor>,
+  unused: readonly string[],
+): Promise<void> {
   const moduleOf = (name: string) => name.slice(0, name.lastIndexOf("."));
   const readModules = new Set([...tensors.values()].map((t) => moduleOf(t.source.sourceName)));
   for (const name of unused) {
     if (!readModules.has(moduleOf(name))) continue;
     const info = checkpoint.tensors.get(name)!;
     const bytes = await checkpoint.read(name);
-    const nonZero = isFloatDType(info.dtype) ? toFloat32(bytes, info.dtype).some((v) => v !== 0) : bytes.some((b) => b !== 0);
+    const nonZero = isFloatDType(info.dtype)
+      ? toFloat32(bytes, info.dtype).some((v) => v !== 0)
+      : bytes.some((b) => b !== 0);
     if (nonZero) {
-      throw new BamError("CONFIG_INVALID", `${info.file}: tensor "${name}" holds non-zero values that config.json gives no part in the model (e.g. a bias with mlp_bias or attention_bias false); fix config.json to match the weights, or remove the tensor`);
+      throw new BamError(
+        "CONFIG_INVALID",
+        `${info.file}: tensor "${name}" holds non-zero values that config.json gives no part in the model (e.g. a bias with mlp_bias or attention_bias false); fix config.json to match the weights, or remove the tensor`,
+      );
     }
   }
 }
@@ -196,7 +237,10 @@ export class CanonicalReader {
     const { sourceName, dtype, transpose } = tensor.source;
     const size = DTYPE_SIZE[dtype];
     if (into !== undefined && into.length !== count * size) {
-      throw new BamError("INVALID_OFFSET", `${sourceName}: a ${into.length}-byte buffer cannot take ${count} ${dtype} elements`);
+      throw new BamError(
+        "INVALID_OFFSET",
+        `${sourceName}: a ${into.length}-byte buffer cannot take ${count} ${dtype} elements`,
+      );
     }
     const out = into ?? new Uint8Array(count * size);
     if (transpose) {
@@ -207,10 +251,12 @@ export class CanonicalReader {
     }
     // Row splits (fused projections) become one read per segment, each straight into its place.
     let at = 0;
-    await Promise.all(sourceSegments(tensor.source, start, count).map(([offset, length]) => {
-      const part = out.subarray(at, at += length);
-      return this.files.readBytes(sourceName, offset, length, part);
-    }));
+    await Promise.all(
+      sourceSegments(tensor.source, start, count).map(([offset, length]) => {
+        const part = out.subarray(at, (at += length));
+        return this.files.readBytes(sourceName, offset, length, part);
+      }),
+    );
     return out;
   }
 }
@@ -257,7 +303,10 @@ async function readTransposed(files: ByteReader, tensor: CanonicalTensor): Promi
 /** [rows, cols] -> [cols, rows], moving whole elements (bit patterns untouched). */
 export function transpose2d(bytes: Uint8Array, rows: number, cols: number, elementSize: number): Uint8Array {
   if (bytes.length !== rows * cols * elementSize) {
-    throw new BamError("DATA_INCOMPLETE", `transpose: expected ${rows * cols * elementSize} bytes, got ${bytes.length}`);
+    throw new BamError(
+      "DATA_INCOMPLETE",
+      `transpose: expected ${rows * cols * elementSize} bytes, got ${bytes.length}`,
+    );
   }
   const out = new Uint8Array(bytes.length);
   const View = ELEMENT_VIEWS[elementSize];

@@ -83,7 +83,15 @@ export interface OpenedModel {
 
 export async function openModel(dir: string): Promise<OpenedModel> {
   const config = await readConfigFile(dir);
-  if (config.raw.model_type === "bam") return openMixture(dir, config, "bam", featuresFromConfig(config.raw, config.file), moeFromConfig(config.raw, config.file), (name) => name);
+  if (config.raw.model_type === "bam")
+    return openMixture(
+      dir,
+      config,
+      "bam",
+      featuresFromConfig(config.raw, config.file),
+      moeFromConfig(config.raw, config.file),
+      (name) => name,
+    );
   const native = nativeFormatOf(config.raw.model_type);
   if (native === undefined) return openDense(dir);
   const { features, moe } = nativeModel(native, config);
@@ -129,7 +137,12 @@ async function openDense(dir: string): Promise<OpenedModel> {
 
 /** A BAM or native MoE folder: its tensors under their BAM names (`toBamName` of the stored ones). */
 async function openMixture(
-  dir: string, { raw: config }: HfConfig, kind: ModelKind, features: ArchFeatures, moe: MoeSettings, toBamName: (stored: string) => string,
+  dir: string,
+  { raw: config }: HfConfig,
+  kind: ModelKind,
+  features: ArchFeatures,
+  moe: MoeSettings,
+  toBamName: (stored: string) => string,
 ): Promise<OpenedModel> {
   const checkpoint = await CheckpointFiles.open(dir);
   try {
@@ -175,10 +188,16 @@ function checkSharedTensors(features: ArchFeatures, tensors: ReadonlyMap<string,
     const shape = `[${entry.shape.join(", ")}]`;
     if (found === undefined) {
       const held = [...tensors.keys()].slice(0, 3).join(", ");
-      throw new BamError("TENSOR_MISSING", `${dir}: the weights lack "${entry.name}" ${shape} that config.json requires (they hold ${tensors.size} tensor(s): ${held}${tensors.size > 3 ? ", ..." : ""}); this folder's weights are not its model's`);
+      throw new BamError(
+        "TENSOR_MISSING",
+        `${dir}: the weights lack "${entry.name}" ${shape} that config.json requires (they hold ${tensors.size} tensor(s): ${held}${tensors.size > 3 ? ", ..." : ""}); this folder's weights are not its model's`,
+      );
     }
     if (found.shape.length !== entry.shape.length || found.shape.some((n, i) => n !== entry.shape[i])) {
-      throw new BamError("TENSOR_SHAPE", `${dir}: tensor "${entry.name}" has shape [${found.shape.join(", ")}], expected ${shape} from config.json`);
+      throw new BamError(
+        "TENSOR_SHAPE",
+        `${dir}: tensor "${entry.name}" has shape [${found.shape.join(", ")}], expected ${shape} from config.json`,
+      );
     }
   }
 }
@@ -189,7 +208,9 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   };
   const int = (key: string): number => {
     const v = config[key];
-    return typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= 4096 ? v : bad(key, "an integer from 1 to 4096");
+    return typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= 4096
+      ? v
+      : bad(key, "an integer from 1 to 4096");
   };
   const num = (key: string): number => {
     const v = config[key];
@@ -206,8 +227,11 @@ export function moeFromConfig(config: Record<string, unknown>, file: string): Mo
   const block = config.block as BlockKind;
   if (!BLOCK_KINDS.includes(block)) bad("block", BLOCK_KINDS.join(" or "));
   const upcycledFrom = Array.isArray(config.upcycled_from)
-    // Strings only: String() of a deeply nested list recurses until the stack runs out.
-    ? config.upcycled_from.map((entry) => ({ name: typeof entry?.name === "string" ? entry.name : "?", sha256: typeof entry?.sha256 === "string" ? entry.sha256 : "" }))
+    ? // Strings only: String() of a deeply nested list recurses until the stack runs out.
+      config.upcycled_from.map((entry) => ({
+        name: typeof entry?.name === "string" ? entry.name : "?",
+        sha256: typeof entry?.sha256 === "string" ? entry.sha256 : "",
+      }))
     : [];
   return {
     numExperts,

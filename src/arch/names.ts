@@ -58,7 +58,8 @@ export function expertModule(layer: number, site: Site, expert: number | null): 
 /** Why docs/format.md has no name for this combination, or null when it has one. */
 function problem(t: TensorName): string | null {
   const { layer, slot, expert, part } = t;
-  if (expert !== null && (!isLayerSlot(slot) || siteOf(slot) === null)) return "only attention and FFN slots have experts";
+  if (expert !== null && (!isLayerSlot(slot) || siteOf(slot) === null))
+    return "only attention and FFN slots have experts";
   if (expert !== null && !(Number.isInteger(expert) && expert >= 0)) return "the expert is an index";
   if (isGlobalSlot(slot)) return layer === null ? null : "a global slot has no layer";
   if (layer === null || !(Number.isInteger(layer) && layer >= 0)) return "a layer slot needs a layer index";
@@ -110,7 +111,13 @@ export function parseTensorName(name: string): TensorName | undefined {
   } else {
     const match = LAYER_MODULE.exec(module);
     if (match === null) return undefined;
-    const [, layer, site, expert, rest] = match as unknown as [string, string, string | undefined, string | undefined, string];
+    const [, layer, site, expert, rest] = match as unknown as [
+      string,
+      string,
+      string | undefined,
+      string | undefined,
+      string,
+    ];
     const slot = site === undefined ? rest : `${site}.${rest}`;
     if (!isLayerSlot(slot) && !isRouterSlot(slot)) return undefined;
     parsed = { layer: Number(layer), slot, expert: expert === undefined ? null : Number(expert), part };
@@ -122,5 +129,7 @@ export function parseTensorName(name: string): TensorName | undefined {
 /** A dense seed's canonical name in the BAM view (src/arch/model.ts): its FFN is expert 0. */
 export function denseToBamName(name: string): string {
   const t = parseTensorName(name);
-  return t !== undefined && t.expert === null && siteOf(t.slot) === "mlp" && isLayerSlot(t.slot) ? tensorName({ ...t, expert: 0 }) : name;
+  return t !== undefined && t.expert === null && siteOf(t.slot) === "mlp" && isLayerSlot(t.slot)
+    ? tensorName({ ...t, expert: 0 })
+    : name;
 }

@@ -43,7 +43,10 @@ export interface NativeLayout {
 
 /** Both formats: the merged attention is transformers' `self_attn`. */
 const SELF_ATTN = Object.fromEntries(
-  LAYER_SLOTS.filter((slot) => siteOf(slot) === "attn").map((slot) => [slot, `self_attn.${slot.slice("attn.".length)}`]),
+  LAYER_SLOTS.filter((slot) => siteOf(slot) === "attn").map((slot) => [
+    slot,
+    `self_attn.${slot.slice("attn.".length)}`,
+  ]),
 );
 
 export const NATIVE_LAYOUTS: Readonly<Record<NativeFormat, NativeLayout>> = {
@@ -81,7 +84,11 @@ export const NATIVE_LAYOUTS: Readonly<Record<NativeFormat, NativeLayout>> = {
     normTopkProbKey: "norm_topk_prob",
     normTopkProbDefault: false,
     required: { decoder_sparse_step: 1, mlp_only_layers: [], attention_bias: false, use_sliding_window: false },
-    spec: (s) => ({ ...s, modelTypes: ["qwen3_moe"], sizes: { ...s.sizes, intermediateSize: ["moe_intermediate_size"] } }),
+    spec: (s) => ({
+      ...s,
+      modelTypes: ["qwen3_moe"],
+      sizes: { ...s.sizes, intermediateSize: ["moe_intermediate_size"] },
+    }),
   },
 };
 
@@ -112,7 +119,9 @@ export function fromNativeName(format: NativeFormat): Renamer {
   const patterns = Object.entries(NATIVE_LAYOUTS[format].modules).map(([slot, module]) => {
     const escaped = `${NATIVE_LAYER}{l}.${module}.`.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
     const parts = (ROUTER_SLOTS as readonly string[]).includes(slot) ? "weight" : "weight|bias";
-    const regex = new RegExp(`^${escaped.replace("\\{l\\}", "(?<layer>\\d+)").replace("\\{e\\}", "(?<expert>\\d+)")}(?<part>${parts})$`);
+    const regex = new RegExp(
+      `^${escaped.replace("\\{l\\}", "(?<layer>\\d+)").replace("\\{e\\}", "(?<expert>\\d+)")}(?<part>${parts})$`,
+    );
     return { slot: slot as LayerSlot | RouterSlot, regex };
   });
   return (name) => {
@@ -140,18 +149,24 @@ export function nativeModel(format: NativeFormat, config: HfConfig): { features:
   };
   for (const [key, want] of Object.entries(layout.required)) {
     if (raw[key] != null && JSON.stringify(raw[key]) !== JSON.stringify(want)) {
-      throw new BamError("FEATURE_UNSUPPORTED", `${file}: "${key}" is ${show(raw[key])}; ${layout.modelType} folders are read with ${show(want)}, as bam upcycle --format ${format} writes them`);
+      throw new BamError(
+        "FEATURE_UNSUPPORTED",
+        `${file}: "${key}" is ${show(raw[key])}; ${layout.modelType} folders are read with ${show(want)}, as bam upcycle --format ${format} writes them`,
+      );
     }
   }
   const family = layout.families[0]!;
   const features = featuresFromHfConfig(config, layout.spec(familySpec(family)));
   const int = (key: string, max: number): number => {
     const v = raw[key];
-    return typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= max ? v : bad(key, `an integer from 1 to ${max}`);
+    return typeof v === "number" && Number.isInteger(v) && v >= 1 && v <= max
+      ? v
+      : bad(key, `an integer from 1 to ${max}`);
   };
   const numExperts = int(layout.expertsKey, 4096);
   const expertsPerToken = int("num_experts_per_tok", numExperts);
-  const normTopkProb = layout.normTopkProbKey === null ? true : raw[layout.normTopkProbKey] ?? layout.normTopkProbDefault;
+  const normTopkProb =
+    layout.normTopkProbKey === null ? true : (raw[layout.normTopkProbKey] ?? layout.normTopkProbDefault);
   if (typeof normTopkProb !== "boolean") bad(layout.normTopkProbKey!, "true or false");
   const auxLoss = raw.router_aux_loss_coef ?? 0.001;
   if (typeof auxLoss !== "number" || !(auxLoss >= 0)) bad("router_aux_loss_coef", "a non-negative number");

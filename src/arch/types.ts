@@ -10,7 +10,16 @@
 import type { DType } from "../safetensors/dtype.js";
 
 export const FAMILIES = [
-  "llama", "mistral", "qwen2", "qwen3", "gemma", "gpt_neox", "phi", "cohere", "gpt2", "phi3",
+  "llama",
+  "mistral",
+  "qwen2",
+  "qwen3",
+  "gemma",
+  "gpt_neox",
+  "phi",
+  "cohere",
+  "gpt2",
+  "phi3",
 ] as const;
 export type Family = (typeof FAMILIES)[number];
 

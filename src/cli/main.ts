@@ -15,7 +15,15 @@ trapSignals();
 
 const EXIT_USAGE = 2;
 
-const [{ default: yargs }, { hideBin }, { evalCommand }, { exportOnnxCommand }, { generateCommand }, { inspectCommand }, { upcycleCommand }] = await Promise.all([
+const [
+  { default: yargs },
+  { hideBin },
+  { evalCommand },
+  { exportOnnxCommand },
+  { generateCommand },
+  { inspectCommand },
+  { upcycleCommand },
+] = await Promise.all([
   import("yargs"),
   import("yargs/helpers"),
   import("./commands/eval.js"),
@@ -39,20 +47,26 @@ await yargs(hideBin(process.argv))
   .check((argv, options: { array?: string[] }) => {
     for (const [key, value] of Object.entries(argv)) {
       if (key === "_" || key.length === 1 || !Array.isArray(value) || (options.array ?? []).includes(key)) continue;
-      throw new Error(`--${key} given more than once (${value.map((v) => JSON.stringify(String(v))).join(", ")}); give it once`);
+      throw new Error(
+        `--${key} given more than once (${value.map((v) => JSON.stringify(String(v))).join(", ")}); give it once`,
+      );
     }
     return true;
   }, true)
   .recommendCommands()
   .wrap(Math.min(100, process.stdout.columns ?? 100))
-  .epilogue("Exit codes: 0 success, 1 error, 2 bad usage, 130 interrupted. The output format: docs/format.md. BAM_DEBUG=1 prints stack traces.")
+  .epilogue(
+    "Exit codes: 0 success, 1 error, 2 bad usage, 130 interrupted. The output format: docs/format.md. BAM_DEBUG=1 prints stack traces.",
+  )
   .fail((message, error) => {
     if (error && !message) {
       process.exitCode = reportError(error);
       return;
     }
     // One line, as every error: yargs writes some of its messages on several ("Invalid values:\n  Argument: ...").
-    process.stderr.write(`bam: ${(message ?? error?.message ?? "").replace(/\s*\n\s*/g, " ")}\nRun \`bam --help\` for usage.\n`);
+    process.stderr.write(
+      `bam: ${(message ?? error?.message ?? "").replace(/\s*\n\s*/g, " ")}\nRun \`bam --help\` for usage.\n`,
+    );
     process.exit(EXIT_USAGE);
   })
   .parseAsync();

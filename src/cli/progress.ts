@@ -26,7 +26,11 @@ export function formatDuration(seconds: number): string {
 }
 
 /** `unit` "bytes" formats sizes; "items" formats plain counts. */
-export function progressBar(label: string, unit: "bytes" | "items", stream: NodeJS.WriteStream = process.stderr): ProgressBar {
+export function progressBar(
+  label: string,
+  unit: "bytes" | "items",
+  stream: NodeJS.WriteStream = process.stderr,
+): ProgressBar {
   if (!stream.isTTY) return { update() {}, finish() {} };
   const start = performance.now();
   let lastDraw = 0;
@@ -40,7 +44,9 @@ export function progressBar(label: string, unit: "bytes" | "items", stream: Node
     const filled = Math.round((width * pct) / 100);
     const bar = "#".repeat(filled) + "-".repeat(width - filled);
     const rateText = unit === "bytes" ? `${formatBytes(rate)}/s` : `${rate.toFixed(1)}/s`;
-    stream.write(`\r${label} [${bar}] ${pct}% ${format(done)}/${format(total)} ${rateText} ETA ${formatDuration(eta)}\x1b[K`);
+    stream.write(
+      `\r${label} [${bar}] ${pct}% ${format(done)}/${format(total)} ${rateText} ETA ${formatDuration(eta)}\x1b[K`,
+    );
   };
   let last: [number, number] = [0, 0];
   return {

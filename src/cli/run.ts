@@ -38,7 +38,8 @@ export function trapSignals(): void {
 export async function runCommand(body: (context: CommandContext) => Promise<void>): Promise<void> {
   trapSignals();
   try {
-    if (controller.signal.aborted) throw new BamError("ABORTED", "interrupted before the command started; nothing was written");
+    if (controller.signal.aborted)
+      throw new BamError("ABORTED", "interrupted before the command started; nothing was written");
     await body({ signal: controller.signal });
   } catch (error) {
     process.exitCode = reportError(error);
@@ -69,7 +70,8 @@ export function defineCommand<U>(command: {
 export function numberFlag(flag: string, text: string | undefined): number | undefined {
   if (text === undefined) return undefined;
   const value = Number(text.trim());
-  if (text.trim() === "" || !Number.isFinite(value)) throw new BamError("OPTIONS_INVALID", `${flag} must be a number, not ${JSON.stringify(text)}`);
+  if (text.trim() === "" || !Number.isFinite(value))
+    throw new BamError("OPTIONS_INVALID", `${flag} must be a number, not ${JSON.stringify(text)}`);
   return value;
 }
 
@@ -83,7 +85,9 @@ export function reportError(error: unknown): number {
     return error.code === "ABORTED" ? EXIT_INTERRUPTED : error.code === "OPTIONS_INVALID" ? EXIT_USAGE : EXIT_ERROR;
   }
   const message = error instanceof Error ? error.message : String(error);
-  process.stderr.write(`bam: internal error: ${message.split("\n")[0]} (please report it; BAM_DEBUG=1 shows details)\n`);
+  process.stderr.write(
+    `bam: internal error: ${message.split("\n")[0]} (please report it; BAM_DEBUG=1 shows details)\n`,
+  );
   if (debug && error instanceof Error && error.stack) process.stderr.write(`${error.stack}\n`);
   return EXIT_ERROR;
 }

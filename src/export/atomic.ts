@@ -24,7 +24,20 @@
  *   reclaimed by any run in that parent folder;
  * - parent folders created for the target are removed again when the run fails.
  */
-import { lstat, mkdir, open, readdir, readFile, realpath, rename, rm, rmdir, stat, unlink } from "node:fs/promises";
+import {
+  link,
+  lstat,
+  mkdir,
+  open,
+  readdir,
+  readFile,
+  realpath,
+  rename,
+  rm,
+  rmdir,
+  stat,
+  unlink,
+} from "node:fs/promises";
 import { basename, dirname, join, relative, resolve, sep } from "node:path";
 import { BamError, ioError } from "../errors.js";
 
@@ -112,27 +125,48 @@ export async function openAtomicFolder(target: string, options: OutputOptions): 
  */
 export async function checkOutputPath(target: string, inputs: readonly string[]): Promise<void> {
   const absolute = resolve(target);
-  if (dirname(absolute) === absolute) throw new BamError("OUTPUT_UNSAFE", `${target}: is the root folder; name a new folder for the output, such as ${join(absolute, "bam-model")}`);
+  if (dirname(absolute) === absolute)
+    throw new BamError(
+      "OUTPUT_UNSAFE",
+      `${target}: is the root folder; name a new folder for the output, such as ${join(absolute, "bam-model")}`,
+    );
   const chain = await pathChain(absolute);
   const info = await lstat(absolute).catch(() => undefined);
   if (info?.isDirectory()) {
     const parentInfo = await stat(dirname(absolute)).catch(() => undefined);
     if (parentInfo !== undefined && parentInfo.dev !== info.dev) {
-      throw new BamError("OUTPUT_UNSAFE", `${target}: is a mount point and cannot be replaced; name a new folder inside it, such as ${join(target, "bam-model")}`);
+      throw new BamError(
+        "OUTPUT_UNSAFE",
+        `${target}: is a mount point and cannot be replaced; name a new folder inside it, such as ${join(target, "bam-model")}`,
+      );
     }
   }
   const cwd = await pathChain(process.cwd());
   if (chain.real === cwd.real || isInside(chain.real, cwd.real) || (chain.exists && cwd.ids.includes(chain.ids[0]!))) {
-    throw new BamError("OUTPUT_UNSAFE", `${target}: is the current folder or holds it; name a new folder for the output`);
+    throw new BamError(
+      "OUTPUT_UNSAFE",
+      `${target}: is the current folder or holds it; name a new folder for the output`,
+    );
   }
   for (const input of inputs) {
     const source = await pathChain(resolve(input));
     if (!source.exists) continue;
-    const targetHoldsInput = chain.real === source.real || isInside(chain.real, source.real) || (chain.exists && source.ids.includes(chain.ids[0]!));
+    const targetHoldsInput =
+      chain.real === source.real ||
+      isInside(chain.real, source.real) ||
+      (chain.exists && source.ids.includes(chain.ids[0]!));
     const inputHoldsTarget = isInside(source.real, chain.real) || chain.ids.includes(source.ids[0]!);
     if (targetHoldsInput || inputHoldsTarget) {
-      const how = chain.real === source.real || (chain.exists && chain.ids[0] === source.ids[0]) ? "is" : targetHoldsInput ? "holds" : "lies inside";
-      throw new BamError("OUTPUT_UNSAFE", `${target}: ${how} the input ${input}; the output must be a new folder apart from every seed and input file`);
+      const how =
+        chain.real === source.real || (chain.exists && chain.ids[0] === source.ids[0])
+          ? "is"
+          : targetHoldsInput
+            ? "holds"
+            : "lies inside";
+      throw new BamError(
+        "OUTPUT_UNSAFE",
+        `${target}: ${how} the input ${input}; the output must be a new folder apart from every seed and input file`,
+      );
     }
   }
 }
@@ -145,8 +179,41 @@ export async function checkOutputFile(file: string, options: OutputOptions): Pro
   await checkOutputPath(file, options.inputs);
   const info = await lstat(file).catch(() => undefined);
   if (info === undefined) return;
-  if (!info.isFile()) throw new BamError("OUTPUT_EXISTS", `${file}: exists and is not a file; choose another output file`);
-  if (!options.force) throw new BamError("OUTPUT_EXISTS", `${file}: exists; choose another file or pass --force to replace it`);
+  if (!info.isFile())
+    throw new BamError("OUTPUT_EXISTS", `${file}: exists and is not a file; choose another output file`);
+  if (!options.force)
+    throw new BamError("OUTPUT_EXISTS", `${file}: exists; choose another file or pass --force to replace it`);
+}
+
+/**
+ * Writes one file whole or not at all: `write` fills `.bam-tmp-<name>-<pid>-<call>` beside it, which then
+ * takes the file's place, so a failed or interrupted write leaves the old file (or none), never a partial
+ * one. Without `overwrite`, a file that appeared at the target meanwhile is kept and the write fails.
+ * Check the target first (checkOutputFile).
+ */
+export async function writeFileAtomically(
+  file: string,
+  overwrite: boolean,
+  write: (path: string) => Promise<void>,
+): Promise<void> {
+  const temp = join(dirname(resolve(file)), `${TEMP_PREFIX}${basename(file)}-${process.pid}-${++calls}`);
+  try {
+    await write(temp);
+    if (overwrite) {
+      await rename(temp, file).catch((error: unknown) => {
+        throw ioError(file, error);
+      });
+    } else {
+      // link, unlike rename, refuses an existing target
+      await link(temp, file).catch((error: unknown) => {
+        if ((error as NodeJS.ErrnoException).code === "EEXIST")
+          throw new BamError("OUTPUT_EXISTS", `${file}: appeared while it was being written; it is kept as it is`);
+        throw ioError(file, error);
+      });
+    }
+  } finally {
+    await unlink(temp).catch(() => undefined); // gone already after the rename
+  }
 }
 
 interface PathChain {
@@ -187,11 +254,20 @@ function isInside(folder: string, path: string): boolean {
 /** Creates the missing parents of the target; returns those it created, deepest first. */
 async function makeParents(target: string, parent: string): Promise<string[]> {
   const missing: string[] = [];
-  for (let dir = parent; (await lstat(dir).catch(() => undefined)) === undefined && dirname(dir) !== dir; dir = dirname(dir)) missing.push(dir);
+  for (
+    let dir = parent;
+    (await lstat(dir).catch(() => undefined)) === undefined && dirname(dir) !== dir;
+    dir = dirname(dir)
+  )
+    missing.push(dir);
   try {
     await mkdir(parent, { recursive: true });
   } catch (error) {
-    throw new BamError(ioError(parent, error).code, `${target}: cannot create its parent folder ${parent}: ${reasonOf(error)}`, { cause: error });
+    throw new BamError(
+      ioError(parent, error).code,
+      `${target}: cannot create its parent folder ${parent}: ${reasonOf(error)}`,
+      { cause: error },
+    );
   }
   return missing;
 }
@@ -210,11 +286,19 @@ async function takeLock(target: string, parent: string, name: string): Promise<s
       await handle.close();
       return lock;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw new BamError(ioError(lock, error).code, `${target}: cannot lock the output (${lock}): ${reasonOf(error)}`, { cause: error });
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST")
+        throw new BamError(
+          ioError(lock, error).code,
+          `${target}: cannot lock the output (${lock}): ${reasonOf(error)}`,
+          { cause: error },
+        );
     }
     const owner = /^(\d+)\n$/.exec(await readFile(lock, "utf8").catch(() => ""));
     if (attempt > 0 || owner === null || processAlive(Number(owner[1]))) {
-      throw new BamError("OUTPUT_BUSY", `${target}: another bam run is writing this output; wait for it to finish, or remove ${lock} if none is running`);
+      throw new BamError(
+        "OUTPUT_BUSY",
+        `${target}: another bam run is writing this output; wait for it to finish, or remove ${lock} if none is running`,
+      );
     }
     await unlink(lock).catch(() => undefined);
   }
@@ -227,7 +311,9 @@ async function takeLock(target: string, parent: string, name: string): Promise<s
  * otherwise kept: the run stops and says where it is.
  */
 async function reclaimLeftovers(target: string, parent: string, name: string): Promise<void> {
-  const entries = await readdir(parent).catch((error: unknown) => { throw ioError(parent, error); });
+  const entries = await readdir(parent).catch((error: unknown) => {
+    throw ioError(parent, error);
+  });
   for (const entry of entries.sort()) {
     const prefix = entry.startsWith(TEMP_PREFIX) ? TEMP_PREFIX : entry.startsWith(OLD_PREFIX) ? OLD_PREFIX : undefined;
     const rest = prefix === undefined ? "" : entry.slice(prefix.length);
@@ -236,12 +322,19 @@ async function reclaimLeftovers(target: string, parent: string, name: string): P
     const leftover = join(parent, entry);
     if (!(await lstat(leftover)).isDirectory()) continue;
     if (prefix === TEMP_PREFIX) {
-      await rm(leftover, { recursive: true, force: true }).catch((error: unknown) => { throw ioError(leftover, error); });
+      await rm(leftover, { recursive: true, force: true }).catch((error: unknown) => {
+        throw ioError(leftover, error);
+      });
     } else if (match[1] === name) {
       if ((await lstat(join(parent, name)).catch(() => undefined)) === undefined) {
-        await rename(leftover, join(parent, name)).catch((error: unknown) => { throw ioError(leftover, error); });
+        await rename(leftover, join(parent, name)).catch((error: unknown) => {
+          throw ioError(leftover, error);
+        });
       } else {
-        throw new BamError("OUTPUT_EXISTS", `${target}: a run that was killed left the previous ${name} at ${leftover}; keep it (move it elsewhere) or delete it, then run again`);
+        throw new BamError(
+          "OUTPUT_EXISTS",
+          `${target}: a run that was killed left the previous ${name} at ${leftover}; keep it (move it elsewhere) or delete it, then run again`,
+        );
       }
     }
   }
@@ -255,19 +348,34 @@ interface TargetState {
 }
 
 /** Refuses an existing non-empty target unless `force` and it is a folder this tool wrote. */
-async function checkTarget(target: string, absolute: string, force: boolean, ours: (folder: string) => Promise<boolean>): Promise<TargetState> {
+async function checkTarget(
+  target: string,
+  absolute: string,
+  force: boolean,
+  ours: (folder: string) => Promise<boolean>,
+): Promise<TargetState> {
   const info = await lstat(absolute).catch((error: unknown) => {
     if ((error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw ioError(target, error);
   });
   if (info === undefined) return { id: undefined, filled: false };
-  if (!info.isDirectory()) throw new BamError("OUTPUT_EXISTS", `${target}: exists and is not a folder; choose another output path`);
-  const entries = await readdir(absolute).catch((error: unknown) => { throw ioError(target, error); });
+  if (!info.isDirectory())
+    throw new BamError("OUTPUT_EXISTS", `${target}: exists and is not a folder; choose another output path`);
+  const entries = await readdir(absolute).catch((error: unknown) => {
+    throw ioError(target, error);
+  });
   const state = { id: `${info.dev}:${info.ino}`, filled: entries.length > 0 };
   if (!state.filled) return state;
-  if (!force) throw new BamError("OUTPUT_EXISTS", `${target}: output folder exists and is not empty; choose another folder or pass --force to replace it`);
+  if (!force)
+    throw new BamError(
+      "OUTPUT_EXISTS",
+      `${target}: output folder exists and is not empty; choose another folder or pass --force to replace it`,
+    );
   if (!(await ours(absolute))) {
-    throw new BamError("OUTPUT_EXISTS", `${target}: exists and is not a folder bam wrote, so --force does not replace it; choose another folder, or move it away yourself`);
+    throw new BamError(
+      "OUTPUT_EXISTS",
+      `${target}: exists and is not a folder bam wrote, so --force does not replace it; choose another folder, or move it away yourself`,
+    );
   }
   return state;
 }
@@ -286,7 +394,12 @@ async function makeTemp(target: string, parent: string, name: string): Promise<s
       await mkdir(path);
       return path;
     } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EEXIST") throw new BamError(ioError(path, error).code, `${target}: cannot create a temporary folder beside it: ${reasonOf(error)}`, { cause: error });
+      if ((error as NodeJS.ErrnoException).code !== "EEXIST")
+        throw new BamError(
+          ioError(path, error).code,
+          `${target}: cannot create a temporary folder beside it: ${reasonOf(error)}`,
+          { cause: error },
+        );
     }
   }
 }
@@ -298,10 +411,20 @@ async function makeTemp(target: string, parent: string, name: string): Promise<s
  * folder the run checked at the start.
  */
 async function moveIntoPlace(
-  target: string, absolute: string, temp: string, parent: string, name: string, before: TargetState, ours: (folder: string) => Promise<boolean>,
+  target: string,
+  absolute: string,
+  temp: string,
+  parent: string,
+  name: string,
+  before: TargetState,
+  ours: (folder: string) => Promise<boolean>,
 ): Promise<void> {
   const now = await lstat(absolute).catch(() => undefined);
-  const appeared = () => new BamError("OUTPUT_EXISTS", `${target}: appeared or changed while the model was written; it was left as it is and the new model was not kept; choose another output folder`);
+  const appeared = () =>
+    new BamError(
+      "OUTPUT_EXISTS",
+      `${target}: appeared or changed while the model was written; it was left as it is and the new model was not kept; choose another output folder`,
+    );
   if (now !== undefined && (!now.isDirectory() || `${now.dev}:${now.ino}` !== before.id)) throw appeared();
   if (now === undefined && before.id !== undefined) throw appeared();
   if (now === undefined || !before.filled) {
@@ -319,13 +442,21 @@ async function moveIntoPlace(
   try {
     await rename(absolute, aside);
   } catch (error) {
-    throw new BamError(ioError(target, error).code, `${target}: cannot move the previous folder aside: ${reasonOf(error)}`, { cause: error });
+    throw new BamError(
+      ioError(target, error).code,
+      `${target}: cannot move the previous folder aside: ${reasonOf(error)}`,
+      { cause: error },
+    );
   }
   try {
     await rename(temp, absolute);
   } catch (error) {
     await rename(aside, absolute).catch(() => undefined);
-    throw new BamError(ioError(target, error).code, `${target}: ${reasonOf(error)}; the previous folder is still in place`, { cause: error });
+    throw new BamError(
+      ioError(target, error).code,
+      `${target}: ${reasonOf(error)}; the previous folder is still in place`,
+      { cause: error },
+    );
   }
   await rm(aside, { recursive: true, force: true });
 }

@@ -85,9 +85,14 @@ export function modelCard(model: CardModel, recipe: string, remoteCode: boolean,
   const { moe } = model;
   const path = model.output.replace(/\/+$/, "") || model.output;
   const title = model.title ?? path.split("/").pop() ?? "model";
-  const method = model.seedNames.length === 1
-    ? model.dropRatio > 0 ? `Drop-Upcycling (ratio ${model.dropRatio}) of one seed` : "sparse upcycling of one seed"
-    : moe.attentionExperts === "merged" ? "BTX (FFN experts, averaged attention)" : `BAM (FFN experts and ${moe.attentionExperts === "moa" ? "soft attention experts" : "attention experts with shared K/V"})`;
+  const method =
+    model.seedNames.length === 1
+      ? model.dropRatio > 0
+        ? `Drop-Upcycling (ratio ${model.dropRatio}) of one seed`
+        : "sparse upcycling of one seed"
+      : moe.attentionExperts === "merged"
+        ? "BTX (FFN experts, averaged attention)"
+        : `BAM (FFN experts and ${moe.attentionExperts === "moa" ? "soft attention experts" : "attention experts with shared K/V"})`;
   const local = seeds.filter((seed) => seedRepoId(seed) === undefined).map((seed) => `\`${seed.name}\``);
   return `---
 ${YAML.stringify(cardMetadata(seeds)).trimEnd()}

@@ -38,7 +38,12 @@ const TORCH_DTYPE: Record<FloatDType, string> = { F32: "float32", F16: "float16"
  * refuses (OPTIONS_INVALID) a native format that cannot hold the model.
  */
 export function planFormat(
-  format: OutputFormat, features: ArchFeatures, moe: FormatMoe, dtype: FloatDType, seedConfig: Record<string, unknown>, names: readonly string[],
+  format: OutputFormat,
+  features: ArchFeatures,
+  moe: FormatMoe,
+  dtype: FloatDType,
+  seedConfig: Record<string, unknown>,
+  names: readonly string[],
 ): FormatPlan {
   if (format === "bam") {
     return {
@@ -67,7 +72,10 @@ export function planFormat(
   }
   const problems = nativeProblems(format, features, moe);
   if (problems.length > 0) {
-    throw new BamError("OPTIONS_INVALID", `--format ${format} cannot hold this model: ${problems.join("; ")}; ${problems.length > 1 ? "change all of these" : "change this"}, or use --format bam`);
+    throw new BamError(
+      "OPTIONS_INVALID",
+      `--format ${format} cannot hold this model: ${problems.join("; ")}; ${problems.length > 1 ? "change all of these" : "change this"}, or use --format bam`,
+    );
   }
   const layout = NATIVE_LAYOUTS[format];
   const rename = toNativeName(format);
@@ -97,7 +105,8 @@ export function planFormat(
  */
 export function configJson(format: FormatPlan, upcycledFrom: readonly SeedRecord[]): string {
   const entries = Object.entries(format.config);
-  if (format.remoteCode) entries.splice(entries.findIndex(([key]) => key === UPCYCLED_FROM_AFTER) + 1, 0, ["upcycled_from", upcycledFrom]);
+  if (format.remoteCode)
+    entries.splice(entries.findIndex(([key]) => key === UPCYCLED_FROM_AFTER) + 1, 0, ["upcycled_from", upcycledFrom]);
   return `${JSON.stringify(Object.fromEntries(entries), null, 2)}\n`;
 }
 
@@ -123,9 +132,16 @@ export interface FormatDefaults {
  */
 export function formatDefaults(format: OutputFormat | undefined): FormatDefaults {
   // Not yet validated (the API takes any string): anything but a native format implies nothing, and ./options.ts refuses it.
-  const layout = typeof format === "string" && Object.hasOwn(NATIVE_LAYOUTS, format) ? NATIVE_LAYOUTS[format as NativeFormat] : undefined;
+  const layout =
+    typeof format === "string" && Object.hasOwn(NATIVE_LAYOUTS, format)
+      ? NATIVE_LAYOUTS[format as NativeFormat]
+      : undefined;
   if (layout === undefined) return {};
-  return { attention: "merged", block: "sequential", ...(layout.normTopkProbKey === null ? { normTopkProb: true } : {}) };
+  return {
+    attention: "merged",
+    block: "sequential",
+    ...(layout.normTopkProbKey === null ? { normTopkProb: true } : {}),
+  };
 }
 
 /** Config keys shared by the native MoE families (v5 rope_parameters, v4 rope_theta). */
@@ -155,20 +171,34 @@ function nativeCommon(f: ArchFeatures, moe: FormatMoe): Record<string, unknown> 
 function nativeProblems(format: NativeFormat, f: ArchFeatures, moe: FormatMoe): string[] {
   const layout = NATIVE_LAYOUTS[format];
   const problems: string[] = [];
-  if (!layout.families.includes(f.family)) problems.push(`it takes ${layout.families.join(" or ")} seeds, not ${f.family}`);
-  if (moe.attentionExperts !== "merged") problems.push(`it has no attention experts (--attention ${moe.attentionExperts}; leave it out or pass --attention merged)`);
-  if (moe.block !== "sequential") problems.push(`its block is sequential (--block ${moe.block}; leave it out or pass --block sequential)`);
+  if (!layout.families.includes(f.family))
+    problems.push(`it takes ${layout.families.join(" or ")} seeds, not ${f.family}`);
+  if (moe.attentionExperts !== "merged")
+    problems.push(
+      `it has no attention experts (--attention ${moe.attentionExperts}; leave it out or pass --attention merged)`,
+    );
+  if (moe.block !== "sequential")
+    problems.push(`its block is sequential (--block ${moe.block}; leave it out or pass --block sequential)`);
   if (layout.normTopkProbKey === null && !moe.normTopkProb) {
     // transformers' Mixtral always renormalises the top-k weights: it cannot hold the paper's gate.
-    problems.push("it always renormalises the top-k weights, so it cannot hold the paper's gate (--no-norm-topk-prob; leave it out or pass --norm-topk-prob, or use --format qwen3-moe)");
+    problems.push(
+      "it always renormalises the top-k weights, so it cannot hold the paper's gate (--no-norm-topk-prob; leave it out or pass --norm-topk-prob, or use --format qwen3-moe)",
+    );
   }
   if (moe.numExperts < 2) problems.push("it needs at least 2 experts");
   if (f.qkvBias || f.attnOutBias || f.mlpBias) problems.push("the seeds have projection biases");
-  if (f.norm !== "rms" || f.normUnitOffset || f.activation !== "silu" || !f.gatedMlp) problems.push("the seeds are not llama-style (RMSNorm, gated SiLU MLP)");
-  if (f.rope === null || f.rope.dim !== f.headDim || f.rope.style !== "half") problems.push("the seeds' rotary embedding is not full half-split rope");
+  if (f.norm !== "rms" || f.normUnitOffset || f.activation !== "silu" || !f.gatedMlp)
+    problems.push("the seeds are not llama-style (RMSNorm, gated SiLU MLP)");
+  if (f.rope === null || f.rope.dim !== f.headDim || f.rope.style !== "half")
+    problems.push("the seeds' rotary embedding is not full half-split rope");
   if (format === "qwen3-moe" && f.slidingWindow !== null) problems.push("the seeds use sliding-window attention");
   if (f.embeddingScale !== null || f.logitScale !== null) problems.push("the seeds scale embeddings or logits");
   const qkNorm = format === "qwen3-moe" ? "shared" : "none";
-  if (f.qkNorm !== qkNorm) problems.push(qkNorm === "none" ? "the seeds have query/key norms, which it lacks" : "the seeds lack the shared query/key norms it has");
+  if (f.qkNorm !== qkNorm)
+    problems.push(
+      qkNorm === "none"
+        ? "the seeds have query/key norms, which it lacks"
+        : "the seeds lack the shared query/key norms it has",
+    );
   return problems;
 }

@@ -71,8 +71,13 @@ export function parseRepoRef(text: string): RepoRef | undefined {
   const id = at < 0 ? text : text.slice(0, at);
   const revision = at < 0 ? DEFAULT_REVISION : text.slice(at + 1);
   const parts = id.split("/");
-  if (parts.length !== 2 || !parts.every((part) => REPO_PART.test(part) && !part.includes("--") && !part.includes(".."))) return undefined;
-  if (!REVISION.test(revision) || revision.split("/").some((segment) => segment === "." || segment === "..")) return undefined;
+  if (
+    parts.length !== 2 ||
+    !parts.every((part) => REPO_PART.test(part) && !part.includes("--") && !part.includes(".."))
+  )
+    return undefined;
+  if (!REVISION.test(revision) || revision.split("/").some((segment) => segment === "." || segment === ".."))
+    return undefined;
   return { repoId: id, revision };
 }
 
@@ -92,7 +97,11 @@ export async function cachedCommit(repoDir: string, revision: string): Promise<s
   const text = await readFile(ref, "utf8").catch(() => undefined);
   if (text === undefined) return undefined;
   const commit = text.trim();
-  if (!COMMIT_HASH.test(commit)) throw new BamError("CONFIG_INVALID", `${ref}: expected a 40-character commit hash, found ${JSON.stringify(commit.slice(0, 60))}; delete the file and download the model again`);
+  if (!COMMIT_HASH.test(commit))
+    throw new BamError(
+      "CONFIG_INVALID",
+      `${ref}: expected a 40-character commit hash, found ${JSON.stringify(commit.slice(0, 60))}; delete the file and download the model again`,
+    );
   return commit;
 }
 
@@ -107,11 +116,14 @@ export interface CacheFolder {
 /** `path` as a folder of the cache (a repository root or a snapshot), or undefined when it is neither. */
 export async function cacheFolder(path: string): Promise<CacheFolder | undefined> {
   const root = REPO_FOLDER.exec(basename(path));
-  if (root !== null && await isFolder(join(path, "snapshots"))) {
+  if (root !== null && (await isFolder(join(path, "snapshots")))) {
     const repoId = `${root[1]}/${root[2]}`;
     const commit = await cachedCommit(path, DEFAULT_REVISION);
     if (commit === undefined) {
-      throw new BamError("SEED_MISSING", `${path}: a Hugging Face cache folder without refs/main; name one of its snapshots (${join(path, "snapshots", "<commit>")}), or fetch main with \`${fetchCommand({ repoId, revision: DEFAULT_REVISION })}\``);
+      throw new BamError(
+        "SEED_MISSING",
+        `${path}: a Hugging Face cache folder without refs/main; name one of its snapshots (${join(path, "snapshots", "<commit>")}), or fetch main with \`${fetchCommand({ repoId, revision: DEFAULT_REVISION })}\``,
+      );
     }
     return { repoId, snapshot: join(path, "snapshots", commit), commit };
   }
@@ -132,15 +144,27 @@ export async function missingFiles(snapshot: string): Promise<string[]> {
   const names = await readdir(snapshot).catch(() => undefined);
   if (names === undefined) return ["config.json", `${SINGLE_FILE} or ${INDEX_FILE}`];
   const missing: string[] = [];
-  const present = async (name: string) => names.includes(name) && await stat(join(snapshot, name)).then((s) => s.isFile(), () => false);
+  const present = async (name: string) =>
+    names.includes(name) &&
+    (await stat(join(snapshot, name)).then(
+      (s) => s.isFile(),
+      () => false,
+    ));
   if (!(await present("config.json"))) missing.push("config.json");
   if (await present(SINGLE_FILE)) return missing;
   if (!(await present(INDEX_FILE))) {
-    if (!names.some((name) => name.endsWith(".safetensors") || name.endsWith(".safetensors.index.json"))) missing.push(`${SINGLE_FILE} or ${INDEX_FILE}`);
+    if (!names.some((name) => name.endsWith(".safetensors") || name.endsWith(".safetensors.index.json")))
+      missing.push(`${SINGLE_FILE} or ${INDEX_FILE}`);
     return missing;
   }
   for (const shard of await indexShards(join(snapshot, INDEX_FILE))) {
-    if (!(await stat(join(snapshot, shard)).then((s) => s.isFile(), () => false))) missing.push(shard);
+    if (
+      !(await stat(join(snapshot, shard)).then(
+        (s) => s.isFile(),
+        () => false,
+      ))
+    )
+      missing.push(shard);
   }
   return missing;
 }
@@ -148,9 +172,13 @@ export async function missingFiles(snapshot: string): Promise<string[]> {
 /** The shard files an index names (plain relative names only; the checkpoint reader refuses the rest). */
 export async function indexShards(indexFile: string): Promise<string[]> {
   try {
-    const index = JSON.parse(await readTextFile(indexFile, MAX_INDEX_BYTES, "INDEX_INVALID")) as { weight_map?: Record<string, unknown> };
+    const index = JSON.parse(await readTextFile(indexFile, MAX_INDEX_BYTES, "INDEX_INVALID")) as {
+      weight_map?: Record<string, unknown>;
+    };
     const shards = Object.values(index.weight_map ?? {}).filter((shard): shard is string => typeof shard === "string");
-    return [...new Set(shards)].filter((shard) => !shard.startsWith("/") && !shard.split(/[\\/]/).includes("..")).sort();
+    return [...new Set(shards)]
+      .filter((shard) => !shard.startsWith("/") && !shard.split(/[\\/]/).includes(".."))
+      .sort();
   } catch {
     return [];
   }
@@ -158,9 +186,15 @@ export async function indexShards(indexFile: string): Promise<string[]> {
 
 /** Whether something exists at `path` (a dangling link too: it is the user's path, and its own error says what is wrong). */
 export async function pathExists(path: string): Promise<boolean> {
-  return lstat(path).then(() => true, () => false);
+  return lstat(path).then(
+    () => true,
+    () => false,
+  );
 }
 
 async function isFolder(path: string): Promise<boolean> {
-  return stat(path).then((s) => s.isDirectory(), () => false);
+  return stat(path).then(
+    (s) => s.isDirectory(),
+    () => false,
+  );
 }

@@ -7,7 +7,18 @@
  */
 import { basename, resolve } from "node:path";
 import { BamError } from "../errors.js";
-import { cacheFolder, cachedCommit, fetchCommand, hubSettings, missingFiles, parseRepoRef, pathExists, repoFolder, type HubSettings, type RepoRef } from "./cache.js";
+import {
+  cacheFolder,
+  cachedCommit,
+  fetchCommand,
+  hubSettings,
+  missingFiles,
+  parseRepoRef,
+  pathExists,
+  repoFolder,
+  type HubSettings,
+  type RepoRef,
+} from "./cache.js";
 import { downloadSeed, type DownloadProgress } from "./download.js";
 
 export { hubSettings, parseRepoRef, type HubSettings, type RepoRef } from "./cache.js";
@@ -38,18 +49,31 @@ export async function resolveSeed(argument: string, options: ResolveOptions = {}
     const cached = await cacheFolder(resolve(argument));
     if (cached === undefined) return { dir: argument, name: basename(resolve(argument)) };
     await checkComplete(cached.snapshot, { repoId: cached.repoId, revision: cached.commit }, "");
-    return { dir: cached.snapshot, name: cached.repoId, repoId: cached.repoId, revision: cached.commit, commit: cached.commit };
+    return {
+      dir: cached.snapshot,
+      name: cached.repoId,
+      repoId: cached.repoId,
+      revision: cached.commit,
+      commit: cached.commit,
+    };
   }
   const ref = parseRepoRef(argument);
   if (ref === undefined) return { dir: argument, name: basename(resolve(argument)) };
   const settings = options.settings ?? hubSettings();
   const commit = await cachedCommit(repoFolder(settings.cacheDir, ref.repoId), ref.revision);
-  const snapshot = commit === undefined ? undefined : resolve(repoFolder(settings.cacheDir, ref.repoId), "snapshots", commit);
+  const snapshot =
+    commit === undefined ? undefined : resolve(repoFolder(settings.cacheDir, ref.repoId), "snapshots", commit);
   const missing = snapshot === undefined ? undefined : await missingFiles(snapshot);
   if (snapshot !== undefined && missing!.length === 0) return { dir: snapshot, name: ref.repoId, ...ref, commit };
   if (settings.offline) {
-    const where = snapshot === undefined ? `no such folder, and not in the Hugging Face cache ${settings.cacheDir}` : `the cached snapshot ${snapshot} lacks ${missing!.join(", ")}`;
-    throw new BamError("SEED_MISSING", `${argument}: ${where} (HF_HUB_OFFLINE is set); fetch it with \`${fetchCommand(ref)}\`, or unset HF_HUB_OFFLINE to download it`);
+    const where =
+      snapshot === undefined
+        ? `no such folder, and not in the Hugging Face cache ${settings.cacheDir}`
+        : `the cached snapshot ${snapshot} lacks ${missing!.join(", ")}`;
+    throw new BamError(
+      "SEED_MISSING",
+      `${argument}: ${where} (HF_HUB_OFFLINE is set); fetch it with \`${fetchCommand(ref)}\`, or unset HF_HUB_OFFLINE to download it`,
+    );
   }
   const downloaded = await downloadSeed(ref, { settings, onProgress: options.onDownload, signal: options.signal });
   await checkComplete(downloaded.snapshot, ref, " after the download");
@@ -59,6 +83,9 @@ export async function resolveSeed(argument: string, options: ResolveOptions = {}
 async function checkComplete(snapshot: string, ref: RepoRef, when: string): Promise<void> {
   const missing = await missingFiles(snapshot);
   if (missing.length > 0) {
-    throw new BamError("SEED_MISSING", `${snapshot}: the cached snapshot of ${ref.repoId} lacks ${missing.join(", ")}${when}; fetch them with \`${fetchCommand(ref)}\``);
+    throw new BamError(
+      "SEED_MISSING",
+      `${snapshot}: the cached snapshot of ${ref.repoId} lacks ${missing.join(", ")}${when}; fetch them with \`${fetchCommand(ref)}\``,
+    );
   }
 }

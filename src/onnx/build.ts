@@ -65,7 +65,12 @@ export interface BuildOptions {
 }
 
 /** Names of the inputs and outputs of a "slots" graph's cache (see BuildOptions.cache). */
-export const slotNames = (l: number) => ({ key: `cache.${l}.key`, value: `cache.${l}.value`, newKey: `new.${l}.key`, newValue: `new.${l}.value` });
+export const slotNames = (l: number) => ({
+  key: `cache.${l}.key`,
+  value: `cache.${l}.value`,
+  newKey: `new.${l}.key`,
+  newValue: `new.${l}.value`,
+});
 
 /** What transformers.js must know of the cache: its heads per layer. */
 export interface CacheLayout {
@@ -89,7 +94,12 @@ export function cacheLayout(model: OpenedModel): CacheLayout {
   const { numExperts, attentionExperts } = model.moe;
   const queryExperts = attentionExperts === "merged" ? 1 : numExperts;
   const kvExperts = attentionExperts === "moa" ? numExperts : 1;
-  return { layers: f.numLayers, heads: kvExperts * f.numKvHeads, headDim: f.headDim, queryHeads: queryExperts * f.numHeads };
+  return {
+    layers: f.numLayers,
+    heads: kvExperts * f.numKvHeads,
+    headDim: f.headDim,
+    queryHeads: queryExperts * f.numHeads,
+  };
 }
 
 export function buildGraph(model: OpenedModel, options: BuildOptions = {}): Graph {
@@ -100,13 +110,22 @@ export function buildGraph(model: OpenedModel, options: BuildOptions = {}): Grap
 function checkSupported(model: OpenedModel): void {
   const f = model.features;
   if (model.kind === "bam" && model.rawConfig.capacity_factor != null) {
-    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: config.json sets capacity_factor; the CPU engine routes without dropping tokens (set it to null to evaluate)`);
+    throw new BamError(
+      "FEATURE_UNSUPPORTED",
+      `${model.dir}: config.json sets capacity_factor; the CPU engine routes without dropping tokens (set it to null to evaluate)`,
+    );
   }
   if (f.numHeads % f.numKvHeads !== 0) {
-    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: ${f.numHeads} query heads are not a multiple of ${f.numKvHeads} key/value heads`);
+    throw new BamError(
+      "FEATURE_UNSUPPORTED",
+      `${model.dir}: ${f.numHeads} query heads are not a multiple of ${f.numKvHeads} key/value heads`,
+    );
   }
   if (f.rope && (f.rope.dim % 2 !== 0 || f.rope.dim > f.headDim)) {
-    throw new BamError("FEATURE_UNSUPPORTED", `${model.dir}: rotary dim ${f.rope.dim} must be even and at most head_dim ${f.headDim}`);
+    throw new BamError(
+      "FEATURE_UNSUPPORTED",
+      `${model.dir}: rotary dim ${f.rope.dim} must be even and at most head_dim ${f.headDim}`,
+    );
   }
 }
 
@@ -132,7 +151,10 @@ class Builder {
   private readonly declared = new Set<string>();
   private readonly slots: boolean;
 
-  constructor(private readonly model: OpenedModel, private readonly options: BuildOptions) {
+  constructor(
+    private readonly model: OpenedModel,
+    private readonly options: BuildOptions,
+  ) {
     this.f = model.features;
     this.src = new WeightSource(model);
     this.layout = cacheLayout(model);
@@ -151,11 +173,17 @@ class Builder {
     for (let l = 0; l < layers; l++) {
       if (this.slots) {
         const names = slotNames(l);
-        past.push([g.input(names.key, DataType.FLOAT, ["batch_size", heads, headDim, "slots"]), g.input(names.value, DataType.FLOAT, ["batch_size", heads, "slots", headDim])]);
+        past.push([
+          g.input(names.key, DataType.FLOAT, ["batch_size", heads, headDim, "slots"]),
+          g.input(names.value, DataType.FLOAT, ["batch_size", heads, "slots", headDim]),
+        ]);
         continue;
       }
       const shape = ["batch_size", heads, "past_sequence_length", headDim];
-      past.push([g.input(`past_key_values.${l}.key`, DataType.FLOAT, shape), g.input(`past_key_values.${l}.value`, DataType.FLOAT, shape)]);
+      past.push([
+        g.input(`past_key_values.${l}.key`, DataType.FLOAT, shape),
+        g.input(`past_key_values.${l}.value`, DataType.FLOAT, shape),
+      ]);
     }
 
     const idsShape = g.op("Shape", [ids]);
@@ -171,13 +199,18 @@ class Builder {
       // GroupQueryAttention's lengths (int32): every row spans the whole mask, whose padding is in the bias
       const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1], [])]);
       this.totalLength = g.op("Cast", [total], { to: DataType.INT32 });
-      this.pastLengths = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.int64([1], [])]), this.batch])], { to: DataType.INT32 });
+      this.pastLengths = g.op("Cast", [g.op("Expand", [g.op("Sub", [total, g.int64([1], [])]), this.batch])], {
+        to: DataType.INT32,
+      });
     }
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
 
-    let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], { axis: 0 });
+    let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], {
+      axis: 0,
+    });
     if (f.embeddingScale !== null) x = g.op("Mul", [x, g.scalar(f.embeddingScale)]);
-    if (f.learnedPositions) x = g.op("Add", [x, g.op("Gather", [this.weight(globalWeight("embed_positions")), flatPositions], { axis: 0 })]);
+    if (f.learnedPositions)
+      x = g.op("Add", [x, g.op("Gather", [this.weight(globalWeight("embed_positions")), flatPositions], { axis: 0 })]);
 
     for (let l = 0; l < layers; l++) {
       x = g.scope(`layer${l}`, () => this.block(l, x, past[l]!));
@@ -186,7 +219,11 @@ class Builder {
     const head = this.weight(globalWeight(f.tiedEmbeddings ? "embed_tokens" : "lm_head"));
     let logits = g.op("Gemm", [x, head, f.lmHeadBias ? this.weight("lm_head.bias") : ""], { transB: 1 });
     if (f.logitScale !== null) logits = g.op("Mul", [logits, g.scalar(f.logitScale)]);
-    g.output(this.unflatten(logits, f.vocabSize), "logits", DataType.FLOAT, ["batch_size", "sequence_length", f.vocabSize]);
+    g.output(this.unflatten(logits, f.vocabSize), "logits", DataType.FLOAT, [
+      "batch_size",
+      "sequence_length",
+      f.vocabSize,
+    ]);
     return g;
   }
 
@@ -207,11 +244,17 @@ class Builder {
     const g = this.g;
     const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1])]);
     const scalar = (v: string) => g.op("Squeeze", [v, g.int64([0])]);
-    const queryPos = g.op("Unsqueeze", [g.op("Range", [scalar(g.op("Sub", [total, tokens])), scalar(total), g.int64([1], [])]), g.int64([1])]);
+    const queryPos = g.op("Unsqueeze", [
+      g.op("Range", [scalar(g.op("Sub", [total, tokens])), scalar(total), g.int64([1], [])]),
+      g.int64([1]),
+    ]);
     const keyPos = g.op("Range", [g.int64([0], []), scalar(total), g.int64([1], [])]);
     let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [T, Tk]
     if (this.f.slidingWindow !== null) {
-      allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])])]);
+      allowed = g.op("And", [
+        allowed,
+        g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
+      ]);
     }
     const notPadding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1, 2])]); // [B, 1, 1, Tk]
     const mask = g.op("And", [allowed, notPadding]); // [B, 1, T, Tk]
@@ -229,12 +272,18 @@ class Builder {
     const g = this.g;
     const slots = g.op("Sub", [g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1])]), tokens]); // [1]
     this.slotsSplit = g.op("Concat", [slots, tokens], { axis: 0 });
-    const slotPositions = g.op("Expand", [g.op("Range", [g.int64([0], []), g.op("Squeeze", [slots, g.int64([0])]), g.int64([1], [])]), g.op("Concat", [this.batch, slots], { axis: 0 })]);
+    const slotPositions = g.op("Expand", [
+      g.op("Range", [g.int64([0], []), g.op("Squeeze", [slots, g.int64([0])]), g.int64([1], [])]),
+      g.op("Concat", [this.batch, slots], { axis: 0 }),
+    ]);
     const keyPos = g.op("Unsqueeze", [g.op("Concat", [slotPositions, positions], { axis: 1 }), g.int64([1])]); // [B, 1, slots + T]
     const queryPos = g.op("Unsqueeze", [positions, g.int64([2])]); // [B, T, 1]
     let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [B, T, slots + T]
     if (this.f.slidingWindow !== null) {
-      allowed = g.op("And", [allowed, g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])])]);
+      allowed = g.op("And", [
+        allowed,
+        g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
+      ]);
     }
     const filled = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1])]); // [B, 1, slots + T]
     const mask = g.op("Unsqueeze", [g.op("And", [allowed, filled]), g.int64([1])]); // [B, 1, T, slots + T]
@@ -256,12 +305,19 @@ class Builder {
       inv = g.float32(rope.inv);
       scale = rope.scale;
     } else if (rope.kind === "longrope") {
-      inv = g.op("Where", [g.op("Greater", [seqLen(), g.scalar(rope.original)]), g.float32(rope.long), g.float32(rope.short)]);
+      inv = g.op("Where", [
+        g.op("Greater", [seqLen(), g.scalar(rope.original)]),
+        g.float32(rope.long),
+        g.float32(rope.short),
+      ]);
       scale = rope.scale;
     } else {
       // base * ((factor * seq / maxPos) - (factor - 1)) ^ (dim / (dim - 2)), seq = max(seq_len, maxPos)
       const seq = g.op("Max", [seqLen(), g.scalar(rope.maxPositions)]);
-      const growth = g.op("Sub", [g.op("Mul", [seq, g.scalar(rope.factor / rope.maxPositions)]), g.scalar(rope.factor - 1)]);
+      const growth = g.op("Sub", [
+        g.op("Mul", [seq, g.scalar(rope.factor / rope.maxPositions)]),
+        g.scalar(rope.factor - 1),
+      ]);
       const dim = this.f.rope!.dim;
       const base = g.op("Mul", [g.scalar(rope.base), g.op("Pow", [growth, g.scalar(dim / (dim - 2))])]);
       inv = g.op("Reciprocal", [g.op("Pow", [base, g.float32(rope.exponents)])]);
@@ -283,7 +339,12 @@ class Builder {
     const h = this.norm(x, inputNorm);
     this.probe(`attn_input.${l}`, h);
     const attention = g.scope("attn", () => this.attention(l, h, pastKey, pastValue));
-    const ffnNorm = (input: string) => (this.f.secondNorm ? this.norm(input, moduleName({ layer: l, slot: "post_attention_layernorm", expert: null })) : input === x ? h : this.norm(input, inputNorm));
+    const ffnNorm = (input: string) =>
+      this.f.secondNorm
+        ? this.norm(input, moduleName({ layer: l, slot: "post_attention_layernorm", expert: null }))
+        : input === x
+          ? h
+          : this.norm(input, inputNorm);
     if (this.model.moe.block === "parallel") {
       const m = ffnNorm(x);
       this.probe(`ffn_input.${l}`, m);
@@ -296,7 +357,12 @@ class Builder {
   }
 
   private probe(name: string, value: string): void {
-    if (this.options.probes) this.g.output(this.unflatten(value, this.f.hiddenSize), name, DataType.FLOAT, ["batch_size", "sequence_length", this.f.hiddenSize]);
+    if (this.options.probes)
+      this.g.output(this.unflatten(value, this.f.hiddenSize), name, DataType.FLOAT, [
+        "batch_size",
+        "sequence_length",
+        this.f.hiddenSize,
+      ]);
   }
 
   /** The model's norm over the last axis of x, with `${prefix}.weight` (and .bias). */
@@ -326,7 +392,9 @@ class Builder {
   /** A norm weight, as (1 + w) for gemma's unit offset. */
   private normWeight(name: string): string {
     if (!this.f.normUnitOffset) return this.weight(name);
-    return this.derived(`${name}+1`, this.src.shape(name), async () => (await this.src.f32(name)).map((w) => Math.fround(1 + w)));
+    return this.derived(`${name}+1`, this.src.shape(name), async () =>
+      (await this.src.f32(name)).map((w) => Math.fround(1 + w)),
+    );
   }
 
   // ------------------------------------------------------------------ attention
@@ -349,19 +417,38 @@ class Builder {
     const H = f.hiddenSize;
     const qkvOut = (queryHeads + 2 * kvHeads) * D;
     const fused = async (part: "weight" | "bias") => {
-      const rows = async (heads: HeadLayout["kv"], owner: (e: number) => string, count: number, proj: string, rotary: boolean) => {
+      const rows = async (
+        heads: HeadLayout["kv"],
+        owner: (e: number) => string,
+        count: number,
+        proj: string,
+        rotary: boolean,
+      ) => {
         const mats = await load(owner, count, `${proj}.${part}`);
-        return heads.flatMap(({ expert, head }) => Array.from({ length: D }, (_, d) => ({ from: mats[expert]!, row: head * D + (rotary ? this.dimOrder[d]! : d) })));
+        return heads.flatMap(({ expert, head }) =>
+          Array.from({ length: D }, (_, d) => ({
+            from: mats[expert]!,
+            row: head * D + (rotary ? this.dimOrder[d]! : d),
+          })),
+        );
       };
-      return gatherRows([
-        ...(await rows(this.heads.query, qOwner, qExperts, "q_proj", true)),
-        ...(await rows(this.heads.kv, kvOwner, kvExperts, "k_proj", true)),
-        ...(await rows(this.heads.kv, kvOwner, kvExperts, "v_proj", false)),
-      ], part === "weight" ? H : 1);
+      return gatherRows(
+        [
+          ...(await rows(this.heads.query, qOwner, qExperts, "q_proj", true)),
+          ...(await rows(this.heads.kv, kvOwner, kvExperts, "k_proj", true)),
+          ...(await rows(this.heads.kv, kvOwner, kvExperts, "v_proj", false)),
+        ],
+        part === "weight" ? H : 1,
+      );
     };
     const qkv = this.derived(`${at}.qkv.weight`, [qkvOut, H], () => fused("weight"));
     const qkvBias = f.qkvBias ? this.derived(`${at}.qkv.bias`, [qkvOut], () => fused("bias")) : "";
-    const [q, k, v] = g.opN("Split", [g.op("Gemm", [h, qkv, qkvBias], { transB: 1 }), g.int64([queryHeads * D, kvHeads * D, kvHeads * D])], 3, { axis: 1 });
+    const [q, k, v] = g.opN(
+      "Split",
+      [g.op("Gemm", [h, qkv, qkvBias], { transB: 1 }), g.int64([queryHeads * D, kvHeads * D, kvHeads * D])],
+      3,
+      { axis: 1 },
+    );
     let q4 = g.op("Reshape", [q!, this.queryShape]); // [B, T, heads, D]
     let k4 = g.op("Reshape", [k!, this.kvShape]);
     if (f.qkNorm !== "none") {
@@ -380,16 +467,34 @@ class Builder {
     // every expert's o_proj side by side, columns in graph head order: one Gemm
     const o = this.derived(`${at}.o.weight`, [H, queryHeads * D], async () => {
       const mats = await load(qOwner, qExperts, "o_proj.weight");
-      return gatherColumns(this.heads.query.map(({ expert, head }) => ({ from: mats[expert]!, width: f.numHeads * D, start: head * D, count: D })), H);
+      return gatherColumns(
+        this.heads.query.map(({ expert, head }) => ({
+          from: mats[expert]!,
+          width: f.numHeads * D,
+          start: head * D,
+          count: D,
+        })),
+        H,
+      );
     });
     let outBias = "";
     if (qExperts > 1) {
       // soft routing: every expert's output weighted by softmax(W_ar h), per query head
-      const gates = g.op("Softmax", [g.op("Gemm", [h, this.weight(tensorName({ layer: l, slot: "attn.router", expert: null, part: "weight" }))], { transB: 1 })], { axis: -1 }); // [N, E]
+      const gates = g.op(
+        "Softmax",
+        [
+          g.op("Gemm", [h, this.weight(tensorName({ layer: l, slot: "attn.router", expert: null, part: "weight" }))], {
+            transB: 1,
+          }),
+        ],
+        { axis: -1 },
+      ); // [N, E]
       const headGates = g.op("Gather", [gates, g.int64(this.heads.query.map((q) => q.expert))], { axis: 1 }); // [N, heads]
       y = g.op("Mul", [y, g.op("Unsqueeze", [headGates, g.int64([2])])]);
       if (f.attnOutBias) {
-        const stacked = this.derived(`${at}.o.bias_per_expert`, [qExperts, H], async () => concat(await load(qOwner, qExperts, "o_proj.bias")));
+        const stacked = this.derived(`${at}.o.bias_per_expert`, [qExperts, H], async () =>
+          concat(await load(qOwner, qExperts, "o_proj.bias")),
+        );
         outBias = g.op("MatMul", [gates, stacked]);
       }
     } else if (f.attnOutBias) {
@@ -405,16 +510,35 @@ class Builder {
    * c x group .. (c + 1) x group - 1, as laid out; it writes the cache with
    * this call's keys appended. Returns [N, heads, D].
    */
-  private fusedAttention(l: number, q: string, k: string, v: string, pastKey: string, pastValue: string, scale: number): string {
+  private fusedAttention(
+    l: number,
+    q: string,
+    k: string,
+    v: string,
+    pastKey: string,
+    pastValue: string,
+    scale: number,
+  ): string {
     const g = this.g;
     const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
-    const [context, key, value] = g.contribOpN("GroupQueryAttention", [
-      g.op("Reshape", [q, g.int64([0, 0, queryHeads * D])]), // [B, T, heads x D]
-      g.op("Reshape", [k, g.int64([0, 0, kvHeads * D])]),
-      this.unflatten(v, kvHeads * D),
-      pastKey, pastValue, this.pastLengths, this.totalLength,
-      "", "", "", this.bias, // no cos/sin cache (rotary is applied before), no position ids
-    ], 3, { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale) });
+    const [context, key, value] = g.contribOpN(
+      "GroupQueryAttention",
+      [
+        g.op("Reshape", [q, g.int64([0, 0, queryHeads * D])]), // [B, T, heads x D]
+        g.op("Reshape", [k, g.int64([0, 0, kvHeads * D])]),
+        this.unflatten(v, kvHeads * D),
+        pastKey,
+        pastValue,
+        this.pastLengths,
+        this.totalLength,
+        "",
+        "",
+        "",
+        this.bias, // no cos/sin cache (rotary is applied before), no position ids
+      ],
+      3,
+      { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale) },
+    );
     g.output(key!, `present.${l}.key`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
     g.output(value!, `present.${l}.value`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
     return g.op("Reshape", [context!, g.int64([-1, queryHeads, D])]);
@@ -428,7 +552,15 @@ class Builder {
    * queries of one cache head are contiguous, [B, kvHeads, group x T, D].
    * Outputs this call's k and v; returns [N, heads, D].
    */
-  private slotAttention(l: number, q: string, k: string, v: string, cacheKey: string, cacheValue: string, scale: number): string {
+  private slotAttention(
+    l: number,
+    q: string,
+    k: string,
+    v: string,
+    cacheKey: string,
+    cacheValue: string,
+    scale: number,
+  ): string {
     const g = this.g;
     const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
     const transpose = (value: string) => g.op("Transpose", [value], { perm: [0, 2, 1, 3] });
@@ -438,14 +570,25 @@ class Builder {
     const names = slotNames(l);
     g.output(newKey, names.newKey, DataType.FLOAT, ["batch_size", kvHeads, "sequence_length", D]);
     g.output(newValue, names.newValue, DataType.FLOAT, ["batch_size", kvHeads, "sequence_length", D]);
-    const scores = g.op("Concat", [
-      g.op("MatMul", [grouped, cacheKey]),
-      g.op("MatMul", [grouped, g.op("Transpose", [newKey], { perm: [0, 1, 3, 2] })]),
-    ], { axis: -1 });
-    const probs = g.op("Softmax", [g.op("Where", [this.slotsMask, g.op("Mul", [scores, g.scalar(scale)]), g.scalar(MASKED)])], { axis: -1 });
+    const scores = g.op(
+      "Concat",
+      [
+        g.op("MatMul", [grouped, cacheKey]),
+        g.op("MatMul", [grouped, g.op("Transpose", [newKey], { perm: [0, 1, 3, 2] })]),
+      ],
+      { axis: -1 },
+    );
+    const probs = g.op(
+      "Softmax",
+      [g.op("Where", [this.slotsMask, g.op("Mul", [scores, g.scalar(scale)]), g.scalar(MASKED)])],
+      { axis: -1 },
+    );
     const [toSlots, toTokens] = g.opN("Split", [probs, this.slotsSplit], 2, { axis: -1 });
     const context = g.op("Add", [g.op("MatMul", [toSlots!, cacheValue]), g.op("MatMul", [toTokens!, newValue])]);
-    return g.op("Reshape", [transpose(g.op("Reshape", [context, g.int64([0, queryHeads, -1, D])])), g.int64([-1, queryHeads, D])]);
+    return g.op("Reshape", [
+      transpose(g.op("Reshape", [context, g.int64([0, queryHeads, -1, D])])),
+      g.int64([-1, queryHeads, D]),
+    ]);
   }
 
   /**
@@ -462,7 +605,8 @@ class Builder {
         for (const [j, { expert, head }] of heads.entries()) {
           if (!cache.has(expert)) cache.set(expert, await this.src.f32(`${normOf(expert)}.${part}`));
           const w = cache.get(expert)!;
-          for (let d = 0; d < D; d++) out[j * D + d] = Math.fround(offset + w[(perHead ? head * D : 0) + this.dimOrder[d]!]!);
+          for (let d = 0; d < D; d++)
+            out[j * D + d] = Math.fround(offset + w[(perHead ? head * D : 0) + this.dimOrder[d]!]!);
         }
         return out;
       });
@@ -483,7 +627,9 @@ class Builder {
     const D = this.f.headDim;
     const half = this.f.rope!.dim / 2;
     const pass = D - 2 * half;
-    const parts = g.opN("Split", [x, g.int64(pass > 0 ? [half, half, pass] : [half, half])], pass > 0 ? 3 : 2, { axis: -1 });
+    const parts = g.opN("Split", [x, g.int64(pass > 0 ? [half, half, pass] : [half, half])], pass > 0 ? 3 : 2, {
+      axis: -1,
+    });
     const [x1, x2] = [parts[0]!, parts[1]!];
     const first = g.op("Sub", [g.op("Mul", [x1, this.cos]), g.op("Mul", [x2, this.sin])]);
     const second = g.op("Add", [g.op("Mul", [x2, this.cos]), g.op("Mul", [x1, this.sin])]);
@@ -497,10 +643,20 @@ class Builder {
     const E = this.model.moe.numExperts;
     if (E === 1) return this.expert(expertModule(l, "mlp", 0), x);
     const k = this.model.moe.expertsPerToken;
-    const probs = g.op("Softmax", [g.op("Gemm", [x, this.weight(tensorName({ layer: l, slot: "mlp.router", expert: null, part: "weight" }))], { transB: 1 })], { axis: -1 }); // [N, E]
+    const probs = g.op(
+      "Softmax",
+      [
+        g.op("Gemm", [x, this.weight(tensorName({ layer: l, slot: "mlp.router", expert: null, part: "weight" }))], {
+          transB: 1,
+        }),
+      ],
+      { axis: -1 },
+    ); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
     // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
-    const weights = this.model.moe.normTopkProb ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })]) : top!;
+    const weights = this.model.moe.normTopkProb
+      ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })])
+      : top!;
     let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
     for (let e = 0; e < E; e++) {
       y = g.scope(`expert${e}`, () => {
@@ -510,7 +666,10 @@ class Builder {
         const rows = g.op("NonZero", [picked]); // [1, M]: this expert's tokens
         const tokens = g.op("Reshape", [rows, g.int64([-1])]);
         const out = this.expert(expertModule(l, "mlp", e), g.op("Gather", [x, tokens], { axis: 0 }));
-        const weighted = g.op("Mul", [out, g.op("Unsqueeze", [g.op("Gather", [weight, tokens], { axis: 0 }), g.int64([1])])]);
+        const weighted = g.op("Mul", [
+          out,
+          g.op("Unsqueeze", [g.op("Gather", [weight, tokens], { axis: 0 }), g.int64([1])]),
+        ]);
         return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), weighted], { reduction: "add" });
       });
     }
@@ -526,14 +685,24 @@ class Builder {
     let hidden: string;
     if (f.gatedMlp) {
       const rows = 2 * I;
-      const w = this.derived(`${prefix}.gate_up.weight`, [rows, f.hiddenSize], async () => concat([await this.src.f32(`${prefix}.gate_proj.weight`), await this.src.f32(`${prefix}.up_proj.weight`)]));
-      const b = !f.mlpBias ? "" : this.derived(`${prefix}.gate_up.bias`, [rows], async () => concat([await this.src.f32(`${prefix}.gate_proj.bias`), await this.src.f32(`${prefix}.up_proj.bias`)]));
+      const w = this.derived(`${prefix}.gate_up.weight`, [rows, f.hiddenSize], async () =>
+        concat([await this.src.f32(`${prefix}.gate_proj.weight`), await this.src.f32(`${prefix}.up_proj.weight`)]),
+      );
+      const b = !f.mlpBias
+        ? ""
+        : this.derived(`${prefix}.gate_up.bias`, [rows], async () =>
+            concat([await this.src.f32(`${prefix}.gate_proj.bias`), await this.src.f32(`${prefix}.up_proj.bias`)]),
+          );
       const [gate, up] = g.opN("Split", [g.op("Gemm", [x, w, b], { transB: 1 }), g.int64([I, I])], 2, { axis: 1 });
       hidden = g.op("Mul", [this.activation(gate!), up!]);
     } else {
-      hidden = this.activation(g.op("Gemm", [x, this.weight(`${prefix}.up_proj.weight`), bias(`${prefix}.up_proj.bias`)], { transB: 1 }));
+      hidden = this.activation(
+        g.op("Gemm", [x, this.weight(`${prefix}.up_proj.weight`), bias(`${prefix}.up_proj.bias`)], { transB: 1 }),
+      );
     }
-    return g.op("Gemm", [hidden, this.weight(`${prefix}.down_proj.weight`), bias(`${prefix}.down_proj.bias`)], { transB: 1 });
+    return g.op("Gemm", [hidden, this.weight(`${prefix}.down_proj.weight`), bias(`${prefix}.down_proj.bias`)], {
+      transB: 1,
+    });
   }
 
   private activation(x: string): string {
@@ -544,10 +713,17 @@ class Builder {
       case "relu":
         return g.op("Relu", [x]);
       case "gelu": // exact: x/2 (1 + erf(x / sqrt 2))
-        return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [g.op("Erf", [g.op("Mul", [x, g.scalar(Math.SQRT1_2)])]), g.scalar(1)])]);
-      case "gelu_tanh": { // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        return g.op("Mul", [
+          g.op("Mul", [x, g.scalar(0.5)]),
+          g.op("Add", [g.op("Erf", [g.op("Mul", [x, g.scalar(Math.SQRT1_2)])]), g.scalar(1)]),
+        ]);
+      case "gelu_tanh": {
+        // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
         const cube = g.op("Mul", [g.op("Mul", [x, x]), x]);
-        const inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.scalar(0.044715)])]), g.scalar(Math.sqrt(2 / Math.PI))]);
+        const inner = g.op("Mul", [
+          g.op("Add", [x, g.op("Mul", [cube, g.scalar(0.044715)])]),
+          g.scalar(Math.sqrt(2 / Math.PI)),
+        ]);
         return g.op("Mul", [g.op("Mul", [x, g.scalar(0.5)]), g.op("Add", [g.op("Tanh", [inner]), g.scalar(1)])]);
       }
     }
@@ -573,7 +749,10 @@ function headLayout(model: OpenedModel): HeadLayout {
   const range = (n: number) => Array.from({ length: n }, (_, i) => i);
   switch (model.moe.attentionExperts) {
     case "merged":
-      return { query: range(numHeads).map((head) => ({ expert: 0, head })), kv: range(numKvHeads).map((head) => ({ expert: 0, head })) };
+      return {
+        query: range(numHeads).map((head) => ({ expert: 0, head })),
+        kv: range(numKvHeads).map((head) => ({ expert: 0, head })),
+      };
     case "moa":
       return {
         query: range(E).flatMap((expert) => range(numHeads).map((head) => ({ expert, head }))),
@@ -581,7 +760,9 @@ function headLayout(model: OpenedModel): HeadLayout {
       };
     case "shared-kv":
       return {
-        query: range(numKvHeads).flatMap((kv) => range(E).flatMap((expert) => range(group).map((i) => ({ expert, head: kv * group + i })))),
+        query: range(numKvHeads).flatMap((kv) =>
+          range(E).flatMap((expert) => range(group).map((i) => ({ expert, head: kv * group + i }))),
+        ),
         kv: range(numKvHeads).map((head) => ({ expert: 0, head })),
       };
   }

@@ -44,16 +44,27 @@ export class Decoder {
     const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
     let session: Ort.InferenceSession;
     try {
-      session = await ort.InferenceSession.create(file, { graphOptimizationLevel: "all", logSeverityLevel: 4, ...(options.threads ? { intraOpNumThreads: options.threads } : {}) });
+      session = await ort.InferenceSession.create(file, {
+        graphOptimizationLevel: "all",
+        logSeverityLevel: 4,
+        ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
+      });
     } catch (error) {
-      throw new BamError("IO_ERROR", `${file}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]}); export the model again`, { cause: error });
+      throw new BamError(
+        "IO_ERROR",
+        `${file}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]}); export the model again`,
+        { cause: error },
+      );
     }
     const keys = session.inputMetadata.filter((meta) => /^cache\.\d+\.key$/.test(meta.name));
     const shape = keys[0]?.isTensor ? keys[0].shape : [];
     const [, heads, headDim] = shape;
     if (typeof heads !== "number" || typeof headDim !== "number") {
       await session.release();
-      throw new BamError("IO_ERROR", `${file}: not a generation graph (no cache.0.key input with fixed heads and head_dim); export the model again`);
+      throw new BamError(
+        "IO_ERROR",
+        `${file}: not a generation graph (no cache.0.key input with fixed heads and head_dim); export the model again`,
+      );
     }
     return new Decoder(ort, session, keys.length, heads, headDim, file);
   }
@@ -74,7 +85,11 @@ export class Decoder {
     const feeds: Record<string, Ort.Tensor> = {
       input_ids: new ort.Tensor("int64", BigInt64Array.from(ids, BigInt), [1, T]),
       attention_mask: new ort.Tensor("int64", mask, [1, slots + T]),
-      position_ids: new ort.Tensor("int64", BigInt64Array.from({ length: T }, (_, i) => BigInt(filled + i)), [1, T]),
+      position_ids: new ort.Tensor(
+        "int64",
+        BigInt64Array.from({ length: T }, (_, i) => BigInt(filled + i)),
+        [1, T],
+      ),
     };
     const fetches = ["logits"];
     for (const [l, cache] of this.caches.entries()) {
@@ -87,7 +102,13 @@ export class Decoder {
     try {
       out = await this.session.run(feeds, fetches);
     } catch (error) {
-      throw new BamError("IO_ERROR", `${this.file}: onnxruntime failed at position ${filled} (${String((error as Error).message ?? error).split("\n")[0]!.slice(0, 300)})`, { cause: error });
+      throw new BamError(
+        "IO_ERROR",
+        `${this.file}: onnxruntime failed at position ${filled} (${String((error as Error).message ?? error)
+          .split("\n")[0]!
+          .slice(0, 300)})`,
+        { cause: error },
+      );
     }
     for (const [l, cache] of this.caches.entries()) {
       const names = slotNames(l);
@@ -114,11 +135,19 @@ export class Decoder {
     const { heads, headDim } = this;
     const old = this.slots;
     this.caches = Array.from({ length: this.layers }, (_, l) => {
-      const cache = { key: new Float32Array(heads * headDim * slots), value: new Float32Array(heads * slots * headDim) };
+      const cache = {
+        key: new Float32Array(heads * headDim * slots),
+        value: new Float32Array(heads * slots * headDim),
+      };
       const previous = this.caches[l];
       if (previous !== undefined) {
-        for (let row = 0; row < heads * headDim; row++) cache.key.set(previous.key.subarray(row * old, row * old + this.filled), row * slots);
-        for (let h = 0; h < heads; h++) cache.value.set(previous.value.subarray(h * old * headDim, (h * old + this.filled) * headDim), h * slots * headDim);
+        for (let row = 0; row < heads * headDim; row++)
+          cache.key.set(previous.key.subarray(row * old, row * old + this.filled), row * slots);
+        for (let h = 0; h < heads; h++)
+          cache.value.set(
+            previous.value.subarray(h * old * headDim, (h * old + this.filled) * headDim),
+            h * slots * headDim,
+          );
       }
       return cache;
     });

@@ -7,7 +7,7 @@ import { readFile } from "node:fs/promises";
 import { BamError, ioError } from "../errors.js";
 import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
 import { openModel } from "../arch/model.js";
-import { checkOutputFile } from "../export/atomic.js";
+import { checkOutputFile, writeFileAtomically } from "../export/atomic.js";
 import { prepareOnnx, type PrepareOptions } from "./export.js";
 import { OnnxSession } from "./session.js";
 import { BIN_DTYPES, type BinDType } from "./token-files.js";
@@ -30,10 +30,12 @@ export interface PerplexityReport {
   /** Window length in tokens. */
   context: number;
   /** One result per input file, in order. */
-  files: Array<Perplexity & {
-    /** The input file, as given. */
-    file: string;
-  }>;
+  files: Array<
+    Perplexity & {
+      /** The input file, as given. */
+      file: string;
+    }
+  >;
   /** All files together. */
   overall: Perplexity;
   /** Seconds in the model (tokenising and building the ONNX file excluded), and tokens per second there. */
@@ -53,22 +55,27 @@ export interface EvalOptions extends Omit<PrepareOptions, "output" | "onProgress
   onBuild?: (written: number, total: number) => void;
 }
 
-
 /** Perplexity of text files, tokenised with the model's tokenizer.json. */
-export async function evaluatePerplexity(modelDir: string, files: string[], options: EvalOptions = {}): Promise<PerplexityReport> {
+export async function evaluatePerplexity(
+  modelDir: string,
+  files: string[],
+  options: EvalOptions = {},
+): Promise<PerplexityReport> {
   if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one text file (--text FILE)");
   await checkContext(modelDir, options);
   const tokenizer = await loadTokenizer(modelDir);
-  const inputs = await Promise.all(files.map(async (file) => {
-    let text: string;
-    try {
-      text = await readFile(file, "utf8");
-    } catch (error) {
-      throw ioError(file, error);
-    }
-    const ids = tokenizer.encode(text);
-    return { file, ids: options.maxTokens === undefined ? ids : ids.slice(0, options.maxTokens) };
-  }));
+  const inputs = await Promise.all(
+    files.map(async (file) => {
+      let text: string;
+      try {
+        text = await readFile(file, "utf8");
+      } catch (error) {
+        throw ioError(file, error);
+      }
+      const ids = tokenizer.encode(text);
+      return { file, ids: options.maxTokens === undefined ? ids : ids.slice(0, options.maxTokens) };
+    }),
+  );
   return scoreWindows(modelDir, inputs, options);
 }
 
@@ -77,41 +84,65 @@ export async function evaluatePerplexity(modelDir: string, files: string[], opti
  * (default: uint16 when the vocabulary fits), the layout scripts/data writes
  * and scripts/finetune.py reads, so both engines score the same windows.
  */
-export async function evaluateTokenFiles(modelDir: string, files: string[], options: EvalOptions & {
-  /** Element type of the files (default: uint16 when the vocabulary fits, else uint32, as scripts/data writes them). */
-  binDType?: BinDType;
-} = {}): Promise<PerplexityReport> {
+export async function evaluateTokenFiles(
+  modelDir: string,
+  files: string[],
+  options: EvalOptions & {
+    /** Element type of the files (default: uint16 when the vocabulary fits, else uint32, as scripts/data writes them). */
+    binDType?: BinDType;
+  } = {},
+): Promise<PerplexityReport> {
   if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one token file (--tokens FILE)");
   if (options.binDType !== undefined && !BIN_DTYPES.includes(options.binDType)) {
-    throw new BamError("OPTIONS_INVALID", `--bin-dtype must be one of ${BIN_DTYPES.join(", ")}, not ${JSON.stringify(options.binDType)}`);
+    throw new BamError(
+      "OPTIONS_INVALID",
+      `--bin-dtype must be one of ${BIN_DTYPES.join(", ")}, not ${JSON.stringify(options.binDType)}`,
+    );
   }
   const vocab = await checkContext(modelDir, options);
   const binDType = options.binDType ?? (vocab <= 65536 ? "uint16" : "uint32");
   const width = binDType === "uint16" ? 2 : 4;
-  const inputs = await Promise.all(files.map(async (file) => {
-    let bytes: Buffer;
-    try {
-      bytes = await readFile(file);
-    } catch (error) {
-      throw ioError(file, error);
-    }
-    if (bytes.length % width !== 0) throw new BamError("DATA_INCOMPLETE", `${file}: ${bytes.length} bytes is not a whole number of ${binDType} token ids`);
-    const count = Math.min(bytes.length / width, options.maxTokens ?? Infinity);
-    const ids = new Array<number>(count);
-    for (let i = 0; i < count; i++) ids[i] = width === 2 ? bytes.readUInt16LE(2 * i) : bytes.readUInt32LE(4 * i);
-    const bad = ids.findIndex((id) => id >= vocab);
-    if (bad >= 0) throw new BamError("TENSOR_INVALID", `${file}: token ${bad} is ${ids[bad]}, outside the vocabulary [0, ${vocab}) (is --bin-dtype ${binDType} right?)`);
-    return { file, ids };
-  }));
+  const inputs = await Promise.all(
+    files.map(async (file) => {
+      let bytes: Buffer;
+      try {
+        bytes = await readFile(file);
+      } catch (error) {
+        throw ioError(file, error);
+      }
+      if (bytes.length % width !== 0)
+        throw new BamError(
+          "DATA_INCOMPLETE",
+          `${file}: ${bytes.length} bytes is not a whole number of ${binDType} token ids`,
+        );
+      const count = Math.min(bytes.length / width, options.maxTokens ?? Infinity);
+      const ids = new Array<number>(count);
+      for (let i = 0; i < count; i++) ids[i] = width === 2 ? bytes.readUInt16LE(2 * i) : bytes.readUInt32LE(4 * i);
+      const bad = ids.findIndex((id) => id >= vocab);
+      if (bad >= 0)
+        throw new BamError(
+          "TENSOR_INVALID",
+          `${file}: token ${bad} is ${ids[bad]}, outside the vocabulary [0, ${vocab}) (is --bin-dtype ${binDType} right?)`,
+        );
+      return { file, ids };
+    }),
+  );
   return scoreWindows(modelDir, inputs, options);
 }
 
 /** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
-async function scoreWindows(modelDir: string, tokens: Array<{ file: string; ids: number[] }>, options: EvalOptions): Promise<PerplexityReport> {
+async function scoreWindows(
+  modelDir: string,
+  tokens: Array<{ file: string; ids: number[] }>,
+  options: EvalOptions,
+): Promise<PerplexityReport> {
   // A perplexity of nothing is NaN; refused before the model is built.
   const short = tokens.find(({ ids }) => ids.length < 2);
   if (short !== undefined) {
-    throw new BamError("DATA_INCOMPLETE", `${short.file}: ${short.ids.length} token(s); perplexity needs at least 2 (one to predict from the other): give a longer file`);
+    throw new BamError(
+      "DATA_INCOMPLETE",
+      `${short.file}: ${short.ids.length} token(s); perplexity needs at least 2 (one to predict from the other): give a longer file`,
+    );
   }
   const context = options.context ?? 512;
   const total = tokens.reduce((sum, { ids }) => sum + ids.length, 0);
@@ -144,7 +175,14 @@ async function scoreWindows(modelDir: string, tokens: Array<{ file: string; ids:
       predicted: perFile.reduce((s, f) => s + f.predicted, 0),
       nll: perFile.reduce((s, f) => s + f.nll, 0),
     });
-    return { model: modelDir, context, files: perFile, overall, seconds, tokensPerSecond: overall.tokens / Math.max(seconds, 1e-9) };
+    return {
+      model: modelDir,
+      context,
+      files: perFile,
+      overall,
+      seconds,
+      tokensPerSecond: overall.tokens / Math.max(seconds, 1e-9),
+    };
   } finally {
     await session.close();
   }
@@ -156,13 +194,18 @@ async function scoreWindows(modelDir: string, tokens: Array<{ file: string; ids:
  */
 async function checkContext(modelDir: string, options: EvalOptions): Promise<number> {
   const context = options.context ?? 512;
-  if (!Number.isInteger(context) || context < 2) throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
+  if (!Number.isInteger(context) || context < 2)
+    throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
   const { maxTokens } = options;
-  if (maxTokens !== undefined && (!Number.isInteger(maxTokens) || maxTokens < 2)) throw new BamError("OPTIONS_INVALID", `--max-tokens must be an integer of at least 2, not ${maxTokens}`);
+  if (maxTokens !== undefined && (!Number.isInteger(maxTokens) || maxTokens < 2))
+    throw new BamError("OPTIONS_INVALID", `--max-tokens must be an integer of at least 2, not ${maxTokens}`);
   const model = await openModel(modelDir);
   await model.close();
   if (model.features.learnedPositions && context > model.features.maxPositions) {
-    throw new BamError("OPTIONS_INVALID", `--context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`);
+    throw new BamError(
+      "OPTIONS_INVALID",
+      `--context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`,
+    );
   }
   return model.features.vocabSize;
 }
@@ -195,7 +238,12 @@ export interface SaveLogitsOptions extends Omit<EvalOptions, "context" | "onProg
  * Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`,
  * which may not be an existing file (unless `overwrite`) nor one of the model's or the ids file: checked first.
  */
-export async function saveLogits(modelDir: string, idsFile: string, outFile: string, options: SaveLogitsOptions = {}): Promise<{
+export async function saveLogits(
+  modelDir: string,
+  idsFile: string,
+  outFile: string,
+  options: SaveLogitsOptions = {},
+): Promise<{
   /** Shape of the logits written: [batch, seq, vocab]. */
   shape: number[];
 }> {
@@ -205,8 +253,14 @@ export async function saveLogits(modelDir: string, idsFile: string, outFile: str
   await model.close();
   const vocab = model.features.vocabSize;
   const bad = ids.find((id) => id < 0n || id >= BigInt(vocab));
-  if (bad !== undefined) throw new BamError("TENSOR_INVALID", `${idsFile}: input_ids holds ${bad}, outside the vocabulary [0, ${vocab})`);
-  const prepared = await prepareOnnx(modelDir, { force: options.force, cacheDir: options.cacheDir, signal: options.signal, onProgress: options.onBuild });
+  if (bad !== undefined)
+    throw new BamError("TENSOR_INVALID", `${idsFile}: input_ids holds ${bad}, outside the vocabulary [0, ${vocab})`);
+  const prepared = await prepareOnnx(modelDir, {
+    force: options.force,
+    cacheDir: options.cacheDir,
+    signal: options.signal,
+    onProgress: options.onBuild,
+  });
   const session = await OnnxSession.open(prepared.modelFile);
   let logits: Float32Array;
   try {
@@ -215,7 +269,20 @@ export async function saveLogits(modelDir: string, idsFile: string, outFile: str
     await session.close();
   }
   const shape = [batch, seq, vocab];
-  await writeSafetensors(outFile, [{ name: "logits", dtype: "F32", shape, data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength) }], { metadata: { format: "pt" } });
+  await writeFileAtomically(outFile, options.overwrite ?? false, (path) =>
+    writeSafetensors(
+      path,
+      [
+        {
+          name: "logits",
+          dtype: "F32",
+          shape,
+          data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength),
+        },
+      ],
+      { metadata: { format: "pt" } },
+    ).then(() => undefined),
+  );
   return { shape };
 }
 
@@ -225,7 +292,10 @@ async function readInputIds(file: string): Promise<{ ids: BigInt64Array; batch: 
     const info = reader.tensors.get("input_ids");
     if (info === undefined) throw new BamError("TENSOR_MISSING", `${file}: no tensor "input_ids"`);
     if (info.dtype !== "I64" || info.shape.length !== 2 || info.shape[0] === 0 || info.shape[1] === 0) {
-      throw new BamError("TENSOR_INVALID", `${file}: input_ids must be I64 [batch, seq], found ${info.dtype} [${info.shape.join(", ")}]`);
+      throw new BamError(
+        "TENSOR_INVALID",
+        `${file}: input_ids must be I64 [batch, seq], found ${info.dtype} [${info.shape.join(", ")}]`,
+      );
     }
     const bytes = await reader.read("input_ids");
     const ids = new BigInt64Array(bytes.slice().buffer);

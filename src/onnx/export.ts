@@ -81,18 +81,31 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
     const folder = resolve(options.output ?? (await cacheFolder(modelDir, key, options.cacheDir)));
     const source = resolve(modelDir);
     if (source === folder || source.startsWith(`${folder}${sep}`)) {
-      throw new BamError("OPTIONS_INVALID", `${folder}: the export would replace the model folder ${modelDir}; choose another output folder`);
+      throw new BamError(
+        "OPTIONS_INVALID",
+        `${folder}: the export would replace the model folder ${modelDir}; choose another output folder`,
+      );
     }
     const modelFile = join(folder, ONNX_SUBFOLDER, MODEL_FILE);
     const stamp = await readStamp(folder);
     if (stamp?.key === key && !options.force) return { folder, modelFile, built: false, key };
     // a stale export of ours is replaced without asking; anything else needs --force
-    const target = await openAtomicFolder(folder, { force: options.force === true || stamp !== null, inputs: [], ours: async (dir) => (await readStamp(dir)) !== null });
+    const target = await openAtomicFolder(folder, {
+      force: options.force === true || stamp !== null,
+      inputs: [],
+      ours: async (dir) => (await readStamp(dir)) !== null,
+    });
     try {
       await mkdir(join(target.path, ONNX_SUBFOLDER));
-      await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), { signal: options.signal, onProgress: options.onProgress });
+      await writeOnnx(model, join(target.path, ONNX_SUBFOLDER), {
+        signal: options.signal,
+        onProgress: options.onProgress,
+      });
       await writeFolderFiles(model, side, target.path);
-      await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify({ key, engine: ENGINE_VERSION, source: await realSource(modelDir) }, null, 2)}\n`);
+      await writeFile(
+        join(target.path, STAMP_FILE),
+        `${JSON.stringify({ key, engine: ENGINE_VERSION, source: await realSource(modelDir) }, null, 2)}\n`,
+      );
       await target.commit();
     } catch (error) {
       await target.discard();
@@ -115,7 +128,12 @@ export async function writeOnnx(
   await writeModel(graph, dir, {
     opset: OPSET,
     producerVersion: PRODUCER_VERSION,
-    metadata: { source: model.name, kind: model.kind, attention_experts: model.moe.attentionExperts, block: model.moe.block },
+    metadata: {
+      source: model.name,
+      kind: model.kind,
+      attention_experts: model.moe.attentionExperts,
+      block: model.moe.block,
+    },
     signal: options.signal,
     onProgress: options.onProgress,
     siblings: [{ file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) }],
@@ -161,8 +179,11 @@ function transformersConfig(model: OpenedModel): Record<string, unknown> {
 async function writeFolderFiles(model: OpenedModel, side: readonly string[], dir: string): Promise<void> {
   await writeSideFiles(model.dir, side, dir, model.rawConfig);
   // transformers.js's AutoTokenizer needs a tokenizer_config.json, even an empty one
-  if (side.includes("tokenizer.json") && !side.includes("tokenizer_config.json")) await writeInto(dir, "tokenizer_config.json", (path) => writeFile(path, "{}\n"));
-  await writeInto(dir, "config.json", (path) => writeFile(path, `${JSON.stringify(transformersConfig(model), null, 2)}\n`));
+  if (side.includes("tokenizer.json") && !side.includes("tokenizer_config.json"))
+    await writeInto(dir, "tokenizer_config.json", (path) => writeFile(path, "{}\n"));
+  await writeInto(dir, "config.json", (path) =>
+    writeFile(path, `${JSON.stringify(transformersConfig(model), null, 2)}\n`),
+  );
 }
 
 async function sourceKey(model: OpenedModel, side: readonly string[]): Promise<string> {
@@ -185,7 +206,13 @@ async function sourceKey(model: OpenedModel, side: readonly string[]): Promise<s
 async function headerKey(file: string): Promise<string> {
   const reader = await SafetensorsReader.open(file);
   try {
-    const tensors = [...reader.tensors.values()].map(({ name, dtype, shape, byteOffset, byteLength }) => [name, dtype, shape, byteOffset, byteLength]);
+    const tensors = [...reader.tensors.values()].map(({ name, dtype, shape, byteOffset, byteLength }) => [
+      name,
+      dtype,
+      shape,
+      byteOffset,
+      byteLength,
+    ]);
     return JSON.stringify([reader.headerLength, reader.metadata, tensors]);
   } finally {
     await reader.close();
@@ -195,19 +222,27 @@ async function headerKey(file: string): Promise<string> {
 async function readStamp(folder: string): Promise<{ key: string; source?: string } | null> {
   try {
     const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as { key?: unknown; source?: unknown };
-    return typeof stamp.key === "string" ? { key: stamp.key, ...(typeof stamp.source === "string" ? { source: stamp.source } : {}) } : null;
+    return typeof stamp.key === "string"
+      ? { key: stamp.key, ...(typeof stamp.source === "string" ? { source: stamp.source } : {}) }
+      : null;
   } catch {
     return null; // no export there (or a broken one): build
   }
 }
 
 async function realSource(modelDir: string): Promise<string> {
-  return realpath(modelDir).catch((error: unknown) => { throw ioError(modelDir, error); });
+  return realpath(modelDir).catch((error: unknown) => {
+    throw ioError(modelDir, error);
+  });
 }
 
 /** `<cache>/onnx/<model folder name>-<key>`: the model's content names its export. */
 async function cacheFolder(modelDir: string, key: string, cacheDir: string | undefined): Promise<string> {
-  return join(cacheDir ?? userCacheDir(), EXPORTS_SUBFOLDER, `${basename(await realSource(modelDir))}-${key.slice(0, 16)}`);
+  return join(
+    cacheDir ?? userCacheDir(),
+    EXPORTS_SUBFOLDER,
+    `${basename(await realSource(modelDir))}-${key.slice(0, 16)}`,
+  );
 }
 
 /**
@@ -222,8 +257,7 @@ async function removeEarlierExports(folder: string, source: string, key: string)
     const other = join(parent, entry);
     if (other === folder || !entry.startsWith(prefix) || !/^[0-9a-f]{16}$/.test(entry.slice(prefix.length))) continue;
     const stamp = await readStamp(other);
-    if (stamp !== null && stamp.source === source && stamp.key !== key) await rm(other, { recursive: true, force: true });
+    if (stamp !== null && stamp.source === source && stamp.key !== key)
+      await rm(other, { recursive: true, force: true });
   }
 }
-
-

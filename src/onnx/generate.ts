@@ -18,7 +18,11 @@ export interface GenerateOptions extends Partial<GenerationSettings> {
  * Generates a continuation of `prompt` with the model in `modelDir`, streaming text
  * through `onText`; settings default to DEFAULT_GENERATION (greedy, 64 tokens).
  */
-export async function generateText(modelDir: string, prompt: string, options: GenerateOptions = {}): Promise<Generation> {
+export async function generateText(
+  modelDir: string,
+  prompt: string,
+  options: GenerateOptions = {},
+): Promise<Generation> {
   const { onExportProgress, ...given } = options ?? {};
   const settings: GenerationSettings = { ...DEFAULT_GENERATION, ...given };
   checkGeneration(prompt, settings); // before an export that can take minutes

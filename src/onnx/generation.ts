@@ -9,7 +9,7 @@ export interface GenerationSettings {
   temperature: number;
   /** Nucleus sampling: keep the smallest set of tokens with this much probability (default 1). */
   topP: number;
-  /** Seeds transformers.js's sampler; null (default) leaves it seeded from the OS. */
+  /** Seeds the sampler (the same seed gives the same tokens); null (default) leaves it seeded from the OS. */
   seed: number | null;
   /** Each piece of text as soon as it decodes. */
   onText?: (text: string) => void;
@@ -29,4 +29,9 @@ export interface Generation {
 }
 
 /** The settings `bam generate` and generateText use where none are given. */
-export const DEFAULT_GENERATION: Readonly<GenerationSettings> = { maxNewTokens: 64, temperature: 0, topP: 1, seed: null };
+export const DEFAULT_GENERATION: Readonly<GenerationSettings> = {
+  maxNewTokens: 64,
+  temperature: 0,
+  topP: 1,
+  seed: null,
+};

@@ -4,7 +4,15 @@
  * the writer pulls one at a time into the external data file (so memory
  * stays bounded by the largest weight, whatever the model's size).
  */
-import { AttributeType, DataType, type AttributeMessage, type Dimension, type NodeMessage, type TensorMessage, type ValueInfoMessage } from "./proto.js";
+import {
+  AttributeType,
+  DataType,
+  type AttributeMessage,
+  type Dimension,
+  type NodeMessage,
+  type TensorMessage,
+  type ValueInfoMessage,
+} from "./proto.js";
 
 /** A dimension: a size, or a symbolic name ("batch_size"). */
 export type Dim = number | string;
@@ -61,7 +69,8 @@ export class Graph {
 
   /** Names `value` as a graph output (an Identity node when the value already has another name). */
   output(value: string, name: string, type: DataType, shape: Dim[]): void {
-    if (value !== name) this.nodes.push({ name: `${name}/identity`, opType: "Identity", input: [value], output: [name], attribute: [] });
+    if (value !== name)
+      this.nodes.push({ name: `${name}/identity`, opType: "Identity", input: [value], output: [name], attribute: [] });
     this.used.add(name);
     this.outputs.push({ name, type, shape });
   }
@@ -86,7 +95,13 @@ export class Graph {
     return this.nodes.some((node) => node.domain === CONTRIB_DOMAIN) ? [CONTRIB_DOMAIN] : [];
   }
 
-  private node(domain: string, opType: string, inputs: string[], count: number, attributes: Record<string, Attribute>): string[] {
+  private node(
+    domain: string,
+    opType: string,
+    inputs: string[],
+    count: number,
+    attributes: Record<string, Attribute>,
+  ): string[] {
     const base = this.unique(`${this.scopeName}${opType}`);
     const output = Array.from({ length: count }, (_, i) => (count === 1 ? base : `${base}:${i}`));
     this.used.add(base);

@@ -4,7 +4,15 @@
  * generation, and the hidden-state probes of prompt-based router init.
  */
 export { prepareOnnx, type PrepareOptions, type PreparedOnnx } from "./export.js";
-export { evaluatePerplexity, evaluateTokenFiles, saveLogits, type EvalOptions, type Perplexity, type PerplexityReport, type SaveLogitsOptions } from "./evaluate.js";
+export {
+  evaluatePerplexity,
+  evaluateTokenFiles,
+  saveLogits,
+  type EvalOptions,
+  type Perplexity,
+  type PerplexityReport,
+  type SaveLogitsOptions,
+} from "./evaluate.js";
 export { BIN_DTYPES, type BinDType } from "./token-files.js";
 export { checkGeneration, generateFromExport, loadTokenizer } from "./transformers.js";
 export { generateText, type GenerateOptions } from "./generate.js";

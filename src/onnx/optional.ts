@@ -12,7 +12,11 @@ export const ENGINE_PACKAGES = ["onnxruntime-node", "@huggingface/transformers"]
 export type EnginePackage = (typeof ENGINE_PACKAGES)[number];
 
 const missing = (name: EnginePackage, cause?: unknown) =>
-  new BamError("ENGINE_MISSING", `${name} is not installed: eval, generate, export-onnx and --router-init hidden need the CPU engine; run npm install ${ENGINE_PACKAGES.join(" ")}`, { cause });
+  new BamError(
+    "ENGINE_MISSING",
+    `${name} is not installed: eval, generate, export-onnx and --router-init hidden need the CPU engine; run npm install ${ENGINE_PACKAGES.join(" ")}`,
+    { cause },
+  );
 
 /** `load` is the package's own `import()` (kept literal so its types follow); a missing package becomes ENGINE_MISSING. */
 export async function importEngine<T>(name: EnginePackage, load: () => Promise<T>): Promise<T> {
@@ -20,7 +24,8 @@ export async function importEngine<T>(name: EnginePackage, load: () => Promise<T
     return await load();
   } catch (error) {
     const code = (error as NodeJS.ErrnoException | undefined)?.code;
-    if (code === "ERR_MODULE_NOT_FOUND" && String((error as Error).message).includes(`'${name}'`)) throw missing(name, error);
+    if (code === "ERR_MODULE_NOT_FOUND" && String((error as Error).message).includes(`'${name}'`))
+      throw missing(name, error);
     throw error;
   }
 }

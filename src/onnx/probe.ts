@@ -20,7 +20,12 @@ export interface LayerInputMeans {
 }
 
 /** Runs every prompt (token ids) through `model`; one LayerInputMeans per prompt list. */
-export async function meanLayerInputs(model: OpenedModel, promptLists: number[][][], signal?: AbortSignal, onPrompt?: (done: number, total: number) => void): Promise<LayerInputMeans[]> {
+export async function meanLayerInputs(
+  model: OpenedModel,
+  promptLists: number[][][],
+  signal?: AbortSignal,
+  onPrompt?: (done: number, total: number) => void,
+): Promise<LayerInputMeans[]> {
   const dir = await mkdtemp(join(tmpdir(), "bam-probe-"));
   try {
     await writeOnnx(model, dir, { probes: true, signal });
@@ -41,7 +46,8 @@ export async function meanLayerInputs(model: OpenedModel, promptLists: number[][
           const outputs = await session.forward(BigInt64Array.from(ids, BigInt), 1, ids.length, names);
           outputs.forEach((states, i) => {
             const sum = sums[i]!;
-            for (let t = 0; t < ids.length; t++) for (let h = 0; h < H; h++) sum[h] = sum[h]! + states[t * H + h]! / ids.length / prompts.length;
+            for (let t = 0; t < ids.length; t++)
+              for (let h = 0; h < H; h++) sum[h] = sum[h]! + states[t * H + h]! / ids.length / prompts.length;
           });
           onPrompt?.(++done, total);
         }

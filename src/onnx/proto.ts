@@ -16,7 +16,10 @@ export type DataType = (typeof DataType)[keyof typeof DataType];
 /** AttributeProto.AttributeType values we use. */
 export const AttributeType = { FLOAT: 1, INT: 2, STRING: 3, TENSOR: 4, INTS: 7 } as const;
 
-export interface StringStringEntry { key: string; value: string }
+export interface StringStringEntry {
+  key: string;
+  value: string;
+}
 
 export interface TensorMessage {
   name: string;
@@ -48,7 +51,10 @@ export interface NodeMessage {
   domain?: string;
 }
 
-export interface Dimension { dimValue?: number; dimParam?: string }
+export interface Dimension {
+  dimValue?: number;
+  dimParam?: string;
+}
 
 export interface ValueInfoMessage {
   name: string;

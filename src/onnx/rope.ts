@@ -25,7 +25,7 @@ function exponents(dim: number): Float32Array {
 
 /** 1 / base^exps in float32. */
 export function inverseFrequencies(base: number, exps: Float32Array): Float32Array {
-  return exps.map((e) => f32(1 / f32(Math.pow(f32(base), e))));
+  return exps.map((e) => f32(1 / f32(f32(base) ** e)));
 }
 
 export function ropeFrequencies(features: ArchFeatures): RopeFrequencies {
@@ -37,7 +37,8 @@ export function ropeFrequencies(features: ArchFeatures): RopeFrequencies {
   const kind = rope.scaling?.type ?? "default";
   const num = (key: string): number => {
     const v = sc[key];
-    if (typeof v !== "number") throw new BamError("CONFIG_INVALID", `rope_scaling ${kind} needs a number "${key}", found ${JSON.stringify(v)}`);
+    if (typeof v !== "number")
+      throw new BamError("CONFIG_INVALID", `rope_scaling ${kind} needs a number "${key}", found ${JSON.stringify(v)}`);
     return v;
   };
   const opt = (key: string): number | undefined => (typeof sc[key] === "number" ? (sc[key] as number) : undefined);
@@ -72,7 +73,8 @@ export function ropeFrequencies(features: ArchFeatures): RopeFrequencies {
       }
       const fast = opt("beta_fast") || 32;
       const slow = opt("beta_slow") || 1;
-      const correction = (rotations: number) => (dim * Math.log(orig / (rotations * 2 * Math.PI))) / (2 * Math.log(rope.theta));
+      const correction = (rotations: number) =>
+        (dim * Math.log(orig / (rotations * 2 * Math.PI))) / (2 * Math.log(rope.theta));
       let [low, high] = [correction(fast), correction(slow)];
       if (sc.truncate !== false) [low, high] = [Math.floor(low), Math.ceil(high)];
       low = Math.max(low, 0);
@@ -91,10 +93,17 @@ export function ropeFrequencies(features: ArchFeatures): RopeFrequencies {
       if (attention === undefined) attention = f <= 1 ? 1 : Math.sqrt(1 + Math.log(f) / Math.log(orig));
       const factors = (key: string) => {
         const list = sc[key];
-        if (!Array.isArray(list) || list.length !== dim / 2) throw new BamError("CONFIG_INVALID", `rope_scaling longrope needs "${key}" with ${dim / 2} numbers`);
+        if (!Array.isArray(list) || list.length !== dim / 2)
+          throw new BamError("CONFIG_INVALID", `rope_scaling longrope needs "${key}" with ${dim / 2} numbers`);
         return inv.map((x, i) => f32(x / f32(Number(list[i]))));
       };
-      return { kind: "longrope", short: factors("short_factor"), long: factors("long_factor"), original: orig, scale: attention };
+      return {
+        kind: "longrope",
+        short: factors("short_factor"),
+        long: factors("long_factor"),
+        original: orig,
+        scale: attention,
+      };
     }
     default:
       throw new BamError("FEATURE_UNSUPPORTED", `rope_scaling type "${kind}" is not supported by the ONNX engine`);

@@ -22,13 +22,18 @@ export class OnnxSession {
     try {
       session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 4 });
     } catch (error) {
-      throw new BamError("IO_ERROR", `${modelFile}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]})`, { cause: error });
+      throw new BamError(
+        "IO_ERROR",
+        `${modelFile}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]})`,
+        { cause: error },
+      );
     }
     const pastShapes = new Map<string, [number, number]>();
     for (const meta of session.inputMetadata) {
       if (!meta.name.startsWith("past_key_values.") || !meta.isTensor) continue;
       const [, heads, , headDim] = meta.shape;
-      if (typeof heads !== "number" || typeof headDim !== "number") throw new BamError("IO_ERROR", `${modelFile}: input ${meta.name} has no fixed heads and head_dim`);
+      if (typeof heads !== "number" || typeof headDim !== "number")
+        throw new BamError("IO_ERROR", `${modelFile}: input ${meta.name} has no fixed heads and head_dim`);
       pastShapes.set(meta.name, [heads, headDim]);
     }
     return new OnnxSession(ort, session, pastShapes);
@@ -39,7 +44,8 @@ export class OnnxSession {
    * the named outputs' data (float32), e.g. "logits" [batch, seq, vocab].
    */
   async forward(ids: BigInt64Array, batch: number, seq: number, outputs: string[]): Promise<Float32Array[]> {
-    if (ids.length !== batch * seq) throw new BamError("TENSOR_SHAPE", `${ids.length} token ids for [${batch}, ${seq}]`);
+    if (ids.length !== batch * seq)
+      throw new BamError("TENSOR_SHAPE", `${ids.length} token ids for [${batch}, ${seq}]`);
     const positions = new BigInt64Array(batch * seq);
     for (let i = 0; i < positions.length; i++) positions[i] = BigInt(i % seq);
     const ort = this.ort;
@@ -48,13 +54,20 @@ export class OnnxSession {
       attention_mask: new ort.Tensor("int64", new BigInt64Array(batch * seq).fill(1n), [batch, seq]),
       position_ids: new ort.Tensor("int64", positions, [batch, seq]),
     };
-    for (const [name, [heads, headDim]] of this.pastShapes) feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, heads, 0, headDim]);
+    for (const [name, [heads, headDim]] of this.pastShapes)
+      feeds[name] = new ort.Tensor("float32", new Float32Array(0), [batch, heads, 0, headDim]);
     let result: Ort.InferenceSession.OnnxValueMapType;
     try {
       result = await this.session.run(feeds, outputs);
     } catch (error) {
       // Its own words are pages of dumps; one line, with the input's shape, is what the caller can act on.
-      throw new BamError("IO_ERROR", `onnxruntime failed on ${batch} x ${seq} tokens (${String((error as Error).message ?? error).split("\n")[0]!.slice(0, 300)})`, { cause: error });
+      throw new BamError(
+        "IO_ERROR",
+        `onnxruntime failed on ${batch} x ${seq} tokens (${String((error as Error).message ?? error)
+          .split("\n")[0]!
+          .slice(0, 300)})`,
+        { cause: error },
+      );
     }
     return outputs.map((name) => result[name]!.data as Float32Array);
   }

@@ -28,14 +28,20 @@ async function transformersJs() {
 export async function loadTokenizer(dir: string): Promise<PreTrainedTokenizer> {
   const file = join(dir, "tokenizer.json");
   if (!existsSync(file)) {
-    throw new BamError("NOT_A_CHECKPOINT", `${dir}: no tokenizer.json; text needs the model's tokenizer (use --ids with token ids instead)`);
+    throw new BamError(
+      "NOT_A_CHECKPOINT",
+      `${dir}: no tokenizer.json; text needs the model's tokenizer (use --ids with token ids instead)`,
+    );
   }
   const { AutoTokenizer, PreTrainedTokenizer } = await transformersJs();
   try {
-    if (existsSync(join(dir, "tokenizer_config.json"))) return await AutoTokenizer.from_pretrained(resolve(dir), { local_files_only: true });
+    if (existsSync(join(dir, "tokenizer_config.json")))
+      return await AutoTokenizer.from_pretrained(resolve(dir), { local_files_only: true });
     return new PreTrainedTokenizer(JSON.parse(await readFile(file, "utf8")), {}); // AutoTokenizer insists on the config
   } catch (error) {
-    throw new BamError("CONFIG_INVALID", `${dir}: transformers.js cannot load the tokenizer (${firstLine(error)})`, { cause: error });
+    throw new BamError("CONFIG_INVALID", `${dir}: transformers.js cannot load the tokenizer (${firstLine(error)})`, {
+      cause: error,
+    });
   }
 }
 
@@ -48,13 +54,18 @@ const invalid = (message: string): never => {
  * before exporting one; messages name the settings as the API spells them.
  */
 export function checkGeneration(prompt: unknown, settings: GenerationSettings): void {
-  if (typeof prompt !== "string" || prompt === "") invalid(`prompt must be a non-empty string, not ${typeof prompt === "string" ? "empty" : typeof prompt}`);
-  if (settings === null || typeof settings !== "object") invalid("generation settings must be an object { maxNewTokens, temperature, topP, seed }");
+  if (typeof prompt !== "string" || prompt === "")
+    invalid(`prompt must be a non-empty string, not ${typeof prompt === "string" ? "empty" : typeof prompt}`);
+  if (settings === null || typeof settings !== "object")
+    invalid("generation settings must be an object { maxNewTokens, temperature, topP, seed }");
   const { maxNewTokens, temperature, topP, seed } = settings;
-  if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 1) invalid(`maxNewTokens must be a positive integer, not ${String(maxNewTokens)}`);
-  if (typeof temperature !== "number" || !Number.isFinite(temperature) || temperature < 0) invalid(`temperature must be 0 or more, not ${String(temperature)}`);
+  if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 1)
+    invalid(`maxNewTokens must be a positive integer, not ${String(maxNewTokens)}`);
+  if (typeof temperature !== "number" || !Number.isFinite(temperature) || temperature < 0)
+    invalid(`temperature must be 0 or more, not ${String(temperature)}`);
   if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) invalid(`topP must be in (0, 1], not ${String(topP)}`);
-  if (seed !== null && !(Number.isSafeInteger(seed) && seed >= 0)) invalid(`seed must be a non-negative integer or null, not ${String(seed)}`);
+  if (seed !== null && !(Number.isSafeInteger(seed) && seed >= 0))
+    invalid(`seed must be a non-negative integer or null, not ${String(seed)}`);
 }
 
 /** Positions of an exported folder's model (its config.json, as prepareOnnx writes it). */
@@ -62,11 +73,17 @@ async function modelPositions(folder: string): Promise<number> {
   const file = join(folder, "config.json");
   let positions: unknown;
   try {
-    positions = (JSON.parse(await readFile(file, "utf8")) as { max_position_embeddings?: unknown }).max_position_embeddings;
+    positions = (JSON.parse(await readFile(file, "utf8")) as { max_position_embeddings?: unknown })
+      .max_position_embeddings;
   } catch (error) {
-    throw new BamError("CONFIG_INVALID", `${file}: cannot read max_position_embeddings (${firstLine(error)}); export the model again`, { cause: error });
+    throw new BamError(
+      "CONFIG_INVALID",
+      `${file}: cannot read max_position_embeddings (${firstLine(error)}); export the model again`,
+      { cause: error },
+    );
   }
-  if (!Number.isSafeInteger(positions) || (positions as number) < 1) throw new BamError("CONFIG_INVALID", `${file}: max_position_embeddings must be a positive integer`);
+  if (!Number.isSafeInteger(positions) || (positions as number) < 1)
+    throw new BamError("CONFIG_INVALID", `${file}: max_position_embeddings must be a positive integer`);
   return positions as number;
 }
 
@@ -76,7 +93,11 @@ async function modelPositions(folder: string): Promise<number> {
  * The prompt and maxNewTokens together must fit the model's positions: checked on the
  * prompt's tokens before the model is loaded, so a long prompt costs nothing.
  */
-export async function generateFromExport(folder: string, prompt: string, settings: GenerationSettings): Promise<Generation> {
+export async function generateFromExport(
+  folder: string,
+  prompt: string,
+  settings: GenerationSettings,
+): Promise<Generation> {
   checkGeneration(prompt, settings);
   const positions = await modelPositions(folder);
   const tokenizer = await loadTokenizer(folder);
@@ -84,9 +105,11 @@ export async function generateFromExport(folder: string, prompt: string, setting
   const promptIds = Array.from(inputs.input_ids.data as BigInt64Array, Number);
   if (promptIds.length === 0) invalid("prompt encodes to no tokens; give some text");
   if (promptIds.length + settings.maxNewTokens > positions) {
-    invalid(promptIds.length >= positions
-      ? `prompt is ${promptIds.length} tokens, past the ${positions} positions of the model; shorten it`
-      : `prompt (${promptIds.length} tokens) and maxNewTokens (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens`);
+    invalid(
+      promptIds.length >= positions
+        ? `prompt is ${promptIds.length} tokens, past the ${positions} positions of the model; shorten it`
+        : `prompt (${promptIds.length} tokens) and maxNewTokens (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens`,
+    );
   }
   const { TextStreamer } = await transformersJs();
   const { signal } = settings;
@@ -95,7 +118,11 @@ export async function generateFromExport(folder: string, prompt: string, setting
   const stop = await stopTokens(folder);
   const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE));
   try {
-    const streamer = new TextStreamer(tokenizer, { skip_prompt: false, skip_special_tokens: true, callback_function: (text: string) => settings.onText?.(text) });
+    const streamer = new TextStreamer(tokenizer, {
+      skip_prompt: false,
+      skip_special_tokens: true,
+      callback_function: (text: string) => settings.onText?.(text),
+    });
     const random = uniformRandom(settings.seed);
     const newIds: number[] = [];
     const started = performance.now();
@@ -103,7 +130,8 @@ export async function generateFromExport(folder: string, prompt: string, setting
       // between tokens: the one place a signal stops generation
       if (signal?.aborted) throw interrupted();
       const logits = await decoder.step(newIds.length === 0 ? promptIds : [newIds.at(-1)!]);
-      const next = settings.temperature > 0 ? sample(logits, settings.temperature, settings.topP, random) : argmax(logits);
+      const next =
+        settings.temperature > 0 ? sample(logits, settings.temperature, settings.topP, random) : argmax(logits);
       newIds.push(next);
       streamer.put([[BigInt(next)]]);
       if (stop.has(next)) break;
@@ -125,11 +153,16 @@ async function stopTokens(folder: string): Promise<Set<number>> {
     try {
       eos = (JSON.parse(await readFile(file, "utf8")) as { eos_token_id?: unknown }).eos_token_id;
     } catch (error) {
-      throw new BamError("CONFIG_INVALID", `${file}: cannot read eos_token_id (${firstLine(error)}); export the model again`, { cause: error });
+      throw new BamError(
+        "CONFIG_INVALID",
+        `${file}: cannot read eos_token_id (${firstLine(error)}); export the model again`,
+        { cause: error },
+      );
     }
     if (eos == null) continue;
     const ids = Array.isArray(eos) ? eos : [eos];
-    if (!ids.every((id) => Number.isSafeInteger(id))) throw new BamError("CONFIG_INVALID", `${file}: eos_token_id must be a token id or a list of them`);
+    if (!ids.every((id) => Number.isSafeInteger(id)))
+      throw new BamError("CONFIG_INVALID", `${file}: eos_token_id must be a token id or a list of them`);
     return new Set(ids as number[]);
   }
   return new Set();

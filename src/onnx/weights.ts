@@ -20,7 +20,11 @@ export class WeightSource {
 
   async f32(name: string): Promise<Float32Array> {
     const { dtype } = this.info(name);
-    if (!isFloatDType(dtype)) throw new BamError("DTYPE_UNSUPPORTED", `${this.model.dir}: tensor ${name} is ${dtype}; only F32, F16 and BF16 weights can run`);
+    if (!isFloatDType(dtype))
+      throw new BamError(
+        "DTYPE_UNSUPPORTED",
+        `${this.model.dir}: tensor ${name} is ${dtype}; only F32, F16 and BF16 weights can run`,
+      );
     return toFloat32(await this.model.read(name), dtype);
   }
 
@@ -37,7 +41,7 @@ export class WeightSource {
  */
 export function gatherRows(rows: Array<{ from: Float32Array; row: number }>, width: number): Float32Array {
   const out = new Float32Array(rows.length * width);
-  rows.forEach(({ from, row }, i) => out.set(from.subarray(row * width, (row + 1) * width), i * width));
+  for (const [i, { from, row }] of rows.entries()) out.set(from.subarray(row * width, (row + 1) * width), i * width);
   return out;
 }
 
@@ -45,7 +49,10 @@ export function gatherRows(rows: Array<{ from: Float32Array; row: number }>, wid
  * A matrix [rows, sum of counts] made of column blocks side by side: block i
  * is columns start..start+count of `from`, a matrix [rows, width].
  */
-export function gatherColumns(blocks: Array<{ from: Float32Array; width: number; start: number; count: number }>, rows: number): Float32Array {
+export function gatherColumns(
+  blocks: Array<{ from: Float32Array; width: number; start: number; count: number }>,
+  rows: number,
+): Float32Array {
   const total = blocks.reduce((sum, b) => sum + b.count, 0);
   const out = new Float32Array(rows * total);
   for (let r = 0; r < rows; r++) {

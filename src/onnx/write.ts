@@ -5,7 +5,7 @@
  * at a time, so memory holds one weight at most; the graph file stays small,
  * under protobuf's 2 GB limit whatever the model's size.
  */
-import { open, writeFile } from "node:fs/promises";
+import { type FileHandle, open, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { BamError, ioError } from "../errors.js";
 import { elementsOf } from "../safetensors/index.js";
@@ -39,7 +39,7 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
   const initializers: TensorMessage[] = [];
   const dataPath = join(dir, DATA_FILE);
   let offset = 0;
-  let file;
+  let file: FileHandle;
   try {
     file = await open(dataPath, "w");
   } catch (error) {
@@ -84,7 +84,10 @@ export async function writeModel(graph: Graph, dir: string, options: WriteModelO
     });
     const model = encodeModel({
       irVersion: IR_VERSION,
-      opsetImport: [{ domain: "", version: options.opset }, ...written.contribDomains.map((domain) => ({ domain, version: 1 }))],
+      opsetImport: [
+        { domain: "", version: options.opset },
+        ...written.contribDomains.map((domain) => ({ domain, version: 1 })),
+      ],
       producerName: "bam-upcycle",
       producerVersion: options.producerVersion,
       graph: {

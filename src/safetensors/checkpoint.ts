@@ -19,7 +19,10 @@ const MAX_INDEX_BYTES = 100_000_000;
 
 type Weights = { single: string } | { index: string };
 
-interface Index { weightMap: Map<string, string>; metadata: Readonly<Record<string, unknown>> | null }
+interface Index {
+  weightMap: Map<string, string>;
+  metadata: Readonly<Record<string, unknown>> | null;
+}
 
 export class CheckpointFiles {
   private constructor(
@@ -81,28 +84,38 @@ export class CheckpointFiles {
  * then any single index or single safetensors file.
  */
 async function locateWeights(root: string): Promise<Weights> {
-  const names = await readdir(root).catch((error: unknown) => { throw ioError(root, error); });
+  const names = await readdir(root).catch((error: unknown) => {
+    throw ioError(root, error);
+  });
   if (names.includes(SINGLE_FILE)) return { single: join(root, SINGLE_FILE) };
   if (names.includes(INDEX_FILE)) return { index: join(root, INDEX_FILE) };
   const indexes = names.filter((name) => name.endsWith(".safetensors.index.json"));
   const files = names.filter((name) => name.endsWith(".safetensors"));
   const ambiguous = (candidates: string[]) =>
-    new BamError("NOT_A_CHECKPOINT", `${root}: cannot tell which weights to use among ${candidates.join(", ")}; keep one, or add ${INDEX_FILE}`);
+    new BamError(
+      "NOT_A_CHECKPOINT",
+      `${root}: cannot tell which weights to use among ${candidates.join(", ")}; keep one, or add ${INDEX_FILE}`,
+    );
   if (indexes.length > 1) throw ambiguous(indexes);
   if (indexes[0] !== undefined) return { index: join(root, indexes[0]) };
   if (files.length > 1) throw ambiguous(files);
   if (files[0] !== undefined) return { single: join(root, files[0]) };
   const pickles = names.filter((name) => PICKLE_PATTERN.test(name));
   if (pickles.length > 0) {
-    throw new BamError("PICKLE_REFUSED", `${root}: has only pickle weights (${pickles.join(", ")}), which can execute code when loaded, so they are not read; `
-      + "convert them in a trusted environment: load the model with torch/transformers and call model.save_pretrained(dir, safe_serialization=True)");
+    throw new BamError(
+      "PICKLE_REFUSED",
+      `${root}: has only pickle weights (${pickles.join(", ")}), which can execute code when loaded, so they are not read; ` +
+        "convert them in a trusted environment: load the model with torch/transformers and call model.save_pretrained(dir, safe_serialization=True)",
+    );
   }
   throw new BamError("NOT_A_CHECKPOINT", `${root}: no model weights found (expected ${SINGLE_FILE} or ${INDEX_FILE})`);
 }
 
 async function readIndex(file: string): Promise<Index> {
   const invalid = (reason: string) => new BamError("INDEX_INVALID", `${file}: ${reason}`);
-  const text = await readTextFile(file, MAX_INDEX_BYTES, "INDEX_INVALID").catch((error: unknown) => { throw ioError(file, error); });
+  const text = await readTextFile(file, MAX_INDEX_BYTES, "INDEX_INVALID").catch((error: unknown) => {
+    throw ioError(file, error);
+  });
   let index: unknown;
   try {
     index = JSON.parse(text);
@@ -111,38 +124,51 @@ async function readIndex(file: string): Promise<Index> {
   }
   const duplicate = findDuplicateKey(text);
   if (duplicate !== undefined) throw invalid(`repeats the key "${duplicate}"`);
-  if (!isPlainObject(index) || !isPlainObject(index.weight_map)) throw invalid("expected an object with a weight_map object");
+  if (!isPlainObject(index) || !isPlainObject(index.weight_map))
+    throw invalid("expected an object with a weight_map object");
   const { weight_map: weightMap, metadata = null } = index;
   const listed = Object.keys(weightMap).length;
   if (listed === 0) throw invalid("weight_map lists no tensors");
-  if (listed > MAX_CHECKPOINT_TENSORS) throw invalid(`weight_map lists ${listed} tensors, over the ${MAX_CHECKPOINT_TENSORS} any real checkpoint needs`);
-  const nonString = Object.keys(weightMap).find((name) => typeof weightMap[name] !== "string" || weightMap[name] === "" || (weightMap[name] as string).includes("\0"));
+  if (listed > MAX_CHECKPOINT_TENSORS)
+    throw invalid(`weight_map lists ${listed} tensors, over the ${MAX_CHECKPOINT_TENSORS} any real checkpoint needs`);
+  const nonString = Object.keys(weightMap).find(
+    (name) =>
+      typeof weightMap[name] !== "string" || weightMap[name] === "" || (weightMap[name] as string).includes("\0"),
+  );
   if (nonString !== undefined) throw invalid(`weight_map entry "${nonString}" is not a file name`);
   if (metadata !== null && !isPlainObject(metadata)) throw invalid("metadata is not an object");
-  return { weightMap: new Map(Object.entries(weightMap as Record<string, string>)), metadata: metadata as Index["metadata"] };
+  return {
+    weightMap: new Map(Object.entries(weightMap as Record<string, string>)),
+    metadata: metadata as Index["metadata"],
+  };
 }
 
 /** Absolute path of each shard the index names, after checking it stays inside the folder. */
 async function resolveShards(root: string, shards: Set<string>, indexFile: string): Promise<Map<string, string>> {
-  const realRoot = await realpath(root).catch((error: unknown) => { throw ioError(root, error); });
+  const realRoot = await realpath(root).catch((error: unknown) => {
+    throw ioError(root, error);
+  });
   const files = new Map<string, string>();
   for (const shard of shards) files.set(shard, await resolveShard(root, realRoot, shard, indexFile));
   return files;
 }
 
 async function resolveShard(root: string, realRoot: string, shard: string, indexFile: string): Promise<string> {
-  const escape = (reason: string) => new BamError("PATH_ESCAPE", `${indexFile}: shard "${shard}" ${reason}; shards must lie inside ${root}`);
-  if (isAbsolute(shard)) throw escape("is an absolute path");
-  if (shard.split(/[\\/]/).includes("..")) throw escape("climbs out with ..");
+  const escapes = (reason: string) =>
+    new BamError("PATH_ESCAPE", `${indexFile}: shard "${shard}" ${reason}; shards must lie inside ${root}`);
+  if (isAbsolute(shard)) throw escapes("is an absolute path");
+  if (shard.split(/[\\/]/).includes("..")) throw escapes("climbs out with ..");
   const file = join(root, shard);
   const outside = await outsideFolder(realRoot, file);
-  if (outside !== undefined) throw escape(`links to ${outside}`);
+  if (outside !== undefined) throw escapes(`links to ${outside}`);
   return file;
 }
 
 /** The real path of `file`, links followed, when it lies outside the folder whose real path is `realRoot` (and outside the Hugging Face cache's blobs/). */
 async function outsideFolder(realRoot: string, file: string): Promise<string | undefined> {
-  const real = await realpath(file).catch((error: unknown) => { throw ioError(file, error); });
+  const real = await realpath(file).catch((error: unknown) => {
+    throw ioError(file, error);
+  });
   return isInside(realRoot, real) || isHubCacheBlob(realRoot, real) ? undefined : real;
 }
 
@@ -152,9 +178,15 @@ async function outsideFolder(realRoot: string, file: string): Promise<string | u
  * which a link could otherwise point at any file of the user's.
  */
 export async function checkInsideFolder(root: string, file: string): Promise<void> {
-  const realRoot = await realpath(root).catch((error: unknown) => { throw ioError(root, error); });
+  const realRoot = await realpath(root).catch((error: unknown) => {
+    throw ioError(root, error);
+  });
   const outside = await outsideFolder(realRoot, file);
-  if (outside !== undefined) throw new BamError("PATH_ESCAPE", `${file}: links to ${outside}, outside ${root}; files of a model folder must lie inside it`);
+  if (outside !== undefined)
+    throw new BamError(
+      "PATH_ESCAPE",
+      `${file}: links to ${outside}, outside ${root}; files of a model folder must lie inside it`,
+    );
 }
 
 function isInside(folder: string, path: string): boolean {
@@ -183,7 +215,10 @@ async function openAll(files: readonly string[], index: string): Promise<Map<str
       readers.set(reader.path, reader);
       entries += reader.tensors.size;
       if (entries > MAX_CHECKPOINT_TENSORS) {
-        throw new BamError("INDEX_INVALID", `${index}: its shards hold more than ${MAX_CHECKPOINT_TENSORS} tensors; no real checkpoint has so many`);
+        throw new BamError(
+          "INDEX_INVALID",
+          `${index}: its shards hold more than ${MAX_CHECKPOINT_TENSORS} tensors; no real checkpoint has so many`,
+        );
       }
     }
     return readers;
@@ -198,7 +233,11 @@ async function closeAll(readers: Iterable<SafetensorsReader>): Promise<void> {
 }
 
 /** All shards' tensors, each stored once and exactly where the index says. */
-function collectTensors(weightMap: ReadonlyMap<string, string>, readers: ReadonlyMap<string, SafetensorsReader>, indexFile: string): Map<string, TensorInfo> {
+function collectTensors(
+  weightMap: ReadonlyMap<string, string>,
+  readers: ReadonlyMap<string, SafetensorsReader>,
+  indexFile: string,
+): Map<string, TensorInfo> {
   const invalid = (reason: string) => new BamError("INDEX_INVALID", `${indexFile}: ${reason}`);
   const tensors = new Map<string, TensorInfo>();
   for (const reader of readers.values()) {

@@ -7,12 +7,32 @@
 import { BamError } from "../errors.js";
 
 export type DType =
-  | "F64" | "F32" | "F16" | "BF16" | "F8_E4M3" | "F8_E5M2"
-  | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
+  | "F64"
+  | "F32"
+  | "F16"
+  | "BF16"
+  | "F8_E4M3"
+  | "F8_E5M2"
+  | "I64"
+  | "I32"
+  | "I16"
+  | "I8"
+  | "U8"
+  | "BOOL";
 
 export const DTYPE_SIZE: Readonly<Record<DType, number>> = Object.freeze({
-  F64: 8, F32: 4, F16: 2, BF16: 2, F8_E4M3: 1, F8_E5M2: 1,
-  I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1,
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  F8_E4M3: 1,
+  F8_E5M2: 1,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
 });
 
 export function isDType(value: unknown): value is DType {
@@ -91,10 +111,15 @@ export function firstNonFinite(bytes: Uint8Array, dtype: FloatDType): number {
   const perWord = 4 / size;
   let w = 0;
   for (; w + 8 <= words.length; w += 8) {
-    const hit = ((words[w]! & exponents) + lowest) | ((words[w + 1]! & exponents) + lowest)
-      | ((words[w + 2]! & exponents) + lowest) | ((words[w + 3]! & exponents) + lowest)
-      | ((words[w + 4]! & exponents) + lowest) | ((words[w + 5]! & exponents) + lowest)
-      | ((words[w + 6]! & exponents) + lowest) | ((words[w + 7]! & exponents) + lowest);
+    const hit =
+      ((words[w]! & exponents) + lowest) |
+      ((words[w + 1]! & exponents) + lowest) |
+      ((words[w + 2]! & exponents) + lowest) |
+      ((words[w + 3]! & exponents) + lowest) |
+      ((words[w + 4]! & exponents) + lowest) |
+      ((words[w + 5]! & exponents) + lowest) |
+      ((words[w + 6]! & exponents) + lowest) |
+      ((words[w + 7]! & exponents) + lowest);
     if ((hit & carry) !== 0) return oneByOne(headElements + w * perWord, headElements + (w + 8) * perWord);
   }
   return oneByOne(headElements + w * perWord, count);
@@ -106,7 +131,8 @@ export function toFloat32(bytes: Uint8Array, from: FloatDType): Float32Array {
 
 /** toFloat32 into `out`, which holds exactly as many values as `bytes`; returns `out`. */
 export function decodeFloatsInto(bytes: Uint8Array, from: FloatDType, out: Float32Array): Float32Array {
-  if (out.length !== elementCount(bytes, from)) throw new BamError("TENSOR_INVALID", `${bytes.length} bytes of ${from} do not fill ${out.length} values`);
+  if (out.length !== elementCount(bytes, from))
+    throw new BamError("TENSOR_INVALID", `${bytes.length} bytes of ${from} do not fill ${out.length} values`);
   if (from === "F32") {
     new Uint8Array(out.buffer, out.byteOffset, out.byteLength).set(bytes);
     return out;
@@ -129,7 +155,8 @@ export function fromFloat32(values: Float32Array, to: FloatDType): Uint8Array {
 
 /** fromFloat32 into `out`, exactly values.length elements of `to`; returns `out`. */
 export function encodeFloatsInto(values: Float32Array, to: FloatDType, out: Uint8Array): Uint8Array {
-  if (out.length !== values.length * DTYPE_SIZE[to]) throw new BamError("TENSOR_INVALID", `${out.length} bytes cannot hold ${values.length} ${to} values`);
+  if (out.length !== values.length * DTYPE_SIZE[to])
+    throw new BamError("TENSOR_INVALID", `${out.length} bytes cannot hold ${values.length} ${to} values`);
   if (to === "F32") {
     out.set(new Uint8Array(values.buffer, values.byteOffset, values.byteLength));
     return out;

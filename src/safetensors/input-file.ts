@@ -21,7 +21,13 @@ export async function openRegularFile(path: string): Promise<{ handle: FileHandl
   try {
     const info = await handle.stat();
     if (!info.isFile()) {
-      const kind = info.isDirectory() ? "a folder" : info.isFIFO() ? "a FIFO" : info.isCharacterDevice() || info.isBlockDevice() ? "a device" : "not a regular file";
+      const kind = info.isDirectory()
+        ? "a folder"
+        : info.isFIFO()
+          ? "a FIFO"
+          : info.isCharacterDevice() || info.isBlockDevice()
+            ? "a device"
+            : "not a regular file";
       throw new BamError("IO_ERROR", `${path}: is ${kind}, expected a regular file`);
     }
     return { handle, size: info.size };
@@ -39,7 +45,11 @@ export async function openRegularFile(path: string): Promise<{ handle: FileHandl
 export async function readTextFile(path: string, maxBytes: number, tooLarge: ErrorCode): Promise<string> {
   const { handle, size } = await openRegularFile(path);
   try {
-    if (size > maxBytes) throw new BamError(tooLarge, `${path}: ${size} bytes is over the ${maxBytes}-byte limit for this file; it cannot be what it claims`);
+    if (size > maxBytes)
+      throw new BamError(
+        tooLarge,
+        `${path}: ${size} bytes is over the ${maxBytes}-byte limit for this file; it cannot be what it claims`,
+      );
     const bytes = new Uint8Array(size);
     let done = 0;
     while (done < size) {

@@ -51,14 +51,23 @@ export class SafetensorsReader {
 
   static async open(path: string): Promise<SafetensorsReader> {
     const file = resolve(path);
-    const { handle, size } = await openRegularFile(file).catch((error: unknown) => { throw ioError(file, error); });
+    const { handle, size } = await openRegularFile(file).catch((error: unknown) => {
+      throw ioError(file, error);
+    });
     try {
       const headerLength = await readHeaderLength(handle, file, size);
       const headerBytes = await readExactly(handle, file, 8, headerLength, "header");
       checkEntryCount(headerBytes, file);
       const header = parseHeader(headerBytes, file);
       const { tensors, metadata } = validateHeader(header, file, headerLength, size);
-      return new SafetensorsReader(file, headerLength, tensors, metadata, handle, identityOf(await handle.stat({ bigint: true })));
+      return new SafetensorsReader(
+        file,
+        headerLength,
+        tensors,
+        metadata,
+        handle,
+        identityOf(await handle.stat({ bigint: true })),
+      );
     } catch (error) {
       await handle.close();
       throw ioError(file, error);
@@ -74,8 +83,10 @@ export class SafetensorsReader {
   async readBytes(name: string, start: number, length: number, into?: Uint8Array): Promise<Uint8Array> {
     const info = this.info(name);
     if (!isRange(start, length, info.byteLength)) {
-      throw new BamError("INVALID_OFFSET",
-        `${this.path}: tensor "${name}": bytes ${start}..${start + length} are outside its ${info.byteLength} bytes`);
+      throw new BamError(
+        "INVALID_OFFSET",
+        `${this.path}: tensor "${name}": bytes ${start}..${start + length} are outside its ${info.byteLength} bytes`,
+      );
     }
     return readExactly(this.handle, this.path, info.byteOffset + start, length, `tensor "${name}"`, into);
   }
@@ -86,9 +97,14 @@ export class SafetensorsReader {
    * hash of it would describe neither.
    */
   async checkUnchanged(): Promise<void> {
-    const now = await stat(this.path, { bigint: true }).catch((error: unknown) => { throw ioError(this.path, error); });
+    const now = await stat(this.path, { bigint: true }).catch((error: unknown) => {
+      throw ioError(this.path, error);
+    });
     if (identityOf(now) !== this.identity) {
-      throw new BamError("IO_ERROR", `${this.path}: changed while it was being read; nothing was written: run again once the file is left alone`);
+      throw new BamError(
+        "IO_ERROR",
+        `${this.path}: changed while it was being read; nothing was written: run again once the file is left alone`,
+      );
     }
   }
 
@@ -109,23 +125,37 @@ function identityOf(info: BigIntStats): string {
 }
 
 function isRange(start: number, length: number, size: number): boolean {
-  return Number.isSafeInteger(start) && Number.isSafeInteger(length) && start >= 0 && length >= 0 && start + length <= size;
+  return (
+    Number.isSafeInteger(start) && Number.isSafeInteger(length) && start >= 0 && length >= 0 && start + length <= size
+  );
 }
 
 /**
  * Reads exactly `length` bytes into `into` or a fresh buffer; a short file is
  * DATA_INCOMPLETE. Reusing buffers matters: a fresh one costs a page fault per 4 KiB.
  */
-async function readExactly(handle: FileHandle, file: string, position: number, length: number, what: string, into?: Uint8Array): Promise<Uint8Array> {
-  if (into !== undefined && into.length !== length) throw new BamError("INVALID_OFFSET", `${file}: ${what}: a ${into.length}-byte buffer cannot take ${length} bytes`);
+async function readExactly(
+  handle: FileHandle,
+  file: string,
+  position: number,
+  length: number,
+  what: string,
+  into?: Uint8Array,
+): Promise<Uint8Array> {
+  if (into !== undefined && into.length !== length)
+    throw new BamError("INVALID_OFFSET", `${file}: ${what}: a ${into.length}-byte buffer cannot take ${length} bytes`);
   const out = into ?? new Uint8Array(length);
   let done = 0;
   while (done < length) {
     const chunk = Math.min(length - done, MAX_IO_BYTES);
-    const { bytesRead } = await handle.read(out, done, chunk, position + done)
-      .catch((error: unknown) => { throw ioError(file, error); });
+    const { bytesRead } = await handle.read(out, done, chunk, position + done).catch((error: unknown) => {
+      throw ioError(file, error);
+    });
     if (bytesRead === 0) {
-      throw new BamError("DATA_INCOMPLETE", `${file}: ${what} is cut off at byte ${position + done}; the file is truncated`);
+      throw new BamError(
+        "DATA_INCOMPLETE",
+        `${file}: ${what} is cut off at byte ${position + done}; the file is truncated`,
+      );
     }
     done += bytesRead;
   }
@@ -134,14 +164,21 @@ async function readExactly(handle: FileHandle, file: string, position: number, l
 
 /** The u64 header length, checked against the limit and the file size before anything is allocated. */
 async function readHeaderLength(handle: FileHandle, file: string, fileSize: number): Promise<number> {
-  if (fileSize < 8) throw new BamError("HEADER_INVALID", `${file}: ${fileSize} bytes is too short for a safetensors file`);
+  if (fileSize < 8)
+    throw new BamError("HEADER_INVALID", `${file}: ${fileSize} bytes is too short for a safetensors file`);
   const prefix = Buffer.from(await readExactly(handle, file, 0, 8, "header length"));
   const length = prefix.readBigUInt64LE(0);
   if (length > BigInt(MAX_HEADER_BYTES)) {
-    throw new BamError("HEADER_TOO_LARGE", `${file}: header claims ${length} bytes, over the ${MAX_HEADER_BYTES}-byte limit`);
+    throw new BamError(
+      "HEADER_TOO_LARGE",
+      `${file}: header claims ${length} bytes, over the ${MAX_HEADER_BYTES}-byte limit`,
+    );
   }
   if (length > BigInt(fileSize - 8)) {
-    throw new BamError("HEADER_INVALID", `${file}: header claims ${length} bytes but the file has only ${fileSize - 8} after the length; truncated or not safetensors`);
+    throw new BamError(
+      "HEADER_INVALID",
+      `${file}: header claims ${length} bytes but the file has only ${fileSize - 8} after the length; truncated or not safetensors`,
+    );
   }
   return Number(length);
 }
@@ -152,9 +189,16 @@ const DATA_OFFSETS_KEY = Buffer.from('"data_offsets"');
 function checkEntryCount(bytes: Uint8Array, file: string): void {
   const buffer = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.length);
   let count = 0;
-  for (let at = buffer.indexOf(DATA_OFFSETS_KEY); at >= 0; at = buffer.indexOf(DATA_OFFSETS_KEY, at + DATA_OFFSETS_KEY.length)) {
+  for (
+    let at = buffer.indexOf(DATA_OFFSETS_KEY);
+    at >= 0;
+    at = buffer.indexOf(DATA_OFFSETS_KEY, at + DATA_OFFSETS_KEY.length)
+  ) {
     if (++count > MAX_TENSORS_PER_FILE) {
-      throw new BamError("HEADER_INVALID", `${file}: header lists more than ${MAX_TENSORS_PER_FILE} tensors; no real checkpoint file holds so many (shard it, or it is not a model)`);
+      throw new BamError(
+        "HEADER_INVALID",
+        `${file}: header lists more than ${MAX_TENSORS_PER_FILE} tensors; no real checkpoint file holds so many (shard it, or it is not a model)`,
+      );
     }
   }
 }
@@ -168,7 +212,9 @@ function parseHeader(bytes: Uint8Array, file: string): Record<string, unknown> {
     text = utf8.decode(bytes);
     header = JSON.parse(text);
   } catch (error) {
-    throw new BamError("HEADER_INVALID", `${file}: header is not UTF-8 JSON (${(error as Error).message})`, { cause: error });
+    throw new BamError("HEADER_INVALID", `${file}: header is not UTF-8 JSON (${(error as Error).message})`, {
+      cause: error,
+    });
   }
   if (!isPlainObject(header)) throw new BamError("HEADER_INVALID", `${file}: header is not a JSON object`);
   const duplicate = findDuplicateKey(text);
@@ -180,7 +226,13 @@ export function isPlainObject(value: unknown): value is Record<string, unknown> 
   return typeof value === "object" && value !== null && !Array.isArray(value);
 }
 
-interface Entry { name: string; dtype: DType; shape: number[]; begin: number; end: number }
+interface Entry {
+  name: string;
+  dtype: DType;
+  shape: number[];
+  begin: number;
+  end: number;
+}
 
 function validateHeader(header: Record<string, unknown>, file: string, headerLength: number, fileSize: number) {
   const entries: Entry[] = [];
@@ -193,9 +245,17 @@ function validateHeader(header: Record<string, unknown>, file: string, headerLen
   checkLayout(entries, file, fileSize - 8 - headerLength);
   const tensors = new Map<string, TensorInfo>();
   for (const { name, dtype, shape, begin, end } of entries) {
-    tensors.set(name, Object.freeze({
-      name, dtype, shape: Object.freeze(shape) as number[], byteOffset: 8 + headerLength + begin, byteLength: end - begin, file,
-    }));
+    tensors.set(
+      name,
+      Object.freeze({
+        name,
+        dtype,
+        shape: Object.freeze(shape) as number[],
+        byteOffset: 8 + headerLength + begin,
+        byteLength: end - begin,
+        file,
+      }),
+    );
   }
   return { tensors, metadata };
 }
@@ -214,7 +274,8 @@ function parseEntry(name: string, value: unknown, file: string): Entry {
   if (!isPlainObject(value)) throw invalid("entry is not an object");
   const { dtype, shape, data_offsets: offsets } = value;
   if (typeof dtype !== "string") throw invalid("dtype is not a string");
-  if (!isDType(dtype)) throw new BamError("DTYPE_UNSUPPORTED", `${file}: tensor "${name}": dtype ${dtype} is not supported`);
+  if (!isDType(dtype))
+    throw new BamError("DTYPE_UNSUPPORTED", `${file}: tensor "${name}": dtype ${dtype} is not supported`);
   if (!isShape(shape)) throw invalid("shape is not an array of non-negative integers");
   if (!isOffsetPair(offsets)) throw invalid("data_offsets is not [begin, end] with integers 0 <= begin <= end");
   const [begin, end] = offsets;
@@ -241,11 +302,16 @@ function checkLayout(entries: Entry[], file: string, dataLength: number): void {
   }
   const cut = entries.find((entry) => entry.end > dataLength);
   if (cut !== undefined) {
-    throw new BamError("DATA_INCOMPLETE",
-      `${file}: tensor "${cut.name}" ends at data byte ${cut.end} but the file holds ${dataLength} data bytes; the file is truncated`);
+    throw new BamError(
+      "DATA_INCOMPLETE",
+      `${file}: tensor "${cut.name}" ends at data byte ${cut.end} but the file holds ${dataLength} data bytes; the file is truncated`,
+    );
   }
   if (expected < dataLength) {
-    throw new BamError("INVALID_OFFSET", `${file}: ${dataLength - expected} bytes after the last tensor belong to no tensor`);
+    throw new BamError(
+      "INVALID_OFFSET",
+      `${file}: ${dataLength - expected} bytes after the last tensor belong to no tensor`,
+    );
   }
 }
 

@@ -28,14 +28,15 @@ interface TensorLayout {
  * so they are whole elements; ranges of one tensor may be requested
  * concurrently and in any order, each once.
  */
-export type TensorToWrite = TensorLayout & (
-  | { data: () => Uint8Array | Promise<Uint8Array> }
-  | {
-    fill: (offset: number, into: Uint8Array) => Promise<void>;
-    /** Production is arithmetic more than I/O: the writer starts it early, to overlap other tensors' I/O. */
-    computeBound?: boolean;
-  }
-);
+export type TensorToWrite = TensorLayout &
+  (
+    | { data: () => Uint8Array | Promise<Uint8Array> }
+    | {
+        fill: (offset: number, into: Uint8Array) => Promise<void>;
+        /** Production is arithmetic more than I/O: the writer starts it early, to overlap other tensors' I/O. */
+        computeBound?: boolean;
+      }
+  );
 
 export interface WriteOptions {
   metadata?: Record<string, string>;
@@ -66,7 +67,11 @@ export class SharedBufferPool {
   }
 }
 
-export interface ShardPlan { file: string; tensors: string[]; bytes: number }
+export interface ShardPlan {
+  file: string;
+  tensors: string[];
+  bytes: number;
+}
 
 const SINGLE_FILE = "model.safetensors";
 const INDEX_FILE = "model.safetensors.index.json";
@@ -82,7 +87,10 @@ export const BATCHES_IN_FLIGHT = 8;
 export const EARLY_BATCHES_IN_FLIGHT = 4;
 const HEADER_PADDING = 0x20;
 
-export function safetensorsHeader(tensors: TensorLayout[], metadata?: Record<string, string>): { header: Uint8Array; dataBytes: number } {
+export function safetensorsHeader(
+  tensors: TensorLayout[],
+  metadata?: Record<string, string>,
+): { header: Uint8Array; dataBytes: number } {
   const { header, dataBytes } = layout(tensors, metadata);
   return { header, dataBytes };
 }
@@ -97,7 +105,8 @@ function layout(tensors: TensorLayout[], metadata: Record<string, string> | unde
     entries.push(`${JSON.stringify(name)}:${JSON.stringify({ dtype, shape, data_offsets: [offset, end] })}`);
     offset = end;
   });
-  if (!Number.isSafeInteger(offset)) throw new BamError("TENSOR_INVALID", `tensors total ${offset} bytes, too many to address`);
+  if (!Number.isSafeInteger(offset))
+    throw new BamError("TENSOR_INVALID", `tensors total ${offset} bytes, too many to address`);
   return { header: frameHeader(`{${entries.join(",")}}`), dataBytes: offset, sizes };
 }
 
@@ -106,7 +115,10 @@ function frameHeader(json: string): Uint8Array {
   const text = new TextEncoder().encode(json);
   const padded = Math.ceil(text.length / 8) * 8;
   if (padded > MAX_HEADER_BYTES) {
-    throw new BamError("HEADER_TOO_LARGE", `header of ${padded} bytes is over the ${MAX_HEADER_BYTES}-byte limit readers accept`);
+    throw new BamError(
+      "HEADER_TOO_LARGE",
+      `header of ${padded} bytes is over the ${MAX_HEADER_BYTES}-byte limit readers accept`,
+    );
   }
   const header = new Uint8Array(8 + padded).fill(HEADER_PADDING, 8 + text.length);
   new DataView(header.buffer).setBigUint64(0, BigInt(padded), true);
@@ -122,7 +134,8 @@ function tensorSizes(tensors: TensorLayout[]): number[] {
     if (name === "__metadata__") throw invalid("name is reserved for metadata");
     if (seen.has(name)) throw invalid("name given twice");
     seen.add(name);
-    if (!isDType(dtype)) throw new BamError("DTYPE_UNSUPPORTED", `tensor "${name}": dtype ${String(dtype)} is not supported`);
+    if (!isDType(dtype))
+      throw new BamError("DTYPE_UNSUPPORTED", `tensor "${name}": dtype ${String(dtype)} is not supported`);
     if (!isShape(shape)) throw invalid("shape is not an array of non-negative integers");
     const bytes = tensorByteLength(dtype, shape);
     if (bytes > BigInt(Number.MAX_SAFE_INTEGER)) throw invalid(`${bytes} bytes is too large to address`);
@@ -133,23 +146,40 @@ function tensorSizes(tensors: TensorLayout[]): number[] {
 function checkMetadata(metadata: Record<string, string>): Record<string, string> {
   const nonString = Object.keys(metadata).find((key) => typeof metadata[key] !== "string");
   if (nonString !== undefined) {
-    throw new BamError("METADATA_INVALID", `metadata "${nonString}" is not a string; safetensors metadata maps strings to strings`);
+    throw new BamError(
+      "METADATA_INVALID",
+      `metadata "${nonString}" is not a string; safetensors metadata maps strings to strings`,
+    );
   }
   return metadata;
 }
 
-export async function writeSafetensors(path: string, tensors: TensorToWrite[], options: WriteOptions = {}): Promise<{ bytes: number }> {
+export async function writeSafetensors(
+  path: string,
+  tensors: TensorToWrite[],
+  options: WriteOptions = {},
+): Promise<{ bytes: number }> {
   const { header, dataBytes, sizes } = layout(tensors, options.metadata);
   throwIfAborted(options.signal, path);
-  const handle = await open(path, "w").catch((error: unknown) => { throw ioError(path, error); });
+  const handle = await open(path, "w").catch((error: unknown) => {
+    throw ioError(path, error);
+  });
   try {
     const batches = planBatches(header, tensors, sizes);
-    await writeBatches(new PositionalWriter(handle, path, options.onBytes), batches, options.buffers ?? new SharedBufferPool(), path, options.signal);
+    await writeBatches(
+      new PositionalWriter(handle, path, options.onBytes),
+      batches,
+      options.buffers ?? new SharedBufferPool(),
+      path,
+      options.signal,
+    );
   } catch (error) {
     await handle.close().catch(() => undefined); // the first error is the one to report
     throw error;
   }
-  await handle.close().catch((error: unknown) => { throw ioError(path, error); });
+  await handle.close().catch((error: unknown) => {
+    throw ioError(path, error);
+  });
   return { bytes: header.length + dataBytes };
 }
 
@@ -158,17 +188,31 @@ function throwIfAborted(signal: AbortSignal | undefined, path: string): void {
 }
 
 /** `length` bytes of the file from one source: the header, a whole tensor's `data`, or a range of a tensor's `fill`. */
-interface Piece { tensor: TensorToWrite | null; offset: number; length: number }
+interface Piece {
+  tensor: TensorToWrite | null;
+  offset: number;
+  length: number;
+}
 
 /** Consecutive pieces written with one call at `position`; `length` over WRITE_BATCH_BYTES only for one whole `data` tensor. */
-interface Batch { position: number; length: number; pieces: Piece[] }
+interface Batch {
+  position: number;
+  length: number;
+  pieces: Piece[];
+}
 
-function planBatches(header: Uint8Array, tensors: TensorToWrite[], sizes: number[]): { header: Uint8Array; batches: Batch[] } {
+function planBatches(
+  header: Uint8Array,
+  tensors: TensorToWrite[],
+  sizes: number[],
+): { header: Uint8Array; batches: Batch[] } {
   const pieces: Piece[] = [{ tensor: null, offset: 0, length: header.length }];
   tensors.forEach((tensor, i) => {
     const size = sizes[i]!;
     if ("data" in tensor) pieces.push({ tensor, offset: 0, length: size });
-    else for (let offset = 0; offset < size; offset += WRITE_BATCH_BYTES) pieces.push({ tensor, offset, length: Math.min(WRITE_BATCH_BYTES, size - offset) });
+    else
+      for (let offset = 0; offset < size; offset += WRITE_BATCH_BYTES)
+        pieces.push({ tensor, offset, length: Math.min(WRITE_BATCH_BYTES, size - offset) });
   });
   const batches: Batch[] = [];
   let position = 0;
@@ -193,10 +237,16 @@ function planBatches(header: Uint8Array, tensors: TensorToWrite[], sizes: number
  * nothing new starts; what is in flight settles before the first error is thrown.
  */
 async function writeBatches(
-  out: PositionalWriter, { header, batches }: ReturnType<typeof planBatches>, buffers: SharedBufferPool, path: string, signal: AbortSignal | undefined,
+  out: PositionalWriter,
+  { header, batches }: ReturnType<typeof planBatches>,
+  buffers: SharedBufferPool,
+  path: string,
+  signal: AbortSignal | undefined,
 ): Promise<void> {
   const capacity = Math.min(WRITE_BATCH_BYTES, Math.max(0, ...batches.map((b) => b.length)));
-  const early = batches.map((batch) => batch.pieces.every(({ tensor }) => tensor !== null && "fill" in tensor && tensor.computeBound === true));
+  const early = batches.map((batch) =>
+    batch.pieces.every(({ tensor }) => tensor !== null && "fill" in tensor && tensor.computeBound === true),
+  );
   const started = batches.map(() => false);
   const running = new Set<Promise<void>>();
   const lanes = { inOrder: 0, early: 0 };
@@ -209,7 +259,9 @@ async function writeBatches(
     lanes[lane]++;
     const buffer = batch.length > capacity ? undefined : buffers.take(capacity);
     const task = writeBatch(out, batch, header, buffer, path)
-      .catch((error: unknown) => { failure ??= { error }; })
+      .catch((error: unknown) => {
+        failure ??= { error };
+      })
       .finally(() => {
         running.delete(task);
         lanes[lane]--;
@@ -231,7 +283,13 @@ async function writeBatches(
 }
 
 /** Fills `buffer` from the batch's pieces and writes it; a batch of one oversized `data` tensor is written as produced. */
-async function writeBatch(out: PositionalWriter, batch: Batch, header: Uint8Array, buffer: Uint8Array | undefined, path: string): Promise<void> {
+async function writeBatch(
+  out: PositionalWriter,
+  batch: Batch,
+  header: Uint8Array,
+  buffer: Uint8Array | undefined,
+  path: string,
+): Promise<void> {
   if (buffer === undefined) {
     const { tensor, length } = batch.pieces[0]!;
     await out.write(await wholeData(tensor as DataTensor, length, path), batch.position);
@@ -241,7 +299,7 @@ async function writeBatch(out: PositionalWriter, batch: Batch, header: Uint8Arra
   let at = 0;
   // Every producer is started before the first await, so `data` calls keep file order across batches.
   const produced = batch.pieces.map(async (piece) => {
-    const into = target.subarray(at, at += piece.length);
+    const into = target.subarray(at, (at += piece.length));
     if (piece.tensor === null) into.set(header);
     else if ("fill" in piece.tensor) await piece.tensor.fill(piece.offset, into);
     else into.set(await wholeData(piece.tensor, piece.length, path));
@@ -256,7 +314,10 @@ async function wholeData(tensor: DataTensor, size: number, path: string): Promis
   const data = await tensor.data();
   if (!(data instanceof Uint8Array) || data.length !== size) {
     const got = data instanceof Uint8Array ? `${data.length} bytes` : "no Uint8Array";
-    throw new BamError("TENSOR_INVALID", `${path}: tensor "${tensor.name}": expected ${size} bytes of data, got ${got}`);
+    throw new BamError(
+      "TENSOR_INVALID",
+      `${path}: tensor "${tensor.name}": expected ${size} bytes of data, got ${got}`,
+    );
   }
   return data;
 }
@@ -278,9 +339,12 @@ class PositionalWriter {
   }
 
   private async writeNow(bytes: Uint8Array, position: number): Promise<void> {
-    for (let done = 0; done < bytes.length;) {
-      const { bytesWritten } = await this.handle.write(bytes, done, Math.min(bytes.length - done, MAX_IO_BYTES), position + done)
-        .catch((error: unknown) => { throw ioError(this.path, error); });
+    for (let done = 0; done < bytes.length; ) {
+      const { bytesWritten } = await this.handle
+        .write(bytes, done, Math.min(bytes.length - done, MAX_IO_BYTES), position + done)
+        .catch((error: unknown) => {
+          throw ioError(this.path, error);
+        });
       done += bytesWritten;
       this.onBytes?.(bytesWritten);
     }
@@ -290,7 +354,10 @@ class PositionalWriter {
 /** Greedy split in the given order; a tensor larger than the limit gets a shard of its own. */
 export function planShards(tensors: TensorLayout[], maxShardBytes: number): ShardPlan[] {
   if (!(Number.isSafeInteger(maxShardBytes) && maxShardBytes > 0)) {
-    throw new BamError("OPTIONS_INVALID", `maximum shard size ${maxShardBytes} is not a positive whole number of bytes`);
+    throw new BamError(
+      "OPTIONS_INVALID",
+      `maximum shard size ${maxShardBytes} is not a positive whole number of bytes`,
+    );
   }
   const sizes = tensorSizes(tensors);
   const shards: Omit<ShardPlan, "file">[] = [];
@@ -305,7 +372,9 @@ export function planShards(tensors: TensorLayout[], maxShardBytes: number): Shar
     }
   });
   if (shards.length > 1) return shards.map((shard, i) => ({ file: shardName(i + 1, shards.length), ...shard }));
-  return [{ file: SINGLE_FILE, tensors: tensors.map(({ name }) => name), bytes: sizes.reduce((sum, size) => sum + size, 0) }];
+  return [
+    { file: SINGLE_FILE, tensors: tensors.map(({ name }) => name), bytes: sizes.reduce((sum, size) => sum + size, 0) },
+  ];
 }
 
 function shardName(index: number, count: number): string {
@@ -334,27 +403,44 @@ export async function writeShardedSafetensors(
 }
 
 /** Bytes writeShardedSafetensors will put in its shard files, headers included (for progress). */
-export function shardedFileBytes(tensors: TensorLayout[], maxShardBytes: number, metadata?: Record<string, string>): number {
+export function shardedFileBytes(
+  tensors: TensorLayout[],
+  maxShardBytes: number,
+  metadata?: Record<string, string>,
+): number {
   const byName = new Map(tensors.map((t) => [t.name, t]));
   return planShards(tensors, maxShardBytes).reduce((sum, shard) => {
-    const { header, dataBytes } = layout(shard.tensors.map((name) => byName.get(name)!), metadata);
+    const { header, dataBytes } = layout(
+      shard.tensors.map((name) => byName.get(name)!),
+      metadata,
+    );
     return sum + header.length + dataBytes;
   }, 0);
 }
 
 /** Index laid out like transformers' save_pretrained: indent 2, keys sorted. */
 async function writeIndex(path: string, plan: ShardPlan[], totalSize: number): Promise<void> {
-  const weightMap = plan.flatMap((shard) => shard.tensors.map((name) => [name, shard.file] as const))
+  const weightMap = plan
+    .flatMap((shard) => shard.tensors.map((name) => [name, shard.file] as const))
     .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
     .map(([name, file]) => `    ${JSON.stringify(name)}: ${JSON.stringify(file)}`);
   const text = `{\n  "metadata": {\n    "total_size": ${totalSize}\n  },\n  "weight_map": {\n${weightMap.join(",\n")}\n  }\n}\n`;
-  await writeFile(path, text).catch((error: unknown) => { throw ioError(path, error); });
+  await writeFile(path, text).catch((error: unknown) => {
+    throw ioError(path, error);
+  });
 }
 
 const SIZE_UNITS: ReadonlyMap<string, number> = new Map([
-  ["", 1], ["b", 1],
-  ["kb", 1e3], ["mb", 1e6], ["gb", 1e9], ["tb", 1e12],
-  ["kib", 2 ** 10], ["mib", 2 ** 20], ["gib", 2 ** 30], ["tib", 2 ** 40],
+  ["", 1],
+  ["b", 1],
+  ["kb", 1e3],
+  ["mb", 1e6],
+  ["gb", 1e9],
+  ["tb", 1e12],
+  ["kib", 2 ** 10],
+  ["mib", 2 ** 20],
+  ["gib", 2 ** 30],
+  ["tib", 2 ** 40],
 ]);
 
 /** "5GB" (5e9, as Hugging Face counts), "500MB", "2GiB", "1024"; case-insensitive, rounded to whole bytes. */
@@ -363,7 +449,10 @@ export function parseSize(text: string): number {
   const unit = match ? SIZE_UNITS.get(match[2]!.toLowerCase()) : undefined;
   const bytes = unit === undefined ? NaN : Math.round(Number(match![1]) * unit);
   if (!Number.isSafeInteger(bytes)) {
-    throw new BamError("OPTIONS_INVALID", `"${text}" is not a size; write bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB`);
+    throw new BamError(
+      "OPTIONS_INVALID",
+      `"${text}" is not a size; write bytes or a number with KB, MB, GB, TB, KiB, MiB, GiB or TiB`,
+    );
   }
   return bytes;
 }

@@ -6,7 +6,13 @@
  */
 import { availableParallelism } from "node:os";
 import { Worker } from "node:worker_threads";
-import { decodeFloatsInto, DTYPE_SIZE, encodeFloatsInto, SharedBufferPool, type FloatDType } from "../safetensors/index.js";
+import {
+  decodeFloatsInto,
+  DTYPE_SIZE,
+  encodeFloatsInto,
+  SharedBufferPool,
+  type FloatDType,
+} from "../safetensors/index.js";
 import { AVERAGE_KERNEL_BASE64 } from "./average-kernel.js";
 
 export interface AverageTask {
@@ -31,7 +37,8 @@ let kernel: Kernel | undefined;
 
 /** Scratch in the kernel's memory for `count` elements: the f64 sums, f32 values, and 16-bit bytes in or out. */
 function kernelFor(count: number): { kernel: Kernel; sum: number; values: number; halves: number } {
-  kernel ??= new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(AVERAGE_KERNEL_BASE64, "base64"))).exports as unknown as Kernel;
+  kernel ??= new WebAssembly.Instance(new WebAssembly.Module(Buffer.from(AVERAGE_KERNEL_BASE64, "base64")))
+    .exports as unknown as Kernel;
   const sum = 0;
   const values = sum + count * 8;
   const halves = values + count * 4;

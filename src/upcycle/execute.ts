@@ -5,9 +5,19 @@
  * the model's size. Plain copies read straight into the writer's buffers.
  */
 import type { Seed } from "../arch/index.js";
-import { convertFloats, DTYPE_SIZE, elementsOf, firstNonFinite, fromFloat32, isFloatDType, toFloat32, type FloatDType, type TensorToWrite } from "../safetensors/index.js";
+import {
+  convertFloats,
+  DTYPE_SIZE,
+  elementsOf,
+  firstNonFinite,
+  fromFloat32,
+  isFloatDType,
+  toFloat32,
+  type FloatDType,
+  type TensorToWrite,
+} from "../safetensors/index.js";
 import { BamError } from "../errors.js";
-import { type PlannedTensor, type SourceRef, type UpcyclePlan } from "./plan.js";
+import type { PlannedTensor, SourceRef, UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
 import { RandomStream } from "./random.js";
 
@@ -20,8 +30,13 @@ type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;
  * run on `pool`, which the caller closes.
  */
 export function tensorsToWrite(
-  plan: UpcyclePlan, seeds: Seed[], pool: AveragePool, rename: (name: string) => string = (n) => n, routerRows: ReadonlyMap<string, Float32Array> = new Map(),
+  plan: UpcyclePlan,
+  seeds: Seed[],
+  pool: AveragePool,
+  rename: (name: string) => string = (n) => n,
+  routerRows: ReadonlyMap<string, Float32Array> = new Map(),
 ): TensorToWrite[] {
+  // biome-ignore lint/suspicious/useIterableCallbackReturn: the switch returns for every Operation kind (tsc checks it is exhaustive)
   return plan.tensors.map((tensor): TensorToWrite => {
     const layout = { name: rename(tensor.name), dtype: tensor.dtype, shape: tensor.shape };
     const op = tensor.operation;
@@ -31,9 +46,17 @@ export function tensorsToWrite(
       case "average":
         return { ...layout, fill: averageRange(seeds, op.from, op.weights, tensor, pool), computeBound: true };
       case "router":
-        return { ...layout, data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op, plan.options.seed)) };
+        return {
+          ...layout,
+          data: () => (op.fromPrompts ? promptRouter(tensor, routerRows) : randomRouter(tensor, op, plan.options.seed)),
+        };
       case "drop":
-        return { ...layout, fill: wholeTensorRanges(tensor, () => dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key)) };
+        return {
+          ...layout,
+          fill: wholeTensorRanges(tensor, () =>
+            dropUpcycle(seeds, op.from, tensor, op.ratio, op.axis, plan.options.seed, op.key),
+          ),
+        };
     }
   });
 }
@@ -41,7 +64,10 @@ export function tensorsToWrite(
 function sourceDType(seeds: Seed[], ref: SourceRef): FloatDType {
   const dtype = seeds[ref.seed]!.tensors.get(ref.tensor)!.dtype;
   if (!isFloatDType(dtype)) {
-    throw new BamError("DTYPE_UNSUPPORTED", `${seeds[ref.seed]!.dir}: tensor ${ref.tensor} is ${dtype}; only F32, F16 and BF16 weights can be upcycled`);
+    throw new BamError(
+      "DTYPE_UNSUPPORTED",
+      `${seeds[ref.seed]!.dir}: tensor ${ref.tensor} is ${dtype}; only F32, F16 and BF16 weights can be upcycled`,
+    );
   }
   return dtype;
 }
@@ -56,7 +82,10 @@ function checkFinite(seeds: Seed[], ref: SourceRef, bytes: Uint8Array, dtype: Fl
   if (firstNonFinite(bytes, dtype) < 0) return;
   const seed = seeds[ref.seed]!;
   const stored = seed.tensors.get(ref.tensor)!.source.sourceName;
-  throw new BamError("TENSOR_INVALID", `${seed.dir}: tensor "${stored}" holds NaN or Inf; repair or replace this seed (bam inspect ${seed.dir} --scan lists every such tensor)`);
+  throw new BamError(
+    "TENSOR_INVALID",
+    `${seed.dir}: tensor "${stored}" holds NaN or Inf; repair or replace this seed (bam inspect ${seed.dir} --scan lists every such tensor)`,
+  );
 }
 
 /** Element range [start, start + count) of the output tensor that a byte range covers. */
@@ -81,7 +110,13 @@ function copyRange(seeds: Seed[], ref: SourceRef, tensor: PlannedTensor): RangeF
   };
 }
 
-function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tensor: PlannedTensor, pool: AveragePool): RangeFiller {
+function averageRange(
+  seeds: Seed[],
+  refs: SourceRef[],
+  weights: number[],
+  tensor: PlannedTensor,
+  pool: AveragePool,
+): RangeFiller {
   return async (offset, into) => {
     const [start, count] = elementRange(tensor, offset, into);
     // Ranges are at most a write batch, so each source's range is read whole, into shared memory a worker can read.
@@ -90,9 +125,18 @@ function averageRange(seeds: Seed[], refs: SourceRef[], weights: number[], tenso
       return { ref, dtype, buffer: pool.buffers.take(count * DTYPE_SIZE[dtype]) };
     });
     try {
-      const read = await Promise.all(sources.map(({ ref, dtype, buffer }) => seeds[ref.seed]!.readElements(ref.tensor, start, count, buffer.subarray(0, count * DTYPE_SIZE[dtype]))));
-      read.forEach((bytes, i) => checkFinite(seeds, sources[i]!.ref, bytes, sources[i]!.dtype));
-      await pool.run({ sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })), weights, out: into, dtype: tensor.dtype });
+      const read = await Promise.all(
+        sources.map(({ ref, dtype, buffer }) =>
+          seeds[ref.seed]!.readElements(ref.tensor, start, count, buffer.subarray(0, count * DTYPE_SIZE[dtype])),
+        ),
+      );
+      for (const [i, bytes] of read.entries()) checkFinite(seeds, sources[i]!.ref, bytes, sources[i]!.dtype);
+      await pool.run({
+        sources: read.map((bytes, i) => ({ bytes, dtype: sources[i]!.dtype })),
+        weights,
+        out: into,
+        dtype: tensor.dtype,
+      });
     } finally {
       for (const { buffer } of sources) pool.buffers.give(buffer);
     }
@@ -113,7 +157,11 @@ function wholeTensorRanges(tensor: PlannedTensor, compute: () => Promise<Uint8Ar
   };
 }
 
-function randomRouter(tensor: PlannedTensor, { std, key, bound }: { std: number; key: string; bound?: number }, seed: number): Uint8Array {
+function randomRouter(
+  tensor: PlannedTensor,
+  { std, key, bound }: { std: number; key: string; bound?: number },
+  seed: number,
+): Uint8Array {
   const values = new Float32Array(elementsOf(tensor.shape));
   const random = new RandomStream(seed, key);
   if (bound !== undefined) {
@@ -137,7 +185,13 @@ function promptRouter(tensor: PlannedTensor, routerRows: ReadonlyMap<string, Flo
  * and down projections drop the same ones.
  */
 async function dropUpcycle(
-  seeds: Seed[], ref: SourceRef, tensor: PlannedTensor, ratio: number, axis: 0 | 1, seed: number, key: string,
+  seeds: Seed[],
+  ref: SourceRef,
+  tensor: PlannedTensor,
+  ratio: number,
+  axis: 0 | 1,
+  seed: number,
+  key: string,
 ): Promise<Uint8Array> {
   const [rows, cols] = tensor.shape as [number, number];
   const from = sourceDType(seeds, ref);

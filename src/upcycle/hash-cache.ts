@@ -27,13 +27,24 @@ const MAX_ENTRIES = 4096;
 const MAX_CACHE_BYTES = 16e6;
 const SHA256_HEX = /^[0-9a-f]{64}$/;
 
-interface Entry { identity: string; sha256: string }
+interface Entry {
+  identity: string;
+  sha256: string;
+}
 
 /** A file as found now: its real path, its identity, and its hash where known. */
-export interface FileLookup { file: string; real: string; identity: string; sha256: string | null }
+export interface FileLookup {
+  file: string;
+  real: string;
+  identity: string;
+  sha256: string | null;
+}
 
 export class HashCache {
-  private constructor(private readonly path: string, private readonly entries: Map<string, Entry>) {}
+  private constructor(
+    private readonly path: string,
+    private readonly entries: Map<string, Entry>,
+  ) {}
 
   static async load(dir = userCacheDir()): Promise<HashCache> {
     const path = join(dir, CACHE_FILE);
@@ -80,9 +91,16 @@ async function identityOf(real: string): Promise<string> {
 
 async function readEntries(path: string): Promise<Map<string, Entry>> {
   try {
-    const parsed = JSON.parse(await readTextFile(path, MAX_CACHE_BYTES, "IO_ERROR")) as { version?: unknown; entries?: unknown };
+    const parsed = JSON.parse(await readTextFile(path, MAX_CACHE_BYTES, "IO_ERROR")) as {
+      version?: unknown;
+      entries?: unknown;
+    };
     if (parsed.version !== VERSION || typeof parsed.entries !== "object" || parsed.entries === null) return new Map();
-    return new Map(Object.entries(parsed.entries as Record<string, unknown>).filter((pair): pair is [string, Entry] => isEntry(pair[1])));
+    return new Map(
+      Object.entries(parsed.entries as Record<string, unknown>).filter((pair): pair is [string, Entry] =>
+        isEntry(pair[1]),
+      ),
+    );
   } catch {
     return new Map();
   }
@@ -90,5 +108,11 @@ async function readEntries(path: string): Promise<Map<string, Entry>> {
 
 function isEntry(value: unknown): value is Entry {
   const entry = value as Entry;
-  return typeof entry === "object" && entry !== null && typeof entry.identity === "string" && typeof entry.sha256 === "string" && SHA256_HEX.test(entry.sha256);
+  return (
+    typeof entry === "object" &&
+    entry !== null &&
+    typeof entry.identity === "string" &&
+    typeof entry.sha256 === "string" &&
+    SHA256_HEX.test(entry.sha256)
+  );
 }

@@ -77,13 +77,19 @@ export interface HashedSeed extends SeedRecord {
  * is known (see HashCache) are not read; `onProgress` counts the bytes of
  * the others. Rejects with IO_ERROR.
  */
-export function hashSeeds(seeds: SeedFiles[], onProgress?: (done: number, total: number) => void): { result: Promise<HashedSeed[]>; cancel: () => void } {
+export function hashSeeds(
+  seeds: SeedFiles[],
+  onProgress?: (done: number, total: number) => void,
+): { result: Promise<HashedSeed[]>; cancel: () => void } {
   const workers: Worker[] = [];
   let cancelled = false;
   const result = (async () => {
     const cache = await HashCache.load();
-    const looked = await Promise.all(seeds.flatMap((s) => s.files).map((file) => cache.lookup(file)))
-      .catch((error: unknown) => { throw new BamError("IO_ERROR", `hashing seed files: ${(error as Error).message}`); });
+    const looked = await Promise.all(seeds.flatMap((s) => s.files).map((file) => cache.lookup(file))).catch(
+      (error: unknown) => {
+        throw new BamError("IO_ERROR", `hashing seed files: ${(error as Error).message}`);
+      },
+    );
     const unknown = looked.filter((l) => l.sha256 === null);
     if (cancelled) throw new BamError("ABORTED", "hashing seed files: cancelled");
     if (unknown.length > 0) {
@@ -93,7 +99,10 @@ export function hashSeeds(seeds: SeedFiles[], onProgress?: (done: number, total:
       onProgress?.(done, total);
       const hashes = await hashFiles(files, HASH_THREADS, workers, (bytes) => onProgress?.((done += bytes), total));
       for (const l of unknown) l.sha256 = hashes[files.indexOf(l.real)]!;
-      await cache.save(unknown, unknown.map((l) => l.sha256!));
+      await cache.save(
+        unknown,
+        unknown.map((l) => l.sha256!),
+      );
     }
     let next = 0;
     return seeds.map((seed) => {
@@ -103,34 +112,46 @@ export function hashSeeds(seeds: SeedFiles[], onProgress?: (done: number, total:
     });
   })();
   result.catch(() => {}); // awaited later; avoid an unhandled rejection before then
-  return { result, cancel: () => { cancelled = true; for (const worker of workers) void worker.terminate(); } };
+  return {
+    result,
+    cancel: () => {
+      cancelled = true;
+      for (const worker of workers) void worker.terminate();
+    },
+  };
 }
 
 /**
  * The files' sha256s, in order, from up to `threads` worker threads (pushed
  * onto `workers`, for cancel), each taking the next file when it is done.
  */
-export async function hashFiles(files: string[], threads: number, workers: Worker[] = [], onBytes?: (bytes: number) => void): Promise<string[]> {
+export async function hashFiles(
+  files: string[],
+  threads: number,
+  workers: Worker[] = [],
+  onBytes?: (bytes: number) => void,
+): Promise<string[]> {
   const hashes: string[] = new Array(files.length);
   let next = 0;
-  const hashOn = (worker: Worker) => new Promise<void>((resolve, reject) => {
-    const fail = (why: string) => reject(new BamError("IO_ERROR", `hashing seed files: ${why}`));
-    let at = -1;
-    worker.on("message", (message: { bytes: number } | { sha256: string } | { error: string }) => {
-      if ("bytes" in message) return onBytes?.(message.bytes);
-      if ("error" in message) return fail(message.error);
-      hashes[at] = message.sha256;
+  const hashOn = (worker: Worker) =>
+    new Promise<void>((resolve, reject) => {
+      const fail = (why: string) => reject(new BamError("IO_ERROR", `hashing seed files: ${why}`));
+      let at = -1;
+      worker.on("message", (message: { bytes: number } | { sha256: string } | { error: string }) => {
+        if ("bytes" in message) return onBytes?.(message.bytes);
+        if ("error" in message) return fail(message.error);
+        hashes[at] = message.sha256;
+        take();
+      });
+      const take = () => {
+        if (next === files.length) return resolve();
+        at = next++;
+        worker.postMessage(files[at]);
+      };
+      worker.once("error", (error) => fail(error.message));
+      worker.once("exit", () => fail("a hashing thread stopped")); // no-op once resolved
       take();
     });
-    const take = () => {
-      if (next === files.length) return resolve();
-      at = next++;
-      worker.postMessage(files[at]);
-    };
-    worker.once("error", (error) => fail(error.message));
-    worker.once("exit", () => fail("a hashing thread stopped")); // no-op once resolved
-    take();
-  });
   try {
     for (let i = 0; i < Math.min(threads, files.length); i++) workers.push(new Worker(WORKER_SOURCE, { eval: true }));
     await Promise.all(workers.map(hashOn));
@@ -142,6 +163,9 @@ export async function hashFiles(files: string[], threads: number, workers: Worke
 
 /** One hash for a seed: sha256 of its `sha256sum`-style manifest, files sorted by name. */
 export function combinedHash(files: Record<string, string>): string {
-  const manifest = Object.keys(files).sort().map((file) => `${files[file]}  ${file}\n`).join("");
+  const manifest = Object.keys(files)
+    .sort()
+    .map((file) => `${files[file]}  ${file}\n`)
+    .join("");
   return createHash("sha256").update(manifest).digest("hex");
 }

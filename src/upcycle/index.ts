@@ -18,7 +18,14 @@ import { shardedFileBytes, writeShardedSafetensors, type TensorToWrite } from ".
 import { tensorsToWrite } from "./execute.js";
 import { AveragePool } from "./average.js";
 import { filesToHash, hashSeeds, type HashedSeed } from "./hash-seeds.js";
-import { checkOptions, checkWriteOptions, recipeYaml, resolveOptions, type ResolvedOptions, type UpcycleOptions } from "./options.js";
+import {
+  checkOptions,
+  checkWriteOptions,
+  recipeYaml,
+  resolveOptions,
+  type ResolvedOptions,
+  type UpcycleOptions,
+} from "./options.js";
 import { buildPlan, checkSeeds, inputModels, seedFiles, type UpcyclePlan } from "./plan.js";
 import { promptRouterRows, promptsLabel, readPlanPrompts } from "./router-init.js";
 
@@ -144,12 +151,14 @@ export async function upcycle(options: UpcycleOptions, hooks: UpcycleHooks = {})
   return executePlan(await planUpcycle(options, hooks), hooks);
 }
 
-const notAPlan = (why: string) => new BamError("PLAN_INVALID", `plan: ${why}; pass what planUpcycle returned (or its JSON parsed back), unedited`);
+const notAPlan = (why: string) =>
+  new BamError("PLAN_INVALID", `plan: ${why}; pass what planUpcycle returned (or its JSON parsed back), unedited`);
 
 /** The options a plan was made from, as UpcycleOptions: planning them again must give the same plan; a plan to run names its output. */
 function optionsOfPlan(plan: unknown): UpcycleOptions & { output: string } {
   const o = (plan as { options?: unknown } | null)?.options;
-  if (o === null || typeof o !== "object" || Array.isArray(o)) throw notAPlan(plan === null || typeof plan !== "object" ? "not an object" : "has no options");
+  if (o === null || typeof o !== "object" || Array.isArray(o))
+    throw notAPlan(plan === null || typeof plan !== "object" ? "not an object" : "has no options");
   const r = o as ResolvedOptions;
   const options: UpcycleOptions = readable(() => ({
     seeds: r.seeds,
@@ -200,13 +209,21 @@ async function replan(plan: UpcyclePlan, options: UpcycleOptions, seeds: Seed[])
   const resolved = inPlanWords(() => resolveFor(options, seeds));
   // Normalising weights that already sum to 1 can move them by an ulp: the plan's own stand when they are that close.
   const given = options.weights;
-  const weights = Array.isArray(given) && given.length === resolved.weights.length && given.every((w, i) => Math.abs(w - resolved.weights[i]!) <= 1e-12) ? given : resolved.weights;
+  const weights =
+    Array.isArray(given) &&
+    given.length === resolved.weights.length &&
+    given.every((w, i) => Math.abs(w - resolved.weights[i]!) <= 1e-12)
+      ? given
+      : resolved.weights;
   const files = await Promise.all(seeds.map(seedFiles));
   const checked = inPlanWords(() => buildPlan(seeds, { ...resolved, weights }, files));
   readable(() => checkFresh(plan, checked));
   const found = readable(() => difference(plan, checked, "plan"));
   if (found !== undefined) {
-    throw new BamError("PLAN_INVALID", `${found.path} is ${shown(found.given)} in the plan, but ${shown(found.expected)} from its options and seeds (it was edited, or made by another version of bam-upcycle or on another machine); make the plan again with planUpcycle`);
+    throw new BamError(
+      "PLAN_INVALID",
+      `${found.path} is ${shown(found.given)} in the plan, but ${shown(found.expected)} from its options and seeds (it was edited, or made by another version of bam-upcycle or on another machine); make the plan again with planUpcycle`,
+    );
   }
   return checked;
 }
@@ -223,30 +240,41 @@ function readable<T>(read: () => T): T {
 
 /** Refuses a plan made before one of its seeds changed: another folder, other files, or files of another size or time. */
 function checkFresh(plan: UpcyclePlan, checked: UpcyclePlan): void {
-  const stale = (where: string, what: string) => new BamError("PLAN_STALE", `${where}: ${what} since the plan was made; make the plan again with planUpcycle`);
+  const stale = (where: string, what: string) =>
+    new BamError("PLAN_STALE", `${where}: ${what} since the plan was made; make the plan again with planUpcycle`);
   for (const [i, seed] of checked.seeds.entries()) {
     const was: unknown = Array.isArray(plan.seeds) ? plan.seeds[i] : undefined;
     if (was === null || typeof was !== "object") continue; // no seed record at all: the comparison calls the plan invalid
     const { dir, files } = was as { dir?: unknown; files?: unknown };
-    if (dir !== seed.dir) throw stale(`seed ${plan.options.seeds[i] ?? plan.options.sharedFrom}`, `is now ${seed.dir}, not ${shown(dir)},`);
-    const changed = () => stale(seed.dir, `its files are now ${seed.files.map((f) => basename(f.path)).join(", ")}: they changed`);
+    if (dir !== seed.dir)
+      throw stale(`seed ${plan.options.seeds[i] ?? plan.options.sharedFrom}`, `is now ${seed.dir}, not ${shown(dir)},`);
+    const changed = () =>
+      stale(seed.dir, `its files are now ${seed.files.map((f) => basename(f.path)).join(", ")}: they changed`);
     if (!Array.isArray(files) || files.length !== seed.files.length) throw changed();
     for (const [j, file] of seed.files.entries()) {
       const before = files[j] as Partial<typeof file> | undefined;
       if (before?.path !== file.path) throw changed();
-      if (before.bytes !== file.bytes) throw stale(file.path, `is now ${file.bytes} bytes, not ${shown(before.bytes)}: it changed`);
+      if (before.bytes !== file.bytes)
+        throw stale(file.path, `is now ${file.bytes} bytes, not ${shown(before.bytes)}: it changed`);
       if (before.modifiedMs !== file.modifiedMs) throw stale(file.path, "was modified");
     }
   }
 }
 
 /** The first place where `given` is not `expected` (plain data: undefined and absent are alike), with both values there. */
-function difference(given: unknown, expected: unknown, path: string): { path: string; given: unknown; expected: unknown } | undefined {
-  if (expected === null || typeof expected !== "object") return given === expected ? undefined : { path, given, expected };
-  if (given === null || typeof given !== "object" || Array.isArray(given) !== Array.isArray(expected)) return { path, given, expected };
+function difference(
+  given: unknown,
+  expected: unknown,
+  path: string,
+): { path: string; given: unknown; expected: unknown } | undefined {
+  if (expected === null || typeof expected !== "object")
+    return given === expected ? undefined : { path, given, expected };
+  if (given === null || typeof given !== "object" || Array.isArray(given) !== Array.isArray(expected))
+    return { path, given, expected };
   if (Array.isArray(expected)) {
     const list = given as unknown[];
-    if (list.length !== expected.length) return { path: `${path}.length`, given: list.length, expected: expected.length };
+    if (list.length !== expected.length)
+      return { path: `${path}.length`, given: list.length, expected: expected.length };
     for (const [i, item] of expected.entries()) {
       const found = difference(list[i], item, `${path}[${i}]`);
       if (found !== undefined) return found;
@@ -256,7 +284,11 @@ function difference(given: unknown, expected: unknown, path: string): { path: st
   const a = given as Record<string, unknown>;
   const b = expected as Record<string, unknown>;
   for (const key of new Set([...Object.keys(b), ...Object.keys(a)])) {
-    const found = difference(Object.hasOwn(a, key) ? a[key] : undefined, Object.hasOwn(b, key) ? b[key] : undefined, `${path}.${key}`);
+    const found = difference(
+      Object.hasOwn(a, key) ? a[key] : undefined,
+      Object.hasOwn(b, key) ? b[key] : undefined,
+      `${path}.${key}`,
+    );
     if (found !== undefined) return found;
   }
   return undefined;
@@ -265,7 +297,8 @@ function difference(given: unknown, expected: unknown, path: string): { path: st
 /** A value in a message: short JSON, or its kind. */
 function shown(value: unknown): string {
   if (value === undefined) return "absent";
-  if (value !== null && typeof value === "object") return Array.isArray(value) ? `a list of ${value.length}` : "an object";
+  if (value !== null && typeof value === "object")
+    return Array.isArray(value) ? `a list of ${value.length}` : "an object";
   const text = JSON.stringify(value) ?? String(value);
   return text.length > 80 ? `${text.slice(0, 80)}...` : text;
 }
@@ -287,9 +320,18 @@ function cardModel(plan: UpcyclePlan, output: string): CardModel {
 }
 
 /** Writes a checked plan from the open seeds into its atomic output folder. */
-async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: UpcycleHooks, started: number): Promise<UpcycleResult> {
+async function execute(
+  plan: UpcyclePlan,
+  output: string,
+  seeds: Seed[],
+  hooks: UpcycleHooks,
+  started: number,
+): Promise<UpcycleResult> {
   const copied = await sideFiles(seeds[0]!.dir);
-  const inputs = [...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]), ...(typeof plan.options.prompts === "string" ? [plan.options.prompts] : [])];
+  const inputs = [
+    ...seeds.flatMap((seed) => [seed.dir, ...filesToHash(seed).files]),
+    ...(typeof plan.options.prompts === "string" ? [plan.options.prompts] : []),
+  ];
   const folder = await openAtomicFolder(output, { force: plan.options.force, inputs });
   let bytesWritten = 0;
   let totalBytes = 0;
@@ -305,14 +347,38 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
   try {
     const source = plan.options.prompts;
     const prompts = source === null ? undefined : await readPlanPrompts(plan, source);
-    const routerRows = prompts === undefined
-      ? undefined
-      : await promptRouterRows(plan, seeds, prompts, promptsLabel(source!), hooks.signal, (done, total) => report("router-init", done, total));
+    const routerRows =
+      prompts === undefined
+        ? undefined
+        : await promptRouterRows(plan, seeds, prompts, promptsLabel(source!), hooks.signal, (done, total) =>
+            report("router-init", done, total),
+          );
     let current = "";
     // With several batches in flight, "current" is the tensor whose production started last.
-    const tensors = tensorsToWrite(plan, seeds, averages, (name) => formatTensorName(plan.format, name), routerRows).map((t): TensorToWrite => ("fill" in t
-      ? { ...t, fill: (offset, into) => ((current = t.name), t.fill(offset, into)) }
-      : { ...t, data: () => ((current = t.name), t.data()) }));
+    const tensors = tensorsToWrite(
+      plan,
+      seeds,
+      averages,
+      (name) => formatTensorName(plan.format, name),
+      routerRows,
+    ).map(
+      (t): TensorToWrite =>
+        "fill" in t
+          ? {
+              ...t,
+              fill: (offset, into) => {
+                current = t.name;
+                return t.fill(offset, into);
+              },
+            }
+          : {
+              ...t,
+              data: () => {
+                current = t.name;
+                return t.data();
+              },
+            },
+    );
     totalBytes = shardedFileBytes(tensors, plan.options.maxShardBytes, SHARD_METADATA);
     const written = await writeShardedSafetensors(folder.path, tensors, {
       maxShardBytes: plan.options.maxShardBytes,
@@ -330,11 +396,17 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
     const seedHashes = await hashing.result;
     for (const seed of seeds) await seed.checkUnchanged(); // what was read and hashed is one version of each seed
     const recipe = recipeYaml(plan.options, prompts);
-    await writeOutputFiles(folder.path, seeds[0]!, copied, {
-      "config.json": configJson(plan.format, seedHashes),
-      "recipe.yaml": recipe,
-      "README.md": modelCard(cardModel(plan, output), recipe, plan.format.remoteCode, seeds),
-    }, plan.format.remoteCode);
+    await writeOutputFiles(
+      folder.path,
+      seeds[0]!,
+      copied,
+      {
+        "config.json": configJson(plan.format, seedHashes),
+        "recipe.yaml": recipe,
+        "README.md": modelCard(cardModel(plan, output), recipe, plan.format.remoteCode, seeds),
+      },
+      plan.format.remoteCode,
+    );
     if (hooks.signal?.aborted) throw new BamError("ABORTED", `${output}: interrupted; nothing was written`);
     await folder.commit();
     return {
@@ -357,10 +429,17 @@ async function execute(plan: UpcyclePlan, output: string, seeds: Seed[], hooks: 
 }
 
 /** The output's side files: the first seed's (checked by sideFiles), the model code for trust_remote_code, and the generated files. */
-async function writeOutputFiles(dir: string, firstSeed: Seed, copied: readonly string[], generated: Record<string, string>, remoteCode: boolean): Promise<void> {
+async function writeOutputFiles(
+  dir: string,
+  firstSeed: Seed,
+  copied: readonly string[],
+  generated: Record<string, string>,
+  remoteCode: boolean,
+): Promise<void> {
   await writeSideFiles(firstSeed.dir, copied, dir, firstSeed.rawConfig);
   if (remoteCode) {
-    for (const file of ["configuration_bam.py", "modeling_bam.py"]) await writeInto(dir, file, (path) => copyFile(join(PYTHON_DIR, file), path));
+    for (const file of ["configuration_bam.py", "modeling_bam.py"])
+      await writeInto(dir, file, (path) => copyFile(join(PYTHON_DIR, file), path));
   }
   for (const [file, text] of Object.entries(generated)) await writeInto(dir, file, (path) => writeFile(path, text));
 }

@@ -25,7 +25,12 @@ import { dirname, resolve } from "node:path";
 import { BamError } from "../errors.js";
 import type { OutputDType, OutputFormat, RouterInit, UpcycleOptions } from "./options.js";
 
-const GATE_MODES: Record<string, RouterInit> = { hidden: "hidden", cheap_embed: "cheap-embed", random: "random", uniform_random: "uniform-random" };
+const GATE_MODES: Record<string, RouterInit> = {
+  hidden: "hidden",
+  cheap_embed: "cheap-embed",
+  random: "random",
+  uniform_random: "uniform-random",
+};
 const DTYPES: Record<string, OutputDType> = { bfloat16: "bf16", float16: "f16", float32: "f32" };
 const TOP_KEYS = new Set(["base_model", "experts", "gate_mode", "dtype", "experts_per_token", "architecture"]);
 const EXPERT_KEYS = new Set(["source_model", "positive_prompts", "negative_prompts"]);
@@ -55,7 +60,9 @@ export function fromMergekit(parsed: Record<string, unknown>, configPath: string
   const fail = (why: string): never => {
     throw new BamError("RECIPE_INVALID", `${configPath}: mergekit-moe config: ${why}`);
   };
-  const experts = Array.isArray(parsed.experts) ? (parsed.experts as unknown[]) : fail('"experts" must be a list of {source_model, positive_prompts, negative_prompts}');
+  const experts = Array.isArray(parsed.experts)
+    ? (parsed.experts as unknown[])
+    : fail('"experts" must be a list of {source_model, positive_prompts, negative_prompts}');
   if (experts.length === 0) fail('"experts" is empty');
   const unsupported: string[] = [];
   const unknown: string[] = [];
@@ -65,25 +72,44 @@ export function fromMergekit(parsed: Record<string, unknown>, configPath: string
   };
   for (const key of Object.keys(parsed)) sort(key, "", TOP_KEYS);
   experts.forEach((expert, e) => {
-    if (expert === null || typeof expert !== "object" || Array.isArray(expert)) fail(`experts[${e}] must be a mapping with source_model`);
+    if (expert === null || typeof expert !== "object" || Array.isArray(expert))
+      fail(`experts[${e}] must be a mapping with source_model`);
     for (const key of Object.keys(expert as object)) sort(key, `experts[${e}].`, EXPERT_KEYS);
   });
   if (unsupported.length > 0 || unknown.length > 0) {
     const parts = [];
     if (unsupported.length > 0) parts.push(`not supported: ${unsupported.join(", ")}`);
     if (unknown.length > 0) parts.push(`unknown: ${unknown.join(", ")}`);
-    fail(`${parts.join("; ")}; remove them (supported keys: ${[...TOP_KEYS].join(", ")}; per expert: ${[...EXPERT_KEYS].join(", ")})`);
+    fail(
+      `${parts.join("; ")}; remove them (supported keys: ${[...TOP_KEYS].join(", ")}; per expert: ${[...EXPERT_KEYS].join(", ")})`,
+    );
   }
-  const text = (value: unknown, where: string): string => (typeof value === "string" && value !== "" && !value.includes("\0") ? value : fail(`${where} must be a model path or Hugging Face id`));
-  const seeds = experts.map((expert, e) => resolveModelReference(text((expert as Record<string, unknown>).source_model, `experts[${e}].source_model`), configPath));
+  const text = (value: unknown, where: string): string =>
+    typeof value === "string" && value !== "" && !value.includes("\0")
+      ? value
+      : fail(`${where} must be a model path or Hugging Face id`);
+  const seeds = experts.map((expert, e) =>
+    resolveModelReference(
+      text((expert as Record<string, unknown>).source_model, `experts[${e}].source_model`),
+      configPath,
+    ),
+  );
   const sharedFrom = resolveModelReference(text(parsed.base_model, "base_model"), configPath);
 
   const gateMode = parsed.gate_mode ?? "hidden"; // mergekit's default
-  const routerInit = typeof gateMode === "string" && Object.hasOwn(GATE_MODES, gateMode) ? GATE_MODES[gateMode]! : fail(`gate_mode must be one of ${Object.keys(GATE_MODES).join(", ")}, not ${JSON.stringify(gateMode)}`);
+  const routerInit =
+    typeof gateMode === "string" && Object.hasOwn(GATE_MODES, gateMode)
+      ? GATE_MODES[gateMode]!
+      : fail(`gate_mode must be one of ${Object.keys(GATE_MODES).join(", ")}, not ${JSON.stringify(gateMode)}`);
   const fromPrompts = routerInit === "hidden" || routerInit === "cheap-embed";
   if (fromPrompts) {
-    const missing = experts.flatMap((expert, e) => ((expert as Record<string, unknown>).positive_prompts === undefined ? [e] : []));
-    if (missing.length > 0) fail(`gate_mode ${String(gateMode)} needs positive_prompts for every expert; experts[${missing.join("], experts[")}] have none (or use gate_mode: random)`);
+    const missing = experts.flatMap((expert, e) =>
+      (expert as Record<string, unknown>).positive_prompts === undefined ? [e] : [],
+    );
+    if (missing.length > 0)
+      fail(
+        `gate_mode ${String(gateMode)} needs positive_prompts for every expert; experts[${missing.join("], experts[")}] have none (or use gate_mode: random)`,
+      );
   }
 
   const options: Partial<UpcycleOptions> = {
@@ -91,15 +117,23 @@ export function fromMergekit(parsed: Record<string, unknown>, configPath: string
     sharedFrom,
     attention: "merged",
     block: "sequential",
-    expertsPerToken: parsed.experts_per_token === undefined ? 2 : typeof parsed.experts_per_token === "number" ? parsed.experts_per_token : fail("experts_per_token must be a number"),
+    expertsPerToken:
+      parsed.experts_per_token === undefined
+        ? 2
+        : typeof parsed.experts_per_token === "number"
+          ? parsed.experts_per_token
+          : fail("experts_per_token must be a number"),
     routerInit,
     ...(fromPrompts ? { prompts: resolve(configPath) } : {}),
   };
   if (parsed.dtype !== undefined && parsed.dtype !== null) {
     const name = typeof parsed.dtype === "string" ? parsed.dtype.replace(/^torch\./, "") : "";
-    options.dtype = Object.hasOwn(DTYPES, name) ? DTYPES[name] : fail(`dtype must be one of ${Object.keys(DTYPES).join(", ")}, not ${JSON.stringify(parsed.dtype)}`);
+    options.dtype = Object.hasOwn(DTYPES, name)
+      ? DTYPES[name]
+      : fail(`dtype must be one of ${Object.keys(DTYPES).join(", ")}, not ${JSON.stringify(parsed.dtype)}`);
   }
-  if (parsed.architecture !== undefined && parsed.architecture !== null) options.format = outputFormat(parsed.architecture, fail);
+  if (parsed.architecture !== undefined && parsed.architecture !== null)
+    options.format = outputFormat(parsed.architecture, fail);
   return options;
 }
 
@@ -112,5 +146,7 @@ function outputFormat(value: unknown, fail: (why: string) => never): OutputForma
   const name = typeof value === "string" ? value.toLowerCase().replace(/[\s_-]/g, "") : "";
   if (name !== "" && "mixtral".startsWith(name)) return "mixtral";
   if (name.startsWith("qwen3") && "qwen3moe".startsWith(name)) return "qwen3-moe";
-  return fail(`architecture ${JSON.stringify(value)} is not written here; use mixtral or qwen3 (qwen3_moe), or leave it out for the BAM folder`);
+  return fail(
+    `architecture ${JSON.stringify(value)} is not written here; use mixtral or qwen3 (qwen3_moe), or leave it out for the BAM folder`,
+  );
 }

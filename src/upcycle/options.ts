@@ -175,7 +175,7 @@ const KIND_TEXT: Readonly<Record<ValueKind, string>> = {
   string: "a string",
   number: "a number",
   numbers: "a list of numbers",
-  size: "a number of bytes or a size such as \"5GB\"",
+  size: 'a number of bytes or a size such as "5GB"',
   boolean: "true or false",
 };
 
@@ -183,25 +183,38 @@ const KIND_TEXT: Readonly<Record<ValueKind, string>> = {
 function describeValue(value: unknown): string {
   if (value === null) return "null";
   if (Array.isArray(value)) return `a list of ${value.length}`;
-  if (typeof value === "string") return `the string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value)}`;
-  if (typeof value === "object" || typeof value === "function") return `a${typeof value === "object" ? "n object" : " function"}`;
+  if (typeof value === "string")
+    return `the string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}...` : value)}`;
+  if (typeof value === "object" || typeof value === "function")
+    return `a${typeof value === "object" ? "n object" : " function"}`;
   return `${typeof value} ${String(value)}`;
 }
 
 const isPath = (value: unknown) => typeof value === "string" && value !== "" && !value.includes("\0");
 const isPromptsMapping = (value: unknown): value is PromptsMapping =>
-  value !== null && typeof value === "object" && !Array.isArray(value) && Array.isArray((value as { experts?: unknown }).experts);
+  value !== null &&
+  typeof value === "object" &&
+  !Array.isArray(value) &&
+  Array.isArray((value as { experts?: unknown }).experts);
 
 function hasKind(value: unknown, kind: ValueKind): boolean {
   switch (kind) {
-    case "paths": return Array.isArray(value) && value.every(isPath);
-    case "path": return isPath(value);
-    case "prompts": return isPath(value) || isPromptsMapping(value);
-    case "string": return typeof value === "string";
-    case "number": return typeof value === "number";
-    case "numbers": return Array.isArray(value) && value.every((v) => typeof v === "number");
-    case "size": return typeof value === "number" || typeof value === "string";
-    case "boolean": return typeof value === "boolean";
+    case "paths":
+      return Array.isArray(value) && value.every(isPath);
+    case "path":
+      return isPath(value);
+    case "prompts":
+      return isPath(value) || isPromptsMapping(value);
+    case "string":
+      return typeof value === "string";
+    case "number":
+      return typeof value === "number";
+    case "numbers":
+      return Array.isArray(value) && value.every((v) => typeof v === "number");
+    case "size":
+      return typeof value === "number" || typeof value === "string";
+    case "boolean":
+      return typeof value === "boolean";
   }
 }
 
@@ -210,7 +223,8 @@ function editDistance(a: string, b: string): number {
   let previous = Array.from({ length: b.length + 1 }, (_, j) => j);
   for (let i = 1; i <= a.length; i++) {
     const row = [i];
-    for (let j = 1; j <= b.length; j++) row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+    for (let j = 1; j <= b.length; j++)
+      row[j] = Math.min(previous[j]! + 1, row[j - 1]! + 1, previous[j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
     previous = row;
   }
   return previous[b.length]!;
@@ -236,7 +250,9 @@ function closestName(key: string, names: readonly string[]): string | undefined 
  */
 export function checkOptions(options: unknown): asserts options is UpcycleOptions {
   if (options === null || typeof options !== "object" || Array.isArray(options)) {
-    invalid(`upcycle options must be an object such as { seeds: ["base", "code"], output: "out" }, not ${describeValue(options)}`);
+    invalid(
+      `upcycle options must be an object such as { seeds: ["base", "code"], output: "out" }, not ${describeValue(options)}`,
+    );
   }
   const given = options as Record<string, unknown>;
   const names = Object.keys(OPTION_KINDS);
@@ -244,12 +260,16 @@ export function checkOptions(options: unknown): asserts options is UpcycleOption
     const kind = Object.hasOwn(OPTION_KINDS, key) ? OPTION_KINDS[key as keyof UpcycleOptions] : undefined;
     if (kind === undefined) {
       const near = closestName(key, names);
-      return invalid(`unknown option "${key}"${near === undefined ? `; known options: ${names.join(", ")}` : `; did you mean "${near}"?`}`);
+      return invalid(
+        `unknown option "${key}"${near === undefined ? `; known options: ${names.join(", ")}` : `; did you mean "${near}"?`}`,
+      );
     }
-    if (value !== undefined && !hasKind(value, kind)) invalid(`${key} must be ${KIND_TEXT[kind]}, not ${describeValue(value)}`);
+    if (value !== undefined && !hasKind(value, kind))
+      invalid(`${key} must be ${KIND_TEXT[kind]}, not ${describeValue(value)}`);
   }
   if (!Array.isArray(given.seeds) || given.seeds.length === 0) invalid("seeds: name at least one seed folder");
-  if ((given.seeds as unknown[]).length > MAX_SEEDS) invalid(`seeds: at most ${MAX_SEEDS} seed folders, not ${(given.seeds as unknown[]).length}`);
+  if ((given.seeds as unknown[]).length > MAX_SEEDS)
+    invalid(`seeds: at most ${MAX_SEEDS} seed folders, not ${(given.seeds as unknown[]).length}`);
 }
 
 /** checkOptions, and an output folder named: what upcycle() checks before any file is opened. */
@@ -260,12 +280,16 @@ export function checkWriteOptions(options: unknown): asserts options is UpcycleO
 
 function oneOf<T extends string>(name: string, value: T | undefined, options: readonly T[], fallback: T): T {
   if (value === undefined) return fallback;
-  return options.includes(value) ? value : invalid(`${name} must be one of ${options.join(", ")}, not "${String(value)}"`);
+  return options.includes(value)
+    ? value
+    : invalid(`${name} must be one of ${options.join(", ")}, not "${String(value)}"`);
 }
 
 function integer(name: string, value: number | undefined, min: number, max: number, fallback: number): number {
   if (value === undefined) return fallback;
-  return Number.isInteger(value) && value >= min && value <= max ? value : invalid(`${name} must be an integer from ${min} to ${max}, not ${value}`);
+  return Number.isInteger(value) && value >= min && value <= max
+    ? value
+    : invalid(`${name} must be an integer from ${min} to ${max}, not ${value}`);
 }
 
 function fraction(name: string, value: number | undefined, fallback: number, allowOne: boolean): number {
@@ -286,33 +310,46 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
   }
   const experts = seedCount === 1 ? integer("experts", options.experts, 1, 256, 1) : seedCount;
   const dropRatio = fraction("dropRatio", options.dropRatio, 0, false);
-  if (dropRatio > 0 && seedCount > 1) invalid("dropRatio is Drop-Upcycling from one seed; name a single seed with experts: N");
+  if (dropRatio > 0 && seedCount > 1)
+    invalid("dropRatio is Drop-Upcycling from one seed; name a single seed with experts: N");
   const expertsPerToken = integer("expertsPerToken", options.expertsPerToken, 1, experts, 1);
   const normTopkProb = options.normTopkProb ?? DEFAULT_NORM_TOPK_PROB;
   if (typeof normTopkProb !== "boolean") invalid(`normTopkProb must be true or false, not ${String(normTopkProb)}`);
   const weights = options.weights ?? new Array<number>(seedCount).fill(1);
-  if (weights.length !== seedCount) invalid(`weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
+  if (weights.length !== seedCount)
+    invalid(`weights needs one weight per seed: ${seedCount} seeds, ${weights.length} weights`);
   if (weights.some((w) => !Number.isFinite(w) || w < 0) || weights.every((w) => w === 0)) {
     invalid("weights must be non-negative numbers, not all zero");
   }
   const weightSum = weights.reduce((a, b) => a + b, 0);
   // 1e308 + 1e308 overflows: every weight would normalise to 0 and every average to zeros.
-  if (!Number.isFinite(weightSum)) invalid(`weights add up to ${weightSum}; use smaller numbers (only their ratios matter)`);
-  const maxShardBytes = typeof options.maxShardSize === "string" ? parseSize(options.maxShardSize) : (options.maxShardSize ?? 5e9);
-  if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1) invalid(`maxShardSize must be a positive size, not ${String(options.maxShardSize)}`);
+  if (!Number.isFinite(weightSum))
+    invalid(`weights add up to ${weightSum}; use smaller numbers (only their ratios matter)`);
+  const maxShardBytes =
+    typeof options.maxShardSize === "string" ? parseSize(options.maxShardSize) : (options.maxShardSize ?? 5e9);
+  if (!Number.isSafeInteger(maxShardBytes) || maxShardBytes < 1)
+    invalid(`maxShardSize must be a positive size, not ${String(options.maxShardSize)}`);
   const routerScale = options.routerScale ?? 0.1;
-  if (!Number.isFinite(routerScale) || routerScale <= 0) invalid(`routerScale must be a positive number, not ${routerScale}`);
+  if (!Number.isFinite(routerScale) || routerScale <= 0)
+    invalid(`routerScale must be a positive number, not ${routerScale}`);
   const routerInit = oneOf("routerInit", options.routerInit, ROUTER_INITS, "random");
   const fromPrompts = PROMPT_ROUTER_INITS.includes(routerInit);
-  if (fromPrompts && options.prompts === undefined) invalid(`routerInit "${routerInit}" needs prompts (a YAML file of prompts per expert)`);
+  if (fromPrompts && options.prompts === undefined)
+    invalid(`routerInit "${routerInit}" needs prompts (a YAML file of prompts per expert)`);
   if (!fromPrompts && options.prompts !== undefined) invalid('prompts goes with routerInit "hidden" or "cheap-embed"');
   const sharedFrom = options.sharedFrom ?? null;
-  if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0"))) invalid("sharedFrom must be a model folder");
-  if (sharedFrom !== null && options.weights !== undefined) invalid("weights average the shared tensors, sharedFrom copies them from one model; give one of them");
+  if (sharedFrom !== null && (typeof sharedFrom !== "string" || sharedFrom === "" || sharedFrom.includes("\0")))
+    invalid("sharedFrom must be a model folder");
+  if (sharedFrom !== null && options.weights !== undefined)
+    invalid("weights average the shared tensors, sharedFrom copies them from one model; give one of them");
   const seed = options.seed ?? 0;
   if (!Number.isSafeInteger(seed) || seed < 0) invalid(`seed must be a non-negative integer, not ${seed}`);
   const coefficient = (name: string, value: number | undefined, fallback: number) =>
-    value === undefined ? fallback : Number.isFinite(value) && value >= 0 ? value : invalid(`${name} must be a non-negative number, not ${value}`);
+    value === undefined
+      ? fallback
+      : Number.isFinite(value) && value >= 0
+        ? value
+        : invalid(`${name} must be a non-negative number, not ${value}`);
   return {
     seeds: [...options.seeds], // copies: the plan that holds these is frozen, the caller's own objects are not
     output: options.output ?? null,
@@ -325,7 +362,10 @@ export function resolveOptions(options: UpcycleOptions, seedBlock: BlockKind): R
     weights: weights.map((w) => w / weightSum),
     sharedFrom,
     routerInit,
-    prompts: options.prompts === undefined || typeof options.prompts === "string" ? options.prompts ?? null : promptsCopy(options.prompts),
+    prompts:
+      options.prompts === undefined || typeof options.prompts === "string"
+        ? (options.prompts ?? null)
+        : promptsCopy(options.prompts),
     routerScale,
     seed,
     dtype: oneOf("dtype", options.dtype, OUTPUT_DTYPES, "keep"),
@@ -351,7 +391,8 @@ function promptsCopy(prompts: PromptsMapping): PromptsMapping {
 function modelName(name: string | undefined): string | null {
   if (name === undefined) return null;
   const title = name.trim();
-  if (title === "" || title.length > 200 || /[\p{Cc}\p{Zl}\p{Zp}]/u.test(title)) invalid(`name must be one line of at most 200 printable characters, not ${JSON.stringify(name).slice(0, 60)}`);
+  if (title === "" || title.length > 200 || /[\p{Cc}\p{Zl}\p{Zp}]/u.test(title))
+    invalid(`name must be one line of at most 200 printable characters, not ${JSON.stringify(name).slice(0, 60)}`);
   return title;
 }
 
@@ -427,7 +468,10 @@ export async function readYamlFile(path: string): Promise<unknown> {
     throw ioError(path, error);
   }
   if (yamlDepth(text, MAX_YAML_DEPTH) > MAX_YAML_DEPTH) {
-    throw new BamError("RECIPE_INVALID", `${path}: nested more than ${MAX_YAML_DEPTH} levels deep; a recipe or prompts file needs three or four`);
+    throw new BamError(
+      "RECIPE_INVALID",
+      `${path}: nested more than ${MAX_YAML_DEPTH} levels deep; a recipe or prompts file needs three or four`,
+    );
   }
   try {
     // logLevel "error" keeps toJS quiet about a list or mapping used as a key: it becomes a string,
@@ -437,7 +481,10 @@ export async function readYamlFile(path: string): Promise<unknown> {
     if (problem !== undefined) throw problem;
     return document.toJS({ maxAliasCount: 100 });
   } catch (error) {
-    throw new BamError("RECIPE_INVALID", `${path}: not valid YAML (${(error as Error).message.split("\n")[0]!.replace(/:$/, "")})`);
+    throw new BamError(
+      "RECIPE_INVALID",
+      `${path}: not valid YAML (${(error as Error).message.split("\n")[0]!.replace(/:$/, "")})`,
+    );
   }
 }
 
@@ -467,7 +514,10 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
   for (const [key, value] of Object.entries(parsed)) {
     const name = Object.hasOwn(RECIPE_KEYS, key) ? RECIPE_KEYS[key] : undefined; // not "constructor" or "toString" from the prototype
     if (name === undefined) {
-      throw new BamError("RECIPE_INVALID", `${path}: unknown key "${key}"; known keys: ${Object.keys(RECIPE_KEYS).join(", ")}`);
+      throw new BamError(
+        "RECIPE_INVALID",
+        `${path}: unknown key "${key}"; known keys: ${Object.keys(RECIPE_KEYS).join(", ")}`,
+      );
     }
     if (name === "prompts" && isPromptsMapping(value)) {
       options.prompts = value;
@@ -475,15 +525,26 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
     }
     const wantsList = name === "seeds" || name === "weights";
     const typeOk = wantsList ? Array.isArray(value) : ["string", "number", "boolean"].includes(typeof value);
-    if (!typeOk) throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be ${wantsList ? "a list" : name === "prompts" ? "a path or a mapping with experts: [...]" : "a single value"}`);
+    if (!typeOk)
+      throw new BamError(
+        "RECIPE_INVALID",
+        `${path}: "${key}" must be ${wantsList ? "a list" : name === "prompts" ? "a path or a mapping with experts: [...]" : "a single value"}`,
+      );
     const item = name === "seeds" ? "string" : "number";
     if (wantsList && !(value as unknown[]).every((v) => typeof v === item)) {
-      throw new BamError("RECIPE_INVALID", `${path}: "${key}" must be a list of ${name === "seeds" ? "folder names" : "numbers"}`);
+      throw new BamError(
+        "RECIPE_INVALID",
+        `${path}: "${key}" must be a list of ${name === "seeds" ? "folder names" : "numbers"}`,
+      );
     }
-    options[name] = name === "seeds" ? (value as string[]).map((seed) => (seed === "" ? seed : recipeModel(seed, path)))
-      : name === "sharedFrom" && typeof value === "string" && value !== "" ? recipeModel(value, path)
-      : name === "prompts" && typeof value === "string" && value !== "" ? resolve(dirname(path), value)
-      : value;
+    options[name] =
+      name === "seeds"
+        ? (value as string[]).map((seed) => (seed === "" ? seed : recipeModel(seed, path)))
+        : name === "sharedFrom" && typeof value === "string" && value !== ""
+          ? recipeModel(value, path)
+          : name === "prompts" && typeof value === "string" && value !== ""
+            ? resolve(dirname(path), value)
+            : value;
   }
   return options as Partial<UpcycleOptions>;
 }
@@ -494,17 +555,23 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
  * library speaks to API callers; `bam upcycle` wraps its body in this.
  */
 export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
-  return (...args) => body(...args).catch((error: unknown) => {
-    if (!isBamError(error, "OPTIONS_INVALID")) throw error;
-    // seeds are positional: "seeds: name at least one seed folder" stays as it is.
-    const flags = new Map<string, string>([...Object.entries(RECIPE_KEYS).filter(([key]) => key !== "seeds").map(([key, name]) => [name, `--${key}`] as [string, string]), ["force", "--force"]]);
-    const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
-    // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
-    const message = error.message
-      .replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (name) => flags.get(name)!)
-      .replace(/^([a-z]+)(?=[: ])/, (name) => flags.get(name) ?? name);
-    throw new BamError(error.code, message, { cause: error });
-  });
+  return (...args) =>
+    body(...args).catch((error: unknown) => {
+      if (!isBamError(error, "OPTIONS_INVALID")) throw error;
+      // seeds are positional: "seeds: name at least one seed folder" stays as it is.
+      const flags = new Map<string, string>([
+        ...Object.entries(RECIPE_KEYS)
+          .filter(([key]) => key !== "seeds")
+          .map(([key, name]) => [name, `--${key}`] as [string, string]),
+        ["force", "--force"],
+      ]);
+      const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
+      // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
+      const message = error.message
+        .replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (name) => flags.get(name)!)
+        .replace(/^([a-z]+)(?=[: ])/, (name) => flags.get(name) ?? name);
+      throw new BamError(error.code, message, { cause: error });
+    });
 }
 
 /**
@@ -521,9 +588,15 @@ export function recipeYaml(options: ResolvedOptions, prompts?: readonly ExpertPr
   }
   byKey.seeds = options.seeds.map(absolute);
   if (options.seeds.length > 1) delete byKey.experts; // implied by the seeds, and refused beside them
-  if (options.prompts === null) delete byKey.prompts; // only with --router-init hidden, and refused without it
+  if (options.prompts === null)
+    delete byKey.prompts; // only with --router-init hidden, and refused without it
   else if (prompts !== undefined) {
-    byKey.prompts = { experts: prompts.map((p) => ({ positive_prompts: p.positive, ...(p.negative.length > 0 ? { negative_prompts: p.negative } : {}) })) };
+    byKey.prompts = {
+      experts: prompts.map((p) => ({
+        positive_prompts: p.positive,
+        ...(p.negative.length > 0 ? { negative_prompts: p.negative } : {}),
+      })),
+    };
   }
   if (options.name === null) delete byKey.name;
   if (options.sharedFrom === null) delete byKey["shared-from"];

@@ -11,10 +11,28 @@ import { countParameters } from "../arch/describe.js";
 import { featuresToConfig } from "../arch/features.js";
 import type { AttentionExperts, BlockKind } from "../arch/model.js";
 import { planFormat, type FormatMoe, type FormatPlan } from "../export/formats.js";
-import { canonicalLayout, chatSettingWarnings, expertModule, moduleName, parseTensorName, siteOf, tensorName, type LayoutEntry, type RouterSlot, type Seed } from "../arch/index.js";
+import {
+  canonicalLayout,
+  chatSettingWarnings,
+  expertModule,
+  moduleName,
+  parseTensorName,
+  siteOf,
+  tensorName,
+  type LayoutEntry,
+  type RouterSlot,
+  type Seed,
+} from "../arch/index.js";
 import type { Slot } from "../arch/families.js";
 import type { ArchFeatures, DenseModel } from "../arch/types.js";
-import { BATCHES_IN_FLIGHT, DTYPE_SIZE, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES, type DType, type FloatDType } from "../safetensors/index.js";
+import {
+  BATCHES_IN_FLIGHT,
+  DTYPE_SIZE,
+  EARLY_BATCHES_IN_FLIGHT,
+  WRITE_BATCH_BYTES,
+  type DType,
+  type FloatDType,
+} from "../safetensors/index.js";
 import { filesToHash, hashingMemoryBytes } from "./hash-seeds.js";
 import { PROMPT_ROUTER_INITS, type ResolvedOptions, type UpcycleOptions } from "./options.js";
 
@@ -28,46 +46,46 @@ export interface SourceRef {
 export type Operation =
   /** The seed tensor, converted to the output dtype if it differs. */
   | {
-    /** Which operation. */
-    kind: "copy";
-    /** The seed tensor copied. */
-    from: SourceRef;
-  }
+      /** Which operation. */
+      kind: "copy";
+      /** The seed tensor copied. */
+      from: SourceRef;
+    }
   /** Weighted sum of the seeds' tensors (weights sum to 1), in float64. */
   | {
-    /** Which operation. */
-    kind: "average";
-    /** The seed tensors averaged. */
-    from: SourceRef[];
-    /** Their weights, in the same order. */
-    weights: number[];
-  }
+      /** Which operation. */
+      kind: "average";
+      /** The seed tensors averaged. */
+      from: SourceRef[];
+      /** Their weights, in the same order. */
+      weights: number[];
+    }
   /** A new router (./router-init.ts for the rows from prompts). */
   | {
-    /** Which operation. */
-    kind: "router";
-    /** Std of the truncated normal draw; 0 for zeros. */
-    std: number;
-    /** Keys this tensor's draws, with the run's seed. */
-    key: string;
-    /** Rows computed from the prompts, not drawn. */
-    fromPrompts?: true;
-    /** Uniform in [-bound, bound) instead of the normal (torch.nn.Linear's init, mergekit's uniform_random). */
-    bound?: number;
-  }
+      /** Which operation. */
+      kind: "router";
+      /** Std of the truncated normal draw; 0 for zeros. */
+      std: number;
+      /** Keys this tensor's draws, with the run's seed. */
+      key: string;
+      /** Rows computed from the prompts, not drawn. */
+      fromPrompts?: true;
+      /** Uniform in [-bound, bound) instead of the normal (torch.nn.Linear's init, mergekit's uniform_random). */
+      bound?: number;
+    }
   /** Drop-Upcycling: a copy in which some intermediate dimensions are re-drawn from N(mean, std) of the source matrix. */
   | {
-    /** Which operation. */
-    kind: "drop";
-    /** The seed tensor copied. */
-    from: SourceRef;
-    /** Fraction of the intermediate dimensions re-drawn. */
-    ratio: number;
-    /** 0 = rows (gate/up), 1 = columns (down). */
-    axis: 0 | 1;
-    /** Chooses the dimensions, the same for an expert's gate, up and down. */
-    key: string;
-  };
+      /** Which operation. */
+      kind: "drop";
+      /** The seed tensor copied. */
+      from: SourceRef;
+      /** Fraction of the intermediate dimensions re-drawn. */
+      ratio: number;
+      /** 0 = rows (gate/up), 1 = columns (down). */
+      axis: 0 | 1;
+      /** Chooses the dimensions, the same for an expert's gate, up and down. */
+      key: string;
+    };
 
 export interface PlannedTensor {
   /** Output name (docs/format.md, "Tensor names"). */
@@ -168,23 +186,36 @@ export function checkSeeds(seeds: DenseModel[]): void {
       const a = JSON.stringify(firstConfig[key]);
       const b = JSON.stringify(config[key]);
       if (a !== b) {
-        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} differs from seed ${label(first)} in ${key}: ${b} vs ${a}; seeds must share one architecture`);
+        throw new BamError(
+          "SEED_MISMATCH",
+          `seed ${label(seed)} differs from seed ${label(first)} in ${key}: ${b} vs ${a}; seeds must share one architecture`,
+        );
       }
     }
     if (seed.tokenizerHash !== first.tokenizerHash) {
-      throw new BamError("SEED_MISMATCH", `seed ${label(seed)} has a different tokenizer.json from seed ${label(first)} (sha256 ${short(seed.tokenizerHash)} vs ${short(first.tokenizerHash)}); experts must share one vocabulary`);
+      throw new BamError(
+        "SEED_MISMATCH",
+        `seed ${label(seed)} has a different tokenizer.json from seed ${label(first)} (sha256 ${short(seed.tokenizerHash)} vs ${short(first.tokenizerHash)}); experts must share one vocabulary`,
+      );
     }
     for (const tensor of first.tensors.values()) {
       const other = seed.tensors.get(tensor.name);
       if (other === undefined) {
-        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} lacks tensor ${tensor.name} that seed ${label(first)} has`);
+        throw new BamError(
+          "SEED_MISMATCH",
+          `seed ${label(seed)} lacks tensor ${tensor.name} that seed ${label(first)} has`,
+        );
       }
       if (other.shape.join("x") !== tensor.shape.join("x")) {
-        throw new BamError("SEED_MISMATCH", `seed ${label(seed)}: tensor ${tensor.name} has shape [${other.shape}], seed ${label(first)} has [${tensor.shape}]`);
+        throw new BamError(
+          "SEED_MISMATCH",
+          `seed ${label(seed)}: tensor ${tensor.name} has shape [${other.shape}], seed ${label(first)} has [${tensor.shape}]`,
+        );
       }
     }
     for (const name of seed.tensors.keys()) {
-      if (!first.tensors.has(name)) throw new BamError("SEED_MISMATCH", `seed ${label(seed)} has tensor ${name} that seed ${label(first)} lacks`);
+      if (!first.tensors.has(name))
+        throw new BamError("SEED_MISMATCH", `seed ${label(seed)} has tensor ${name} that seed ${label(first)} lacks`);
     }
   }
 }
@@ -211,16 +242,22 @@ export function sharedIndex(seeds: string[], sharedFrom: string): number {
 /** The models an upcycle opens: the seeds, then the --shared-from model when it is none of them. */
 export function inputModels(options: Pick<UpcycleOptions, "seeds" | "sharedFrom">): string[] {
   const { seeds, sharedFrom } = options;
-  return typeof sharedFrom === "string" && sharedIndex(seeds, sharedFrom) === seeds.length ? [...seeds, sharedFrom] : seeds;
+  return typeof sharedFrom === "string" && sharedIndex(seeds, sharedFrom) === seeds.length
+    ? [...seeds, sharedFrom]
+    : seeds;
 }
 
 /** The files of a seed the plan records (SeedInfo.files), as they are now. */
 export async function seedFiles(seed: Seed): Promise<SeedFile[]> {
-  return Promise.all(filesToHash(seed).files.map(async (file) => {
-    const path = resolve(file);
-    const info = await stat(path).catch((error: unknown) => { throw ioError(path, error); });
-    return { path, bytes: info.size, modifiedMs: info.mtimeMs };
-  }));
+  return Promise.all(
+    filesToHash(seed).files.map(async (file) => {
+      const path = resolve(file);
+      const info = await stat(path).catch((error: unknown) => {
+        throw ioError(path, error);
+      });
+      return { path, bytes: info.size, modifiedMs: info.mtimeMs };
+    }),
+  );
 }
 
 /**
@@ -250,7 +287,8 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
   };
   const average = (outName: string, tensor: string) => {
     const from = shared === null ? seedIndices.map((seed) => ({ seed, tensor })) : [{ seed: shared, tensor }];
-    const operation: Operation = from.length === 1 ? { kind: "copy", from: from[0]! } : { kind: "average", from, weights: options.weights };
+    const operation: Operation =
+      from.length === 1 ? { kind: "copy", from: from[0]! } : { kind: "average", from, weights: options.weights };
     add(outName, shapeOf(tensor), from, operation);
   };
   const copy = (outName: string, seed: number, tensor: string) => {
@@ -262,16 +300,19 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
     const key = moduleName({ layer, slot, expert: null });
     // Switch: truncated normal with std sqrt(scale / fan_in); zero routers start uniform.
     const std = options.routerInit === "zero" ? 0 : Math.sqrt(options.routerScale / features.hiddenSize);
-    const operation: Operation = PROMPT_ROUTER_INITS.includes(options.routerInit) ? { kind: "router", std: 0, key, fromPrompts: true }
-      : options.routerInit === "uniform-random" ? { kind: "router", std: 0, key, bound: 1 / Math.sqrt(features.hiddenSize) }
-      : { kind: "router", std, key };
+    const operation: Operation = PROMPT_ROUTER_INITS.includes(options.routerInit)
+      ? { kind: "router", std: 0, key, fromPrompts: true }
+      : options.routerInit === "uniform-random"
+        ? { kind: "router", std: 0, key, bound: 1 / Math.sqrt(features.hiddenSize) }
+        : { kind: "router", std, key };
     add(name, [E, features.hiddenSize], [], operation);
   };
 
   // The seeds' canonical layout, in order: embeddings, then per layer its norms, attention router and
   // attention, FFN router and experts, then the final norm and head.
   const layout = canonicalLayout(features);
-  const expertName = (entry: LayoutEntry, expert: number) => tensorName({ layer: entry.layer, slot: entry.slot, expert, part: entry.suffix });
+  const expertName = (entry: LayoutEntry, expert: number) =>
+    tensorName({ layer: entry.layer, slot: entry.slot, expert, part: entry.suffix });
   const globals = layout.filter((entry) => entry.layer === null);
 
   for (const entry of globals.filter((x) => isEmbeddingSlot(x.slot))) average(entry.name, entry.name);
@@ -288,7 +329,8 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
     } else {
       const isShared = (entry: LayoutEntry) => attention === "shared-kv" && SHARED_KV_SLOTS.includes(entry.slot);
       for (let e = 0; e < E; e++) {
-        for (const entry of attentionEntries.filter((x) => !isShared(x))) copy(expertName(entry, e), expertSeed(e), entry.name);
+        for (const entry of attentionEntries.filter((x) => !isShared(x)))
+          copy(expertName(entry, e), expertSeed(e), entry.name);
       }
       for (const entry of attentionEntries.filter(isShared)) average(entry.name, entry.name);
     }
@@ -299,7 +341,13 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
         const from = { seed: expertSeed(e), tensor: entry.name };
         if (options.dropRatio > 0 && entry.suffix === "weight") {
           const axis = entry.slot === "mlp.down_proj" ? 1 : 0;
-          add(outName, shapeOf(entry.name), [from], { kind: "drop", from, ratio: options.dropRatio, axis, key: expertModule(layer, "mlp", e) });
+          add(outName, shapeOf(entry.name), [from], {
+            kind: "drop",
+            from,
+            ratio: options.dropRatio,
+            axis,
+            key: expertModule(layer, "mlp", e),
+          });
         } else {
           add(outName, shapeOf(entry.name), [from], { kind: "copy", from });
         }
@@ -317,16 +365,36 @@ export function buildPlan(seeds: Seed[], options: ResolvedOptions, files: SeedFi
     routerAuxLossCoef: options.routerAuxLossCoef,
     routerZLossCoef: options.routerZLossCoef,
   };
-  return deepFreeze(structuredClone({
-    options,
-    seeds: seeds.map((s, i) => ({ dir: s.dir, name: s.name, dtypes: [...new Set([...s.tensors.values()].map((t) => t.dtype))], files: files[i]! })),
-    features,
-    moe,
-    format: planFormat(options.format, features, moe, tensors[0]!.dtype, first.rawConfig, tensors.map((t) => t.name)), // refuses a format that cannot hold the model
-    tensors,
-    summary: summarise(first, seeds.length, tensors, moe, hashingMemoryBytes(seeds.map(filesToHash)) + seeds.reduce((n, s) => n + s.entryBytes, 0)),
-    warnings: [...planWarnings(features, options, seedCount, attention), ...chatSettingWarnings(seeds)],
-  }));
+  return deepFreeze(
+    structuredClone({
+      options,
+      seeds: seeds.map((s, i) => ({
+        dir: s.dir,
+        name: s.name,
+        dtypes: [...new Set([...s.tensors.values()].map((t) => t.dtype))],
+        files: files[i]!,
+      })),
+      features,
+      moe,
+      format: planFormat(
+        options.format,
+        features,
+        moe,
+        tensors[0]!.dtype,
+        first.rawConfig,
+        tensors.map((t) => t.name),
+      ), // refuses a format that cannot hold the model
+      tensors,
+      summary: summarise(
+        first,
+        seeds.length,
+        tensors,
+        moe,
+        hashingMemoryBytes(seeds.map(filesToHash)) + seeds.reduce((n, s) => n + s.entryBytes, 0),
+      ),
+      warnings: [...planWarnings(features, options, seedCount, attention), ...chatSettingWarnings(seeds)],
+    }),
+  );
 }
 
 /** Freezes every object and list reachable from `value` (plain data without cycles, as a plan is). */
@@ -338,7 +406,12 @@ function deepFreeze<T>(value: T): T {
   return value;
 }
 
-function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCount: number, attention: AttentionExperts): string[] {
+function planWarnings(
+  features: ArchFeatures,
+  options: ResolvedOptions,
+  seedCount: number,
+  attention: AttentionExperts,
+): string[] {
   const warnings: string[] = [];
   const seedBlock = features.parallelBlock ? "parallel" : "sequential";
   if (options.block !== seedBlock) {
@@ -346,17 +419,31 @@ function planWarnings(features: ArchFeatures, options: ResolvedOptions, seedCoun
       `the seeds use a ${seedBlock} block and the model is built with a ${options.block} block: it does not compute the seeds' function until fine-tuned; use --block ${seedBlock} to keep it function-preserving`,
     );
   }
-  if (options.experts === 1 && seedCount === 1) warnings.push("one seed and one expert: this writes the dense seed in the BAM layout (use --experts N for sparse upcycling)");
+  if (options.experts === 1 && seedCount === 1)
+    warnings.push(
+      "one seed and one expert: this writes the dense seed in the BAM layout (use --experts N for sparse upcycling)",
+    );
   if (options.attention !== attention) warnings.push(`one expert: attention is merged, not ${options.attention}`);
   if (options.experts > 1 && options.expertsPerToken === 1 && options.normTopkProb) {
     // The renormalised top-1 weight is p / p = 1 whatever the router says (docs/method.md, "FFN gating").
-    const remedy = options.format === "mixtral" ? "use -k 2 or more (Mixtral's gate always renormalises), or --format bam or qwen3-moe with --no-norm-topk-prob" : "use -k 2 or more, or --no-norm-topk-prob (the paper's gate)";
-    warnings.push(`top-1 with the renormalised gate (--norm-topk-prob): the FFN router gets no gradient from the language-model loss, only from the load-balance and z-losses; ${remedy}`);
+    const remedy =
+      options.format === "mixtral"
+        ? "use -k 2 or more (Mixtral's gate always renormalises), or --format bam or qwen3-moe with --no-norm-topk-prob"
+        : "use -k 2 or more, or --no-norm-topk-prob (the paper's gate)";
+    warnings.push(
+      `top-1 with the renormalised gate (--norm-topk-prob): the FFN router gets no gradient from the language-model loss, only from the load-balance and z-losses; ${remedy}`,
+    );
   }
   return warnings;
 }
 
-function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[], moe: FormatMoe, hashingBytes: number): PlanSummary {
+function summarise(
+  seed: DenseModel,
+  seedCount: number,
+  tensors: PlannedTensor[],
+  moe: FormatMoe,
+  hashingBytes: number,
+): PlanSummary {
   const seedParams = countParameters(seed.tensors.values(), 1, 1);
   const params = countParameters(tensors, moe.numExperts, moe.expertsPerToken);
   const f = seed.features;
@@ -379,8 +466,13 @@ function summarise(seed: DenseModel, seedCount: number, tensors: PlannedTensor[]
   // twice the batch each, an F32 source of a 16-bit output); up to 4 averaging workers (an isolate,
   // and the kernel's 14 bytes of scratch per element of a batch); a drop's whole matrix in float32 and encoded;
   // the threads hashing the seeds and the seeds' open tensor entries (hashingBytes holds both).
-  const largestDrop = Math.max(0, ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8));
-  const chunkBytes = (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) + 4 * (AVERAGE_WORKER_BYTES + WRITE_BATCH_BYTES * 7);
+  const largestDrop = Math.max(
+    0,
+    ...tensors.filter((t) => t.operation.kind === "drop").map((t) => t.shape.reduce((a, b) => a * b, 1) * 8),
+  );
+  const chunkBytes =
+    (BATCHES_IN_FLIGHT + EARLY_BATCHES_IN_FLIGHT) * WRITE_BATCH_BYTES * (1 + 2 * seedCount) +
+    4 * (AVERAGE_WORKER_BYTES + WRITE_BATCH_BYTES * 7);
   return {
     experts: moe.numExperts,
     expertsPerToken: moe.expertsPerToken,

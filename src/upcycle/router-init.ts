@@ -39,7 +39,6 @@ import { resolveModelReference } from "./mergekit.js";
 import { readYamlFile, type ExpertPrompts, type PromptsMapping } from "./options.js";
 import { sharedIndex, type UpcyclePlan } from "./plan.js";
 
-
 const EXPERT_KEYS = new Set(["positive_prompts", "negative_prompts", "source_model"]);
 
 /** How messages name the prompts: the file, or the mapping a recipe holds inline. */
@@ -75,15 +74,25 @@ export async function readPrompts(source: string | PromptsMapping, expertModels:
     const record = entry as Record<string, unknown>;
     const unknown = Object.keys(record).find((key) => !EXPERT_KEYS.has(key));
     if (unknown !== undefined) fail(`expert ${e}: unknown key "${unknown}" (known: ${[...EXPERT_KEYS].join(", ")})`);
-    return { positive: strings(record.positive_prompts, `expert ${e}: positive_prompts`, true), negative: strings(record.negative_prompts, `expert ${e}: negative_prompts`, false) };
+    return {
+      positive: strings(record.positive_prompts, `expert ${e}: positive_prompts`, true),
+      negative: strings(record.negative_prompts, `expert ${e}: negative_prompts`, false),
+    };
   });
 }
 
 /** A mergekit config's entries reordered to the experts: each expert takes the next entry naming its seed. */
-function bySourceModel(entries: unknown[], expertModels: string[], path: string, fail: (why: string) => never): unknown[] {
+function bySourceModel(
+  entries: unknown[],
+  expertModels: string[],
+  path: string,
+  fail: (why: string) => never,
+): unknown[] {
   const models = entries.map((entry, e) => {
     const name = (entry as { source_model?: unknown } | null)?.source_model;
-    return typeof name === "string" ? resolve(resolveModelReference(name, path)) : fail(`experts[${e}] needs source_model, the model it routes to`);
+    return typeof name === "string"
+      ? resolve(resolveModelReference(name, path))
+      : fail(`experts[${e}] needs source_model, the model it routes to`);
   });
   const used = new Set<number>();
   return expertModels.map((model, e) => {
@@ -97,7 +106,10 @@ function bySourceModel(entries: unknown[], expertModels: string[], path: string,
 /** The plan's prompts (--prompts), one entry per expert. */
 export function readPlanPrompts(plan: UpcyclePlan, source: string | PromptsMapping): Promise<ExpertPrompts[]> {
   const seedDirs = plan.options.seeds;
-  return readPrompts(source, Array.from({ length: plan.moe.numExperts }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!));
+  return readPrompts(
+    source,
+    Array.from({ length: plan.moe.numExperts }, (_, e) => seedDirs[seedDirs.length === 1 ? 0 : e]!),
+  );
 }
 
 /**
@@ -106,7 +118,12 @@ export function readPlanPrompts(plan: UpcyclePlan, source: string | PromptsMappi
  * `onProgress` counts prompts run through the averaged model (all at once for cheap-embed, which runs none).
  */
 export async function promptRouterRows(
-  plan: UpcyclePlan, seeds: Seed[], experts: ExpertPrompts[], promptsFile: string, signal?: AbortSignal, onProgress?: (done: number, total: number) => void,
+  plan: UpcyclePlan,
+  seeds: Seed[],
+  experts: ExpertPrompts[],
+  promptsFile: string,
+  signal?: AbortSignal,
+  onProgress?: (done: number, total: number) => void,
 ): Promise<Map<string, Float32Array>> {
   const E = plan.moe.numExperts;
   // The CPU engine loads only here: upcycles without prompts start without it.
@@ -114,20 +131,27 @@ export async function promptRouterRows(
   const tokenizer = await loadTokenizer(seeds[0]!.dir);
   // Counted before the model runs: a prompt past the model's positions would ask onnxruntime for O(tokens^2) memory.
   const positions = plan.features.maxPositions;
-  const tokenize = (prompts: string[], where: string) => prompts.map((prompt, i) => {
-    const ids = tokenizer.encode(prompt);
-    if (ids.length === 0 || ids.length > positions) {
-      throw new BamError("RECIPE_INVALID", `${promptsFile}: ${where}[${i}] is ${ids.length} tokens; each prompt must be 1 to ${positions} tokens (the model's positions): shorten or split it`);
-    }
-    return ids;
-  });
+  const tokenize = (prompts: string[], where: string) =>
+    prompts.map((prompt, i) => {
+      const ids = tokenizer.encode(prompt);
+      if (ids.length === 0 || ids.length > positions) {
+        throw new BamError(
+          "RECIPE_INVALID",
+          `${promptsFile}: ${where}[${i}] is ${ids.length} tokens; each prompt must be 1 to ${positions} tokens (the model's positions): shorten or split it`,
+        );
+      }
+      return ids;
+    });
   const tokenized = experts.map((x, e) => ({
     positive: tokenize(x.positive, `expert ${e}: positive_prompts`),
     negative: tokenize(x.negative, `expert ${e}: negative_prompts`),
   }));
   if (plan.options.routerInit === "cheap-embed") {
     const model = averagedModel(plan, seeds);
-    const embedding = toFloat32(await model.read(tensorName({ layer: null, slot: "embed_tokens", expert: null, part: "weight" })), "F32");
+    const embedding = toFloat32(
+      await model.read(tensorName({ layer: null, slot: "embed_tokens", expert: null, part: "weight" })),
+      "F32",
+    );
     const rows = cheapEmbedRows(embedding, plan.features.hiddenSize, tokenized);
     const prompts = tokenized.reduce((sum, x) => sum + x.positive.length + x.negative.length, 0);
     onProgress?.(prompts, prompts);
@@ -136,11 +160,17 @@ export async function promptRouterRows(
   const lists = tokenized.flatMap((x) => [x.positive, x.negative]).filter((l) => l.length > 0);
   const means = await meanLayerInputs(averagedModel(plan, seeds), lists, signal, onProgress);
   let next = 0;
-  const perExpert = experts.map((x) => ({ positive: means[next++]!, negative: x.negative.length > 0 ? means[next++]! : null }));
+  const perExpert = experts.map((x) => ({
+    positive: means[next++]!,
+    negative: x.negative.length > 0 ? means[next++]! : null,
+  }));
   const H = plan.features.hiddenSize;
   const rows = new Map<string, Float32Array>();
   for (let l = 0; l < plan.features.numLayers; l++) {
-    for (const [slot, site] of [["attn.router", "attention"], ["mlp.router", "ffn"]] as const) {
+    for (const [slot, site] of [
+      ["attn.router", "attention"],
+      ["mlp.router", "ffn"],
+    ] as const) {
       const name = tensorName({ layer: l, slot, expert: null, part: "weight" });
       if (!plan.tensors.some((t) => t.name === name)) continue;
       const values = new Float32Array(E * H);
@@ -160,7 +190,11 @@ export async function promptRouterRows(
  * embedding rows of its prompts' tokens, minus the same for its negative
  * prompts, at unit length (norms clamped at 1e-8, as mergekit).
  */
-function cheapEmbedRows(embedding: Float32Array, H: number, experts: { positive: number[][]; negative: number[][] }[]): Float32Array {
+function cheapEmbedRows(
+  embedding: Float32Array,
+  H: number,
+  experts: { positive: number[][]; negative: number[][] }[],
+): Float32Array {
   const unitSum = (prompts: number[][]) => {
     const sum = new Float64Array(H);
     for (const id of prompts.flat()) for (let h = 0; h < H; h++) sum[h] = sum[h]! + embedding[id * H + h]!;
@@ -201,7 +235,10 @@ export function averagedModel(plan: UpcyclePlan, seeds: Seed[], chunk = AVERAGE_
     tensors.set(name, { name, shape: t.shape, dtype: "F32", stored: name });
   }
   const shared = plan.options.sharedFrom === null ? null : sharedIndex(plan.options.seeds, plan.options.sharedFrom);
-  const sources = shared === null ? seeds.slice(0, plan.options.seeds.length).map((seed, i) => ({ seed, weight: plan.options.weights[i]! })) : [{ seed: seeds[shared]!, weight: 1 }];
+  const sources =
+    shared === null
+      ? seeds.slice(0, plan.options.seeds.length).map((seed, i) => ({ seed, weight: plan.options.weights[i]! }))
+      : [{ seed: seeds[shared]!, weight: 1 }];
   return {
     kind: "dense",
     dir: first.dir,
@@ -226,7 +263,12 @@ export function averagedModel(plan: UpcyclePlan, seeds: Seed[], chunk = AVERAGE_
       for (let start = 0; start < count; start += chunk) {
         const n = Math.min(chunk, count - start);
         const read = await Promise.all(sources.map(({ seed }) => seed.readElements(source, start, n)));
-        averageInto({ sources: read.map((bytes, i) => ({ bytes, dtype: dtypes[i]! })), weights: sources.map((s) => s.weight), out: out.subarray(start * 4, (start + n) * 4), dtype: "F32" });
+        averageInto({
+          sources: read.map((bytes, i) => ({ bytes, dtype: dtypes[i]! })),
+          weights: sources.map((s) => s.weight),
+          out: out.subarray(start * 4, (start + n) * 4),
+          dtype: "F32",
+        });
       }
       return out;
     },

@@ -12,7 +12,15 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { DEFAULT_GENERATION, generateText, inspectModel, planUpcycle, upcycle, type Generation, type Inspection } from "../../src/index.js";
+import {
+  DEFAULT_GENERATION,
+  generateText,
+  inspectModel,
+  planUpcycle,
+  upcycle,
+  type Generation,
+  type Inspection,
+} from "../../src/index.js";
 import { fixture, refused } from "../helpers.js";
 import { runCli, writeSeed } from "../reliability/synth.js";
 
@@ -52,18 +60,38 @@ test("generateText takes a BAM model folder and defaults to DEFAULT_GENERATION, 
 
 test("planUpcycle and upcycle stop on an aborted signal before reading a seed", async () => {
   const signal = AbortSignal.abort();
-  await refused(planUpcycle({ seeds, output: join(root, "never") }, { signal }), "ABORTED", /interrupted before the seed was read/);
+  await refused(
+    planUpcycle({ seeds, output: join(root, "never") }, { signal }),
+    "ABORTED",
+    /interrupted before the seed was read/,
+  );
   await refused(upcycle({ seeds, output: join(root, "never") }, { signal }), "ABORTED", /interrupted/);
   assert.equal((await planUpcycle({ seeds, output: join(root, "never") })).summary.experts, 3);
 });
 
 test("back-to-back upcycles in one process reuse their shared buffers instead of leaving them to the GC", async () => {
-  const synth = await Promise.all([1, 2, 3].map((valueSeed) => writeSeed(join(root, `synth${valueSeed}`), { vocab: 8000, hidden: 256, intermediate: 768, layers: 2, heads: 4, kvHeads: 4, dtype: "BF16", valueSeed })));
+  const synth = await Promise.all(
+    [1, 2, 3].map((valueSeed) =>
+      writeSeed(join(root, `synth${valueSeed}`), {
+        vocab: 8000,
+        hidden: 256,
+        intermediate: 768,
+        layers: 2,
+        heads: 4,
+        kvHeads: 4,
+        dtype: "BF16",
+        valueSeed,
+      }),
+    ),
+  );
   const held: number[] = [];
   for (let run = 0; run < 3; run++) {
     await upcycle({ seeds: synth, output: join(root, "again"), force: true });
     held.push(process.memoryUsage().arrayBuffers);
   }
   // each run allocated its pools afresh: arrayBuffers grew by a run's buffers every time (no gc() here)
-  assert.ok(held[2]! - held[0]! < 4 * 2 ** 20, `array buffers ${held.map((b) => (b / 2 ** 20).toFixed(1)).join(" -> ")} MiB`);
+  assert.ok(
+    held[2]! - held[0]! < 4 * 2 ** 20,
+    `array buffers ${held.map((b) => (b / 2 ** 20).toFixed(1)).join(" -> ")} MiB`,
+  );
 });

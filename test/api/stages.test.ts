@@ -57,13 +57,18 @@ function cycles(graph: Map<string, Set<string>>): string[] {
 test("no import cycle between the stage folders of src/", async () => {
   const graph = await stageGraph();
   // the reader works: it sees the stages and edges that exist
-  for (const stage of ["safetensors", "arch", "hub", "upcycle", "export", "onnx", "cli"]) assert.ok(graph.has(stage), stage);
+  for (const stage of ["safetensors", "arch", "hub", "upcycle", "export", "onnx", "cli"])
+    assert.ok(graph.has(stage), stage);
   assert.ok(graph.get("upcycle")!.has("export"), "upcycle imports export");
   assert.ok(graph.get("cli")!.has("upcycle"), "cli/commands imports upcycle (two levels up)");
   assert.deepEqual(cycles(graph), []);
 });
 
 test("the cycle finder names a cycle it is shown", () => {
-  const graph = new Map([["upcycle", new Set(["export", "arch"])], ["export", new Set(["upcycle"])], ["arch", new Set<string>()]]);
+  const graph = new Map([
+    ["upcycle", new Set(["export", "arch"])],
+    ["export", new Set(["upcycle"])],
+    ["arch", new Set<string>()],
+  ]);
   assert.deepEqual(cycles(graph), ["export -> upcycle -> export"]);
 });

@@ -11,7 +11,9 @@ import { H, HEADS, L, randomTensors, synthetic, toV5, writeCheckpoint, writeSynt
 
 let root: string;
 let count = 0;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-arch-config-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-arch-config-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 const newDir = () => join(root, `seed-${++count}`);
 
@@ -34,7 +36,10 @@ function assertBamError(error: unknown, code: ErrorCode, ...mentions: string[]):
 }
 
 const rejects = (family: Family, changes: Record<string, unknown>, code: ErrorCode, ...mentions: string[]) =>
-  assert.throws(() => features(family, changes), (e) => assertBamError(e, code, FILE, ...mentions));
+  assert.throws(
+    () => features(family, changes),
+    (e) => assertBamError(e, code, FILE, ...mentions),
+  );
 
 describe("config.json: defaults and both spellings", () => {
   test("num_key_value_heads and head_dim default to heads and hidden / heads", () => {
@@ -45,12 +50,22 @@ describe("config.json: defaults and both spellings", () => {
   });
 
   test("family defaults when keys are absent", () => {
-    const llama = features("llama", { rms_norm_eps: undefined, hidden_act: undefined, tie_word_embeddings: undefined, rope_theta: undefined });
+    const llama = features("llama", {
+      rms_norm_eps: undefined,
+      hidden_act: undefined,
+      tie_word_embeddings: undefined,
+      rope_theta: undefined,
+    });
     assert.equal(llama.normEps, 1e-6);
     assert.equal(llama.activation, "silu");
     assert.equal(llama.tiedEmbeddings, false);
     assert.equal(llama.rope?.theta, 10000);
-    const neox = features("gpt_neox", { rotary_pct: undefined, rotary_emb_base: undefined, use_parallel_residual: undefined, hidden_act: undefined });
+    const neox = features("gpt_neox", {
+      rotary_pct: undefined,
+      rotary_emb_base: undefined,
+      use_parallel_residual: undefined,
+      hidden_act: undefined,
+    });
     assert.deepEqual(neox.rope, { dim: 2, theta: 10000, style: "half", scaling: null });
     assert.equal(neox.parallelBlock, true);
     assert.equal(neox.activation, "gelu");
@@ -69,13 +84,22 @@ describe("config.json: defaults and both spellings", () => {
   });
 
   test("gemma: an explicit hidden_activation wins over hidden_act (v4), else hidden_act (v5)", () => {
-    assert.equal(features("gemma", { hidden_act: "gelu", hidden_activation: "gelu_pytorch_tanh" }).activation, "gelu_tanh");
+    assert.equal(
+      features("gemma", { hidden_act: "gelu", hidden_activation: "gelu_pytorch_tanh" }).activation,
+      "gelu_tanh",
+    );
     assert.equal(features("gemma", { hidden_act: "gelu", hidden_activation: null }).activation, "gelu");
     assert.equal(features("gemma", { hidden_act: "gelu_pytorch_tanh" }).activation, "gelu_tanh");
   });
 
   test("activation names", () => {
-    for (const [name, want] of [["swish", "silu"], ["gelu_fast", "gelu_tanh"], ["gelu_new", "gelu_tanh"], ["relu", "relu"], ["gelu", "gelu"]]) {
+    for (const [name, want] of [
+      ["swish", "silu"],
+      ["gelu_fast", "gelu_tanh"],
+      ["gelu_new", "gelu_tanh"],
+      ["relu", "relu"],
+      ["gelu", "gelu"],
+    ]) {
       assert.equal(features("llama", { hidden_act: name }).activation, want, name);
     }
     rejects("llama", { hidden_act: "quick_gelu" }, "FEATURE_UNSUPPORTED", "hidden_act", "quick_gelu");
@@ -86,19 +110,45 @@ describe("config.json: defaults and both spellings", () => {
   });
 
   test("rope scaling is kept as given, v4 rope_scaling and v5 rope_parameters alike", () => {
-    const llama3 = { rope_type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+    const llama3 = {
+      rope_type: "llama3",
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    };
     const v4 = features("llama", { rope_scaling: llama3 });
-    assert.deepEqual(v4.rope?.scaling, { type: "llama3", factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 });
+    assert.deepEqual(v4.rope?.scaling, {
+      type: "llama3",
+      factor: 8,
+      low_freq_factor: 1,
+      high_freq_factor: 4,
+      original_max_position_embeddings: 8192,
+    });
     assert.deepEqual(features("llama", { rope_scaling: llama3 }, "v5"), v4);
-    assert.deepEqual(features("llama", { rope_scaling: { type: "linear", factor: 2 } }).rope?.scaling, { type: "linear", factor: 2 });
+    assert.deepEqual(features("llama", { rope_scaling: { type: "linear", factor: 2 } }).rope?.scaling, {
+      type: "linear",
+      factor: 2,
+    });
     assert.equal(features("llama", { rope_scaling: { rope_type: "default" } }).rope?.scaling, null);
-    rejects("llama", { rope_scaling: { type: "mrope", mrope_section: [1, 2] } }, "FEATURE_UNSUPPORTED", "rope_scaling.type", "mrope");
+    rejects(
+      "llama",
+      { rope_scaling: { type: "mrope", mrope_section: [1, 2] } },
+      "FEATURE_UNSUPPORTED",
+      "rope_scaling.type",
+      "mrope",
+    );
   });
 
   test("phi3: su/yarn are longrope; top-level original_max_position_embeddings moves in", () => {
     const su = { type: "su", short_factor: [1, 1], long_factor: [2, 2] };
     const f = features("phi3", { rope_scaling: su, original_max_position_embeddings: 16 });
-    assert.deepEqual(f.rope?.scaling, { type: "longrope", short_factor: [1, 1], long_factor: [2, 2], original_max_position_embeddings: 16 });
+    assert.deepEqual(f.rope?.scaling, {
+      type: "longrope",
+      short_factor: [1, 1],
+      long_factor: [2, 2],
+      original_max_position_embeddings: 16,
+    });
     assert.deepEqual(features("phi3", { rope_scaling: su, original_max_position_embeddings: 16 }, "v5"), f);
   });
 
@@ -106,9 +156,24 @@ describe("config.json: defaults and both spellings", () => {
     assert.equal(features("qwen2", { use_sliding_window: true, max_window_layers: 0 }).slidingWindow, 32);
     assert.equal(features("qwen2", { use_sliding_window: true, max_window_layers: L }).slidingWindow, null);
     assert.equal(features("qwen2", { use_sliding_window: false, max_window_layers: 0 }).slidingWindow, null);
-    assert.equal(features("qwen2", { use_sliding_window: true, layer_types: ["sliding_attention", "sliding_attention"] }).slidingWindow, 32);
-    rejects("qwen2", { use_sliding_window: true, max_window_layers: 1 }, "FEATURE_UNSUPPORTED", "max_window_layers", "1 of 2");
-    rejects("qwen3", { use_sliding_window: true, layer_types: ["full_attention", "sliding_attention"] }, "FEATURE_UNSUPPORTED", "layer_types");
+    assert.equal(
+      features("qwen2", { use_sliding_window: true, layer_types: ["sliding_attention", "sliding_attention"] })
+        .slidingWindow,
+      32,
+    );
+    rejects(
+      "qwen2",
+      { use_sliding_window: true, max_window_layers: 1 },
+      "FEATURE_UNSUPPORTED",
+      "max_window_layers",
+      "1 of 2",
+    );
+    rejects(
+      "qwen3",
+      { use_sliding_window: true, layer_types: ["full_attention", "sliding_attention"] },
+      "FEATURE_UNSUPPORTED",
+      "layer_types",
+    );
     rejects("qwen2", { use_sliding_window: true, layer_types: ["full_attention"] }, "CONFIG_INVALID", "layer_types");
   });
 });
@@ -117,7 +182,7 @@ describe("config.json: errors name the file and the key", () => {
   test("absurd and mistyped sizes are CONFIG_INVALID", () => {
     rejects("llama", { num_hidden_layers: 1e12 }, "CONFIG_INVALID", "num_hidden_layers", "1000000000000");
     rejects("llama", { vocab_size: 2 ** 40 }, "CONFIG_INVALID", "vocab_size");
-    rejects("llama", { hidden_size: "32" }, "CONFIG_INVALID", "hidden_size", "\"32\"");
+    rejects("llama", { hidden_size: "32" }, "CONFIG_INVALID", "hidden_size", '"32"');
     rejects("llama", { intermediate_size: -4 }, "CONFIG_INVALID", "intermediate_size");
     rejects("llama", { num_attention_heads: 2.5 }, "CONFIG_INVALID", "num_attention_heads");
     rejects("llama", { num_hidden_layers: undefined }, "CONFIG_INVALID", "num_hidden_layers", "missing");
@@ -129,7 +194,13 @@ describe("config.json: errors name the file and the key", () => {
   });
 
   test("heads must divide the hidden size, kv heads the heads", () => {
-    rejects("llama", { num_attention_heads: 5, num_key_value_heads: undefined }, "CONFIG_INVALID", "num_attention_heads", "32");
+    rejects(
+      "llama",
+      { num_attention_heads: 5, num_key_value_heads: undefined },
+      "CONFIG_INVALID",
+      "num_attention_heads",
+      "32",
+    );
     rejects("llama", { num_key_value_heads: 3 }, "CONFIG_INVALID", "num_key_value_heads");
     rejects("gpt_neox", { num_attention_heads: 3 }, "CONFIG_INVALID", "num_attention_heads");
     // An explicit head_dim frees the heads from dividing the hidden size.
@@ -137,21 +208,33 @@ describe("config.json: errors name the file and the key", () => {
   });
 
   test("unknown and missing model_type", () => {
-    assert.throws(() => featuresFromHfConfig({ file: FILE, raw: { model_type: "mamba" } }),
-      (e) => assertBamError(e, "FAMILY_UNSUPPORTED", FILE, "mamba", "llama", "gpt_neox", "phi3"));
-    assert.throws(() => featuresFromHfConfig({ file: FILE, raw: {} }), (e) => assertBamError(e, "CONFIG_INVALID", FILE, "model_type"));
+    assert.throws(
+      () => featuresFromHfConfig({ file: FILE, raw: { model_type: "mamba" } }),
+      (e) => assertBamError(e, "FAMILY_UNSUPPORTED", FILE, "mamba", "llama", "gpt_neox", "phi3"),
+    );
+    assert.throws(
+      () => featuresFromHfConfig({ file: FILE, raw: {} }),
+      (e) => assertBamError(e, "CONFIG_INVALID", FILE, "model_type"),
+    );
   });
 
   test("features we cannot represent are FEATURE_UNSUPPORTED", () => {
     rejects("phi", { qk_layernorm: true }, "FEATURE_UNSUPPORTED", "qk_layernorm");
-    rejects("gpt2", { scale_attn_by_inverse_layer_idx: true }, "FEATURE_UNSUPPORTED", "scale_attn_by_inverse_layer_idx");
+    rejects(
+      "gpt2",
+      { scale_attn_by_inverse_layer_idx: true },
+      "FEATURE_UNSUPPORTED",
+      "scale_attn_by_inverse_layer_idx",
+    );
     rejects("gpt2", { reorder_and_upcast_attn: true }, "FEATURE_UNSUPPORTED", "reorder_and_upcast_attn");
     rejects("gemma", { use_bidirectional_attention: true }, "FEATURE_UNSUPPORTED", "use_bidirectional_attention");
     rejects("llama", { partial_rotary_factor: 0.5 }, "FEATURE_UNSUPPORTED", "partial_rotary_factor");
     rejects("llama", { quantization_config: { quant_method: "gptq" } }, "FEATURE_UNSUPPORTED", "quantization_config");
     rejects("gpt_neox", { rotary_pct: 0.1 }, "FEATURE_UNSUPPORTED", "rotary_pct");
-    assert.throws(() => featuresFromHfConfig({ file: FILE, raw: toV5({ ...synthetic("llama").v4, partial_rotary_factor: 0.5 }) }),
-      (e) => assertBamError(e, "FEATURE_UNSUPPORTED", "rope_parameters.partial_rotary_factor"));
+    assert.throws(
+      () => featuresFromHfConfig({ file: FILE, raw: toV5({ ...synthetic("llama").v4, partial_rotary_factor: 0.5 }) }),
+      (e) => assertBamError(e, "FEATURE_UNSUPPORTED", "rope_parameters.partial_rotary_factor"),
+    );
     // Accepted values of the same keys load.
     assert.equal(features("phi", { qk_layernorm: false }).family, "phi");
     assert.equal(features("gemma", { use_bidirectional_attention: null }).family, "gemma");
@@ -172,7 +255,7 @@ describe("openSeed: folder errors", () => {
   test("bad JSON and non-object configs are CONFIG_INVALID", async () => {
     const dir = newDir();
     await mkdir(dir);
-    await writeFile(join(dir, "config.json"), "{ \"model_type\": \"llama\",");
+    await writeFile(join(dir, "config.json"), '{ "model_type": "llama",');
     await openFails(dir, "CONFIG_INVALID", join(dir, "config.json"), "JSON");
     await writeFile(join(dir, "config.json"), "[1, 2]");
     await openFails(dir, "CONFIG_INVALID", join(dir, "config.json"));
@@ -206,8 +289,14 @@ describe("openSeed: folder errors", () => {
     tensors.delete("gpt_neox.layers.1.attention.query_key_value.bias");
     tensors.delete("embed_out.weight");
     await writeCheckpoint(dir, s.v4, tensors);
-    await openFails(dir, "TENSOR_MISSING", join(dir, "model.safetensors"),
-      "\"gpt_neox.layers.1.attention.query_key_value.bias\" [96]", "\"embed_out.weight\" [40, 32]", "2 tensor(s)");
+    await openFails(
+      dir,
+      "TENSOR_MISSING",
+      join(dir, "model.safetensors"),
+      '"gpt_neox.layers.1.attention.query_key_value.bias" [96]',
+      '"embed_out.weight" [40, 32]',
+      "2 tensor(s)",
+    );
   });
 
   test("untied config without a head: TENSOR_MISSING", async () => {
@@ -222,7 +311,14 @@ describe("openSeed: folder errors", () => {
     const s = synthetic("phi3");
     const tensors = randomTensors({ ...s.tensors, "model.layers.0.self_attn.qkv_proj.weight": [3 * H, H] });
     await writeCheckpoint(dir, s.v4, tensors);
-    await openFails(dir, "TENSOR_SHAPE", join(dir, "model.safetensors"), "model.layers.0.self_attn.qkv_proj.weight", "[96, 32]", "[64, 32]");
+    await openFails(
+      dir,
+      "TENSOR_SHAPE",
+      join(dir, "model.safetensors"),
+      "model.layers.0.self_attn.qkv_proj.weight",
+      "[96, 32]",
+      "[64, 32]",
+    );
   });
 
   test("Conv1D shapes are checked in their stored [in, out] layout", async () => {
@@ -237,7 +333,12 @@ describe("openSeed: folder errors", () => {
     const dir = newDir();
     const s = synthetic("llama");
     const tensors = randomTensors(s.tensors);
-    await writeCheckpoint(dir, s.v4, new Map([...tensors].map(([n, t]) => [n, { shape: t.shape, bytes: t.bytes }])), "I32");
+    await writeCheckpoint(
+      dir,
+      s.v4,
+      new Map([...tensors].map(([n, t]) => [n, { shape: t.shape, bytes: t.bytes }])),
+      "I32",
+    );
     await openFails(dir, "DTYPE_UNSUPPORTED", "I32");
   });
 
@@ -246,7 +347,9 @@ describe("openSeed: folder errors", () => {
     await writeSynthetic(dir, "llama");
     const seed = await openSeed(dir);
     try {
-      await assert.rejects(seed.read("model.layers.9.attn.q_proj.weight"), (e) => assertBamError(e, "TENSOR_NOT_FOUND", "model.layers.9"));
+      await assert.rejects(seed.read("model.layers.9.attn.q_proj.weight"), (e) =>
+        assertBamError(e, "TENSOR_NOT_FOUND", "model.layers.9"),
+      );
     } finally {
       await seed.close();
     }

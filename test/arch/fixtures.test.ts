@@ -8,10 +8,9 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { copyFile, cp } from "node:fs/promises";
 import { join } from "node:path";
-import { type Seed } from "../../src/arch/load.js";
+import type { Seed } from "../../src/arch/load.js";
 import { FAMILIES } from "../../src/arch/types.js";
 import { bytesEqual, fixture, FIXTURES, withSeed, withTempDir } from "../helpers.js";
-
 
 const layout = (seed: Seed) => [...seed.tensors.values()].map((t) => `${t.name} [${t.shape.join(", ")}]`);
 
@@ -38,7 +37,10 @@ for (const family of FAMILIES) {
         assert.deepEqual(bf16.unusedTensors, [], "bf16: unused tensors");
         assert.deepEqual(bf16.features, base.features);
         assert.deepEqual(layout(bf16), layout(base));
-        assert.ok([...bf16.tensors.values()].every((tensor) => tensor.dtype === "BF16"), "bf16: every tensor BF16");
+        assert.ok(
+          [...bf16.tensors.values()].every((tensor) => tensor.dtype === "BF16"),
+          "bf16: every tensor BF16",
+        );
       });
 
       const v4Config = join(FIXTURES, family, "config.v4.json");

@@ -23,7 +23,14 @@ import { fixture, withTempDir } from "../helpers.js";
 /** Files of an ONNX export folder that are not copied side files. */
 const EXPORT_OWN = ["bam-onnx.json", "config.json", "onnx"];
 /** Files of a BAM output folder that are not copied side files. */
-const UPCYCLE_OWN = ["README.md", "config.json", "configuration_bam.py", "model.safetensors", "modeling_bam.py", "recipe.yaml"];
+const UPCYCLE_OWN = [
+  "README.md",
+  "config.json",
+  "configuration_bam.py",
+  "model.safetensors",
+  "modeling_bam.py",
+  "recipe.yaml",
+];
 
 /** A copy of the llama base seed under `dir`, with extra side files and a file that is none. */
 async function seedCopy(dir: string): Promise<string> {
@@ -37,7 +44,9 @@ async function seedCopy(dir: string): Promise<string> {
 
 async function filesOf(dir: string, own: readonly string[]): Promise<Map<string, string>> {
   const names = (await readdir(dir)).filter((name) => !own.includes(name)).sort();
-  return new Map(await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name), "utf8")] as const)));
+  return new Map(
+    await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name), "utf8")] as const)),
+  );
 }
 
 test("the output and the ONNX export hold exactly the seed's side files, byte for byte", () =>
@@ -68,34 +77,49 @@ test("a folder without generation_config.json gets the config's token ids, the s
 
 /** Odd side files: [label, error code, make it at `path` (false: cannot here)]. */
 const ODD_FILES: Array<[string, ErrorCode, (path: string, dir: string) => Promise<boolean>]> = [
-  ["a link out of the folder", "PATH_ESCAPE", async (path, dir) => {
-    await writeFile(join(dir, "private.txt"), "the user's own file\n");
-    await symlink(join(dir, "private.txt"), path);
-    return true;
-  }],
-  ["a FIFO", "IO_ERROR", async (path) => {
-    try {
-      execFileSync("mkfifo", [path], { stdio: "ignore" });
+  [
+    "a link out of the folder",
+    "PATH_ESCAPE",
+    async (path, dir) => {
+      await writeFile(join(dir, "private.txt"), "the user's own file\n");
+      await symlink(join(dir, "private.txt"), path);
       return true;
-    } catch {
-      return false;
-    }
-  }],
+    },
+  ],
+  [
+    "a FIFO",
+    "IO_ERROR",
+    async (path) => {
+      try {
+        execFileSync("mkfifo", [path], { stdio: "ignore" });
+        return true;
+      } catch {
+        return false;
+      }
+    },
+  ],
 ];
 
 for (const [label, code, make] of ODD_FILES) {
-  test(`a side file that is ${label} is refused by the upcycle and the ONNX export, before anything is written`, { timeout: 60_000 }, (t) =>
-    withTempDir(async (dir) => {
-      const seed = await seedCopy(dir);
-      const file = join(seed, "special_tokens_map.json");
-      await rm(file);
-      if (!(await make(file, dir))) return t.skip("no mkfifo here");
-      const refused = (error: unknown) => isBamError(error, code) && error.message.startsWith(file);
-      await assert.rejects(upcycle({ seeds: [seed, fixture("llama", "code")], output: join(dir, "bam") }), refused);
-      await assert.rejects(prepareOnnx(seed, { output: join(dir, "onnx") }), refused);
-      await assert.rejects(prepareOnnx(seed, { cacheDir: join(dir, "cache") }), refused);
-      assert.deepEqual((await readdir(dir)).filter((name) => ["bam", "onnx", "cache"].includes(name)), []);
-    }));
+  test(
+    `a side file that is ${label} is refused by the upcycle and the ONNX export, before anything is written`,
+    { timeout: 60_000 },
+    (t) =>
+      withTempDir(async (dir) => {
+        const seed = await seedCopy(dir);
+        const file = join(seed, "special_tokens_map.json");
+        await rm(file);
+        if (!(await make(file, dir))) return t.skip("no mkfifo here");
+        const refused = (error: unknown) => isBamError(error, code) && error.message.startsWith(file);
+        await assert.rejects(upcycle({ seeds: [seed, fixture("llama", "code")], output: join(dir, "bam") }), refused);
+        await assert.rejects(prepareOnnx(seed, { output: join(dir, "onnx") }), refused);
+        await assert.rejects(prepareOnnx(seed, { cacheDir: join(dir, "cache") }), refused);
+        assert.deepEqual(
+          (await readdir(dir)).filter((name) => ["bam", "onnx", "cache"].includes(name)),
+          [],
+        );
+      }),
+  );
 }
 
 test("a changed generation_config.json rebuilds the ONNX export, which then holds the new one", () =>
@@ -114,18 +138,24 @@ test("a changed generation_config.json rebuilds the ONNX export, which then hold
 
 /** Damaged weights files: each rewrites the seed copy's model.safetensors. */
 const DAMAGE: Array<[string, (file: string) => Promise<void>]> = [
-  ["cut off in its data", async (file) => {
-    const handle = await open(file, "r+");
-    await handle.truncate((await stat(file)).size - 4);
-    await handle.close();
-  }],
-  ["whose header length is larger than the file", async (file) => {
-    const handle = await open(file, "r+");
-    const length = Buffer.alloc(8);
-    length.writeBigUInt64LE(BigInt((await stat(file)).size));
-    await handle.write(length, 0, 8, 0);
-    await handle.close();
-  }],
+  [
+    "cut off in its data",
+    async (file) => {
+      const handle = await open(file, "r+");
+      await handle.truncate((await stat(file)).size - 4);
+      await handle.close();
+    },
+  ],
+  [
+    "whose header length is larger than the file",
+    async (file) => {
+      const handle = await open(file, "r+");
+      const length = Buffer.alloc(8);
+      length.writeBigUInt64LE(BigInt((await stat(file)).size));
+      await handle.write(length, 0, 8, 0);
+      await handle.close();
+    },
+  ],
 ];
 
 for (const [label, damage] of DAMAGE) {
@@ -134,7 +164,10 @@ for (const [label, damage] of DAMAGE) {
       const seed = await seedCopy(dir);
       const weights = join(seed, "model.safetensors");
       await damage(weights);
-      const expected = await SafetensorsReader.open(weights).then((reader) => reader.close(), (error: unknown) => error);
+      const expected = await SafetensorsReader.open(weights).then(
+        (reader) => reader.close(),
+        (error: unknown) => error,
+      );
       assert.ok(isBamError(expected), "the reader refuses the damaged file");
       const text = join(dir, "a.txt");
       await writeFile(text, "Some words to score.");

@@ -10,15 +10,30 @@ import { FAMILIES, type CanonicalTensor, type Family } from "../../src/arch/type
 import { fromFloat32 } from "../../src/safetensors/index.js";
 import { bytesEqual, withSeed } from "../helpers.js";
 import {
-  D, f32, H, HEADS, I, KV, L, randomTensors, randomValues, synthetic, toV5, V, WIDE_D, writeCheckpoint, writeSynthetic,
+  D,
+  f32,
+  H,
+  HEADS,
+  I,
+  KV,
+  L,
+  randomTensors,
+  randomValues,
+  synthetic,
+  toV5,
+  V,
+  WIDE_D,
+  writeCheckpoint,
+  writeSynthetic,
 } from "./synthetic.js";
 
 let root: string;
 let count = 0;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-arch-load-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-arch-load-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 const newDir = () => join(root, `seed-${++count}`);
-
 
 /** Canonical shapes every family must produce, from the synthetic sizes. */
 function expectedShapes(family: Family): Record<string, number[]> {
@@ -45,31 +60,40 @@ describe("every family, v4 and v5 configs", () => {
       for (const style of ["v4", "v5"] as const) {
         const dir = newDir();
         await writeSynthetic(dir, family, style);
-        features.push(await withSeed(dir, async (seed) => {
-          assert.equal(seed.name, `seed-${count}`);
-          assert.equal(seed.features.family, family);
-          assert.deepEqual(seed.unusedTensors, [], "no unused tensors");
-          for (const [key, value] of Object.entries(s.expect)) {
-            assert.deepEqual(seed.features[key as keyof typeof seed.features], value, `${family} ${style}: ${key}`);
-          }
-          assert.equal(seed.features.numLayers, L);
-          assert.equal(seed.features.vocabSize, V);
-          for (const [name, shape] of Object.entries(expectedShapes(family))) {
-            assert.deepEqual(seed.tensors.get(name)?.shape, shape, `${family} ${style}: ${name}`);
-          }
-          assert.equal(seed.tensors.has("lm_head.weight"), !seed.features.tiedEmbeddings);
-          assert.equal(seed.tensors.has("model.layers.0.post_attention_layernorm.weight"), seed.features.secondNorm);
-          assert.equal(seed.tokenizerHash, null);
-          for (const tensor of seed.tensors.values()) {
-            const bytes = await seed.read(tensor.name);
-            assert.equal(bytes.length, tensor.shape.reduce((a, b) => a * b, 4), tensor.name);
-          }
-          return seed.features;
-        }));
+        features.push(
+          await withSeed(dir, async (seed) => {
+            assert.equal(seed.name, `seed-${count}`);
+            assert.equal(seed.features.family, family);
+            assert.deepEqual(seed.unusedTensors, [], "no unused tensors");
+            for (const [key, value] of Object.entries(s.expect)) {
+              assert.deepEqual(seed.features[key as keyof typeof seed.features], value, `${family} ${style}: ${key}`);
+            }
+            assert.equal(seed.features.numLayers, L);
+            assert.equal(seed.features.vocabSize, V);
+            for (const [name, shape] of Object.entries(expectedShapes(family))) {
+              assert.deepEqual(seed.tensors.get(name)?.shape, shape, `${family} ${style}: ${name}`);
+            }
+            assert.equal(seed.tensors.has("lm_head.weight"), !seed.features.tiedEmbeddings);
+            assert.equal(seed.tensors.has("model.layers.0.post_attention_layernorm.weight"), seed.features.secondNorm);
+            assert.equal(seed.tokenizerHash, null);
+            for (const tensor of seed.tensors.values()) {
+              const bytes = await seed.read(tensor.name);
+              assert.equal(
+                bytes.length,
+                tensor.shape.reduce((a, b) => a * b, 4),
+                tensor.name,
+              );
+            }
+            return seed.features;
+          }),
+        );
       }
       assert.deepEqual(features[0], features[1], "v4 and v5 configs give the same features");
       // The BAM config.json round trip keeps every feature.
-      assert.deepEqual(featuresFromConfig(featuresToConfig(features[0]!) as unknown as Record<string, unknown>, "config.json"), features[0]);
+      assert.deepEqual(
+        featuresFromConfig(featuresToConfig(features[0]!) as unknown as Record<string, unknown>, "config.json"),
+        features[0],
+      );
     });
   }
 });
@@ -82,17 +106,31 @@ test("canonical order: embeddings, layers in order, final norm, head", async () 
     assert.deepEqual(names.slice(0, 2), ["model.embed_tokens.weight", "model.embed_positions.weight"]);
     assert.deepEqual(names.slice(-2), ["model.norm.weight", "model.norm.bias"]);
     const layerOf = names.map((n) => Number(/layers\.(\d+)\./.exec(n)?.[1] ?? -1)).filter((l) => l >= 0);
-    assert.deepEqual(layerOf, [...layerOf].sort((a, b) => a - b));
-    assert.deepEqual(names.filter((n) => n.startsWith("model.layers.0.")), [
-      "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.bias",
-      "model.layers.0.post_attention_layernorm.weight", "model.layers.0.post_attention_layernorm.bias",
-      "model.layers.0.attn.q_proj.weight", "model.layers.0.attn.q_proj.bias",
-      "model.layers.0.attn.k_proj.weight", "model.layers.0.attn.k_proj.bias",
-      "model.layers.0.attn.v_proj.weight", "model.layers.0.attn.v_proj.bias",
-      "model.layers.0.attn.o_proj.weight", "model.layers.0.attn.o_proj.bias",
-      "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.bias",
-      "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.down_proj.bias",
-    ]);
+    assert.deepEqual(
+      layerOf,
+      [...layerOf].sort((a, b) => a - b),
+    );
+    assert.deepEqual(
+      names.filter((n) => n.startsWith("model.layers.0.")),
+      [
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.input_layernorm.bias",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.0.post_attention_layernorm.bias",
+        "model.layers.0.attn.q_proj.weight",
+        "model.layers.0.attn.q_proj.bias",
+        "model.layers.0.attn.k_proj.weight",
+        "model.layers.0.attn.k_proj.bias",
+        "model.layers.0.attn.v_proj.weight",
+        "model.layers.0.attn.v_proj.bias",
+        "model.layers.0.attn.o_proj.weight",
+        "model.layers.0.attn.o_proj.bias",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.up_proj.bias",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.0.mlp.down_proj.bias",
+      ],
+    );
   });
 });
 
@@ -117,7 +155,8 @@ test("plain families: canonical bytes are the stored bytes", async () => {
 
 /** Row-major float matrix [rows, cols] from known values, as bytes. */
 const matrix = (rows: number, cols: number, seed: number) => randomValues(rows * cols, seed);
-const rowsOf = (m: Float32Array, cols: number, start: number, count: number) => m.subarray(start * cols, (start + count) * cols);
+const rowsOf = (m: Float32Array, cols: number, start: number, count: number) =>
+  m.subarray(start * cols, (start + count) * cols);
 const bytesOf = (values: Float32Array) => fromFloat32(values, "F32");
 
 test("gpt_neox: query_key_value is split per head ([heads, 3, D] rows)", async () => {
@@ -130,17 +169,25 @@ test("gpt_neox: query_key_value is split per head ([heads, 3, D] rows)", async (
   const fused = new Float32Array(3 * H * H);
   const fusedBias = new Float32Array(3 * H);
   for (let h = 0; h < HEADS; h++) {
-    [q, k, v].forEach((m, part) => fused.set(rowsOf(m, H, h * D, D), (h * 3 * D + part * D) * H));
-    [qb, kb, vb].forEach((b, part) => fusedBias.set(b.subarray(h * D, (h + 1) * D), h * 3 * D + part * D));
+    for (const [part, m] of [q, k, v].entries()) fused.set(rowsOf(m, H, h * D, D), (h * 3 * D + part * D) * H);
+    for (const [part, b] of [qb, kb, vb].entries()) fusedBias.set(b.subarray(h * D, (h + 1) * D), h * 3 * D + part * D);
   }
   tensors.set("gpt_neox.layers.1.attention.query_key_value.weight", { shape: [3 * H, H], bytes: bytesOf(fused) });
   tensors.set("gpt_neox.layers.1.attention.query_key_value.bias", { shape: [3 * H], bytes: bytesOf(fusedBias) });
   await writeCheckpoint(dir, s.v4, tensors);
   await withSeed(dir, async (seed) => {
-    for (const [name, want] of [["q_proj", q], ["k_proj", k], ["v_proj", v]] as const) {
+    for (const [name, want] of [
+      ["q_proj", q],
+      ["k_proj", k],
+      ["v_proj", v],
+    ] as const) {
       assert.deepEqual(f32(await seed.read(`model.layers.1.attn.${name}.weight`)), want, name);
     }
-    for (const [name, want] of [["q_proj", qb], ["k_proj", kb], ["v_proj", vb]] as const) {
+    for (const [name, want] of [
+      ["q_proj", qb],
+      ["k_proj", kb],
+      ["v_proj", vb],
+    ] as const) {
       assert.deepEqual(f32(await seed.read(`model.layers.1.attn.${name}.bias`)), want, `${name} bias`);
     }
     assert.equal(seed.tensors.get("model.layers.1.attn.k_proj.weight")!.source.rows!.length, HEADS);
@@ -154,7 +201,7 @@ test("gpt2: Conv1D weights are transposed, c_attn split into q, k, v", async () 
   // Canonical [out, in] q, k, v; GPT-2 stores c_attn as [in, 3 * out] = transpose of the stacked rows.
   const [q, k, v] = [matrix(H, H, 201), matrix(H, H, 202), matrix(H, H, 203)];
   const stacked = new Float32Array(3 * H * H);
-  [q, k, v].forEach((m, part) => stacked.set(m, part * H * H));
+  for (const [part, m] of [q, k, v].entries()) stacked.set(m, part * H * H);
   const cAttn = new Float32Array(3 * H * H);
   for (let r = 0; r < 3 * H; r++) for (let c = 0; c < H; c++) cAttn[c * 3 * H + r] = stacked[r * H + c]!;
   const bias = matrix(3 * H, 1, 204);
@@ -170,12 +217,24 @@ test("gpt2: Conv1D weights are transposed, c_attn split into q, k, v", async () 
     const cFc = f32(tensors.get("transformer.h.0.mlp.c_fc.weight")!.bytes);
     const up = f32(await seed.read("model.layers.0.mlp.up_proj.weight"));
     assert.deepEqual(seed.tensors.get("model.layers.0.mlp.up_proj.weight")!.shape, [4 * H, H]);
-    for (const [o, i] of [[0, 0], [5, 3], [4 * H - 1, H - 1], [100, 17]] as const) {
+    for (const [o, i] of [
+      [0, 0],
+      [5, 3],
+      [4 * H - 1, H - 1],
+      [100, 17],
+    ] as const) {
       assert.equal(up[o * H + i], cFc[i * 4 * H + o]);
     }
     // Biases are not transposed.
-    assert.ok(bytesEqual(await seed.read("model.layers.0.mlp.down_proj.bias"), tensors.get("transformer.h.0.mlp.c_proj.bias")!.bytes));
-    assert.ok(bytesEqual(await seed.read("model.embed_positions.weight"), tensors.get("transformer.wpe.weight")!.bytes));
+    assert.ok(
+      bytesEqual(
+        await seed.read("model.layers.0.mlp.down_proj.bias"),
+        tensors.get("transformer.h.0.mlp.c_proj.bias")!.bytes,
+      ),
+    );
+    assert.ok(
+      bytesEqual(await seed.read("model.embed_positions.weight"), tensors.get("transformer.wpe.weight")!.bytes),
+    );
   });
 });
 
@@ -189,7 +248,10 @@ test("phi3: qkv_proj is [q | k | v] rows, gate_up_proj is [gate | up]", async ()
   await withSeed(dir, async (seed) => {
     assert.deepEqual(f32(await seed.read("model.layers.1.attn.q_proj.weight")), rowsOf(qkv, H, 0, HEADS * D));
     assert.deepEqual(f32(await seed.read("model.layers.1.attn.k_proj.weight")), rowsOf(qkv, H, HEADS * D, KV * D));
-    assert.deepEqual(f32(await seed.read("model.layers.1.attn.v_proj.weight")), rowsOf(qkv, H, (HEADS + KV) * D, KV * D));
+    assert.deepEqual(
+      f32(await seed.read("model.layers.1.attn.v_proj.weight")),
+      rowsOf(qkv, H, (HEADS + KV) * D, KV * D),
+    );
     assert.deepEqual(f32(await seed.read("model.layers.1.mlp.gate_proj.weight")), rowsOf(gateUp, H, 0, I));
     assert.deepEqual(f32(await seed.read("model.layers.1.mlp.up_proj.weight")), rowsOf(gateUp, H, I, I));
   });
@@ -198,12 +260,32 @@ test("phi3: qkv_proj is [q | k | v] rows, gate_up_proj is [gate | up]", async ()
 test("a row split without transpose reads only the bytes it needs", async () => {
   const calls: string[] = [];
   const files = {
-    read: async (name: string) => { calls.push(`read ${name}`); return new Uint8Array(0); },
-    readBytes: async (_name: string, start: number, length: number) => { calls.push(`${start}+${length}`); return new Uint8Array(length); },
+    read: async (name: string) => {
+      calls.push(`read ${name}`);
+      return new Uint8Array(0);
+    },
+    readBytes: async (_name: string, start: number, length: number) => {
+      calls.push(`${start}+${length}`);
+      return new Uint8Array(length);
+    },
   };
   const tensor: CanonicalTensor = {
-    name: "model.layers.0.attn.k_proj.weight", shape: [8, 4], dtype: "BF16",
-    source: { file: "x", sourceName: "qkv", dtype: "BF16", sourceShape: [24, 4], transpose: false, rows: [[2, 2], [4, 2], [8, 2], [20, 2]] },
+    name: "model.layers.0.attn.k_proj.weight",
+    shape: [8, 4],
+    dtype: "BF16",
+    source: {
+      file: "x",
+      sourceName: "qkv",
+      dtype: "BF16",
+      sourceShape: [24, 4],
+      transpose: false,
+      rows: [
+        [2, 2],
+        [4, 2],
+        [8, 2],
+        [20, 2],
+      ],
+    },
   };
   const reader = new CanonicalReader(files);
   assert.equal((await reader.read(tensor, 0, 32)).length, 8 * 4 * 2);
@@ -222,22 +304,38 @@ test("readElements gives the same bytes as slicing a whole read", async () => {
     await writeSynthetic(dir, family, "v4", "BF16");
     await withSeed(dir, async (seed) => {
       assert.deepEqual(seed.files, [join(dir, "model.safetensors")]);
-      for (const name of ["model.layers.1.attn.k_proj.weight", "model.layers.1.attn.v_proj.bias", "model.layers.0.mlp.up_proj.weight"]) {
+      for (const name of [
+        "model.layers.1.attn.k_proj.weight",
+        "model.layers.1.attn.v_proj.bias",
+        "model.layers.0.mlp.up_proj.weight",
+      ]) {
         if (!seed.tensors.has(name)) continue;
         const whole = await seed.read(name);
         const total = whole.length / 2;
-        for (const [start, count] of [[0, total], [3, 17], [total - 5, 5], [7, 0]] as const) {
-          assert.ok(bytesEqual(await seed.readElements(name, start, count), whole.subarray(start * 2, (start + count) * 2)), `${family} ${name} ${start}+${count}`);
+        for (const [start, count] of [
+          [0, total],
+          [3, 17],
+          [total - 5, 5],
+          [7, 0],
+        ] as const) {
+          assert.ok(
+            bytesEqual(await seed.readElements(name, start, count), whole.subarray(start * 2, (start + count) * 2)),
+            `${family} ${name} ${start}+${count}`,
+          );
         }
       }
-      await assert.rejects(seed.readElements("model.norm.weight", H - 1, 2), (e: Error & { code?: string }) => e.code === "INVALID_OFFSET");
+      await assert.rejects(
+        seed.readElements("model.norm.weight", H - 1, 2),
+        (e: Error & { code?: string }) => e.code === "INVALID_OFFSET",
+      );
     });
   }
 });
 
 test("transpose2d moves whole elements for 1, 2, 4 and 8-byte types", () => {
   for (const size of [1, 2, 4, 8]) {
-    const rows = 3, cols = 5;
+    const rows = 3,
+      cols = 5;
     const input = new Uint8Array(rows * cols * size).map((_, i) => i);
     const out = transpose2d(input.subarray(0), rows, cols, size);
     for (let r = 0; r < rows; r++) {
@@ -311,6 +409,8 @@ test("countParameters counts every canonical tensor of a dense seed once, all of
 
 test("v5 helper moves rope keys into rope_parameters", () => {
   assert.deepEqual(toV5({ model_type: "gpt_neox", rotary_pct: 0.25, rotary_emb_base: 10000, x: 1 }), {
-    model_type: "gpt_neox", x: 1, rope_parameters: { rope_type: "default", rope_theta: 10000, partial_rotary_factor: 0.25 },
+    model_type: "gpt_neox",
+    x: 1,
+    rope_parameters: { rope_type: "default", rope_theta: 10000, partial_rotary_factor: 0.25 },
   });
 });

@@ -8,7 +8,14 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import { fromNativeName, NATIVE_FORMATS, toNativeName } from "../../src/arch/native.js";
-import { denseToBamName, moduleName, parseTensorName, siteOf, tensorName, type TensorName } from "../../src/arch/names.js";
+import {
+  denseToBamName,
+  moduleName,
+  parseTensorName,
+  siteOf,
+  tensorName,
+  type TensorName,
+} from "../../src/arch/names.js";
 import type { Family } from "../../src/arch/types.js";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import type { UpcycleOptions } from "../../src/upcycle/options.js";
@@ -48,18 +55,34 @@ test("every planned tensor name of every fixture family and mode parses and rebu
         assert.deepEqual(parseTensorName(tensorName(parsed)), parsed);
         kinds.add(kindOf(parsed));
         const { operation } = tensor;
-        if (operation.kind === "router") assert.equal(operation.key, moduleName(parsed), `${family} ${mode}: router key of ${tensor.name}`);
-        if (operation.kind === "drop") assert.equal(`${operation.key}.${parsed.slot.slice("mlp.".length)}.${parsed.part}`, tensor.name);
+        if (operation.kind === "router")
+          assert.equal(operation.key, moduleName(parsed), `${family} ${mode}: router key of ${tensor.name}`);
+        if (operation.kind === "drop")
+          assert.equal(`${operation.key}.${parsed.slot.slice("mlp.".length)}.${parsed.part}`, tensor.name);
         // the planned expert is the seed tensor's slot and layer, with no expert
         if (operation.kind === "copy" || operation.kind === "drop") {
-          assert.deepEqual(parseTensorName(operation.from.tensor), { ...parsed, expert: null }, `${family} ${mode}: ${tensor.name} from ${operation.from.tensor}`);
+          assert.deepEqual(
+            parseTensorName(operation.from.tensor),
+            { ...parsed, expert: null },
+            `${family} ${mode}: ${tensor.name} from ${operation.from.tensor}`,
+          );
         }
       }
     }
   }
   const expected = [
-    "global weight", "global bias", "layer norm weight", "layer norm bias", "attn.router", "mlp.router",
-    "attn expert weight", "attn expert bias", "attn shared weight", "attn shared bias", "mlp expert weight", "mlp expert bias",
+    "global weight",
+    "global bias",
+    "layer norm weight",
+    "layer norm bias",
+    "attn.router",
+    "mlp.router",
+    "attn expert weight",
+    "attn expert bias",
+    "attn shared weight",
+    "attn shared bias",
+    "mlp expert weight",
+    "mlp expert bias",
   ];
   assert.deepEqual([...kinds].sort(), expected.sort());
 });
@@ -120,7 +143,10 @@ test("names docs/format.md does not define are refused", () => {
 
 test("native names (src/arch/native.ts) map to BAM names one to one, and leave what no BAM tensor is as it was", () => {
   const mixtralToBam = fromNativeName("mixtral");
-  assert.equal(mixtralToBam("model.layers.3.block_sparse_moe.experts.2.w1.weight"), "model.layers.3.mlp.experts.2.gate_proj.weight");
+  assert.equal(
+    mixtralToBam("model.layers.3.block_sparse_moe.experts.2.w1.weight"),
+    "model.layers.3.mlp.experts.2.gate_proj.weight",
+  );
   assert.equal(mixtralToBam("model.layers.3.self_attn.o_proj.weight"), "model.layers.3.attn.o_proj.weight");
   for (const format of NATIVE_FORMATS) {
     const toBam = fromNativeName(format);
@@ -135,6 +161,9 @@ test("native names (src/arch/native.ts) map to BAM names one to one, and leave w
       assert.equal(toBam(name), name, `${format}: ${name}`);
     }
     // an attention expert has no native name: it is not folded onto the merged attention's
-    assert.equal(toNative("model.layers.0.attn.experts.1.q_proj.weight"), "model.layers.0.attn.experts.1.q_proj.weight");
+    assert.equal(
+      toNative("model.layers.0.attn.experts.1.q_proj.weight"),
+      "model.layers.0.attn.experts.1.q_proj.weight",
+    );
   }
 });

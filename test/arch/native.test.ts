@@ -24,7 +24,10 @@ for (const format of NATIVE_FORMATS) {
       const names = [...model.tensors.keys()];
       await model.close();
       const native = names.map(toNativeName(format));
-      assert.ok(native.some((name, i) => name !== names[i]), "the format renames something");
+      assert.ok(
+        native.some((name, i) => name !== names[i]),
+        "the format renames something",
+      );
       assert.equal(new Set(native).size, names.length, "no two tensors share a native name");
       assert.deepEqual(native.map(fromNativeName(format)), names);
     }));
@@ -33,7 +36,12 @@ for (const format of NATIVE_FORMATS) {
 test("a mixtral config.json without sliding_window or rope_theta reads as MixtralConfig's defaults", () =>
   withTempDir(async (dir) => {
     const out = join(dir, "out");
-    await upcycle({ seeds: ["base", "code"].map((v) => fixture("mistral", v as "base")), output: out, format: "mixtral", expertsPerToken: 2 });
+    await upcycle({
+      seeds: ["base", "code"].map((v) => fixture("mistral", v as "base")),
+      output: out,
+      format: "mixtral",
+      expertsPerToken: 2,
+    });
     const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"));
     delete config.sliding_window;
     delete config.rope_theta;
@@ -50,10 +58,18 @@ test("a mixtral config.json without sliding_window or rope_theta reads as Mixtra
 test("a qwen3_moe folder with dense layers is refused, naming the key", () =>
   withTempDir(async (dir) => {
     const out = join(dir, "out");
-    await upcycle({ seeds: ["base", "code"].map((v) => fixture("qwen3", v as "base")), output: out, format: "qwen3-moe" });
+    await upcycle({
+      seeds: ["base", "code"].map((v) => fixture("qwen3", v as "base")),
+      output: out,
+      format: "qwen3-moe",
+    });
     const config = JSON.parse(await readFile(join(out, "config.json"), "utf8"));
     await writeFile(join(out, "config.json"), JSON.stringify({ ...config, mlp_only_layers: [1] }));
-    await refused(openModel(out), "FEATURE_UNSUPPORTED", /config\.json: "mlp_only_layers" is \[1\]; qwen3_moe folders are read with \[\]/);
+    await refused(
+      openModel(out),
+      "FEATURE_UNSUPPORTED",
+      /config\.json: "mlp_only_layers" is \[1\]; qwen3_moe folders are read with \[\]/,
+    );
     await writeFile(join(out, "config.json"), JSON.stringify({ ...config, num_experts: "2" }));
     await refused(openModel(out), "CONFIG_INVALID", /config\.json: "num_experts" must be an integer/);
   }));

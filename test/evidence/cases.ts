@@ -34,17 +34,41 @@ export async function evidenceCases(): Promise<EvidenceCase[]> {
       // shared-kv runs on the bf16 copy, so bf16 files are checked too.
       const seedDir = attention === "shared-kv" ? fixture(family, "bf16") : base;
       cases.push({
-        name: `${family}-${attention}`, family, reference: attention === "shared-kv" ? "logits_bf16" : "logits_base", remoteCode: true,
-        options: (output) => ({ seeds: [seedDir, seedDir, seedDir], output, attention, block, expertsPerToken: 2, normTopkProb: true }),
+        name: `${family}-${attention}`,
+        family,
+        reference: attention === "shared-kv" ? "logits_bf16" : "logits_base",
+        remoteCode: true,
+        options: (output) => ({
+          seeds: [seedDir, seedDir, seedDir],
+          output,
+          attention,
+          block,
+          expertsPerToken: 2,
+          normTopkProb: true,
+        }),
       });
     }
   }
-  const native: Array<[Family, UpcycleOptions["format"]]> = [["mistral", "mixtral"], ["qwen3", "qwen3-moe"]];
+  const native: Array<[Family, UpcycleOptions["format"]]> = [
+    ["mistral", "mixtral"],
+    ["qwen3", "qwen3-moe"],
+  ];
   for (const [family, format] of native) {
     const base = fixture(family, "base");
     cases.push({
-      name: `${family}-${format}`, family, reference: "logits_base", remoteCode: false,
-      options: (output) => ({ seeds: [base, base], output, attention: "merged", block: "sequential", format, expertsPerToken: 1, normTopkProb: true }),
+      name: `${family}-${format}`,
+      family,
+      reference: "logits_base",
+      remoteCode: false,
+      options: (output) => ({
+        seeds: [base, base],
+        output,
+        attention: "merged",
+        block: "sequential",
+        format,
+        expertsPerToken: 1,
+        normTopkProb: true,
+      }),
     });
   }
   return cases;
@@ -60,7 +84,13 @@ export async function buildEvidence(out: string): Promise<number> {
   const manifest = [];
   for (const c of await evidenceCases()) {
     await buildCase(c, join(out, c.name));
-    manifest.push({ name: c.name, family: c.family, reference: c.reference, remote_code: c.remoteCode, files: await folderHashes(join(out, c.name)) });
+    manifest.push({
+      name: c.name,
+      family: c.family,
+      reference: c.reference,
+      remote_code: c.remoteCode,
+      files: await folderHashes(join(out, c.name)),
+    });
   }
   await writeFile(join(out, "cases.json"), `${JSON.stringify(manifest, null, 2)}\n`);
   return manifest.length;
@@ -70,7 +100,9 @@ export async function buildEvidence(out: string): Promise<number> {
 export async function folderHashes(dir: string): Promise<Record<string, string>> {
   const hashes: Record<string, string> = {};
   for (const file of (await readdir(dir)).sort()) {
-    hashes[file] = createHash("sha256").update(await readFile(join(dir, file))).digest("hex");
+    hashes[file] = createHash("sha256")
+      .update(await readFile(join(dir, file)))
+      .digest("hex");
   }
   return hashes;
 }

@@ -31,6 +31,10 @@ test("every case loads in transformers and gives the seed's logits", { skip: NO_
     assert.deepEqual(evidence.cases.map((c) => c.name).sort(), (await evidenceCases()).map((c) => c.name).sort());
     for (const c of evidence.cases) {
       assert.ok(c.ok, `${c.name} failed in transformers`);
-      assert.ok(c.max_abs_error_cpu !== undefined && c.max_abs_error_cpu <= 1e-4, `${c.name}: logits off by ${c.max_abs_error_cpu}`);
+      assert.ok(
+        c.max_abs_error_cpu !== undefined && c.max_abs_error_cpu <= 1e-4,
+        `${c.name}: logits off by ${c.max_abs_error_cpu}`,
+      );
     }
-  }));
+  }),
+);

@@ -63,19 +63,42 @@ describe("model card", () => {
   test("the fine-tune line is README's, and a name of several lines is refused", async () => {
     const readme = await readFile("README.md", "utf8");
     assert.ok(readme.includes(finetuneCommand("bam3")), "README's one-GPU line");
-    await refused(upcycle({ seeds: [fixture("llama", "base")], output: "never", name: "two\nlines" }), "OPTIONS_INVALID", /^name must be one line/);
+    await refused(
+      upcycle({ seeds: [fixture("llama", "base")], output: "never", name: "two\nlines" }),
+      "OPTIONS_INVALID",
+      /^name must be one line/,
+    );
   });
 
-  test("the load snippet loads the output with transformers: remote code for bam, stock for mixtral", { skip: NO_TORCH }, () =>
-    withTempDir(async (dir) => {
-      const seeds = ["base", "code"].map((v) => fixture("mistral", v as "base"));
-      for (const format of ["bam", "mixtral"] as const) {
-        const output = join(dir, format);
-        await upcycle({ seeds, output, format, attention: "merged", block: "sequential", normTopkProb: true, expertsPerToken: 2 });
-        const snippet = /```python\n([\s\S]*?)```/.exec((await card(output)).body)![1]!;
-        assert.equal(snippet, loadSnippet(output, format === "bam"));
-        const printed = execFileSync(PYTHON!, ["-c", `${snippet}print(type(model).__name__, model.config.num_local_experts if hasattr(model.config, "num_local_experts") else model.config.num_experts, len(tokenizer("hi").input_ids) > 0)`], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
-        assert.match(printed.trim(), new RegExp(`^${format === "bam" ? "Bam" : "Mixtral"}\\w*ForCausalLM 2 True$`));
-      }
-    }));
+  test(
+    "the load snippet loads the output with transformers: remote code for bam, stock for mixtral",
+    { skip: NO_TORCH },
+    () =>
+      withTempDir(async (dir) => {
+        const seeds = ["base", "code"].map((v) => fixture("mistral", v as "base"));
+        for (const format of ["bam", "mixtral"] as const) {
+          const output = join(dir, format);
+          await upcycle({
+            seeds,
+            output,
+            format,
+            attention: "merged",
+            block: "sequential",
+            normTopkProb: true,
+            expertsPerToken: 2,
+          });
+          const snippet = /```python\n([\s\S]*?)```/.exec((await card(output)).body)![1]!;
+          assert.equal(snippet, loadSnippet(output, format === "bam"));
+          const printed = execFileSync(
+            PYTHON!,
+            [
+              "-c",
+              `${snippet}print(type(model).__name__, model.config.num_local_experts if hasattr(model.config, "num_local_experts") else model.config.num_experts, len(tokenizer("hi").input_ids) > 0)`,
+            ],
+            { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] },
+          );
+          assert.match(printed.trim(), new RegExp(`^${format === "bam" ? "Bam" : "Mixtral"}\\w*ForCausalLM 2 True$`));
+        }
+      }),
+  );
 });

@@ -23,11 +23,19 @@ import { type FuzzSummary, runWorker } from "./run-worker.js";
 const SEED = "ci-1";
 
 function report(summary: FuzzSummary): string[] {
-  return Object.entries(summary.formats).map(([format, s]) =>
-    `${format}: ${s.cases} cases, ${s.violations} violations, slowest ${s.slowest?.ms ?? 0} ms; ${Object.entries(s.outcomes).map(([k, v]) => `${k} ${v}`).join(", ")}`);
+  return Object.entries(summary.formats).map(
+    ([format, s]) =>
+      `${format}: ${s.cases} cases, ${s.violations} violations, slowest ${s.slowest?.ms ?? 0} ms; ${Object.entries(
+        s.outcomes,
+      )
+        .map(([k, v]) => `${k} ${v}`)
+        .join(", ")}`,
+  );
 }
 
-test("fuzz: every input format ends in success or a one-line BamError (fixed seed)", { timeout: 180_000 }, async (t) => {
+test("fuzz: every input format ends in success or a one-line BamError (fixed seed)", {
+  timeout: 180_000,
+}, async (t) => {
   const options = { seed: SEED, upcycleRate: 0.1, timeoutSeconds: 150 };
   const runs = await Promise.all([
     runWorker({ safetensors: 800, config: 550, recipe: 450 }, options),
@@ -36,14 +44,23 @@ test("fuzz: every input format ends in success or a one-line BamError (fixed see
   let cases = 0;
   for (const summary of runs) {
     for (const line of report(summary)) t.diagnostic(line);
-    t.diagnostic(`worker: ${summary.seconds.toFixed(1)} s, peak RSS ${summary.maxRssMB} MB, open files ${summary.fds?.start} -> ${summary.fds?.end}`);
+    t.diagnostic(
+      `worker: ${summary.seconds.toFixed(1)} s, peak RSS ${summary.maxRssMB} MB, open files ${summary.fds?.start} -> ${summary.fds?.end}`,
+    );
     assert.equal(summary.stopped, null, summary.stopped ?? "");
     for (const [format, s] of Object.entries(summary.formats)) {
       cases += s.cases;
       assert.equal(s.violations, 0, `${format}: ${JSON.stringify(s.examples.slice(0, 3), null, 1)}`);
-      assert.ok((s.outcomes.ok ?? 0) > 0, `${format}: some cases must get through (the generator only makes broken inputs otherwise)`);
+      assert.ok(
+        (s.outcomes.ok ?? 0) > 0,
+        `${format}: some cases must get through (the generator only makes broken inputs otherwise)`,
+      );
     }
-    if (summary.fds !== null) assert.ok(summary.fds.end - summary.fds.start < 16, `open files grew from ${summary.fds.start} to ${summary.fds.end}`);
+    if (summary.fds !== null)
+      assert.ok(
+        summary.fds.end - summary.fds.start < 16,
+        `open files grew from ${summary.fds.start} to ${summary.fds.end}`,
+      );
     assert.ok(summary.maxRssMB < 700, `peak RSS ${summary.maxRssMB} MB`);
   }
   assert.ok(cases >= 2000, `${cases} cases`);
@@ -56,7 +73,8 @@ function boundaries(bytes: Uint8Array, reader: SafetensorsReader): number[] {
   const dataStart = 8 + reader.headerLength;
   for (const at of [dataStart - 1, dataStart, dataStart + 1]) offsets.add(at);
   for (const info of reader.tensors.values()) {
-    for (const at of [info.byteOffset, info.byteOffset + info.byteLength]) for (const d of [-1, 0, 1]) offsets.add(at + d);
+    for (const at of [info.byteOffset, info.byteOffset + info.byteLength])
+      for (const d of [-1, 0, 1]) offsets.add(at + d);
   }
   return [...offsets].filter((at) => at >= 0 && at < bytes.length).sort((a, b) => a - b);
 }
@@ -75,7 +93,10 @@ test("a weights file cut at any region boundary is refused with a one-line error
         await writeFile(file, bytes.subarray(0, at));
         await assert.rejects(SafetensorsReader.open(file), (error: unknown) => {
           assert.ok(error instanceof BamError, `${family} cut at ${at}: ${String(error)}`);
-          assert.ok(["HEADER_INVALID", "DATA_INCOMPLETE", "INVALID_OFFSET"].includes(error.code), `${family} cut at ${at}: ${error.code}`);
+          assert.ok(
+            ["HEADER_INVALID", "DATA_INCOMPLETE", "INVALID_OFFSET"].includes(error.code),
+            `${family} cut at ${at}: ${error.code}`,
+          );
           assert.doesNotMatch(error.message, NOT_ONE_LINE);
           return true;
         });

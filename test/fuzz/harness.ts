@@ -58,6 +58,7 @@ export interface CaseResult {
 }
 
 /** One line, printable: no control characters, no line or paragraph separators. */
+// biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
 export const NOT_ONE_LINE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029]/;
 
 let current: string[] | undefined;
@@ -75,8 +76,19 @@ export function reportViolation(text: string): void {
  */
 export function installAllocationGuard(limitBytes: number): void {
   const names = [
-    "ArrayBuffer", "SharedArrayBuffer", "Uint8Array", "Int8Array", "Uint8ClampedArray", "Uint16Array", "Int16Array",
-    "Uint32Array", "Int32Array", "Float32Array", "Float64Array", "BigInt64Array", "BigUint64Array",
+    "ArrayBuffer",
+    "SharedArrayBuffer",
+    "Uint8Array",
+    "Int8Array",
+    "Uint8ClampedArray",
+    "Uint16Array",
+    "Int16Array",
+    "Uint32Array",
+    "Int32Array",
+    "Float32Array",
+    "Float64Array",
+    "BigInt64Array",
+    "BigUint64Array",
   ] as const;
   const g = globalThis as unknown as Record<string, unknown>;
   for (const name of names) {
@@ -105,7 +117,8 @@ export function judgeError(error: unknown): { outcome: string; message: string; 
   }
   const violations: string[] = [];
   if (typeof error.message !== "string" || error.message.length === 0) violations.push(`${error.code}: empty message`);
-  else if (NOT_ONE_LINE.test(error.message)) violations.push(`${error.code}: message is not one printable line: ${JSON.stringify(error.message.slice(0, 300))}`);
+  else if (NOT_ONE_LINE.test(error.message))
+    violations.push(`${error.code}: message is not one printable line: ${JSON.stringify(error.message.slice(0, 300))}`);
   const masked = maskedCause(error);
   if (masked !== undefined) violations.push(`${error.code} wraps a programming error: ${masked}`);
   return { outcome: error.code, message: error.message, violations };
@@ -123,8 +136,12 @@ function maskedCause(error: BamError): string | undefined {
     }
     const code = (cause as NodeJS.ErrnoException).code;
     // Input errors that the parsers and the OS report: a system errno, a JSON or YAML syntax error, bytes that are not UTF-8.
-    const expected = (typeof code === "string" && /^E[A-Z]+$/.test(code)) || code === "ERR_ENCODING_INVALID_ENCODED_DATA"
-      || cause.name === "SyntaxError" || cause.name.startsWith("YAML") || cause.name === "AbortError";
+    const expected =
+      (typeof code === "string" && /^E[A-Z]+$/.test(code)) ||
+      code === "ERR_ENCODING_INVALID_ENCODED_DATA" ||
+      cause.name === "SyntaxError" ||
+      cause.name.startsWith("YAML") ||
+      cause.name === "AbortError";
     return expected ? undefined : `${cause.constructor.name}${code ? ` ${code}` : ""}: ${firstLine(cause.message)}`;
   }
   return undefined;
@@ -187,10 +204,16 @@ async function unblockFifos(fifos: string[]): Promise<void> {
   }
 }
 
-export async function checkUpcycleSuccess(options: UpcycleOptions, plan: UpcyclePlan, dryRun: boolean, violations: string[]): Promise<void> {
+export async function checkUpcycleSuccess(
+  options: UpcycleOptions,
+  plan: UpcyclePlan,
+  dryRun: boolean,
+  violations: string[],
+): Promise<void> {
   const weights = plan.options.weights;
   const sum = weights.reduce((a, b) => a + b, 0);
-  if (!weights.every(Number.isFinite) || Math.abs(sum - 1) > 1e-9) violations.push(`plan weights ${JSON.stringify(weights)} do not sum to 1`);
+  if (!weights.every(Number.isFinite) || Math.abs(sum - 1) > 1e-9)
+    violations.push(`plan weights ${JSON.stringify(weights)} do not sum to 1`);
   if (dryRun) return;
   const out = options.output;
   if (out === undefined) {
@@ -209,7 +232,8 @@ export async function checkUpcycleSuccess(options: UpcycleOptions, plan: Upcycle
   try {
     const model = await openModel(out);
     try {
-      if (model.moe.numExperts !== plan.moe.numExperts) violations.push(`output has ${model.moe.numExperts} experts, planned ${plan.moe.numExperts}`);
+      if (model.moe.numExperts !== plan.moe.numExperts)
+        violations.push(`output has ${model.moe.numExperts} experts, planned ${plan.moe.numExperts}`);
       const names = [...model.tensors.keys()];
       for (const name of [names[0], names[names.length - 1]]) if (name !== undefined) await model.read(name);
     } finally {
@@ -221,7 +245,11 @@ export async function checkUpcycleSuccess(options: UpcycleOptions, plan: Upcycle
   await rm(out, { recursive: true, force: true });
 }
 
-async function runSteps(steps: Step[], record: { step: string }, violations: string[]): Promise<{ outcome: string; message?: string }> {
+async function runSteps(
+  steps: Step[],
+  record: { step: string },
+  violations: string[],
+): Promise<{ outcome: string; message?: string }> {
   for (const step of steps) {
     record.step = step.name;
     try {
@@ -250,7 +278,12 @@ export interface RunOptions {
   generateOnly?: boolean;
 }
 
-export async function runCase(format: Format, index: number, generate: Generator, options: RunOptions): Promise<CaseResult> {
+export async function runCase(
+  format: Format,
+  index: number,
+  generate: Generator,
+  options: RunOptions,
+): Promise<CaseResult> {
   const dir = join(options.root, `${format}-${index}`);
   const outside = join(dir, "outside");
   await mkdir(outside, { recursive: true });
@@ -265,11 +298,22 @@ export async function runCase(format: Format, index: number, generate: Generator
     upcycleRate: options.upcycleRate,
   };
   const steps = await Promise.race([generate(ctx), sleep(options.timeoutMs)]);
-  if (steps === "timeout") throw new Error(`fuzz harness: generating ${format} case ${index} took over ${options.timeoutMs} ms (${ctx.notes.join(", ")})`);
+  if (steps === "timeout")
+    throw new Error(
+      `fuzz harness: generating ${format} case ${index} took over ${options.timeoutMs} ms (${ctx.notes.join(", ")})`,
+    );
   if (options.generateOnly) {
     await unblockFifos(ctx.fifos);
     await rm(dir, { recursive: true, force: true });
-    return { format, index, outcome: "(not run)", step: steps.map((s) => s.name).join(", "), ms: 0, notes: ctx.notes, violations: [] };
+    return {
+      format,
+      index,
+      outcome: "(not run)",
+      step: steps.map((s) => s.name).join(", "),
+      ms: 0,
+      notes: ctx.notes,
+      violations: [],
+    };
   }
   const before = await snapshot(dir);
   const violations: string[] = [];

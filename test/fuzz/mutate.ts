@@ -62,7 +62,7 @@ export function deepObject(depth: number): unknown {
 
 /** Deeper than JSON.stringify can recurse, as raw text. */
 export function deepJsonText(depth: number, kind: "array" | "object" = "array"): string {
-  return kind === "array" ? "[".repeat(depth) + "]".repeat(depth) : '{"a":'.repeat(depth) + "{}" + "}".repeat(depth);
+  return kind === "array" ? "[".repeat(depth) + "]".repeat(depth) : `${'{"a":'.repeat(depth)}{}${"}".repeat(depth)}`;
 }
 
 /** One to three mutateText edits in a row, each one's note added to `notes`. */
@@ -84,7 +84,11 @@ export function maybeInvalidUtf8(rng: Rng, bytes: Uint8Array, probability: numbe
 }
 
 /** Text-level edits of a JSON or YAML document (they usually break its syntax). */
-export function mutateText(rng: Rng, text: string, alphabet = '{}[]:,"\\ \t\n0123456789aez-.\u0000\u00e9\ud83d\ude00'): [string, string] {
+export function mutateText(
+  rng: Rng,
+  text: string,
+  alphabet = '{}[]:,"\\ \t\n0123456789aez-.\u0000\u00e9\ud83d\ude00',
+): [string, string] {
   const at = rng.int(0, text.length);
   switch (rng.int(0, 9)) {
     case 0:
@@ -95,7 +99,10 @@ export function mutateText(rng: Rng, text: string, alphabet = '{}[]:,"\\ \t\n012
     }
     case 2: {
       const length = rng.int(1, 40);
-      return [text.slice(0, at) + text.slice(at, at + length).repeat(rng.int(2, 5)) + text.slice(at + length), `repeat ${length} chars at ${at}`];
+      return [
+        text.slice(0, at) + text.slice(at, at + length).repeat(rng.int(2, 5)) + text.slice(at + length),
+        `repeat ${length} chars at ${at}`,
+      ];
     }
     case 3:
       return [text.slice(0, at), `truncate at ${at}`];
@@ -110,15 +117,46 @@ export function mutateText(rng: Rng, text: string, alphabet = '{}[]:,"\\ \t\n012
       const numbers = [...text.matchAll(/-?\d+(\.\d+)?([eE][-+]?\d+)?/g)];
       if (numbers.length === 0) return [text + rng.pick([",", "}", "]", "{"]), "append a bracket"];
       const m = rng.pick(numbers);
-      const replacement = rng.pick(["1e400", "-1e400", "-0", "01", "1.", ".5", "NaN", "Infinity", "99999999999999999999999", "0x10", "-5", "1e-400", "4294967296", "1.0"]);
-      return [text.slice(0, m.index) + replacement + text.slice(m.index! + m[0].length), `number ${m[0]} -> ${replacement}`];
+      const replacement = rng.pick([
+        "1e400",
+        "-1e400",
+        "-0",
+        "01",
+        "1.",
+        ".5",
+        "NaN",
+        "Infinity",
+        "99999999999999999999999",
+        "0x10",
+        "-5",
+        "1e-400",
+        "4294967296",
+        "1.0",
+      ]);
+      return [
+        text.slice(0, m.index) + replacement + text.slice(m.index! + m[0].length),
+        `number ${m[0]} -> ${replacement}`,
+      ];
     }
     case 7: {
       const strings = [...text.matchAll(/"([^"\\]|\\.)*"/g)];
-      if (strings.length === 0) return [text + "\u0000", "append NUL"];
+      if (strings.length === 0) return [`${text}\u0000`, "append NUL"];
       const m = rng.pick(strings);
-      const replacement = rng.pick(['"\\ud800"', '"\\u0000"', '"a\\nb"', '"\\u001b[2J"', '""', '"../../x"', '"/etc/passwd"', '"\u2028"', `"${"y".repeat(rng.int(100, 100_000))}"`]);
-      return [text.slice(0, m.index) + replacement + text.slice(m.index! + m[0].length), `string ${m[0].slice(0, 30)} -> ${replacement.slice(0, 30)}`];
+      const replacement = rng.pick([
+        '"\\ud800"',
+        '"\\u0000"',
+        '"a\\nb"',
+        '"\\u001b[2J"',
+        '""',
+        '"../../x"',
+        '"/etc/passwd"',
+        '"\u2028"',
+        `"${"y".repeat(rng.int(100, 100_000))}"`,
+      ]);
+      return [
+        text.slice(0, m.index) + replacement + text.slice(m.index! + m[0].length),
+        `string ${m[0].slice(0, 30)} -> ${replacement.slice(0, 30)}`,
+      ];
     }
     case 8:
       return [text.replace(/\n/g, "\r\n"), "CRLF line ends"];
@@ -156,9 +194,19 @@ export function mutateBytes(rng: Rng, bytes: Uint8Array, from = 0, to = bytes.le
 }
 
 export function invalidUtf8(rng: Rng): Uint8Array {
-  return Uint8Array.from(rng.pick([
-    [0xff], [0xfe], [0x80], [0xc0, 0x80], [0xed, 0xa0, 0x80], [0xe2, 0x82], [0xf5, 0x80, 0x80, 0x80], [0xf0, 0x9f, 0x98], [0xc3],
-  ]));
+  return Uint8Array.from(
+    rng.pick([
+      [0xff],
+      [0xfe],
+      [0x80],
+      [0xc0, 0x80],
+      [0xed, 0xa0, 0x80],
+      [0xe2, 0x82],
+      [0xf5, 0x80, 0x80, 0x80],
+      [0xf0, 0x9f, 0x98],
+      [0xc3],
+    ]),
+  );
 }
 
 export function splice(bytes: Uint8Array, at: number, remove: number, insert: Uint8Array): Uint8Array {
@@ -188,10 +236,29 @@ export function makeFifo(path: string): boolean {
   }
 }
 
-export type OddFile = "missing" | "folder" | "fifo" | "dev-zero" | "dev-urandom" | "link-outside" | "link-loop" | "dangling-link" | "empty" | "relative-link-outside";
+export type OddFile =
+  | "missing"
+  | "folder"
+  | "fifo"
+  | "dev-zero"
+  | "dev-urandom"
+  | "link-outside"
+  | "link-loop"
+  | "dangling-link"
+  | "empty"
+  | "relative-link-outside";
 
 export const ODD_FILES: readonly OddFile[] = [
-  "missing", "folder", "fifo", "dev-zero", "dev-urandom", "link-outside", "link-loop", "dangling-link", "empty", "relative-link-outside",
+  "missing",
+  "folder",
+  "fifo",
+  "dev-zero",
+  "dev-urandom",
+  "link-outside",
+  "link-loop",
+  "dangling-link",
+  "empty",
+  "relative-link-outside",
 ];
 
 /**

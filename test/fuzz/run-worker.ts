@@ -44,30 +44,60 @@ export function emptyFormat(): FormatSummary {
   return { cases: 0, outcomes: {}, violations: 0, examples: [], slowest: null, caseMs: 0 };
 }
 
-export function addResult(entry: FormatSummary, result: Pick<CaseResult, "index" | "outcome" | "ms" | "step" | "notes" | "violations" | "message">): void {
+export function addResult(
+  entry: FormatSummary,
+  result: Pick<CaseResult, "index" | "outcome" | "ms" | "step" | "notes" | "violations" | "message">,
+): void {
   entry.cases += 1;
   entry.caseMs += result.ms;
   entry.outcomes[result.outcome] = (entry.outcomes[result.outcome] ?? 0) + 1;
   if (result.violations.length > 0) {
     entry.violations += 1;
     if (entry.examples.length < 20) {
-      entry.examples.push({ index: result.index, step: result.step, notes: result.notes, violations: result.violations, message: result.message?.slice(0, 500) });
+      entry.examples.push({
+        index: result.index,
+        step: result.step,
+        notes: result.notes,
+        violations: result.violations,
+        message: result.message?.slice(0, 500),
+      });
     }
   }
   if (entry.slowest === null || result.ms > entry.slowest.ms) {
-    entry.slowest = { index: result.index, ms: Math.round(result.ms * 10) / 10, outcome: result.outcome, step: result.step, notes: result.notes };
+    entry.slowest = {
+      index: result.index,
+      ms: Math.round(result.ms * 10) / 10,
+      outcome: result.outcome,
+      step: result.step,
+      notes: result.notes,
+    };
   }
 }
 
 export function runWorker(
   counts: Partial<Record<Format, number>>,
-  options: { seed: string; upcycleRate: number; timeoutSeconds: number; heapMB?: number; first?: number; keepGoing?: boolean },
+  options: {
+    seed: string;
+    upcycleRate: number;
+    timeoutSeconds: number;
+    heapMB?: number;
+    first?: number;
+    keepGoing?: boolean;
+  },
 ): Promise<FuzzSummary> {
   const started = performance.now();
   const args = [
-    `--max-old-space-size=${options.heapMB ?? 256}`, WORKER,
-    "--seed", options.seed, "--counts", JSON.stringify(counts), "--upcycle-rate", String(options.upcycleRate),
-    "--first", String(options.first ?? 0), ...(options.keepGoing ? ["--keep-going"] : []),
+    `--max-old-space-size=${options.heapMB ?? 256}`,
+    WORKER,
+    "--seed",
+    options.seed,
+    "--counts",
+    JSON.stringify(counts),
+    "--upcycle-rate",
+    String(options.upcycleRate),
+    "--first",
+    String(options.first ?? 0),
+    ...(options.keepGoing ? ["--keep-going"] : []),
   ];
   const child = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
   const summary: FuzzSummary = { formats: {}, maxRssMB: 0, fds: null, stopped: null, crashed: null, seconds: 0 };
@@ -101,13 +131,21 @@ export function runWorker(
       if (end !== undefined && code === 0) {
         Object.assign(summary, { maxRssMB: end.maxRssMB, fds: end.fds, stopped: end.stopped });
       } else {
-        const why = signal === "SIGKILL" && summary.seconds >= options.timeoutSeconds ? `gave no result within ${options.timeoutSeconds} s` : `exited with ${code ?? signal}`;
+        const why =
+          signal === "SIGKILL" && summary.seconds >= options.timeoutSeconds
+            ? `gave no result within ${options.timeoutSeconds} s`
+            : `exited with ${code ?? signal}`;
         const crashed = running as { format: Format; index: number } | null;
         summary.crashed = crashed;
         summary.stopped = `fuzz process ${why} during ${crashed ? `${crashed.format} case ${crashed.index}` : "start-up"}: ${stderrTail.trim().slice(-600)}`;
         if (crashed !== null) {
           addResult((summary.formats[crashed.format] ??= emptyFormat()), {
-            index: crashed.index, outcome: "VIOLATION", ms: 0, step: "(process)", notes: [], violations: [summary.stopped],
+            index: crashed.index,
+            outcome: "VIOLATION",
+            ms: 0,
+            step: "(process)",
+            notes: [],
+            violations: [summary.stopped],
           });
         }
       }

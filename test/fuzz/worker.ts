@@ -13,7 +13,15 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { FORMATS, type CaseResult, type Format, type Generator, installAllocationGuard, reportViolation, runCase } from "./harness.js";
+import {
+  FORMATS,
+  type CaseResult,
+  type Format,
+  type Generator,
+  installAllocationGuard,
+  reportViolation,
+  runCase,
+} from "./harness.js";
 import { safetensorsCase } from "./formats/safetensors.js";
 import { indexCase } from "./formats/index.js";
 import { configCase } from "./formats/config.js";
@@ -64,12 +72,22 @@ async function main(): Promise<void> {
     },
   });
   installAllocationGuard(Number(values["alloc-limit"]));
-  process.on("unhandledRejection", (reason) => reportViolation(`unhandled rejection: ${reason instanceof Error ? `${reason.constructor.name}: ${reason.message}` : String(reason)}`));
-  process.on("uncaughtException", (error) => reportViolation(`uncaught exception: ${error.constructor.name}: ${error.message}`));
+  process.on("unhandledRejection", (reason) =>
+    reportViolation(
+      `unhandled rejection: ${reason instanceof Error ? `${reason.constructor.name}: ${reason.message}` : String(reason)}`,
+    ),
+  );
+  process.on("uncaughtException", (error) =>
+    reportViolation(`uncaught exception: ${error.constructor.name}: ${error.message}`),
+  );
 
   const root = await mkdtemp(join(tmpdir(), "bam-fuzz-"));
   const options = {
-    root, seed: values.seed!, timeoutMs: Number(values.timeout), upcycleRate: Number(values["upcycle-rate"]), generateOnly: values["generate-only"],
+    root,
+    seed: values.seed!,
+    timeoutMs: Number(values.timeout),
+    upcycleRate: Number(values["upcycle-rate"]),
+    generateOnly: values["generate-only"],
   };
 
   if (values.index !== undefined) {

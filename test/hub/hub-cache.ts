@@ -15,7 +15,13 @@ export function repoDir(cacheDir: string, repoId: string): string {
 }
 
 /** Adds `folder`'s files as one commit of `repoId` (its hash derived from the names), pointed at by `refs`; returns the commit. */
-export async function addSnapshot(cacheDir: string, repoId: string, folder: string, refs: string[], label = folder): Promise<string> {
+export async function addSnapshot(
+  cacheDir: string,
+  repoId: string,
+  folder: string,
+  refs: string[],
+  label = folder,
+): Promise<string> {
   const root = repoDir(cacheDir, repoId);
   const commit = createHash("sha1").update(`${repoId}\0${label}`).digest("hex");
   const snapshot = join(root, "snapshots", commit);
@@ -44,13 +50,20 @@ export async function weights(dir: string): Promise<Map<string, Buffer>> {
 
 const CANDIDATES = [process.env.BAM_PYTHON, ".venv/bin/python", "python3"].filter((p): p is string => Boolean(p));
 /** A python with huggingface_hub, to check a cache the way Python tools read it; null when there is none. */
-export const HUB_PYTHON = CANDIDATES.find((python) => spawnSync(python, ["-c", "import huggingface_hub"], { stdio: "ignore" }).status === 0) ?? null;
-if (HUB_PYTHON === null && process.env.BAM_REQUIRE_PYTHON) throw new Error("BAM_REQUIRE_PYTHON is set but no python has huggingface_hub (pip install -r requirements.txt)");
+export const HUB_PYTHON =
+  CANDIDATES.find((python) => spawnSync(python, ["-c", "import huggingface_hub"], { stdio: "ignore" }).status === 0) ??
+  null;
+if (HUB_PYTHON === null && process.env.BAM_REQUIRE_PYTHON)
+  throw new Error("BAM_REQUIRE_PYTHON is set but no python has huggingface_hub (pip install -r requirements.txt)");
 
 /** What huggingface_hub's snapshot_download(local_files_only=True) finds in `cacheDir`: the snapshot folder. */
 export function pythonSnapshot(cacheDir: string, repoId: string, revision: string): string {
-  const script = "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], local_files_only=True))";
-  const run = spawnSync(HUB_PYTHON!, ["-c", script, repoId, revision, cacheDir], { encoding: "utf8", env: { ...process.env, HF_HUB_OFFLINE: "1" } });
+  const script =
+    "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1], revision=sys.argv[2], cache_dir=sys.argv[3], local_files_only=True))";
+  const run = spawnSync(HUB_PYTHON!, ["-c", script, repoId, revision, cacheDir], {
+    encoding: "utf8",
+    env: { ...process.env, HF_HUB_OFFLINE: "1" },
+  });
   if (run.status !== 0) throw new Error(`snapshot_download failed: ${run.stderr.trim().split("\n").pop()}`);
   return run.stdout.trim();
 }

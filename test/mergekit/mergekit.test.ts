@@ -48,7 +48,14 @@ const qwen3 = (variant: "base" | "code" | "math") => fixture("qwen3", variant);
 const CLOWN_CAR_PROMPTS = [
   { positive_prompts: ["<|im_start|>user\nHello, who are you?<|im_end|>", "<|im_start|>user\nI need help with"] },
   { positive_prompts: ["As a doctor of medicine,"] },
-  { positive_prompts: ["[Genres: Science Fiction]\n[Tags: humor, old school, sci fi]", "> get ye flask", "[Mode: Interactive Storyteller]"], negative_prompts: ["Das ist ein Satz auf Deutsch."] },
+  {
+    positive_prompts: [
+      "[Genres: Science Fiction]\n[Tags: humor, old school, sci fi]",
+      "> get ye flask",
+      "[Mode: Interactive Storyteller]",
+    ],
+    negative_prompts: ["Das ist ein Satz auf Deutsch."],
+  },
 ];
 
 describe("mergekit-moe configs", () => {
@@ -63,7 +70,16 @@ describe("mergekit-moe configs", () => {
       });
       await fromRecipe(config, join(dir, "recipe"));
       const seeds = new Array<string>(8).fill(llama("base"));
-      await upcycle({ seeds, output: join(dir, "options"), sharedFrom: llama("base"), attention: "merged", block: "sequential", expertsPerToken: 2, routerInit: "random", dtype: "bf16" });
+      await upcycle({
+        seeds,
+        output: join(dir, "options"),
+        sharedFrom: llama("base"),
+        attention: "merged",
+        block: "sequential",
+        expertsPerToken: 2,
+        routerInit: "random",
+        dtype: "bf16",
+      });
       await assertSameWeights(join(dir, "recipe"), join(dir, "options"));
     }));
 
@@ -80,8 +96,25 @@ describe("mergekit-moe configs", () => {
       const cli = (...args: string[]) => spawnSync(process.execPath, [CLI, "upcycle", ...args], { encoding: "utf8" });
       const byRecipe = cli("--recipe", config, "-o", join(dir, "recipe"));
       assert.equal(byRecipe.status, 0, byRecipe.stderr);
-      const byFlags = cli(...experts, "-o", join(dir, "flags"), "--shared-from", llama("base"), "--attention", "merged", "--block", "sequential",
-        "-k", "2", "--router-init", "hidden", "--prompts", prompts, "--dtype", "bf16");
+      const byFlags = cli(
+        ...experts,
+        "-o",
+        join(dir, "flags"),
+        "--shared-from",
+        llama("base"),
+        "--attention",
+        "merged",
+        "--block",
+        "sequential",
+        "-k",
+        "2",
+        "--router-init",
+        "hidden",
+        "--prompts",
+        prompts,
+        "--dtype",
+        "bf16",
+      );
       assert.equal(byFlags.status, 0, byFlags.stderr);
       await assertSameWeights(join(dir, "recipe"), join(dir, "flags"));
     }));
@@ -95,12 +128,25 @@ describe("mergekit-moe configs", () => {
         experts_per_token: 1,
         experts: [
           { source_model: qwen3("code"), positive_prompts: ["def add(a, b): return a + b"] },
-          { source_model: qwen3("math"), positive_prompts: ["The integral of x squared"], negative_prompts: ["def f(x):"] },
+          {
+            source_model: qwen3("math"),
+            positive_prompts: ["The integral of x squared"],
+            negative_prompts: ["def f(x):"],
+          },
         ],
       });
       await fromRecipe(config, join(dir, "recipe"));
-      await upcycle({ seeds: [qwen3("code"), qwen3("math")], output: join(dir, "options"), sharedFrom: qwen3("base"), attention: "merged", block: "sequential",
-        expertsPerToken: 1, routerInit: "cheap-embed", prompts: config, format: "qwen3-moe" });
+      await upcycle({
+        seeds: [qwen3("code"), qwen3("math")],
+        output: join(dir, "options"),
+        sharedFrom: qwen3("base"),
+        attention: "merged",
+        block: "sequential",
+        expertsPerToken: 1,
+        routerInit: "cheap-embed",
+        prompts: config,
+        format: "qwen3-moe",
+      });
       await assertSameWeights(join(dir, "recipe"), join(dir, "options"));
       const out = JSON.parse(await readFile(join(dir, "recipe", "config.json"), "utf8"));
       assert.equal(out.model_type, "qwen3_moe");
@@ -113,7 +159,11 @@ describe("mergekit-moe configs", () => {
       for (const [name, tensor] of base) {
         if (name.includes(".mlp.")) continue;
         assert.deepEqual(moe.get(name)?.data, tensor.data, `${name} is the base model's`);
-        assert.notDeepEqual(code.get(name)!.data, tensor.data, `${name}: the seeds differ here, so the copy is the base's`);
+        assert.notDeepEqual(
+          code.get(name)!.data,
+          tensor.data,
+          `${name}: the seeds differ here, so the copy is the base's`,
+        );
         shared++;
       }
       assert.ok(shared > 5);
@@ -126,14 +176,27 @@ describe("mergekit-moe configs", () => {
     withTempDir(async (dir) => {
       const prompts: Record<string, { positive_prompts: string[]; negative_prompts?: string[] }> = {
         [llama("code")]: { positive_prompts: ["def quicksort(xs):", "import numpy as np"] },
-        [llama("math")]: { positive_prompts: ["Let x be a real number such that"], negative_prompts: ["Once upon a time", "She said"] },
+        [llama("math")]: {
+          positive_prompts: ["Let x be a real number such that"],
+          negative_prompts: ["Once upon a time", "She said"],
+        },
         [llama("base")]: { positive_prompts: ["The weather today is"] },
       };
       const entries = (order: string[]) => order.map((source_model) => ({ source_model, ...prompts[source_model] }));
       const seeds = [llama("code"), llama("math"), llama("base")];
       // the config lists the experts in another order than the seeds
-      const config = await configFile(dir, { base_model: llama("base"), gate_mode: "cheap_embed", experts: entries([llama("base"), llama("math"), llama("code")]) });
-      await upcycle({ seeds, output: join(dir, "out"), sharedFrom: llama("base"), routerInit: "cheap-embed", prompts: config });
+      const config = await configFile(dir, {
+        base_model: llama("base"),
+        gate_mode: "cheap_embed",
+        experts: entries([llama("base"), llama("math"), llama("code")]),
+      });
+      await upcycle({
+        seeds,
+        output: join(dir, "out"),
+        sharedFrom: llama("base"),
+        routerInit: "cheap-embed",
+        prompts: config,
+      });
 
       const tokenizer = await loadTokenizer(llama("base"));
       const { tensors: base } = await readTensors(join(llama("base"), "model.safetensors"));
@@ -145,7 +208,8 @@ describe("mergekit-moe configs", () => {
       };
       const sumOfRows = (texts: string[]) => {
         const sum = new Array<number>(H).fill(0);
-        for (const id of texts.flatMap((t) => tokenizer.encode(t))) for (let h = 0; h < H; h++) sum[h]! += (embedding.data as Float32Array)[id * H + h]!;
+        for (const id of texts.flatMap((t) => tokenizer.encode(t)))
+          for (let h = 0; h < H; h++) sum[h]! += (embedding.data as Float32Array)[id * H + h]!;
         return normalised(sum);
       };
       const expected = seeds.map((seed) => {
@@ -159,15 +223,34 @@ describe("mergekit-moe configs", () => {
       assert.equal(routers.length, 4); // attention and FFN routers of both layers, all the same rows
       for (const name of routers) {
         const rows = moe.get(name)!.data as Float32Array;
-        expected.forEach((row, e) => row.forEach((x, h) => assert.ok(Math.abs(rows[e * H + h]! - x) < 1e-6, `${name} expert ${e} dim ${h}: ${rows[e * H + h]} vs ${x}`)));
+        for (const [e, row] of expected.entries()) {
+          for (const [h, x] of row.entries())
+            assert.ok(
+              Math.abs(rows[e * H + h]! - x) < 1e-6,
+              `${name} expert ${e} dim ${h}: ${rows[e * H + h]} vs ${x}`,
+            );
+        }
       }
 
       // the same experts and prompts in the seeds' order give the same model
-      const inOrder = await configFile(dir, { base_model: llama("base"), gate_mode: "cheap_embed", experts: entries(seeds) }, "ordered.yml");
-      await upcycle({ seeds, output: join(dir, "ordered"), sharedFrom: llama("base"), routerInit: "cheap-embed", prompts: inOrder });
+      const inOrder = await configFile(
+        dir,
+        { base_model: llama("base"), gate_mode: "cheap_embed", experts: entries(seeds) },
+        "ordered.yml",
+      );
+      await upcycle({
+        seeds,
+        output: join(dir, "ordered"),
+        sharedFrom: llama("base"),
+        routerInit: "cheap-embed",
+        prompts: inOrder,
+      });
       await assertSameWeights(join(dir, "out"), join(dir, "ordered"));
       // and so does hidden, which reads the prompts the same way
-      for (const [name, prompts] of [["hidden-out", config], ["hidden-ordered", inOrder]] as const) {
+      for (const [name, prompts] of [
+        ["hidden-out", config],
+        ["hidden-ordered", inOrder],
+      ] as const) {
         await upcycle({ seeds, output: join(dir, name), sharedFrom: llama("base"), routerInit: "hidden", prompts });
       }
       await assertSameWeights(join(dir, "hidden-out"), join(dir, "hidden-ordered"));
@@ -182,14 +265,22 @@ describe("mergekit-moe configs", () => {
       const { tensors } = await readTensors(join(dir, "a", "model.safetensors"));
       const H = tensors.get("model.embed_tokens.weight")!.shape[1]!;
       const bound = 1 / Math.sqrt(H);
-      const values = [...tensors].filter(([name]) => name.endsWith(".router.weight")).flatMap(([, t]) => [...(t.data as Float32Array)]);
+      const values = [...tensors]
+        .filter(([name]) => name.endsWith(".router.weight"))
+        .flatMap(([, t]) => [...(t.data as Float32Array)]);
       assert.equal(values.length, 2 * 2 * H); // two layers' FFN routers of two experts
-      assert.ok(values.every((x) => x >= -bound && x < bound), "every value within the bound");
+      assert.ok(
+        values.every((x) => x >= -bound && x < bound),
+        "every value within the bound",
+      );
       // 128 draws of U(-b, b): the extremes lie beyond +-0.8 b with probability 1 - 2 * 0.9^128 > 0.99999
       assert.ok(Math.min(...values) < -0.8 * bound && Math.max(...values) > 0.8 * bound, "spread over the whole range");
       const mean = values.reduce((a, b) => a + b, 0) / values.length;
       const variance = values.reduce((a, x) => a + (x - mean) ** 2, 0) / values.length;
-      assert.ok(Math.abs(variance / (bound * bound / 3) - 1) < 0.35, `variance ${variance} vs ${bound * bound / 3}`);
+      assert.ok(
+        Math.abs(variance / ((bound * bound) / 3) - 1) < 0.35,
+        `variance ${variance} vs ${(bound * bound) / 3}`,
+      );
 
       await writeFile(config, JSON.stringify({ base_model: llama("base"), gate_mode: "random", experts }));
       await fromRecipe(config, join(dir, "random"));
@@ -200,25 +291,60 @@ describe("mergekit-moe configs", () => {
     withTempDir(async (dir) => {
       const refused = async (config: unknown, pattern: RegExp) => {
         const file = await configFile(dir, config);
-        await assert.rejects(readRecipe(file), (e: BamError) => e.code === "RECIPE_INVALID" && !e.message.includes("\n") && pattern.test(e.message) && e.message.startsWith(file));
+        await assert.rejects(
+          readRecipe(file),
+          (e: BamError) =>
+            e.code === "RECIPE_INVALID" &&
+            !e.message.includes("\n") &&
+            pattern.test(e.message) &&
+            e.message.startsWith(file),
+        );
       };
-      const experts = [{ source_model: llama("code"), positive_prompts: ["a"] }, { source_model: llama("math"), positive_prompts: ["b"] }];
+      const experts = [
+        { source_model: llama("code"), positive_prompts: ["a"] },
+        { source_model: llama("math"), positive_prompts: ["b"] },
+      ];
       await refused(
-        { base_model: llama("base"), experts: [{ ...experts[0], residual_scale: 0.1 }, { ...experts[1], noise_scale: 0.01 }], shared_experts: [{ source_model: llama("base") }], tokenizer_source: "base" },
+        {
+          base_model: llama("base"),
+          experts: [
+            { ...experts[0], residual_scale: 0.1 },
+            { ...experts[1], noise_scale: 0.01 },
+          ],
+          shared_experts: [{ source_model: llama("base") }],
+          tokenizer_source: "base",
+        },
         /not supported: shared_experts \(.*\), experts\[0\]\.residual_scale \(.*\), experts\[1\]\.noise_scale \(.*\); unknown: tokenizer_source; remove them/,
       );
-      await refused({ base_model: llama("base"), experts, gate_mode: "hidden_avg" }, /gate_mode must be one of hidden, cheap_embed, random, uniform_random, not "hidden_avg"/);
-      await refused({ base_model: llama("base"), experts, dtype: "int64" }, /dtype must be one of bfloat16, float16, float32/);
-      await refused({ base_model: llama("base"), experts, architecture: "deepseek" }, /architecture "deepseek" is not written here/);
-      await refused({ base_model: llama("base"), experts: [{ source_model: llama("code") }, ...experts.slice(1)] }, /gate_mode hidden needs positive_prompts for every expert; experts\[0\] have none/);
+      await refused(
+        { base_model: llama("base"), experts, gate_mode: "hidden_avg" },
+        /gate_mode must be one of hidden, cheap_embed, random, uniform_random, not "hidden_avg"/,
+      );
+      await refused(
+        { base_model: llama("base"), experts, dtype: "int64" },
+        /dtype must be one of bfloat16, float16, float32/,
+      );
+      await refused(
+        { base_model: llama("base"), experts, architecture: "deepseek" },
+        /architecture "deepseek" is not written here/,
+      );
+      await refused(
+        { base_model: llama("base"), experts: [{ source_model: llama("code") }, ...experts.slice(1)] },
+        /gate_mode hidden needs positive_prompts for every expert; experts\[0\] have none/,
+      );
       await refused({ base_model: llama("base"), experts: [] }, /"experts" is empty/);
       await refused({ experts: [{ model: llama("code") }] }, /unknown: experts\[0\]\.model/);
 
       // the CLI: exit 1, one line on stderr
       const file = await configFile(dir, { base_model: llama("base"), experts, shared_experts: [] });
-      const run = spawnSync(process.execPath, [CLI, "upcycle", "--recipe", file, "-o", join(dir, "out")], { encoding: "utf8" });
+      const run = spawnSync(process.execPath, [CLI, "upcycle", "--recipe", file, "-o", join(dir, "out")], {
+        encoding: "utf8",
+      });
       assert.equal(run.status, 1);
-      assert.match(run.stderr, /^bam: .*moe\.yml: mergekit-moe config: not supported: shared_experts \(a shared expert\); remove them .*\n$/);
+      assert.match(
+        run.stderr,
+        /^bam: .*moe\.yml: mergekit-moe config: not supported: shared_experts \(a shared expert\); remove them .*\n$/,
+      );
       assert.equal(run.stderr.split("\n").length, 2);
     }));
 
@@ -230,14 +356,24 @@ describe("mergekit-moe configs", () => {
       assert.equal(run.status, 0, run.stderr);
       assert.match(run.stdout, new RegExp(`shared +copied from ${qwen3("base")}\n`));
       assert.match(run.stdout, /model\.embed_tokens\.weight .* <- copy base:model\.embed_tokens\.weight\n/);
-      assert.match(run.stdout, /model\.layers\.0\.attn\.q_proj\.weight .* <- copy base:model\.layers\.0\.attn\.q_proj\.weight\n/);
-      assert.match(run.stdout, /model\.layers\.0\.mlp\.experts\.1\.up_proj\.weight .* <- copy math:model\.layers\.0\.mlp\.up_proj\.weight\n/);
+      assert.match(
+        run.stdout,
+        /model\.layers\.0\.attn\.q_proj\.weight .* <- copy base:model\.layers\.0\.attn\.q_proj\.weight\n/,
+      );
+      assert.match(
+        run.stdout,
+        /model\.layers\.0\.mlp\.experts\.1\.up_proj\.weight .* <- copy math:model\.layers\.0\.mlp\.up_proj\.weight\n/,
+      );
     }));
 
   test("keys map to options: dtype, experts_per_token, architecture (mergekit's prefix rule), gate_mode, base_model", () =>
     withTempDir(async (dir) => {
-      const experts = [{ source_model: "org/code", positive_prompts: ["a"] }, { source_model: relative(dir, llama("math")), positive_prompts: ["b"] }];
-      const read = async (extra: Record<string, unknown>) => readRecipe(await configFile(dir, { base_model: "../no-such-folder", experts, ...extra }));
+      const experts = [
+        { source_model: "org/code", positive_prompts: ["a"] },
+        { source_model: relative(dir, llama("math")), positive_prompts: ["b"] },
+      ];
+      const read = async (extra: Record<string, unknown>) =>
+        readRecipe(await configFile(dir, { base_model: "../no-such-folder", experts, ...extra }));
       const options = await read({ dtype: "torch.float16", architecture: "Mixtral", experts_per_token: 1 });
       assert.deepEqual(options.seeds, ["org/code", llama("math")]); // a Hugging Face id as given, a folder relative to the config
       assert.equal(options.sharedFrom, "../no-such-folder");

@@ -15,10 +15,12 @@ import { fixture, withTempDir } from "../helpers.js";
 /** Every entry under `dir` with its size and modification time: what a write would change. */
 async function tree(dir: string): Promise<string[]> {
   const entries = await readdir(dir, { recursive: true });
-  return Promise.all(entries.sort().map(async (entry) => {
-    const info = await stat(join(dir, entry));
-    return `${entry} ${info.size} ${info.mtimeMs} ${info.mode.toString(8)}`;
-  }));
+  return Promise.all(
+    entries.sort().map(async (entry) => {
+      const info = await stat(join(dir, entry));
+      return `${entry} ${info.size} ${info.mtimeMs} ${info.mode.toString(8)}`;
+    }),
+  );
 }
 
 test("eval of a read-only model folder builds into cacheDir, writes nothing in the folder, reuses the build, rebuilds on a changed weight file", () =>
@@ -56,7 +58,11 @@ test("eval of a read-only model folder builds into cacheDir, writes nothing in t
     await readOnly();
     const third = await prepareOnnx(model, { cacheDir });
     assert.equal(third.built, true, "a changed weight file rebuilds");
-    assert.deepEqual(await readdir(join(cacheDir, "onnx")), [third.folder.split("/").pop()], "only the current build is kept");
+    assert.deepEqual(
+      await readdir(join(cacheDir, "onnx")),
+      [third.folder.split("/").pop()],
+      "only the current build is kept",
+    );
     assert.notEqual(third.folder, join(cacheDir, "onnx", exports[0]!));
     const changed = await evaluatePerplexity(model, [text], { cacheDir });
     assert.notEqual(changed.overall.nll, first.overall.nll, "the new build runs the new weights");

@@ -20,7 +20,10 @@ import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
 import { fixture, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
 import { withGraph, withSession } from "./engine.js";
 
-const IDS = [[279, 274, 88, 80, 261, 84, 83, 313, 280, 78, 288, 291], [55, 258, 78, 260, 221, 82, 295, 315, 79, 80, 80, 288]];
+const IDS = [
+  [279, 274, 88, 80, 261, 84, 83, 313, 280, 78, 288, 291],
+  [55, 258, 78, 260, 221, 82, 295, 315, 79, 80, 80, 288],
+];
 
 interface Case {
   label: string;
@@ -28,12 +31,14 @@ interface Case {
   make: (dir: string) => Promise<string>;
 }
 
-const merged = (family: "llama" | "qwen3" | "cohere" | "gpt2" | "mistral", options: Partial<UpcycleOptions>) => async (dir: string) => {
-  const out = join(dir, "model");
-  const seeds = ["base", "code", "math"].map((v) => fixture(family, v as "base"));
-  await upcycle({ seeds, output: out, expertsPerToken: 2, ...options } as UpcycleOptions);
-  return out;
-};
+const merged =
+  (family: "llama" | "qwen3" | "cohere" | "gpt2" | "mistral", options: Partial<UpcycleOptions>) =>
+  async (dir: string) => {
+    const out = join(dir, "model");
+    const seeds = ["base", "code", "math"].map((v) => fixture(family, v as "base"));
+    await upcycle({ seeds, output: out, expertsPerToken: 2, ...options } as UpcycleOptions);
+    return out;
+  };
 
 const CASES: Case[] = [
   { label: "dense llama", make: async () => fixture("llama", "base") },
@@ -69,10 +74,22 @@ async function emptyPast(session: ort.InferenceSession, batch: number): Promise<
 }
 
 /** Logits [batch, seq, vocab] of one step, and the cache it returns as the next step's past. */
-async function step(session: ort.InferenceSession, past: Feeds, ids: number[][], mask: number[][], positions: number[][]): Promise<{ logits: Float32Array; past: Feeds }> {
-  const out = await session.run({ ...past, input_ids: int64(ids), attention_mask: int64(mask), position_ids: int64(positions) });
+async function step(
+  session: ort.InferenceSession,
+  past: Feeds,
+  ids: number[][],
+  mask: number[][],
+  positions: number[][],
+): Promise<{ logits: Float32Array; past: Feeds }> {
+  const out = await session.run({
+    ...past,
+    input_ids: int64(ids),
+    attention_mask: int64(mask),
+    position_ids: int64(positions),
+  });
   const next: Feeds = {};
-  for (const name of Object.keys(out)) if (name.startsWith("present.")) next[name.replace("present.", "past_key_values.")] = out[name]!;
+  for (const name of Object.keys(out))
+    if (name.startsWith("present.")) next[name.replace("present.", "past_key_values.")] = out[name]!;
   return { logits: out.logits!.data as Float32Array, past: next };
 }
 
@@ -88,9 +105,21 @@ for (const { label, make } of CASES) {
           const T = IDS[0]!.length;
           const full = await step(session, await emptyPast(session, 2), IDS, ones(2, T), [range(0, T), range(0, T)]);
           const vocab = full.logits.length / (2 * T);
-          let { past } = await step(session, await emptyPast(session, 2), IDS.map((r) => r.slice(0, 5)), ones(2, 5), [range(0, 5), range(0, 5)]);
+          let { past } = await step(
+            session,
+            await emptyPast(session, 2),
+            IDS.map((r) => r.slice(0, 5)),
+            ones(2, 5),
+            [range(0, 5), range(0, 5)],
+          );
           for (let t = 5; t < T; t++) {
-            const out = await step(session, past, IDS.map((r) => [r[t]!]), ones(2, t + 1), [[t], [t]]);
+            const out = await step(
+              session,
+              past,
+              IDS.map((r) => [r[t]!]),
+              ones(2, t + 1),
+              [[t], [t]],
+            );
             past = out.past;
             for (let b = 0; b < 2; b++) {
               const want = full.logits.subarray((b * T + t) * vocab, (b * T + t + 1) * vocab);
@@ -128,7 +157,12 @@ describe("generation", () => {
       withTempDir(async (dir) => {
         const model = await make(dir);
         const { folder } = await prepareOnnx(model, { output: join(dir, "onnx") });
-        const generated = await generateFromExport(folder, "The experts learned", { maxNewTokens: 8, temperature: 0, topP: 1, seed: null });
+        const generated = await generateFromExport(folder, "The experts learned", {
+          maxNewTokens: 8,
+          temperature: 0,
+          topP: 1,
+          seed: null,
+        });
         assert.equal(generated.newIds.length, 8);
         await withSession(model, async (session) => {
           const ids = [...generated.promptIds];
@@ -147,15 +181,27 @@ describe("generation", () => {
     test(`${label}: our loop's greedy tokens are transformers.js's, past 64 slots`, () =>
       withTempDir(async (dir) => {
         const { folder } = await prepareOnnx(await make(dir), { output: join(dir, "onnx") });
-        const ours = await generateFromExport(folder, "The experts learned", { maxNewTokens: 80, temperature: 0, topP: 1, seed: null });
+        const ours = await generateFromExport(folder, "The experts learned", {
+          maxNewTokens: 80,
+          temperature: 0,
+          topP: 1,
+          seed: null,
+        });
         const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
         env.allowRemoteModels = false;
         const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
         const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
-        const output = (await model.generate({ ...tokenizer("The experts learned"), max_new_tokens: 80, do_sample: false })) as { data: BigInt64Array };
+        const output = (await model.generate({
+          ...tokenizer("The experts learned"),
+          max_new_tokens: 80,
+          do_sample: false,
+        })) as { data: BigInt64Array };
         await model.dispose();
         assert.deepEqual(ours.newIds, Array.from(output.data, Number).slice(ours.promptIds.length));
-        assert.ok(ours.promptIds.length + ours.newIds.length > 64, `${ours.newIds.length} tokens: the cache never grew`);
+        assert.ok(
+          ours.promptIds.length + ours.newIds.length > 64,
+          `${ours.newIds.length} tokens: the cache never grew`,
+        );
       }));
   }
 
@@ -167,7 +213,10 @@ describe("generation", () => {
       assert.deepEqual((await generateFromExport(folder, "The experts", settings)).newIds, first.newIds);
       const greedy = await generateFromExport(folder, "The experts", { ...settings, temperature: 0 });
       assert.notDeepEqual(first.newIds, greedy.newIds, "temperature 1.5 drew the greedy tokens");
-      assert.deepEqual((await generateFromExport(folder, "The experts", { ...settings, topP: 1e-6 })).newIds, greedy.newIds);
+      assert.deepEqual(
+        (await generateFromExport(folder, "The experts", { ...settings, topP: 1e-6 })).newIds,
+        greedy.newIds,
+      );
     }));
 
   test("pipeline('text-generation', folder) loads the export from local files", () =>
@@ -177,8 +226,15 @@ describe("generation", () => {
       const { pipeline, env } = await import("@huggingface/transformers");
       env.allowRemoteModels = false;
       const generator = await pipeline("text-generation", folder, { dtype: "fp32" });
-      const [out] = (await generator("The experts learned", { max_new_tokens: 6, do_sample: false })) as Array<{ generated_text: string }>;
-      const ours = await generateFromExport(folder, "The experts learned", { maxNewTokens: 6, temperature: 0, topP: 1, seed: null });
+      const [out] = (await generator("The experts learned", { max_new_tokens: 6, do_sample: false })) as Array<{
+        generated_text: string;
+      }>;
+      const ours = await generateFromExport(folder, "The experts learned", {
+        maxNewTokens: 6,
+        temperature: 0,
+        topP: 1,
+        seed: null,
+      });
       assert.equal(out!.generated_text, `The experts learned${ours.text}`);
       await generator.dispose();
     }));

@@ -19,7 +19,8 @@ import { fixture, FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helper
 import { readTensors, withSession } from "./engine.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
-const TEXT = "The quick brown fox jumps over the lazy dog near the quiet river bank.\nA small model can still learn useful patterns when the data is clean.\n";
+const TEXT =
+  "The quick brown fox jumps over the lazy dog near the quiet river bank.\nA small model can still learn useful patterns when the data is clean.\n";
 
 /** -sum over t of log softmax(logits[t])[ids[t + 1]] of one window, computed here, independently of the engine. */
 function windowNll(logits: Float32Array, ids: number[]): number {
@@ -67,12 +68,25 @@ describe("bam eval, generate, export-onnx", () => {
   test("eval --ids --save-logits writes transformers' logits", () =>
     withTempDir(async (dir) => {
       const out = join(dir, "logits.safetensors");
-      const run = bam(["eval", fixture("qwen3", "base"), "--ids", join(FIXTURES, "qwen3", "reference.safetensors"), "--save-logits", out], dir);
+      const run = bam(
+        [
+          "eval",
+          fixture("qwen3", "base"),
+          "--ids",
+          join(FIXTURES, "qwen3", "reference.safetensors"),
+          "--save-logits",
+          out,
+        ],
+        dir,
+      );
       assert.equal(run.status, 0, run.stderr);
       const { tensors } = await readTensors(out);
       const { tensors: reference } = await readTensors(join(FIXTURES, "qwen3", "reference.safetensors"));
       assert.deepEqual(tensors.get("logits")!.shape, [2, 12, 320]);
-      const error = maxAbsDiff(tensors.get("logits")!.data as Float32Array, reference.get("logits_base")!.data as Float32Array);
+      const error = maxAbsDiff(
+        tensors.get("logits")!.data as Float32Array,
+        reference.get("logits_base")!.data as Float32Array,
+      );
       assert.ok(error <= TOLERANCE, `max |saved - transformers| = ${error}`);
     }));
 
@@ -116,17 +130,39 @@ describe("bam eval, generate, export-onnx", () => {
       await writeFile(file, Buffer.from(Uint16Array.from(ids).buffer));
       // each row of the reference is one window: NLL of transformers' logits, computed here
       const expected = Array.from({ length: rows }, (_, r) =>
-        windowNll(logits.subarray(r * seq * vocab, (r + 1) * seq * vocab), ids.slice(r * seq, (r + 1) * seq)));
+        windowNll(logits.subarray(r * seq * vocab, (r + 1) * seq * vocab), ids.slice(r * seq, (r + 1) * seq)),
+      );
       const all = bam(["eval", fixture("qwen3", "base"), "--tokens", file, "--context", String(seq), "--json"], dir);
       assert.equal(all.status, 0, all.stderr);
       const report = JSON.parse(all.stdout);
       assert.equal(report.overall.predicted, rows * (seq - 1));
       const total = expected.reduce((a, b) => a + b, 0);
       // Each token's NLL, logsumexp(l) - l[y], moves by at most 2 max|l - l'|: the logits' tolerance bounds the sum.
-      assert.ok(Math.abs(report.overall.nll - total) <= 2 * TOLERANCE * report.overall.predicted, `nll ${report.overall.nll} vs transformers ${total}`);
-      const first = JSON.parse(bam(["eval", fixture("qwen3", "base"), "--tokens", file, "--context", String(seq), "--max-tokens", String(seq), "--json"], dir).stdout);
+      assert.ok(
+        Math.abs(report.overall.nll - total) <= 2 * TOLERANCE * report.overall.predicted,
+        `nll ${report.overall.nll} vs transformers ${total}`,
+      );
+      const first = JSON.parse(
+        bam(
+          [
+            "eval",
+            fixture("qwen3", "base"),
+            "--tokens",
+            file,
+            "--context",
+            String(seq),
+            "--max-tokens",
+            String(seq),
+            "--json",
+          ],
+          dir,
+        ).stdout,
+      );
       assert.equal(first.overall.tokens, seq);
-      assert.ok(Math.abs(first.overall.nll - expected[0]!) <= 2 * TOLERANCE * first.overall.predicted, `nll ${first.overall.nll} vs transformers ${expected[0]}`);
+      assert.ok(
+        Math.abs(first.overall.nll - expected[0]!) <= 2 * TOLERANCE * first.overall.predicted,
+        `nll ${first.overall.nll} vs transformers ${expected[0]}`,
+      );
     }));
 
   test("export-onnx writes a transformers.js folder into the user cache, not the model folder; reused, and rebuilt when the weights change", () =>
@@ -141,8 +177,19 @@ describe("bam eval, generate, export-onnx", () => {
       assert.equal(result.built, true);
       assert.equal(dirname(result.folder), join(cacheDir, "onnx"), "in BAM_CACHE_DIR");
       assert.deepEqual((await readdir(model)).sort(), before, "nothing written into the model folder");
-      assert.deepEqual((await readdir(result.folder)).sort(), ["bam-onnx.json", "config.json", "generation_config.json", "onnx", "tokenizer.json", "tokenizer_config.json"]);
-      assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), ["generate.onnx", "model.onnx", "model.onnx_data"]);
+      assert.deepEqual((await readdir(result.folder)).sort(), [
+        "bam-onnx.json",
+        "config.json",
+        "generation_config.json",
+        "onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+      ]);
+      assert.deepEqual((await readdir(join(result.folder, "onnx"))).sort(), [
+        "generate.onnx",
+        "model.onnx",
+        "model.onnx_data",
+      ]);
       assert.equal((await prepareOnnx(model, { cacheDir })).built, false, "unchanged weights: reused");
       const weights = join(model, "model.safetensors");
       const later = new Date((await stat(weights)).mtimeMs + 5000);
@@ -177,7 +224,7 @@ describe("bam eval, generate, export-onnx", () => {
         [["export-onnx", model, "-o", taken], 1, /exists and is not empty/],
       ];
       const runs = await Promise.all(cases.map(([args]) => bamAsync(args, dir)));
-      runs.forEach((run, i) => assertFails(run, cases[i]![1], cases[i]![2]));
+      for (const [i, run] of runs.entries()) assertFails(run, cases[i]![1], cases[i]![2]);
     }));
 
   test("error paths of the API: each failure has its code and names the file", () =>
@@ -186,17 +233,39 @@ describe("bam eval, generate, export-onnx", () => {
       const text = join(dir, "a.txt");
       await writeFile(text, TEXT);
       const floatIds = join(dir, "float-ids.safetensors");
-      await writeSafetensors(floatIds, [{ name: "input_ids", dtype: "F32", shape: [1, 2], data: () => new Uint8Array(8) }]);
+      await writeSafetensors(floatIds, [
+        { name: "input_ids", dtype: "F32", shape: [1, 2], data: () => new Uint8Array(8) },
+      ]);
       const outOfVocab = join(dir, "big-ids.safetensors");
-      await writeSafetensors(outOfVocab, [{ name: "input_ids", dtype: "I64", shape: [1, 1], data: () => new Uint8Array(BigInt64Array.of(100000n).buffer) }]);
+      await writeSafetensors(outOfVocab, [
+        {
+          name: "input_ids",
+          dtype: "I64",
+          shape: [1, 1],
+          data: () => new Uint8Array(BigInt64Array.of(100000n).buffer),
+        },
+      ]);
       process.env.BAM_CACHE_DIR = dir; // nothing may land in the fixtures
-      const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) => assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
+      const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) =>
+        assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
       await rejects(evaluatePerplexity(model, [join(dir, "nope.txt")]), "IO_ERROR", /nope\.txt: no such file/);
       await rejects(evaluatePerplexity(model, [text], { context: 1 }), "OPTIONS_INVALID", /--context/);
-      await rejects(evaluatePerplexity(fixture("gpt2", "base"), [text], { context: 1000 }), "OPTIONS_INVALID", /128 positions/);
-      await rejects(saveLogits(model, floatIds, join(dir, "o")), "TENSOR_INVALID", /float-ids\.safetensors: input_ids must be I64/);
+      await rejects(
+        evaluatePerplexity(fixture("gpt2", "base"), [text], { context: 1000 }),
+        "OPTIONS_INVALID",
+        /128 positions/,
+      );
+      await rejects(
+        saveLogits(model, floatIds, join(dir, "o")),
+        "TENSOR_INVALID",
+        /float-ids\.safetensors: input_ids must be I64/,
+      );
       await rejects(saveLogits(model, outOfVocab, join(dir, "o")), "TENSOR_INVALID", /outside the vocabulary/);
-      await rejects(prepareOnnx(model, { output: model, force: true }), "OPTIONS_INVALID", /would replace the model folder/);
+      await rejects(
+        prepareOnnx(model, { output: model, force: true }),
+        "OPTIONS_INVALID",
+        /would replace the model folder/,
+      );
       await rejects(prepareOnnx(join(model, "..")), "NOT_A_CHECKPOINT", /config\.json: not found/);
     }));
 });

@@ -42,13 +42,17 @@ export async function logitsOf(modelDir: string, { ids, batch, seq }: Ids): Prom
 }
 
 /** Every tensor of a safetensors file (I64 as BigInt64Array, floats as Float32Array) and its metadata. */
-export async function readTensors(file: string): Promise<{ tensors: Map<string, { shape: number[]; data: Float32Array | BigInt64Array }>; metadata: Record<string, string> }> {
+export async function readTensors(file: string): Promise<{
+  tensors: Map<string, { shape: number[]; data: Float32Array | BigInt64Array }>;
+  metadata: Record<string, string>;
+}> {
   const reader = await SafetensorsReader.open(file);
   try {
     const tensors = new Map<string, { shape: number[]; data: Float32Array | BigInt64Array }>();
     for (const info of reader.tensors.values()) {
       const bytes = await reader.read(info.name);
-      const data = info.dtype === "I64" ? new BigInt64Array(bytes.slice().buffer) : toFloat32(bytes, info.dtype as "F32");
+      const data =
+        info.dtype === "I64" ? new BigInt64Array(bytes.slice().buffer) : toFloat32(bytes, info.dtype as "F32");
       tensors.set(info.name, { shape: info.shape, data });
     }
     return { tensors, metadata: (reader.metadata ?? {}) as Record<string, string> };

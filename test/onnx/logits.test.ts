@@ -26,7 +26,11 @@ for (const family of fixtureFamilies()) {
       assert.ok(error <= TOLERANCE, `max |logits - transformers ${key}| = ${error}`);
     };
 
-    for (const [variant, key] of [["base", "logits_base"], ["sharded", "logits_base"], ["bf16", "logits_bf16"]] as const) {
+    for (const [variant, key] of [
+      ["base", "logits_base"],
+      ["sharded", "logits_base"],
+      ["bf16", "logits_bf16"],
+    ] as const) {
       test(`the ${variant} seed gives transformers' ${key}`, () => expect(fixture(family, variant), key));
     }
 
@@ -36,9 +40,18 @@ for (const family of fixtureFamilies()) {
     await seed.close();
     const upcycled: Array<[string, Partial<UpcycleOptions>]> = [
       // The renormalised gate keeps s's function at any k; the paper's gate only where k = E (all probabilities, summing to 1).
-      ...(["moa", "shared-kv", "merged"] as AttentionExperts[]).map((attention): [string, Partial<UpcycleOptions>] => [`[s, s, s] in ${attention}, top-2 renormalised`, { seeds: [base, base, base], attention, expertsPerToken: 2, normTopkProb: true }]),
-      ["sparse upcycling of s to 4 experts, top-3 renormalised", { seeds: [base], experts: 4, expertsPerToken: 3, normTopkProb: true }],
-      ["[s, s, s] in moa, top-3 with the paper's gate", { seeds: [base, base, base], expertsPerToken: 3, normTopkProb: false }],
+      ...(["moa", "shared-kv", "merged"] as AttentionExperts[]).map((attention): [string, Partial<UpcycleOptions>] => [
+        `[s, s, s] in ${attention}, top-2 renormalised`,
+        { seeds: [base, base, base], attention, expertsPerToken: 2, normTopkProb: true },
+      ]),
+      [
+        "sparse upcycling of s to 4 experts, top-3 renormalised",
+        { seeds: [base], experts: 4, expertsPerToken: 3, normTopkProb: true },
+      ],
+      [
+        "[s, s, s] in moa, top-3 with the paper's gate",
+        { seeds: [base, base, base], expertsPerToken: 3, normTopkProb: false },
+      ],
     ];
     for (const [label, options] of upcycled) {
       test(`${label} gives s's logits`, () =>

@@ -14,9 +14,15 @@ import { FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
 import { idsOf, logitsOf, readTensors } from "./engine.js";
 
 const MERGES = join(FIXTURES, "merge");
-const files = existsSync(MERGES) ? readdirSync(MERGES).filter((f) => f.endsWith(".safetensors")).sort() : [];
+const files = existsSync(MERGES)
+  ? readdirSync(MERGES)
+      .filter((f) => f.endsWith(".safetensors"))
+      .sort()
+  : [];
 
-describe("onnx real merges", { skip: files.length === 0 ? "no fixtures/merge (python3 scripts/make_merge_reference.py)" : false }, () => {
+describe("onnx real merges", {
+  skip: files.length === 0 ? "no fixtures/merge (python3 scripts/make_merge_reference.py)" : false,
+}, () => {
   for (const file of files) {
     const family = file.slice(0, file.indexOf("-"));
     test(`${file}: ONNX logits equal modeling_bam.py's`, async () => {

@@ -22,7 +22,10 @@ import { readTensors } from "./engine.js";
 
 const CLI = fileURLToPath(new URL("../../src/cli/main.js", import.meta.url));
 
-function bam(env: Record<string, string>, ...args: string[]): { status: number | null; stdout: string; stderr: string } {
+function bam(
+  env: Record<string, string>,
+  ...args: string[]
+): { status: number | null; stdout: string; stderr: string } {
   const run = spawnSync(process.execPath, [CLI, ...args], { encoding: "utf8", env: { ...process.env, ...env } });
   return { status: run.status, stdout: run.stdout, stderr: run.stderr };
 }
@@ -53,7 +56,13 @@ for (const { format, family, modelType, normTopkProb } of FORMATS) {
         const written = await upcycle({ ...common, output: native, format });
         // The same merge in the BAM folder, with the options the format picked.
         const { attention, block } = written.plan.options;
-        await upcycle({ ...common, output: bamFolder, attention, block, normTopkProb: written.plan.options.normTopkProb });
+        await upcycle({
+          ...common,
+          output: bamFolder,
+          attention,
+          block,
+          normTopkProb: written.plan.options.normTopkProb,
+        });
 
         const run = bam(env, "inspect", native, "--json");
         assert.equal(run.status, 0, run.stderr);
@@ -90,7 +99,16 @@ for (const { format, family, modelType, normTopkProb } of FORMATS) {
 
         // generate runs the native folder greedily as the BAM folder; export-onnx writes its graph.
         const [nativeIds, bamIds] = [native, bamFolder].map((folder) => {
-          const generated = bam(env, "generate", folder, "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--json");
+          const generated = bam(
+            env,
+            "generate",
+            folder,
+            "--prompt",
+            "The quick brown fox",
+            "--max-new-tokens",
+            "8",
+            "--json",
+          );
           assert.equal(generated.status, 0, generated.stderr);
           return (JSON.parse(generated.stdout) as { newIds: number[] }).newIds;
         });
@@ -107,14 +125,32 @@ test("conflicting flags are all named in one line, and nothing is written", () =
   withTempDir(async (dir) => {
     const out = join(dir, "out");
     const seeds = ["base", "code"].map((v) => fixture("mistral", v as "base"));
-    const run = bam({}, "upcycle", ...seeds, "-o", out, "--format", "mixtral", "--attention", "moa", "--block", "parallel", "--no-norm-topk-prob");
+    const run = bam(
+      {},
+      "upcycle",
+      ...seeds,
+      "-o",
+      out,
+      "--format",
+      "mixtral",
+      "--attention",
+      "moa",
+      "--block",
+      "parallel",
+      "--no-norm-topk-prob",
+    );
     assert.equal(run.status, 2, run.stderr);
     const lines = run.stderr.trim().split("\n");
     assert.equal(lines.length, 1, run.stderr);
-    for (const flag of ["--attention moa", "--block parallel", "--no-norm-topk-prob"]) assert.ok(lines[0]!.includes(flag), `${flag} in: ${lines[0]}`);
+    for (const flag of ["--attention moa", "--block parallel", "--no-norm-topk-prob"])
+      assert.ok(lines[0]!.includes(flag), `${flag} in: ${lines[0]}`);
     assert.match(lines[0]!, /--format mixtral cannot hold this model: .*change all of these, or use --format bam$/);
     assert.deepEqual(await readdir(dir), []);
   }));
 
 test("an unknown format given to the API is refused as an option, not by what it would imply", () =>
-  refused(planUpcycle({ seeds: [fixture("qwen3", "base")], output: "unused", format: "gguf" as "bam" }), "OPTIONS_INVALID", /format must be one of bam, mixtral, qwen3-moe, not "gguf"/));
+  refused(
+    planUpcycle({ seeds: [fixture("qwen3", "base")], output: "unused", format: "gguf" as "bam" }),
+    "OPTIONS_INVALID",
+    /format must be one of bam, mixtral, qwen3-moe, not "gguf"/,
+  ));

@@ -19,9 +19,21 @@ import { NO_TORCH, runPython } from "../pytorch/python.js";
 import { readTensors } from "./engine.js";
 
 const EXPERTS = [
-  { positive_prompts: ["The quick brown fox jumps over the lazy dog.", "She opened the window, and the cold morning air filled the kitchen."] },
-  { positive_prompts: ["def add(a, b): return a + b", "for (let i = 0; i < n; i++) { total += values[i]; }"], negative_prompts: ["Rain fell all night."] },
-  { positive_prompts: ["The integral of x squared from zero to one equals one third."], negative_prompts: ["He said that the meeting would start at nine.", "The law requires a written contract."], source_model: "math" },
+  {
+    positive_prompts: [
+      "The quick brown fox jumps over the lazy dog.",
+      "She opened the window, and the cold morning air filled the kitchen.",
+    ],
+  },
+  {
+    positive_prompts: ["def add(a, b): return a + b", "for (let i = 0; i < n; i++) { total += values[i]; }"],
+    negative_prompts: ["Rain fell all night."],
+  },
+  {
+    positive_prompts: ["The integral of x squared from zero to one equals one third."],
+    negative_prompts: ["He said that the meeting would start at nine.", "The law requires a written contract."],
+    source_model: "math",
+  },
 ];
 
 async function promptsFile(dir: string, experts: unknown[] = EXPERTS): Promise<string> {
@@ -31,7 +43,10 @@ async function promptsFile(dir: string, experts: unknown[] = EXPERTS): Promise<s
 }
 
 describe("router init from prompts against modeling_bam.py", { skip: NO_TORCH }, () => {
-  const CASES = [["llama", "sequential"], ["gpt_neox", "parallel"]] as const;
+  const CASES = [
+    ["llama", "sequential"],
+    ["gpt_neox", "parallel"],
+  ] as const;
   let root = "";
   let means: Array<Record<"attn" | "ffn", number[][][]>> = [];
   before(async () => {
@@ -39,7 +54,13 @@ describe("router init from prompts against modeling_bam.py", { skip: NO_TORCH },
     const jobs = [];
     for (const [family, block] of CASES) {
       const seeds = ["base", "code", "math"].map((v) => fixture(family, v as "base"));
-      await upcycle({ seeds, output: join(root, family), block, prompts: await promptsFile(root), routerInit: "hidden" });
+      await upcycle({
+        seeds,
+        output: join(root, family),
+        block,
+        prompts: await promptsFile(root),
+        routerInit: "hidden",
+      });
       // the reference: each seed in the dense layout, averaged and run by PyTorch (one python run for all)
       const folders = [];
       for (const [i, seed] of seeds.entries()) {
@@ -47,7 +68,9 @@ describe("router init from prompts against modeling_bam.py", { skip: NO_TORCH },
         await upcycle({ seeds: [seed], output: folders[i]! });
       }
       const tokenizer = await loadTokenizer(seeds[0]!);
-      const prompts = EXPERTS.flatMap((e) => [e.positive_prompts, e.negative_prompts ?? []]).map((list) => list.map((p) => tokenizer.encode(p)));
+      const prompts = EXPERTS.flatMap((e) => [e.positive_prompts, e.negative_prompts ?? []]).map((list) =>
+        list.map((p) => tokenizer.encode(p)),
+      );
       jobs.push({ block, folders, prompts });
     }
     await writeFile(join(root, "jobs.json"), JSON.stringify(jobs));
@@ -58,7 +81,10 @@ describe("router init from prompts against modeling_bam.py", { skip: NO_TORCH },
   CASES.forEach(([family, block], job) => {
     test(`${family}, ${block} block: router rows are the normalised mean router inputs`, async () => {
       const { tensors } = await readTensors(join(root, family, "model.safetensors"));
-      for (const [site, router] of [["attn", "attn"], ["ffn", "mlp"]] as const) {
+      for (const [site, router] of [
+        ["attn", "attn"],
+        ["ffn", "mlp"],
+      ] as const) {
         for (let l = 0; l < 2; l++) {
           const rows = tensors.get(`model.layers.${l}.${router}.router.weight`)!.data as Float32Array;
           const H = rows.length / EXPERTS.length;
@@ -68,7 +94,10 @@ describe("router init from prompts against modeling_bam.py", { skip: NO_TORCH },
             const v = positive.map((x, h) => x - (negative ? negative[h]! : 0));
             const norm = Math.sqrt(v.reduce((s, x) => s + x * x, 0));
             for (let h = 0; h < H; h++) {
-              assert.ok(Math.abs(rows[e * H + h]! - v[h]! / norm) <= 1e-5, `layer ${l} ${router} router, expert ${e}, dim ${h}: ${rows[e * H + h]} vs ${v[h]! / norm}`);
+              assert.ok(
+                Math.abs(rows[e * H + h]! - v[h]! / norm) <= 1e-5,
+                `layer ${l} ${router} router, expert ${e}, dim ${h}: ${rows[e * H + h]} vs ${v[h]! / norm}`,
+              );
             }
           });
         }
@@ -82,7 +111,8 @@ describe("router init from prompts", () => {
     withTempDir(async (dir) => {
       const seeds = ["base", "code", "math"].map((v) => fixture("qwen3", v as "base"));
       const prompts = await promptsFile(dir);
-      for (const name of ["a", "b"]) await upcycle({ seeds, output: join(dir, name), attention: "shared-kv", routerInit: "hidden", prompts });
+      for (const name of ["a", "b"])
+        await upcycle({ seeds, output: join(dir, name), attention: "shared-kv", routerInit: "hidden", prompts });
       const [a, b] = await Promise.all(["a", "b"].map((name) => readFile(join(dir, name, "model.safetensors"))));
       assert.ok(bytesEqual(a!, b!));
     }));
@@ -91,17 +121,61 @@ describe("router init from prompts", () => {
     withTempDir(async (dir) => {
       const seeds = ["base", "code", "math"].map((v) => fixture("llama", v as "base"));
       const output = join(dir, "out");
-      const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) => assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
+      const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) =>
+        assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
       await rejects(upcycle({ seeds, output, routerInit: "hidden" }), "OPTIONS_INVALID", /needs prompts/);
-      await rejects(upcycle({ seeds, output, prompts: await promptsFile(dir) }), "OPTIONS_INVALID", /prompts goes with routerInit "hidden"/);
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, EXPERTS.slice(0, 2)) }), "RECIPE_INVALID", /lists 2 experts; the model has 3/);
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: [] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts must be a non-empty list/);
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive: ["x"] }]) }), "RECIPE_INVALID", /unknown key "positive"/);
+      await rejects(
+        upcycle({ seeds, output, prompts: await promptsFile(dir) }),
+        "OPTIONS_INVALID",
+        /prompts goes with routerInit "hidden"/,
+      );
+      await rejects(
+        upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, EXPERTS.slice(0, 2)) }),
+        "RECIPE_INVALID",
+        /lists 2 experts; the model has 3/,
+      );
+      await rejects(
+        upcycle({
+          seeds,
+          output,
+          routerInit: "hidden",
+          prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: [] }]),
+        }),
+        "RECIPE_INVALID",
+        /expert 2: positive_prompts must be a non-empty list/,
+      );
+      await rejects(
+        upcycle({
+          seeds,
+          output,
+          routerInit: "hidden",
+          prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive: ["x"] }]),
+        }),
+        "RECIPE_INVALID",
+        /unknown key "positive"/,
+      );
       // Counted in tokens before any model runs: past the 128 positions of the fixtures is refused by name.
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: ["word ".repeat(20_000)] }]) }), "RECIPE_INVALID", /expert 2: positive_prompts\[0\] is \d+ tokens; each prompt must be 1 to 128 tokens/);
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: join(dir, "none.yaml") }), "IO_ERROR", /none\.yaml: no such file/);
+      await rejects(
+        upcycle({
+          seeds,
+          output,
+          routerInit: "hidden",
+          prompts: await promptsFile(dir, [...EXPERTS.slice(0, 2), { positive_prompts: ["word ".repeat(20_000)] }]),
+        }),
+        "RECIPE_INVALID",
+        /expert 2: positive_prompts\[0\] is \d+ tokens; each prompt must be 1 to 128 tokens/,
+      );
+      await rejects(
+        upcycle({ seeds, output, routerInit: "hidden", prompts: join(dir, "none.yaml") }),
+        "IO_ERROR",
+        /none\.yaml: no such file/,
+      );
       const tagged = join(dir, "tagged.yaml");
       await writeFile(tagged, "experts: !!python/object/apply:os.system [echo]\n");
-      await rejects(upcycle({ seeds, output, routerInit: "hidden", prompts: tagged }), "RECIPE_INVALID", /tagged\.yaml: not valid YAML \(Unresolved tag/);
+      await rejects(
+        upcycle({ seeds, output, routerInit: "hidden", prompts: tagged }),
+        "RECIPE_INVALID",
+        /tagged\.yaml: not valid YAML \(Unresolved tag/,
+      );
     }));
 });

@@ -36,38 +36,72 @@ const bam = (...args: string[]) => run("npx", ["--no", "--", "bam", ...args], ap
 before(async () => {
   root = await mkdtemp(join(tmpdir(), "bam-package-"));
   // dist/ is built by npm test's pretest; publishing builds it by prepack
-  const packed = JSON.parse(ok(run("npm", ["pack", "--json", "--ignore-scripts", "--pack-destination", root], REPO), "npm pack")) as Array<{ filename: string }>;
+  const packed = JSON.parse(
+    ok(run("npm", ["pack", "--json", "--ignore-scripts", "--pack-destination", root], REPO), "npm pack"),
+  ) as Array<{ filename: string }>;
   app = join(root, "app");
   await mkdir(app);
   await writeFile(join(app, "package.json"), JSON.stringify({ name: "consumer", private: true, type: "module" }));
-  ok(run("npm", ["install", "--no-audit", "--no-fund", "--prefer-offline", "--omit=optional", join(root, packed[0]!.filename)], app), "npm install of the tarball");
+  ok(
+    run(
+      "npm",
+      ["install", "--no-audit", "--no-fund", "--prefer-offline", "--omit=optional", join(root, packed[0]!.filename)],
+      app,
+    ),
+    "npm install of the tarball",
+  );
 });
 after(() => rm(root, { recursive: true, force: true }));
 
 test("the package installs without the ONNX engine and ships what its docs name", () => {
   const installed = join(app, "node_modules", "bam-upcycle");
-  for (const path of ["dist/src/cli/main.js", "dist/src/index.d.ts", "python/modeling_bam.py", "scripts/finetune.py", "docs/format.md", "examples/merge.mjs", "requirements.txt", "README.md"]) {
+  for (const path of [
+    "dist/src/cli/main.js",
+    "dist/src/index.d.ts",
+    "python/modeling_bam.py",
+    "scripts/finetune.py",
+    "docs/format.md",
+    "examples/merge.mjs",
+    "requirements.txt",
+    "README.md",
+  ]) {
     assert.ok(existsSync(join(installed, path)), path);
   }
-  for (const name of ["onnxruntime-node", "@huggingface/transformers"]) assert.ok(!existsSync(join(app, "node_modules", name)), `${name} is not installed`);
+  for (const name of ["onnxruntime-node", "@huggingface/transformers"])
+    assert.ok(!existsSync(join(app, "node_modules", name)), `${name} is not installed`);
 });
 
 test("npx bam --help, upcycle and inspect run from the installed package", async () => {
   assert.match(ok(bam("--help"), "bam --help"), /bam upcycle \[seeds\.\.\]/);
   const seeds = (["base", "code", "math"] as const).map((variant) => fixture("llama", variant));
   ok(bam("upcycle", ...seeds, "-o", "bam3"), "bam upcycle");
-  const summary = JSON.parse(ok(bam("inspect", "bam3", "--json"), "bam inspect")) as { kind: string; experts: number; upcycledFrom: unknown[] };
+  const summary = JSON.parse(ok(bam("inspect", "bam3", "--json"), "bam inspect")) as {
+    kind: string;
+    experts: number;
+    upcycledFrom: unknown[];
+  };
   assert.equal(summary.kind, "bam");
   assert.equal(summary.experts, 3);
   assert.equal(summary.upcycledFrom.length, 3);
   // the API from the package: inspectModel is what `inspect --json` printed
-  await writeFile(join(app, "inspect.mjs"), 'import { inspectModel } from "bam-upcycle";\nprocess.stdout.write(JSON.stringify(await inspectModel("bam3")));\n');
-  assert.deepEqual(JSON.parse(ok(run(process.execPath, ["inspect.mjs"], app), "inspectModel")), { ...summary, scan: null });
+  await writeFile(
+    join(app, "inspect.mjs"),
+    'import { inspectModel } from "bam-upcycle";\nprocess.stdout.write(JSON.stringify(await inspectModel("bam3")));\n',
+  );
+  assert.deepEqual(JSON.parse(ok(run(process.execPath, ["inspect.mjs"], app), "inspectModel")), {
+    ...summary,
+    scan: null,
+  });
 });
 
 test("without the engine, eval, generate, export-onnx and --router-init hidden say what to install (exit 1)", async () => {
   await writeFile(join(app, "text.txt"), "The experts learned to route.");
-  await writeFile(join(app, "prompts.yaml"), JSON.stringify({ experts: [{ positive_prompts: ["a"] }, { positive_prompts: ["b"] }, { positive_prompts: ["c"] }] }));
+  await writeFile(
+    join(app, "prompts.yaml"),
+    JSON.stringify({
+      experts: [{ positive_prompts: ["a"] }, { positive_prompts: ["b"] }, { positive_prompts: ["c"] }],
+    }),
+  );
   const seeds = (["base", "code", "math"] as const).map((variant) => fixture("llama", variant));
   for (const args of [
     ["eval", "bam3", "--text", "text.txt"],
@@ -86,7 +120,9 @@ test("without the engine, eval, generate, export-onnx and --router-init hidden s
 
 test("a consumer's TypeScript compiles against the packed types with skipLibCheck off", async () => {
   const consumer = join(app, "consumer.ts");
-  await writeFile(consumer, `
+  await writeFile(
+    consumer,
+    `
 import { upcycle, planUpcycle, inspectModel, generateText, evaluatePerplexity, isBamError, OUTPUT_FORMATS, ROUTER_INITS, ATTENTION_EXPERTS, DEFAULT_GENERATION,
   type UpcycleOptions, type UpcycleResult, type Inspection, type EvalOptions, type PerplexityReport, type GenerationSettings, type Generation, type OutputFormat } from "bam-upcycle";
 const format: OutputFormat = OUTPUT_FORMATS[0]!;
@@ -102,14 +138,34 @@ export async function main(): Promise<[UpcycleResult, Inspection, PerplexityRepo
     throw error;
   }
 }
-`);
-  await writeFile(join(app, "tsconfig.json"), JSON.stringify({
-    compilerOptions: { strict: true, noEmit: true, skipLibCheck: false, module: "NodeNext", moduleResolution: "NodeNext", target: "ES2022", types: ["node"], typeRoots: [join(REPO, "node_modules", "@types")] },
-    files: ["consumer.ts"],
-  }));
-  const result = run(process.execPath, [join(REPO, "node_modules", "typescript", "bin", "tsc"), "-p", app, "--listFilesOnly"], app);
+`,
+  );
+  await writeFile(
+    join(app, "tsconfig.json"),
+    JSON.stringify({
+      compilerOptions: {
+        strict: true,
+        noEmit: true,
+        skipLibCheck: false,
+        module: "NodeNext",
+        moduleResolution: "NodeNext",
+        target: "ES2022",
+        types: ["node"],
+        typeRoots: [join(REPO, "node_modules", "@types")],
+      },
+      files: ["consumer.ts"],
+    }),
+  );
+  const result = run(
+    process.execPath,
+    [join(REPO, "node_modules", "typescript", "bin", "tsc"), "-p", app, "--listFilesOnly"],
+    app,
+  );
   const files = ok(result, "tsc --listFilesOnly");
   assert.ok(!/onnxruntime|@huggingface[\\/]transformers|onnx[\\/]transformers\.d\.ts/.test(files), files);
-  ok(run(process.execPath, [join(REPO, "node_modules", "typescript", "bin", "tsc"), "-p", app], app), "tsc on the consumer");
+  ok(
+    run(process.execPath, [join(REPO, "node_modules", "typescript", "bin", "tsc"), "-p", app], app),
+    "tsc on the consumer",
+  );
   assert.ok((await readFile(consumer, "utf8")).length > 0);
 });

@@ -18,7 +18,14 @@ const TRANSFORMERS_KEYS = ["architectures", "auto_map", "model_type", "dtype", "
  * BamConfig parameters an upcycle leaves to their defaults: the training-time knobs a fine-tune sets
  * (scripts/finetune.py flags), and initializer_range, used only to initialise a fresh model.
  */
-const NOT_WRITTEN = ["router_jitter", "expert_dropout", "hidden_dropout", "capacity_factor", "use_cache", "initializer_range"];
+const NOT_WRITTEN = [
+  "router_jitter",
+  "expert_dropout",
+  "hidden_dropout",
+  "capacity_factor",
+  "use_cache",
+  "initializer_range",
+];
 
 const BAM_CONFIG_PARAMETERS = `
 import inspect, json, sys
@@ -39,4 +46,5 @@ test("config.json's keys are BamConfig's parameters, and BamConfig's are written
     assert.deepEqual(unknown, [], "written by bam upcycle but not a BamConfig parameter");
     const unwritten = parameters.filter((key) => !written.includes(key) && !NOT_WRITTEN.includes(key));
     assert.deepEqual(unwritten, [], "BamConfig parameters bam upcycle does not write");
-  }));
+  }),
+);

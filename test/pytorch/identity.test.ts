@@ -21,7 +21,10 @@ interface Comparison {
 
 /** One python process per family: [folder, reference, key] triples -> one comparison each. */
 function compareAll(triples: Array<[string, string, string]>): Comparison[] {
-  return runPython(["test/python/bam_folder.py", ...triples.flat()]).trim().split("\n").map((line) => JSON.parse(line) as Comparison);
+  return runPython(["test/python/bam_folder.py", ...triples.flat()])
+    .trim()
+    .split("\n")
+    .map((line) => JSON.parse(line) as Comparison);
 }
 
 for (const family of fixtureFamilies()) {
@@ -34,8 +37,24 @@ for (const family of fixtureFamilies()) {
       })),
       { label: "the dense layout (one expert)", options: (base) => ({ seeds: [base] }), key: "logits_base" },
       // k = E with the paper's gate keeps s's function (the probabilities over all experts sum to 1).
-      { label: "[sharded, sharded] in moa, top-2 with the paper's gate", options: () => ({ seeds: [fixture(family, "sharded"), fixture(family, "sharded")], expertsPerToken: 2, normTopkProb: false }), key: "logits_base" },
-      { label: "[bf16, bf16] in shared-kv, top-1 renormalised", options: () => ({ seeds: [fixture(family, "bf16"), fixture(family, "bf16")], attention: "shared-kv", normTopkProb: true }), key: "logits_bf16" },
+      {
+        label: "[sharded, sharded] in moa, top-2 with the paper's gate",
+        options: () => ({
+          seeds: [fixture(family, "sharded"), fixture(family, "sharded")],
+          expertsPerToken: 2,
+          normTopkProb: false,
+        }),
+        key: "logits_base",
+      },
+      {
+        label: "[bf16, bf16] in shared-kv, top-1 renormalised",
+        options: () => ({
+          seeds: [fixture(family, "bf16"), fixture(family, "bf16")],
+          attention: "shared-kv",
+          normTopkProb: true,
+        }),
+        key: "logits_bf16",
+      },
     ];
     let results: Comparison[] = [];
     before(() =>
@@ -52,7 +71,8 @@ for (const family of fixtureFamilies()) {
           triples.push([out, reference, key]);
         }
         results = compareAll(triples);
-      }));
+      }),
+    );
     for (const [i, { label }] of cases.entries()) {
       test(`${label} gives transformers' logits`, () => {
         const result = results[i];

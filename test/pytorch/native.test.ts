@@ -17,11 +17,36 @@ import { fixture, FIXTURES, TOLERANCE, withTempDir } from "../helpers.js";
 import { logitsOf, readTensors } from "../onnx/engine.js";
 import { NO_TORCH, runPython } from "./python.js";
 
-const CASES: Array<{ label: string; family: Family; format: "qwen3-moe" | "mixtral"; options: Partial<UpcycleOptions> }> = [
-  { label: "qwen3-moe, top-1 with the paper's gate", family: "qwen3", format: "qwen3-moe", options: { normTopkProb: false } },
-  { label: "qwen3-moe, top-2 of 3 with the paper's gate", family: "qwen3", format: "qwen3-moe", options: { normTopkProb: false, expertsPerToken: 2 } },
-  { label: "qwen3-moe, top-2 of 3 renormalised", family: "qwen3", format: "qwen3-moe", options: { normTopkProb: true, expertsPerToken: 2 } },
-  { label: "mixtral, top-2 of 3 renormalised", family: "mistral", format: "mixtral", options: { normTopkProb: true, expertsPerToken: 2 } },
+const CASES: Array<{
+  label: string;
+  family: Family;
+  format: "qwen3-moe" | "mixtral";
+  options: Partial<UpcycleOptions>;
+}> = [
+  {
+    label: "qwen3-moe, top-1 with the paper's gate",
+    family: "qwen3",
+    format: "qwen3-moe",
+    options: { normTopkProb: false },
+  },
+  {
+    label: "qwen3-moe, top-2 of 3 with the paper's gate",
+    family: "qwen3",
+    format: "qwen3-moe",
+    options: { normTopkProb: false, expertsPerToken: 2 },
+  },
+  {
+    label: "qwen3-moe, top-2 of 3 renormalised",
+    family: "qwen3",
+    format: "qwen3-moe",
+    options: { normTopkProb: true, expertsPerToken: 2 },
+  },
+  {
+    label: "mixtral, top-2 of 3 renormalised",
+    family: "mistral",
+    format: "mixtral",
+    options: { normTopkProb: true, expertsPerToken: 2 },
+  },
 ];
 
 describe("native exports and the BAM folder agree on the gate", { skip: NO_TORCH }, () => {
@@ -45,17 +70,27 @@ describe("native exports and the BAM folder agree on the gate", { skip: NO_TORCH
       for (const i of CASES.keys()) {
         const logits = await logitsOf(join(dir, `native${i}`), { ids: inputIds.data as BigInt64Array, batch, seq });
         const file = join(dir, `engine${i}.safetensors`);
-        await writeSafetensors(file, [{ name: "logits", dtype: "F32", shape: [batch, seq, logits.length / (batch * seq)], data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength) }]);
+        await writeSafetensors(file, [
+          {
+            name: "logits",
+            dtype: "F32",
+            shape: [batch, seq, logits.length / (batch * seq)],
+            data: () => new Uint8Array(logits.buffer, logits.byteOffset, logits.byteLength),
+          },
+        ]);
         pairs.push(join(dir, `native${i}`), file);
       }
       // The paper's-gate qwen3-moe folder against the renormalised BAM folder of the same top-2 merge.
       pairs.push(join(dir, "native1"), join(dir, "bam2"));
-      const lines = runPython(["test/python/native_folder.py", reference, ...pairs]).trim().split("\n");
+      const lines = runPython(["test/python/native_folder.py", reference, ...pairs])
+        .trim()
+        .split("\n");
       const parsed = lines.map((line) => JSON.parse(line) as { max_abs_error: number; max_abs_logit: number });
       gatesDiffer = parsed.pop();
       results = parsed.slice(0, CASES.length);
       engine = parsed.slice(CASES.length);
-    }));
+    }),
+  );
   for (const [i, { label }] of CASES.entries()) {
     test(`${label}: transformers gives modeling_bam.py's logits`, () => {
       const result = results[i]!;
@@ -71,6 +106,9 @@ describe("native exports and the BAM folder agree on the gate", { skip: NO_TORCH
     });
   }
   test("the two gates are different functions on this merge", () => {
-    assert.ok(gatesDiffer!.max_abs_error > 1e-2, `paper's gate vs renormalised: max |difference| = ${gatesDiffer!.max_abs_error}`);
+    assert.ok(
+      gatesDiffer!.max_abs_error > 1e-2,
+      `paper's gate vs renormalised: max |difference| = ${gatesDiffer!.max_abs_error}`,
+    );
   });
 });

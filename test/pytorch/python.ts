@@ -10,8 +10,10 @@ function hasTorch(python: string): boolean {
 
 /** The interpreter to use, or null (tests then skip, saying why). */
 export const PYTHON: string | null = CANDIDATES.find(hasTorch) ?? null;
-const MISSING = "no python3 with torch: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt (or set BAM_PYTHON)";
-if (PYTHON === null && process.env.BAM_REQUIRE_PYTHON) throw new Error(`BAM_REQUIRE_PYTHON is set but there is ${MISSING}`);
+const MISSING =
+  "no python3 with torch: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt (or set BAM_PYTHON)";
+if (PYTHON === null && process.env.BAM_REQUIRE_PYTHON)
+  throw new Error(`BAM_REQUIRE_PYTHON is set but there is ${MISSING}`);
 /** A skip reason where no interpreter has torch (never in CI, which sets BAM_REQUIRE_PYTHON). */
 export const NO_TORCH = PYTHON === null ? MISSING : false;
 

@@ -5,8 +5,13 @@ import { test } from "node:test";
 import { NO_TORCH, PYTHON } from "./python.js";
 
 test("python -m unittest test/python (modeling_bam.py on CPU)", { skip: NO_TORCH }, () => {
-  const run = spawnSync(PYTHON!, ["-m", "unittest", "discover", "-s", "test/python", "-p", "test_*.py"], { encoding: "utf8" });
-  const summary = run.stderr.split("\n").filter((line) => /^(Ran|OK|FAILED)/.test(line)).join("; ");
+  const run = spawnSync(PYTHON!, ["-m", "unittest", "discover", "-s", "test/python", "-p", "test_*.py"], {
+    encoding: "utf8",
+  });
+  const summary = run.stderr
+    .split("\n")
+    .filter((line) => /^(Ran|OK|FAILED)/.test(line))
+    .join("; ");
   assert.equal(run.status, 0, `${summary}\n${run.stderr.slice(-4000)}`);
   assert.match(summary, /Ran [1-9]\d* tests?/, "ran some tests");
 });

@@ -15,14 +15,22 @@ import { scanModel } from "../../src/arch/describe.js";
 import { openModel } from "../../src/arch/model.js";
 import { openSeed } from "../../src/arch/load.js";
 import { evaluatePerplexity, evaluateTokenFiles } from "../../src/onnx/index.js";
-import { firstNonFinite, fromFloat32, SafetensorsReader, toFloat32, writeSafetensors } from "../../src/safetensors/index.js";
+import {
+  firstNonFinite,
+  fromFloat32,
+  SafetensorsReader,
+  toFloat32,
+  writeSafetensors,
+} from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
 let counter = 0;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-accepted-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-accepted-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 
 async function copyOf(family: "llama" | "phi" | "gpt2", variant: "base" | "code" | "math" = "base"): Promise<string> {
@@ -55,13 +63,28 @@ test("a seed holding NaN or Inf is refused by the executor, naming the file's te
     await plant(seed, tensor, 7, value);
     const seeds = [seed, ...others.map((v) => fixture("llama", v))];
     const output = join(root, `out-${counter++}`);
-    await refused(upcycle({ seeds, output, attention: "merged", ...(seeds.length === 1 ? { experts: 2 } : {}) }), "TENSOR_INVALID",
-      new RegExp(`^${seed.replaceAll("/", "\\/")}: tensor "${tensor.replaceAll(".", "\\.")}" holds NaN or Inf`));
-    assert.deepEqual((await readdir(join(output, ".."))).filter((e) => e.startsWith("out-")), [], "no output");
+    await refused(
+      upcycle({ seeds, output, attention: "merged", ...(seeds.length === 1 ? { experts: 2 } : {}) }),
+      "TENSOR_INVALID",
+      new RegExp(`^${seed.replaceAll("/", "\\/")}: tensor "${tensor.replaceAll(".", "\\.")}" holds NaN or Inf`),
+    );
+    assert.deepEqual(
+      (await readdir(join(output, ".."))).filter((e) => e.startsWith("out-")),
+      [],
+      "no output",
+    );
     const model = await openModel(seed);
     try {
-      assert.deepEqual(await scanModel(model), [{ tensor, nan: Number.isNaN(value) ? 1 : 0, inf: Number.isNaN(value) ? 0 : 1 }]);
-      assert.ok((await SafetensorsReader.open(join(seed, "model.safetensors")).then(async (r) => { const has = r.tensors.has(tensor); await r.close(); return has; })));
+      assert.deepEqual(await scanModel(model), [
+        { tensor, nan: Number.isNaN(value) ? 1 : 0, inf: Number.isNaN(value) ? 0 : 1 },
+      ]);
+      assert.ok(
+        await SafetensorsReader.open(join(seed, "model.safetensors")).then(async (r) => {
+          const has = r.tensors.has(tensor);
+          await r.close();
+          return has;
+        }),
+      );
     } finally {
       await model.close();
     }
@@ -69,7 +92,11 @@ test("a seed holding NaN or Inf is refused by the executor, naming the file's te
   // Drop-Upcycling reads the FFN whole: the same check.
   const seed = await copyOf("llama");
   await plant(seed, "model.layers.0.mlp.gate_proj.weight", 3, NaN);
-  await refused(upcycle({ seeds: [seed], output: join(root, "drop"), experts: 2, dropRatio: 0.5 }), "TENSOR_INVALID", /tensor "model\.layers\.0\.mlp\.gate_proj\.weight" holds NaN or Inf/);
+  await refused(
+    upcycle({ seeds: [seed], output: join(root, "drop"), experts: 2, dropRatio: 0.5 }),
+    "TENSOR_INVALID",
+    /tensor "model\.layers\.0\.mlp\.gate_proj\.weight" holds NaN or Inf/,
+  );
 });
 
 test("a non-zero tensor the config gives no part is refused by name; zeros pass", async () => {
@@ -77,14 +104,29 @@ test("a non-zero tensor the config gives no part is refused by name; zeros pass"
   const configFile = join(seed, "config.json");
   const config = JSON.parse(await readFile(configFile, "utf8")) as Record<string, unknown>;
   await writeFile(configFile, JSON.stringify({ ...config, mlp_bias: false }));
-  await refused(openSeed(seed), "CONFIG_INVALID", /tensor "model\.layers\.0\.mlp\.down_proj\.bias" holds non-zero values that config\.json gives no part/);
-  await refused(upcycle({ seeds: [seed], output: join(root, "bias"), experts: 2 }), "CONFIG_INVALID", /mlp\.down_proj\.bias/);
+  await refused(
+    openSeed(seed),
+    "CONFIG_INVALID",
+    /tensor "model\.layers\.0\.mlp\.down_proj\.bias" holds non-zero values that config\.json gives no part/,
+  );
+  await refused(
+    upcycle({ seeds: [seed], output: join(root, "bias"), experts: 2 }),
+    "CONFIG_INVALID",
+    /mlp\.down_proj\.bias/,
+  );
   // The same seed with those biases zeroed computes what the config says: accepted.
   const reader = await SafetensorsReader.open(join(seed, "model.safetensors"));
-  const tensors = await Promise.all([...reader.tensors.values()].map(async (info) => {
-    const bytes = await reader.read(info.name);
-    return { name: info.name, dtype: info.dtype, shape: [...info.shape], data: () => (/mlp\..*\.bias$/.test(info.name) ? new Uint8Array(bytes.length) : bytes) };
-  }));
+  const tensors = await Promise.all(
+    [...reader.tensors.values()].map(async (info) => {
+      const bytes = await reader.read(info.name);
+      return {
+        name: info.name,
+        dtype: info.dtype,
+        shape: [...info.shape],
+        data: () => (/mlp\..*\.bias$/.test(info.name) ? new Uint8Array(bytes.length) : bytes),
+      };
+    }),
+  );
   await reader.close();
   await writeSafetensors(join(seed, "model.safetensors"), tensors, { metadata: { format: "pt" } });
   const opened = await openSeed(seed);
@@ -98,7 +140,11 @@ test("eval of an empty text file or an empty token file is refused, not perplexi
   await writeFile(empty, "");
   const emptyBin = join(root, "empty.bin");
   await writeFile(emptyBin, new Uint8Array(0));
-  await refused(evaluatePerplexity(model, [empty]), "DATA_INCOMPLETE", /empty\.txt: 0 token\(s\); perplexity needs at least 2/);
+  await refused(
+    evaluatePerplexity(model, [empty]),
+    "DATA_INCOMPLETE",
+    /empty\.txt: 0 token\(s\); perplexity needs at least 2/,
+  );
   await refused(evaluateTokenFiles(model, [emptyBin]), "DATA_INCOMPLETE", /empty\.bin: 0 token\(s\)/);
   const run = await runCli(["eval", model, "--tokens", emptyBin], { env: { BAM_CACHE_DIR: join(root, "cache") } });
   assert.equal(run.code, 1, run.stderr);
@@ -108,8 +154,16 @@ test("eval of an empty text file or an empty token file is refused, not perplexi
 test("a BAM folder whose weights file holds only logits is refused by inspect", async () => {
   const output = join(root, "bam");
   await upcycle({ seeds: ["base", "code"].map((v) => fixture("llama", v as "base")), output });
-  await writeSafetensors(join(output, "model.safetensors"), [{ name: "logits", dtype: "F32", shape: [1, 2, 3], data: () => new Uint8Array(24) }], { metadata: { format: "pt" } });
-  await refused(openModel(output), "TENSOR_MISSING", /the weights lack "model\.embed_tokens\.weight" \[\d+, \d+\].*hold 1 tensor\(s\): logits/);
+  await writeSafetensors(
+    join(output, "model.safetensors"),
+    [{ name: "logits", dtype: "F32", shape: [1, 2, 3], data: () => new Uint8Array(24) }],
+    { metadata: { format: "pt" } },
+  );
+  await refused(
+    openModel(output),
+    "TENSOR_MISSING",
+    /the weights lack "model\.embed_tokens\.weight" \[\d+, \d+\].*hold 1 tensor\(s\): logits/,
+  );
   const run = await runCli(["inspect", output]);
   assert.equal(run.code, 1, run.stderr);
   assert.equal(run.stderr.trim().split("\n").length, 1, run.stderr);
@@ -153,9 +207,18 @@ test("a seed rewritten in place, or replaced, during a run fails the run and wri
         renameSync(`${weights}.new`, weights);
       }
     };
-    await refused(upcycle({ seeds: [seed, fixture("llama", "code")], output }, { onProgress: change }), "IO_ERROR",
-      new RegExp(`${weights.replaceAll("/", "\\/").replaceAll(".", "\\.")}: changed while it was being read; nothing was written`));
+    await refused(
+      upcycle({ seeds: [seed, fixture("llama", "code")], output }, { onProgress: change }),
+      "IO_ERROR",
+      new RegExp(
+        `${weights.replaceAll("/", "\\/").replaceAll(".", "\\.")}: changed while it was being read; nothing was written`,
+      ),
+    );
     assert.ok(changed);
-    assert.deepEqual((await readdir(root)).filter((e) => e.startsWith("changed-") || e.startsWith(".bam-tmp-changed")), [], how);
+    assert.deepEqual(
+      (await readdir(root)).filter((e) => e.startsWith("changed-") || e.startsWith(".bam-tmp-changed")),
+      [],
+      how,
+    );
   }
 });

@@ -16,7 +16,9 @@ import { fixture, refused } from "../helpers.js";
 import { runCli } from "./synth.js";
 
 let root: string;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-api-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-api-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 
 const seeds = [fixture("llama", "base"), fixture("llama", "code"), fixture("llama", "math")];
@@ -27,7 +29,11 @@ async function snapshot(dir: string): Promise<Record<string, string>> {
   for (const name of await readdir(dir, { recursive: true })) {
     const path = join(dir, name);
     const info = await lstat(path);
-    entries[relative(dir, path)] = info.isDirectory() ? "dir" : createHash("sha256").update(await readFile(path)).digest("hex");
+    entries[relative(dir, path)] = info.isDirectory()
+      ? "dir"
+      : createHash("sha256")
+          .update(await readFile(path))
+          .digest("hex");
   }
   return entries;
 }
@@ -72,7 +78,9 @@ test("a plan needs no output folder (null in the plan, and in --dry-run --json);
  * Each case: what `bam` refuses, the API call it makes refusing the same, with the code the exit
  * status stands for (OPTIONS_INVALID is 2, the rest 1) and one message, worded as flags on the command line.
  */
-test("every command's refusals are the library's: the API refuses the same with the same code", { timeout: 120_000 }, async (t) => {
+test("every command's refusals are the library's: the API refuses the same with the same code", {
+  timeout: 120_000,
+}, async (t) => {
   const dir = await mkdtemp(join(root, "parity-"));
   const model = join(dir, "model");
   await cp(fixture("llama", "base"), model, { recursive: true });
@@ -88,24 +96,76 @@ test("every command's refusals are the library's: the API refuses the same with 
   const before = await snapshot(dir);
   const cases: Array<[string[], () => Promise<unknown>, string, RegExp]> = [
     [["upcycle", ...seeds], () => upcycle({ seeds }), "OPTIONS_INVALID", /output: name the output folder/],
-    [["upcycle", "-o", out], () => upcycle({ seeds: [], output: out }), "OPTIONS_INVALID", /seeds: name at least one seed folder/],
-    [["upcycle", ...seeds, "-o", out, "-k", "4"], () => upcycle({ seeds, output: out, expertsPerToken: 4 }), "OPTIONS_INVALID", /experts-?per-?token must be an integer from 1 to 3, not 4/i],
-    [["upcycle", model, ...seeds.slice(1), "-o", model, "--force"], () => upcycle({ seeds: [model, ...seeds.slice(1)], output: model, force: true }), "OUTPUT_UNSAFE", /is the input/],
-    [["eval", model, "--ids", ids, "--save-logits", join(model, "model.safetensors"), "--force"],
-      () => saveLogits(model, ids, join(model, "model.safetensors"), { overwrite: true }), "OUTPUT_UNSAFE", /lies inside the input/],
-    [["eval", model, "--ids", ids, "--save-logits", ids, "--force"], () => saveLogits(model, ids, ids, { overwrite: true }), "OUTPUT_UNSAFE", /is the input/],
-    [["eval", model, "--ids", ids, "--save-logits", existing], () => saveLogits(model, ids, existing), "OUTPUT_EXISTS", /exists; choose another file/],
-    [["eval", model, "--text", text, "--context", "1"], () => evaluatePerplexity(model, [text], { context: 1 }), "OPTIONS_INVALID", /--context must be an integer of at least 2, not 1/],
-    [["eval", model, "--tokens", tokens, "--max-tokens", "1"], () => evaluateTokenFiles(model, [tokens], { maxTokens: 1 }), "OPTIONS_INVALID", /--max-tokens must be an integer of at least 2, not 1/],
+    [
+      ["upcycle", "-o", out],
+      () => upcycle({ seeds: [], output: out }),
+      "OPTIONS_INVALID",
+      /seeds: name at least one seed folder/,
+    ],
+    [
+      ["upcycle", ...seeds, "-o", out, "-k", "4"],
+      () => upcycle({ seeds, output: out, expertsPerToken: 4 }),
+      "OPTIONS_INVALID",
+      /experts-?per-?token must be an integer from 1 to 3, not 4/i,
+    ],
+    [
+      ["upcycle", model, ...seeds.slice(1), "-o", model, "--force"],
+      () => upcycle({ seeds: [model, ...seeds.slice(1)], output: model, force: true }),
+      "OUTPUT_UNSAFE",
+      /is the input/,
+    ],
+    [
+      ["eval", model, "--ids", ids, "--save-logits", join(model, "model.safetensors"), "--force"],
+      () => saveLogits(model, ids, join(model, "model.safetensors"), { overwrite: true }),
+      "OUTPUT_UNSAFE",
+      /lies inside the input/,
+    ],
+    [
+      ["eval", model, "--ids", ids, "--save-logits", ids, "--force"],
+      () => saveLogits(model, ids, ids, { overwrite: true }),
+      "OUTPUT_UNSAFE",
+      /is the input/,
+    ],
+    [
+      ["eval", model, "--ids", ids, "--save-logits", existing],
+      () => saveLogits(model, ids, existing),
+      "OUTPUT_EXISTS",
+      /exists; choose another file/,
+    ],
+    [
+      ["eval", model, "--text", text, "--context", "1"],
+      () => evaluatePerplexity(model, [text], { context: 1 }),
+      "OPTIONS_INVALID",
+      /--context must be an integer of at least 2, not 1/,
+    ],
+    [
+      ["eval", model, "--tokens", tokens, "--max-tokens", "1"],
+      () => evaluateTokenFiles(model, [tokens], { maxTokens: 1 }),
+      "OPTIONS_INVALID",
+      /--max-tokens must be an integer of at least 2, not 1/,
+    ],
     // yargs refuses a value outside --bin-dtype's choices; a JavaScript caller reaches the library's check
-    [["eval", model, "--tokens", tokens, "--bin-dtype", "int8"], () => evaluateTokenFiles(model, [tokens], { binDType: "int8" as BinDType }), "OPTIONS_INVALID", /int8/],
-    [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], () => generateText(model, "x", { maxNewTokens: 0 }), "OPTIONS_INVALID", /max-?new-?tokens/i],
+    [
+      ["eval", model, "--tokens", tokens, "--bin-dtype", "int8"],
+      () => evaluateTokenFiles(model, [tokens], { binDType: "int8" as BinDType }),
+      "OPTIONS_INVALID",
+      /int8/,
+    ],
+    [
+      ["generate", model, "--prompt", "x", "--max-new-tokens", "0"],
+      () => generateText(model, "x", { maxNewTokens: 0 }),
+      "OPTIONS_INVALID",
+      /max-?new-?tokens/i,
+    ],
   ];
   const cache = await mkdtemp(join(root, "cache-"));
   const env = { BAM_CACHE_DIR: cache }; // were a check to come after the export, it would land here, not in the user's cache
   const userCache = process.env.BAM_CACHE_DIR;
   process.env.BAM_CACHE_DIR = cache;
-  t.after(() => { if (userCache === undefined) delete process.env.BAM_CACHE_DIR; else process.env.BAM_CACHE_DIR = userCache; });
+  t.after(() => {
+    if (userCache === undefined) delete process.env.BAM_CACHE_DIR;
+    else process.env.BAM_CACHE_DIR = userCache;
+  });
   for (const [args, call, code, message] of cases) {
     const run = await runCli(args, { env });
     assert.equal(run.code, code === "OPTIONS_INVALID" ? 2 : 1, `bam ${args.join(" ")}: ${run.stderr}`);
@@ -121,7 +181,11 @@ test("every command's refusals are the library's: the API refuses the same with 
 test("the seed count is capped before any seed is opened", async () => {
   // 100,000 names of folders that do not exist: refused on the count, not on the first missing folder or EMFILE.
   const many = Array.from({ length: 100_000 }, (_, i) => join(root, "missing", String(i)));
-  await refused(upcycle({ seeds: many, output: join(root, "out") }), "OPTIONS_INVALID", /at most 256 seed folders, not 100000/);
+  await refused(
+    upcycle({ seeds: many, output: join(root, "out") }),
+    "OPTIONS_INVALID",
+    /at most 256 seed folders, not 100000/,
+  );
 });
 
 test("a recipe nested a million levels deep fails fast, small, and as RECIPE_INVALID", async () => {
@@ -135,7 +199,10 @@ test("a recipe nested a million levels deep fails fast, small, and as RECIPE_INV
     const heapBefore = process.memoryUsage().heapUsed;
     await refused(readRecipe(file), "RECIPE_INVALID", /nested more than 64 levels deep/);
     assert.ok(performance.now() - started < 5000, `${name}: took ${performance.now() - started} ms`);
-    assert.ok(process.memoryUsage().heapUsed - heapBefore < 200e6, `${name}: the heap grew by ${process.memoryUsage().heapUsed - heapBefore} bytes`);
+    assert.ok(
+      process.memoryUsage().heapUsed - heapBefore < 200e6,
+      `${name}: the heap grew by ${process.memoryUsage().heapUsed - heapBefore} bytes`,
+    );
     await rm(file);
   }
   // Brackets inside quotes and comments are not nesting.
@@ -150,10 +217,14 @@ test("result.files and --json list the shards where they are, in the output fold
   const result = await upcycle({ seeds: seeds.slice(0, 2), output, maxShardSize: "40KB" });
   assert.ok(result.files.length > 1, "several shards");
   for (const file of result.files) assert.equal(dirname(file), output);
-  assert.deepEqual(result.files.map((file) => basename(file)), (await readdir(output)).filter((name) => name.endsWith(".safetensors")).sort());
+  assert.deepEqual(
+    result.files.map((file) => basename(file)),
+    (await readdir(output)).filter((name) => name.endsWith(".safetensors")).sort(),
+  );
   const run = await runCli(["upcycle", ...seeds.slice(0, 2), "-o", join(root, "named-cli"), "--json"]);
   assert.equal(run.code, 0, run.stderr);
-  for (const file of (JSON.parse(run.stdout) as { files: string[] }).files) assert.equal(dirname(file), join(root, "named-cli"));
+  for (const file of (JSON.parse(run.stdout) as { files: string[] }).files)
+    assert.equal(dirname(file), join(root, "named-cli"));
   await rm(output, { recursive: true });
   await rm(join(root, "named-cli"), { recursive: true });
 });

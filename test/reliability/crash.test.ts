@@ -55,7 +55,12 @@ const tempOf = (parent: string, pid: number) => join(parent, `.bam-tmp-out-${pid
  * `threshold` bytes; `killed` tells whether the signal went out before the
  * run ended on its own.
  */
-async function interruptAt(parent: string, threshold: number, signal: NodeJS.Signals, extra: string[] = []): Promise<CliRun & { killed: boolean; sentAt: number }> {
+async function interruptAt(
+  parent: string,
+  threshold: number,
+  signal: NodeJS.Signals,
+  extra: string[] = [],
+): Promise<CliRun & { killed: boolean; sentAt: number }> {
   let killed = false;
   let sentAt = -1;
   const run = await runCli(args(...extra), {
@@ -88,7 +93,9 @@ async function writePrevious(folder: string): Promise<void> {
 
 const leftovers = async (parent: string) => (await readdir(parent)).filter((e) => e.startsWith(".bam-"));
 
-test("SIGKILL at any point leaves no target folder; the next run succeeds, matches an uninterrupted run and cleans up", { timeout: 120_000 }, async () => {
+test("SIGKILL at any point leaves no target folder; the next run succeeds, matches an uninterrupted run and cleans up", {
+  timeout: 120_000,
+}, async () => {
   const parent = join(root, "kill");
   await mkdir(parent);
   const fractions = [0, 0.05, 0.25, 0.5, 0.75, 0.95];
@@ -98,8 +105,15 @@ test("SIGKILL at any point leaves no target folder; the next run succeeds, match
     if (!run.killed) continue; // finished first: nothing to check here
     kills += 1;
     assert.equal(run.signal, "SIGKILL");
-    assert.deepEqual((await readdir(parent)).filter((e) => e === "out"), [], `killed at ${run.sentAt} bytes: the target must not exist`);
-    assert.ok((await leftovers(parent)).includes(`.bam-tmp-out-${run.pid}-1`), "a killed run leaves its temporary folder");
+    assert.deepEqual(
+      (await readdir(parent)).filter((e) => e === "out"),
+      [],
+      `killed at ${run.sentAt} bytes: the target must not exist`,
+    );
+    assert.ok(
+      (await leftovers(parent)).includes(`.bam-tmp-out-${run.pid}-1`),
+      "a killed run leaves its temporary folder",
+    );
   }
   assert.ok(kills >= 5, `only ${kills} of ${fractions.length} kills landed before the run ended`);
   const next = await runCli(args(), { cwd: parent });
@@ -123,7 +137,11 @@ test("SIGKILL with --force leaves the previous folder untouched", { timeout: 60_
     const run = await interruptAt(parent, Math.floor(fraction * outputBytes), "SIGKILL", ["--force"]);
     if (!run.killed) continue;
     kills += 1;
-    assert.deepEqual(await folderHashes(previous), before, `killed at ${run.sentAt} bytes: the previous folder must be untouched`);
+    assert.deepEqual(
+      await folderHashes(previous),
+      before,
+      `killed at ${run.sentAt} bytes: the previous folder must be untouched`,
+    );
   }
   assert.ok(kills >= 1, `only ${kills} kills landed`);
   const next = await runCli(args("--force"), { cwd: parent });
@@ -134,7 +152,9 @@ test("SIGKILL with --force leaves the previous folder untouched", { timeout: 60_
 });
 
 for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-  test(`${signal} stops the run: exit 130, one line on stderr, no output, no temporary folder`, { timeout: 60_000 }, async () => {
+  test(`${signal} stops the run: exit 130, one line on stderr, no output, no temporary folder`, {
+    timeout: 60_000,
+  }, async () => {
     const parent = join(root, signal);
     await mkdir(parent);
     for (const fraction of [0, 0.4]) {
@@ -206,7 +226,9 @@ test("a full disk (a small tmpfs): DISK_FULL in one line and no output", { timeo
   await upcycle(options(sized));
   const total = await folderBytes(sized);
   const page = 4096;
-  const sizes = [page, 0.25 * total, 0.5 * total, 0.9 * total, total - 4 * page, total - page].map((b) => Math.max(page, Math.ceil(b / page) * page));
+  const sizes = [page, 0.25 * total, 0.5 * total, 0.9 * total, total - 4 * page, total - page].map((b) =>
+    Math.max(page, Math.ceil(b / page) * page),
+  );
   let refused = 0;
   for (const size of sizes) {
     const dir = join(root, `tmpfs-${size}`);
@@ -215,7 +237,11 @@ test("a full disk (a small tmpfs): DISK_FULL in one line and no output", { timeo
     try {
       try {
         await upcycle(options(join(dir, "out")));
-        assert.deepEqual(await folderHashes(join(dir, "out")), await folderHashes(sized), `${size} bytes: a run that fits must be complete`);
+        assert.deepEqual(
+          await folderHashes(join(dir, "out")),
+          await folderHashes(sized),
+          `${size} bytes: a run that fits must be complete`,
+        );
         continue;
       } catch (error) {
         assert.ok(isBamError(error, "DISK_FULL"), `${size} bytes: ${String(error)}`);
@@ -242,17 +268,30 @@ test("a full disk (a small tmpfs): DISK_FULL in one line and no output", { timeo
 test("a full disk (ENOSPC simulated at the file layer, at many byte counts): DISK_FULL and no output", async () => {
   const parent = join(root, "enospc");
   await mkdir(parent);
-  const small = await writeSeed(join(root, "small-seed"), { vocab: 512, hidden: 128, intermediate: 256, layers: 2, heads: 4, kvHeads: 2 });
+  const small = await writeSeed(join(root, "small-seed"), {
+    vocab: 512,
+    hidden: 128,
+    intermediate: 256,
+    layers: 2,
+    heads: 4,
+    kvHeads: 2,
+  });
   const options = { seeds: [small], experts: 3, output: join(parent, "out") };
   const probe = await open(join(root, "probe-file"), "w");
-  const FileHandle = Object.getPrototypeOf(probe) as { write: (...args: unknown[]) => Promise<{ bytesWritten: number }> };
+  const FileHandle = Object.getPrototypeOf(probe) as {
+    write: (...args: unknown[]) => Promise<{ bytesWritten: number }>;
+  };
   await probe.close();
   const write = FileHandle.write;
   let budget = 0;
   FileHandle.write = async function (this: unknown, ...writeArgs: unknown[]) {
     const length = typeof writeArgs[2] === "number" ? writeArgs[2] : (writeArgs[0] as Uint8Array).length;
     if (length > budget) {
-      throw Object.assign(new Error("ENOSPC: no space left on device, write"), { code: "ENOSPC", errno: -28, syscall: "write" });
+      throw Object.assign(new Error("ENOSPC: no space left on device, write"), {
+        code: "ENOSPC",
+        errno: -28,
+        syscall: "write",
+      });
     }
     budget -= length;
     return write.apply(this, writeArgs);

@@ -26,7 +26,10 @@ before(async () => {
 after(() => rm(root, { recursive: true, force: true }));
 
 /** Runs the upcycle twice into the same path and returns both folders' hashes. */
-async function twice(options: Omit<UpcycleOptions, "output">, name: string): Promise<[Record<string, string>, Record<string, string>]> {
+async function twice(
+  options: Omit<UpcycleOptions, "output">,
+  name: string,
+): Promise<[Record<string, string>, Record<string, string>]> {
   const output = join(root, name, "out");
   const hashes: Record<string, string>[] = [];
   for (let i = 0; i < 2; i++) {
@@ -40,7 +43,8 @@ async function twice(options: Omit<UpcycleOptions, "output">, name: string): Pro
 test("two runs write byte-identical folders, for every family and attention mode", async () => {
   for (const family of FAMILIES) {
     const seeds = ["base", "code", "math"].map((v) => fixture(family, v as "base"));
-    const modes = family === "llama" || family === "gpt_neox" ? (["moa", "shared-kv", "merged"] as const) : (["moa"] as const);
+    const modes =
+      family === "llama" || family === "gpt_neox" ? (["moa", "shared-kv", "merged"] as const) : (["moa"] as const);
     for (const attention of modes) {
       const [first, second] = await twice({ seeds, attention }, `${family}-${attention}`);
       assert.deepEqual(second, first, `${family} ${attention}`);
@@ -58,7 +62,13 @@ async function tensorsOf(dir: string): Promise<Map<string, { dtype: string; shap
   try {
     const out = new Map<string, { dtype: string; shape: string; sha256: string }>();
     for (const [name, info] of files.tensors) {
-      out.set(name, { dtype: info.dtype, shape: info.shape.join("x"), sha256: createHash("sha256").update(await files.read(name)).digest("hex") });
+      out.set(name, {
+        dtype: info.dtype,
+        shape: info.shape.join("x"),
+        sha256: createHash("sha256")
+          .update(await files.read(name))
+          .digest("hex"),
+      });
     }
     return out;
   } finally {
@@ -74,15 +84,21 @@ test("across --max-shard-size values the tensors are identical", async () => {
     for (const maxShardSize of ["5GB", "100KB", "20KB", "1"]) {
       const output = join(root, `${family}-shards-${maxShardSize}`, "out");
       const result = await upcycle({ seeds, output, maxShardSize });
-      if (maxShardSize !== "5GB") assert.ok(result.files.length > 1, `${family} ${maxShardSize}: ${result.files.length} shard(s)`);
+      if (maxShardSize !== "5GB")
+        assert.ok(result.files.length > 1, `${family} ${maxShardSize}: ${result.files.length} shard(s)`);
       const tensors = await tensorsOf(output);
       const config = await readFile(join(output, "config.json"), "utf8");
       if (reference === undefined) {
         reference = tensors;
         referenceConfig = config;
       } else {
-        assert.deepEqual([...tensors.keys()].sort(), [...reference.keys()].sort(), `${family} ${maxShardSize}: tensor names`);
-        for (const [name, tensor] of tensors) assert.deepEqual(tensor, reference.get(name), `${family} ${maxShardSize}: ${name}`);
+        assert.deepEqual(
+          [...tensors.keys()].sort(),
+          [...reference.keys()].sort(),
+          `${family} ${maxShardSize}: tensor names`,
+        );
+        for (const [name, tensor] of tensors)
+          assert.deepEqual(tensor, reference.get(name), `${family} ${maxShardSize}: ${name}`);
         assert.equal(config, referenceConfig, `${family} ${maxShardSize}: config.json`);
       }
       await rm(join(root, `${family}-shards-${maxShardSize}`), { recursive: true });
@@ -95,7 +111,10 @@ async function peakRss(seeds: string[], output: string): Promise<{ measured: num
   const dryRun = await runCli(["upcycle", ...seeds, "-o", output, "--dry-run", "--json"]);
   assert.equal(dryRun.code, 0, dryRun.stderr);
   const file = `${output}.rss`;
-  const run = await runCli(["upcycle", ...seeds, "-o", output], { nodeArgs: ["--import", RSS_PROBE], env: { BAM_TEST_RSS_FILE: file } });
+  const run = await runCli(["upcycle", ...seeds, "-o", output], {
+    nodeArgs: ["--import", RSS_PROBE],
+    env: { BAM_TEST_RSS_FILE: file },
+  });
   assert.equal(run.code, 0, run.stderr);
   return {
     measured: (JSON.parse(await readFile(file, "utf8")) as { maxRssBytes: number }).maxRssBytes,
@@ -103,7 +122,9 @@ async function peakRss(seeds: string[], output: string): Promise<{ measured: num
   };
 }
 
-test("peak RSS does not grow with the model and stays within the plan's estimate (two sizes, both past the write batch)", { timeout: 120_000 }, async (t) => {
+test("peak RSS does not grow with the model and stays within the plan's estimate (two sizes, both past the write batch)", {
+  timeout: 120_000,
+}, async (t) => {
   // Largest tensors (embeddings) of 6M and 12M elements, many write batches each: the working set is at its bound in both.
   const shapes = {
     small: { vocab: 8000, hidden: 768, intermediate: 2048, layers: 2, heads: 12, kvHeads: 12 },
@@ -115,13 +136,22 @@ test("peak RSS does not grow with the model and stays within the plan's estimate
   for (const [name, shape] of Object.entries(shapes)) {
     const dir = join(root, `rss-${name}`);
     await mkdir(dir);
-    const seeds = [await writeSeed(join(dir, "a"), { ...shape, valueSeed: 1 }), await writeSeed(join(dir, "b"), { ...shape, valueSeed: 2 })];
+    const seeds = [
+      await writeSeed(join(dir, "a"), { ...shape, valueSeed: 1 }),
+      await writeSeed(join(dir, "b"), { ...shape, valueSeed: 2 }),
+    ];
     const { measured, planned } = await peakRss(seeds, join(dir, "out"));
-    assert.ok(measured <= planned, `${name}: peak RSS ${mb(measured)} MiB is over the plan's estimate of ${mb(planned)} MiB`);
+    assert.ok(
+      measured <= planned,
+      `${name}: peak RSS ${mb(measured)} MiB is over the plan's estimate of ${mb(planned)} MiB`,
+    );
     rss[name] = measured;
     await rm(dir, { recursive: true });
   }
   t.diagnostic(`peak RSS: ${mb(rss.small!)} MiB with 2 x 54 MB seeds, ${mb(rss.large!)} MiB with 2 x 190 MB seeds`);
   assert.ok(rss.large! < 512 * 2 ** 20, `${mb(rss.large!)} MiB`);
-  assert.ok(rss.large! - rss.small! < 64 * 2 ** 20, `grew by ${mb(rss.large! - rss.small!)} MiB from ${mb(rss.small!)} MiB`);
+  assert.ok(
+    rss.large! - rss.small! < 64 * 2 ** 20,
+    `grew by ${mb(rss.large! - rss.small!)} MiB from ${mb(rss.small!)} MiB`,
+  );
 });

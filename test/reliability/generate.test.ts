@@ -28,23 +28,41 @@ after(() => rm(root, { recursive: true, force: true }));
 
 test("generateFromExport refuses what the CLI refuses, before loading the model", async () => {
   await refused(generateFromExport(folder, "", greedy), "OPTIONS_INVALID", /^prompt must be a non-empty string/);
-  await refused(generateFromExport(folder, "hello", { ...greedy, maxNewTokens: 1e12 }), "OPTIONS_INVALID", /exceed the 128 positions of the model; ask for at most \d+ new tokens/);
-  await refused(generateFromExport(folder, "hello", { ...greedy, maxNewTokens: "2" as unknown as number }), "OPTIONS_INVALID", /^maxNewTokens must be a positive integer/);
+  await refused(
+    generateFromExport(folder, "hello", { ...greedy, maxNewTokens: 1e12 }),
+    "OPTIONS_INVALID",
+    /exceed the 128 positions of the model; ask for at most \d+ new tokens/,
+  );
+  await refused(
+    generateFromExport(folder, "hello", { ...greedy, maxNewTokens: "2" as unknown as number }),
+    "OPTIONS_INVALID",
+    /^maxNewTokens must be a positive integer/,
+  );
   await refused(generateFromExport(folder, "hello", { ...greedy, topP: 0 }), "OPTIONS_INVALID", /^topP must be in/);
   const started = performance.now();
-  await refused(generateFromExport(folder, "word ".repeat(20_000), greedy), "OPTIONS_INVALID", /^prompt is \d+ tokens, past the 128 positions of the model/);
+  await refused(
+    generateFromExport(folder, "word ".repeat(20_000), greedy),
+    "OPTIONS_INVALID",
+    /^prompt is \d+ tokens, past the 128 positions of the model/,
+  );
   assert.ok(performance.now() - started < 10_000, `took ${performance.now() - started} ms`);
 });
 
 test("an abort signal stops generation between tokens", async () => {
   const controller = new AbortController();
   let pieces = 0;
-  await refused(generateFromExport(folder, "The experts", {
-    ...greedy,
-    maxNewTokens: 100,
-    signal: controller.signal,
-    onText: () => { if (++pieces === 1) controller.abort(); },
-  }), "ABORTED", /generation interrupted/);
+  await refused(
+    generateFromExport(folder, "The experts", {
+      ...greedy,
+      maxNewTokens: 100,
+      signal: controller.signal,
+      onText: () => {
+        if (++pieces === 1) controller.abort();
+      },
+    }),
+    "ABORTED",
+    /generation interrupted/,
+  );
   assert.equal(pieces, 1, "no text after the abort");
   // Without the abort the same call runs to the end.
   const whole = await generateFromExport(folder, "The experts", { ...greedy, maxNewTokens: 100 });
@@ -56,19 +74,26 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
   for (const [args, message] of [
     [["--prompt", ""], /^bam: --prompt must be a non-empty string/],
     [["--prompt", "word ".repeat(20_000)], /^bam: --prompt is \d+ tokens, past the 128 positions/],
-    [["--prompt", "hello", "--max-new-tokens", "1e12"], /^bam: --prompt \(\d+ tokens\) and --max-new-tokens \(1000000000000\) exceed the 128 positions/],
+    [
+      ["--prompt", "hello", "--max-new-tokens", "1e12"],
+      /^bam: --prompt \(\d+ tokens\) and --max-new-tokens \(1000000000000\) exceed the 128 positions/,
+    ],
   ] as const) {
     const run = await runCli(["generate", model, ...args], { env });
     assert.equal(run.code, 2, run.stderr); // OPTIONS_INVALID: bad usage
     const lines = run.stderr.split("\n").filter((line) => line !== "" && !line.startsWith("exporting"));
     assert.equal(lines.length, 1, run.stderr);
     assert.match(lines[0]!, message);
+    // biome-ignore lint/suspicious/noControlCharactersInRegex: finding control characters is what this pattern is for
     assert.doesNotMatch(run.stderr, /\u001b\[|onnxruntime/i);
   }
   let sent = false;
   const run = await runCli(["generate", model, "--prompt", "The", "--max-new-tokens", "120"], {
     env,
-    during: (child) => child.stdout!.on("data", () => { if (!sent) sent = child.kill("SIGINT"); }),
+    during: (child) =>
+      child.stdout!.on("data", () => {
+        if (!sent) sent = child.kill("SIGINT");
+      }),
   });
   assert.ok(sent, "some text came out before SIGINT");
   assert.equal(run.code, 130, run.stderr);
@@ -78,7 +103,11 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
 test("an onnxruntime failure is one worded line, a BamError", async () => {
   const session = await OnnxSession.open(modelFile);
   try {
-    await refused(session.forward(BigInt64Array.from([1n, 1_000_000_000n]), 1, 2, ["logits"]), "IO_ERROR", /^onnxruntime failed on 1 x 2 tokens \([^\n]*\)$/);
+    await refused(
+      session.forward(BigInt64Array.from([1n, 1_000_000_000n]), 1, 2, ["logits"]),
+      "IO_ERROR",
+      /^onnxruntime failed on 1 x 2 tokens \([^\n]*\)$/,
+    );
   } finally {
     await session.close();
   }

@@ -15,7 +15,9 @@ import { fixture } from "../helpers.js";
 import { RSS_PROBE, runCli } from "./synth.js";
 
 let root: string;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-headers-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-headers-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 
 /** A header of `count` zero-size tensors (no data), as the issue's 900k-entry file. */
@@ -44,7 +46,9 @@ test("a file listing more tensors than the bound is refused before its header is
   await reader.close();
 });
 
-test("the plan's memory estimate covers the seeds' open tensor entries: --dry-run and the run stay within it", { timeout: 120_000 }, async () => {
+test("the plan's memory estimate covers the seeds' open tensor entries: --dry-run and the run stay within it", {
+  timeout: 120_000,
+}, async () => {
   // A fixture seed with 95,000 extra zero-size tensors (under the bound), opened eight times: without the
   // entries in the estimate, --dry-run peaked at 447 MB against a plan of 416 MB.
   const seed = join(root, "seed");
@@ -61,7 +65,10 @@ test("the plan's memory estimate covers the seeds' open tensor entries: --dry-ru
   const seeds: string[] = new Array(8).fill(seed);
   const measure = async (extra: string[], name: string) => {
     const file = join(root, `${name}.rss`);
-    const run = await runCli(["upcycle", ...seeds, ...extra], { nodeArgs: ["--import", RSS_PROBE], env: { BAM_TEST_RSS_FILE: file, BAM_CACHE_DIR: join(root, "cache") } });
+    const run = await runCli(["upcycle", ...seeds, ...extra], {
+      nodeArgs: ["--import", RSS_PROBE],
+      env: { BAM_TEST_RSS_FILE: file, BAM_CACHE_DIR: join(root, "cache") },
+    });
     assert.equal(run.code, 0, run.stderr);
     return { run, rss: (JSON.parse(await readFile(file, "utf8")) as { maxRssBytes: number }).maxRssBytes };
   };

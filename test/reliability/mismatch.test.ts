@@ -28,7 +28,11 @@ async function synthetic(name: string, change: Partial<LlamaSeed> = {}): Promise
 }
 
 /** A copy of a fixture seed with config.json edited. */
-async function edited(family: "phi" | "mistral" | "llama" | "qwen2", name: string, edit: (config: Record<string, unknown>) => void): Promise<string> {
+async function edited(
+  family: "phi" | "mistral" | "llama" | "qwen2",
+  name: string,
+  edit: (config: Record<string, unknown>) => void,
+): Promise<string> {
   const dir = join(root, `${counter++}`, name);
   await mkdir(join(dir, ".."), { recursive: true });
   await cp(fixture(family, "base"), dir, { recursive: true });
@@ -40,10 +44,16 @@ async function edited(family: "phi" | "mistral" | "llama" | "qwen2", name: strin
 
 /** Both orders are refused, before any write, naming both seeds and `difference`. */
 async function expectMismatch(a: string, b: string, difference: RegExp): Promise<void> {
-  for (const seeds of [[a, b], [b, a]]) {
+  for (const seeds of [
+    [a, b],
+    [b, a],
+  ]) {
     const parent = join(root, `out-${counter++}`);
     await mkdir(parent);
-    for (const run of [() => planUpcycle({ seeds, output: join(parent, "out") }), () => upcycle({ seeds, output: join(parent, "out") })]) {
+    for (const run of [
+      () => planUpcycle({ seeds, output: join(parent, "out") }),
+      () => upcycle({ seeds, output: join(parent, "out") }),
+    ]) {
       await assert.rejects(run(), (error: unknown) => {
         assert.ok(error instanceof BamError, String(error));
         assert.equal(error.code, "SEED_MISMATCH", error.message);
@@ -58,7 +68,11 @@ async function expectMismatch(a: string, b: string, difference: RegExp): Promise
 }
 
 test("different families", async () => {
-  await expectMismatch(fixture("llama", "base"), fixture("mistral", "base"), /seed_model_type: "(llama|mistral)" vs "(mistral|llama)"/);
+  await expectMismatch(
+    fixture("llama", "base"),
+    fixture("mistral", "base"),
+    /seed_model_type: "(llama|mistral)" vs "(mistral|llama)"/,
+  );
   await expectMismatch(fixture("qwen2", "base"), fixture("qwen3", "base"), /seed_model_type/);
 });
 
@@ -73,37 +87,73 @@ test("different sizes: hidden, intermediate, layers, vocabulary", async () => {
 test("different head counts, including the same projection shapes", async () => {
   const base = await synthetic("base");
   // 8 heads of 4 against 4 heads of 8: q_proj has the same shape, the attention does not.
-  await expectMismatch(base, await synthetic("heads", { heads: 8, kvHeads: 2, headDim: 4 }), /num_attention_heads: (8 vs 4|4 vs 8)/);
+  await expectMismatch(
+    base,
+    await synthetic("heads", { heads: 8, kvHeads: 2, headDim: 4 }),
+    /num_attention_heads: (8 vs 4|4 vs 8)/,
+  );
   await expectMismatch(base, await synthetic("kv", { kvHeads: 4 }), /num_key_value_heads: (4 vs 2|2 vs 4)/);
 });
 
 test("different rotary settings", async () => {
   const base = await synthetic("base");
-  await expectMismatch(base, await synthetic("theta", { ropeTheta: 500000 }), /rope_theta: (500000 vs 10000|10000 vs 500000)/);
-  await expectMismatch(base, await synthetic("scaled", { ropeScaling: { rope_type: "linear", factor: 2 } }), /rope_scaling/);
+  await expectMismatch(
+    base,
+    await synthetic("theta", { ropeTheta: 500000 }),
+    /rope_theta: (500000 vs 10000|10000 vs 500000)/,
+  );
+  await expectMismatch(
+    base,
+    await synthetic("scaled", { ropeScaling: { rope_type: "linear", factor: 2 } }),
+    /rope_scaling/,
+  );
   const phi = fixture("phi", "base");
-  await expectMismatch(phi, await edited("phi", "partial", (c) => {
-    const rope = c.rope_parameters as Record<string, unknown> | undefined;
-    if (rope && "partial_rotary_factor" in rope) rope.partial_rotary_factor = 1;
-    else c.partial_rotary_factor = 1;
-  }), /rotary_dim/);
+  await expectMismatch(
+    phi,
+    await edited("phi", "partial", (c) => {
+      const rope = c.rope_parameters as Record<string, unknown> | undefined;
+      if (rope && "partial_rotary_factor" in rope) rope.partial_rotary_factor = 1;
+      else c.partial_rotary_factor = 1;
+    }),
+    /rotary_dim/,
+  );
 });
 
 test("tied against untied embeddings", async () => {
-  await expectMismatch(await synthetic("untied"), await synthetic("tied", { tied: true }), /tie_word_embeddings: (true vs false|false vs true)/);
+  await expectMismatch(
+    await synthetic("untied"),
+    await synthetic("tied", { tied: true }),
+    /tie_word_embeddings: (true vs false|false vs true)/,
+  );
 });
 
 test("other architecture settings: norm epsilon, activation, sliding window", async () => {
   await expectMismatch(await synthetic("base"), await synthetic("eps", { rmsNormEps: 1e-6 }), /norm_eps/);
-  await expectMismatch(fixture("llama", "base"), await edited("llama", "gelu", (c) => { c.hidden_act = "gelu"; }), /hidden_act: "(gelu|silu)" vs "(silu|gelu)"/);
-  await expectMismatch(fixture("mistral", "base"), await edited("mistral", "window", (c) => { c.sliding_window = 7; }), /sliding_window/);
+  await expectMismatch(
+    fixture("llama", "base"),
+    await edited("llama", "gelu", (c) => {
+      c.hidden_act = "gelu";
+    }),
+    /hidden_act: "(gelu|silu)" vs "(silu|gelu)"/,
+  );
+  await expectMismatch(
+    fixture("mistral", "base"),
+    await edited("mistral", "window", (c) => {
+      c.sliding_window = 7;
+    }),
+    /sliding_window/,
+  );
 });
 
 test("a different tokenizer, or one seed without any", async () => {
   const base = await synthetic("base");
   const tokenizer = JSON.parse(await readFile("fixtures/tokenizer/tokenizer.json", "utf8")) as Record<string, unknown>;
   tokenizer.added_tokens = [{ id: 63, content: "<extra>", special: true }];
-  await expectMismatch(base, await synthetic("tokenizer", { tokenizer: JSON.stringify(tokenizer) }), /different tokenizer\.json/);
+  await expectMismatch(
+    base,
+    await synthetic("tokenizer", { tokenizer: JSON.stringify(tokenizer) }),
+    /different tokenizer\.json/,
+  );
   const none = await synthetic("none");
   await rm(join(none, "tokenizer.json"));
   await expectMismatch(base, none, /different tokenizer\.json.*\bnone\b|\bnone\b.*different tokenizer\.json/);
@@ -122,7 +172,13 @@ test("seeds that differ only in their values, or in their dtypes, are accepted",
 test("the CLI says it in one line and exits 1", async () => {
   const parent = join(root, "cli");
   await mkdir(parent);
-  const run = await runCli(["upcycle", fixture("llama", "base"), fixture("mistral", "base"), "-o", join(parent, "out")]);
+  const run = await runCli([
+    "upcycle",
+    fixture("llama", "base"),
+    fixture("mistral", "base"),
+    "-o",
+    join(parent, "out"),
+  ]);
   assert.equal(run.code, 1);
   const lines = run.stderr.trim().split("\n");
   assert.equal(lines.length, 1, run.stderr);

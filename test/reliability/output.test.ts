@@ -13,7 +13,7 @@ import { join, relative } from "node:path";
 import { test } from "node:test";
 import { openModel } from "../../src/arch/model.js";
 import { isBamError } from "../../src/errors.js";
-import { openAtomicFolder } from "../../src/export/atomic.js";
+import { openAtomicFolder, writeFileAtomically } from "../../src/export/atomic.js";
 import { SafetensorsReader } from "../../src/safetensors/index.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { deadPid, fixture, withTempDir } from "../helpers.js";
@@ -30,7 +30,11 @@ async function snapshot(root: string): Promise<Record<string, string>> {
         entries[relative(root, path)] = "dir";
         await walk(path);
       } else {
-        entries[relative(root, path)] = info.isSymbolicLink() ? "link" : createHash("sha256").update(await readFile(path)).digest("hex");
+        entries[relative(root, path)] = info.isSymbolicLink()
+          ? "link"
+          : createHash("sha256")
+              .update(await readFile(path))
+              .digest("hex");
       }
     }
   };
@@ -65,7 +69,9 @@ test("the output folder holds the seeds (-o work --force, -o . --force): refused
     run = await runCli(["upcycle", "base", "code", "-o", ".", "--force"], { cwd: work });
     assert.equal(run.code, 1, run.stderr);
     assertClean(run.stderr, /^bam: \.: is the current folder/);
-    run = await runCli(["upcycle", "work/base", "work/code", "-o", "..", "--force"], { cwd: join(dir, "work", "base") });
+    run = await runCli(["upcycle", "work/base", "work/code", "-o", "..", "--force"], {
+      cwd: join(dir, "work", "base"),
+    });
     assert.equal(run.code, 1, run.stderr);
     assert.deepEqual(await snapshot(dir), before);
   }));
@@ -76,7 +82,10 @@ test("the output is a seed, lies inside one, or is a link to one: refused with -
     await symlink(base, join(dir, "link"));
     const before = await snapshot(dir);
     for (const output of [base, code, join(base, "inside"), join(dir, "link")]) {
-      await assert.rejects(upcycle({ seeds: [base, code], output, force: true }), (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /input/.test(error.message));
+      await assert.rejects(
+        upcycle({ seeds: [base, code], output, force: true }),
+        (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /input/.test(error.message),
+      );
     }
     const run = await runCli(["upcycle", "work/base", "work/code", "-o", "work/base", "--force"], { cwd: dir });
     assert.equal(run.code, 1);
@@ -91,7 +100,10 @@ test("--force replaces only a folder bam wrote; the user's folder is refused", (
     await mkdir(mine);
     await writeFile(join(mine, "config.json"), "{}"); // a config alone is not enough: no recipe.yaml of ours
     const before = await snapshot(mine);
-    await assert.rejects(upcycle({ seeds: [base, code], output: mine, force: true }), (error: unknown) => isBamError(error, "OUTPUT_EXISTS") && /not a folder bam wrote/.test(error.message));
+    await assert.rejects(
+      upcycle({ seeds: [base, code], output: mine, force: true }),
+      (error: unknown) => isBamError(error, "OUTPUT_EXISTS") && /not a folder bam wrote/.test(error.message),
+    );
     assert.deepEqual(await snapshot(mine), before);
     const ours = join(dir, "ours");
     await upcycle({ seeds: [base, code], output: ours });
@@ -111,8 +123,11 @@ test("a previous folder moved aside by a run killed between the two renames is n
     await writeFile(join(aside, "marker.txt"), "the previous model\n");
     const kept = await snapshot(aside);
     for (const force of [false, true]) {
-      await assert.rejects(upcycle({ seeds: [base, code], output: out, force }), (error: unknown) =>
-        isBamError(error, "OUTPUT_EXISTS") && error.message.includes(aside) && /keep it/.test(error.message));
+      await assert.rejects(
+        upcycle({ seeds: [base, code], output: out, force }),
+        (error: unknown) =>
+          isBamError(error, "OUTPUT_EXISTS") && error.message.includes(aside) && /keep it/.test(error.message),
+      );
       assert.deepEqual(await snapshot(aside), kept);
     }
     const run = await runCli(["upcycle", base, code, "-o", out, "--force"]);
@@ -126,27 +141,40 @@ test("a folder created at the target during the run makes the run fail; it is ke
     const { base, code } = await workFolder(dir);
     const out = join(dir, "t");
     let made = false;
-    const run = upcycle({ seeds: [base, code], output: out }, {
-      onProgress: () => {
-        if (made) return;
-        made = true;
-        execFileSync("sh", ["-c", `mkdir "${out}" && echo mine > "${out}/mine.txt"`]);
+    const run = upcycle(
+      { seeds: [base, code], output: out },
+      {
+        onProgress: () => {
+          if (made) return;
+          made = true;
+          execFileSync("sh", ["-c", `mkdir "${out}" && echo mine > "${out}/mine.txt"`]);
+        },
       },
-    });
-    await assert.rejects(run, (error: unknown) => isBamError(error, "OUTPUT_EXISTS") && /appeared/.test(error.message) && !error.message.includes(".bam-tmp-"));
+    );
+    await assert.rejects(
+      run,
+      (error: unknown) =>
+        isBamError(error, "OUTPUT_EXISTS") && /appeared/.test(error.message) && !error.message.includes(".bam-tmp-"),
+    );
     assert.deepEqual(await readdir(out), ["mine.txt"]);
     assert.equal(await readFile(join(out, "mine.txt"), "utf8"), "mine\n");
     assert.deepEqual((await readdir(dir)).sort(), ["t", "work"], "no temporary folder or lock left");
     // The same with --force: a folder that was not there at the start is not ours to replace.
     made = false;
     const forced = join(dir, "f");
-    await assert.rejects(upcycle({ seeds: [base, code], output: forced, force: true }, {
-      onProgress: () => {
-        if (made) return;
-        made = true;
-        execFileSync("sh", ["-c", `mkdir "${forced}" && echo mine > "${forced}/mine.txt"`]);
-      },
-    }), (error: unknown) => isBamError(error, "OUTPUT_EXISTS"));
+    await assert.rejects(
+      upcycle(
+        { seeds: [base, code], output: forced, force: true },
+        {
+          onProgress: () => {
+            if (made) return;
+            made = true;
+            execFileSync("sh", ["-c", `mkdir "${forced}" && echo mine > "${forced}/mine.txt"`]);
+          },
+        },
+      ),
+      (error: unknown) => isBamError(error, "OUTPUT_EXISTS"),
+    );
     assert.deepEqual(await readdir(forced), ["mine.txt"]);
   }));
 
@@ -161,7 +189,10 @@ test("an upcycle() to an output another run in this process is writing is refuse
     const inFlight = await openAtomicFolder(out, { force: true, inputs: [base, code] });
     let outcome: unknown;
     try {
-      outcome = await upcycle({ seeds: [base, code], output: out, attention: "merged", force: true }).then(() => "succeeded", (error: unknown) => error);
+      outcome = await upcycle({ seeds: [base, code], output: out, attention: "merged", force: true }).then(
+        () => "succeeded",
+        (error: unknown) => error,
+      );
     } finally {
       await inFlight.discard();
     }
@@ -179,12 +210,15 @@ test("an upcycle() to an output another run in this process is writing is refuse
 test("two CLI runs to one -o at once: never both successful", { timeout: 60_000 }, () =>
   withTempDir(async (dir) => {
     const seed = await writeSeed(join(dir, "seed"), { ...TINY, vocab: 4000, hidden: 256, intermediate: 512 });
-    const runs = await Promise.all([1, 2].map(() => runCli(["upcycle", seed, "--experts", "4", "-o", "out"], { cwd: dir })));
+    const runs = await Promise.all(
+      [1, 2].map(() => runCli(["upcycle", seed, "--experts", "4", "-o", "out"], { cwd: dir })),
+    );
     assert.deepEqual(runs.map((r) => r.code).sort(), [0, 1], runs.map((r) => r.stderr).join(""));
     const loser = runs.find((r) => r.code === 1)!;
     assertClean(loser.stderr, /^bam: out: (another bam run is writing|output folder exists)/);
     assert.deepEqual((await readdir(dir)).sort(), ["out", "seed"]);
-  }));
+  }),
+);
 
 test("leftover temporary folders of dead processes are reclaimed by a run to any target in the folder; live ones are kept", () =>
   withTempDir(async (dir) => {
@@ -200,8 +234,14 @@ test("leftover temporary folders of dead processes are reclaimed by a run to any
 
 test("-o / and a mount point are refused before any work", async () => {
   const seed = fixture("llama", "base");
-  await assert.rejects(upcycle({ seeds: [seed], experts: 2, output: "/", force: true }), (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /root folder/.test(error.message));
-  await assert.rejects(upcycle({ seeds: [seed], experts: 2, output: "/proc", force: true }), (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /mount point/.test(error.message));
+  await assert.rejects(
+    upcycle({ seeds: [seed], experts: 2, output: "/", force: true }),
+    (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /root folder/.test(error.message),
+  );
+  await assert.rejects(
+    upcycle({ seeds: [seed], experts: 2, output: "/proc", force: true }),
+    (error: unknown) => isBamError(error, "OUTPUT_UNSAFE") && /mount point/.test(error.message),
+  );
   const run = await runCli(["upcycle", seed, "--experts", "2", "-o", "/", "--force"]);
   assert.equal(run.code, 1);
   assertClean(run.stderr, /^bam: \/: is the root folder/);
@@ -211,37 +251,54 @@ test("a failed run removes the parent folders it created for -o", () =>
   withTempDir(async (dir) => {
     const { base } = await workFolder(dir);
     const controller = new AbortController();
-    await assert.rejects(upcycle({ seeds: [base], experts: 2, output: join(dir, "a", "b", "out") }, { signal: controller.signal, onProgress: () => controller.abort() }),
-      (error: unknown) => isBamError(error, "ABORTED"));
+    await assert.rejects(
+      upcycle(
+        { seeds: [base], experts: 2, output: join(dir, "a", "b", "out") },
+        { signal: controller.signal, onProgress: () => controller.abort() },
+      ),
+      (error: unknown) => isBamError(error, "ABORTED"),
+    );
     assert.deepEqual(await readdir(dir), ["work"]);
     // A parent that existed stays.
     await mkdir(join(dir, "kept"));
     const again = new AbortController();
-    await assert.rejects(upcycle({ seeds: [base], experts: 2, output: join(dir, "kept", "new", "out") }, { signal: again.signal, onProgress: () => again.abort() }));
+    await assert.rejects(
+      upcycle(
+        { seeds: [base], experts: 2, output: join(dir, "kept", "new", "out") },
+        { signal: again.signal, onProgress: () => again.abort() },
+      ),
+    );
     assert.deepEqual((await readdir(dir)).sort(), ["kept", "work"]);
     assert.deepEqual(await readdir(join(dir, "kept")), []);
   }));
 
-test("eval --save-logits refuses the model's own files always, and any existing file without --force", { timeout: 60_000 }, () =>
-  withTempDir(async (dir) => {
-    const { base } = await workFolder(dir);
-    const ids = join(dir, "ids.safetensors");
-    await cp(join(fixture("llama", "base"), "..", "reference.safetensors"), ids); // holds input_ids
-    const existing = join(dir, "logits.safetensors");
-    await writeFile(existing, "the user's file");
-    const before = await snapshot(dir);
-    const cases: Array<[string[], RegExp]> = [
-      [["eval", base, "--ids", ids, "--save-logits", join(base, "model.safetensors"), "--force"], /lies inside the input/],
-      [["eval", base, "--ids", ids, "--save-logits", ids, "--force"], /is the input/],
-      [["eval", base, "--ids", ids, "--save-logits", existing], /exists; choose another file or pass --force/],
-    ];
-    for (const [args, message] of cases) {
-      const run = await runCli(args);
-      assert.equal(run.code, 1, run.stderr);
-      assertClean(run.stderr, message);
-    }
-    assert.deepEqual(await snapshot(dir), before);
-  }));
+test(
+  "eval --save-logits refuses the model's own files always, and any existing file without --force",
+  { timeout: 60_000 },
+  () =>
+    withTempDir(async (dir) => {
+      const { base } = await workFolder(dir);
+      const ids = join(dir, "ids.safetensors");
+      await cp(join(fixture("llama", "base"), "..", "reference.safetensors"), ids); // holds input_ids
+      const existing = join(dir, "logits.safetensors");
+      await writeFile(existing, "the user's file");
+      const before = await snapshot(dir);
+      const cases: Array<[string[], RegExp]> = [
+        [
+          ["eval", base, "--ids", ids, "--save-logits", join(base, "model.safetensors"), "--force"],
+          /lies inside the input/,
+        ],
+        [["eval", base, "--ids", ids, "--save-logits", ids, "--force"], /is the input/],
+        [["eval", base, "--ids", ids, "--save-logits", existing], /exists; choose another file or pass --force/],
+      ];
+      for (const [args, message] of cases) {
+        const run = await runCli(args);
+        assert.equal(run.code, 1, run.stderr);
+        assertClean(run.stderr, message);
+      }
+      assert.deepEqual(await snapshot(dir), before);
+    }),
+);
 
 test("disk full while copying the side files names the output, not the seed's file", { timeout: 60_000 }, async (t) => {
   if (process.platform !== "linux" || process.getuid?.() !== 0) return t.skip("needs a tmpfs mount");
@@ -260,8 +317,13 @@ test("disk full while copying the side files names the output, not the seed's fi
     }
     try {
       const output = join(disk, "out");
-      await assert.rejects(upcycle({ seeds: [seed], experts: 2, output }), (error: unknown) =>
-        isBamError(error, "DISK_FULL") && error.message.startsWith(join(output, "tokenizer_config.json")) && !error.message.includes(seed));
+      await assert.rejects(
+        upcycle({ seeds: [seed], experts: 2, output }),
+        (error: unknown) =>
+          isBamError(error, "DISK_FULL") &&
+          error.message.startsWith(join(output, "tokenizer_config.json")) &&
+          !error.message.includes(seed),
+      );
       assert.deepEqual(await readdir(disk), []);
     } finally {
       execFileSync("umount", [disk]);
@@ -273,7 +335,10 @@ test("--dtype keep with an f32 and a bf16 seed writes f32 throughout, as config.
   withTempDir(async (dir) => {
     const f32 = await writeSeed(join(dir, "f32"), { ...TINY, dtype: "F32" });
     const bf16 = await writeSeed(join(dir, "bf16"), { ...TINY, dtype: "BF16", valueSeed: 2 });
-    for (const seeds of [[f32, bf16], [bf16, f32]]) {
+    for (const seeds of [
+      [f32, bf16],
+      [bf16, f32],
+    ]) {
       const out = join(dir, `out-${seeds.length}-${seeds[0] === f32 ? "a" : "b"}`);
       await upcycle({ seeds, output: out });
       const config = JSON.parse(await readFile(join(out, "config.json"), "utf8")) as Record<string, unknown>;
@@ -287,3 +352,28 @@ test("--dtype keep with an f32 and a bf16 seed writes f32 throughout, as config.
     }
   }));
 
+test("one file written atomically (eval --save-logits): a failed write keeps the old file, a file that appears meanwhile is kept", () =>
+  withTempDir(async (dir) => {
+    const file = join(dir, "logits.safetensors");
+    await writeFile(file, "old");
+    const failed = await writeFileAtomically(file, true, async (path) => {
+      await writeFile(path, "half");
+      throw new Error("disk full");
+    }).catch((error: unknown) => error);
+    assert.match(String(failed), /disk full/);
+    assert.equal(await readFile(file, "utf8"), "old", "the old file is whole");
+    const appeared = join(dir, "appeared.safetensors");
+    const refused = await writeFileAtomically(appeared, false, async (path) => {
+      await writeFile(path, "new");
+      await writeFile(appeared, "someone else's");
+    }).catch((error: unknown) => error);
+    assert.ok(isBamError(refused, "OUTPUT_EXISTS"), String(refused));
+    assert.equal(await readFile(appeared, "utf8"), "someone else's");
+    await writeFileAtomically(file, true, (path) => writeFile(path, "new"));
+    assert.equal(await readFile(file, "utf8"), "new");
+    assert.deepEqual(
+      (await readdir(dir)).sort(),
+      ["appeared.safetensors", "logits.safetensors"],
+      "no temporary file left",
+    );
+  }));

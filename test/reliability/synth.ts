@@ -55,7 +55,15 @@ function tensors(s: LlamaSeed): TensorToWrite[] {
   const dtype = s.dtype ?? "BF16";
   const state = { x: 0x9e3779b9 ^ ((s.valueSeed ?? 1) * 0x85ebca6b) };
   const tensor = (name: string, shape: number[]): TensorToWrite => ({
-    name, dtype, shape, data: () => values(shape.reduce((a, b) => a * b, 1), dtype, state),
+    name,
+    dtype,
+    shape,
+    data: () =>
+      values(
+        shape.reduce((a, b) => a * b, 1),
+        dtype,
+        state,
+      ),
   });
   const list = [tensor("model.embed_tokens.weight", [s.vocab, s.hidden])];
   for (let l = 0; l < s.layers; l++) {
@@ -79,12 +87,24 @@ function tensors(s: LlamaSeed): TensorToWrite[] {
 
 export function llamaConfig(s: LlamaSeed): Record<string, unknown> {
   return {
-    model_type: "llama", architectures: ["LlamaForCausalLM"], vocab_size: s.vocab, hidden_size: s.hidden,
-    intermediate_size: s.intermediate, num_hidden_layers: s.layers, num_attention_heads: s.heads,
-    num_key_value_heads: s.kvHeads, ...(s.headDim === undefined ? {} : { head_dim: s.headDim }),
-    max_position_embeddings: 4096, rms_norm_eps: s.rmsNormEps ?? 1e-5, hidden_act: "silu",
-    rope_theta: s.ropeTheta ?? 10000, rope_scaling: s.ropeScaling ?? null, tie_word_embeddings: s.tied ?? false,
-    bos_token_id: 0, eos_token_id: 0, dtype: (s.dtype ?? "BF16") === "BF16" ? "bfloat16" : "float32",
+    model_type: "llama",
+    architectures: ["LlamaForCausalLM"],
+    vocab_size: s.vocab,
+    hidden_size: s.hidden,
+    intermediate_size: s.intermediate,
+    num_hidden_layers: s.layers,
+    num_attention_heads: s.heads,
+    num_key_value_heads: s.kvHeads,
+    ...(s.headDim === undefined ? {} : { head_dim: s.headDim }),
+    max_position_embeddings: 4096,
+    rms_norm_eps: s.rmsNormEps ?? 1e-5,
+    hidden_act: "silu",
+    rope_theta: s.ropeTheta ?? 10000,
+    rope_scaling: s.ropeScaling ?? null,
+    tie_word_embeddings: s.tied ?? false,
+    bos_token_id: 0,
+    eos_token_id: 0,
+    dtype: (s.dtype ?? "BF16") === "BF16" ? "bfloat16" : "float32",
   };
 }
 
@@ -102,14 +122,17 @@ export async function writeSeed(dir: string, s: LlamaSeed): Promise<string> {
 export async function folderHashes(dir: string): Promise<Record<string, string>> {
   const hashes: Record<string, string> = {};
   for (const file of (await readdir(dir)).sort()) {
-    hashes[file] = createHash("sha256").update(await readFile(join(dir, file))).digest("hex");
+    hashes[file] = createHash("sha256")
+      .update(await readFile(join(dir, file)))
+      .digest("hex");
   }
   return hashes;
 }
 
 export async function folderBytes(dir: string): Promise<number> {
   let total = 0;
-  for (const entry of await readdir(dir).catch(() => [] as string[])) total += (await stat(join(dir, entry)).catch(() => ({ size: 0 }))).size;
+  for (const entry of await readdir(dir).catch(() => [] as string[]))
+    total += (await stat(join(dir, entry)).catch(() => ({ size: 0 }))).size;
   return total;
 }
 
@@ -129,15 +152,28 @@ export interface CliRun {
 /** Runs the CLI; `during` gets the child while it runs (to kill it). */
 export function runCli(
   args: string[],
-  options: { during?: (child: ReturnType<typeof spawn>) => void; env?: Record<string, string>; nodeArgs?: string[]; cwd?: string } = {},
+  options: {
+    during?: (child: ReturnType<typeof spawn>) => void;
+    env?: Record<string, string>;
+    nodeArgs?: string[];
+    cwd?: string;
+  } = {},
 ): Promise<CliRun> {
   const child = spawn(process.execPath, [...(options.nodeArgs ?? []), CLI, ...args], {
-    stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, ...options.env }, cwd: options.cwd,
+    stdio: ["ignore", "pipe", "pipe"],
+    env: { ...process.env, ...options.env },
+    cwd: options.cwd,
   });
   let stdout = "";
   let stderr = "";
-  child.stdout!.setEncoding("utf8").on("data", (t: string) => { stdout += t; });
-  child.stderr!.setEncoding("utf8").on("data", (t: string) => { stderr += t; });
+  child.stdout!.setEncoding("utf8").on("data", (t: string) => {
+    stdout += t;
+  });
+  child.stderr!.setEncoding("utf8").on("data", (t: string) => {
+    stderr += t;
+  });
   options.during?.(child);
-  return new Promise((done) => child.on("close", (code, signal) => done({ code, signal, stdout, stderr, pid: child.pid! })));
+  return new Promise((done) =>
+    child.on("close", (code, signal) => done({ code, signal, stdout, stderr, pid: child.pid! })),
+  );
 }

@@ -10,7 +10,9 @@ import { type TensorToWrite, writeSafetensors, writeShardedSafetensors } from ".
 
 let root: string;
 let folderCount = 0;
-before(async () => { root = await mkdtemp(join(tmpdir(), "bam-st-checkpoint-")); });
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "bam-st-checkpoint-"));
+});
 after(() => rm(root, { recursive: true, force: true }));
 
 async function newFolder(): Promise<string> {
@@ -22,7 +24,10 @@ async function newFolder(): Promise<string> {
 /** `count` U8 tensors of 100 bytes each, filled with their index. */
 function tensors(count: number, prefix = "w"): TensorToWrite[] {
   return Array.from({ length: count }, (_, i) => ({
-    name: `${prefix}${i}`, dtype: "U8", shape: [10, 10], data: () => new Uint8Array(100).fill(i),
+    name: `${prefix}${i}`,
+    dtype: "U8",
+    shape: [10, 10],
+    data: () => new Uint8Array(100).fill(i),
   }));
 }
 
@@ -60,11 +65,20 @@ const openFds = () => (existsSync("/proc/self/fd") ? readdirSync("/proc/self/fd"
 
 test("sharded write, then read back through the index", async () => {
   const dir = await newFolder();
-  const { files, totalSize } = await writeShardedSafetensors(dir, tensors(5), { maxShardBytes: 200, metadata: { format: "pt" } });
-  assert.deepEqual(files.map((f) => f.slice(dir.length + 1)), [SHARD1, "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]);
+  const { files, totalSize } = await writeShardedSafetensors(dir, tensors(5), {
+    maxShardBytes: 200,
+    metadata: { format: "pt" },
+  });
+  assert.deepEqual(
+    files.map((f) => f.slice(dir.length + 1)),
+    [SHARD1, "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"],
+  );
   assert.equal(totalSize, 500);
   const indexText = await readFile(join(dir, INDEX), "utf8");
-  assert.match(indexText, /^\{\n {2}"metadata": \{\n {4}"total_size": 500\n {2}\},\n {2}"weight_map": \{\n {4}"w0": "model-00001-of-00003.safetensors",/);
+  assert.match(
+    indexText,
+    /^\{\n {2}"metadata": \{\n {4}"total_size": 500\n {2}\},\n {2}"weight_map": \{\n {4}"w0": "model-00001-of-00003.safetensors",/,
+  );
   assert.deepEqual(Object.keys(JSON.parse(indexText).weight_map), ["w0", "w1", "w2", "w3", "w4"]);
   const checkpoint = await CheckpointFiles.open(dir);
   try {
@@ -75,7 +89,10 @@ test("sharded write, then read back through the index", async () => {
     assert.equal(checkpoint.tensors.get("w4")!.file, files[2]);
     assert.deepEqual(await checkpoint.read("w3"), new Uint8Array(100).fill(3));
     assert.deepEqual(await checkpoint.readBytes("w1", 98, 2), Uint8Array.of(1, 1));
-    await assert.rejects(checkpoint.read("nope"), (error: unknown) => isBamError(error, "TENSOR_NOT_FOUND") && error.message.includes(dir));
+    await assert.rejects(
+      checkpoint.read("nope"),
+      (error: unknown) => isBamError(error, "TENSOR_NOT_FOUND") && error.message.includes(dir),
+    );
   } finally {
     await checkpoint.close();
   }
@@ -86,8 +103,10 @@ test("index keys are sorted by name, not by write order", async () => {
   await writeShardedSafetensors(dir, [...tensors(2, "z"), ...tensors(2, "a")], { maxShardBytes: 100 });
   const index = JSON.parse(await readFile(join(dir, INDEX), "utf8")) as { weight_map: Record<string, string> };
   assert.deepEqual(Object.entries(index.weight_map), [
-    ["a0", "model-00003-of-00004.safetensors"], ["a1", "model-00004-of-00004.safetensors"],
-    ["z0", "model-00001-of-00004.safetensors"], ["z1", "model-00002-of-00004.safetensors"],
+    ["a0", "model-00003-of-00004.safetensors"],
+    ["a1", "model-00004-of-00004.safetensors"],
+    ["z0", "model-00001-of-00004.safetensors"],
+    ["z1", "model-00002-of-00004.safetensors"],
   ]);
 });
 
@@ -125,15 +144,28 @@ test("no weights, ambiguous weights and pickle-only folders are refused", async 
   for (const pickle of ["pytorch_model.bin", "model.pt", "weights.pth", "last.ckpt"]) {
     const dir = await newFolder();
     await writeFile(join(dir, pickle), "not really a pickle");
-    await assertOpenFails(dir, "PICKLE_REFUSED", dir, pickle, "execute code", "save_pretrained(dir, safe_serialization=True)");
+    await assertOpenFails(
+      dir,
+      "PICKLE_REFUSED",
+      dir,
+      pickle,
+      "execute code",
+      "save_pretrained(dir, safe_serialization=True)",
+    );
   }
   await assertOpenFails(join(root, "missing"), "IO_ERROR", "missing");
 });
 
 test("malformed index files are INDEX_INVALID", async () => {
   const bodies = [
-    "{", "[]", "{}", '{"weight_map": []}', '{"weight_map": {}}', '{"weight_map": {"w0": 3}}',
-    `{"metadata": 5, "weight_map": {"w0": "${SHARD1}"}}`, `{"weight_map": {"w0": "${SHARD1}", "w0": "${SHARD1}"}}`,
+    "{",
+    "[]",
+    "{}",
+    '{"weight_map": []}',
+    '{"weight_map": {}}',
+    '{"weight_map": {"w0": 3}}',
+    `{"metadata": 5, "weight_map": {"w0": "${SHARD1}"}}`,
+    `{"weight_map": {"w0": "${SHARD1}", "w0": "${SHARD1}"}}`,
   ];
   for (const body of bodies) {
     const dir = await shardedFolder();
@@ -144,9 +176,24 @@ test("malformed index files are INDEX_INVALID", async () => {
 
 test("index and shards must agree", async () => {
   const cases: [(index: { weight_map: Record<string, string> }) => void, string][] = [
-    [(index) => { index.weight_map.ghost = SHARD1; }, '"ghost"'], // listed, not stored
-    [(index) => { delete index.weight_map.w3; }, '"w3"'], // stored, not listed
-    [(index) => { index.weight_map.w4 = SHARD1; }, '"w4"'], // listed in the wrong shard
+    [
+      (index) => {
+        index.weight_map.ghost = SHARD1;
+      },
+      '"ghost"',
+    ], // listed, not stored
+    [
+      (index) => {
+        delete index.weight_map.w3;
+      },
+      '"w3"',
+    ], // stored, not listed
+    [
+      (index) => {
+        index.weight_map.w4 = SHARD1;
+      },
+      '"w4"',
+    ], // listed in the wrong shard
   ];
   for (const [edit, mention] of cases) {
     const dir = await shardedFolder();
@@ -155,7 +202,9 @@ test("index and shards must agree", async () => {
   }
   const twice = await shardedFolder();
   await writeSafetensors(join(twice, "extra.safetensors"), tensors(1));
-  await editIndex(twice, (index) => { index.weight_map.extra = "extra.safetensors"; });
+  await editIndex(twice, (index) => {
+    index.weight_map.extra = "extra.safetensors";
+  });
   await assertOpenFails(twice, "INDEX_INVALID", '"w0"', "stored in both", "extra.safetensors", SHARD1);
 });
 
@@ -172,7 +221,13 @@ test("shard paths may not leave the folder", async () => {
     ["parent", async () => "../outside.safetensors"],
     ["hidden parent", async () => "sub/../../outside.safetensors"],
     ["absolute", async () => outside],
-    ["symlink", async (dir) => { await symlink(outside, join(dir, "link.safetensors")); return "link.safetensors"; }],
+    [
+      "symlink",
+      async (dir) => {
+        await symlink(outside, join(dir, "link.safetensors"));
+        return "link.safetensors";
+      },
+    ],
   ];
   for (const [label, shardFor] of escapes) {
     const dir = await newFolder();
@@ -196,14 +251,18 @@ test("symlinks inside the folder, and into a Hugging Face cache's blobs, are fin
   await checkpoint.close();
 });
 
-test("every file handle is closed after close() and after a failed open", { skip: !existsSync("/proc/self/fd") && "needs /proc" }, async () => {
+test("every file handle is closed after close() and after a failed open", {
+  skip: !existsSync("/proc/self/fd") && "needs /proc",
+}, async () => {
   const fdsBefore = openFds();
   const dir = await shardedFolder();
   const checkpoint = await CheckpointFiles.open(dir);
   assert.equal(openFds(), fdsBefore + 3);
   await checkpoint.close();
   assert.equal(openFds(), fdsBefore);
-  await editIndex(dir, (index) => { delete index.weight_map.w3; });
+  await editIndex(dir, (index) => {
+    delete index.weight_map.w3;
+  });
   await assertOpenFails(dir, "INDEX_INVALID");
   await writeFile(join(dir, "model-00003-of-00003.safetensors"), "short");
   await assertOpenFails(dir, "HEADER_INVALID");

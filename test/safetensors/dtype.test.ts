@@ -3,7 +3,14 @@ import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
 import { BamError } from "../../src/errors.js";
 import {
-  concat, convertFloats, DTYPE_SIZE, type FloatDType, fromFloat32, isDType, isFloatDType, toFloat32,
+  concat,
+  convertFloats,
+  DTYPE_SIZE,
+  type FloatDType,
+  fromFloat32,
+  isDType,
+  isFloatDType,
+  toFloat32,
 } from "../../src/safetensors/dtype.js";
 import { SafetensorsReader } from "../../src/safetensors/reader.js";
 
@@ -57,7 +64,7 @@ test("F16 decodes every pattern to its IEEE value", () => {
 
 test("BF16 decodes every pattern to the upper half of an F32", () => {
   const bits = new Uint32Array(toFloat32(halvesToBytes(allHalfPatterns()), "BF16").buffer);
-  bits.forEach((word, half) => assert.equal(word, half * 0x10000));
+  for (const [half, word] of bits.entries()) assert.equal(word, half * 0x10000);
 });
 
 for (const dtype of ["F16", "BF16"] as const) {
@@ -79,27 +86,45 @@ for (const dtype of ["F16", "BF16"] as const) {
         const low = values[half]!;
         // Past the largest finite value, the next step is where Inf would sit with an unbounded exponent.
         const high = half === maxFinite ? 2 * low - values[half - 1]! : values[half + 1]!;
-        const tie = f32Bits((low + high) / 2) | sign << 16;
+        const tie = f32Bits((low + high) / 2) | (sign << 16);
         probes.push(tie, tie - 1, tie + 1);
         expected.push((half % 2 === 0 ? half : half + 1) | sign, half | sign, (half + 1) | sign);
       }
     }
     const actual = bytesToHalves(fromFloat32(new Float32Array(Uint32Array.from(probes).buffer), dtype));
     const wrong = expected.findIndex((bits, i) => actual[i] !== bits);
-    assert.equal(wrong, -1, `F32 ${probes[wrong]?.toString(16)} gave ${actual[wrong]?.toString(16)}, expected ${expected[wrong]?.toString(16)}`);
+    assert.equal(
+      wrong,
+      -1,
+      `F32 ${probes[wrong]?.toString(16)} gave ${actual[wrong]?.toString(16)}, expected ${expected[wrong]?.toString(16)}`,
+    );
   });
 }
 
 test("rounding examples: ties, overflow, subnormals, signed zero", () => {
   const cases: [number, HalfDType, number][] = [
-    [1 + 2 ** -11, "F16", 0x3c00], [1 + 3 * 2 ** -11, "F16", 0x3c02],
-    [1 + 2 ** -8, "BF16", 0x3f80], [1 + 3 * 2 ** -8, "BF16", 0x3f82],
-    [65504, "F16", 0x7bff], [65519.99, "F16", 0x7bff], [65520, "F16", 0x7c00], [1e6, "F16", 0x7c00], [-1e6, "F16", 0xfc00],
-    [3.4028234663852886e38, "BF16", 0x7f80], [-Infinity, "BF16", 0xff80], [Infinity, "F16", 0x7c00],
-    [2 ** -24, "F16", 0x0001], [2 ** -25, "F16", 0x0000], [3 * 2 ** -25, "F16", 0x0002], [1023.5 * 2 ** -24, "F16", 0x0400],
-    [2 ** -133, "BF16", 0x0001], [-0, "F16", 0x8000], [-0, "BF16", 0x8000],
+    [1 + 2 ** -11, "F16", 0x3c00],
+    [1 + 3 * 2 ** -11, "F16", 0x3c02],
+    [1 + 2 ** -8, "BF16", 0x3f80],
+    [1 + 3 * 2 ** -8, "BF16", 0x3f82],
+    [65504, "F16", 0x7bff],
+    [65519.99, "F16", 0x7bff],
+    [65520, "F16", 0x7c00],
+    [1e6, "F16", 0x7c00],
+    [-1e6, "F16", 0xfc00],
+    [3.4028234663852886e38, "BF16", 0x7f80],
+    [-Infinity, "BF16", 0xff80],
+    [Infinity, "F16", 0x7c00],
+    [2 ** -24, "F16", 0x0001],
+    [2 ** -25, "F16", 0x0000],
+    [3 * 2 ** -25, "F16", 0x0002],
+    [1023.5 * 2 ** -24, "F16", 0x0400],
+    [2 ** -133, "BF16", 0x0001],
+    [-0, "F16", 0x8000],
+    [-0, "BF16", 0x8000],
   ];
-  for (const [value, dtype, expected] of cases) assert.equal(encode(f32Bits(value), dtype), expected, `${value} -> ${dtype}`);
+  for (const [value, dtype, expected] of cases)
+    assert.equal(encode(f32Bits(value), dtype), expected, `${value} -> ${dtype}`);
 });
 
 test("NaNs stay NaN and become quiet; a signalling NaN never turns into Inf", () => {
@@ -117,16 +142,28 @@ test("convertFloats: same dtype is a no-op, others go through F32", () => {
   const bytes = halvesToBytes(Uint16Array.of(0x3c00, 0x7e01));
   assert.equal(convertFloats(bytes, "F16", "F16"), bytes);
   // BF16 70000 overflows F16; BF16 2^-30 underflows to zero; F16 subnormal is exact in BF16.
-  assert.deepEqual([...bytesToHalves(convertFloats(halvesToBytes(Uint16Array.of(0x4789, 0x3080)), "BF16", "F16"))], [0x7c00, 0x0000]);
-  assert.deepEqual(toFloat32(convertFloats(halvesToBytes(Uint16Array.of(0x0200)), "F16", "BF16"), "BF16"), Float32Array.of(2 ** -15));
-  assert.deepEqual(convertFloats(fromFloat32(Float32Array.of(1.5, -2), "F32"), "F32", "BF16"), halvesToBytes(Uint16Array.of(0x3fc0, 0xc000)));
+  assert.deepEqual(
+    [...bytesToHalves(convertFloats(halvesToBytes(Uint16Array.of(0x4789, 0x3080)), "BF16", "F16"))],
+    [0x7c00, 0x0000],
+  );
+  assert.deepEqual(
+    toFloat32(convertFloats(halvesToBytes(Uint16Array.of(0x0200)), "F16", "BF16"), "BF16"),
+    Float32Array.of(2 ** -15),
+  );
+  assert.deepEqual(
+    convertFloats(fromFloat32(Float32Array.of(1.5, -2), "F32"), "F32", "BF16"),
+    halvesToBytes(Uint16Array.of(0x3fc0, 0xc000)),
+  );
 });
 
 test("unaligned input is read correctly; a partial element is TENSOR_INVALID", () => {
   const padded = new Uint8Array([0xff, 0x00, 0x3c, 0x00, 0xc0]);
   assert.deepEqual([...toFloat32(padded.subarray(1), "F16")], [1, -2]);
   assert.deepEqual([...toFloat32(new Uint8Array([0, 0, 0, 0, 0x80, 0x3f]).subarray(2), "F32")], [1]);
-  assert.throws(() => toFloat32(new Uint8Array(3), "BF16"), (error) => error instanceof BamError && error.code === "TENSOR_INVALID");
+  assert.throws(
+    () => toFloat32(new Uint8Array(3), "BF16"),
+    (error) => error instanceof BamError && error.code === "TENSOR_INVALID",
+  );
 });
 
 test("F32 bits survive toFloat32 and fromFloat32 untouched, NaN payloads included", () => {
@@ -143,16 +180,23 @@ test("conversions match torch bit for bit", async (t) => {
   const reader = await SafetensorsReader.open(FIXTURE);
   try {
     const pairs: [string, FloatDType, string, FloatDType][] = [
-      ["f32", "F32", "f32_to_bf16", "BF16"], ["f32", "F32", "f32_to_f16", "F16"],
-      ["bf16", "BF16", "bf16_to_f16", "F16"], ["f16", "F16", "f16_to_bf16", "BF16"],
-      ["bf16", "BF16", "bf16_to_f32", "F32"], ["f16", "F16", "f16_to_f32", "F32"],
+      ["f32", "F32", "f32_to_bf16", "BF16"],
+      ["f32", "F32", "f32_to_f16", "F16"],
+      ["bf16", "BF16", "bf16_to_f16", "F16"],
+      ["f16", "F16", "f16_to_bf16", "BF16"],
+      ["bf16", "BF16", "bf16_to_f32", "F32"],
+      ["f16", "F16", "f16_to_f32", "F32"],
     ];
     for (const [source, from, target, to] of pairs) {
       const actual = patterns(convertFloats(await reader.read(source), from, to), to);
       const expected = patterns(await reader.read(target), to);
       assert.equal(actual.length, expected.length, target);
       actual.forEach((bits, i) => {
-        if (bits !== expected[i]) assert.ok(isNaNPattern(bits, to) && isNaNPattern(expected[i]!, to), `${target}[${i}]: ${bits} != ${expected[i]}`);
+        if (bits !== expected[i])
+          assert.ok(
+            isNaNPattern(bits, to) && isNaNPattern(expected[i]!, to),
+            `${target}[${i}]: ${bits} != ${expected[i]}`,
+          );
       });
     }
   } finally {
@@ -173,5 +217,8 @@ test("concat: parts in order, as floats or as plain bytes (Buffers too)", () => 
   const parts = [Buffer.from([1, 2]), new Uint8Array([3]), Buffer.from([4, 5]).subarray(1)];
   const bytes = concat(parts);
   assert.equal(Object.getPrototypeOf(bytes), Uint8Array.prototype);
-  assert.deepEqual([...bytes], parts.flatMap((part) => [...part]));
+  assert.deepEqual(
+    [...bytes],
+    parts.flatMap((part) => [...part]),
+  );
 });

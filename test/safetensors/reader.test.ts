@@ -9,7 +9,9 @@ import { SafetensorsReader } from "../../src/safetensors/reader.js";
 
 let dir: string;
 let fileCount = 0;
-before(async () => { dir = await mkdtemp(join(tmpdir(), "bam-st-reader-")); });
+before(async () => {
+  dir = await mkdtemp(join(tmpdir(), "bam-st-reader-"));
+});
 after(() => rm(dir, { recursive: true, force: true }));
 
 /** A safetensors file from raw parts: the length prefix is the header's own unless `claimedLength` lies. */
@@ -36,7 +38,8 @@ async function assertOpenFails(bytes: Uint8Array, code: ErrorCode, tensor?: stri
     assert.ok(isBamError(error), String(error));
     assert.equal(error.code, code, error.message);
     assert.ok(error.message.includes(path), `message names the file: ${error.message}`);
-    if (tensor !== undefined) assert.ok(error.message.includes(`"${tensor}"`), `message names the tensor: ${error.message}`);
+    if (tensor !== undefined)
+      assert.ok(error.message.includes(`"${tensor}"`), `message names the tensor: ${error.message}`);
     assert.ok(!error.message.includes("\n"), "one line");
     return true;
   });
@@ -65,7 +68,14 @@ test("reads tensors, metadata and offsets of a valid file", async () => {
     assert.deepEqual(reader.metadata, { format: "pt" });
     assert.deepEqual([...reader.tensors.keys()], ["0", "empty", "z"], "data-offset order");
     const z = reader.tensors.get("z")!;
-    assert.deepEqual(z, { name: "z", dtype: "U8", shape: [2], byteOffset: 8 + reader.headerLength + 12, byteLength: 2, file: path });
+    assert.deepEqual(z, {
+      name: "z",
+      dtype: "U8",
+      shape: [2],
+      byteOffset: 8 + reader.headerLength + 12,
+      byteLength: 2,
+      file: path,
+    });
     assert.ok(Object.isFrozen(z) && Object.isFrozen(z.shape));
     const whole = await reader.read("0");
     assert.deepEqual(whole, data.subarray(0, 12));
@@ -81,7 +91,11 @@ test("reads tensors, metadata and offsets of a valid file", async () => {
 
 test("accepts scalars, zero-size tensors anywhere, an empty header and metadata alone", async () => {
   const cases: [string, number, string[]][] = [
-    [json({ s: entry("F32", [], [0, 4]), e1: entry("I8", [0], [0, 0]), e2: entry("I8", [3, 0], [4, 4]) }), 4, ["e1", "s", "e2"]],
+    [
+      json({ s: entry("F32", [], [0, 4]), e1: entry("I8", [0], [0, 0]), e2: entry("I8", [3, 0], [4, 4]) }),
+      4,
+      ["e1", "s", "e2"],
+    ],
     ["{}", 0, []],
     ["{}        ", 0, []],
     [json({ __metadata__: {} }), 0, []],
@@ -99,7 +113,13 @@ test("read errors: unknown tensor, range outside the tensor, file truncated afte
   const fails = (code: ErrorCode, tensor: string) => (error: unknown) =>
     isBamError(error, code) && error.message.includes(path) && error.message.includes(`"${tensor}"`);
   await assert.rejects(reader.read("nope"), fails("TENSOR_NOT_FOUND", "nope"));
-  for (const [start, length] of [[0, 9], [8, 1], [-1, 2], [0.5, 1], [0, -1]] as const) {
+  for (const [start, length] of [
+    [0, 9],
+    [8, 1],
+    [-1, 2],
+    [0.5, 1],
+    [0, -1],
+  ] as const) {
     await assert.rejects(reader.readBytes("a", start, length), fails("INVALID_OFFSET", "a"), `${start}+${length}`);
   }
   await truncate(path, 8 + VALID.length + 9);
@@ -120,7 +140,12 @@ test("header length prefix: too short, too large, past the end", async () => {
 test("header JSON: not JSON, not an object, not UTF-8, duplicate keys", async () => {
   const tensorA = json(entry("F32", [2], [0, 8]));
   const cases = [
-    "{", "[]", '"x"', "null", "", "{} x",
+    "{",
+    "[]",
+    '"x"',
+    "null",
+    "",
+    "{} x",
     `{"a":${tensorA},"a":${tensorA}}`,
     `{"a":${tensorA},"\\u0061":${tensorA}}`,
     '{"a":{"dtype":"F32","dtype":"I8","shape":[2],"data_offsets":[0,8]}}',
@@ -177,8 +202,15 @@ test("a file truncated at any point fails: in the header as HEADER_INVALID, in t
   const whole = fileBytes(VALID, 11);
   const dataStart = 8 + VALID.length;
   const cuts: [number, ErrorCode, string?][] = [
-    [0, "HEADER_INVALID"], [5, "HEADER_INVALID"], [8, "HEADER_INVALID"], [8 + 10, "HEADER_INVALID"], [dataStart - 1, "HEADER_INVALID"],
-    [dataStart, "DATA_INCOMPLETE", "a"], [dataStart + 5, "DATA_INCOMPLETE", "a"], [dataStart + 9, "DATA_INCOMPLETE", "b"], [whole.length - 1, "DATA_INCOMPLETE", "b"],
+    [0, "HEADER_INVALID"],
+    [5, "HEADER_INVALID"],
+    [8, "HEADER_INVALID"],
+    [8 + 10, "HEADER_INVALID"],
+    [dataStart - 1, "HEADER_INVALID"],
+    [dataStart, "DATA_INCOMPLETE", "a"],
+    [dataStart + 5, "DATA_INCOMPLETE", "a"],
+    [dataStart + 9, "DATA_INCOMPLETE", "b"],
+    [whole.length - 1, "DATA_INCOMPLETE", "b"],
   ];
   for (const [length, code, tensor] of cuts) await assertOpenFails(whole.subarray(0, length), code, tensor);
 });
@@ -187,9 +219,21 @@ test("lying headers fail fast, allocating nothing like what they claim", async (
   const before = process.memoryUsage().arrayBuffers;
   const started = performance.now();
   await assertOpenFails(fileBytes("{}", 0, 99_999_999n), "HEADER_INVALID");
-  await assertOpenFails(fileBytes(json({ huge: entry("F32", [2 ** 20, 2 ** 20], [0, 2 ** 42]) }), 8), "DATA_INCOMPLETE", "huge");
-  await assertOpenFails(fileBytes(json({ huge: entry("F32", [2 ** 40, 2 ** 40, 2 ** 40], [0, 8]) }), 8), "TENSOR_INVALID", "huge");
-  await assertOpenFails(fileBytes(json({ huge: entry("F32", [2], [2 ** 52, 2 ** 52 + 8]) }), 8), "INVALID_OFFSET", "huge");
+  await assertOpenFails(
+    fileBytes(json({ huge: entry("F32", [2 ** 20, 2 ** 20], [0, 2 ** 42]) }), 8),
+    "DATA_INCOMPLETE",
+    "huge",
+  );
+  await assertOpenFails(
+    fileBytes(json({ huge: entry("F32", [2 ** 40, 2 ** 40, 2 ** 40], [0, 8]) }), 8),
+    "TENSOR_INVALID",
+    "huge",
+  );
+  await assertOpenFails(
+    fileBytes(json({ huge: entry("F32", [2], [2 ** 52, 2 ** 52 + 8]) }), 8),
+    "INVALID_OFFSET",
+    "huge",
+  );
   await assertOpenFails(fileBytes(json({ huge: entry("F32", [2], [0, 1e300]) }), 8), "TENSOR_INVALID", "huge");
   assert.ok(process.memoryUsage().arrayBuffers - before < 16 * 2 ** 20, "no large buffer allocated");
   assert.ok(performance.now() - started < 1000, "fails fast");

@@ -26,14 +26,18 @@ function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Arra
   const values = new Float32Array(count);
   for (let i = 0; i < count; i++) {
     x = (Math.imul(x, 1664525) + 1013904223) >>> 0;
-    values[i] = ((x / 2 ** 32) - 0.5) * 2 ** ((x % 40) - 20);
+    values[i] = (x / 2 ** 32 - 0.5) * 2 ** ((x % 40) - 20);
   }
   values[0] = NaN;
   values[1] = Infinity;
   values[2] = -0;
   const bytes = fromFloat32(values, dtype);
   // NaNs of both signs, quiet and signalling, with payloads, differing between sources.
-  const nans = { BF16: [0xffc1, 0x7f81, 0x7fc0 + seed % 8], F16: [0xfe01, 0x7c01, 0x7e00 + seed % 8], F32: [0xffc00001, 0x7f800001, 0x7fc00000 + seed] }[dtype];
+  const nans = {
+    BF16: [0xffc1, 0x7f81, 0x7fc0 + (seed % 8)],
+    F16: [0xfe01, 0x7c01, 0x7e00 + (seed % 8)],
+    F32: [0xffc00001, 0x7f800001, 0x7fc00000 + seed],
+  }[dtype];
   const view = new DataView(bytes.buffer);
   nans.forEach((bits, k) => {
     const at = (3 + k + (seed % 2)) * DTYPE_SIZE[dtype];
@@ -43,7 +47,11 @@ function randomValues(count: number, dtype: FloatDType, seed: number): Uint8Arra
   return bytes;
 }
 
-function reference(sources: { bytes: Uint8Array; dtype: FloatDType }[], weights: number[], dtype: FloatDType): Uint8Array {
+function reference(
+  sources: { bytes: Uint8Array; dtype: FloatDType }[],
+  weights: number[],
+  dtype: FloatDType,
+): Uint8Array {
   const decoded = sources.map((s) => toFloat32(s.bytes, s.dtype));
   const out = new Float32Array(decoded[0]!.length);
   for (let j = 0; j < out.length; j++) {
@@ -73,7 +81,9 @@ test("averages from a worker and inline equal the plain computation, for every d
       await pool.run({ sources, weights, out: inline, dtype: out });
       assert.deepEqual(inline, expected, `inline -> ${out}`);
       const target = shared(new Uint8Array(count * DTYPE_SIZE[out]));
-      const runs = [1, 2, 3].map(() => pool.run({ sources: sources.map((s) => ({ ...s, bytes: shared(s.bytes) })), weights, out: target, dtype: out }));
+      const runs = [1, 2, 3].map(() =>
+        pool.run({ sources: sources.map((s) => ({ ...s, bytes: shared(s.bytes) })), weights, out: target, dtype: out }),
+      );
       await Promise.all(runs);
       assert.deepEqual(new Uint8Array(target), expected, `worker -> ${out}`);
     }
@@ -87,7 +97,12 @@ test("averaging identical seeds gives the seed's values back", async () => {
   try {
     const seed = shared(randomValues(4096, "BF16", 3));
     const out = shared(new Uint8Array(seed.length));
-    await pool.run({ sources: [seed, seed, seed].map((bytes) => ({ bytes, dtype: "BF16" as const })), weights: [1 / 3, 1 / 3, 1 / 3], out, dtype: "BF16" });
+    await pool.run({
+      sources: [seed, seed, seed].map((bytes) => ({ bytes, dtype: "BF16" as const })),
+      weights: [1 / 3, 1 / 3, 1 / 3],
+      out,
+      dtype: "BF16",
+    });
     // The same values (NaN stays NaN; -0 becomes +0, as the sum starts from 0).
     const want = toFloat32(seed, "BF16");
     const got = toFloat32(new Uint8Array(out), "BF16");
@@ -106,14 +121,23 @@ test("average-kernel.ts holds average.wat as assembled now (npm run build:kernel
 test("the averaged model that router init runs is the executor's average, byte for byte, in any chunking", () =>
   withTempDir(async (dir) => {
     const paths = (["base", "code", "math"] as const).map((v) => fixture("llama", v));
-    const options: UpcycleOptions = { seeds: paths, output: join(dir, "out"), attention: "merged", dtype: "f32", weights: [0.5, 0.3, 0.2] };
+    const options: UpcycleOptions = {
+      seeds: paths,
+      output: join(dir, "out"),
+      attention: "merged",
+      dtype: "f32",
+      weights: [0.5, 0.3, 0.2],
+    };
     await upcycle(options);
     const seeds = await Promise.all(paths.map((path) => openSeed(path)));
     const output = await SafetensorsReader.open(join(dir, "out", "model.safetensors"));
     try {
       const plan = buildPlan(seeds, resolveOptions(options, "sequential"), await Promise.all(seeds.map(seedFiles)));
       const averaged = plan.tensors.filter((t) => t.operation.kind === "average");
-      assert.ok(averaged.some((t) => t.name === "model.embed_tokens.weight") && averaged.some((t) => t.name.includes(".attn.")), averaged.map((t) => t.name).join(", "));
+      assert.ok(
+        averaged.some((t) => t.name === "model.embed_tokens.weight") && averaged.some((t) => t.name.includes(".attn.")),
+        averaged.map((t) => t.name).join(", "),
+      );
       const [whole, chunked] = [averagedModel(plan, seeds), averagedModel(plan, seeds, 999)];
       for (const { name } of averaged) {
         const expected = await output.read(name);

@@ -31,7 +31,9 @@ async function expectRefusal(options: UpcycleOptions, code: ErrorCode, pattern: 
 async function folderHashes(dir: string): Promise<Record<string, string>> {
   const hashes: Record<string, string> = {};
   for (const file of (await readdir(dir)).sort()) {
-    hashes[file] = createHash("sha256").update(await readFile(join(dir, file))).digest("hex");
+    hashes[file] = createHash("sha256")
+      .update(await readFile(join(dir, file)))
+      .digest("hex");
   }
   return hashes;
 }
@@ -40,9 +42,14 @@ test("mismatched seeds are refused before any write, naming both seeds", { skip 
   withTempDir(async (dir) => {
     const out = join(dir, "out");
     const other = families.find((f) => f !== "llama")!;
-    await expectRefusal({ seeds: [llama(), fixture(other, "base")], output: out }, "SEED_MISMATCH", /seed .*base.* differs from seed .*base/);
+    await expectRefusal(
+      { seeds: [llama(), fixture(other, "base")], output: out },
+      "SEED_MISMATCH",
+      /seed .*base.* differs from seed .*base/,
+    );
     assert.deepEqual(await readdir(dir), [], "nothing written, no temporary folder");
-  }));
+  }),
+);
 
 test("a seed with another tokenizer is refused", { skip }, () =>
   withTempDir(async (dir) => {
@@ -52,7 +59,8 @@ test("a seed with another tokenizer is refused", { skip }, () =>
     tokenizer.added_tokens = [...(tokenizer.added_tokens ?? []), { id: 999999, content: "<odd>", special: true }];
     await writeFile(join(odd, "tokenizer.json"), JSON.stringify(tokenizer));
     await expectRefusal({ seeds: [llama(), odd], output: join(dir, "out") }, "SEED_MISMATCH", /tokenizer/);
-  }));
+  }),
+);
 
 test("an existing output folder is kept unless --force, then replaced whole", { skip }, () =>
   withTempDir(async (dir) => {
@@ -62,25 +70,34 @@ test("an existing output folder is kept unless --force, then replaced whole", { 
     await expectRefusal({ seeds: [llama(), llama()], output: out }, "OUTPUT_EXISTS", /--force/);
     assert.deepEqual(await readdir(out), ["keep.txt"]);
     // --force replaces only a folder bam wrote (test/reliability/output.test.ts has the rest)
-    await expectRefusal({ seeds: [llama(), llama()], output: out, force: true }, "OUTPUT_EXISTS", /not a folder bam wrote/);
+    await expectRefusal(
+      { seeds: [llama(), llama()], output: out, force: true },
+      "OUTPUT_EXISTS",
+      /not a folder bam wrote/,
+    );
     await rm(join(out, "keep.txt"));
     await upcycle({ seeds: [llama(), llama()], output: out });
     await writeFile(join(out, "keep.txt"), "mine");
     await upcycle({ seeds: [llama(), llama()], output: out, force: true });
     assert.ok(!(await readdir(out)).includes("keep.txt"));
     assert.deepEqual((await readdir(dir)).sort(), ["out"], "no temporary folders left");
-  }));
+  }),
+);
 
 test("an aborted run leaves no output and no temporary folder", { skip }, () =>
   withTempDir(async (dir) => {
     const controller = new AbortController();
-    const run = upcycle({ seeds: [llama(), llama(), llama()], output: join(dir, "out") }, {
-      signal: controller.signal,
-      onProgress: () => controller.abort(),
-    });
+    const run = upcycle(
+      { seeds: [llama(), llama(), llama()], output: join(dir, "out") },
+      {
+        signal: controller.signal,
+        onProgress: () => controller.abort(),
+      },
+    );
     await assert.rejects(run, (error: unknown) => isBamError(error, "ABORTED"));
     assert.deepEqual(await readdir(dir), []);
-  }));
+  }),
+);
 
 test("two runs give byte-identical folders; shard size changes files, not tensors", { skip }, () =>
   withTempDir(async (dir) => {
@@ -95,13 +112,15 @@ test("two runs give byte-identical folders; shard size changes files, not tensor
     try {
       assert.ok(sharded!.files.length >= 2, "several shards");
       assert.deepEqual([...sharded!.tensors.keys()], [...single!.tensors.keys()]);
-      for (const name of single!.tensors.keys()) assert.ok(bytesEqual(await sharded!.read(name), await single!.read(name)), name);
+      for (const name of single!.tensors.keys())
+        assert.ok(bytesEqual(await sharded!.read(name), await single!.read(name)), name);
       const router = "model.layers.0.mlp.router.weight";
       assert.ok(!bytesEqual(await reseeded!.read(router), await single!.read(router)), "--seed changes the routers");
     } finally {
       await Promise.all([single, sharded, reseeded].map((m) => m!.close()));
     }
-  }));
+  }),
+);
 
 test("sparse upcycling copies one seed's FFN into N experts; Drop-Upcycling redraws a fraction", { skip }, () =>
   withTempDir(async (dir) => {
@@ -130,7 +149,9 @@ test("sparse upcycling copies one seed's FFN into N experts; Drop-Upcycling redr
         const down = toFloat32(await drop.read(`model.layers.0.mlp.experts.${e}.down_proj.weight`), "F32");
         const downOriginal = toFloat32(await seed.read("model.layers.0.mlp.down_proj.weight"), "F32");
         const hidden = seed.features.hiddenSize;
-        const changedColumns = [...Array(rows).keys()].filter((c) => [...Array(hidden).keys()].some((r) => down[r * rows + c] !== downOriginal[r * rows + c]));
+        const changedColumns = [...Array(rows).keys()].filter((c) =>
+          [...Array(hidden).keys()].some((r) => down[r * rows + c] !== downOriginal[r * rows + c]),
+        );
         assert.deepEqual(changedColumns, changedRows, "down_proj drops the same dimensions, as columns");
         droppedRowSets.push(changedRows.join(","));
       }
@@ -138,7 +159,8 @@ test("sparse upcycling copies one seed's FFN into N experts; Drop-Upcycling redr
     } finally {
       await Promise.all([sparse.close(), drop.close(), seed.close()]);
     }
-  }));
+  }),
+);
 
 test("--dtype bf16 rounds every tensor, and a bf16 seed mixes with f32 seeds as f32", { skip }, () =>
   withTempDir(async (dir) => {
@@ -151,17 +173,26 @@ test("--dtype bf16 rounds every tensor, and a bf16 seed mixes with f32 seeds as 
     }
     const plan = await planUpcycle({ seeds: [llama(), fixture("llama", "bf16")], output: join(dir, "mixed") });
     assert.ok(plan.tensors.filter((t) => t.operation.kind === "average").every((t) => t.dtype === "F32"));
-  }));
+  }),
+);
 
 test("the recipe written into the output reproduces the model", { skip }, () =>
   withTempDir(async (dir) => {
-    await upcycle({ seeds: [llama(), fixture("llama", "code")], output: join(dir, "first"), attention: "shared-kv", expertsPerToken: 2, seed: 5 });
+    await upcycle({
+      seeds: [llama(), fixture("llama", "code")],
+      output: join(dir, "first"),
+      attention: "shared-kv",
+      expertsPerToken: 2,
+      seed: 5,
+    });
     const recipe = await readRecipe(join(dir, "first", "recipe.yaml"));
     await upcycle({ ...(recipe as UpcycleOptions), output: join(dir, "second") });
     const first = await folderHashes(join(dir, "first"));
     const second = await folderHashes(join(dir, "second"));
-    for (const file of Object.keys(first).filter((f) => f.endsWith(".safetensors"))) assert.equal(second[file], first[file], file);
-  }));
+    for (const file of Object.keys(first).filter((f) => f.endsWith(".safetensors")))
+      assert.equal(second[file], first[file], file);
+  }),
+);
 
 test("the dry-run plan counts parameters and FLOPs", { skip }, async () => {
   const seeds = [llama(), fixture("llama", "code"), fixture("llama", "math")];
@@ -174,9 +205,16 @@ test("the dry-run plan counts parameters and FLOPs", { skip }, async () => {
   await seed.close();
   const seedParams = moa.summary.seedParameters;
   const routers = 2 * moa.features.numLayers * 3 * moa.features.hiddenSize;
-  assert.equal(moa.summary.totalParameters, seedParams + 2 * perExpert + routers, "two more copies of attention and FFN, plus routers");
+  assert.equal(
+    moa.summary.totalParameters,
+    seedParams + 2 * perExpert + routers,
+    "two more copies of attention and FFN, plus routers",
+  );
   assert.ok(moa.summary.activeParameters < moa.summary.totalParameters);
-  assert.ok(moa.summary.flopsPerTokenRatio > btx.summary.flopsPerTokenRatio, "soft attention runs every attention expert");
+  assert.ok(
+    moa.summary.flopsPerTokenRatio > btx.summary.flopsPerTokenRatio,
+    "soft attention runs every attention expert",
+  );
   assert.ok(btx.summary.activeParameters > seedParams, "top-2 of 3");
   assert.equal(moa.tensors.filter((t) => t.operation.kind === "router").length, 2 * moa.features.numLayers);
 });

@@ -23,7 +23,9 @@ function assertDeepFrozen(value: unknown, path: string): void {
 /** File name -> bytes, of a folder. */
 async function folderBytes(dir: string): Promise<Map<string, Buffer>> {
   const names = (await readdir(dir)).sort();
-  return new Map(await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name))] as [string, Buffer])));
+  return new Map(
+    await Promise.all(names.map(async (name) => [name, await readFile(join(dir, name))] as [string, Buffer])),
+  );
 }
 
 const jsonCopy = (plan: UpcyclePlan): UpcyclePlan => JSON.parse(JSON.stringify(plan)) as UpcyclePlan;
@@ -36,9 +38,16 @@ test("the plan is frozen, holds the format's decisions, and is the same after th
       assertDeepFrozen(plan, "plan");
       assert.ok(!Object.isFrozen(options.seeds), "the caller's own list is not frozen");
       assert.equal(plan.format.remoteCode, format === "bam");
-      assert.ok(!("upcycled_from" in plan.format.config) && !("upcycledFrom" in plan.moe), "the seeds' hashes are no plan fact");
+      assert.ok(
+        !("upcycled_from" in plan.format.config) && !("upcycledFrom" in plan.moe),
+        "the seeds' hashes are no plan fact",
+      );
       // native names are the plan's: the executor writes them as planned
-      if (format === "qwen3-moe") assert.equal(plan.format.tensorNames["model.layers.0.attn.q_proj.weight"], "model.layers.0.self_attn.q_proj.weight");
+      if (format === "qwen3-moe")
+        assert.equal(
+          plan.format.tensorNames["model.layers.0.attn.q_proj.weight"],
+          "model.layers.0.self_attn.q_proj.weight",
+        );
       else assert.deepEqual(plan.format.tensorNames, {});
       const before = JSON.stringify(plan);
       const result = await executePlan(plan);
@@ -49,7 +58,10 @@ test("the plan is frozen, holds the format's decisions, and is the same after th
       assert.deepEqual(rest, plan.format.config, "config.json is the plan's config");
       assert.deepEqual(upcycledFrom, format === "bam" ? result.seeds : undefined);
       const header = (await readFile(join(dir, format, "model.safetensors"))).subarray(8, 400).toString("latin1");
-      assert.match(header, format === "bam" ? /model\.layers\.\d+\.(attn|mlp)\./ : /model\.layers\.\d+\.(self_attn|mlp)\./);
+      assert.match(
+        header,
+        format === "bam" ? /model\.layers\.\d+\.(attn|mlp)\./ : /model\.layers\.\d+\.(self_attn|mlp)\./,
+      );
     }
   });
 });
@@ -57,7 +69,13 @@ test("the plan is frozen, holds the format's decisions, and is the same after th
 test("a plan's JSON parsed back runs to the folder upcycle writes, byte for byte", async () => {
   await withTempDir(async (dir) => {
     // weights that normalise to numbers normalising again moves by an ulp: the plan's own must still be accepted
-    const options: UpcycleOptions = { seeds: [...qwen3], output: join(dir, "out"), weights: [6.4, 8.1, 5.1], attention: "shared-kv", maxShardSize: "100KB" };
+    const options: UpcycleOptions = {
+      seeds: [...qwen3],
+      output: join(dir, "out"),
+      weights: [6.4, 8.1, 5.1],
+      attention: "shared-kv",
+      maxShardSize: "100KB",
+    };
     const plan = jsonCopy(await planUpcycle(options));
     await upcycle(options);
     await rename(join(dir, "out"), join(dir, "first"));
@@ -77,7 +95,11 @@ test("a seed that changed since planning is refused (PLAN_STALE) and nothing is 
     const plan = jsonCopy(await planUpcycle({ seeds, output }));
     // same size, new content: the math seed's weights copied over the code seed's
     await cp(join(seeds[2]!, "model.safetensors"), join(seeds[1]!, "model.safetensors"));
-    await refused(executePlan(plan), "PLAN_STALE", /code\/model\.safetensors: was modified since the plan was made; make the plan again with planUpcycle$/);
+    await refused(
+      executePlan(plan),
+      "PLAN_STALE",
+      /code\/model\.safetensors: was modified since the plan was made; make the plan again with planUpcycle$/,
+    );
     const when = (await stat(join(seeds[1]!, "config.json"))).mtime;
     const fresh = jsonCopy(await planUpcycle({ seeds, output }));
     await utimes(join(seeds[1]!, "config.json"), when, new Date(when.getTime() + 5000));
@@ -99,20 +121,37 @@ test("a plan that is not what its options give for its seeds is refused (PLAN_IN
       return copy;
     };
     const unreadable = jsonCopy(plan);
-    Object.defineProperty(unreadable.options, "seed", { get: () => { throw new Error("boom"); }, enumerable: true });
+    Object.defineProperty(unreadable.options, "seed", {
+      get: () => {
+        throw new Error("boom");
+      },
+      enumerable: true,
+    });
     const cases: Array<[unknown, RegExp]> = [
       [null, /^plan: not an object; pass what planUpcycle returned/],
       ["plan.json", /^plan: not an object/],
       [{ tensors: [] }, /^plan: has no options/],
       [edited("options.expertsPerToken", 0), /^plan: options: expertsPerToken must be an integer from 1 to 3, not 0/],
       [edited("options.seeds", "base"), /^plan: options: seeds must be a list of folder paths/],
-      [edited("options.expertsPerToken", 2), /^plan\.moe\.expertsPerToken is 1 in the plan, but 2 from its options and seeds .*make the plan again with planUpcycle$/],
+      [
+        edited("options.expertsPerToken", 2),
+        /^plan\.moe\.expertsPerToken is 1 in the plan, but 2 from its options and seeds .*make the plan again with planUpcycle$/,
+      ],
       [edited("format.config.num_experts", 8), /^plan\.format\.config\.num_experts is 8 in the plan, but 3 /],
-      [edited("format.config.auto_map", "evil.Model"), /^plan\.format\.config\.auto_map is "evil\.Model" in the plan, but an object /],
-      [edited("tensors.1.operation.from.0.seed", 5), /^plan\.tensors\[1\]\.operation\.from\[0\]\.seed is 5 in the plan, but 0 /],
+      [
+        edited("format.config.auto_map", "evil.Model"),
+        /^plan\.format\.config\.auto_map is "evil\.Model" in the plan, but an object /,
+      ],
+      [
+        edited("tensors.1.operation.from.0.seed", 5),
+        /^plan\.tensors\[1\]\.operation\.from\[0\]\.seed is 5 in the plan, but 0 /,
+      ],
       [edited("tensors.length", plan.tensors.length - 1), /^plan\.tensors\.length is \d+ in the plan, but \d+ /],
       [edited("tensors.0.shape", [1e12, 1e12]), /^plan\.tensors\[0\]\.shape\[0\] is 1000000000000 in the plan/],
-      [edited("format.tensorNames", { "model.norm.weight": "../../escape" }), /^plan\.format\.tensorNames\.model\.norm\.weight is "\.\.\/\.\.\/escape" in the plan, but absent /],
+      [
+        edited("format.tensorNames", { "model.norm.weight": "../../escape" }),
+        /^plan\.format\.tensorNames\.model\.norm\.weight is "\.\.\/\.\.\/escape" in the plan, but absent /,
+      ],
       [edited("extra", 1), /^plan\.extra is 1 in the plan, but absent /],
       [edited("options.dtype", "f16"), /^plan\.format\.config\.dtype is "float32" in the plan, but "float16" /],
       [unreadable, /^plan: cannot be read \(boom\)/],

@@ -17,10 +17,16 @@ import { fixture, withTempDir } from "../helpers.js";
 import { runCli } from "../reliability/synth.js";
 
 const llama = () => fixture("llama", "base");
-const config = async (dir: string) => JSON.parse(await readFile(join(dir, "config.json"), "utf8")) as Record<string, unknown>;
+const config = async (dir: string) =>
+  JSON.parse(await readFile(join(dir, "config.json"), "utf8")) as Record<string, unknown>;
 /** Two seeds in the layout the native formats hold. */
-const native = (family: "mistral" | "qwen3", format: UpcycleOptions["format"]): UpcycleOptions =>
-  ({ seeds: [fixture(family, "base"), fixture(family, "code")], output: "unused", attention: "merged", block: "sequential", format });
+const native = (family: "mistral" | "qwen3", format: UpcycleOptions["format"]): UpcycleOptions => ({
+  seeds: [fixture(family, "base"), fixture(family, "code")],
+  output: "unused",
+  attention: "merged",
+  block: "sequential",
+  format,
+});
 
 test("every output's config.json says which gate it computes, the default when none is asked", () =>
   withTempDir(async (dir) => {
@@ -30,14 +36,26 @@ test("every output's config.json says which gate it computes, the default when n
       ["paper", { seeds: [llama(), llama()], output: join(dir, "paper"), normTopkProb: false }, false],
       ["sparse", { seeds: [llama()], output: join(dir, "sparse"), experts: 4, normTopkProb: true }, true],
       ["dense (no router)", { seeds: [llama()], output: join(dir, "dense"), experts: 1 }, DEFAULT_NORM_TOPK_PROB],
-      ["qwen3-moe, paper", { ...native("qwen3", "qwen3-moe"), output: join(dir, "qwen3-paper"), normTopkProb: false }, false],
-      ["qwen3-moe, renormalised", { ...native("qwen3", "qwen3-moe"), output: join(dir, "qwen3-renormalised"), normTopkProb: true }, true],
+      [
+        "qwen3-moe, paper",
+        { ...native("qwen3", "qwen3-moe"), output: join(dir, "qwen3-paper"), normTopkProb: false },
+        false,
+      ],
+      [
+        "qwen3-moe, renormalised",
+        { ...native("qwen3", "qwen3-moe"), output: join(dir, "qwen3-renormalised"), normTopkProb: true },
+        true,
+      ],
       ["mixtral", { ...native("mistral", "mixtral"), output: join(dir, "mixtral"), normTopkProb: true }, true],
     ];
     for (const [label, options, gate] of cases) {
       const { output } = await upcycle(options);
       assert.equal((await config(output)).norm_topk_prob, gate, label);
-      assert.match(await readFile(join(output, "recipe.yaml"), "utf8"), new RegExp(`^norm-topk-prob: ${gate}$`, "m"), label);
+      assert.match(
+        await readFile(join(output, "recipe.yaml"), "utf8"),
+        new RegExp(`^norm-topk-prob: ${gate}$`, "m"),
+        label,
+      );
       if (options.format === undefined) {
         const model = await openModel(output);
         assert.equal(model.moe.normTopkProb, gate, `${label}: read back`);
@@ -54,8 +72,12 @@ test("the recipe carries the gate, and a recipe's value must be a boolean", () =
     assert.equal(recipe.normTopkProb, true);
     const text = join(dir, "text.yaml");
     await writeFile(text, `seeds: [${llama()}, ${llama()}]\nnorm-topk-prob: "no"\n`);
-    await assert.rejects(planUpcycle({ ...(await readRecipe(text)), output: join(dir, "x") } as UpcycleOptions), (error: unknown) =>
-      isBamError(error, "OPTIONS_INVALID") && /normTopkProb must be true or false, not the string "no"/.test((error as Error).message));
+    await assert.rejects(
+      planUpcycle({ ...(await readRecipe(text)), output: join(dir, "x") } as UpcycleOptions),
+      (error: unknown) =>
+        isBamError(error, "OPTIONS_INVALID") &&
+        /normTopkProb must be true or false, not the string "no"/.test((error as Error).message),
+    );
   }));
 
 test("a BAM config without norm_topk_prob renormalises (folders written before the key); a non-boolean is refused", () =>
@@ -69,25 +91,37 @@ test("a BAM config without norm_topk_prob renormalises (folders written before t
     assert.equal(model.moe.normTopkProb, true);
     await model.close();
     await writeFile(join(out, "config.json"), JSON.stringify({ ...raw, norm_topk_prob: "false" }));
-    await assert.rejects(openModel(out), (error: unknown) =>
-      isBamError(error, "CONFIG_INVALID") && /"norm_topk_prob" must be true or false, found "false"/.test((error as Error).message));
+    await assert.rejects(
+      openModel(out),
+      (error: unknown) =>
+        isBamError(error, "CONFIG_INVALID") &&
+        /"norm_topk_prob" must be true or false, found "false"/.test((error as Error).message),
+    );
   }));
 
 test("--format mixtral refuses the paper's gate before writing, saying what to do", () =>
   withTempDir(async (dir) => {
     const output = join(dir, "out");
-    await assert.rejects(upcycle({ ...native("mistral", "mixtral"), output, normTopkProb: false }), (error: unknown) => {
-      assert.ok(isBamError(error, "OPTIONS_INVALID"), String(error));
-      assert.match((error as Error).message, /--format mixtral cannot hold this model: it always renormalises .*pass --norm-topk-prob, or use --format qwen3-moe\); change this, or use --format bam$/);
-      return true;
-    });
+    await assert.rejects(
+      upcycle({ ...native("mistral", "mixtral"), output, normTopkProb: false }),
+      (error: unknown) => {
+        assert.ok(isBamError(error, "OPTIONS_INVALID"), String(error));
+        assert.match(
+          (error as Error).message,
+          /--format mixtral cannot hold this model: it always renormalises .*pass --norm-topk-prob, or use --format qwen3-moe\); change this, or use --format bam$/,
+        );
+        return true;
+      },
+    );
     assert.deepEqual(await readdir(dir), [], "nothing written");
   }));
 
 test("a warning wherever the FFN router gets no LM gradient: top-1 with the renormalised gate, in any format", async () => {
   const noGradient = /top-1 with the renormalised gate .*no gradient from the language-model loss/;
   const warned = async (options: Partial<UpcycleOptions>) =>
-    (await planUpcycle({ seeds: [llama(), llama()], output: "unused", ...options } as UpcycleOptions)).warnings.some((w) => noGradient.test(w));
+    (await planUpcycle({ seeds: [llama(), llama()], output: "unused", ...options } as UpcycleOptions)).warnings.some(
+      (w) => noGradient.test(w),
+    );
   assert.equal(await warned({ normTopkProb: true }), true, "top-1, renormalised");
   assert.equal(await warned({ normTopkProb: false }), false, "top-1, paper's gate");
   assert.equal(await warned({ normTopkProb: true, expertsPerToken: 2 }), false, "top-2, renormalised");
@@ -96,7 +130,10 @@ test("a warning wherever the FFN router gets no LM gradient: top-1 with the reno
   const warning = mixtral.warnings.find((w) => noGradient.test(w));
   assert.match(warning ?? "", /use -k 2 or more \(Mixtral's gate always renormalises\)/);
   const qwen = await planUpcycle({ ...native("qwen3", "qwen3-moe"), normTopkProb: true });
-  assert.ok(qwen.warnings.some((w) => noGradient.test(w)), "qwen3-moe, top-1 renormalised");
+  assert.ok(
+    qwen.warnings.some((w) => noGradient.test(w)),
+    "qwen3-moe, top-1 renormalised",
+  );
 });
 
 test("the CLI flag: --norm-topk-prob and --no-norm-topk-prob override the recipe, the warning goes to stderr beside --json", () =>

@@ -8,7 +8,7 @@ import { createHash } from "node:crypto";
 import { cp, mkdir, readFile, readdir, rename, symlink, utimes, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { test } from "node:test";
-import { BamError } from "../../src/errors.js";
+import type { BamError } from "../../src/errors.js";
 import { hashFiles } from "../../src/upcycle/hash-seeds.js";
 import { upcycle } from "../../src/upcycle/index.js";
 import { fixture, fixtureFamilies, withTempDir } from "../helpers.js";
@@ -16,7 +16,9 @@ import { fixture, fixtureFamilies, withTempDir } from "../helpers.js";
 const skip = fixtureFamilies().includes("llama") ? false : "fixtures not made yet";
 
 async function sha256Of(file: string): Promise<string> {
-  return createHash("sha256").update(await readFile(file)).digest("hex");
+  return createHash("sha256")
+    .update(await readFile(file))
+    .digest("hex");
 }
 
 /** Runs an upcycle of [seed, seed] with the cache in `cacheDir`; returns the first seed's file hashes. */
@@ -42,7 +44,8 @@ test("seed hashes are computed once, remembered, and recomputed when a file chan
     const out = join(dir, "out");
     const shard = join(seed, "model-00002-of-00003.safetensors");
     const truth: Record<string, string> = {};
-    for (const file of (await readdir(seed)).filter((f) => f === "config.json" || f.endsWith(".safetensors"))) truth[file] = await sha256Of(join(seed, file));
+    for (const file of (await readdir(seed)).filter((f) => f === "config.json" || f.endsWith(".safetensors")))
+      truth[file] = await sha256Of(join(seed, file));
 
     assert.deepEqual(await seedHashes(seed, out, cacheDir), truth);
     const cacheFile = join(cacheDir, "sha256.json");
@@ -53,7 +56,9 @@ test("seed hashes are computed once, remembered, and recomputed when a file chan
     const planted = "f".repeat(64);
     const plant = async () => {
       const cache = JSON.parse(await readFile(cacheFile, "utf8")) as CacheFile;
-      cache.entries[Object.keys(cache.entries).find((real) => real.endsWith("model-00002-of-00003.safetensors"))!]!.sha256 = planted;
+      cache.entries[
+        Object.keys(cache.entries).find((real) => real.endsWith("model-00002-of-00003.safetensors"))!
+      ]!.sha256 = planted;
       await writeFile(cacheFile, JSON.stringify(cache));
     };
     await plant();
@@ -70,34 +75,47 @@ test("seed hashes are computed once, remembered, and recomputed when a file chan
     // A corrupt cache is ignored and rewritten.
     await writeFile(cacheFile, "{ not json");
     assert.deepEqual(await seedHashes(seed, out, cacheDir), truth);
-    assert.equal(Object.keys((JSON.parse(await readFile(cacheFile, "utf8")) as CacheFile).entries).length, Object.keys(truth).length);
-  }));
+    assert.equal(
+      Object.keys((JSON.parse(await readFile(cacheFile, "utf8")) as CacheFile).entries).length,
+      Object.keys(truth).length,
+    );
+  }),
+);
 
-test("nothing planted in or beside a seed is taken as its hash: blob names and download metadata are ignored", { skip }, () =>
-  withTempDir(async (dir) => {
-    // A Hugging Face cache layout whose blob is named by a hash that is not its content's.
-    const repo = join(dir, "hub", "models--org--llama");
-    const snapshot = join(repo, "snapshots", "0123abcd");
-    await mkdir(join(repo, "blobs"), { recursive: true });
-    await cp(fixture("llama", "base"), snapshot, { recursive: true });
-    const weights = join(snapshot, "model.safetensors");
-    const truth = await sha256Of(weights);
-    const planted = "e".repeat(64);
-    await rename(weights, join(repo, "blobs", planted));
-    await symlink(join("..", "..", "blobs", planted), weights);
-    assert.equal((await seedHashes(snapshot, join(dir, "out"), join(dir, "cache")))["model.safetensors"], truth);
+test(
+  "nothing planted in or beside a seed is taken as its hash: blob names and download metadata are ignored",
+  { skip },
+  () =>
+    withTempDir(async (dir) => {
+      // A Hugging Face cache layout whose blob is named by a hash that is not its content's.
+      const repo = join(dir, "hub", "models--org--llama");
+      const snapshot = join(repo, "snapshots", "0123abcd");
+      await mkdir(join(repo, "blobs"), { recursive: true });
+      await cp(fixture("llama", "base"), snapshot, { recursive: true });
+      const weights = join(snapshot, "model.safetensors");
+      const truth = await sha256Of(weights);
+      const planted = "e".repeat(64);
+      await rename(weights, join(repo, "blobs", planted));
+      await symlink(join("..", "..", "blobs", planted), weights);
+      assert.equal((await seedHashes(snapshot, join(dir, "out"), join(dir, "cache")))["model.safetensors"], truth);
 
-    // `hf download --local-dir` metadata recording a hash that is not the file's, newer than the file.
-    const local = join(dir, "local");
-    const seed = join(local, "seed");
-    await cp(fixture("llama", "base"), seed, { recursive: true });
-    const download = join(local, ".cache", "huggingface", "download", "seed");
-    await mkdir(download, { recursive: true });
-    await writeFile(join(download, "model.safetensors.metadata"), `${"c".repeat(40)}\n${planted}\n${Date.now() / 1000 + 1}\n`);
-    assert.equal((await seedHashes(seed, join(dir, "out"), join(dir, "cache2")))["model.safetensors"], truth);
-  }));
+      // `hf download --local-dir` metadata recording a hash that is not the file's, newer than the file.
+      const local = join(dir, "local");
+      const seed = join(local, "seed");
+      await cp(fixture("llama", "base"), seed, { recursive: true });
+      const download = join(local, ".cache", "huggingface", "download", "seed");
+      await mkdir(download, { recursive: true });
+      await writeFile(
+        join(download, "model.safetensors.metadata"),
+        `${"c".repeat(40)}\n${planted}\n${Date.now() / 1000 + 1}\n`,
+      );
+      assert.equal((await seedHashes(seed, join(dir, "out"), join(dir, "cache2")))["model.safetensors"], truth);
+    }),
+);
 
-test("files are hashed in parallel, each hash in its file's place; an unreadable file is an IO_ERROR", { skip }, async () => {
+test("files are hashed in parallel, each hash in its file's place; an unreadable file is an IO_ERROR", {
+  skip,
+}, async () => {
   const seed = fixture("llama", "sharded");
   const files = (await readdir(seed)).sort().map((file) => join(seed, file));
   const hashes = await hashFiles(files, 3);

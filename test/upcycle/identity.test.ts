@@ -21,7 +21,8 @@ function expectedSource(name: string, mode: AttentionExperts): { tensor: string;
   if (name.endsWith(".router.weight")) return null;
   const expert = /^(model\.layers\.\d+\.(attn|mlp))\.experts\.(\d+)\.(.*)$/.exec(name);
   if (expert) return { tensor: `${expert[1]}.${expert[4]}`, seed: Number(expert[3]) };
-  if (mode === "moa") assert.doesNotMatch(name, /\.attn\.(q|k|v|o)_proj|\.attn\.(q|k)_norm/, `${name} should be per expert in moa`);
+  if (mode === "moa")
+    assert.doesNotMatch(name, /\.attn\.(q|k|v|o)_proj|\.attn\.(q|k)_norm/, `${name} should be per expert in moa`);
   return { tensor: name, seed: null };
 }
 
@@ -36,7 +37,10 @@ async function checkAgainstSeeds(output: OpenedModel, seeds: Seed[], mode: Atten
     }
     const actual = await output.read(tensor.name);
     if (source.seed !== null) {
-      assert.ok(bytesEqual(actual, await seeds[source.seed]!.read(source.tensor)), `${tensor.name} must equal seed ${source.seed}'s ${source.tensor}`);
+      assert.ok(
+        bytesEqual(actual, await seeds[source.seed]!.read(source.tensor)),
+        `${tensor.name} must equal seed ${source.seed}'s ${source.tensor}`,
+      );
       continue;
     }
     const dtype = seeds[0]!.tensors.get(source.tensor)!.dtype as "F32";
@@ -45,7 +49,10 @@ async function checkAgainstSeeds(output: OpenedModel, seeds: Seed[], mode: Atten
     for (let i = 0; i < got.length; i++) {
       const mean = values.reduce((sum, v) => sum + v[i]!, 0) / values.length;
       const tolerance = Math.abs(mean) * 2 ** -23 + 1e-30; // one f32 rounding
-      assert.ok(Math.abs(got[i]! - mean) <= tolerance, `${tensor.name}[${i}] = ${got[i]} but the seeds' mean is ${mean}`);
+      assert.ok(
+        Math.abs(got[i]! - mean) <= tolerance,
+        `${tensor.name}[${i}] = ${got[i]} but the seeds' mean is ${mean}`,
+      );
     }
   }
   const expectedRouters = output.features.numLayers * (mode === "merged" ? 1 : 2);
@@ -86,7 +93,10 @@ for (const family of fixtureFamilies()) {
           const model = await openModel(out);
           try {
             await checkAgainstSeeds(model, seeds, mode);
-            assert.deepEqual(model.moe.upcycledFrom.map((s) => s.name), ["base", "code", "math"]);
+            assert.deepEqual(
+              model.moe.upcycledFrom.map((s) => s.name),
+              ["base", "code", "math"],
+            );
             for (const s of model.moe.upcycledFrom) assert.match(s.sha256, /^[0-9a-f]{64}$/);
           } finally {
             await model.close();
@@ -111,7 +121,10 @@ for (const family of fixtureFamilies()) {
           }
           const mixture = join(dir, "mixture");
           await upcycle({ seeds: [single, base], output: mixture, block });
-          await assert.rejects(openSeed(mixture), { code: "FEATURE_UNSUPPORTED", message: /num_experts 2 .* is not a dense seed/ });
+          await assert.rejects(openSeed(mixture), {
+            code: "FEATURE_UNSUPPORTED",
+            message: /num_experts 2 .* is not a dense seed/,
+          });
         } finally {
           await again.close();
           await seed.close();

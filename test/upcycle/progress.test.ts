@@ -26,14 +26,23 @@ test("onProgress sees router-init, writing and hashing, in that order, each coun
   withTempDir(async (dir) => {
     const seeds = ["base", "code", "math"].map((v) => fixture("llama", v as "base"));
     const prompts = join(dir, "prompts.yaml");
-    await writeFile(prompts, JSON.stringify({ experts: [
-      { positive_prompts: ["Once upon a time", "The cat sat"] },
-      { positive_prompts: ["def f(x): return x"], negative_prompts: ["Rain fell."] },
-      { positive_prompts: ["Let x be a real number"] },
-    ] }));
+    await writeFile(
+      prompts,
+      JSON.stringify({
+        experts: [
+          { positive_prompts: ["Once upon a time", "The cat sat"] },
+          { positive_prompts: ["def f(x): return x"], negative_prompts: ["Rain fell."] },
+          { positive_prompts: ["Let x be a real number"] },
+        ],
+      }),
+    );
     const events: UpcycleProgress[] = [];
     const result = await withFreshCache(dir, () =>
-      upcycle({ seeds, output: join(dir, "out"), routerInit: "hidden", prompts }, { onProgress: (p) => events.push({ ...p }) }));
+      upcycle(
+        { seeds, output: join(dir, "out"), routerInit: "hidden", prompts },
+        { onProgress: (p) => events.push({ ...p }) },
+      ),
+    );
 
     const stages = events.map((e) => e.stage).filter((stage, i, all) => stage !== all[i - 1]);
     assert.deepEqual(stages, ["router-init", "writing", "hashing"]);
@@ -42,11 +51,18 @@ test("onProgress sees router-init, writing and hashing, in that order, each coun
       const list = of(stage);
       const last = list.at(-1)!;
       assert.equal(last.done, last.total, `${stage} ends complete`);
-      assert.ok(list.every((e, i) => e.done <= e.total && (i === 0 || e.done >= list[i - 1]!.done)), `${stage} counts up`);
+      assert.ok(
+        list.every((e, i) => e.done <= e.total && (i === 0 || e.done >= list[i - 1]!.done)),
+        `${stage} counts up`,
+      );
     }
     assert.equal(of("router-init").at(-1)!.total, 5, "every prompt, negative ones included");
     assert.equal(of("writing").at(-1)!.done, result.bytesWritten);
     // A fresh hash cache: every seed file is hashed (the threads may have finished before the copy did).
-    const seedBytes = (await Promise.all(seeds.flatMap((s) => ["config.json", "model.safetensors"].map((f) => stat(join(s, f)))))).reduce((sum, s) => sum + s.size, 0);
-    assert.ok(of("hashing").at(-1)!.total === seedBytes && of("hashing").every((e) => e.bytesWritten === result.bytesWritten));
+    const seedBytes = (
+      await Promise.all(seeds.flatMap((s) => ["config.json", "model.safetensors"].map((f) => stat(join(s, f)))))
+    ).reduce((sum, s) => sum + s.size, 0);
+    assert.ok(
+      of("hashing").at(-1)!.total === seedBytes && of("hashing").every((e) => e.bytesWritten === result.bytesWritten),
+    );
   }));

@@ -9,11 +9,27 @@ export const generateCommand = defineCommand({
   describe: "Generate text on CPU with the KV cache, streaming it to stdout",
   builder: (y) =>
     y
-      .positional("dir", { type: "string", demandOption: true, describe: "Model folder (config.json + safetensors + tokenizer.json)" })
+      .positional("dir", {
+        type: "string",
+        demandOption: true,
+        describe: "Model folder (config.json + safetensors + tokenizer.json)",
+      })
       .option("prompt", { type: "string", demandOption: true, describe: "Text to continue" })
-      .option("max-new-tokens", { type: "number", default: DEFAULT_GENERATION.maxNewTokens, describe: "Tokens to generate at most" })
-      .option("temperature", { type: "number", default: DEFAULT_GENERATION.temperature, describe: "0 = greedy; above 0 samples" })
-      .option("top-p", { type: "number", default: DEFAULT_GENERATION.topP, describe: "Nucleus sampling: keep the smallest set of tokens with this much probability" })
+      .option("max-new-tokens", {
+        type: "number",
+        default: DEFAULT_GENERATION.maxNewTokens,
+        describe: "Tokens to generate at most",
+      })
+      .option("temperature", {
+        type: "number",
+        default: DEFAULT_GENERATION.temperature,
+        describe: "0 = greedy; above 0 samples",
+      })
+      .option("top-p", {
+        type: "number",
+        default: DEFAULT_GENERATION.topP,
+        describe: "Nucleus sampling: keep the smallest set of tokens with this much probability",
+      })
       .option("seed", { type: "number", describe: "Seed of the sampler (sampling is reproducible with it)" })
       .option("json", { type: "boolean", default: false, describe: "No streaming; print one JSON result on stdout" })
       .example("$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40", "greedy continuation"),
@@ -41,14 +57,30 @@ export const generateCommand = defineCommand({
         throw isBamError(error, "OPTIONS_INVALID") ? new BamError(error.code, flagNames(error.message)) : error;
       });
       if (args.json) {
-        printJson({ model: args.dir, prompt: args.prompt, text: result.text, promptIds: result.promptIds, newIds: result.newIds, seconds: result.seconds });
+        printJson({
+          model: args.dir,
+          prompt: args.prompt,
+          text: result.text,
+          promptIds: result.promptIds,
+          newIds: result.newIds,
+          seconds: result.seconds,
+        });
         return;
       }
       process.stdout.write("\n");
-      process.stderr.write(`bam: ${result.newIds.length} tokens in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`);
+      process.stderr.write(
+        `bam: ${result.newIds.length} tokens in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`,
+      );
     }),
 });
 
 /** The library names settings as the API does; the CLI user typed flags. */
-const FLAGS: Readonly<Record<string, string>> = { prompt: "--prompt", maxNewTokens: "--max-new-tokens", temperature: "--temperature", topP: "--top-p", seed: "--seed" };
-const flagNames = (message: string) => message.replace(/\b(prompt|maxNewTokens|temperature|topP|seed)\b/g, (name) => FLAGS[name]!);
+const FLAGS: Readonly<Record<string, string>> = {
+  prompt: "--prompt",
+  maxNewTokens: "--max-new-tokens",
+  temperature: "--temperature",
+  topP: "--top-p",
+  seed: "--seed",
+};
+const flagNames = (message: string) =>
+  message.replace(/\b(prompt|maxNewTokens|temperature|topP|seed)\b/g, (name) => FLAGS[name]!);

@@ -14,13 +14,26 @@ import { FAMILIES } from "../../../src/arch/types.js";
 import { CheckpointFiles } from "../../../src/safetensors/index.js";
 import { fixture } from "../../helpers.js";
 import { type CaseContext, maybeUpcycle, type Step } from "../harness.js";
-import { deepJsonText, encoder, makeFifo, makeOddFile, mutateBytes, mutateTextRepeatedly, ODD_FILES, oddJsonValue } from "../mutate.js";
+import {
+  deepJsonText,
+  encoder,
+  makeFifo,
+  makeOddFile,
+  mutateBytes,
+  mutateTextRepeatedly,
+  ODD_FILES,
+  oddJsonValue,
+} from "../mutate.js";
 import type { Rng } from "../rng.js";
 import { mutatedSafetensors } from "./safetensors.js";
 
 const INDEX = "model.safetensors.index.json";
 
-interface Index { metadata?: unknown; weight_map?: unknown; [key: string]: unknown }
+interface Index {
+  metadata?: unknown;
+  weight_map?: unknown;
+  [key: string]: unknown;
+}
 
 type FolderOp = (rng: Rng, seed: string, index: Index, ctx: CaseContext, shards: string[]) => Promise<string>;
 
@@ -28,92 +41,162 @@ const isPlainFile = async (path: string) => (await lstat(path).catch(() => undef
 
 /** The weight_map when it is still an object (an earlier edit may have replaced it), else a detached one. */
 const weightMap = (index: Index): Record<string, unknown> =>
-  index.weight_map !== null && typeof index.weight_map === "object" && !Array.isArray(index.weight_map) ? (index.weight_map as Record<string, unknown>) : {};
+  index.weight_map !== null && typeof index.weight_map === "object" && !Array.isArray(index.weight_map)
+    ? (index.weight_map as Record<string, unknown>)
+    : {};
 
 const OPS: ReadonlyArray<readonly [number, FolderOp]> = [
-  [6, async (rng, seed, index, ctx, shards) => {
-    const map = weightMap(index);
-    if (Object.keys(map).length === 0) return "weight_map has no entries to edit";
-    const name = rng.pick(Object.keys(map));
-    const value = rng.pick<() => unknown>([
-      () => "", () => ".", () => "..", () => "../outside/secret.safetensors", () => join(ctx.outside, "secret.safetensors"), () => "/etc/passwd",
-      () => "/dev/zero", () => `sub/../${shards[0]}`, () => `./${shards[0]}`, () => "model-00009-of-00009.safetensors", () => rng.pick(shards),
-      () => `a\u0000b.safetensors`, () => "..\\outside\\secret.safetensors", () => "%2e%2e/outside/secret.safetensors", () => "s".repeat(5000),
-      () => "dirshard", () => "sub/", () => 1, () => null, () => [shards[0]], () => ({ file: shards[0] }),
-    ])();
-    map[name] = value;
-    return `weight_map[${name}] -> ${JSON.stringify(value)?.slice(0, 60)}`;
-  }],
-  [2, async (rng, _seed, index) => {
-    const map = weightMap(index);
-    if (Object.keys(map).length === 0) return "weight_map has no entries to remove";
-    const name = rng.pick(Object.keys(map));
-    delete map[name];
-    return `weight_map lacks ${name}`;
-  }],
-  [2, async (rng, _seed, index, _ctx, shards) => {
-    const map = weightMap(index);
-    const name = rng.pick(["model.extra.weight", "__proto__", "constructor", "", "\n", (Object.keys(map)[0] ?? "x").toUpperCase()]);
-    map[name] = rng.pick(shards);
-    return `weight_map lists an absent tensor ${JSON.stringify(name)}`;
-  }],
-  [2, async (rng, _seed, index) => {
-    const field = rng.pick(["weight_map", "metadata"]);
-    const value = rng.pick<() => unknown>([() => null, () => [], () => "x", () => 1, () => ({}), () => ({ total_size: "x" }), () => ({ total_size: -1 }), () => oddJsonValue(rng)])();
-    if (rng.chance(0.2)) delete index[field];
-    else index[field] = value;
-    return `${field} -> ${JSON.stringify(value)?.slice(0, 60)}`;
-  }],
-  [2, async (rng, seed, index, _ctx, shards) => {
-    // A tensor in two shards: a copy of a shard under another name, listed for one of its tensors, or linked.
-    const shard = rng.pick(shards);
-    const copy = rng.pick(["copy.safetensors", "link.safetensors"]);
-    await rm(join(seed, copy), { force: true });
-    if (copy === "copy.safetensors" && (await isPlainFile(join(seed, shard)))) await cp(join(seed, shard), join(seed, copy));
-    else await symlink(shard, join(seed, copy));
-    const map = weightMap(index);
-    const listed = Object.keys(map).filter((name) => map[name] === shard);
-    if (listed.length > 0 && rng.chance(0.7)) map[rng.pick(listed)] = copy;
-    return `${copy} duplicates ${shard}`;
-  }],
-  [3, async (rng, seed, _index, ctx, shards) => {
-    const shard = rng.pick(shards);
-    const kind = rng.pick(ODD_FILES);
-    ctx.fifos.push(...(await makeOddFile(join(seed, shard), kind, join(ctx.outside, "secret.safetensors"))));
-    return `shard ${shard} -> ${kind}`;
-  }],
-  [2, async (rng, seed, _index, ctx) => {
-    const kind = rng.pick(ODD_FILES);
-    ctx.fifos.push(...(await makeOddFile(join(seed, INDEX), kind, join(ctx.outside, "secret.txt"))));
-    return `index -> ${kind}`;
-  }],
-  [2, async (rng, seed, _index, ctx, shards) => {
-    const what = rng.pick(["second index", "single file too", "pickle only", "no index", "fifo shard listed"]);
-    if (what === "second index" && (await isPlainFile(join(seed, INDEX)))) await cp(join(seed, INDEX), join(seed, "other.safetensors.index.json"));
-    const shard = rng.pick(shards);
-    if (what === "single file too" && (await isPlainFile(join(seed, shard)))) await cp(join(seed, shard), join(seed, "model.safetensors"));
-    if (what === "no index") await rm(join(seed, INDEX), { force: true, recursive: true });
-    if (what === "pickle only") {
-      for (const name of await readdir(seed)) if (name.includes("safetensors")) await rm(join(seed, name), { recursive: true }); // an odd file may be a folder
-      await writeFile(join(seed, "pytorch_model.bin"), "PK\u0003\u0004 not really");
-    }
-    if (what === "fifo shard listed" && makeFifo(join(seed, "fifo.safetensors"))) ctx.fifos.push(join(seed, "fifo.safetensors"));
-    return what;
-  }],
-  [2, async (rng, seed, _index, _ctx, shards) => {
-    const shard = rng.pick(shards);
-    if (!(await isPlainFile(join(seed, shard)))) return `shard ${shard} is not a plain file: left alone`;
-    const notes: string[] = [];
-    const { bytes } = await mutatedSafetensors(rng, notes, join(seed, shard));
-    await writeFile(join(seed, shard), bytes);
-    return `shard ${shard}: ${notes.join(", ")}`;
-  }],
-  [1, async (_rng, seed, _index, _ctx, shards) => {
-    // Shards and index moved into a sub-folder, listed as sub/<shard>: allowed.
-    await mkdir(join(seed, "sub"), { recursive: true }); // an earlier op may have made it
-    for (const shard of shards) await rename(join(seed, shard), join(seed, "sub", shard)).catch(() => undefined);
-    return "shards in sub/ (listed there below)";
-  }],
+  [
+    6,
+    async (rng, _seed, index, ctx, shards) => {
+      const map = weightMap(index);
+      if (Object.keys(map).length === 0) return "weight_map has no entries to edit";
+      const name = rng.pick(Object.keys(map));
+      const value = rng.pick<() => unknown>([
+        () => "",
+        () => ".",
+        () => "..",
+        () => "../outside/secret.safetensors",
+        () => join(ctx.outside, "secret.safetensors"),
+        () => "/etc/passwd",
+        () => "/dev/zero",
+        () => `sub/../${shards[0]}`,
+        () => `./${shards[0]}`,
+        () => "model-00009-of-00009.safetensors",
+        () => rng.pick(shards),
+        () => `a\u0000b.safetensors`,
+        () => "..\\outside\\secret.safetensors",
+        () => "%2e%2e/outside/secret.safetensors",
+        () => "s".repeat(5000),
+        () => "dirshard",
+        () => "sub/",
+        () => 1,
+        () => null,
+        () => [shards[0]],
+        () => ({ file: shards[0] }),
+      ])();
+      map[name] = value;
+      return `weight_map[${name}] -> ${JSON.stringify(value)?.slice(0, 60)}`;
+    },
+  ],
+  [
+    2,
+    async (rng, _seed, index) => {
+      const map = weightMap(index);
+      if (Object.keys(map).length === 0) return "weight_map has no entries to remove";
+      const name = rng.pick(Object.keys(map));
+      delete map[name];
+      return `weight_map lacks ${name}`;
+    },
+  ],
+  [
+    2,
+    async (rng, _seed, index, _ctx, shards) => {
+      const map = weightMap(index);
+      const name = rng.pick([
+        "model.extra.weight",
+        "__proto__",
+        "constructor",
+        "",
+        "\n",
+        (Object.keys(map)[0] ?? "x").toUpperCase(),
+      ]);
+      map[name] = rng.pick(shards);
+      return `weight_map lists an absent tensor ${JSON.stringify(name)}`;
+    },
+  ],
+  [
+    2,
+    async (rng, _seed, index) => {
+      const field = rng.pick(["weight_map", "metadata"]);
+      const value = rng.pick<() => unknown>([
+        () => null,
+        () => [],
+        () => "x",
+        () => 1,
+        () => ({}),
+        () => ({ total_size: "x" }),
+        () => ({ total_size: -1 }),
+        () => oddJsonValue(rng),
+      ])();
+      if (rng.chance(0.2)) delete index[field];
+      else index[field] = value;
+      return `${field} -> ${JSON.stringify(value)?.slice(0, 60)}`;
+    },
+  ],
+  [
+    2,
+    async (rng, seed, index, _ctx, shards) => {
+      // A tensor in two shards: a copy of a shard under another name, listed for one of its tensors, or linked.
+      const shard = rng.pick(shards);
+      const copy = rng.pick(["copy.safetensors", "link.safetensors"]);
+      await rm(join(seed, copy), { force: true });
+      if (copy === "copy.safetensors" && (await isPlainFile(join(seed, shard))))
+        await cp(join(seed, shard), join(seed, copy));
+      else await symlink(shard, join(seed, copy));
+      const map = weightMap(index);
+      const listed = Object.keys(map).filter((name) => map[name] === shard);
+      if (listed.length > 0 && rng.chance(0.7)) map[rng.pick(listed)] = copy;
+      return `${copy} duplicates ${shard}`;
+    },
+  ],
+  [
+    3,
+    async (rng, seed, _index, ctx, shards) => {
+      const shard = rng.pick(shards);
+      const kind = rng.pick(ODD_FILES);
+      ctx.fifos.push(...(await makeOddFile(join(seed, shard), kind, join(ctx.outside, "secret.safetensors"))));
+      return `shard ${shard} -> ${kind}`;
+    },
+  ],
+  [
+    2,
+    async (rng, seed, _index, ctx) => {
+      const kind = rng.pick(ODD_FILES);
+      ctx.fifos.push(...(await makeOddFile(join(seed, INDEX), kind, join(ctx.outside, "secret.txt"))));
+      return `index -> ${kind}`;
+    },
+  ],
+  [
+    2,
+    async (rng, seed, _index, ctx, shards) => {
+      const what = rng.pick(["second index", "single file too", "pickle only", "no index", "fifo shard listed"]);
+      if (what === "second index" && (await isPlainFile(join(seed, INDEX))))
+        await cp(join(seed, INDEX), join(seed, "other.safetensors.index.json"));
+      const shard = rng.pick(shards);
+      if (what === "single file too" && (await isPlainFile(join(seed, shard))))
+        await cp(join(seed, shard), join(seed, "model.safetensors"));
+      if (what === "no index") await rm(join(seed, INDEX), { force: true, recursive: true });
+      if (what === "pickle only") {
+        for (const name of await readdir(seed))
+          if (name.includes("safetensors")) await rm(join(seed, name), { recursive: true }); // an odd file may be a folder
+        await writeFile(join(seed, "pytorch_model.bin"), "PK\u0003\u0004 not really");
+      }
+      if (what === "fifo shard listed" && makeFifo(join(seed, "fifo.safetensors")))
+        ctx.fifos.push(join(seed, "fifo.safetensors"));
+      return what;
+    },
+  ],
+  [
+    2,
+    async (rng, seed, _index, _ctx, shards) => {
+      const shard = rng.pick(shards);
+      if (!(await isPlainFile(join(seed, shard)))) return `shard ${shard} is not a plain file: left alone`;
+      const notes: string[] = [];
+      const { bytes } = await mutatedSafetensors(rng, notes, join(seed, shard));
+      await writeFile(join(seed, shard), bytes);
+      return `shard ${shard}: ${notes.join(", ")}`;
+    },
+  ],
+  [
+    1,
+    async (_rng, seed, _index, _ctx, shards) => {
+      // Shards and index moved into a sub-folder, listed as sub/<shard>: allowed.
+      await mkdir(join(seed, "sub"), { recursive: true }); // an earlier op may have made it
+      for (const shard of shards) await rename(join(seed, shard), join(seed, "sub", shard)).catch(() => undefined);
+      return "shards in sub/ (listed there below)";
+    },
+  ],
 ];
 
 /** The Hugging Face cache layout: snapshots/<rev>/<file> are relative links into blobs/. */
@@ -147,7 +230,11 @@ export async function indexCase(ctx: CaseContext): Promise<Step[]> {
   const index = JSON.parse(text) as Index;
   const shards = [...new Set(Object.values(weightMap(index)) as string[])].sort();
   let raw: string | Uint8Array | undefined;
-  const ops = rng.weighted<number>([[1, 0], [6, 1], [3, 2]]);
+  const ops = rng.weighted<number>([
+    [1, 0],
+    [6, 1],
+    [3, 2],
+  ]);
   let inSub = false;
   for (let i = 0; i < ops; i++) {
     const op = rng.weighted(OPS);
@@ -157,7 +244,9 @@ export async function indexCase(ctx: CaseContext): Promise<Step[]> {
   }
   if (inSub) {
     const map = weightMap(index);
-    if (map !== null && typeof map === "object") for (const [name, file] of Object.entries(map)) if (shards.includes(file as string)) map[name] = `sub/${file as string}`;
+    if (map !== null && typeof map === "object")
+      for (const [name, file] of Object.entries(map))
+        if (shards.includes(file as string)) map[name] = `sub/${file as string}`;
   }
   // Text-level damage, on top or instead.
   if (rng.chance(0.25)) {
@@ -165,7 +254,10 @@ export async function indexCase(ctx: CaseContext): Promise<Step[]> {
   } else if (rng.chance(0.1)) {
     const choice = rng.pick<() => [string | Uint8Array, string]>([
       () => [deepJsonText(rng.int(1000, 100_000), "object"), "deeply nested index"],
-      () => [text.replace('"weight_map": {', '"weight_map": {\n    "lm_head.weight": "x.safetensors",'), "repeated key in weight_map"],
+      () => [
+        text.replace('"weight_map": {', '"weight_map": {\n    "lm_head.weight": "x.safetensors",'),
+        "repeated key in weight_map",
+      ],
       () => [mutateBytes(rng, encoder.encode(text))[0], "bytes of the index damaged"],
       () => [`${text.slice(0, -2)},\n  "weight_map": {}\n}`, "weight_map given twice"],
     ])();

@@ -17,7 +17,16 @@ import { upcycle } from "../../../src/upcycle/index.js";
 import { deepJsonText, encoder, makeOddFile, mutateBytes, mutateText, ODD_FILES, type OddFile } from "../mutate.js";
 import type { Rng } from "../rng.js";
 
-const SIDE_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "tokenizer.model"];
+const SIDE_FILES = [
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.json",
+  "merges.txt",
+  "generation_config.json",
+  "chat_template.jinja",
+  "tokenizer.model",
+];
 
 async function corruptContent(rng: Rng, original: Uint8Array): Promise<[Uint8Array, string]> {
   const text = new TextDecoder().decode(original);
@@ -61,8 +70,16 @@ export async function tokenizerCase(ctx: CaseContext): Promise<Step[]> {
   await cp(fixture("llama", "code"), seeds[1]!, { recursive: true });
   const edits = rng.int(1, 2);
   for (let i = 0; i < edits; i++) {
-    const file = rng.weighted<string>([[6, "tokenizer.json"], [2, "tokenizer_config.json"], ...SIDE_FILES.slice(2).map((f) => [1, f] as const)]);
-    const where = rng.weighted<number[]>([[2, [0]], [2, [1]], [3, [0, 1]]]);
+    const file = rng.weighted<string>([
+      [6, "tokenizer.json"],
+      [2, "tokenizer_config.json"],
+      ...SIDE_FILES.slice(2).map((f) => [1, f] as const),
+    ]);
+    const where = rng.weighted<number[]>([
+      [2, [0]],
+      [2, [1]],
+      [3, [0, 1]],
+    ]);
     const odd = rng.chance(0.35);
     let content: Uint8Array | undefined;
     let kind: OddFile | undefined;
@@ -102,7 +119,8 @@ export async function tokenizerCase(ctx: CaseContext): Promise<Step[]> {
         for (const file of SIDE_FILES) {
           const copied = await readFile(join(ctx.output, file)).catch(() => undefined);
           if (copied === undefined) continue;
-          if (Buffer.from(copied).equals(secret)) reportViolation(`${file}: a file from outside the seed folder was copied into the output`);
+          if (Buffer.from(copied).equals(secret))
+            reportViolation(`${file}: a file from outside the seed folder was copied into the output`);
           const info = await lstat(join(seeds[0]!, file)).catch(() => undefined);
           if (info?.isFile() && !Buffer.from(copied).equals(await readFile(join(seeds[0]!, file)))) {
             reportViolation(`${file}: the output's copy differs from the first seed's`);
