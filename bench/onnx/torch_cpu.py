@@ -75,12 +75,16 @@ def main():
             gaps = [b - a for a, b in zip(clock.times, clock.times[1:])]
             generation.append({"promptTokens": len(prompt), "stepSeconds": statistics.median(gaps)})
 
-    print(json.dumps({
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "eval": {"tokens": len(ids), "seconds": seconds, "tokensPerSecond": len(ids) / seconds, "nll": nll},
-        "generation": generation,
-    }))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+                "eval": {"tokens": len(ids), "seconds": seconds, "tokensPerSecond": len(ids) / seconds, "nll": nll},
+                "generation": generation,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
