@@ -209,32 +209,6 @@ const QWEN_SLIDING_WINDOW: SlidingWindowSpec = {
   firstSlidingLayer: key("max_window_layers", 28),
 };
 
-/**
- * A single-expert BAM folder read as a dense seed: `bam upcycle SEED --experts 1`
- * writes one, and scripts/finetune.py trains and saves it back (docs/format.md names).
- */
-export const SINGLE_EXPERT_BAM_TENSORS: TensorNames = {
-  prefix: "model.",
-  sources: {
-    embed_tokens: "model.embed_tokens",
-    embed_positions: "model.embed_positions",
-    input_layernorm: "model.layers.{l}.input_layernorm",
-    post_attention_layernorm: "model.layers.{l}.post_attention_layernorm",
-    "attn.q_proj": "model.layers.{l}.attn.q_proj",
-    "attn.k_proj": "model.layers.{l}.attn.k_proj",
-    "attn.v_proj": "model.layers.{l}.attn.v_proj",
-    "attn.o_proj": "model.layers.{l}.attn.o_proj",
-    "attn.q_norm": "model.layers.{l}.attn.q_norm",
-    "attn.k_norm": "model.layers.{l}.attn.k_norm",
-    "mlp.gate_proj": "model.layers.{l}.mlp.experts.0.gate_proj",
-    "mlp.up_proj": "model.layers.{l}.mlp.experts.0.up_proj",
-    "mlp.down_proj": "model.layers.{l}.mlp.experts.0.down_proj",
-    norm: "model.norm",
-    lm_head: "lm_head",
-  },
-  ignored: [],
-};
-
 // ---------------------------------------------------------------- the table
 
 /** Each entry after llama lists only how the family differs from llama. */

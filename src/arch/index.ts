@@ -22,7 +22,7 @@ export {
   type Site,
   type TensorName,
 } from "./names.js";
-export { FAMILY_SPECS, familySpec, type FamilySpec } from "./families.js";
+export type { FamilySpec } from "./families.js";
 export { featuresToConfig, featuresFromConfig, type FeatureConfig } from "./features.js";
 export * from "./types.js";
 export * from "./model.js";

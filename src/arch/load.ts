@@ -15,7 +15,8 @@ import {
   toFloat32,
 } from "../safetensors/index.js";
 import { featuresFromHfConfig, familyOf, readConfigFile, show, type HfConfig } from "./config.js";
-import { SINGLE_EXPERT_BAM_TENSORS, type FamilySpec } from "./families.js";
+import type { FamilySpec } from "./families.js";
+import { SINGLE_EXPERT_BAM_TENSORS } from "./names.js";
 import { featuresFromConfig } from "./features.js";
 import { tokenizerHash as tokenizerContentHash } from "./hash.js";
 import { mapCheckpoint } from "./layout.js";

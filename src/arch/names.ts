@@ -6,7 +6,7 @@
  * dense seed's canonical names (src/arch/types.ts) are the same names with no
  * expert; a BAM folder holds every FFN under `mlp.experts.{e}`.
  */
-import { GLOBAL_SLOTS, LAYER_SLOTS, type GlobalSlot, type LayerSlot, type Slot } from "./families.js";
+import { GLOBAL_SLOTS, LAYER_SLOTS, type GlobalSlot, type LayerSlot, type Slot, type TensorNames } from "./families.js";
 
 /** Which tensor of a module: every name ends in one. */
 export type Part = "weight" | "bias";
@@ -133,3 +133,22 @@ export function denseToBamName(name: string): string {
     ? tensorName({ ...t, expert: 0 })
     : name;
 }
+
+/**
+ * How a BAM folder of one FFN expert and merged attention (`bam upcycle SEED
+ * --experts 1`) names each canonical slot, `{l}` for the layer
+ * (src/arch/layout.ts's source templates): what reads such a folder back as
+ * a dense seed.
+ */
+export const SINGLE_EXPERT_BAM_TENSORS: TensorNames = {
+  prefix: "model.",
+  sources: Object.fromEntries([
+    ...GLOBAL_SLOTS.map((slot) => [slot, GLOBAL_MODULES[slot]]),
+    ...LAYER_SLOTS.map((slot) => {
+      const site = siteOf(slot);
+      const layer = `${LAYERS}.{l}`;
+      return [slot, site === "mlp" ? `${layer}.mlp.${EXPERTS}.0.${slot.slice(site.length + 1)}` : `${layer}.${slot}`];
+    }),
+  ]),
+  ignored: [],
+};
