@@ -3,15 +3,18 @@ qwen3-moe` writes them (src/export/formats.ts), read into the BAM model and writ
 format (stock transformers loads them without remote code).
 
 Both formats hold what a BAM folder with merged attention, a sequential block and llama-style layers
-holds: the mapping is one table per format, tensor-name fragments and config keys, read left to right
-on load (to_bam_*) and right to left on save (to_native_*), so the two directions cannot drift apart.
+holds: the mapping is one table per format (python/native_formats.json, which src/arch/native.ts reads
+too), tensor-name fragments and config keys, read left to right on load (to_bam_*) and right to left on
+save (to_native_*), so the two directions and the two languages cannot drift apart.
 The gate: Mixtral always renormalises the top-k weights (norm_topk_prob true); Qwen3-MoE says which in
 its own norm_topk_prob, the same key as BAM's.
 """
 
+import json
+import os
 import re
 
-from . import BamTrainError
+from . import PYTHON_DIR, BamTrainError
 
 # BAM config values every native folder implies (the llama-style block of the formats' writer)
 IMPLIED = dict(
@@ -53,38 +56,55 @@ SHARED_KEYS = (
     "pad_token_id",
 )
 
-FORMATS = {
-    "mixtral": dict(
-        # (BAM fragment, native fragment); {e} is an expert index
-        tensors=[
-            (".attn.", ".self_attn."),
-            (".mlp.router.", ".block_sparse_moe.gate."),
-            (".mlp.experts.{e}.gate_proj.", ".block_sparse_moe.experts.{e}.w1."),
-            (".mlp.experts.{e}.down_proj.", ".block_sparse_moe.experts.{e}.w2."),
-            (".mlp.experts.{e}.up_proj.", ".block_sparse_moe.experts.{e}.w3."),
-        ],
-        keys=[
-            ("norm_eps", "rms_norm_eps"),
-            ("intermediate_size", "intermediate_size"),
-            ("num_experts", "num_local_experts"),
-            ("sliding_window", "sliding_window"),
-        ],
-        implied=dict(seed_model_type="mistral", qk_norm="none", norm_topk_prob=True),
-        defaults=dict(rope_theta=1e6),  # MixtralConfig's, for a config.json that leaves it out
+# python/native_formats.json: the table src/arch/native.ts reads too (tensor modules, config keys, required values)
+with open(os.path.join(PYTHON_DIR, "native_formats.json")) as _file:
+    SHARED = {fmt: spec for fmt, spec in json.load(_file).items() if fmt != "about"}
+
+
+def _fragments(modules):
+    """(BAM fragment, native fragment) per slot of the shared table; {e} is an expert index."""
+    out = []
+    for slot, module in modules.items():
+        site, rest = slot.split(".", 1)
+        bam = f".{site}.experts.{{e}}.{rest}." if "{e}" in module else f".{slot}."
+        out.append((bam, f".{module}."))
+    return out
+
+
+def _format(fmt, keys, implied, defaults):
+    shared = SHARED[fmt]
+    keys = [
+        ("norm_eps", "rms_norm_eps"),
+        ("intermediate_size", shared["intermediate_key"]),
+        ("num_experts", shared["experts_key"]),
+        *keys,
+    ]
+    if shared["norm_topk_prob_key"] is None:  # the format always does what its default says
+        implied = dict(implied, norm_topk_prob=shared["norm_topk_prob_default"])
+    else:
+        keys.append(("norm_topk_prob", shared["norm_topk_prob_key"]))
+    return dict(
+        tensors=_fragments(shared["modules"]),
+        keys=keys,
+        implied=implied,
+        defaults=defaults,  # the config class's, for a config.json that leaves them out
         # native keys that must hold these values for the folder to be the BAM model
-        required={},
+        required=shared["required"],
+    )
+
+
+FORMATS = {
+    "mixtral": _format(
+        "mixtral",
+        keys=[("sliding_window", "sliding_window")],
+        implied=dict(seed_model_type="mistral", qk_norm="none"),
+        defaults=dict(rope_theta=1e6),
     ),
-    "qwen3_moe": dict(
-        tensors=[(".attn.", ".self_attn."), (".mlp.router.", ".mlp.gate.")],
-        keys=[
-            ("norm_eps", "rms_norm_eps"),
-            ("intermediate_size", "moe_intermediate_size"),
-            ("num_experts", "num_experts"),
-            ("norm_topk_prob", "norm_topk_prob"),
-        ],
+    "qwen3_moe": _format(
+        "qwen3_moe",
+        keys=[],
         implied=dict(seed_model_type="qwen3", qk_norm="shared", sliding_window=None),
         defaults=dict(rope_theta=10000.0),
-        required=dict(decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, use_sliding_window=False),
     ),
 }
 NATIVE_DEFAULTS = dict(

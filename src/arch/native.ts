@@ -5,13 +5,14 @@
  * and the opener (./model.ts) reads the same folders back into the BAM view
  * of docs/format.md. Both formats hold a BAM model with merged attention, a
  * sequential block and llama-style layers. The BAM side of every name comes
- * from ./names.ts. scripts/bamtrain/native.py holds the same mapping (as
- * name fragments) for the Python side.
+ * from ./names.ts; the modules and config keys from python/native_formats.json,
+ * which scripts/bamtrain/native.py reads for the Python side.
  */
+import { readFileSync } from "node:fs";
 import { BamError } from "../errors.js";
 import { featuresFromHfConfig, show, type HfConfig } from "./config.js";
 import { familySpec, LAYER_SLOTS, type FamilySpec, type LayerSlot } from "./families.js";
-import { parseTensorName, ROUTER_SLOTS, siteOf, tensorName, type Part, type RouterSlot } from "./names.js";
+import { parseTensorName, ROUTER_SLOTS, tensorName, type Part, type RouterSlot } from "./names.js";
 import type { ModelKind, MoeSettings } from "./model.js";
 import type { ArchFeatures, Family } from "./types.js";
 
@@ -41,55 +42,60 @@ export interface NativeLayout {
   spec: (family: FamilySpec) => FamilySpec;
 }
 
-/** Both formats: the merged attention is transformers' `self_attn`. */
-const SELF_ATTN = Object.fromEntries(
-  LAYER_SLOTS.filter((slot) => siteOf(slot) === "attn").map((slot) => [
-    slot,
-    `self_attn.${slot.slice("attn.".length)}`,
-  ]),
-);
+/** python/native_formats.json, the table scripts/bamtrain/native.py reads too: what both halves share of a format. */
+interface SharedLayout {
+  architecture: string;
+  modules: Record<string, string>;
+  experts_key: string;
+  intermediate_key: string;
+  norm_topk_prob_key: string | null;
+  norm_topk_prob_default: boolean;
+  required: Record<string, unknown>;
+}
+
+const SHARED = JSON.parse(
+  readFileSync(new URL("../../../python/native_formats.json", import.meta.url), "utf8"),
+) as Record<string, SharedLayout>;
+
+const MAPPED_SLOTS: readonly string[] = [...LAYER_SLOTS, ...ROUTER_SLOTS];
+
+function layout(
+  modelType: NativeLayout["modelType"],
+  families: readonly Family[],
+  spec: NativeLayout["spec"],
+): NativeLayout {
+  const shared = SHARED[modelType]!;
+  for (const slot of Object.keys(shared.modules)) {
+    if (!MAPPED_SLOTS.includes(slot))
+      throw new Error(`python/native_formats.json: ${modelType}: "${slot}" is no BAM layer slot`);
+  }
+  return {
+    modelType,
+    architecture: shared.architecture,
+    families,
+    modules: shared.modules as NativeLayout["modules"],
+    expertsKey: shared.experts_key,
+    intermediateKey: shared.intermediate_key,
+    normTopkProbKey: shared.norm_topk_prob_key,
+    normTopkProbDefault: shared.norm_topk_prob_default,
+    required: shared.required,
+    spec,
+  };
+}
 
 export const NATIVE_LAYOUTS: Readonly<Record<NativeFormat, NativeLayout>> = {
-  mixtral: {
-    modelType: "mixtral",
-    architecture: "MixtralForCausalLM",
-    families: ["mistral", "llama"],
-    modules: {
-      ...SELF_ATTN,
-      "mlp.router": "block_sparse_moe.gate",
-      "mlp.gate_proj": "block_sparse_moe.experts.{e}.w1",
-      "mlp.down_proj": "block_sparse_moe.experts.{e}.w2",
-      "mlp.up_proj": "block_sparse_moe.experts.{e}.w3",
-    },
-    expertsKey: "num_local_experts",
-    intermediateKey: "intermediate_size",
-    normTopkProbKey: null,
-    normTopkProbDefault: true,
-    required: {},
-    // MixtralConfig: no window unless one is set, rope base 1e6.
-    spec: (s) => ({
-      ...s,
-      modelTypes: ["mixtral"],
-      slidingWindow: { window: { keys: ["sliding_window"], default: null }, enabled: true },
-      rope: s.rope === null ? null : { ...s.rope, theta: { keys: ["rope_theta"], default: 1e6 } },
-    }),
-  },
-  "qwen3-moe": {
-    modelType: "qwen3_moe",
-    architecture: "Qwen3MoeForCausalLM",
-    families: ["qwen3"],
-    modules: { ...SELF_ATTN, "mlp.router": "mlp.gate" },
-    expertsKey: "num_experts",
-    intermediateKey: "moe_intermediate_size",
-    normTopkProbKey: "norm_topk_prob",
-    normTopkProbDefault: false,
-    required: { decoder_sparse_step: 1, mlp_only_layers: [], attention_bias: false, use_sliding_window: false },
-    spec: (s) => ({
-      ...s,
-      modelTypes: ["qwen3_moe"],
-      sizes: { ...s.sizes, intermediateSize: ["moe_intermediate_size"] },
-    }),
-  },
+  // MixtralConfig: no window unless one is set, rope base 1e6.
+  mixtral: layout("mixtral", ["mistral", "llama"], (s) => ({
+    ...s,
+    modelTypes: ["mixtral"],
+    slidingWindow: { window: { keys: ["sliding_window"], default: null }, enabled: true },
+    rope: s.rope === null ? null : { ...s.rope, theta: { keys: ["rope_theta"], default: 1e6 } },
+  })),
+  "qwen3-moe": layout("qwen3_moe", ["qwen3"], (s) => ({
+    ...s,
+    modelTypes: ["qwen3_moe"],
+    sizes: { ...s.sizes, intermediateSize: ["moe_intermediate_size"] },
+  })),
 };
 
 export const NATIVE_FORMATS = Object.keys(NATIVE_LAYOUTS) as NativeFormat[];
