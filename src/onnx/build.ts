@@ -32,7 +32,7 @@
  */
 import type { GlobalSlot } from "../arch/families.js";
 import type { OpenedModel } from "../arch/model.js";
-import { expertModule, moduleName, tensorName } from "../arch/names.js";
+import { expertModule, moduleName, type RouterSlot, tensorName } from "../arch/names.js";
 import type { ArchFeatures } from "../arch/types.js";
 import { BamError } from "../errors.js";
 import { concat } from "../safetensors/index.js";
@@ -480,15 +480,7 @@ class Builder {
     let outBias = "";
     if (qExperts > 1) {
       // soft routing: every expert's output weighted by softmax(W_ar h), per query head
-      const gates = g.op(
-        "Softmax",
-        [
-          g.op("Gemm", [h, this.weight(tensorName({ layer: l, slot: "attn.router", expert: null, part: "weight" }))], {
-            transB: 1,
-          }),
-        ],
-        { axis: -1 },
-      ); // [N, E]
+      const gates = this.routerProbabilities(l, "attn.router", h); // [N, E]
       const headGates = g.op("Gather", [gates, g.int64(this.heads.query.map((q) => q.expert))], { axis: 1 }); // [N, heads]
       y = g.op("Mul", [y, g.op("Unsqueeze", [headGates, g.int64([2])])]);
       if (f.attnOutBias) {
@@ -643,15 +635,7 @@ class Builder {
     const E = this.model.moe.numExperts;
     if (E === 1) return this.expert(expertModule(l, "mlp", 0), x);
     const k = this.model.moe.expertsPerToken;
-    const probs = g.op(
-      "Softmax",
-      [
-        g.op("Gemm", [x, this.weight(tensorName({ layer: l, slot: "mlp.router", expert: null, part: "weight" }))], {
-          transB: 1,
-        }),
-      ],
-      { axis: -1 },
-    ); // [N, E]
+    const probs = this.routerProbabilities(l, "mlp.router", x); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
     // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
     const weights = this.model.moe.normTopkProb
@@ -730,6 +714,12 @@ class Builder {
   }
 
   /** A model tensor used as is (float32). */
+  /** softmax(W_router x) of a layer's attention or FFN router: [N, E]. */
+  private routerProbabilities(layer: number, slot: RouterSlot, x: string): string {
+    const router = this.weight(tensorName({ layer, slot, expert: null, part: "weight" }));
+    return this.g.op("Softmax", [this.g.op("Gemm", [x, router], { transB: 1 })], { axis: -1 });
+  }
+
   private weight(name: string): string {
     return this.derived(name, this.src.shape(name), () => this.src.f32(name));
   }
