@@ -167,15 +167,24 @@ export function argmax(logits: Float32Array): number {
 }
 
 /**
- * A token drawn from softmax(logits / temperature), limited to the smallest
- * set of most probable tokens whose probability reaches `topP`; `random`
- * returns uniform numbers in [0, 1).
+ * A token drawn from softmax(logits / temperature), limited as transformers
+ * limits it: to the `topK` most probable tokens (0: all), then to the
+ * smallest set of those whose probability among them reaches `topP`;
+ * `random` returns uniform numbers in [0, 1).
  */
-export function sample(logits: Float32Array, temperature: number, topP: number, random: () => number): number {
+export function sample(
+  logits: Float32Array,
+  temperature: number,
+  topK: number,
+  topP: number,
+  random: () => number,
+): number {
   const max = logits[argmax(logits)]!;
   const weights = Float64Array.from(logits, (x) => Math.exp((x - max) / temperature));
-  const order = Array.from(weights.keys()).sort((a, b) => weights[b]! - weights[a]!);
-  const total = weights.reduce((a, b) => a + b, 0);
+  const order = Array.from(weights.keys())
+    .sort((a, b) => weights[b]! - weights[a]!)
+    .slice(0, topK > 0 ? topK : undefined);
+  const total = order.reduce((sum, token) => sum + weights[token]!, 0);
   let kept = 0;
   let mass = 0;
   while (kept < order.length && mass < topP * total) mass += weights[order[kept++]!]!;

@@ -7,7 +7,9 @@ export interface GenerationSettings {
   maxNewTokens: number;
   /** 0 = greedy (default); above 0 samples. */
   temperature: number;
-  /** Nucleus sampling: keep the smallest set of tokens with this much probability (default 1). */
+  /** Sampling keeps the k most probable tokens; 0 keeps all (default 50, transformers' default). */
+  topK: number;
+  /** Nucleus sampling: keep the smallest set of tokens with this much probability (default 1), after top-k. */
   topP: number;
   /** Seeds the sampler (the same seed gives the same tokens); null (default) leaves it seeded from the OS. */
   seed: number | null;
@@ -32,6 +34,7 @@ export interface Generation {
 export const DEFAULT_GENERATION: Readonly<GenerationSettings> = {
   maxNewTokens: 64,
   temperature: 0,
+  topK: 50,
   topP: 1,
   seed: null,
 };

@@ -57,12 +57,14 @@ export function checkGeneration(prompt: unknown, settings: GenerationSettings): 
   if (typeof prompt !== "string" || prompt === "")
     invalid(`prompt must be a non-empty string, not ${typeof prompt === "string" ? "empty" : typeof prompt}`);
   if (settings === null || typeof settings !== "object")
-    invalid("generation settings must be an object { maxNewTokens, temperature, topP, seed }");
-  const { maxNewTokens, temperature, topP, seed } = settings;
+    invalid("generation settings must be an object { maxNewTokens, temperature, topK, topP, seed }");
+  const { maxNewTokens, temperature, topK, topP, seed } = settings;
   if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 1)
     invalid(`maxNewTokens must be a positive integer, not ${String(maxNewTokens)}`);
   if (typeof temperature !== "number" || !Number.isFinite(temperature) || temperature < 0)
     invalid(`temperature must be 0 or more, not ${String(temperature)}`);
+  if (!Number.isSafeInteger(topK) || topK < 0)
+    invalid(`topK must be 0 (all tokens) or a positive integer, not ${String(topK)}`);
   if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) invalid(`topP must be in (0, 1], not ${String(topP)}`);
   if (seed !== null && !(Number.isSafeInteger(seed) && seed >= 0))
     invalid(`seed must be a non-negative integer or null, not ${String(seed)}`);
@@ -131,7 +133,9 @@ export async function generateFromExport(
       if (signal?.aborted) throw interrupted();
       const logits = await decoder.step(newIds.length === 0 ? promptIds : [newIds.at(-1)!]);
       const next =
-        settings.temperature > 0 ? sample(logits, settings.temperature, settings.topP, random) : argmax(logits);
+        settings.temperature > 0
+          ? sample(logits, settings.temperature, settings.topK, settings.topP, random)
+          : argmax(logits);
       newIds.push(next);
       streamer.put([[BigInt(next)]]);
       if (stop.has(next)) break;

@@ -15,6 +15,7 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import * as ort from "onnxruntime-node";
 import { prepareOnnx } from "../../src/onnx/export.js";
+import { sample, uniformRandom } from "../../src/onnx/decoder.js";
 import { generateFromExport } from "../../src/onnx/transformers.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
 import { fixture, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
@@ -160,6 +161,7 @@ describe("generation", () => {
         const generated = await generateFromExport(folder, "The experts learned", {
           maxNewTokens: 8,
           temperature: 0,
+          topK: 0,
           topP: 1,
           seed: null,
         });
@@ -184,6 +186,7 @@ describe("generation", () => {
         const ours = await generateFromExport(folder, "The experts learned", {
           maxNewTokens: 80,
           temperature: 0,
+          topK: 0,
           topP: 1,
           seed: null,
         });
@@ -208,7 +211,7 @@ describe("generation", () => {
   test("sampling: a seed repeats its tokens, a tiny top-p is greedy", () =>
     withTempDir(async (dir) => {
       const { folder } = await prepareOnnx(await CASES[1]!.make(dir), { output: join(dir, "onnx") });
-      const settings = { maxNewTokens: 12, temperature: 1.5, topP: 1, seed: 7 };
+      const settings = { maxNewTokens: 12, temperature: 1.5, topK: 0, topP: 1, seed: 7 };
       const first = await generateFromExport(folder, "The experts", settings);
       assert.deepEqual((await generateFromExport(folder, "The experts", settings)).newIds, first.newIds);
       const greedy = await generateFromExport(folder, "The experts", { ...settings, temperature: 0 });
@@ -217,7 +220,33 @@ describe("generation", () => {
         (await generateFromExport(folder, "The experts", { ...settings, topP: 1e-6 })).newIds,
         greedy.newIds,
       );
+      assert.deepEqual(
+        (await generateFromExport(folder, "The experts", { ...settings, topK: 1 })).newIds,
+        greedy.newIds,
+        "top-k 1 is greedy",
+      );
     }));
+
+  test("sampling keeps the top-k tokens, then top-p of their mass, as transformers does", () => {
+    const random = uniformRandom(11);
+    const logits = Float32Array.from({ length: 40 }, () => random() * 4 - 2);
+    const ranked = Array.from(logits.keys()).sort((a, b) => logits[b]! - logits[a]!);
+    const drawn = (topK: number, topP: number) => {
+      const draw = uniformRandom(5);
+      return new Set(Array.from({ length: 2000 }, () => sample(logits, 1, topK, topP, draw)));
+    };
+    assert.deepEqual(
+      [...drawn(3, 1)].sort(),
+      ranked.slice(0, 3).sort(),
+      "top-k 3: the three most probable, each drawn",
+    );
+    assert.ok(drawn(0, 1).size > 30, "top-k 0 keeps every token");
+    // top-p within the top-k: probabilities renormalised over the k kept
+    const weights = ranked.slice(0, 5).map((t) => Math.exp(logits[t]! - logits[ranked[0]!]!));
+    const total = weights.reduce((a, b) => a + b, 0);
+    const topP = (weights[0]! + weights[1]! / 2) / total; // within the 2nd token's mass: the first two are kept
+    assert.deepEqual([...drawn(5, topP)].sort(), ranked.slice(0, 2).sort());
+  });
 
   test("pipeline('text-generation', folder) loads the export from local files", () =>
     withTempDir(async (dir) => {
@@ -232,6 +261,7 @@ describe("generation", () => {
       const ours = await generateFromExport(folder, "The experts learned", {
         maxNewTokens: 6,
         temperature: 0,
+        topK: 0,
         topP: 1,
         seed: null,
       });

@@ -18,7 +18,7 @@ let root: string;
 let folder: string;
 let modelFile: string;
 const model = fixture("llama", "base"); // 128 positions
-const greedy: GenerationSettings = { maxNewTokens: 4, temperature: 0, topP: 1, seed: null };
+const greedy: GenerationSettings = { maxNewTokens: 4, temperature: 0, topK: 50, topP: 1, seed: null };
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), "bam-generate-"));

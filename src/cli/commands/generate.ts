@@ -25,6 +25,11 @@ export const generateCommand = defineCommand({
         default: DEFAULT_GENERATION.temperature,
         describe: "0 = greedy; above 0 samples",
       })
+      .option("top-k", {
+        type: "number",
+        default: DEFAULT_GENERATION.topK,
+        describe: "Sampling keeps the k most probable tokens (0: all)",
+      })
       .option("top-p", {
         type: "number",
         default: DEFAULT_GENERATION.topP,
@@ -38,6 +43,7 @@ export const generateCommand = defineCommand({
       const settings = {
         maxNewTokens: args.maxNewTokens,
         temperature: args.temperature,
+        topK: args.topK,
         topP: args.topP,
         seed: args.seed ?? null,
         signal,
@@ -79,8 +85,9 @@ const FLAGS: Readonly<Record<string, string>> = {
   prompt: "--prompt",
   maxNewTokens: "--max-new-tokens",
   temperature: "--temperature",
+  topK: "--top-k",
   topP: "--top-p",
   seed: "--seed",
 };
 const flagNames = (message: string) =>
-  message.replace(/\b(prompt|maxNewTokens|temperature|topP|seed)\b/g, (name) => FLAGS[name]!);
+  message.replace(/\b(prompt|maxNewTokens|temperature|topK|topP|seed)\b/g, (name) => FLAGS[name]!);
