@@ -118,6 +118,7 @@ export async function generateFromExport(
   const interrupted = () => new BamError("ABORTED", "generation interrupted");
   if (signal?.aborted) throw interrupted();
   const stop = await stopTokens(folder);
+  const penalty = await repetitionPenalty(folder);
   const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE));
   try {
     const streamer = new TextStreamer(tokenizer, {
@@ -132,6 +133,7 @@ export async function generateFromExport(
       // between tokens: the one place a signal stops generation
       if (signal?.aborted) throw interrupted();
       const logits = await decoder.step(newIds.length === 0 ? promptIds : [newIds.at(-1)!]);
+      if (penalty !== 1) penalise(logits, [...promptIds, ...newIds], penalty);
       const next =
         settings.temperature > 0
           ? sample(logits, settings.temperature, settings.topK, settings.topP, random)
@@ -145,6 +147,39 @@ export async function generateFromExport(
     return { promptIds, newIds, text: tokenizer.decode(newIds, { skip_special_tokens: true }), seconds };
   } finally {
     await decoder.close();
+  }
+}
+
+/** The model's generation_config.json `repetition_penalty` (1: none), which transformers applies to every generation. */
+async function repetitionPenalty(folder: string): Promise<number> {
+  const file = join(folder, "generation_config.json");
+  if (!existsSync(file)) return 1;
+  let penalty: unknown;
+  try {
+    penalty = (JSON.parse(await readFile(file, "utf8")) as { repetition_penalty?: unknown }).repetition_penalty;
+  } catch (error) {
+    throw new BamError(
+      "CONFIG_INVALID",
+      `${file}: cannot read repetition_penalty (${firstLine(error)}); fix the file`,
+      {
+        cause: error,
+      },
+    );
+  }
+  if (penalty == null) return 1;
+  if (typeof penalty !== "number" || !(penalty > 0 && Number.isFinite(penalty)))
+    throw new BamError(
+      "CONFIG_INVALID",
+      `${file}: repetition_penalty must be a positive number, not ${String(penalty)}`,
+    );
+  return penalty;
+}
+
+/** transformers' repetition penalty: the logit of every token seen so far, divided by `penalty` above 0, multiplied below. */
+export function penalise(logits: Float32Array, seen: readonly number[], penalty: number): void {
+  for (const id of new Set(seen)) {
+    const x = logits[id]!;
+    logits[id] = x < 0 ? x * penalty : x / penalty;
   }
 }
 

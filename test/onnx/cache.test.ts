@@ -208,6 +208,29 @@ describe("generation", () => {
       }));
   }
 
+  test("a model's repetition_penalty (generation_config.json) is applied as transformers.js applies it", () =>
+    withTempDir(async (dir) => {
+      const { folder } = await prepareOnnx(await CASES[0]!.make(dir), { output: join(dir, "onnx") });
+      const greedy = { maxNewTokens: 40, temperature: 0, topK: 0, topP: 1, seed: null };
+      const plain = await generateFromExport(folder, "The experts learned", greedy);
+      const configFile = join(folder, "generation_config.json");
+      const config = JSON.parse(await readFile(configFile, "utf8")) as Record<string, unknown>;
+      await writeFile(configFile, JSON.stringify({ ...config, repetition_penalty: 1.8 }));
+      const ours = await generateFromExport(folder, "The experts learned", greedy);
+      assert.notDeepEqual(ours.newIds, plain.newIds, "the penalty changed nothing: the test would prove nothing");
+      const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
+      env.allowRemoteModels = false;
+      const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
+      const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
+      const output = (await model.generate({
+        ...tokenizer("The experts learned"),
+        max_new_tokens: 40,
+        do_sample: false,
+      })) as { data: BigInt64Array };
+      await model.dispose();
+      assert.deepEqual(ours.newIds, Array.from(output.data, Number).slice(ours.promptIds.length));
+    }));
+
   test("sampling: a seed repeats its tokens, a tiny top-p is greedy", () =>
     withTempDir(async (dir) => {
       const { folder } = await prepareOnnx(await CASES[1]!.make(dir), { output: join(dir, "onnx") });
