@@ -119,11 +119,16 @@ function resolveFor(options: UpcycleOptions, seeds: Seed[]): ResolvedOptions {
   return resolveOptions(withFormat, seeds[0]!.features.parallelBlock ? "parallel" : "sequential");
 }
 
+/** The plan of open seeds: their configs, headers and file records. */
+async function planFor(options: UpcycleOptions, seeds: Seed[]): Promise<UpcyclePlan> {
+  return buildPlan(seeds, resolveFor(options, seeds), await Promise.all(seeds.map(seedFiles)));
+}
+
 /** The plan of an upcycle: pure apart from reading the seeds' configs and headers (and downloading Hub ids the cache lacks). */
 export async function planUpcycle(options: UpcycleOptions, hooks: SeedHooks = {}): Promise<UpcyclePlan> {
   checkOptions(options); // before any file is opened: the API refuses what the CLI refuses
   return withSeeds(inputModels(options), hooks, async (seeds) => {
-    const plan = buildPlan(seeds, resolveFor(options, seeds), await Promise.all(seeds.map(seedFiles)));
+    const plan = await planFor(options, seeds);
     await sideFiles(seeds[0]!.dir);
     return plan;
   });
@@ -145,10 +150,16 @@ export async function executePlan(plan: UpcyclePlan, hooks: UpcycleHooks = {}): 
   });
 }
 
-/** Plans and runs the upcycle (planUpcycle, then executePlan); the output folder appears complete or not at all. */
+/**
+ * Plans and runs the upcycle, as planUpcycle then executePlan would, with the
+ * seeds opened and planned once; the output folder appears complete or not at all.
+ */
 export async function upcycle(options: UpcycleOptions, hooks: UpcycleHooks = {}): Promise<UpcycleResult> {
   checkWriteOptions(options); // before any file is opened: the API refuses what the CLI refuses
-  return executePlan(await planUpcycle(options, hooks), hooks);
+  const started = performance.now();
+  return withSeeds(inputModels(options), hooks, async (seeds) =>
+    execute(await planFor(options, seeds), options.output, seeds, hooks, started),
+  );
 }
 
 const notAPlan = (why: string) =>
