@@ -70,20 +70,30 @@ export function checkGeneration(prompt: unknown, settings: GenerationSettings): 
     invalid(`seed must be a non-negative integer or null, not ${String(seed)}`);
 }
 
+/**
+ * A key of one of an export's JSON files (config.json, generation_config.json);
+ * undefined where the key, or an optional file, is absent. A file that cannot
+ * be read as a JSON object is CONFIG_INVALID, naming the key sought and `advice`.
+ */
+async function jsonKey(file: string, key: string, advice: string, optional: boolean): Promise<unknown> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(await readFile(file, "utf8"));
+  } catch (error) {
+    if (optional && (error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+    throw new BamError("CONFIG_INVALID", `${file}: cannot read ${key} (${firstLine(error)}); ${advice}`, {
+      cause: error,
+    });
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed))
+    throw new BamError("CONFIG_INVALID", `${file}: cannot read ${key} (not a JSON object); ${advice}`);
+  return (parsed as Record<string, unknown>)[key];
+}
+
 /** Positions of an exported folder's model (its config.json, as prepareOnnx writes it). */
 async function modelPositions(folder: string): Promise<number> {
   const file = join(folder, "config.json");
-  let positions: unknown;
-  try {
-    positions = (JSON.parse(await readFile(file, "utf8")) as { max_position_embeddings?: unknown })
-      .max_position_embeddings;
-  } catch (error) {
-    throw new BamError(
-      "CONFIG_INVALID",
-      `${file}: cannot read max_position_embeddings (${firstLine(error)}); export the model again`,
-      { cause: error },
-    );
-  }
+  const positions = await jsonKey(file, "max_position_embeddings", "export the model again", false);
   if (!Number.isSafeInteger(positions) || (positions as number) < 1)
     throw new BamError("CONFIG_INVALID", `${file}: max_position_embeddings must be a positive integer`);
   return positions as number;
@@ -153,19 +163,7 @@ export async function generateFromExport(
 /** The model's generation_config.json `repetition_penalty` (1: none), which transformers applies to every generation. */
 async function repetitionPenalty(folder: string): Promise<number> {
   const file = join(folder, "generation_config.json");
-  if (!existsSync(file)) return 1;
-  let penalty: unknown;
-  try {
-    penalty = (JSON.parse(await readFile(file, "utf8")) as { repetition_penalty?: unknown }).repetition_penalty;
-  } catch (error) {
-    throw new BamError(
-      "CONFIG_INVALID",
-      `${file}: cannot read repetition_penalty (${firstLine(error)}); fix the file`,
-      {
-        cause: error,
-      },
-    );
-  }
+  const penalty = await jsonKey(file, "repetition_penalty", "fix the model's generation_config.json", true);
   if (penalty == null) return 1;
   if (typeof penalty !== "number" || !(penalty > 0 && Number.isFinite(penalty)))
     throw new BamError(
@@ -187,17 +185,7 @@ export function penalise(logits: Float32Array, seen: readonly number[], penalty:
 async function stopTokens(folder: string): Promise<Set<number>> {
   for (const name of ["generation_config.json", "config.json"]) {
     const file = join(folder, name);
-    if (!existsSync(file)) continue;
-    let eos: unknown;
-    try {
-      eos = (JSON.parse(await readFile(file, "utf8")) as { eos_token_id?: unknown }).eos_token_id;
-    } catch (error) {
-      throw new BamError(
-        "CONFIG_INVALID",
-        `${file}: cannot read eos_token_id (${firstLine(error)}); export the model again`,
-        { cause: error },
-      );
-    }
+    const eos = await jsonKey(file, "eos_token_id", "export the model again", true);
     if (eos == null) continue;
     const ids = Array.isArray(eos) ? eos : [eos];
     if (!ids.every((id) => Number.isSafeInteger(id)))
