@@ -152,6 +152,20 @@ for (const { label, make } of CASES) {
   });
 }
 
+/** The new tokens of transformers.js's own greedy `generate` on an export (its generation_config.json applied). */
+async function transformersJsGreedy(folder: string, prompt: string, maxNewTokens: number): Promise<number[]> {
+  const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
+  env.allowRemoteModels = false;
+  const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
+  const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
+  const inputs = tokenizer(prompt);
+  const output = (await model.generate({ ...inputs, max_new_tokens: maxNewTokens, do_sample: false })) as {
+    data: BigInt64Array;
+  };
+  await model.dispose();
+  return Array.from(output.data, Number).slice(inputs.input_ids.dims.at(-1));
+}
+
 describe("generation", () => {
   for (const { label, make } of [CASES[1]!, CASES[3]!]) {
     test(`${label}: greedy tokens with the KV cache are the full forward's argmax at every step`, () =>
@@ -190,17 +204,7 @@ describe("generation", () => {
           topP: 1,
           seed: null,
         });
-        const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
-        env.allowRemoteModels = false;
-        const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
-        const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
-        const output = (await model.generate({
-          ...tokenizer("The experts learned"),
-          max_new_tokens: 80,
-          do_sample: false,
-        })) as { data: BigInt64Array };
-        await model.dispose();
-        assert.deepEqual(ours.newIds, Array.from(output.data, Number).slice(ours.promptIds.length));
+        assert.deepEqual(ours.newIds, await transformersJsGreedy(folder, "The experts learned", 80));
         assert.ok(
           ours.promptIds.length + ours.newIds.length > 64,
           `${ours.newIds.length} tokens: the cache never grew`,
@@ -218,17 +222,7 @@ describe("generation", () => {
       await writeFile(configFile, JSON.stringify({ ...config, repetition_penalty: 1.8 }));
       const ours = await generateFromExport(folder, "The experts learned", greedy);
       assert.notDeepEqual(ours.newIds, plain.newIds, "the penalty changed nothing: the test would prove nothing");
-      const { AutoModelForCausalLM, AutoTokenizer, env } = await import("@huggingface/transformers");
-      env.allowRemoteModels = false;
-      const tokenizer = await AutoTokenizer.from_pretrained(folder, { local_files_only: true });
-      const model = await AutoModelForCausalLM.from_pretrained(folder, { local_files_only: true, dtype: "fp32" });
-      const output = (await model.generate({
-        ...tokenizer("The experts learned"),
-        max_new_tokens: 40,
-        do_sample: false,
-      })) as { data: BigInt64Array };
-      await model.dispose();
-      assert.deepEqual(ours.newIds, Array.from(output.data, Number).slice(ours.promptIds.length));
+      assert.deepEqual(ours.newIds, await transformersJsGreedy(folder, "The experts learned", 40));
     }));
 
   test("sampling: a seed repeats its tokens, a tiny top-p is greedy", () =>
