@@ -13,7 +13,7 @@
 import type * as Ort from "onnxruntime-node";
 import { BamError } from "../errors.js";
 import { slotNames } from "./build.js";
-import { importEngine } from "./optional.js";
+import { engineError, openEngineSession } from "./session.js";
 
 /** Slots a cache starts with; it doubles from there. */
 const FIRST_SLOTS = 64;
@@ -41,21 +41,7 @@ export class Decoder {
   ) {}
 
   static async open(file: string, options: { threads?: number } = {}): Promise<Decoder> {
-    const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
-    let session: Ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(file, {
-        graphOptimizationLevel: "all",
-        logSeverityLevel: 4,
-        ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
-      });
-    } catch (error) {
-      throw new BamError(
-        "IO_ERROR",
-        `${file}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]}); export the model again`,
-        { cause: error },
-      );
-    }
+    const { ort, session } = await openEngineSession(file, { ...options, advice: "; export the model again" });
     const keys = session.inputMetadata.filter((meta) => /^cache\.\d+\.key$/.test(meta.name));
     const shape = keys[0]?.isTensor ? keys[0].shape : [];
     const [, heads, headDim] = shape;
@@ -102,13 +88,9 @@ export class Decoder {
     try {
       out = await this.session.run(feeds, fetches);
     } catch (error) {
-      throw new BamError(
-        "IO_ERROR",
-        `${this.file}: onnxruntime failed at position ${filled} (${String((error as Error).message ?? error)
-          .split("\n")[0]!
-          .slice(0, 300)})`,
-        { cause: error },
-      );
+      throw new BamError("IO_ERROR", `${this.file}: onnxruntime failed at position ${filled} (${engineError(error)})`, {
+        cause: error,
+      });
     }
     for (const [l, cache] of this.caches.entries()) {
       const names = slotNames(l);

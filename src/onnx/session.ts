@@ -8,6 +8,40 @@ import type * as Ort from "onnxruntime-node";
 import { BamError } from "../errors.js";
 import { importEngine } from "./optional.js";
 
+/**
+ * onnxruntime (loaded on first use) and a session of `file`, logging fatal
+ * errors only; a file it cannot load is IO_ERROR in one line, `advice` after it.
+ */
+export async function openEngineSession(
+  file: string,
+  options: { threads?: number; advice?: string } = {},
+): Promise<{ ort: typeof Ort; session: Ort.InferenceSession }> {
+  const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
+  try {
+    const session = await ort.InferenceSession.create(file, {
+      graphOptimizationLevel: "all",
+      logSeverityLevel: 4,
+      ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
+    });
+    return { ort, session };
+  } catch (error) {
+    throw new BamError(
+      "IO_ERROR",
+      `${file}: onnxruntime cannot load it (${engineError(error, Infinity)})${options.advice ?? ""}`,
+      {
+        cause: error,
+      },
+    );
+  }
+}
+
+/** An onnxruntime error's first line, cut at `length`: its own words are pages of dumps. */
+export function engineError(error: unknown, length = 300): string {
+  return String((error as Error).message ?? error)
+    .split("\n")[0]!
+    .slice(0, length);
+}
+
 export class OnnxSession {
   private constructor(
     private readonly ort: typeof Ort,
@@ -17,17 +51,7 @@ export class OnnxSession {
   ) {}
 
   static async open(modelFile: string): Promise<OnnxSession> {
-    const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
-    let session: Ort.InferenceSession;
-    try {
-      session = await ort.InferenceSession.create(modelFile, { graphOptimizationLevel: "all", logSeverityLevel: 4 });
-    } catch (error) {
-      throw new BamError(
-        "IO_ERROR",
-        `${modelFile}: onnxruntime cannot load it (${String((error as Error).message ?? error).split("\n")[0]})`,
-        { cause: error },
-      );
-    }
+    const { ort, session } = await openEngineSession(modelFile);
     const pastShapes = new Map<string, [number, number]>();
     for (const meta of session.inputMetadata) {
       if (!meta.name.startsWith("past_key_values.") || !meta.isTensor) continue;
@@ -60,14 +84,10 @@ export class OnnxSession {
     try {
       result = await this.session.run(feeds, outputs);
     } catch (error) {
-      // Its own words are pages of dumps; one line, with the input's shape, is what the caller can act on.
-      throw new BamError(
-        "IO_ERROR",
-        `onnxruntime failed on ${batch} x ${seq} tokens (${String((error as Error).message ?? error)
-          .split("\n")[0]!
-          .slice(0, 300)})`,
-        { cause: error },
-      );
+      // one line, with the input's shape, is what the caller can act on
+      throw new BamError("IO_ERROR", `onnxruntime failed on ${batch} x ${seq} tokens (${engineError(error)})`, {
+        cause: error,
+      });
     }
     return outputs.map((name) => result[name]!.data as Float32Array);
   }
