@@ -13,6 +13,7 @@
 import type * as Ort from "onnxruntime-node";
 import { BamError } from "../errors.js";
 import { slotNames } from "./build.js";
+import { RandomStream } from "../random.js";
 import { engineError, openEngineSession } from "./session.js";
 
 /** Slots a cache starts with; it doubles from there. */
@@ -178,15 +179,9 @@ export function sample(
   return order[kept - 1]!;
 }
 
-/** A seeded generator of uniform numbers in [0, 1) (mulberry32), or Math.random for no seed. */
+/** Uniform numbers in [0, 1) for sampling: the seed's own stream (src/random.ts), or Math.random for no seed. */
 export function uniformRandom(seed: number | null): () => number {
   if (seed === null) return Math.random;
-  let state = (seed % 2 ** 32) ^ Math.floor(seed / 2 ** 32);
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
+  const stream = new RandomStream(seed, "generate");
+  return () => stream.nextUniform();
 }

@@ -19,7 +19,7 @@ import {
 import { BamError } from "../errors.js";
 import type { PlannedTensor, SourceRef, UpcyclePlan } from "./plan.js";
 import type { AveragePool } from "./average.js";
-import { RandomStream } from "./random.js";
+import { RandomStream } from "../random.js";
 
 /** Fills a byte range of one output tensor; see TensorToWrite. */
 type RangeFiller = (offset: number, into: Uint8Array) => Promise<void>;

@@ -1,7 +1,8 @@
 /**
- * Deterministic random numbers for router init and Drop-Upcycling: every
- * stream is keyed by (--seed, a name), so a tensor's values depend on
- * nothing but its key, whatever order or process computes it.
+ * Deterministic random numbers for router init, Drop-Upcycling and
+ * generation's sampling: every stream is keyed by (a seed, a name), so a
+ * tensor's values depend on nothing but its key, whatever order or process
+ * computes it.
  */
 import { createHash } from "node:crypto";
 
