@@ -91,7 +91,8 @@ for (const size of sizes) {
     cp: () =>
       measured("bash", [
         "-c",
-        seeds.map((s, n) => `mkdir -p ${out}/${n} && cp --reflink=never ${s}/*.safetensors ${out}/${n}/`).join(" && "),
+        // One flat folder, so its size counts like the others' (a seed's files prefixed by its number).
+        `mkdir -p ${out} && ${seeds.map((s, n) => `for f in ${s}/*.safetensors; do cp --reflink=never "$f" "${out}/${n}-$(basename "$f")"; done`).join(" && ")}`,
       ]),
     "mergekit-moe": () => measured(mergekit, [config, out, "--random-seed", "0", "--quiet"]),
     "bam upcycle": () =>
