@@ -651,6 +651,7 @@ def run(args, ctx, say):
                     step_time=dt,
                     tokens_per_s=tokens_per_step / dt,
                     mfu=metrics.mfu(tokens_per_step / dt, fl["flops_per_token"], peak, ctx.world),
+                    mfu_causal=metrics.mfu(tokens_per_step / dt, fl["flops_per_token_causal"], peak, ctx.world),
                     domains={d.name: sum(1 for i, _ in refs if i == k) for k, d in enumerate(mixture.domains)},
                 )
                 last = r

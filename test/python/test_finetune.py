@@ -201,6 +201,7 @@ class TestFinetune(unittest.TestCase):
             self.assertGreater(r["grad_norm"], 0)
             self.assertGreater(r["tokens_per_s"], 0)
             self.assertIsNone(r["mfu"])  # no peak FLOP/s known for a CPU
+            self.assertIsNone(r["mfu_causal"])
             self.assertAlmostEqual(r["loss"], r["nll"] + 0.01 * r["lb_loss"] + 0.001 * r["z_loss"], places=5)
             self.assertEqual(sum(r["domains"].values()), 4)
         self.assertAlmostEqual(train_recs[-1]["lr"], 3e-4)  # cosine down to 10% of the peak
@@ -923,6 +924,10 @@ class TestSpeedDefaults(unittest.TestCase):
         self.assertEqual(len(steps), 4)
         for r in steps:
             self.assertAlmostEqual(r["mfu"], r["tokens_per_s"] * train_args["flops_per_token"] / peak, delta=1e-12)
+            self.assertAlmostEqual(
+                r["mfu_causal"], r["tokens_per_s"] * train_args["flops_per_token_causal"] / peak, delta=1e-12
+            )
+            self.assertLess(r["mfu_causal"], r["mfu"])
         self.assertIsNone(metrics.mfu(1e3, 1e9, None))
 
 
