@@ -488,6 +488,75 @@ class MoE(nn.Module):
         return out[dest].to(xs.dtype)
 
 
+CHUNK_LOGITS = 1 << 26  # logits per chunk of linear_cross_entropy: 256 MiB in float32
+
+
+def chunk_rows(vocab):
+    """Rows per chunk of linear_cross_entropy (441 for a vocabulary of 152K, 2097 for 32K)."""
+    return max(1, CHUNK_LOGITS // vocab)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of scale * (h @ W^T + b) against labels (-100: ignored), chunk by chunk, so the
+    [N, V] logits are never whole in memory. The loss ends the graph, so its gradients are computed in
+    forward, chunk by chunk too, and backward only scales them: the matmuls of an unfused head, no more."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, scale, dtype):
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            grad_h = torch.empty_like(h)
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            rows = chunk_rows(weight.shape[0])
+            for start in range(0, h.shape[0], rows):
+                hc, yc = h[start : start + rows].to(dtype), labels[start : start + rows]
+                z = F.linear(hc, w, b).float()
+                if scale != 1.0:
+                    z = z * scale
+                valid = yc != -100
+                target = yc.clamp(min=0)[:, None]
+                lse = torch.logsumexp(z, -1)
+                total += ((lse - z.gather(-1, target)[:, 0]) * valid).sum()
+                g = torch.exp(z - lse[:, None])  # softmax; minus one at the label, zero on ignored rows
+                g.scatter_add_(-1, target, torch.full_like(g[:, :1], -1.0))
+                g = (g * (valid[:, None] * scale)).to(dtype)
+                grad_h[start : start + rows] = (g @ w).to(h.dtype)
+                grad_w += (g.t() @ hc).float()
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.weight_dtypes = weight.dtype, None if bias is None else bias.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.weight_dtypes
+        grad_b = None if grad_b is None else (grad_b * grad_total).to(b_dtype)
+        return grad_h * grad_total.to(grad_h.dtype), (grad_w * grad_total).to(w_dtype), grad_b, None, None, None
+
+
+def linear_cross_entropy(h, weight, bias, labels, scale=None):
+    """sum over rows of cross_entropy(scale * (h @ W^T + b), labels, ignore_index=-100) in float32, h [N, H],
+    labels [N], as the head and F.cross_entropy would give it (in the autocast dtype, when autocast is on)
+    without the [N, V] logits: training's loss for large vocabularies."""
+    dtype = autocast_dtype(h.device.type) or torch.promote_types(h.dtype, weight.dtype)
+    scale = 1.0 if scale is None else float(scale)
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, bias, labels, scale, dtype)
+    with torch.no_grad():  # evaluation: the loss alone, chunk by chunk
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        step = chunk_rows(weight.shape[0])
+        for start in range(0, h.shape[0], step):
+            rows = slice(start, start + step)
+            z = F.linear(h[rows], weight, bias).float() * scale
+            total += F.cross_entropy(z, labels[rows], ignore_index=-100, reduction="sum")
+        return total
+
+
 def router_losses(logits, idx, mask=None):
     """Switch load balance E * sum_i f_i P_i (f_i: fraction of the top-k assignments to expert i,
     P_i: mean router probability) and ST-MoE z-loss mean(logsumexp(logits)^2), over the tokens
@@ -691,10 +760,12 @@ class CausalLMMixin:
         output_hidden_states=False,
         logits_to_keep=0,
         num_items_in_batch=None,
+        skip_logits=False,
         **kwargs,
     ):
         """-> dict(loss, nll, aux_loss, lb_loss, z_loss, logits, past_key_values, hidden_states,
-        router_logits, attn_router_logits (when output_router_logits), expert_load [L, E])."""
+        router_logits, attn_router_logits (when output_router_logits), expert_load [L, E]).
+        skip_logits with labels: the loss by linear_cross_entropy, without the logits (None)."""
         c = self.config
         out = self.model.run(
             input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache, output_hidden_states
@@ -704,8 +775,9 @@ class CausalLMMixin:
             h = h[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             h = h[:, logits_to_keep]
-        logits = self.lm_head(h)  # [B, T, V]
-        if c.logit_scale is not None:
+        skip_logits = skip_logits and labels is not None
+        logits = None if skip_logits else self.lm_head(h)  # [B, T, V]
+        if logits is not None and c.logit_scale is not None:
             logits = logits * c.logit_scale
         # router losses, summed over layers (the soft attention router has no load to balance: z-loss only)
         mask = out["token_mask"]
@@ -726,9 +798,15 @@ class CausalLMMixin:
         nll = loss = None
         if labels is not None:
             shift = labels[:, 1:].reshape(-1)
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift, ignore_index=-100, reduction="sum"
-            )
+            if skip_logits:
+                head = self.lm_head
+                nll = linear_cross_entropy(
+                    h[:, :-1].reshape(-1, h.shape[-1]), head.weight, head.bias, shift, c.logit_scale
+                )
+            else:
+                nll = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift, ignore_index=-100, reduction="sum"
+                )
             n = num_items_in_batch if num_items_in_batch is not None else (shift != -100).sum().clamp(min=1)
             nll = nll / n
             loss = nll + aux if aux is not None else nll
@@ -916,6 +994,7 @@ if _HAS_TRANSFORMERS:
                 bool(output_hidden_states),
                 logits_to_keep,
                 kwargs.get("num_items_in_batch"),
+                skip_logits=bool(kwargs.get("skip_logits")),
             )
             res = BamCausalLMOutput(
                 loss=out["loss"],

@@ -171,6 +171,14 @@ def parse_args(argv=None):
         help="torch.compile every block (default: on with CUDA, where bench/train measures 1.6x the "
         "tokens/s of eager; off on CPU); --no-compile: eager",
     )
+    a.add_argument(
+        "--fused-loss",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cross-entropy chunk by chunk from the last hidden states, never holding the [tokens, vocab] "
+        "logits (same loss and gradients; far less memory for large vocabularies); --no-fused-loss: the head's "
+        "logits, then cross-entropy",
+    )
     a.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     a.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto", help="FSDP2 (auto: with several processes)")
     a.add_argument(
@@ -509,7 +517,7 @@ def run(args, ctx, say):
     if ctx.fsdp:
         parallel.apply_fsdp(model, ctx, torch.bfloat16 if args.fsdp_param_dtype == "bf16" else None)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, tuple(args.betas), args.eps, ctx.device)
-    trainer = Trainer(model, optimizer, ctx, amp, args.grad_clip)
+    trainer = Trainer(model, optimizer, ctx, amp, args.grad_clip, fused_loss=args.fused_loss)
 
     start, tokens_seen, state, resume = 0, 0, None, None
     schedule = dict(peak=args.lr, warmup=warmup, total=args.steps, min_ratio=args.min_lr_ratio)

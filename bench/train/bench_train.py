@@ -21,6 +21,8 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   bam            our model: attention experts in one q/k/v matmul, one SDPA over E x heads, one o matmul;
                  FFN experts by torch.nn.functional.grouped_mm
   bam-compile    the same with torch.compile on every block (as finetune.py --compile)
+  bam-logits     bam with the head's [tokens, vocab] logits, then cross-entropy (finetune.py --no-fused-loss):
+                 the baseline of the fused loss every other row of ours trains with (also btx-logits)
   bam-loop       the same weights, experts run one at a time (bench/train/loop_experts.py: per-expert
                  projections and attention, FFN by torch.where / index_add_, as transformers' eager MoE)
   dense          the dense seed (E = 1, merged attention, sequential block) through the same code
@@ -74,11 +76,14 @@ from loop_experts import loop_experts  # noqa: E402
 from bamtrain import folder, metrics, native, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
 
-ROWS = {  # model: the folder (write_folders); impl: how the experts run; family: a peer row's transformers class
+ROWS = {  # model: the folder (write_folders); impl: how the experts run; family: a peer row's transformers class;
+    # fused_loss: the Trainer's loss without the logits (the default, finetune.py --fused-loss)
     "bam": dict(model="bam", impl="fused"),
+    "bam-logits": dict(model="bam", impl="fused", fused_loss=False),
     "bam-loop": dict(model="bam", impl="loop"),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
+    "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
     "btx-qwen3": dict(model="btx-qwen3", impl="fused"),
     **{
         f"hf-{family}-{impl}": dict(model=spec["fmt"], impl=impl, family=family)
@@ -318,7 +323,8 @@ def run_row(name, spec, path, args, ctx, amp, shared):
 def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
     device = ctx.device
-    eager_row = (spec["model"], spec["impl"])  # shared["micro_batch"] key: a compile row starts from its eager row's
+    fused_loss = spec.get("fused_loss", True)
+    eager_row = (spec["model"], spec["impl"], fused_loss)  # a compile row starts from its eager row's micro-batch
     if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
         return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
     model, blocks, config = load_peer(path, spec, device) if "family" in spec else load(path, device, shared)
@@ -327,7 +333,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         for block in blocks:
             block.compile()
     optimizer = make_optimizer(model, 1e-5, device=device)
-    trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0)
+    trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0, fused_loss=fused_loss)
     T, V = args.seq_len, config["vocab_size"]
     fl = metrics.model_flops(config, T)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -384,6 +390,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         model=spec["model"],
         expert_impl=spec["impl"],
         compiled=spec["compile"],
+        fused_loss=fused_loss and "family" not in spec,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
         seq_len=T,
@@ -586,7 +593,9 @@ def main(argv=None):
             json.dump(result, f, indent=2)
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
-    for a, b in (("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")):
+    pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
+    pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
+    for a, b in pairs:
         if a in got and b in got:
             ratios[f"{a} / {b} tokens/s"] = got[a]["tokens_per_s"] / got[b]["tokens_per_s"]
     best_peer = {}  # family -> its fastest row: our rows on the same weights over it

@@ -66,7 +66,8 @@ class PeerModel(torch.nn.Module):
             attention_experts="merged",
         )
 
-    def forward(self, input_ids, labels=None, use_cache=False, output_router_logits=True):
+    def forward(self, input_ids, labels=None, use_cache=False, output_router_logits=True, skip_logits=False):
+        """skip_logits is ignored: transformers' head makes its logits, as a user of transformers trains."""
         out = self.hf(
             input_ids=input_ids, labels=labels, use_cache=use_cache, output_router_logits=output_router_logits
         )

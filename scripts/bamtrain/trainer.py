@@ -53,16 +53,19 @@ class Trainer:
 
     STATS = ("loss", "nll", "lb_loss", "z_loss")
 
-    def __init__(self, model, optimizer, ctx, amp_dtype=None, grad_clip=1.0):
+    def __init__(self, model, optimizer, ctx, amp_dtype=None, grad_clip=1.0, fused_loss=True):
         self.model, self.optimizer, self.ctx = model, optimizer, ctx
         self.amp_dtype, self.grad_clip = amp_dtype, grad_clip
+        self.fused_loss = fused_loss  # the loss by chunks, without the [tokens, vocab] logits (skip_logits)
         c = model.config
         self.L, self.E = c.num_hidden_layers, c.num_experts
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def forward(self, x):
         with autocast(self.ctx.device, self.amp_dtype):
-            return self.model(input_ids=x, labels=x, use_cache=False, output_router_logits=True)
+            return self.model(
+                input_ids=x, labels=x, use_cache=False, output_router_logits=True, skip_logits=self.fused_loss
+            )
 
     def step(self, micro_batches, lr):
         """micro_batches: this rank's [B, T] LongTensors. -> dict of floats and per-layer lists."""
@@ -135,7 +138,7 @@ class Trainer:
             for j in range(ctx.rank, len(chunks), ctx.world):
                 x = mixture.batch(chunks[j], eval=True).to(ctx.device)
                 with autocast(ctx.device, self.amp_dtype):
-                    out = model(input_ids=x, labels=x, use_cache=False)
+                    out = model(input_ids=x, labels=x, use_cache=False, skip_logits=self.fused_loss)
                 if j < real:
                     tokens = x.shape[0] * (x.shape[1] - 1)
                     sums += torch.stack(

@@ -499,6 +499,13 @@ class TestTransformersModel(unittest.TestCase):
         torch.testing.assert_close(out2.loss, out.loss)
         for n, p in model.named_parameters():
             torch.testing.assert_close(p.grad, grads[n], msg=n)
+        model.zero_grad()
+        fused = model(x, labels=x, skip_logits=True)  # the fused loss through transformers' forward
+        self.assertIsNone(fused.logits)
+        fused.loss.backward()
+        torch.testing.assert_close(fused.loss, out.loss)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[n], msg=n)
 
 
 @unittest.skipUnless(

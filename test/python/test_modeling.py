@@ -434,6 +434,71 @@ class TestLosses(unittest.TestCase):
         self.assertLess(ratios[1, True], 1e-5 * min(learning), ratios)  # float rounding, not a signal
 
 
+class TestFusedLoss(unittest.TestCase):
+    """skip_logits=True (what finetune.py trains with): the loss from linear_cross_entropy, chunk by chunk,
+    without the [N, V] logits, equals the head + F.cross_entropy's, and so do its gradients."""
+
+    def losses_and_grads(self, moe, x, labels, **kw):
+        res = []
+        for skip in (False, True):
+            moe.zero_grad(set_to_none=True)
+            out = moe(x, labels=labels, skip_logits=skip, **kw)
+            self.assertEqual(out["logits"] is None, skip)
+            out["loss"].backward()
+            res.append((out["nll"].detach(), {n: p.grad.clone() for n, p in moe.named_parameters()}))
+        return res
+
+    def test_equals_the_unfused_loss_and_gradients(self):
+        # lm_head bias (phi), logit scale and tied embeddings (cohere), a float64 model: exact up to rounding
+        for seed, dtype in (("llama", torch.float32), ("phi", torch.float32), ("cohere", torch.float64)):
+            with self.subTest(seed=seed):
+                denses = [dense_model(seed, rng=70 + e).to(dtype) for e in range(2)]
+                moe = upcycle(denses, "moa", E=2, k=1, router_scale=0.3).train()
+                x = ids(B=3, T=11, seed=4)
+                labels = x.clone()
+                labels[1, 4:7] = -100  # ignored positions count nowhere
+                (nll, grads), (fused_nll, fused_grads) = self.losses_and_grads(moe, x, labels)
+                torch.testing.assert_close(fused_nll, nll, atol=1e-6, rtol=1e-6)
+                for n, g in grads.items():
+                    torch.testing.assert_close(fused_grads[n], g, atol=1e-6, rtol=1e-5, msg=n)
+                    self.assertGreater(fused_grads[n].abs().sum().item(), 0, n)
+
+    def test_chunks_and_autocast(self):
+        """More rows than one chunk, under CPU bf16 autocast: the loss of the bf16 logits, as unfused, and
+        gradients as far from float32's as the unfused head's (bf16 rounds both, in different places)."""
+        denses = [dense_model("llama", rng=80 + e) for e in range(2)]
+        moe = upcycle(denses, "merged", E=2, k=1, router_scale=0.3).train()
+        x = ids(B=2, T=40, seed=5)
+        chunk_logits, mb.CHUNK_LOGITS = mb.CHUNK_LOGITS, 30 * BASE["vocab_size"]  # 78 rows: 3 chunks of 30
+        try:
+            _, (_, exact) = self.losses_and_grads(moe, x, x)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                (nll, grads), (fused_nll, fused_grads) = self.losses_and_grads(moe, x, x)
+        finally:
+            mb.CHUNK_LOGITS = chunk_logits
+        torch.testing.assert_close(fused_nll, nll, atol=2e-3, rtol=1e-3)
+        learning = [n for n, g in exact.items() if g.norm() > 0 and ".router." not in n]  # routers: aux loss only
+        self.assertGreater(len(learning), 10)
+        error = lambda got: torch.tensor([((got[n] - exact[n]).norm() / exact[n].norm()).item() for n in learning])
+        unfused, fused = error(grads), error(fused_grads)
+        self.assertGreater(unfused.mean().item(), 1e-3)  # bf16 did round
+        self.assertLess(fused.mean().item(), 1.1 * unfused.mean().item())
+        self.assertLess(fused.max().item(), 1.25 * unfused.max().item())
+
+    def test_evaluation_needs_no_gradients(self):
+        moe = dense_model("cohere", rng=90)
+        x = ids(B=2, T=9, seed=6)
+        chunk_logits, mb.CHUNK_LOGITS = mb.CHUNK_LOGITS, 5 * BASE["vocab_size"]
+        try:
+            with torch.no_grad():
+                nll = moe(x, labels=x)["nll"]
+                out = moe(x, labels=x, skip_logits=True)
+        finally:
+            mb.CHUNK_LOGITS = chunk_logits
+        self.assertIsNone(out["logits"])
+        torch.testing.assert_close(out["nll"], nll)
+
+
 class TestCache(unittest.TestCase):
     def check_incremental(self, moe, T=10, prefix=5):
         x = ids(B=2, T=T, seed=11)
