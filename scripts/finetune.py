@@ -63,6 +63,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bamtrain import BamTrainError  # noqa: E402  (torch-free: torch loads after the arguments are parsed)
 
 DTYPE_CHOICES = ("bf16", "fp32")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 CONFIG_FLAGS = {  # flag -> config.json field (set only when the flag is given)
     "router_jitter": "router_jitter",
     "expert_dropout": "expert_dropout",
@@ -172,6 +173,13 @@ def parse_args(argv=None):
         "tokens/s of eager; off on CPU); --no-compile: eager",
     )
     a.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile's mode for the blocks (reduce-overhead: CUDA graphs, fewer kernel launches from "
+        "the host, more memory; max-autotune: kernels tuned at start-up)",
+    )
+    a.add_argument(
         "--fused-loss",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -253,6 +261,8 @@ def parse_args(argv=None):
         p.error(f"--lr must be positive, not {args.lr}")
     if args.resume and args.overwrite:
         p.error("--resume continues OUT's run and --overwrite deletes it: give one")
+    if args.compile is False and args.compile_mode != "default":
+        p.error(f"--compile-mode {args.compile_mode} is torch.compile's mode, and --no-compile turns it off: give one")
     return args
 
 
@@ -486,6 +496,8 @@ def run(args, ctx, say):
             f"{os.path.join(args.model, 'config.json')}; give --seq-len {positions} or less"
         )
     compiled = use_compile(args.compile, torch, ctx.device, say.warn)
+    if args.compile_mode != "default" and not compiled:
+        raise BamTrainError(f"--compile-mode {args.compile_mode}: the blocks are not compiled here; add --compile")
     mixture = data.build_mixture(
         args.data,
         args.eval_data,
@@ -513,7 +525,7 @@ def run(args, ctx, say):
         model.model.gradient_checkpointing = True
     if compiled:
         for block in model.model.layers:
-            block.compile()
+            block.compile(mode=None if args.compile_mode == "default" else args.compile_mode)
     if ctx.fsdp:
         parallel.apply_fsdp(model, ctx, torch.bfloat16 if args.fsdp_param_dtype == "bf16" else None)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, tuple(args.betas), args.eps, ctx.device)

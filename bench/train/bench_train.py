@@ -33,6 +33,8 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
                  native folder of btx / btx-qwen3 (same weights), experts_implementation IMPL: eager,
                  grouped_mm, batched_mm, deepgemm, sonicmoe (bench/train/peer.py); the same Trainer
   any row + "-compile" (but bam-loop): with torch.compile on every decoder block
+  bam-cudagraphs, btx-cudagraphs   compiled with mode="reduce-overhead" (CUDA graphs; finetune.py
+                 --compile-mode reduce-overhead)
 --rows takes names and shell patterns ('hf-mixtral-*'). A row that fails (or runs out of memory at every
 micro-batch) is recorded as such and the others still run.
 The micro-batch (sequences of --seq-len) is the largest of --batch-candidates that trains without running
@@ -95,6 +97,8 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
     **{f"{name}-compile": dict(spec, compile=True) for name, spec in ROWS.items() if spec["impl"] != "loop"},
+    # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
+    **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
 }
 # native folder -> the BAM folder it is written from (the same weights)
 EXPORTS = {spec["fmt"]: spec["ours"] for spec in peer.FAMILIES.values()}
@@ -331,7 +335,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
     model.train()
     if spec["compile"]:
         for block in blocks:
-            block.compile()
+            block.compile(mode=spec.get("compile_mode"))
     optimizer = make_optimizer(model, 1e-5, device=device)
     trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0, fused_loss=fused_loss)
     T, V = args.seq_len, config["vocab_size"]
@@ -390,6 +394,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         model=spec["model"],
         expert_impl=spec["impl"],
         compiled=spec["compile"],
+        compile_mode=spec.get("compile_mode", "default") if spec["compile"] else None,
         fused_loss=fused_loss and "family" not in spec,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
@@ -595,6 +600,7 @@ def main(argv=None):
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
+    pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     for a, b in pairs:
         if a in got and b in got:
             ratios[f"{a} / {b} tokens/s"] = got[a]["tokens_per_s"] / got[b]["tokens_per_s"]

@@ -878,6 +878,28 @@ class TestSpeedDefaults(unittest.TestCase):
             with self.assertRaisesRegex(BamTrainError, "--compile: no triton; run without --compile"):
                 finetune.use_compile(True, torch, cuda, warnings.append)
 
+    def test_compile_mode_reaches_every_block(self):
+        """--compile-mode is torch.compile's mode for each block (reduce-overhead: CUDA graphs); without
+        torch.compile it is refused, naming the fix."""
+        modes = []
+        record = lambda block, **kw: modes.append(kw.get("mode"))  # noqa: E731
+        out = os.path.join(TMP, "compile-mode")
+        with mock.patch.object(finetune, "compile_problem", return_value=None):
+            with mock.patch.object(torch.nn.Module, "compile", record):
+                code, _, err = run_main(out, "--compile", "--compile-mode", "reduce-overhead", *SHORT, "--overwrite")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(modes, ["reduce-overhead"] * read_json(os.path.join(BAM, "config.json"))["num_hidden_layers"])
+        self.assertEqual(read_json(os.path.join(out, "train_args.json"))["compile_mode"], "reduce-overhead")
+        code, _, err = run_main(out, "--no-compile", "--compile-mode", "max-autotune", *SHORT)
+        self.assertEqual(code, 2)
+        self.assertIn("--compile-mode max-autotune is torch.compile's mode, and --no-compile turns it off", err)
+        code, _, err = run_main(out, "--compile-mode", "max-autotune", *SHORT, "--overwrite")  # CPU: eager
+        self.assertEqual(code, 1)
+        self.assertEqual(
+            err.strip().splitlines()[-1],
+            "finetune.py: error: --compile-mode max-autotune: the blocks are not compiled here; add --compile",
+        )
+
     def test_logged_mfu_is_the_benchmarks(self):
         """finetune.py and bench/train/bench_train.py count the same FLOPs per token for a folder and turn
         tokens/s into MFU by one formula (metrics.mfu), checked here against tokens/s x FLOPs / peak."""
