@@ -8,7 +8,9 @@
  *     the median gap between steps), ours (decoder.ts on generate.onnx, as
  *     `bam generate`) and transformers' `generate` with its cache;
  *   - scoring: `bam eval --tokens` over windows of 512 tokens, and the same
- *     windows through transformers (forward + NLL).
+ *     windows through transformers (forward + NLL);
+ *   - where our decode step's time goes, at both contexts: onnxruntime's
+ *     profile by operator type, and the bytes a step reads (cache, weights).
  * PyTorch runs the same folder (trust_remote_code for the BAM folder, the
  * stock class for the seed) in float32, as ours, with torch.set_num_threads
  * equal to onnxruntime's intra-op threads. Engines and models alternate within
@@ -24,7 +26,7 @@
  */
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
-import { writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -105,6 +107,51 @@ async function oursGeneration(folder: string): Promise<number[]> {
     }
   }
   return perToken;
+}
+
+/**
+ * Where a decode step's time goes (onnxruntime's profile of one generation per prompt, after the
+ * timed rounds): kernel milliseconds per step by operator type, over the steps after the prompt, and
+ * the bytes a step reads: the cache's buffers and the float32 weights of the parameters a token uses.
+ * Profiling slows every node, so only the shares and the growth from one context to the other count.
+ */
+async function profileGeneration(folder: string, name: string, activeParameters: number) {
+  const dir = join(work, "profile");
+  await mkdir(dir, { recursive: true });
+  const rows = [];
+  for (const prompt of prompts) {
+    const prefix = join(dir, `${name}-${prompt.length}`);
+    for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
+    const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE), { threads: THREADS, profile: prefix });
+    let cacheBytes = 0;
+    try {
+      let next = argmax(await decoder.step(prompt));
+      for (let i = 1; i < NEW_TOKENS; i++) next = argmax(await decoder.step([next]));
+      cacheBytes = decoder.cacheBytes;
+    } finally {
+      await decoder.close();
+    }
+    const file = (await readdir(dir)).map((f) => join(dir, f)).find((f) => f.startsWith(`${prefix}_`));
+    if (file === undefined) throw new Error(`${prefix}: onnxruntime wrote no profile`);
+    type Event = { name: string; cat?: string; ts: number; dur: number; args?: { op_name?: string } };
+    const events: Event[] = JSON.parse(await readFile(file, "utf8"));
+    const runs = events.filter((e) => e.name === "model_run");
+    const steps = runs.slice(1); // the prompt's run first
+    const byOp: Record<string, number> = {};
+    for (const e of events)
+      if (e.cat === "Node" && e.name.endsWith("_kernel_time") && e.ts >= steps[0]!.ts && e.args?.op_name)
+        byOp[e.args.op_name] = (byOp[e.args.op_name] ?? 0) + e.dur / 1000 / steps.length;
+    const top = Object.entries(byOp).sort((a, b) => b[1] - a[1]);
+    rows.push({
+      context: prompt.length + NEW_TOKENS / 2,
+      profiledMsPerStep: steps.reduce((sum, e) => sum + e.dur, 0) / 1000 / steps.length,
+      kernelMsPerStep: Object.fromEntries(top.slice(0, 8)),
+      otherKernelsMs: top.slice(8).reduce((sum, [, ms]) => sum + ms, 0),
+      cacheBytes,
+      weightBytesPerToken: activeParameters * Float32Array.BYTES_PER_ELEMENT,
+    });
+  }
+  return rows;
 }
 
 interface Sample {
@@ -207,6 +254,11 @@ const rows = Object.fromEntries(
   }),
 );
 const plan = await planUpcycle({ seeds: [seed, seed], output: mixture });
+process.stderr.write("profiling a generation of each model\n");
+const profile = {
+  seed: await profileGeneration(exports.seed.folder, "seed", plan.summary.seedParameters),
+  bam: await profileGeneration(exports.bam.folder, "bam", plan.summary.activeParameters),
+};
 const result = {
   benchmark:
     "generation pace (per-token time at 50 and 2000 tokens of context) and bam eval, ours (onnxruntime-node) vs PyTorch on CPU, same folder",
@@ -232,6 +284,7 @@ const result = {
   generation: { promptTokens: PROMPTS, newTokens: NEW_TOKENS, decoding: "greedy" },
   seed: rows.seed,
   bam: rows.bam,
+  profile,
 };
 const out = resolve("bench/results/onnx-generate.json");
 await writeFile(out, `${JSON.stringify(result, null, 2)}\n`);

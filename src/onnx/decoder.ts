@@ -41,7 +41,8 @@ export class Decoder {
     private readonly file: string,
   ) {}
 
-  static async open(file: string, options: { threads?: number } = {}): Promise<Decoder> {
+  /** `profile`: onnxruntime's per-node timings go to `<profile>_<date>.json` on close (bench/onnx). */
+  static async open(file: string, options: { threads?: number; profile?: string } = {}): Promise<Decoder> {
     const { ort, session } = await openEngineSession(file, { ...options, advice: "; export the model again" });
     const keys = session.inputMetadata.filter((meta) => /^cache\.\d+\.key$/.test(meta.name));
     const shape = keys[0]?.isTensor ? keys[0].shape : [];
@@ -54,6 +55,11 @@ export class Decoder {
       );
     }
     return new Decoder(ort, session, keys.length, heads, headDim, file);
+  }
+
+  /** Bytes of the cache's buffers (every slot, filled or not): what each step reads besides the weights. */
+  get cacheBytes(): number {
+    return this.layers * 2 * this.heads * this.headDim * this.slots * Float32Array.BYTES_PER_ELEMENT;
   }
 
   /** Tokens in the cache. */

@@ -14,7 +14,12 @@ import { importEngine } from "./optional.js";
  */
 export async function openEngineSession(
   file: string,
-  options: { threads?: number; advice?: string } = {},
+  options: {
+    threads?: number;
+    advice?: string;
+    /** onnxruntime's per-node timings, written to `<profile>_<date>.json` when the session is released. */
+    profile?: string;
+  } = {},
 ): Promise<{ ort: typeof Ort; session: Ort.InferenceSession }> {
   const ort = await importEngine("onnxruntime-node", () => import("onnxruntime-node"));
   try {
@@ -22,6 +27,7 @@ export async function openEngineSession(
       graphOptimizationLevel: "all",
       logSeverityLevel: 4,
       ...(options.threads ? { intraOpNumThreads: options.threads } : {}),
+      ...(options.profile ? { enableProfiling: true, profileFilePrefix: options.profile } : {}),
     });
     return { ort, session };
   } catch (error) {
