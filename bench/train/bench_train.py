@@ -35,6 +35,8 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   any row + "-compile" (but bam-loop): with torch.compile on every decoder block
   bam-cudagraphs, btx-cudagraphs   compiled with mode="reduce-overhead" (CUDA graphs; finetune.py
                  --compile-mode reduce-overhead)
+  bam-fsdp-bf16, btx-fsdp-bf16 (and -compile)   bf16 parameters with float32 master weights: FSDP2's mixed
+                 precision in a process group of one (finetune.py --fsdp on --fsdp-param-dtype bf16)
 --rows takes names and shell patterns ('hf-mixtral-*'). A row that fails (or runs out of memory at every
 micro-batch) is recorded as such and the others still run.
 The micro-batch (sequences of --seq-len) is the largest of --batch-candidates that trains without running
@@ -86,6 +88,10 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
+    # bf16 parameters, float32 master weights: FSDP2's mixed precision in a group of one (finetune.py
+    # --fsdp on --fsdp-param-dtype bf16) instead of autocast's casts of every weight at every step
+    "bam-fsdp-bf16": dict(model="bam", impl="fused", fsdp_param_dtype=torch.bfloat16),
+    "btx-fsdp-bf16": dict(model="btx", impl="fused", fsdp_param_dtype=torch.bfloat16),
     "btx-qwen3": dict(model="btx-qwen3", impl="fused"),
     **{
         f"hf-{family}-{impl}": dict(model=spec["fmt"], impl=impl, family=family)
@@ -327,8 +333,8 @@ def run_row(name, spec, path, args, ctx, amp, shared):
 def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
     device = ctx.device
-    fused_loss = spec.get("fused_loss", True)
-    eager_row = (spec["model"], spec["impl"], fused_loss)  # a compile row starts from its eager row's micro-batch
+    fused_loss, fsdp = spec.get("fused_loss", True), "fsdp_param_dtype" in spec
+    eager_row = (spec["model"], spec["impl"], fused_loss, fsdp)  # a compile row starts from its eager row's micro-batch
     if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
         return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
     model, blocks, config = load_peer(path, spec, device) if "family" in spec else load(path, device, shared)
@@ -336,6 +342,11 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
     if spec["compile"]:
         for block in blocks:
             block.compile(mode=spec.get("compile_mode"))
+    if fsdp:  # as finetune.py: compile, then shard, then the optimiser over the sharded (master) parameters
+        if "fsdp_ctx" not in shared:
+            shared["fsdp_ctx"] = parallel.init(device.type, fsdp="on")
+        ctx = shared["fsdp_ctx"]
+        parallel.apply_fsdp(model, ctx, spec["fsdp_param_dtype"])
     optimizer = make_optimizer(model, 1e-5, device=device)
     trainer = Trainer(model, optimizer, ctx, amp, grad_clip=1.0, fused_loss=fused_loss)
     T, V = args.seq_len, config["vocab_size"]
@@ -396,6 +407,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         compiled=spec["compile"],
         compile_mode=spec.get("compile_mode", "default") if spec["compile"] else None,
         fused_loss=fused_loss and "family" not in spec,
+        fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
         seq_len=T,
@@ -596,11 +608,14 @@ def main(argv=None):
         )
         with open(out_json, "w") as f:  # after every row: a timeout still leaves the rows done
             json.dump(result, f, indent=2)
+    if "fsdp_ctx" in shared:  # the process group of the fsdp rows
+        parallel.shutdown(shared["fsdp_ctx"])
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
+    pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
     for a, b in pairs:
         if a in got and b in got:
             ratios[f"{a} / {b} tokens/s"] = got[a]["tokens_per_s"] / got[b]["tokens_per_s"]
