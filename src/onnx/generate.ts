@@ -6,7 +6,7 @@
  * package's root `.d.ts` needs none of that optional dependency.
  */
 import { prepareOnnx } from "./export.js";
-import { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
+import type { Generation, GenerationSettings } from "./generation.js";
 import { checkGeneration, generateFromExport } from "./transformers.js";
 
 export interface GenerateOptions extends Partial<GenerationSettings> {
@@ -16,7 +16,9 @@ export interface GenerateOptions extends Partial<GenerationSettings> {
 
 /**
  * Generates a continuation of `prompt` with the model in `modelDir`, streaming text
- * through `onText`; settings default to DEFAULT_GENERATION (greedy, 64 tokens).
+ * through `onText`; a setting not given comes from the model's generation_config.json
+ * as transformers takes it (do_sample: its temperature, top_k, top_p), else from
+ * DEFAULT_GENERATION (greedy, 64 tokens). `Generation.settings` says what ran.
  */
 export async function generateText(
   modelDir: string,
@@ -24,8 +26,7 @@ export async function generateText(
   options: GenerateOptions = {},
 ): Promise<Generation> {
   const { onExportProgress, ...given } = options ?? {};
-  const settings: GenerationSettings = { ...DEFAULT_GENERATION, ...given };
-  checkGeneration(prompt, settings); // before an export that can take minutes
-  const prepared = await prepareOnnx(modelDir, { signal: settings.signal, onProgress: onExportProgress });
-  return generateFromExport(prepared.folder, prompt, settings);
+  checkGeneration(prompt, given); // before an export that can take minutes
+  const prepared = await prepareOnnx(modelDir, { signal: given.signal, onProgress: onExportProgress });
+  return generateFromExport(prepared.folder, prompt, given);
 }

@@ -28,9 +28,17 @@ export interface Generation {
   text: string;
   /** Seconds spent generating (tokenising and loading excluded). */
   seconds: number;
+  /** The settings it ran with: those given, then the model's generation_config.json, then DEFAULT_GENERATION. */
+  settings: Omit<GenerationSettings, "onText" | "signal">;
+  /** The settings taken from the model's generation_config.json (do_sample's temperature, top_k, top_p; max_new_tokens). */
+  modelSettings: Array<"maxNewTokens" | "temperature" | "topK" | "topP">;
 }
 
-/** The settings `bam generate` and generateText use where none are given. */
+/**
+ * The settings `bam generate` and generateText use where neither the caller nor
+ * the model's generation_config.json (do_sample with its temperature, top_k and
+ * top_p; max_new_tokens) gives one: greedy, as transformers without do_sample.
+ */
 export const DEFAULT_GENERATION: Readonly<GenerationSettings> = {
   maxNewTokens: 64,
   temperature: 0,

@@ -9,7 +9,7 @@ import { readFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import type { PreTrainedTokenizer } from "@huggingface/transformers";
 import { BamError } from "../errors.js";
-import type { Generation, GenerationSettings } from "./generation.js";
+import { DEFAULT_GENERATION, type Generation, type GenerationSettings } from "./generation.js";
 import { argmax, Decoder, sample, uniformRandom } from "./decoder.js";
 import { importEngine } from "./optional.js";
 import { GENERATE_FILE } from "./write.js";
@@ -51,52 +51,119 @@ const invalid = (message: string): never => {
 
 /**
  * The checks of generateText that need no model, for callers that want them
- * before exporting one; messages name the settings as the API spells them.
+ * before exporting one: the prompt, and each setting given (one left out, or
+ * undefined, comes from the model or DEFAULT_GENERATION); messages name the
+ * settings as the API spells them.
  */
-export function checkGeneration(prompt: unknown, settings: GenerationSettings): void {
+export function checkGeneration(prompt: unknown, settings: Partial<GenerationSettings>): void {
   if (typeof prompt !== "string" || prompt === "")
     invalid(`prompt must be a non-empty string, not ${typeof prompt === "string" ? "empty" : typeof prompt}`);
   if (settings === null || typeof settings !== "object")
     invalid("generation settings must be an object { maxNewTokens, temperature, topK, topP, seed }");
-  const { maxNewTokens, temperature, topK, topP, seed } = settings;
-  if (!Number.isSafeInteger(maxNewTokens) || maxNewTokens < 1)
-    invalid(`maxNewTokens must be a positive integer, not ${String(maxNewTokens)}`);
-  if (typeof temperature !== "number" || !Number.isFinite(temperature) || temperature < 0)
-    invalid(`temperature must be 0 or more, not ${String(temperature)}`);
-  if (!Number.isSafeInteger(topK) || topK < 0)
-    invalid(`topK must be 0 (all tokens) or a positive integer, not ${String(topK)}`);
-  if (typeof topP !== "number" || !(topP > 0 && topP <= 1)) invalid(`topP must be in (0, 1], not ${String(topP)}`);
-  if (seed !== null && !(Number.isSafeInteger(seed) && seed >= 0))
-    invalid(`seed must be a non-negative integer or null, not ${String(seed)}`);
+  for (const [key, value] of Object.entries(settings)) {
+    const problem = value === undefined ? undefined : SETTING_CHECKS[key as keyof typeof SETTING_CHECKS]?.(value);
+    if (problem !== undefined) invalid(`${key} must be ${problem}, not ${String(value)}`);
+  }
 }
 
+/** Each numeric setting's rule: undefined when `value` keeps it, else what it must be. */
+const SETTING_CHECKS = {
+  maxNewTokens: (value: unknown) =>
+    Number.isSafeInteger(value) && (value as number) >= 1 ? undefined : "a positive integer",
+  temperature: (value: unknown) =>
+    typeof value === "number" && Number.isFinite(value) && value >= 0 ? undefined : "0 or more",
+  topK: (value: unknown) =>
+    Number.isSafeInteger(value) && (value as number) >= 0 ? undefined : "0 (all tokens) or a positive integer",
+  topP: (value: unknown) => (typeof value === "number" && value > 0 && value <= 1 ? undefined : "in (0, 1]"),
+  seed: (value: unknown) =>
+    value === null || (Number.isSafeInteger(value) && (value as number) >= 0)
+      ? undefined
+      : "a non-negative integer or null",
+} as const;
+
 /**
- * A key of one of an export's JSON files (config.json, generation_config.json);
- * undefined where the key, or an optional file, is absent. A file that cannot
- * be read as a JSON object is CONFIG_INVALID, naming the key sought and `advice`.
+ * One of an export's JSON files (config.json, generation_config.json) as an
+ * object; undefined for an optional file that is absent. A file that cannot be
+ * read as a JSON object is CONFIG_INVALID, with `advice`.
  */
-async function jsonKey(file: string, key: string, advice: string, optional: boolean): Promise<unknown> {
+async function readJsonObject(
+  file: string,
+  advice: string,
+  optional: boolean,
+): Promise<Record<string, unknown> | undefined> {
   let parsed: unknown;
   try {
     parsed = JSON.parse(await readFile(file, "utf8"));
   } catch (error) {
     if (optional && (error as NodeJS.ErrnoException).code === "ENOENT") return undefined;
-    throw new BamError("CONFIG_INVALID", `${file}: cannot read ${key} (${firstLine(error)}); ${advice}`, {
-      cause: error,
-    });
+    throw new BamError("CONFIG_INVALID", `${file}: cannot read it (${firstLine(error)}); ${advice}`, { cause: error });
   }
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed))
-    throw new BamError("CONFIG_INVALID", `${file}: cannot read ${key} (not a JSON object); ${advice}`);
-  return (parsed as Record<string, unknown>)[key];
+    throw new BamError("CONFIG_INVALID", `${file}: not a JSON object; ${advice}`);
+  return parsed as Record<string, unknown>;
 }
 
-/** Positions of an exported folder's model (its config.json, as prepareOnnx writes it). */
-async function modelPositions(folder: string): Promise<number> {
-  const file = join(folder, "config.json");
-  const positions = await jsonKey(file, "max_position_embeddings", "export the model again", false);
+/** The settings a model's generation_config.json gives generation, as transformers' generate takes them. */
+type ModelSettings = Partial<Pick<GenerationSettings, "maxNewTokens" | "temperature" | "topK" | "topP">>;
+
+/** What an exported folder's config.json and generation_config.json tell generation (each file read once). */
+interface ModelGeneration {
+  positions: number;
+  /** Tokens that end generation: eos_token_id of generation_config.json, else of config.json (a number or a list). */
+  stop: Set<number>;
+  /** generation_config.json's repetition_penalty (1: none), which transformers applies to every generation. */
+  penalty: number;
+  /**
+   * With do_sample true: its temperature (default 1), top_k (50) and top_p (1), as transformers samples;
+   * without, none (greedy, transformers' default); max_new_tokens where it sets one.
+   */
+  settings: ModelSettings;
+}
+
+async function modelGeneration(folder: string): Promise<ModelGeneration> {
+  const configFile = join(folder, "config.json");
+  const config = (await readJsonObject(configFile, "export the model again", false))!;
+  const positions = config.max_position_embeddings;
   if (!Number.isSafeInteger(positions) || (positions as number) < 1)
-    throw new BamError("CONFIG_INVALID", `${file}: max_position_embeddings must be a positive integer`);
-  return positions as number;
+    throw new BamError("CONFIG_INVALID", `${configFile}: max_position_embeddings must be a positive integer`);
+  const file = join(folder, "generation_config.json");
+  const generation = (await readJsonObject(file, "fix the model's generation_config.json", true)) ?? {};
+  const wrong = (key: string, what: string): never => {
+    throw new BamError("CONFIG_INVALID", `${file}: ${key} must be ${what}, not ${JSON.stringify(generation[key])}`);
+  };
+  const eosFile = generation.eos_token_id != null ? file : configFile;
+  const eos = generation.eos_token_id ?? config.eos_token_id;
+  const eosIds = eos == null ? [] : Array.isArray(eos) ? eos : [eos];
+  if (!eosIds.every((id) => Number.isSafeInteger(id)))
+    throw new BamError("CONFIG_INVALID", `${eosFile}: eos_token_id must be a token id or a list of them`);
+  const penalty = generation.repetition_penalty ?? 1;
+  if (typeof penalty !== "number" || !(penalty > 0 && Number.isFinite(penalty)))
+    wrong("repetition_penalty", "a positive number");
+  const settings: ModelSettings = {};
+  if (generation.max_new_tokens != null) {
+    if (SETTING_CHECKS.maxNewTokens(generation.max_new_tokens)) wrong("max_new_tokens", "a positive integer");
+    settings.maxNewTokens = generation.max_new_tokens as number;
+  }
+  if (generation.do_sample != null && typeof generation.do_sample !== "boolean") wrong("do_sample", "true or false");
+  if (generation.do_sample === true) {
+    const { temperature = 1, top_k: topK = 50, top_p: topP = 1 } = generation;
+    // transformers refuses a temperature of 0 when sampling; greedy is do_sample false
+    if (!(typeof temperature === "number" && temperature > 0 && Number.isFinite(temperature)))
+      wrong("temperature", "a positive number when do_sample is true");
+    if (SETTING_CHECKS.topK(topK)) wrong("top_k", "0 (all tokens) or a positive integer");
+    if (SETTING_CHECKS.topP(topP)) wrong("top_p", "in (0, 1]");
+    Object.assign(settings, { temperature, topK, topP });
+  }
+  return { positions: positions as number, stop: new Set(eosIds as number[]), penalty: penalty as number, settings };
+}
+
+/**
+ * The settings a generation runs with: those given (an undefined one is not
+ * given), then the model's generation_config.json, then DEFAULT_GENERATION.
+ */
+function resolveSettings(given: Partial<GenerationSettings>, model: ModelSettings): GenerationSettings {
+  const defined = Object.fromEntries(Object.entries(given).filter(([, value]) => value !== undefined));
+  return { ...DEFAULT_GENERATION, ...model, ...defined };
 }
 
 /**
@@ -108,10 +175,12 @@ async function modelPositions(folder: string): Promise<number> {
 export async function generateFromExport(
   folder: string,
   prompt: string,
-  settings: GenerationSettings,
+  given: Partial<GenerationSettings>,
 ): Promise<Generation> {
-  checkGeneration(prompt, settings);
-  const positions = await modelPositions(folder);
+  checkGeneration(prompt, given);
+  const model = await modelGeneration(folder);
+  const settings = resolveSettings(given, model.settings);
+  const { positions, stop, penalty } = model;
   const tokenizer = await loadTokenizer(folder);
   const inputs = tokenizer(prompt);
   const promptIds = Array.from(inputs.input_ids.data as BigInt64Array, Number);
@@ -127,8 +196,6 @@ export async function generateFromExport(
   const { signal } = settings;
   const interrupted = () => new BamError("ABORTED", "generation interrupted");
   if (signal?.aborted) throw interrupted();
-  const stop = await stopTokens(folder);
-  const penalty = await repetitionPenalty(folder);
   const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE));
   try {
     const streamer = new TextStreamer(tokenizer, {
@@ -154,23 +221,20 @@ export async function generateFromExport(
     }
     streamer.end();
     const seconds = (performance.now() - started) / 1000;
-    return { promptIds, newIds, text: tokenizer.decode(newIds, { skip_special_tokens: true }), seconds };
+    const { maxNewTokens, temperature, topK, topP, seed } = settings;
+    return {
+      promptIds,
+      newIds,
+      text: tokenizer.decode(newIds, { skip_special_tokens: true }),
+      seconds,
+      settings: { maxNewTokens, temperature, topK, topP, seed },
+      modelSettings: (Object.keys(model.settings) as Array<keyof ModelSettings>).filter(
+        (key) => given[key] === undefined,
+      ),
+    };
   } finally {
     await decoder.close();
   }
-}
-
-/** The model's generation_config.json `repetition_penalty` (1: none), which transformers applies to every generation. */
-async function repetitionPenalty(folder: string): Promise<number> {
-  const file = join(folder, "generation_config.json");
-  const penalty = await jsonKey(file, "repetition_penalty", "fix the model's generation_config.json", true);
-  if (penalty == null) return 1;
-  if (typeof penalty !== "number" || !(penalty > 0 && Number.isFinite(penalty)))
-    throw new BamError(
-      "CONFIG_INVALID",
-      `${file}: repetition_penalty must be a positive number, not ${String(penalty)}`,
-    );
-  return penalty;
 }
 
 /** transformers' repetition penalty: the logit of every token seen so far, divided by `penalty` above 0, multiplied below. */
@@ -179,20 +243,6 @@ export function penalise(logits: Float32Array, seen: readonly number[], penalty:
     const x = logits[id]!;
     logits[id] = x < 0 ? x * penalty : x / penalty;
   }
-}
-
-/** The tokens that end generation: eos_token_id of generation_config.json, else of config.json (a number or a list). */
-async function stopTokens(folder: string): Promise<Set<number>> {
-  for (const name of ["generation_config.json", "config.json"]) {
-    const file = join(folder, name);
-    const eos = await jsonKey(file, "eos_token_id", "export the model again", true);
-    if (eos == null) continue;
-    const ids = Array.isArray(eos) ? eos : [eos];
-    if (!ids.every((id) => Number.isSafeInteger(id)))
-      throw new BamError("CONFIG_INVALID", `${file}: eos_token_id must be a token id or a list of them`);
-    return new Set(ids as number[]);
-  }
-  return new Set();
 }
 
 function firstLine(error: unknown): string {

@@ -18,7 +18,7 @@ import { prepareOnnx } from "../../src/onnx/export.js";
 import { sample, uniformRandom } from "../../src/onnx/decoder.js";
 import { generateFromExport } from "../../src/onnx/transformers.js";
 import { upcycle, type UpcycleOptions } from "../../src/upcycle/index.js";
-import { fixture, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
+import { fixture, maxAbsDiff, refused, TOLERANCE, withTempDir } from "../helpers.js";
 import { withGraph, withSession } from "./engine.js";
 
 const IDS = [
@@ -223,6 +223,49 @@ describe("generation", () => {
       const ours = await generateFromExport(folder, "The experts learned", greedy);
       assert.notDeepEqual(ours.newIds, plain.newIds, "the penalty changed nothing: the test would prove nothing");
       assert.deepEqual(ours.newIds, await transformersJsGreedy(folder, "The experts learned", 40));
+    }));
+
+  test("settings not given come from the model's generation_config.json as transformers takes them", () =>
+    withTempDir(async (dir) => {
+      const { folder } = await prepareOnnx(await CASES[1]!.make(dir), { output: join(dir, "onnx") });
+      const configFile = join(folder, "generation_config.json");
+      const original = JSON.parse(await readFile(configFile, "utf8")) as Record<string, unknown>;
+      const withConfig = (extra: Record<string, unknown>) =>
+        writeFile(configFile, JSON.stringify({ ...original, ...extra }));
+      const prompt = "The experts";
+      const greedy = await generateFromExport(folder, prompt, { maxNewTokens: 12, temperature: 0 });
+      assert.deepEqual(greedy.modelSettings, []);
+      // do_sample with its temperature, top_k and top_p: what the same settings given draw, seed for seed
+      await withConfig({ do_sample: true, temperature: 1.5, top_k: 0, top_p: 0.99, max_new_tokens: 12 });
+      const sampled = await generateFromExport(folder, prompt, { seed: 7 });
+      assert.deepEqual(sampled.settings, { maxNewTokens: 12, temperature: 1.5, topK: 0, topP: 0.99, seed: 7 });
+      assert.deepEqual(sampled.modelSettings, ["maxNewTokens", "temperature", "topK", "topP"]);
+      const given = await generateFromExport(folder, prompt, { ...sampled.settings });
+      assert.deepEqual(given.newIds, sampled.newIds);
+      assert.deepEqual(given.modelSettings, []);
+      assert.notDeepEqual(sampled.newIds, greedy.newIds, "temperature 1.5 drew the greedy tokens");
+      // a setting given wins over the model's; undefined is not given
+      const overridden = await generateFromExport(folder, prompt, { temperature: 0, topK: undefined });
+      assert.deepEqual(overridden.newIds, greedy.newIds);
+      assert.deepEqual(overridden.modelSettings, ["maxNewTokens", "topK", "topP"]);
+      // do_sample's defaults are transformers': temperature 1, top_k 50, top_p 1; top_k 1 is greedy
+      await withConfig({ do_sample: true, top_k: 1 });
+      const topOne = await generateFromExport(folder, prompt, { maxNewTokens: 12, seed: 3 });
+      assert.deepEqual(topOne.settings, { maxNewTokens: 12, temperature: 1, topK: 1, topP: 1, seed: 3 });
+      assert.deepEqual(topOne.newIds, greedy.newIds);
+      // without do_sample, transformers ignores a temperature: greedy
+      await withConfig({ temperature: 0.7, top_k: 5 });
+      const plain = await generateFromExport(folder, prompt, { maxNewTokens: 12 });
+      assert.equal(plain.settings.temperature, 0);
+      assert.deepEqual(plain.newIds, greedy.newIds);
+      for (const [extra, message] of [
+        [{ do_sample: true, temperature: 0 }, /temperature must be a positive number when do_sample is true, not 0$/],
+        [{ do_sample: "yes" }, /do_sample must be true or false, not "yes"$/],
+        [{ do_sample: true, top_p: 2 }, /top_p must be in \(0, 1\], not 2$/],
+      ] as const) {
+        await withConfig(extra);
+        await refused(generateFromExport(folder, prompt, {}), "CONFIG_INVALID", message);
+      }
     }));
 
   test("sampling: a seed repeats its tokens, a tiny top-p is greedy", () =>

@@ -5,7 +5,7 @@
  * stops between tokens on an abort signal, and SIGINT exits 130.
  */
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
+import { cp, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
@@ -98,6 +98,30 @@ test("bam generate: one line for refusals, no onnxruntime output; SIGINT exits 1
   assert.ok(sent, "some text came out before SIGINT");
   assert.equal(run.code, 130, run.stderr);
   assert.match(run.stderr, /interrupted/);
+});
+
+test("bam generate follows the model's generation_config.json unless a flag says otherwise, and says so", async () => {
+  const env = { BAM_CACHE_DIR: join(root, "cache") };
+  const sampling = join(root, "sampling");
+  await cp(model, sampling, { recursive: true });
+  const configFile = join(sampling, "generation_config.json");
+  const config = JSON.parse(await readFile(configFile, "utf8")) as Record<string, unknown>;
+  await writeFile(configFile, JSON.stringify({ ...config, do_sample: true, temperature: 1.5, top_k: 0, top_p: 0.99 }));
+  const args = ["generate", sampling, "--prompt", "The experts", "--max-new-tokens", "6", "--seed", "4"];
+  const json = await runCli([...args, "--json"], { env });
+  assert.equal(json.code, 0, json.stderr);
+  const result = JSON.parse(json.stdout) as { settings: unknown; modelSettings: unknown };
+  assert.deepEqual(result.settings, { maxNewTokens: 6, temperature: 1.5, topK: 0, topP: 0.99, seed: 4 });
+  assert.deepEqual(result.modelSettings, ["temperature", "topK", "topP"]);
+  const streamed = await runCli(args, { env });
+  assert.equal(streamed.code, 0, streamed.stderr);
+  assert.match(
+    streamed.stderr,
+    /^bam: \d+ tokens, sampled at temperature 1\.5, top-k 0, top-p 0\.99 \(as the model's generation_config\.json says\), in /m,
+  );
+  const greedy = await runCli([...args, "--temperature", "0"], { env });
+  assert.equal(greedy.code, 0, greedy.stderr);
+  assert.match(greedy.stderr, /^bam: \d+ tokens, greedy, in /m);
 });
 
 test("an onnxruntime failure is one worded line, a BamError", async () => {

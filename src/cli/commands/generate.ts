@@ -17,27 +17,29 @@ export const generateCommand = defineCommand({
       .option("prompt", { type: "string", demandOption: true, describe: "Text to continue" })
       .option("max-new-tokens", {
         type: "number",
-        default: DEFAULT_GENERATION.maxNewTokens,
-        describe: "Tokens to generate at most",
+        describe: `Tokens to generate at most (default: the model's max_new_tokens, else ${DEFAULT_GENERATION.maxNewTokens})`,
       })
       .option("temperature", {
         type: "number",
-        default: DEFAULT_GENERATION.temperature,
-        describe: "0 = greedy; above 0 samples",
+        describe:
+          "0 = greedy; above 0 samples (default: the model's temperature when its generation_config.json " +
+          "has do_sample true, as transformers samples; else 0)",
       })
       .option("top-k", {
         type: "number",
-        default: DEFAULT_GENERATION.topK,
-        describe: "Sampling keeps the k most probable tokens (0: all)",
+        describe: `Sampling keeps the k most probable tokens, 0: all (default: the model's top_k, else ${DEFAULT_GENERATION.topK})`,
       })
       .option("top-p", {
         type: "number",
-        default: DEFAULT_GENERATION.topP,
-        describe: "Nucleus sampling: keep the smallest set of tokens with this much probability",
+        describe: `Nucleus sampling: keep the smallest set of tokens with this much probability (default: the model's top_p, else ${DEFAULT_GENERATION.topP})`,
       })
       .option("seed", { type: "number", describe: "Seed of the sampler (sampling is reproducible with it)" })
       .option("json", { type: "boolean", default: false, describe: "No streaming; print one JSON result on stdout" })
-      .example("$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40", "greedy continuation"),
+      .example(
+        "$0 generate out/bam --prompt 'def fibonacci(n):' --max-new-tokens 40",
+        "as the model's generation_config.json says",
+      )
+      .example("$0 generate out/bam --prompt 'def fibonacci(n):' --temperature 0", "greedy, whatever the model says"),
   handler: (args) =>
     runCommand(async ({ signal }) => {
       const settings = {
@@ -70,12 +72,20 @@ export const generateCommand = defineCommand({
           promptIds: result.promptIds,
           newIds: result.newIds,
           seconds: result.seconds,
+          settings: result.settings,
+          modelSettings: result.modelSettings,
         });
         return;
       }
       process.stdout.write("\n");
+      const { temperature, topK, topP } = result.settings;
+      const decoding =
+        temperature > 0 ? `sampled at temperature ${temperature}, top-k ${topK}, top-p ${topP}` : "greedy";
+      // top-k and top-p of the model's do_sample shape nothing greedy
+      const shaped = result.modelSettings.filter((key) => temperature > 0 || key === "maxNewTokens");
+      const fromModel = shaped.length > 0 ? " (as the model's generation_config.json says)" : "";
       process.stderr.write(
-        `bam: ${result.newIds.length} tokens in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`,
+        `bam: ${result.newIds.length} tokens, ${decoding}${fromModel}, in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`,
       );
     }),
 });
