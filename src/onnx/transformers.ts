@@ -189,7 +189,7 @@ export async function generateFromExport(
     invalid(
       promptIds.length >= positions
         ? `prompt is ${promptIds.length} tokens, past the ${positions} positions of the model; shorten it`
-        : `prompt (${promptIds.length} tokens) and maxNewTokens (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens`,
+        : `prompt (${promptIds.length} tokens) and ${given.maxNewTokens === undefined && model.settings.maxNewTokens !== undefined ? "the max_new_tokens of the model's generation_config.json" : "maxNewTokens"} (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens with maxNewTokens`,
     );
   }
   const { TextStreamer } = await transformersJs();

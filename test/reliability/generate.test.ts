@@ -122,6 +122,13 @@ test("bam generate follows the model's generation_config.json unless a flag says
   const greedy = await runCli([...args, "--temperature", "0"], { env });
   assert.equal(greedy.code, 0, greedy.stderr);
   assert.match(greedy.stderr, /^bam: \d+ tokens, greedy, in /m);
+  await writeFile(configFile, JSON.stringify({ ...config, max_new_tokens: 1000 }));
+  const long = await runCli(["generate", sampling, "--prompt", "The experts"], { env });
+  assert.equal(long.code, 2, long.stderr);
+  assert.match(
+    long.stderr,
+    /^bam: --prompt \(\d+ tokens\) and the max_new_tokens of the model's generation_config\.json \(1000\) exceed the 128 positions of the model; ask for at most \d+ new tokens with --max-new-tokens$/m,
+  );
 });
 
 test("an onnxruntime failure is one worded line, a BamError", async () => {
