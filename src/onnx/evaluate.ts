@@ -61,7 +61,7 @@ export async function evaluatePerplexity(
   files: string[],
   options: EvalOptions = {},
 ): Promise<PerplexityReport> {
-  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one text file (--text FILE)");
+  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "files: name at least one text file");
   await checkContext(modelDir, options);
   const tokenizer = await loadTokenizer(modelDir);
   const inputs = await Promise.all(
@@ -92,11 +92,11 @@ export async function evaluateTokenFiles(
     binDType?: BinDType;
   } = {},
 ): Promise<PerplexityReport> {
-  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "name at least one token file (--tokens FILE)");
+  if (files.length === 0) throw new BamError("OPTIONS_INVALID", "files: name at least one token file");
   if (options.binDType !== undefined && !BIN_DTYPES.includes(options.binDType)) {
     throw new BamError(
       "OPTIONS_INVALID",
-      `--bin-dtype must be one of ${BIN_DTYPES.join(", ")}, not ${JSON.stringify(options.binDType)}`,
+      `binDType must be one of ${BIN_DTYPES.join(", ")}, not ${JSON.stringify(options.binDType)}`,
     );
   }
   const vocab = await checkContext(modelDir, options);
@@ -122,7 +122,7 @@ export async function evaluateTokenFiles(
       if (bad >= 0)
         throw new BamError(
           "TENSOR_INVALID",
-          `${file}: token ${bad} is ${ids[bad]}, outside the vocabulary [0, ${vocab}) (is --bin-dtype ${binDType} right?)`,
+          `${file}: token ${bad} is ${ids[bad]}, outside the vocabulary [0, ${vocab}) (is binDType ${binDType} right?)`,
         );
       return { file, ids };
     }),
@@ -195,16 +195,16 @@ async function scoreWindows(
 async function checkContext(modelDir: string, options: EvalOptions): Promise<number> {
   const context = options.context ?? 512;
   if (!Number.isInteger(context) || context < 2)
-    throw new BamError("OPTIONS_INVALID", `--context must be an integer of at least 2, not ${context}`);
+    throw new BamError("OPTIONS_INVALID", `context must be an integer of at least 2, not ${context}`);
   const { maxTokens } = options;
   if (maxTokens !== undefined && (!Number.isInteger(maxTokens) || maxTokens < 2))
-    throw new BamError("OPTIONS_INVALID", `--max-tokens must be an integer of at least 2, not ${maxTokens}`);
+    throw new BamError("OPTIONS_INVALID", `maxTokens must be an integer of at least 2, not ${maxTokens}`);
   const model = await openModel(modelDir);
   await model.close();
   if (model.features.learnedPositions && context > model.features.maxPositions) {
     throw new BamError(
       "OPTIONS_INVALID",
-      `--context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`,
+      `context ${context} is longer than the ${model.features.maxPositions} positions ${modelDir} has learned`,
     );
   }
   return model.features.vocabSize;

@@ -6,7 +6,7 @@
 import { existsSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import YAML, { Lexer } from "yaml";
-import { BamError, ioError, isBamError } from "../errors.js";
+import { BamError, ioError } from "../errors.js";
 import { RECIPE_MARKER } from "../export/atomic.js";
 import { OUTPUT_FORMATS, type OutputFormat } from "../export/formats.js";
 import { ATTENTION_EXPERTS, BLOCK_KINDS, type AttentionExperts, type BlockKind } from "../arch/model.js";
@@ -550,29 +550,16 @@ export async function readRecipe(path: string): Promise<Partial<UpcycleOptions>>
 }
 
 /**
- * A command body whose OPTIONS_INVALID errors are reworded for the command
- * line: option names as flags (expertsPerToken -> --experts-per-token). The
- * library speaks to API callers; `bam upcycle` wraps its body in this.
+ * Each option's flag, for `bam upcycle`'s wording of the library's messages
+ * (expertsPerToken -> --experts-per-token): the recipe keys are the flags.
+ * seeds are positional: "seeds: name at least one seed folder" stays as it is.
  */
-export function inFlagWords<A extends unknown[]>(body: (...args: A) => Promise<void>): (...args: A) => Promise<void> {
-  return (...args) =>
-    body(...args).catch((error: unknown) => {
-      if (!isBamError(error, "OPTIONS_INVALID")) throw error;
-      // seeds are positional: "seeds: name at least one seed folder" stays as it is.
-      const flags = new Map<string, string>([
-        ...Object.entries(RECIPE_KEYS)
-          .filter(([key]) => key !== "seeds")
-          .map(([key, name]) => [name, `--${key}`] as [string, string]),
-        ["force", "--force"],
-      ]);
-      const camel = [...flags.keys()].filter((name) => /[A-Z]/.test(name));
-      // Camel-case names anywhere; a one-word name only where it starts the message ("seed must be ..."): "seed" is also a word.
-      const message = error.message
-        .replace(new RegExp(`\\b(${camel.join("|")})\\b`, "g"), (name) => flags.get(name)!)
-        .replace(/^([a-z]+)(?=[: ])/, (name) => flags.get(name) ?? name);
-      throw new BamError(error.code, message, { cause: error });
-    });
-}
+export const UPCYCLE_FLAGS: ReadonlyMap<string, string> = new Map([
+  ...Object.entries(RECIPE_KEYS)
+    .filter(([key]) => key !== "seeds")
+    .map(([key, name]) => [name, `--${key}`] as [string, string]),
+  ["force", "--force"],
+]);
 
 /**
  * The recipe written into the output folder: every resolved option, in

@@ -12,7 +12,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { describe, test } from "node:test";
 import type { BamError } from "../../src/errors.js";
-import { evaluatePerplexity, prepareOnnx, saveLogits } from "../../src/onnx/index.js";
+import { evaluatePerplexity, evaluateTokenFiles, prepareOnnx, saveLogits } from "../../src/onnx/index.js";
 import { loadTokenizer } from "../../src/onnx/transformers.js";
 import { writeSafetensors } from "../../src/safetensors/index.js";
 import { fixture, FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
@@ -217,7 +217,11 @@ describe("bam eval, generate, export-onnx", () => {
         [["eval", model, "--ids", "ids.safetensors"], 2, /--save-logits/],
         [["eval", model, "--text", "a.txt", "--ids", "ids.safetensors"], 2, /mutually exclusive/],
         [["eval", model, "--tokens", odd], 1, /odd\.bin: 3 bytes is not a whole number of uint16 token ids/],
-        [["eval", model, "--tokens", big], 1, /big\.bin: token 0 is 65535, outside the vocabulary/],
+        [
+          ["eval", model, "--tokens", big],
+          1,
+          /big\.bin: token 0 is 65535, outside the vocabulary \[0, \d+\) \(is --bin-dtype uint16 right\?\)/,
+        ],
         [["eval", model, "--tokens", big, "--max-tokens", "1"], 2, /--max-tokens must be an integer of at least 2/],
         [["generate", model], 2, /prompt/],
         [["generate", model, "--prompt", "x", "--max-new-tokens", "0"], 2, /--max-new-tokens/],
@@ -249,7 +253,12 @@ describe("bam eval, generate, export-onnx", () => {
       const rejects = (promise: Promise<unknown>, code: string, pattern: RegExp) =>
         assert.rejects(promise, (e: BamError) => e.code === code && pattern.test(e.message));
       await rejects(evaluatePerplexity(model, [join(dir, "nope.txt")]), "IO_ERROR", /nope\.txt: no such file/);
-      await rejects(evaluatePerplexity(model, [text], { context: 1 }), "OPTIONS_INVALID", /--context/);
+      // the API's own names; bam eval says --context (test/cli/usage.test.ts)
+      await rejects(evaluatePerplexity(model, [text], { context: 1 }), "OPTIONS_INVALID", /^context must be/);
+      await rejects(evaluatePerplexity(model, []), "OPTIONS_INVALID", /^files: name at least one text file$/);
+      const big = join(dir, "big.bin");
+      await writeFile(big, Buffer.of(255, 255, 1, 0));
+      await rejects(evaluateTokenFiles(model, [big]), "TENSOR_INVALID", /\(is binDType uint16 right\?\)$/);
       await rejects(
         evaluatePerplexity(fixture("gpt2", "base"), [text], { context: 1000 }),
         "OPTIONS_INVALID",

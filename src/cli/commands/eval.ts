@@ -2,6 +2,7 @@ import { BamError } from "../../errors.js";
 import type { Perplexity, PerplexityReport } from "../../onnx/index.js";
 import { BIN_DTYPES } from "../../onnx/token-files.js";
 import { onnxEngine } from "../engine.js";
+import { inFlagWords } from "../flag-words.js";
 import { progressBar } from "../progress.js";
 import { defineCommand, numberFlag, printJson, runCommand } from "../run.js";
 
@@ -45,46 +46,60 @@ export const evalCommand = defineCommand({
       .example("$0 eval out/bam --tokens code.heldout.bin --max-tokens 65536", "perplexity of token ids")
       .example("$0 eval out/bam --ids ids.safetensors --save-logits logits.safetensors", "raw logits"),
   handler: (args) =>
-    runCommand(async ({ signal }) => {
-      const { evaluatePerplexity, evaluateTokenFiles, saveLogits } = await onnxEngine();
-      const build = progressBar("exporting", "bytes");
-      if (args.ids !== undefined) {
-        if (args.saveLogits === undefined)
-          throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
-        const { shape } = await saveLogits(args.dir, args.ids, args.saveLogits, {
-          overwrite: args.force,
-          signal,
-          onBuild: build.update,
-        });
-        if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args.saveLogits, shape });
-        else process.stdout.write(`wrote ${args.saveLogits}: logits [${shape.join(", ")}]\n`);
-        return;
-      }
-      const text = args.text ?? [];
-      const tokens = args.tokens ?? [];
-      if (text.length === 0 && tokens.length === 0)
-        throw new BamError(
-          "OPTIONS_INVALID",
-          "name text files with --text FILE..., token files with --tokens FILE..., or token ids with --ids FILE --save-logits OUT",
-        );
-      if (args.saveLogits !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
-      const bar = progressBar("evaluating", "items");
-      const options = {
-        context: numberFlag("--context", args.context),
-        maxTokens: numberFlag("--max-tokens", args.maxTokens),
-        signal,
-        onBuild: build.update,
-        onProgress: bar.update,
-      };
-      const report =
-        tokens.length > 0
-          ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args.binDtype })
-          : await evaluatePerplexity(args.dir, text, options);
-      bar.finish();
-      if (args.json) printJson(report);
-      else printReport(report);
-    }),
+    runCommand(
+      // binDType's hint comes with a TENSOR_INVALID token out of the vocabulary
+      inFlagWords(
+        EVAL_FLAGS,
+        async ({ signal }) => {
+          const { evaluatePerplexity, evaluateTokenFiles, saveLogits } = await onnxEngine();
+          const build = progressBar("exporting", "bytes");
+          if (args.ids !== undefined) {
+            if (args.saveLogits === undefined)
+              throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
+            const { shape } = await saveLogits(args.dir, args.ids, args.saveLogits, {
+              overwrite: args.force,
+              signal,
+              onBuild: build.update,
+            });
+            if (args.json) printJson({ model: args.dir, ids: args.ids, logits: args.saveLogits, shape });
+            else process.stdout.write(`wrote ${args.saveLogits}: logits [${shape.join(", ")}]\n`);
+            return;
+          }
+          const text = args.text ?? [];
+          const tokens = args.tokens ?? [];
+          if (text.length === 0 && tokens.length === 0)
+            throw new BamError(
+              "OPTIONS_INVALID",
+              "name text files with --text FILE..., token files with --tokens FILE..., or token ids with --ids FILE --save-logits OUT",
+            );
+          if (args.saveLogits !== undefined) throw new BamError("OPTIONS_INVALID", "--save-logits goes with --ids");
+          const bar = progressBar("evaluating", "items");
+          const options = {
+            context: numberFlag("--context", args.context),
+            maxTokens: numberFlag("--max-tokens", args.maxTokens),
+            signal,
+            onBuild: build.update,
+            onProgress: bar.update,
+          };
+          const report =
+            tokens.length > 0
+              ? await evaluateTokenFiles(args.dir, tokens, { ...options, binDType: args.binDtype })
+              : await evaluatePerplexity(args.dir, text, options);
+          bar.finish();
+          if (args.json) printJson(report);
+          else printReport(report);
+        },
+        ["OPTIONS_INVALID", "TENSOR_INVALID"],
+      ),
+    ),
 });
+
+/** The library names options as the API does; the CLI user typed flags. */
+const EVAL_FLAGS: ReadonlyMap<string, string> = new Map([
+  ["context", "--context"],
+  ["maxTokens", "--max-tokens"],
+  ["binDType", "--bin-dtype"],
+]);
 
 function printReport(report: PerplexityReport): void {
   const rows: Array<[string, Perplexity]> = [

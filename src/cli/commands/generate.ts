@@ -1,6 +1,6 @@
-import { BamError, isBamError } from "../../errors.js";
 import { DEFAULT_GENERATION } from "../../onnx/generation.js";
 import { onnxEngine } from "../engine.js";
+import { inFlagWords } from "../flag-words.js";
 import { progressBar } from "../progress.js";
 import { defineCommand, printJson, runCommand } from "../run.js";
 
@@ -41,63 +41,56 @@ export const generateCommand = defineCommand({
       )
       .example("$0 generate out/bam --prompt 'def fibonacci(n):' --temperature 0", "greedy, whatever the model says"),
   handler: (args) =>
-    runCommand(async ({ signal }) => {
-      const settings = {
-        maxNewTokens: args.maxNewTokens,
-        temperature: args.temperature,
-        topK: args.topK,
-        topP: args.topP,
-        seed: args.seed ?? null,
-        signal,
-        onText: args.json ? undefined : (text: string) => process.stdout.write(text),
-      };
-      const { checkGeneration, generateFromExport, prepareOnnx } = await onnxEngine();
-      // The library's checks, before an export that can take minutes, in the words of the flags.
-      try {
-        checkGeneration(args.prompt, settings);
-      } catch (error) {
-        throw isBamError(error) ? new BamError(error.code, flagNames(error.message)) : error;
-      }
-      const bar = progressBar("exporting", "bytes");
-      const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
-      if (prepared.built) bar.finish();
-      const result = await generateFromExport(prepared.folder, args.prompt, settings).catch((error: unknown) => {
-        throw isBamError(error, "OPTIONS_INVALID") ? new BamError(error.code, flagNames(error.message)) : error;
-      });
-      if (args.json) {
-        printJson({
-          model: args.dir,
-          prompt: args.prompt,
-          text: result.text,
-          promptIds: result.promptIds,
-          newIds: result.newIds,
-          seconds: result.seconds,
-          settings: result.settings,
-          modelSettings: result.modelSettings,
-        });
-        return;
-      }
-      process.stdout.write("\n");
-      const { temperature, topK, topP } = result.settings;
-      const decoding =
-        temperature > 0 ? `sampled at temperature ${temperature}, top-k ${topK}, top-p ${topP}` : "greedy";
-      // top-k and top-p of the model's do_sample shape nothing greedy
-      const shaped = result.modelSettings.filter((key) => temperature > 0 || key === "maxNewTokens");
-      const fromModel = shaped.length > 0 ? " (as the model's generation_config.json says)" : "";
-      process.stderr.write(
-        `bam: ${result.newIds.length} tokens, ${decoding}${fromModel}, in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`,
-      );
-    }),
+    runCommand(
+      inFlagWords(GENERATE_FLAGS, async ({ signal }) => {
+        const settings = {
+          maxNewTokens: args.maxNewTokens,
+          temperature: args.temperature,
+          topK: args.topK,
+          topP: args.topP,
+          seed: args.seed ?? null,
+          signal,
+          onText: args.json ? undefined : (text: string) => process.stdout.write(text),
+        };
+        const { checkGeneration, generateFromExport, prepareOnnx } = await onnxEngine();
+        checkGeneration(args.prompt, settings); // the library's checks, before an export that can take minutes
+        const bar = progressBar("exporting", "bytes");
+        const prepared = await prepareOnnx(args.dir, { signal, onProgress: bar.update });
+        if (prepared.built) bar.finish();
+        const result = await generateFromExport(prepared.folder, args.prompt, settings);
+        if (args.json) {
+          printJson({
+            model: args.dir,
+            prompt: args.prompt,
+            text: result.text,
+            promptIds: result.promptIds,
+            newIds: result.newIds,
+            seconds: result.seconds,
+            settings: result.settings,
+            modelSettings: result.modelSettings,
+          });
+          return;
+        }
+        process.stdout.write("\n");
+        const { temperature, topK, topP } = result.settings;
+        const decoding =
+          temperature > 0 ? `sampled at temperature ${temperature}, top-k ${topK}, top-p ${topP}` : "greedy";
+        // top-k and top-p of the model's do_sample shape nothing greedy
+        const shaped = result.modelSettings.filter((key) => temperature > 0 || key === "maxNewTokens");
+        const fromModel = shaped.length > 0 ? " (as the model's generation_config.json says)" : "";
+        process.stderr.write(
+          `bam: ${result.newIds.length} tokens, ${decoding}${fromModel}, in ${result.seconds.toFixed(2)}s (${(result.newIds.length / Math.max(result.seconds, 1e-9)).toFixed(1)} tokens/s)\n`,
+        );
+      }),
+    ),
 });
 
 /** The library names settings as the API does; the CLI user typed flags. */
-const FLAGS: Readonly<Record<string, string>> = {
-  prompt: "--prompt",
-  maxNewTokens: "--max-new-tokens",
-  temperature: "--temperature",
-  topK: "--top-k",
-  topP: "--top-p",
-  seed: "--seed",
-};
-const flagNames = (message: string) =>
-  message.replace(/\b(prompt|maxNewTokens|temperature|topK|topP|seed)\b/g, (name) => FLAGS[name]!);
+const GENERATE_FLAGS: ReadonlyMap<string, string> = new Map([
+  ["prompt", "--prompt"],
+  ["maxNewTokens", "--max-new-tokens"],
+  ["temperature", "--temperature"],
+  ["topK", "--top-k"],
+  ["topP", "--top-p"],
+  ["seed", "--seed"],
+]);

@@ -2,10 +2,10 @@ import { ATTENTION_EXPERTS, BLOCK_KINDS } from "../../arch/model.js";
 import { BamError } from "../../errors.js";
 import {
   DEFAULT_NORM_TOPK_PROB,
-  inFlagWords,
   OUTPUT_DTYPES,
   OUTPUT_FORMATS,
   ROUTER_INITS,
+  UPCYCLE_FLAGS,
 } from "../../upcycle/options.js";
 import {
   planUpcycle,
@@ -17,6 +17,7 @@ import {
   type UpcycleProgress,
   type UpcycleStage,
 } from "../../upcycle/index.js";
+import { inFlagWords } from "../flag-words.js";
 import { formatBytes, formatDuration, progressBar, type ProgressBar } from "../progress.js";
 import { defineCommand, numberFlag, printJson, runCommand } from "../run.js";
 
@@ -116,7 +117,7 @@ export const upcycleCommand = defineCommand({
       .example("$0 upcycle --recipe mergekit-moe.yml -o moe", "a mergekit-moe config as the recipe"),
   handler: (args) =>
     runCommand(
-      inFlagWords(async ({ signal }) => {
+      inFlagWords(UPCYCLE_FLAGS, async ({ signal }) => {
         const options = await optionsFrom(args);
         const onDownload = downloadBars();
         if (args.dryRun) {
