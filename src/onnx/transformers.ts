@@ -146,7 +146,10 @@ async function modelGeneration(folder: string): Promise<ModelGeneration> {
   }
   if (generation.do_sample != null && typeof generation.do_sample !== "boolean") wrong("do_sample", "true or false");
   if (generation.do_sample === true) {
-    const { temperature = 1, top_k: topK = 50, top_p: topP = 1 } = generation;
+    // absent: transformers' defaults; null: that filter off (temperature 1, every token, all the mass)
+    const setting = (key: string, absent: number, off: number) =>
+      generation[key] === undefined ? absent : generation[key] === null ? off : generation[key];
+    const [temperature, topK, topP] = [setting("temperature", 1, 1), setting("top_k", 50, 0), setting("top_p", 1, 1)];
     // transformers refuses a temperature of 0 when sampling; greedy is do_sample false
     if (!(typeof temperature === "number" && temperature > 0 && Number.isFinite(temperature)))
       wrong("temperature", "a positive number when do_sample is true");

@@ -253,6 +253,10 @@ describe("generation", () => {
       const topOne = await generateFromExport(folder, prompt, { maxNewTokens: 12, seed: 3 });
       assert.deepEqual(topOne.settings, { maxNewTokens: 12, temperature: 1, topK: 1, topP: 1, seed: 3 });
       assert.deepEqual(topOne.newIds, greedy.newIds);
+      // null turns a filter off, as transformers reads it
+      await withConfig({ do_sample: true, temperature: null, top_k: null, top_p: null });
+      const off = await generateFromExport(folder, prompt, { maxNewTokens: 2, seed: 3 });
+      assert.deepEqual(off.settings, { maxNewTokens: 2, temperature: 1, topK: 0, topP: 1, seed: 3 });
       // without do_sample, transformers ignores a temperature: greedy
       await withConfig({ temperature: 0.7, top_k: 5 });
       const plain = await generateFromExport(folder, prompt, { maxNewTokens: 12 });
