@@ -189,10 +189,14 @@ export async function generateFromExport(
   const promptIds = Array.from(inputs.input_ids.data as BigInt64Array, Number);
   if (promptIds.length === 0) invalid("prompt encodes to no tokens; give some text");
   if (promptIds.length + settings.maxNewTokens > positions) {
+    const budget =
+      given.maxNewTokens === undefined && model.settings.maxNewTokens !== undefined
+        ? "the max_new_tokens of the model's generation_config.json" // not a maxNewTokens the caller never gave
+        : "maxNewTokens";
     invalid(
       promptIds.length >= positions
         ? `prompt is ${promptIds.length} tokens, past the ${positions} positions of the model; shorten it`
-        : `prompt (${promptIds.length} tokens) and ${given.maxNewTokens === undefined && model.settings.maxNewTokens !== undefined ? "the max_new_tokens of the model's generation_config.json" : "maxNewTokens"} (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens with maxNewTokens`,
+        : `prompt (${promptIds.length} tokens) and ${budget} (${settings.maxNewTokens}) exceed the ${positions} positions of the model; ask for at most ${positions - promptIds.length} new tokens with maxNewTokens`,
     );
   }
   const { TextStreamer } = await transformersJs();
