@@ -4,6 +4,7 @@
  */
 import { execFileSync } from "node:child_process";
 import { cpus, totalmem } from "node:os";
+import type { UpcyclePlan } from "../src/upcycle/index.js";
 
 export interface MeasuredTree {
   commit: string;
@@ -39,4 +40,21 @@ export function argOption(name: string, fallback: string): string {
   const args = process.argv.slice(2);
   const at = args.indexOf(name);
   return at >= 0 && args[at + 1] ? args[at + 1]! : fallback;
+}
+
+/** The mixture a benchmark measured and its parameter counts, from its upcycle plan, as the ONNX benchmarks record them. */
+export function mixtureFacts({ summary }: UpcyclePlan) {
+  return {
+    mixture: {
+      experts: summary.experts,
+      attention: summary.attention,
+      block: summary.block,
+      expertsPerToken: summary.expertsPerToken,
+    },
+    parameters: {
+      seed: summary.seedParameters,
+      bamTotal: summary.totalParameters,
+      bamActivePerToken: summary.activeParameters,
+    },
+  };
 }

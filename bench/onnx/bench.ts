@@ -20,7 +20,7 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
-import { measuredTree, argOption } from "../provenance.js";
+import { argOption, measuredTree, mixtureFacts } from "../provenance.js";
 
 const args = process.argv.slice(2);
 const work = resolve(argOption("--work", "/tmp/bam-bench-onnx"));
@@ -122,17 +122,7 @@ const result = {
   },
   shape,
   context,
-  mixture: {
-    experts: EXPERTS,
-    attention: plan.summary.attention,
-    block: plan.summary.block,
-    expertsPerToken: plan.summary.expertsPerToken,
-  },
-  parameters: {
-    seed: plan.summary.seedParameters,
-    bamTotal: plan.summary.totalParameters,
-    bamActivePerToken: plan.summary.activeParameters,
-  },
+  ...mixtureFacts(plan),
   seed: seedResult,
   bam: bamResult,
   /** Seed tokens/s over BAM tokens/s: how many times slower the mixture runs. */

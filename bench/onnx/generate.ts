@@ -35,7 +35,7 @@ import { prepareOnnx } from "../../src/onnx/export.js";
 import { GENERATE_FILE } from "../../src/onnx/write.js";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
-import { argOption, machineInfo, measuredTree } from "../provenance.js";
+import { argOption, machineInfo, measuredTree, mixtureFacts } from "../provenance.js";
 
 const work = resolve(argOption("--work", "/tmp/bam-bench-generate"));
 const rounds = Number(argOption("--rounds", "3"));
@@ -269,17 +269,7 @@ const result = {
   pytorch: { torch: torchVersion, dtype: "float32" },
   rounds,
   shape: SHAPE,
-  mixture: {
-    experts: 2,
-    attention: plan.summary.attention,
-    block: plan.summary.block,
-    expertsPerToken: plan.summary.expertsPerToken,
-  },
-  parameters: {
-    seed: plan.summary.seedParameters,
-    bamTotal: plan.summary.totalParameters,
-    bamActivePerToken: plan.summary.activeParameters,
-  },
+  ...mixtureFacts(plan),
   eval: { context: CONTEXT, tokens: EVAL_TOKENS },
   generation: { promptTokens: PROMPTS, newTokens: NEW_TOKENS, decoding: "greedy" },
   seed: rows.seed,
