@@ -496,6 +496,17 @@ def chunk_rows(vocab):
     return max(1, CHUNK_LOGITS // vocab)
 
 
+def _logit_chunks(h, w, b, scale):
+    """(rows, hc, z) for each chunk of h [N, H]: its row slice, its hidden states in w's dtype and its
+    float32 logits scale * (hc @ w^T + b), so no more than chunk_rows of them are in memory at once."""
+    step = chunk_rows(w.shape[0])
+    for start in range(0, h.shape[0], step):
+        rows = slice(start, start + step)
+        hc = h[rows].to(w.dtype)
+        z = F.linear(hc, w, b).float()
+        yield rows, hc, (z * scale if scale != 1.0 else z)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of scale * (h @ W^T + b) against labels (-100: ignored), chunk by chunk, so the
     [N, V] logits are never whole in memory. The loss ends the graph, so its gradients are computed in
@@ -505,17 +516,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h, weight, bias, labels, scale, dtype):
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
             grad_h = torch.empty_like(h)
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            rows = chunk_rows(weight.shape[0])
-            for start in range(0, h.shape[0], rows):
-                hc, yc = h[start : start + rows].to(dtype), labels[start : start + rows]
-                z = F.linear(hc, w, b).float()
-                if scale != 1.0:
-                    z = z * scale
+            for rows, hc, z in _logit_chunks(h, w, None if bias is None else bias.to(dtype), scale):
+                yc = labels[rows]
                 valid = yc != -100
                 target = yc.clamp(min=0)[:, None]
                 lse = torch.logsumexp(z, -1)
@@ -523,7 +529,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = torch.exp(z - lse[:, None])  # softmax; minus one at the label, zero on ignored rows
                 g.scatter_add_(-1, target, torch.full_like(g[:, :1], -1.0))
                 g = (g * (valid[:, None] * scale)).to(dtype)
-                grad_h[start : start + rows] = (g @ w).to(h.dtype)
+                grad_h[rows] = (g @ w).to(h.dtype)
                 grad_w += (g.t() @ hc).float()
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
@@ -547,12 +553,10 @@ def linear_cross_entropy(h, weight, bias, labels, scale=None):
     scale = 1.0 if scale is None else float(scale)
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, bias, labels, scale, dtype)
-    with torch.no_grad():  # evaluation: the loss alone, chunk by chunk
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # evaluation: the loss alone
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        step = chunk_rows(weight.shape[0])
-        for start in range(0, h.shape[0], step):
-            rows = slice(start, start + step)
-            z = F.linear(h[rows], weight, bias).float() * scale
+        for rows, _, z in _logit_chunks(h, w, b, scale):
             total += F.cross_entropy(z, labels[rows], ignore_index=-100, reduction="sum")
         return total
 
