@@ -38,6 +38,12 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
+try:  # CUDA builds of torch ship Triton: rope's fused kernel (_rope_triton)
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds: rope runs as torch ops
+    triton = None
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
 GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
 
@@ -214,6 +220,61 @@ def _rope(x, cos, sin, style):
     return out
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rope_kernel(
+        x, out, cos, sin, heads, T, sx_b, sx_h, sx_t, so_b, so_h, so_t, sc_b, sc_t, sign,
+        HALF: tl.constexpr, PAIRS: tl.constexpr, PASS: tl.constexpr,
+        BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
+    ):  # fmt: skip
+        """One (batch, block of positions): cos/sin read once, then every head rotated in one pass."""
+        b, t = tl.program_id(0).to(tl.int64), tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+        d = tl.arange(0, BLOCK_HALF)[None, :]
+        m = (t < T) & (d < HALF)
+        ia = 2 * d if PAIRS else d  # the rotated pair (a, b): (x[2d], x[2d+1]) or (x[d], x[d + HALF])
+        ib = ia + 1 if PAIRS else d + HALF
+        c = tl.load(cos + b * sc_b + t * sc_t + ia, mask=m)
+        s = tl.load(sin + b * sc_b + t * sc_t + ia, mask=m) * sign
+        p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
+        pm = (t < T) & (p < 2 * HALF + PASS)
+        xh, oh = x + b * sx_b + t * sx_t, out + b * so_b + t * so_t  # 64-bit offsets: large tensors
+        for _ in range(heads):
+            xa, xb = tl.load(xh + ia, mask=m).to(tl.float32), tl.load(xh + ib, mask=m).to(tl.float32)
+            tl.store(oh + ia, (xa * c - xb * s).to(out.dtype.element_ty), mask=m)
+            tl.store(oh + ib, (xb * c + xa * s).to(out.dtype.element_ty), mask=m)
+            if PASS > 0:  # dims past rotary_dim
+                tl.store(oh + p, tl.load(xh + p, mask=pm), mask=pm)
+            xh, oh = xh + sx_h, oh + so_h
+
+
+def _rope_triton(x, cos, sin, style, sign):
+    """_rope in one Triton kernel (sign -1: the inverse rotation): each element read and written once,
+    where the torch ops take several passes over float32 temporaries. x [B, heads, T, D], last dim dense."""
+    B, heads, T, D = x.shape
+    r = cos.shape[-1]
+    cos, sin = cos.expand(B, 1, T, r), sin.expand(B, 1, T, r)  # a batch of one broadcasts (stride 0)
+    out = torch.empty((B, heads, T, D), dtype=x.dtype, device=x.device)
+    block_t = 16
+    _rope_kernel[(B, triton.cdiv(T, block_t))](
+        x, out, cos, sin, heads, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+        out.stride(2), cos.stride(0), cos.stride(2), float(sign),
+        HALF=r // 2, PAIRS=style != "half", PASS=D - r,
+        BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_PASS=triton.next_power_of_2(max(D - r, 1)),
+    )  # fmt: skip
+    return out
+
+
+FUSED_ROPE = True  # the Triton kernel where it applies (CUDA, Triton importable); False: the torch ops
+
+
+def _rope_any(x, cos, sin, style, sign):
+    fused = FUSED_ROPE and triton is not None and x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1
+    if fused and cos.stride(-1) == 1 and cos.dtype == torch.float32:
+        return _rope_triton(x, cos, sin, style, sign)
+    return _rope(x, cos, -sin if sign < 0 else sin, style)
+
+
 class _RopeFn(torch.autograd.Function):
     """Rope is a rotation per position: its backward is the inverse rotation of the gradient (sin negated),
     so nothing but cos/sin is saved."""
@@ -222,12 +283,12 @@ class _RopeFn(torch.autograd.Function):
     def forward(ctx, x, cos, sin, style):
         ctx.save_for_backward(cos, sin)
         ctx.style = style
-        return _rope(x, cos, sin, style)
+        return _rope_any(x, cos, sin, style, 1)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rope(grad, cos, -sin, ctx.style), None, None, None
+        return _rope_any(grad, cos, sin, ctx.style, -1), None, None, None
 
 
 def _compiling():

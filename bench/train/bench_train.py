@@ -70,6 +70,7 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 if __name__ == "__main__":
     sys.modules.setdefault("transformers", None)  # the pure-torch model is what we train; skip the import
 sys.path.insert(0, os.path.join(REPO, "scripts"))
+sys.path.insert(0, os.path.join(REPO, "python"))
 sys.path.insert(0, HERE)
 
 import peer  # noqa: E402
@@ -77,6 +78,7 @@ import synthetic  # noqa: E402
 import torch  # noqa: E402
 from loop_experts import loop_experts  # noqa: E402
 
+import modeling_bam  # noqa: E402
 from bamtrain import folder, metrics, native, parallel  # noqa: E402
 from bamtrain.trainer import Trainer, make_optimizer  # noqa: E402
 
@@ -85,6 +87,8 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam": dict(model="bam", impl="fused"),
     "bam-logits": dict(model="bam", impl="fused", fused_loss=False),
     "bam-loop": dict(model="bam", impl="loop"),
+    # rope as torch ops instead of its Triton kernel (modeling_bam.FUSED_ROPE): what the kernel buys
+    "bam-torch-rope": dict(model="bam", impl="fused", fused_rope=False),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
@@ -324,9 +328,23 @@ def load_peer(path, spec, device):
     return model, peer.blocks(model), config
 
 
+@contextlib.contextmanager
+def torch_rope():
+    """Rope as torch ops (modeling_bam's switch for its Triton kernel), for one row."""
+    modeling_bam.FUSED_ROPE = False
+    try:
+        yield
+    finally:
+        modeling_bam.FUSED_ROPE = True
+
+
 def run_row(name, spec, path, args, ctx, amp, shared):
-    """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop")."""
-    with loop_experts() if spec["impl"] == "loop" else contextlib.nullcontext():
+    """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop") and rope."""
+    with contextlib.ExitStack() as stack:
+        if spec["impl"] == "loop":
+            stack.enter_context(loop_experts())
+        if not spec.get("fused_rope", True):
+            stack.enter_context(torch_rope())
         return run_row_impl(name, spec, path, args, ctx, amp, shared)
 
 
@@ -334,7 +352,13 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
     """Loads, finds the micro-batch, warms up, times. -> row dict (and profiles it when asked)."""
     device = ctx.device
     fused_loss, fsdp = spec.get("fused_loss", True), "fsdp_param_dtype" in spec
-    eager_row = (spec["model"], spec["impl"], fused_loss, fsdp)  # a compile row starts from its eager row's micro-batch
+    eager_row = (
+        spec["model"],
+        spec["impl"],
+        fused_loss,
+        fsdp,
+        spec.get("fused_rope", True),
+    )  # a compile row starts from its eager row's micro-batch
     if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
         return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
     model, blocks, config = load_peer(path, spec, device) if "family" in spec else load(path, device, shared)
@@ -407,6 +431,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         compiled=spec["compile"],
         compile_mode=spec.get("compile_mode", "default") if spec["compile"] else None,
         fused_loss=fused_loss and "family" not in spec,
+        fused_rope=spec.get("fused_rope", True) and "family" not in spec,
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
@@ -613,6 +638,7 @@ def main(argv=None):
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
+    pairs += [("bam", "bam-torch-rope"), ("bam-compile", "bam-torch-rope-compile")]  # rope's Triton kernel
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
