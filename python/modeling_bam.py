@@ -224,8 +224,8 @@ if triton is not None:
 
     @triton.jit
     def _rope_kernel(
-        x, out, cos, sin, heads, T, sx_b, sx_h, sx_t, so_b, so_h, so_t, sc_b, sc_t, sign,
-        HALF: tl.constexpr, PAIRS: tl.constexpr, PASS: tl.constexpr,
+        x, out, cos, sin, T, sx_b, sx_h, sx_t, so_b, so_h, so_t, sc_b, sc_t, sign,
+        HEADS: tl.constexpr, HALF: tl.constexpr, PAIRS: tl.constexpr, PASS: tl.constexpr,
         BLOCK_T: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_PASS: tl.constexpr,
     ):  # fmt: skip
         """One (batch, block of positions): cos/sin read once, then every head rotated in one pass."""
@@ -239,7 +239,7 @@ if triton is not None:
         p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, :]
         pm = (t < T) & (p < 2 * HALF + PASS)
         xh, oh = x + b * sx_b + t * sx_t, out + b * so_b + t * so_t  # 64-bit offsets: large tensors
-        for _ in range(heads):
+        for _ in range(HEADS):
             xa, xb = tl.load(xh + ia, mask=m).to(tl.float32), tl.load(xh + ib, mask=m).to(tl.float32)
             tl.store(oh + ia, (xa * c - xb * s).to(out.dtype.element_ty), mask=m)
             tl.store(oh + ib, (xb * c + xa * s).to(out.dtype.element_ty), mask=m)
@@ -257,9 +257,9 @@ def _rope_triton(x, cos, sin, style, sign):
     out = torch.empty((B, heads, T, D), dtype=x.dtype, device=x.device)
     block_t = 16
     _rope_kernel[(B, triton.cdiv(T, block_t))](
-        x, out, cos, sin, heads, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
+        x, out, cos, sin, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),
         out.stride(2), cos.stride(0), cos.stride(2), float(sign),
-        HALF=r // 2, PAIRS=style != "half", PASS=D - r,
+        HEADS=heads, HALF=r // 2, PAIRS=style != "half", PASS=D - r,
         BLOCK_T=block_t, BLOCK_HALF=triton.next_power_of_2(r // 2), BLOCK_PASS=triton.next_power_of_2(max(D - r, 1)),
     )  # fmt: skip
     return out

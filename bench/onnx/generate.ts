@@ -21,8 +21,10 @@
  *   --work DIR     models, exports and token files (default /tmp/bam-bench-generate)
  *   --rounds N     interleaved repeats (default 3)
  *   --python PATH  the interpreter with torch and transformers (default $BAM_PYTHON, else .venv/bin/python)
+ *   --out FILE     the result (default bench/results/onnx-generate.json)
+ *   --commit SHA   the commit measured, for a copy with no .git (default: git's HEAD)
  *
- * Writes bench/results/onnx-generate.json with the commit measured.
+ * Writes the result JSON with the commit measured.
  */
 import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -162,7 +164,7 @@ const samples: Record<"seed" | "bam", { ours: Sample[]; torch: Sample[] }> = {
   seed: { ours: [], torch: [] },
   bam: { ours: [], torch: [] },
 };
-const tree = measuredTree();
+const tree = measuredTree(argOption("--commit", "") || undefined);
 const loadBefore = loadavg();
 let torchVersion = "";
 for (let round = 0; round < rounds; round++) {
@@ -276,7 +278,7 @@ const result = {
   bam: rows.bam,
   profile,
 };
-const out = resolve("bench/results/onnx-generate.json");
+const out = resolve(argOption("--out", "bench/results/onnx-generate.json"));
 await writeFile(out, `${JSON.stringify(result, null, 2)}\n`);
 process.stdout.write(
   `${JSON.stringify({ seed: { oursOverPytorch: rows.seed!.oursOverPytorch, pace: rows.seed!.pace }, bam: { oursOverPytorch: rows.bam!.oursOverPytorch, pace: rows.bam!.pace } }, null, 2)}\n`,
