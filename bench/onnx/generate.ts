@@ -10,7 +10,8 @@
  *   - scoring: `bam eval --tokens` over windows of 512 tokens, and the same
  *     windows through transformers (forward + NLL);
  *   - where our decode step's time goes, at both contexts: onnxruntime's
- *     profile by operator type, and the bytes a step reads (cache, weights).
+ *     profile by operator type, and the bytes a step reads (cache, weights);
+ *     and where a scoring window's time goes (evalProfile).
  * PyTorch runs the same folder (trust_remote_code for the BAM folder, the
  * stock class for the seed) in float32, as ours, with torch.set_num_threads
  * equal to onnxruntime's intra-op threads. Engines and models alternate within
@@ -34,7 +35,8 @@ import { join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { argmax, Decoder } from "../../src/onnx/decoder.js";
 import { prepareOnnx } from "../../src/onnx/export.js";
-import { GENERATE_FILE } from "../../src/onnx/write.js";
+import { OnnxSession } from "../../src/onnx/session.js";
+import { GENERATE_FILE, MODEL_FILE } from "../../src/onnx/write.js";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
 import { argOption, machineInfo, measuredTree, mixtureFacts } from "../provenance.js";
@@ -133,27 +135,62 @@ async function profileGeneration(folder: string, name: string, activeParameters:
     } finally {
       await decoder.close();
     }
-    const file = (await readdir(dir)).map((f) => join(dir, f)).find((f) => f.startsWith(`${prefix}_`));
-    if (file === undefined) throw new Error(`${prefix}: onnxruntime wrote no profile`);
-    type Event = { name: string; cat?: string; ts: number; dur: number; args?: { op_name?: string } };
-    const events: Event[] = JSON.parse(await readFile(file, "utf8"));
-    const runs = events.filter((e) => e.name === "model_run");
-    const steps = runs.slice(1); // the prompt's run first
-    const byOp: Record<string, number> = {};
-    for (const e of events)
-      if (e.cat === "Node" && e.name.endsWith("_kernel_time") && e.ts >= steps[0]!.ts && e.args?.op_name)
-        byOp[e.args.op_name] = (byOp[e.args.op_name] ?? 0) + e.dur / 1000 / steps.length;
-    const top = Object.entries(byOp).sort((a, b) => b[1] - a[1]);
+    const { msPerRun, byOp, otherMs } = await profiledRuns(dir, prefix, 1, 8); // the prompt's run first
     rows.push({
       context: prompt.length + NEW_TOKENS / 2,
-      profiledMsPerStep: steps.reduce((sum, e) => sum + e.dur, 0) / 1000 / steps.length,
-      kernelMsPerStep: Object.fromEntries(top.slice(0, 8)),
-      otherKernelsMs: top.slice(8).reduce((sum, [, ms]) => sum + ms, 0),
+      profiledMsPerStep: msPerRun,
+      kernelMsPerStep: byOp,
+      otherKernelsMs: otherMs,
       cacheBytes,
       weightBytesPerToken: activeParameters * Float32Array.BYTES_PER_ELEMENT,
     });
   }
   return rows;
+}
+
+/**
+ * onnxruntime's profile `<prefix>_<date>.json` in `dir`, over the runs after the first `skip`: the
+ * milliseconds of a run, and the kernel milliseconds per run of the `top` operator types (the rest summed).
+ */
+async function profiledRuns(dir: string, prefix: string, skip: number, top: number) {
+  const file = (await readdir(dir)).map((f) => join(dir, f)).find((f) => f.startsWith(`${prefix}_`));
+  if (file === undefined) throw new Error(`${prefix}: onnxruntime wrote no profile`);
+  type Event = { name: string; cat?: string; ts: number; dur: number; args?: { op_name?: string } };
+  const events: Event[] = JSON.parse(await readFile(file, "utf8"));
+  const runs = events.filter((e) => e.name === "model_run").slice(skip);
+  const byOp: Record<string, number> = {};
+  for (const e of events)
+    if (e.cat === "Node" && e.name.endsWith("_kernel_time") && e.ts >= runs[0]!.ts && e.args?.op_name)
+      byOp[e.args.op_name] = (byOp[e.args.op_name] ?? 0) + e.dur / 1000 / runs.length;
+  const sorted = Object.entries(byOp).sort((a, b) => b[1] - a[1]);
+  return {
+    msPerRun: runs.reduce((sum, e) => sum + e.dur, 0) / 1000 / runs.length,
+    byOp: Object.fromEntries(sorted.slice(0, top)),
+    otherMs: sorted.slice(top).reduce((sum, [, ms]) => sum + ms, 0),
+  };
+}
+
+/**
+ * Where a scoring window's time goes (onnxruntime's profile of `bam eval`'s graph, the threads it
+ * uses): kernel milliseconds per window of CONTEXT tokens by operator type, after one untimed window.
+ */
+async function profileEval(folder: string, name: string) {
+  const dir = join(work, "profile");
+  await mkdir(dir, { recursive: true });
+  const prefix = join(dir, `${name}-eval`);
+  for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
+  const session = await OnnxSession.open(join(folder, "onnx", MODEL_FILE), { profile: prefix });
+  const windows = 4;
+  try {
+    for (let w = 0; w < windows; w++) {
+      const window = BigInt64Array.from(ids.subarray(w * CONTEXT, (w + 1) * CONTEXT), BigInt);
+      await session.forward(window, 1, CONTEXT, ["logits"]);
+    }
+  } finally {
+    await session.close();
+  }
+  const { msPerRun, byOp, otherMs } = await profiledRuns(dir, prefix, 1, 10);
+  return { windowTokens: CONTEXT, profiledMsPerWindow: msPerRun, kernelMsPerWindow: byOp, otherKernelsMs: otherMs };
 }
 
 interface Sample {
@@ -261,6 +298,11 @@ const profile = {
   seed: await profileGeneration(exports.seed.folder, "seed", plan.summary.seedParameters),
   bam: await profileGeneration(exports.bam.folder, "bam", plan.summary.activeParameters),
 };
+process.stderr.write("profiling scoring windows of each model\n");
+const evalProfile = {
+  seed: await profileEval(exports.seed.folder, "seed"),
+  bam: await profileEval(exports.bam.folder, "bam"),
+};
 const result = {
   benchmark:
     "generation pace (per-token time at 50 and 2000 tokens of context) and bam eval, ours (onnxruntime-node) vs PyTorch on CPU, same folder",
@@ -277,6 +319,7 @@ const result = {
   seed: rows.seed,
   bam: rows.bam,
   profile,
+  evalProfile,
 };
 const out = resolve(argOption("--out", "bench/results/onnx-generate.json"));
 await writeFile(out, `${JSON.stringify(result, null, 2)}\n`);

@@ -56,8 +56,9 @@ export class OnnxSession {
     private readonly pastShapes: Map<string, [number, number]>,
   ) {}
 
-  static async open(modelFile: string): Promise<OnnxSession> {
-    const { ort, session } = await openEngineSession(modelFile);
+  /** `options` as openEngineSession's (default threads: onnxruntime's, one per physical core). */
+  static async open(modelFile: string, options: { threads?: number; profile?: string } = {}): Promise<OnnxSession> {
+    const { ort, session } = await openEngineSession(modelFile, options);
     const pastShapes = new Map<string, [number, number]>();
     for (const meta of session.inputMetadata) {
       if (!meta.name.startsWith("past_key_values.") || !meta.isTensor) continue;
