@@ -130,6 +130,9 @@ export async function evaluateTokenFiles(
   return scoreWindows(modelDir, inputs, options);
 }
 
+/** Tokens per engine run when scoring: whole windows are batched up to this many tokens. */
+const WINDOW_BATCH_TOKENS = 2048;
+
 /** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
 async function scoreWindows(
   modelDir: string,
@@ -152,20 +155,32 @@ async function scoreWindows(
     let done = 0;
     let seconds = 0;
     const perFile = [];
+    // Whole windows run WINDOW_BATCH_TOKENS at a time, as rows of one batch: on many cores one window
+    // leaves threads idle (attention parallelises over batch x heads). Rows are independent, so each
+    // window's logits are what it gets alone; a batch holds no more tokens than one window of that length.
+    const perRun = Math.max(1, Math.floor(WINDOW_BATCH_TOKENS / context));
     for (const { file, ids } of tokens) {
       const sum = { tokens: 0, predicted: 0, nll: 0 };
-      for (let start = 0; start < ids.length; start += context) {
+      for (let start = 0; start < ids.length; ) {
         if (options.signal?.aborted) throw new BamError("ABORTED", "evaluation interrupted");
-        const window = ids.slice(start, start + context);
-        if (window.length >= 2) {
+        const length = Math.min(context, ids.length - start);
+        const rows = length === context ? Math.min(perRun, Math.floor((ids.length - start) / context)) : 1;
+        const batch = ids.slice(start, start + rows * length);
+        if (length >= 2) {
           const started = performance.now();
-          const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
-          sum.nll += windowNll(logits!, window);
+          const [logits] = await session.forward(BigInt64Array.from(batch, BigInt), rows, length, ["logits"]);
+          const rowSize = logits!.length / rows;
+          for (let r = 0; r < rows; r++)
+            sum.nll += windowNll(
+              logits!.subarray(r * rowSize, (r + 1) * rowSize),
+              batch.slice(r * length, (r + 1) * length),
+            );
           seconds += (performance.now() - started) / 1000;
-          sum.predicted += window.length - 1;
+          sum.predicted += rows * (length - 1);
         }
-        sum.tokens += window.length;
-        done += window.length;
+        sum.tokens += batch.length;
+        done += batch.length;
+        start += batch.length;
         options.onProgress?.(done, total);
       }
       perFile.push({ file, ...withPerplexity(sum) });
