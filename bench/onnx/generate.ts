@@ -36,7 +36,7 @@ import { fileURLToPath } from "node:url";
 import { argmax, Decoder } from "../../src/onnx/decoder.js";
 import { prepareOnnx } from "../../src/onnx/export.js";
 import { OnnxSession } from "../../src/onnx/session.js";
-import { GENERATE_FILE, MODEL_FILE } from "../../src/onnx/write.js";
+import { GENERATE_FILE, SCORE_FILE } from "../../src/onnx/write.js";
 import { planUpcycle } from "../../src/upcycle/index.js";
 import { writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
 import { argOption, machineInfo, measuredTree, mixtureFacts } from "../provenance.js";
@@ -171,7 +171,7 @@ async function profiledRuns(dir: string, prefix: string, skip: number, top: numb
 }
 
 /**
- * Where a scoring window's time goes (onnxruntime's profile of `bam eval`'s graph, the threads it
+ * Where a scoring window's time goes (onnxruntime's profile of `bam eval`'s graph, score.onnx, the threads it
  * uses): kernel milliseconds per window of CONTEXT tokens by operator type, after one untimed window.
  */
 async function profileEval(folder: string, name: string) {
@@ -179,7 +179,7 @@ async function profileEval(folder: string, name: string) {
   await mkdir(dir, { recursive: true });
   const prefix = join(dir, `${name}-eval`);
   for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
-  const session = await OnnxSession.open(join(folder, "onnx", MODEL_FILE), { profile: prefix });
+  const session = await OnnxSession.open(join(folder, "onnx", SCORE_FILE), { profile: prefix });
   const windows = 4;
   try {
     for (let w = 0; w < windows; w++) {

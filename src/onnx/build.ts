@@ -28,7 +28,7 @@
  * KV cache: `past_key_values.{l}.key|value` in, `present.{l}.key|value` out,
  * [batch, cacheHeads, sequence, head_dim] with cacheHeads = E x kv_heads for
  * moa and kv_heads otherwise (shared-kv: one cache for every expert); or
- * generation's slots (BuildOptions.cache).
+ * generation's slots; or none, for scoring (BuildOptions.cache).
  */
 import type { GlobalSlot } from "../arch/families.js";
 import type { OpenedModel } from "../arch/model.js";
@@ -42,6 +42,14 @@ import { ropeFrequencies } from "./rope.js";
 import { gatherColumns, gatherRows, WeightSource } from "./weights.js";
 
 export const OPSET = 18;
+/**
+ * A scoring graph's causal attention runs in this many query chunks, chunk i
+ * attending to the keys of chunks 0..i only: onnxruntime's GroupQueryAttention
+ * computes every query's scores against all keys of its call before masking,
+ * so one call over T tokens does twice the work causality needs; four chunks
+ * do 5/8 of it, in score matrices a quarter as large.
+ */
+export const SCORE_CHUNKS = 4;
 /** Fills masked attention scores: finite, so a fully masked row (left padding) stays finite and uniform. */
 const MASKED = -3.4028234663852886e38;
 /** The weight of a global tensor (embeddings, head), by docs/format.md's names. */
@@ -60,8 +68,11 @@ export interface BuildOptions {
    * marking the filled slots; out only this call's `new.{l}.key|value`
    * [B, cacheHeads, T, head_dim], which the caller writes into free slots. No
    * step copies the cache, and onnxruntime-node copies every output it returns.
+   * "none" (scoring: bam eval): no cache in or out, one unpadded sequence
+   * (batch 1) whose length is a multiple of SCORE_CHUNKS, attention in
+   * SCORE_CHUNKS causal query chunks.
    */
-  cache?: "append" | "slots";
+  cache?: "append" | "slots" | "none";
 }
 
 /** Names of the inputs and outputs of a "slots" graph's cache (see BuildOptions.cache). */
@@ -148,8 +159,10 @@ class Builder {
   private totalLength = "";
   private queryShape = "";
   private kvShape = "";
+  private tokens = "";
   private readonly declared = new Set<string>();
   private readonly slots: boolean;
+  private readonly scoring: boolean;
 
   constructor(
     private readonly model: OpenedModel,
@@ -161,6 +174,7 @@ class Builder {
     this.heads = headLayout(model);
     this.dimOrder = rotaryDimOrder(this.f);
     this.slots = options.cache === "slots";
+    this.scoring = options.cache === "none";
   }
 
   build(): Graph {
@@ -171,6 +185,10 @@ class Builder {
     const positions = g.input("position_ids", DataType.INT64, ["batch_size", "sequence_length"]);
     const past: Array<[string, string]> = [];
     for (let l = 0; l < layers; l++) {
+      if (this.scoring) {
+        past.push(["", ""]);
+        continue;
+      }
       if (this.slots) {
         const names = slotNames(l);
         past.push([
@@ -189,12 +207,13 @@ class Builder {
     const idsShape = g.op("Shape", [ids]);
     this.batch = g.op("Gather", [idsShape, g.int64([0])]);
     const tokens = g.op("Gather", [idsShape, g.int64([1])]);
+    this.tokens = tokens;
     this.queryShape = g.op("Concat", [this.batch, g.int64([-1, this.layout.queryHeads, headDim])], { axis: 0 });
     this.kvShape = g.op("Concat", [this.batch, g.int64([-1, heads, headDim])], { axis: 0 });
     const flatPositions = g.op("Reshape", [positions, g.int64([-1])]);
     if (this.slots) {
       this.slotsMask = this.slotMask(attentionMask, positions, tokens);
-    } else {
+    } else if (!this.scoring) {
       this.bias = this.attentionBias(attentionMask, tokens);
       // GroupQueryAttention's lengths (int32): every row spans the whole mask, whose padding is in the bias
       const total = g.op("Gather", [g.op("Shape", [attentionMask]), g.int64([1], [])]);
@@ -462,7 +481,9 @@ class Builder {
     const scale = f.attentionScale ?? 1 / Math.sqrt(D);
     let y = this.slots
       ? this.slotAttention(l, q4, k4, g.op("Reshape", [v!, this.kvShape]), pastKey, pastValue, scale)
-      : this.fusedAttention(l, q4, k4, v!, pastKey, pastValue, scale);
+      : this.scoring
+        ? this.chunkedAttention(q4, k4, v!, scale)
+        : this.fusedAttention(l, q4, k4, v!, pastKey, pastValue, scale);
 
     // every expert's o_proj side by side, columns in graph head order: one Gemm
     const o = this.derived(`${at}.o.weight`, [H, queryHeads * D], async () => {
@@ -534,6 +555,49 @@ class Builder {
     g.output(key!, `present.${l}.key`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
     g.output(value!, `present.${l}.value`, DataType.FLOAT, ["batch_size", kvHeads, "total_sequence_length", D]);
     return g.op("Reshape", [context!, g.int64([-1, queryHeads, D])]);
+  }
+
+  /**
+   * Causal attention of a scoring graph (batch 1, T a multiple of
+   * SCORE_CHUNKS) on q, k [B, T, heads, D] and v [N, kvHeads x D], by
+   * GroupQueryAttention over SCORE_CHUNKS query chunks: chunk i gets the keys
+   * of chunks 0..i as the previous call's cache plus its own (the causal mask
+   * and the sliding window are GroupQueryAttention's own). Returns [N, heads, D].
+   */
+  private chunkedAttention(q: string, k: string, v: string, scale: number): string {
+    const g = this.g;
+    const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
+    const flat = (x: string, width: number) => g.op("Reshape", [x, g.int64([0, 0, width])]);
+    const [q3, k3, v3] = [flat(q, queryHeads * D), flat(k, kvHeads * D), this.unflatten(v, kvHeads * D)];
+    const chunk = g.op("Div", [this.tokens, g.int64([SCORE_CHUNKS])]); // [1]
+    // onnxruntime 1.30's window of W keeps the keys at q - k < W, as transformers' sliding mask and our
+    // bias do (test/onnx/score.test.ts compares the two graphs where the window bites)
+    const window: Record<string, number> =
+      this.f.slidingWindow === null ? {} : { local_window_size: this.f.slidingWindow };
+    let [pastKey, pastValue] = [g.float32([], [1, kvHeads, 0, D]), g.float32([], [1, kvHeads, 0, D])];
+    const outputs: string[] = [];
+    for (let i = 0; i < SCORE_CHUNKS; i++) {
+      const start = g.op("Mul", [chunk, g.int64([i])]);
+      const end = g.op("Mul", [chunk, g.int64([i + 1])]);
+      const part = (x: string) => g.op("Slice", [x, start, end, g.int64([1])]);
+      const [context, key, value] = g.contribOpN(
+        "GroupQueryAttention",
+        [
+          part(q3),
+          part(k3),
+          part(v3),
+          pastKey,
+          pastValue,
+          g.op("Cast", [g.op("Sub", [end, g.int64([1])])], { to: DataType.INT32 }), // [B = 1]: last key index
+          g.op("Cast", [g.op("Squeeze", [end, g.int64([0])])], { to: DataType.INT32 }),
+        ],
+        3,
+        { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale), ...window },
+      );
+      outputs.push(context!);
+      [pastKey, pastValue] = [key!, value!];
+    }
+    return g.op("Reshape", [g.op("Concat", outputs, { axis: 1 }), g.int64([-1, queryHeads, D])]);
   }
 
   /**

@@ -8,6 +8,7 @@ import { BamError, ioError } from "../errors.js";
 import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
 import { openModel } from "../arch/model.js";
 import { checkOutputFile, writeFileAtomically } from "../export/atomic.js";
+import { SCORE_CHUNKS } from "./build.js";
 import { prepareOnnx, type PrepareOptions } from "./export.js";
 import { OnnxSession } from "./session.js";
 import { BIN_DTYPES, type BinDType } from "./token-files.js";
@@ -130,9 +131,6 @@ export async function evaluateTokenFiles(
   return scoreWindows(modelDir, inputs, options);
 }
 
-/** Tokens per engine run when scoring: whole windows are batched up to this many tokens. */
-const WINDOW_BATCH_TOKENS = 2048;
-
 /** Sums each input's NLL over windows of `context` tokens (each window predicts all its tokens but the first). */
 async function scoreWindows(
   modelDir: string,
@@ -150,37 +148,24 @@ async function scoreWindows(
   const context = options.context ?? 512;
   const total = tokens.reduce((sum, { ids }) => sum + ids.length, 0);
   const prepared = await prepareOnnx(modelDir, { ...options, onProgress: options.onBuild });
-  const session = await OnnxSession.open(prepared.modelFile);
+  const session = await OnnxSession.open(prepared.scoreFile);
   try {
     let done = 0;
     let seconds = 0;
     const perFile = [];
-    // Whole windows run WINDOW_BATCH_TOKENS at a time, as rows of one batch: on many cores one window
-    // leaves threads idle (attention parallelises over batch x heads). Rows are independent, so each
-    // window's logits are what it gets alone; a batch holds no more tokens than one window of that length.
-    const perRun = Math.max(1, Math.floor(WINDOW_BATCH_TOKENS / context));
     for (const { file, ids } of tokens) {
       const sum = { tokens: 0, predicted: 0, nll: 0 };
-      for (let start = 0; start < ids.length; ) {
+      for (let start = 0; start < ids.length; start += context) {
         if (options.signal?.aborted) throw new BamError("ABORTED", "evaluation interrupted");
-        const length = Math.min(context, ids.length - start);
-        const rows = length === context ? Math.min(perRun, Math.floor((ids.length - start) / context)) : 1;
-        const batch = ids.slice(start, start + rows * length);
-        if (length >= 2) {
+        const window = ids.slice(start, start + context);
+        if (window.length >= 2) {
           const started = performance.now();
-          const [logits] = await session.forward(BigInt64Array.from(batch, BigInt), rows, length, ["logits"]);
-          const rowSize = logits!.length / rows;
-          for (let r = 0; r < rows; r++)
-            sum.nll += windowNll(
-              logits!.subarray(r * rowSize, (r + 1) * rowSize),
-              batch.slice(r * length, (r + 1) * length),
-            );
+          sum.nll += windowNll(await scoreLogits(session, window), window);
           seconds += (performance.now() - started) / 1000;
-          sum.predicted += rows * (length - 1);
+          sum.predicted += window.length - 1;
         }
-        sum.tokens += batch.length;
-        done += batch.length;
-        start += batch.length;
+        sum.tokens += window.length;
+        done += window.length;
         options.onProgress?.(done, total);
       }
       perFile.push({ file, ...withPerplexity(sum) });
@@ -223,6 +208,19 @@ async function checkContext(modelDir: string, options: EvalOptions): Promise<num
     );
   }
   return model.features.vocabSize;
+}
+
+/**
+ * The logits [T, vocab] of one window through the scoring graph (score.onnx),
+ * whose length must be a multiple of SCORE_CHUNKS: the window is padded at its
+ * end, which no earlier position attends to (causal), and the padding's rows dropped.
+ */
+export async function scoreLogits(session: OnnxSession, window: number[]): Promise<Float32Array> {
+  const padded = Math.ceil(window.length / SCORE_CHUNKS) * SCORE_CHUNKS;
+  const ids = new BigInt64Array(padded); // padding: token 0
+  for (let i = 0; i < window.length; i++) ids[i] = BigInt(window[i]!);
+  const [logits] = await session.forward(ids, 1, padded, ["logits"]);
+  return logits!.subarray(0, (logits!.length / padded) * window.length);
 }
 
 /** Sum over t of -log softmax(logits[t])[ids[t + 1]], in float64. */

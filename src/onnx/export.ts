@@ -39,10 +39,10 @@ import { BamError, ioError } from "../errors.js";
 import { openAtomicFolder } from "../export/atomic.js";
 import { SafetensorsReader } from "../safetensors/index.js";
 import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
-import { GENERATE_FILE, MODEL_FILE, writeModel } from "./write.js";
+import { GENERATE_FILE, MODEL_FILE, SCORE_FILE, writeModel } from "./write.js";
 
 /** Bump when the graph a model produces changes: every cached export is rebuilt. */
-export const ENGINE_VERSION = 2;
+export const ENGINE_VERSION = 3;
 export const STAMP_FILE = "bam-onnx.json";
 const ONNX_SUBFOLDER = "onnx";
 /** The exports' folder inside the user cache. */
@@ -67,6 +67,8 @@ export interface PreparedOnnx {
   folder: string;
   /** Its onnx/model.onnx. */
   modelFile: string;
+  /** Its onnx/score.onnx: the scoring graph (BuildOptions.cache "none"). */
+  scoreFile: string;
   /** false when an up-to-date export was reused. */
   built: boolean;
   /** Hash of what the export was built from (engine version, config, weight files); see the file comment. */
@@ -87,8 +89,9 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
       );
     }
     const modelFile = join(folder, ONNX_SUBFOLDER, MODEL_FILE);
+    const scoreFile = join(folder, ONNX_SUBFOLDER, SCORE_FILE);
     const stamp = await readStamp(folder);
-    if (stamp?.key === key && !options.force) return { folder, modelFile, built: false, key };
+    if (stamp?.key === key && !options.force) return { folder, modelFile, scoreFile, built: false, key };
     // a stale export of ours is replaced without asking; anything else needs --force
     const target = await openAtomicFolder(folder, {
       force: options.force === true || stamp !== null,
@@ -112,13 +115,13 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
       throw error;
     }
     if (options.output === undefined) await removeEarlierExports(folder, await realSource(modelDir), key);
-    return { folder, modelFile, built: true, key };
+    return { folder, modelFile, scoreFile, built: true, key };
   } finally {
     await model.close();
   }
 }
 
-/** Builds `model`'s graphs and writes model.onnx, generate.onnx (generation's, see BuildOptions.cache) and their model.onnx_data into `dir`. */
+/** Builds `model`'s graphs and writes model.onnx, generate.onnx and score.onnx (generation's and scoring's, see BuildOptions.cache) and their model.onnx_data into `dir`. */
 export async function writeOnnx(
   model: OpenedModel,
   dir: string,
@@ -136,7 +139,10 @@ export async function writeOnnx(
     },
     signal: options.signal,
     onProgress: options.onProgress,
-    siblings: [{ file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) }],
+    siblings: [
+      { file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) },
+      { file: SCORE_FILE, graph: buildGraph(model, { cache: "none" }) },
+    ],
   });
 }
 

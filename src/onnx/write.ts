@@ -15,6 +15,8 @@ import { DataType, encodeModel, IR_VERSION, type TensorMessage } from "./proto.j
 export const MODEL_FILE = "model.onnx";
 /** The generation graph (BuildOptions.cache "slots") beside model.onnx, over the same weights file. */
 export const GENERATE_FILE = "generate.onnx";
+/** The scoring graph (BuildOptions.cache "none": bam eval's perplexity) beside model.onnx, over the same weights file. */
+export const SCORE_FILE = "score.onnx";
 export const DATA_FILE = "model.onnx_data";
 /** Large weights start on 64 KiB boundaries so the runtime can map them (onnx.save's align_offset). */
 const ALIGN_LARGE = 65536;

@@ -189,6 +189,7 @@ describe("bam eval, generate, export-onnx", () => {
         "generate.onnx",
         "model.onnx",
         "model.onnx_data",
+        "score.onnx",
       ]);
       assert.equal((await prepareOnnx(model, { cacheDir })).built, false, "unchanged weights: reused");
       const weights = join(model, "model.safetensors");

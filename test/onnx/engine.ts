@@ -7,8 +7,12 @@ import { MODEL_FILE } from "../../src/onnx/write.js";
 import { SafetensorsReader, toFloat32 } from "../../src/safetensors/index.js";
 import { withTempDir } from "../helpers.js";
 
-/** The graph of `modelDir` written into a temp folder; the folder goes when `body` ends. */
-export async function withGraph<T>(modelDir: string, body: (modelFile: string) => Promise<T>): Promise<T> {
+/** The graphs of `modelDir` written into a temp folder; `body` gets the file of one (default model.onnx); the folder goes when `body` ends. */
+export async function withGraph<T>(
+  modelDir: string,
+  body: (modelFile: string) => Promise<T>,
+  file: string = MODEL_FILE,
+): Promise<T> {
   return withTempDir(async (dir) => {
     const model = await openModel(modelDir);
     try {
@@ -16,19 +20,28 @@ export async function withGraph<T>(modelDir: string, body: (modelFile: string) =
     } finally {
       await model.close();
     }
-    return body(join(dir, MODEL_FILE));
+    return body(join(dir, file));
   });
 }
 
-export async function withSession<T>(modelDir: string, body: (session: OnnxSession) => Promise<T>): Promise<T> {
-  return withGraph(modelDir, async (file) => {
-    const session = await OnnxSession.open(file);
-    try {
-      return await body(session);
-    } finally {
-      await session.close();
-    }
-  });
+/** A session of one of `modelDir`'s graphs (default model.onnx), closed when `body` ends. */
+export async function withSession<T>(
+  modelDir: string,
+  body: (session: OnnxSession) => Promise<T>,
+  file: string = MODEL_FILE,
+): Promise<T> {
+  return withGraph(
+    modelDir,
+    async (path) => {
+      const session = await OnnxSession.open(path);
+      try {
+        return await body(session);
+      } finally {
+        await session.close();
+      }
+    },
+    file,
+  );
 }
 
 export interface Ids {

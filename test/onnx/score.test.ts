@@ -1,0 +1,65 @@
+/**
+ * The scoring graph (score.onnx: attention in SCORE_CHUNKS causal query
+ * chunks, windows padded at their end to a multiple of SCORE_CHUNKS) that
+ * `bam eval` runs: every family's seed gives transformers' own logits
+ * (fixtures/<family>/reference.safetensors) on whole rows and on prefixes whose
+ * length needs padding; with a sliding window shorter than the window (the
+ * chunks' GroupQueryAttention window), the logits of model.onnx, whose mask
+ * applies the window as a bias.
+ */
+import assert from "node:assert/strict";
+import { cp, readFile, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { scoreLogits } from "../../src/onnx/evaluate.js";
+import { SCORE_FILE } from "../../src/onnx/write.js";
+import { fixture, fixtureFamilies, FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
+import { idsOf, readTensors, withSession } from "./engine.js";
+
+describe("score.onnx", () => {
+  for (const family of fixtureFamilies()) {
+    test(`${family}: transformers' logits on whole rows and on padded prefixes`, async () => {
+      const { tensors } = await readTensors(join(FIXTURES, family, "reference.safetensors"));
+      const { ids, batch, seq } = idsOf(tensors);
+      const want = tensors.get("logits_base")!.data as Float32Array;
+      const vocab = want.length / (batch * seq);
+      await withSession(
+        fixture(family, "base"),
+        async (session) => {
+          for (let row = 0; row < batch; row++) {
+            // seq, then lengths that are not multiples of the chunk count (padding), down to 2
+            for (const length of [seq, seq - 1, seq - 5, 2]) {
+              const window = Array.from(ids.subarray(row * seq, row * seq + length), Number);
+              const got = await scoreLogits(session, window);
+              assert.equal(got.length, length * vocab);
+              const error = maxAbsDiff(got, want.subarray(row * seq * vocab, (row * seq + length) * vocab));
+              assert.ok(error <= TOLERANCE, `row ${row}, ${length} tokens: max |logits - transformers| = ${error}`);
+            }
+          }
+        },
+        SCORE_FILE,
+      );
+    });
+  }
+
+  test("a sliding window shorter than the sequence: the logits of model.onnx", () =>
+    withTempDir(async (dir) => {
+      const model = join(dir, "mistral");
+      await cp(fixture("mistral", "base"), model, { recursive: true });
+      const config = JSON.parse(await readFile(join(model, "config.json"), "utf8"));
+      await writeFile(join(model, "config.json"), JSON.stringify({ ...config, sliding_window: 5 }));
+      const window = Array.from({ length: 23 }, (_, i) => (i * 37 + 11) % config.vocab_size);
+      const full = await withSession(model, async (session) => {
+        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+        return logits!;
+      });
+      const unwindowed = await withSession(fixture("mistral", "base"), async (session) => {
+        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+        return logits!;
+      });
+      const scored = await withSession(model, (session) => scoreLogits(session, window), SCORE_FILE);
+      assert.ok(maxAbsDiff(scored, full) <= TOLERANCE, `max |score - model.onnx| = ${maxAbsDiff(scored, full)}`);
+      // the window matters here: without it the logits differ
+      assert.ok(maxAbsDiff(full, unwindowed) > 1e-3, "the sliding window changed nothing");
+    }));
+});
