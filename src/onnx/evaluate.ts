@@ -8,7 +8,6 @@ import { BamError, ioError } from "../errors.js";
 import { SafetensorsReader, writeSafetensors } from "../safetensors/index.js";
 import { openModel } from "../arch/model.js";
 import { checkOutputFile, writeFileAtomically } from "../export/atomic.js";
-import { SCORE_CHUNKS } from "./build.js";
 import { prepareOnnx, type PrepareOptions } from "./export.js";
 import { OnnxSession } from "./session.js";
 import { BIN_DTYPES, type BinDType } from "./token-files.js";
@@ -160,7 +159,7 @@ async function scoreWindows(
         const window = ids.slice(start, start + context);
         if (window.length >= 2) {
           const started = performance.now();
-          sum.nll += windowNll(await scoreLogits(session, window), window);
+          sum.nll += windowNll(await session.score(window), window);
           seconds += (performance.now() - started) / 1000;
           sum.predicted += window.length - 1;
         }
@@ -208,19 +207,6 @@ async function checkContext(modelDir: string, options: EvalOptions): Promise<num
     );
   }
   return model.features.vocabSize;
-}
-
-/**
- * The logits [T, vocab] of one window through the scoring graph (score.onnx),
- * whose length must be a multiple of SCORE_CHUNKS: the window is padded at its
- * end, which no earlier position attends to (causal), and the padding's rows dropped.
- */
-export async function scoreLogits(session: OnnxSession, window: number[]): Promise<Float32Array> {
-  const padded = Math.ceil(window.length / SCORE_CHUNKS) * SCORE_CHUNKS;
-  const ids = new BigInt64Array(padded); // padding: token 0
-  for (let i = 0; i < window.length; i++) ids[i] = BigInt(window[i]!);
-  const [logits] = await session.forward(ids, 1, padded, ["logits"]);
-  return logits!.subarray(0, (logits!.length / padded) * window.length);
 }
 
 /** Sum over t of -log softmax(logits[t])[ids[t + 1]], in float64. */

@@ -6,6 +6,7 @@
  */
 import type * as Ort from "onnxruntime-node";
 import { BamError } from "../errors.js";
+import { SCORE_CHUNKS } from "./build.js";
 import { importEngine } from "./optional.js";
 
 /**
@@ -97,6 +98,20 @@ export class OnnxSession {
       });
     }
     return outputs.map((name) => result[name]!.data as Float32Array);
+  }
+
+  /**
+   * The logits [T, vocab] of one unpadded window through a scoring graph
+   * (score.onnx, BuildOptions.cache "none"), whose length must be a multiple
+   * of SCORE_CHUNKS: the window is padded at its end, which no earlier position
+   * attends to (causal), and the padding's rows are dropped.
+   */
+  async score(window: readonly number[]): Promise<Float32Array> {
+    const padded = Math.ceil(window.length / SCORE_CHUNKS) * SCORE_CHUNKS;
+    const ids = new BigInt64Array(padded); // padding: token 0
+    for (let i = 0; i < window.length; i++) ids[i] = BigInt(window[i]!);
+    const [logits] = await this.forward(ids, 1, padded, ["logits"]);
+    return logits!.subarray(0, (logits!.length / padded) * window.length);
   }
 
   async close(): Promise<void> {

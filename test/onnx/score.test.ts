@@ -11,7 +11,6 @@ import assert from "node:assert/strict";
 import { cp, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { describe, test } from "node:test";
-import { scoreLogits } from "../../src/onnx/evaluate.js";
 import { SCORE_FILE } from "../../src/onnx/write.js";
 import { fixture, fixtureFamilies, FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
 import { idsOf, readTensors, withSession } from "./engine.js";
@@ -30,7 +29,7 @@ describe("score.onnx", () => {
             // seq, then lengths that are not multiples of the chunk count (padding), down to 2
             for (const length of [seq, seq - 1, seq - 5, 2]) {
               const window = Array.from(ids.subarray(row * seq, row * seq + length), Number);
-              const got = await scoreLogits(session, window);
+              const got = await session.score(window);
               assert.equal(got.length, length * vocab);
               const error = maxAbsDiff(got, want.subarray(row * seq * vocab, (row * seq + length) * vocab));
               assert.ok(error <= TOLERANCE, `row ${row}, ${length} tokens: max |logits - transformers| = ${error}`);
@@ -57,7 +56,7 @@ describe("score.onnx", () => {
         const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
         return logits!;
       });
-      const scored = await withSession(model, (session) => scoreLogits(session, window), SCORE_FILE);
+      const scored = await withSession(model, (session) => session.score(window), SCORE_FILE);
       assert.ok(maxAbsDiff(scored, full) <= TOLERANCE, `max |score - model.onnx| = ${maxAbsDiff(scored, full)}`);
       // the window matters here: without it the logits differ
       assert.ok(maxAbsDiff(full, unwindowed) > 1e-3, "the sliding window changed nothing");
