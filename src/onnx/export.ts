@@ -121,7 +121,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
   }
 }
 
-/** Builds `model`'s graphs and writes model.onnx, generate.onnx and score.onnx (generation's and scoring's, see BuildOptions.cache) and their model.onnx_data into `dir`. */
+/** Builds `model`'s graphs and writes model.onnx, generate.onnx and score.onnx (generation's and scoring's, see BuildOptions.cache; model.onnx alone with probes) and their model.onnx_data into `dir`. */
 export async function writeOnnx(
   model: OpenedModel,
   dir: string,
@@ -139,10 +139,13 @@ export async function writeOnnx(
     },
     signal: options.signal,
     onProgress: options.onProgress,
-    siblings: [
-      { file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) },
-      { file: SCORE_FILE, graph: buildGraph(model, { cache: "none" }) },
-    ],
+    // a probing graph (router init's, in a temporary folder) is run alone
+    siblings: options.probes
+      ? []
+      : [
+          { file: GENERATE_FILE, graph: buildGraph(model, { cache: "slots" }) },
+          { file: SCORE_FILE, graph: buildGraph(model, { cache: "none" }) },
+        ],
   });
 }
 
