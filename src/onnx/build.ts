@@ -163,6 +163,12 @@ class Builder {
   private readonly declared = new Set<string>();
   private readonly slots: boolean;
   private readonly scoring: boolean;
+  /**
+   * A scoring graph's GroupQueryAttention applies rotary itself (its do_rotary), saving the
+   * separate split, multiplies and concat of applyRotary: where rotary spans the whole head and
+   * head_dim is a multiple of 16, as onnxruntime requires (the fixtures' qwen3 and gemma).
+   */
+  private readonly attentionRotates: boolean;
 
   constructor(
     private readonly model: OpenedModel,
@@ -175,6 +181,8 @@ class Builder {
     this.dimOrder = rotaryDimOrder(this.f);
     this.slots = options.cache === "slots";
     this.scoring = options.cache === "none";
+    const rope = this.f.rope;
+    this.attentionRotates = this.scoring && rope !== null && rope.dim === this.f.headDim && this.f.headDim % 16 === 0;
   }
 
   build(): Graph {
@@ -474,7 +482,7 @@ class Builder {
       q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
       k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
     }
-    if (f.rope) {
+    if (f.rope && !this.attentionRotates) {
       q4 = this.applyRotary(q4);
       k4 = this.applyRotary(k4);
     }
@@ -574,6 +582,12 @@ class Builder {
     // bias do (test/onnx/score.test.ts compares the two graphs where the window bites)
     const window: Record<string, number> =
       this.f.slidingWindow === null ? {} : { local_window_size: this.f.slidingWindow };
+    // rotary inside the attention (attentionRotates): cos/sin caches [positions, head_dim/2], row p for
+    // position p (one sequence from position 0; chunk i's queries follow the i chunks in its cache)
+    const rotary: Record<string, number> = this.attentionRotates ? { do_rotary: 1 } : {};
+    const [cos, sin] = this.attentionRotates
+      ? [this.cos, this.sin].map((w) => g.op("Reshape", [w, g.int64([-1, D / 2])]))
+      : ["", ""];
     let [pastKey, pastValue] = [g.float32([], [1, kvHeads, 0, D]), g.float32([], [1, kvHeads, 0, D])];
     const outputs: string[] = [];
     for (let i = 0; i < SCORE_CHUNKS; i++) {
@@ -590,9 +604,11 @@ class Builder {
           pastValue,
           g.op("Cast", [g.op("Sub", [end, g.int64([1])])], { to: DataType.INT32 }), // [B = 1]: last key index
           g.op("Cast", [g.op("Squeeze", [end, g.int64([0])])], { to: DataType.INT32 }),
+          cos!,
+          sin!,
         ],
         3,
-        { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale), ...window },
+        { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale), ...window, ...rotary },
       );
       outputs.push(context!);
       [pastKey, pastValue] = [key!, value!];
