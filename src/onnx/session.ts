@@ -72,14 +72,22 @@ export class OnnxSession {
   }
 
   /**
-   * Runs `ids` [batch, seq] (positions 0..seq-1, nothing masked) and returns
-   * the named outputs' data (float32), e.g. "logits" [batch, seq, vocab].
+   * Runs `ids` [batch, seq] (nothing masked; `positions` [batch, seq], default
+   * 0..seq-1 in every row) and returns the named outputs' data (float32),
+   * e.g. "logits" [batch, seq, vocab].
    */
-  async forward(ids: BigInt64Array, batch: number, seq: number, outputs: string[]): Promise<Float32Array[]> {
-    if (ids.length !== batch * seq)
-      throw new BamError("TENSOR_SHAPE", `${ids.length} token ids for [${batch}, ${seq}]`);
-    const positions = new BigInt64Array(batch * seq);
-    for (let i = 0; i < positions.length; i++) positions[i] = BigInt(i % seq);
+  async forward(
+    ids: BigInt64Array,
+    batch: number,
+    seq: number,
+    outputs: string[],
+    positions: BigInt64Array = BigInt64Array.from({ length: batch * seq }, (_, i) => BigInt(i % seq)),
+  ): Promise<Float32Array[]> {
+    if (ids.length !== batch * seq || positions.length !== batch * seq)
+      throw new BamError(
+        "TENSOR_SHAPE",
+        `${ids.length} token ids, ${positions.length} positions for [${batch}, ${seq}]`,
+      );
     const ort = this.ort;
     const feeds: Record<string, Ort.Tensor> = {
       input_ids: new ort.Tensor("int64", ids, [batch, seq]),
@@ -104,13 +112,19 @@ export class OnnxSession {
    * The logits [T, vocab] of one unpadded window through a scoring graph
    * (score.onnx, BuildOptions.cache "none"), whose length must be a multiple
    * of SCORE_CHUNKS: the window is padded at its end, which no earlier position
-   * attends to (causal), and the padding's rows are dropped.
+   * attends to (causal), and the padding's rows are dropped. The padding sits
+   * at the last token's position, so rope scalings that depend on the longest
+   * position (dynamic, longrope) see the window's own length.
    */
   async score(window: readonly number[]): Promise<Float32Array> {
     const padded = Math.ceil(window.length / SCORE_CHUNKS) * SCORE_CHUNKS;
     const ids = new BigInt64Array(padded); // padding: token 0
-    for (let i = 0; i < window.length; i++) ids[i] = BigInt(window[i]!);
-    const [logits] = await this.forward(ids, 1, padded, ["logits"]);
+    const positions = new BigInt64Array(padded);
+    for (let i = 0; i < padded; i++) {
+      ids[i] = i < window.length ? BigInt(window[i]!) : 0n;
+      positions[i] = BigInt(Math.min(i, window.length - 1));
+    }
+    const [logits] = await this.forward(ids, 1, padded, ["logits"], positions);
     return logits!.subarray(0, (logits!.length / padded) * window.length);
   }
 

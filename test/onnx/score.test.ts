@@ -5,7 +5,8 @@
  * (fixtures/<family>/reference.safetensors) on whole rows and on prefixes whose
  * length needs padding; with a sliding window shorter than the window (the
  * chunks' GroupQueryAttention window), the logits of model.onnx, whose mask
- * applies the window as a bias.
+ * applies the window as a bias; with dynamic rope past the learned positions,
+ * model.onnx's logits of the unpadded window.
  */
 import assert from "node:assert/strict";
 import { cp, readFile, writeFile } from "node:fs/promises";
@@ -40,6 +41,33 @@ describe("score.onnx", () => {
       );
     });
   }
+
+  test("rope that scales with the sequence's length (dynamic) sees the window's length, not the padded one", () =>
+    withTempDir(async (dir) => {
+      const model = join(dir, "llama");
+      await cp(fixture("llama", "base"), model, { recursive: true });
+      const config = JSON.parse(await readFile(join(model, "config.json"), "utf8"));
+      // 10 learned positions, dynamic scaling past them: 11 tokens (padded to 12) scale as 11
+      const rope = { ...config.rope_parameters, rope_type: "dynamic", factor: 2.0 };
+      const scaled = { ...config, max_position_embeddings: 10, rope_parameters: rope };
+      await writeFile(join(model, "config.json"), JSON.stringify(scaled));
+      const window = Array.from({ length: 11 }, (_, i) => (i * 29 + 5) % config.vocab_size);
+      const unpadded = await withSession(model, async (session) => {
+        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+        return logits!;
+      });
+      const padded = await withSession(model, async (session) => {
+        const ids = BigInt64Array.from([...window, 0], BigInt);
+        return (await session.forward(ids, 1, ids.length, ["logits"]))[0]!.subarray(0, unpadded.length);
+      });
+      const scored = await withSession(model, (session) => session.score(window), SCORE_FILE);
+      assert.ok(
+        maxAbsDiff(scored, unpadded) <= TOLERANCE,
+        `max |score - model.onnx| = ${maxAbsDiff(scored, unpadded)}`,
+      );
+      // the length matters here: 12 positions would scale otherwise
+      assert.ok(maxAbsDiff(padded, unpadded) > 1e-3, "the padded length changed nothing");
+    }));
 
   test("a sliding window shorter than the sequence: the logits of model.onnx", () =>
     withTempDir(async (dir) => {
