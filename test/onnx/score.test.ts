@@ -16,6 +16,13 @@ import { SCORE_FILE } from "../../src/onnx/write.js";
 import { fixture, fixtureFamilies, FIXTURES, maxAbsDiff, TOLERANCE, withTempDir } from "../helpers.js";
 import { idsOf, readTensors, withSession } from "./engine.js";
 
+/** model.onnx's logits of one unpadded window (positions 0..T-1). */
+const modelLogits = (model: string, window: number[]) =>
+  withSession(model, async (session) => {
+    const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
+    return logits!;
+  });
+
 describe("score.onnx", () => {
   for (const family of fixtureFamilies()) {
     test(`${family}: transformers' logits on whole rows and on padded prefixes`, async () => {
@@ -52,10 +59,7 @@ describe("score.onnx", () => {
       const scaled = { ...config, max_position_embeddings: 10, rope_parameters: rope };
       await writeFile(join(model, "config.json"), JSON.stringify(scaled));
       const window = Array.from({ length: 11 }, (_, i) => (i * 29 + 5) % config.vocab_size);
-      const unpadded = await withSession(model, async (session) => {
-        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
-        return logits!;
-      });
+      const unpadded = await modelLogits(model, window);
       const padded = await withSession(model, async (session) => {
         const ids = BigInt64Array.from([...window, 0], BigInt);
         return (await session.forward(ids, 1, ids.length, ["logits"]))[0]!.subarray(0, unpadded.length);
@@ -76,14 +80,8 @@ describe("score.onnx", () => {
       const config = JSON.parse(await readFile(join(model, "config.json"), "utf8"));
       await writeFile(join(model, "config.json"), JSON.stringify({ ...config, sliding_window: 5 }));
       const window = Array.from({ length: 23 }, (_, i) => (i * 37 + 11) % config.vocab_size);
-      const full = await withSession(model, async (session) => {
-        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
-        return logits!;
-      });
-      const unwindowed = await withSession(fixture("mistral", "base"), async (session) => {
-        const [logits] = await session.forward(BigInt64Array.from(window, BigInt), 1, window.length, ["logits"]);
-        return logits!;
-      });
+      const full = await modelLogits(model, window);
+      const unwindowed = await modelLogits(fixture("mistral", "base"), window);
       const scored = await withSession(model, (session) => session.score(window), SCORE_FILE);
       assert.ok(maxAbsDiff(scored, full) <= TOLERANCE, `max |score - model.onnx| = ${maxAbsDiff(scored, full)}`);
       // the window matters here: without it the logits differ
