@@ -269,8 +269,8 @@ FUSED_ROPE = True  # the Triton kernel where it applies (CUDA, Triton importable
 
 
 def _rope_any(x, cos, sin, style, sign):
-    fused = FUSED_ROPE and triton is not None and x.is_cuda and x.dtype != torch.float64 and x.stride(-1) == 1
-    if fused and cos.stride(-1) == 1 and cos.dtype == torch.float32:
+    kernel_fits = x.is_cuda and x.dtype != torch.float64 and cos.dtype == torch.float32
+    if FUSED_ROPE and triton is not None and kernel_fits and x.stride(-1) == 1 and cos.stride(-1) == 1:
         return _rope_triton(x, cos, sin, style, sign)
     return _rope(x, cos, -sin if sign < 0 else sin, style)
 

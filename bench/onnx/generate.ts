@@ -31,7 +31,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { availableParallelism, loadavg } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { argmax, Decoder } from "../../src/onnx/decoder.js";
 import { prepareOnnx } from "../../src/onnx/export.js";
@@ -120,12 +120,9 @@ async function oursGeneration(folder: string): Promise<number[]> {
  * Profiling slows every node, so only the shares and the growth from one context to the other count.
  */
 async function profileGeneration(folder: string, name: string, activeParameters: number) {
-  const dir = join(work, "profile");
-  await mkdir(dir, { recursive: true });
   const rows = [];
   for (const prompt of prompts) {
-    const prefix = join(dir, `${name}-${prompt.length}`);
-    for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
+    const prefix = await profilePrefix(`${name}-${prompt.length}`);
     const decoder = await Decoder.open(join(folder, "onnx", GENERATE_FILE), { threads: THREADS, profile: prefix });
     let cacheBytes = 0;
     try {
@@ -135,7 +132,7 @@ async function profileGeneration(folder: string, name: string, activeParameters:
     } finally {
       await decoder.close();
     }
-    const { msPerRun, byOp, otherMs } = await profiledRuns(dir, prefix, 1, 8); // the prompt's run first
+    const { msPerRun, byOp, otherMs } = await profiledRuns(prefix, 1, 8); // the prompt's run first
     rows.push({
       context: prompt.length + NEW_TOKENS / 2,
       profiledMsPerStep: msPerRun,
@@ -148,11 +145,21 @@ async function profileGeneration(folder: string, name: string, activeParameters:
   return rows;
 }
 
+/** `<work>/profile/<name>`, onnxruntime's profile prefix, with that prefix's earlier profiles removed. */
+async function profilePrefix(name: string): Promise<string> {
+  const dir = join(work, "profile");
+  await mkdir(dir, { recursive: true });
+  const prefix = join(dir, name);
+  for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
+  return prefix;
+}
+
 /**
- * onnxruntime's profile `<prefix>_<date>.json` in `dir`, over the runs after the first `skip`: the
- * milliseconds of a run, and the kernel milliseconds per run of the `top` operator types (the rest summed).
+ * onnxruntime's profile `<prefix>_<date>.json`, over the runs after the first `skip`: the milliseconds
+ * of a run, and the kernel milliseconds per run of the `top` operator types (the rest summed).
  */
-async function profiledRuns(dir: string, prefix: string, skip: number, top: number) {
+async function profiledRuns(prefix: string, skip: number, top: number) {
+  const dir = dirname(prefix);
   const file = (await readdir(dir)).map((f) => join(dir, f)).find((f) => f.startsWith(`${prefix}_`));
   if (file === undefined) throw new Error(`${prefix}: onnxruntime wrote no profile`);
   type Event = { name: string; cat?: string; ts: number; dur: number; args?: { op_name?: string } };
@@ -175,21 +182,15 @@ async function profiledRuns(dir: string, prefix: string, skip: number, top: numb
  * uses): kernel milliseconds per window of CONTEXT tokens by operator type, after one untimed window.
  */
 async function profileEval(folder: string, name: string) {
-  const dir = join(work, "profile");
-  await mkdir(dir, { recursive: true });
-  const prefix = join(dir, `${name}-eval`);
-  for (const old of await readdir(dir)) if (join(dir, old).startsWith(`${prefix}_`)) await rm(join(dir, old));
+  const prefix = await profilePrefix(`${name}-eval`);
   const session = await OnnxSession.open(join(folder, "onnx", SCORE_FILE), { profile: prefix });
   const windows = 4;
   try {
-    for (let w = 0; w < windows; w++) {
-      const window = BigInt64Array.from(ids.subarray(w * CONTEXT, (w + 1) * CONTEXT), BigInt);
-      await session.forward(window, 1, CONTEXT, ["logits"]);
-    }
+    for (let w = 0; w < windows; w++) await session.score(Array.from(ids.subarray(w * CONTEXT, (w + 1) * CONTEXT)));
   } finally {
     await session.close();
   }
-  const { msPerRun, byOp, otherMs } = await profiledRuns(dir, prefix, 1, 10);
+  const { msPerRun, byOp, otherMs } = await profiledRuns(prefix, 1, 10);
   return { windowTokens: CONTEXT, profiledMsPerWindow: msPerRun, kernelMsPerWindow: byOp, otherKernelsMs: otherMs };
 }
 
