@@ -108,6 +108,114 @@ def norm_fn(x, weight, bias, kind, eps, unit_offset):
     return x.to(dtype)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_fwd_kernel(
+        x, w, out, rstd, R, D, eps,
+        OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCK_R rows of x [R, D]: statistics, scale and casts as norm_fn, in one read and one write."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        d = tl.arange(0, BLOCK_D)[None, :]
+        m = (r < R) & (d < D)
+        xv = tl.load(x + r * D + d, mask=m, other=0.0).to(tl.float32)
+        rs = tl.math.rsqrt(tl.sum(xv * xv, axis=1) / D + eps)  # [BLOCK_R]
+        n = xv * rs[:, None]
+        wv = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
+        if OFFSET:  # gemma: (x * (1 + w)) in float32, then cast
+            y = n * (1.0 + wv)
+        else:  # llama: cast to x's dtype, then scale (in the promoted dtype: out's)
+            y = n.to(x.dtype.element_ty).to(tl.float32) * wv
+        tl.store(out + r * D + d, y.to(out.dtype.element_ty), mask=m)
+        tl.store(rstd + r, rs[:, None], mask=r < R)
+
+    @triton.jit
+    def _rms_norm_bwd_kernel(
+        x, w, dy, rstd, dx, dw_part, R, D,
+        OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCKS: tl.constexpr,
+    ):  # fmt: skip
+        """BLOCKS blocks of BLOCK_R rows: dx = rstd (g - x_hat mean(g x_hat)), g = dy * w (or dy * (1 + w));
+        the weight's gradient summed over those rows into dw_part[program]."""
+        pid = tl.program_id(0).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)[None, :]
+        wv = tl.load(w + d, mask=d < D, other=0.0).to(tl.float32)
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for i in range(BLOCKS):
+            r = (pid * BLOCKS + i) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+            m = (r < R) & (d < D)
+            xv = tl.load(x + r * D + d, mask=m, other=0.0).to(tl.float32)
+            gy = tl.load(dy + r * D + d, mask=m, other=0.0).to(tl.float32)
+            rs = tl.load(rstd + r, mask=r < R, other=0.0)  # [BLOCK_R, 1]
+            xh = xv * rs
+            if OFFSET:
+                g = gy * (1.0 + wv)
+                acc += gy * xh
+            else:
+                g = gy * wv
+                acc += gy * xh.to(x.dtype.element_ty).to(tl.float32)
+            c = tl.sum(g * xh, axis=1)[:, None] / D
+            tl.store(dx + r * D + d, (rs * (g - xh * c)).to(dx.dtype.element_ty), mask=m)
+        tl.store(dw_part + pid * D + d, tl.sum(acc, axis=0)[None, :], mask=d < D)
+
+
+def _rms_blocks(D):
+    """(BLOCK_D, BLOCK_R): a power-of-two row width and about 4K elements per block of rows."""
+    block_d = triton.next_power_of_2(D)
+    return block_d, max(1, 4096 // block_d)
+
+
+def _rms_norm_triton_fwd(x, w, eps, unit_offset):
+    """norm_fn's RMSNorm of contiguous x [..., D] by w [D] in one kernel. -> (out, rstd [rows] float32)"""
+    D = x.shape[-1]
+    R = x.numel() // D
+    dtype = x.dtype if unit_offset else torch.promote_types(w.dtype, x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+    block_d, block_r = _rms_blocks(D)
+    _rms_norm_fwd_kernel[(triton.cdiv(R, block_r),)](
+        x, w, out, rstd, R, D, eps, OFFSET=unit_offset, BLOCK_R=block_r, BLOCK_D=block_d
+    )
+    return out, rstd
+
+
+def _rms_norm_triton_bwd(x, w, rstd, dy, unit_offset):
+    """Gradients of _rms_norm_triton_fwd. -> (dx in x's dtype, dw in w's dtype)"""
+    D = x.shape[-1]
+    R = x.numel() // D
+    block_d, block_r = _rms_blocks(D)
+    blocks = 8  # blocks of rows per program: fewer partial weight gradients to sum
+    programs = triton.cdiv(R, block_r * blocks)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_part = torch.empty((programs, D), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(programs,)](
+        x, w, dy.contiguous(), rstd, dx, dw_part, R, D,
+        OFFSET=unit_offset, BLOCK_R=block_r, BLOCK_D=block_d, BLOCKS=blocks,
+    )  # fmt: skip
+    return dx, dw_part.sum(0).to(w.dtype)
+
+
+class _RmsNormFn(torch.autograd.Function):
+    """RMSNorm whose forward and backward are one kernel each; saves x and one float per row."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps, unit_offset):
+        out, rstd = _rms_norm_triton_fwd(x, w, eps, unit_offset)
+        ctx.save_for_backward(x, w, rstd)
+        ctx.unit_offset = unit_offset
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = _rms_norm_triton_bwd(x, w, rstd, dy, ctx.unit_offset)
+        return dx, dw, None, None
+
+
+FUSED_NORM = True  # RMSNorm's Triton kernels where they apply (CUDA, Triton importable); False: the torch ops
+MAX_FUSED_NORM_DIM = 16384  # a row is one block of registers
+
+
 class Norm(nn.Module):
     """The model's norm; weight [*shape] ([H] for hidden states, [D] or [heads, D] for qk-norm)."""
 
@@ -118,7 +226,23 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape)) if c.norm_type == "layer" and c.norm_bias else None
 
     def forward(self, x):
+        if self.fused(x):
+            return _RmsNormFn.apply(x, self.weight, self.eps, self.unit_offset)
         return norm_fn(x, self.weight, self.bias, self.kind, self.eps, self.unit_offset)
+
+    def fused(self, x):
+        w = self.weight
+        fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_FUSED_NORM_DIM
+        dtypes = x.dtype != torch.float64 and w.dtype != torch.float64
+        return (
+            FUSED_NORM
+            and triton is not None
+            and x.is_cuda
+            and fits
+            and dtypes
+            and x.is_contiguous()
+            and not _compiling()
+        )
 
 
 def stacked_norm(x, norms):
@@ -483,16 +607,19 @@ class MoE(nn.Module):
 
     def run_experts(self, x, w, idx):
         """x [N, H], gate weights w and chosen experts idx [N, k] -> sum_j w[:, j] expert_idx[:, j](x), [N, H]."""
-        H = x.shape[-1]
+        N, H = x.shape
         # sort the N*k (token, expert) assignments by expert
         order = torch.sort(idx.reshape(-1), stable=True)[1]  # [N*k]
         sorted_e = idx.reshape(-1)[order]
-        xs = x[order // self.k]  # [N*k, H] tokens grouped by expert
         counts = F.one_hot(sorted_e, len(self.experts)).sum(0)  # [E]; bincount would sync with the host
-        ys = self.grouped_experts(xs, sorted_e, counts) if self.use_grouped(xs) else self.looped_experts(xs, counts)
-        y = torch.empty_like(ys)
-        y[order] = ys  # back to (token, slot) order
-        return (y.view(-1, self.k, H).to(w.dtype) * w[..., None]).sum(1).to(x.dtype)  # weighted sum over the k choices
+        if self.use_grouped(x, N * self.k):
+            ys = self.grouped_experts(x, order, sorted_e, counts)  # [N*k, H], (token, slot) order
+        else:
+            ys_sorted = self.looped_experts(x[order // self.k], counts)
+            ys = torch.empty_like(ys_sorted)
+            ys[order] = ys_sorted  # back to (token, slot) order
+        ys = ys.view(N, self.k, H) * w[..., None]  # in w's (float32) dtype: the product promotes
+        return (ys[:, 0] if self.k == 1 else ys.sum(1)).to(x.dtype)  # weighted sum over the k choices
 
     def capacity_keep(self, idx):  # idx [N, k] -> [N, k] 1.0 kept, 0.0 over capacity
         N, k = idx.shape
@@ -502,32 +629,35 @@ class MoE(nn.Module):
         pos = (onehot.cumsum(0) * onehot).sum(-1) - 1  # place of each assignment in its expert's queue
         return (pos < cap).view(k, N).t().float()
 
-    def use_grouped(self, xs):
+    def use_grouped(self, x, assignments):
         if self.grouped_mm != "auto":
             return bool(self.grouped_mm)
-        if not (_HAS_GROUPED_MM and xs.is_cuda) or xs.shape[0] < 128:  # decode-sized: loop over the few experts used
+        if not (_HAS_GROUPED_MM and x.is_cuda) or assignments < 128:  # decode-sized: loop over the few experts used
             return False
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-        return xs.dtype == torch.bfloat16 or autocast
+        return x.dtype == torch.bfloat16 or autocast
 
     def looped_experts(self, xs, counts):  # fallback (CPU, fp32, old torch): one matmul chain per expert
         parts = xs.split(counts.tolist())
         return torch.cat([e(p) for e, p in zip(self.experts, parts)])
 
-    def grouped_experts(self, xs, sorted_e, counts):
-        """xs [M, H] sorted by expert -> [M, H], with F.grouped_mm(mat_a [rows, K], mat_b [E, K, N], offs=int32 group ends)."""
-        M, H = xs.shape
+    def grouped_experts(self, x, order, sorted_e, counts):
+        """x [N, H]; the N*k assignments sorted by expert (order, sorted_e), counts [E] -> the experts' outputs
+        [N*k, H] bf16 in (token, slot) order, with F.grouped_mm(mat_a [rows, K], mat_b [E, K, N], offs=int32
+        group ends). The tokens go into their experts' groups in bf16 and come back in one gather each way."""
+        M = order.shape[0]
         E, A, ex = len(self.experts), GROUP_ALIGN, self.experts[0]
-        # scatter the rows into groups padded to multiples of A (no host sync: the buffer has a static bound)
+        # each assignment's row in groups padded to multiples of A (no host sync: the buffer has a static bound)
         padded = (counts + A - 1) // A * A
         starts = padded.cumsum(0) - padded
-        dest = starts[sorted_e] + torch.arange(M, device=xs.device) - (counts.cumsum(0) - counts)[sorted_e]
+        dest = starts[sorted_e] + torch.arange(M, device=x.device) - (counts.cumsum(0) - counts)[sorted_e]
+        row_of = torch.empty_like(dest).index_put_((order,), dest)  # assignment (token, slot) -> its row
         rows = (M + E * A + A - 1) // A * A
         offs = torch.cat([padded.cumsum(0)[:-1], padded.new_tensor([rows])]).to(
             torch.int32
         )  # last group takes the slack
-        buf = xs.new_zeros(rows, H, dtype=torch.bfloat16).index_put((dest,), xs.to(torch.bfloat16))
-        row_e = torch.zeros(rows, dtype=torch.long, device=xs.device).index_put((dest,), sorted_e)
+        buf = _ToRows.apply(x, row_of.view(-1, self.k), rows)  # [rows, H] bf16, padding rows zero
+        row_e = torch.zeros(rows, dtype=torch.long, device=x.device).index_put((dest,), sorted_e)
         row_onehot = F.one_hot(row_e, E).to(torch.bfloat16)  # [rows, E]: adds biases by matmul (fp32-accumulated grads)
 
         def gmm(a, *projs):  # a [rows, K] @ [E, N, K]^T, N = the projections' outputs side by side -> [rows, N]
@@ -546,7 +676,46 @@ class MoE(nn.Module):
             else:
                 hid = ex.act(gmm(buf, [e.up_proj for e in es]))
             out = gmm(ex.drop(hid), [e.down_proj for e in es])  # [rows, H]
-        return out[dest].to(xs.dtype)
+        return _FromRows.apply(out, row_of)
+
+
+class _ToRows(torch.autograd.Function):
+    """x [N, H] -> bf16 [rows, H]: token t at rows row_of[t, 0..k-1], every other row zero (finite: the padding
+    rows enter the weights' gradients). Backward: each token's k row gradients gathered and summed in
+    float32, without the atomic adds of index_put's backward."""
+
+    @staticmethod
+    def forward(ctx, x, row_of, rows):
+        N, k = row_of.shape
+        ctx.save_for_backward(row_of)
+        ctx.dtype = x.dtype
+        xb = x.to(torch.bfloat16)
+        src = xb if k == 1 else xb[:, None].expand(N, k, x.shape[-1]).reshape(N * k, -1)
+        return xb.new_zeros(rows, x.shape[-1]).index_put_((row_of.reshape(-1),), src)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_of,) = ctx.saved_tensors
+        N, k = row_of.shape
+        g = grad[row_of.reshape(-1)].view(N, k, -1)
+        g = g[:, 0].float() if k == 1 else g.sum(1, dtype=torch.float32)
+        return g.to(ctx.dtype), None, None
+
+
+class _FromRows(torch.autograd.Function):
+    """out [rows, H] -> out[row_of] [N*k, H]; row_of is one-to-one, so the backward writes each gradient row
+    in place (index_put without accumulation) and leaves the padding rows zero."""
+
+    @staticmethod
+    def forward(ctx, out, row_of):
+        ctx.save_for_backward(row_of)
+        ctx.rows = out.shape[0]
+        return out[row_of]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (row_of,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[-1]).index_put_((row_of,), grad), None
 
 
 CHUNK_LOGITS = 1 << 26  # logits per chunk of linear_cross_entropy: 256 MiB in float32

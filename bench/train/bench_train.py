@@ -87,8 +87,10 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam": dict(model="bam", impl="fused"),
     "bam-logits": dict(model="bam", impl="fused", fused_loss=False),
     "bam-loop": dict(model="bam", impl="loop"),
-    # rope as torch ops instead of its Triton kernel (modeling_bam.FUSED_ROPE): what the kernel buys
-    "bam-torch-rope": dict(model="bam", impl="fused", fused_rope=False),
+    # torch ops instead of modeling_bam's Triton kernels (FUSED_ROPE, FUSED_NORM): what each kernel buys
+    "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
+    "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
+    "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
@@ -106,7 +108,12 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    **{f"{name}-compile": dict(spec, compile=True) for name, spec in ROWS.items() if spec["impl"] != "loop"},
+    # (no compile rows of loop or torch-ops rows: the kernels serve eager mode only)
+    **{
+        f"{name}-compile": dict(spec, compile=True)
+        for name, spec in ROWS.items()
+        if spec["impl"] != "loop" and "torch_ops" not in spec
+    },
     # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
     **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
 }
@@ -328,23 +335,28 @@ def load_peer(path, spec, device):
     return model, peer.blocks(model), config
 
 
+KERNEL_SWITCHES = {"rope": "FUSED_ROPE", "norm": "FUSED_NORM"}  # modeling_bam's switches of its Triton kernels
+
+
 @contextlib.contextmanager
-def torch_rope():
-    """Rope as torch ops (modeling_bam's switch for its Triton kernel), for one row."""
-    modeling_bam.FUSED_ROPE = False
+def torch_ops(kernels):
+    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm), for one row."""
+    switches = [KERNEL_SWITCHES[k] for k in kernels]
+    for name in switches:
+        setattr(modeling_bam, name, False)
     try:
         yield
     finally:
-        modeling_bam.FUSED_ROPE = True
+        for name in switches:
+            setattr(modeling_bam, name, True)
 
 
 def run_row(name, spec, path, args, ctx, amp, shared):
-    """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop") and rope."""
+    """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop") and kernels."""
     with contextlib.ExitStack() as stack:
         if spec["impl"] == "loop":
             stack.enter_context(loop_experts())
-        if not spec.get("fused_rope", True):
-            stack.enter_context(torch_rope())
+        stack.enter_context(torch_ops(spec.get("torch_ops", ())))
         return run_row_impl(name, spec, path, args, ctx, amp, shared)
 
 
@@ -357,7 +369,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         spec["impl"],
         fused_loss,
         fsdp,
-        spec.get("fused_rope", True),
+        spec.get("torch_ops", ()),
     )  # a compile row starts from its eager row's micro-batch
     if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
         return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
@@ -431,7 +443,8 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         compiled=spec["compile"],
         compile_mode=spec.get("compile_mode", "default") if spec["compile"] else None,
         fused_loss=fused_loss and "family" not in spec,
-        fused_rope=spec.get("fused_rope", True) and "family" not in spec,
+        fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
+        fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
@@ -638,7 +651,7 @@ def main(argv=None):
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
-    pairs += [("bam", "bam-torch-rope"), ("bam-compile", "bam-torch-rope-compile")]  # rope's Triton kernel
+    pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels")]  # the Triton kernels (eager only)
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
