@@ -339,14 +339,23 @@ class TestMoE(unittest.TestCase):
         saved = getattr(F, "grouped_mm", None)
         F.grouped_mm = saved or ref_grouped_mm
         try:
-            for over in (dict(), dict(gated_mlp=False, mlp_bias=True, hidden_act="gelu")):
-                layer = self.moe_layer(E=4, k=2, **over)
-                x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(4))
-                layer.grouped_mm = False
-                y_loop = layer(x)[0]
-                layer.grouped_mm = True
-                y_grouped = layer(x)[0]
-                torch.testing.assert_close(y_grouped, y_loop, atol=0.1, rtol=0.05)  # bf16 rounding
+            for k, over in ((2, dict()), (1, dict()), (2, dict(gated_mlp=False, mlp_bias=True, hidden_act="gelu"))):
+                layer = self.moe_layer(E=4, k=k, **over)
+                x0 = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(4))
+                dy = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(5))
+                res = []
+                for mode in (False, True):
+                    layer.grouped_mm = mode
+                    layer.zero_grad()
+                    x = x0.clone().requires_grad_()
+                    y = layer(x)[0]
+                    y.backward(dy)
+                    res.append([y.detach(), x.grad] + [p.grad.clone() for p in layer.experts.parameters()])
+                for i, (loop, grouped) in enumerate(zip(*res)):  # output, the tokens' and the experts' gradients
+                    with self.subTest(k=k, over=over, tensor=i):
+                        self.assertGreater(loop.abs().max().item(), 0)
+                        rel = ((grouped - loop).norm() / loop.norm()).item()
+                        self.assertLess(rel, 0.02)  # bf16 rounding of the grouped path
         finally:
             if saved is None:
                 del F.grouped_mm
