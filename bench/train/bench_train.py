@@ -250,7 +250,7 @@ def profile_steps(step, device, steps):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     t0 = time.perf_counter()
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         for _ in range(steps):
             step()
         sync(device)
@@ -289,6 +289,14 @@ def profile_steps(step, device, steps):
     lines.append("by category:")
     for name, c in sorted(cats.items(), key=lambda kv: -kv[1]["time_us"]):
         lines.append(f"{100 * c['share']:5.1f}% {c['time_us'] / 1e3 / steps:8.2f} ms/step  {name}")
+    ops = launching_ops(prof) if cuda else []
+    if ops:
+        lines += ["", "by op (the op that launched the kernels, its input shapes, their device time):"]
+        for o in ops[:25]:
+            lines.append(
+                f"{100 * o['time_us'] / total:5.1f}% {o['time_us'] / 1e3 / steps:8.2f} {o['calls'] / steps:10.1f}  "
+                f"{o['name']} {o['shapes'][:110]}"
+            )
     busy = total / wall_us if cuda else None
     if cuda:
         lines.append(
@@ -306,11 +314,26 @@ def profile_steps(step, device, steps):
     )
     return dict(
         top=kernels[:40],
+        top_ops=ops[:40],
         categories=cats,
         gpu_busy=busy,
         attention_backend=backend,
         wall_ms_per_step=wall_us / 1e3 / steps,
     ), "\n".join(lines)
+
+
+def launching_ops(prof):
+    """The host ops (aten ops, autograd nodes, Triton launches) by the device time of the kernels they
+    launched themselves, grouped by input shapes: which tensor an elementwise or copy kernel served."""
+    ops = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0)
+        if "cuda" in str(getattr(e, "device_type", "")).lower() or t <= 0:
+            continue
+        ops.append(dict(name=e.key, shapes=str(e.input_shapes), time_us=float(t), calls=int(e.count)))
+    return sorted(ops, key=lambda o: -o["time_us"])
 
 
 def load(path, device, shared):
