@@ -44,6 +44,9 @@ try:  # CUDA builds of torch ship Triton: rope's fused kernel (_rope_triton)
 except ImportError:  # CPU builds: rope runs as torch ops
     triton = None
 
+# The Triton kernels (rope, RMSNorm) run eager on CUDA where Triton imports and they apply; False: the torch
+# ops (finetune.py --no-fused-kernels; bench_train's bam-torch-* rows)
+FUSED = {"rope": True, "norm": True}
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
 GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
 
@@ -212,7 +215,6 @@ class _RmsNormFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
-FUSED_NORM = True  # RMSNorm's Triton kernels where they apply (CUDA, Triton importable); False: the torch ops
 MAX_FUSED_NORM_DIM = 16384  # a row is one block of registers
 
 
@@ -235,7 +237,7 @@ class Norm(nn.Module):
         fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_FUSED_NORM_DIM
         dtypes = x.dtype != torch.float64 and w.dtype != torch.float64
         return (
-            FUSED_NORM
+            FUSED["norm"]
             and triton is not None
             and x.is_cuda
             and fits
@@ -389,12 +391,9 @@ def _rope_triton(x, cos, sin, style, sign):
     return out
 
 
-FUSED_ROPE = True  # the Triton kernel where it applies (CUDA, Triton importable); False: the torch ops
-
-
 def _rope_any(x, cos, sin, style, sign):
     kernel_fits = x.is_cuda and x.dtype != torch.float64 and cos.dtype == torch.float32
-    if FUSED_ROPE and triton is not None and kernel_fits and x.stride(-1) == 1 and cos.stride(-1) == 1:
+    if FUSED["rope"] and triton is not None and kernel_fits and x.stride(-1) == 1 and cos.stride(-1) == 1:
         return _rope_triton(x, cos, sin, style, sign)
     return _rope(x, cos, -sin if sign < 0 else sin, style)
 

@@ -187,6 +187,13 @@ def parse_args(argv=None):
         "logits (same loss and gradients; far less memory for large vocabularies); --no-fused-loss: the head's "
         "logits, then cross-entropy",
     )
+    a.add_argument(
+        "--fused-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="eager on CUDA, rope and RMSNorm as one Triton kernel each way (bench/train measures what each "
+        "buys; compiled blocks use inductor's kernels); --no-fused-kernels: the torch ops",
+    )
     a.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     a.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto", help="FSDP2 (auto: with several processes)")
     a.add_argument(
@@ -474,6 +481,7 @@ def refuse_non_finite(model, ctx, step, what):
 def run(args, ctx, say):
     import torch
 
+    import modeling_bam  # python/ (bamtrain puts it on sys.path): the model folder.load_model builds
     from bamtrain import ckpt, data, folder, metrics, parallel, routing
     from bamtrain.trainer import Trainer, lr_at, make_optimizer
 
@@ -496,6 +504,8 @@ def run(args, ctx, say):
             f"{os.path.join(args.model, 'config.json')}; give --seq-len {positions} or less"
         )
     compiled = use_compile(args.compile, torch, ctx.device, say.warn)
+    for kernel in modeling_bam.FUSED:
+        modeling_bam.FUSED[kernel] = args.fused_kernels
     if args.compile_mode != "default" and not compiled:
         raise BamTrainError(f"--compile-mode {args.compile_mode}: the blocks are not compiled here; add --compile")
     mixture = data.build_mixture(

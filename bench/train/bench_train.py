@@ -87,7 +87,7 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam": dict(model="bam", impl="fused"),
     "bam-logits": dict(model="bam", impl="fused", fused_loss=False),
     "bam-loop": dict(model="bam", impl="loop"),
-    # torch ops instead of modeling_bam's Triton kernels (FUSED_ROPE, FUSED_NORM): what each kernel buys
+    # torch ops instead of modeling_bam's Triton kernels (modeling_bam.FUSED): what each kernel buys
     "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
     "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
     "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
@@ -358,20 +358,16 @@ def load_peer(path, spec, device):
     return model, peer.blocks(model), config
 
 
-KERNEL_SWITCHES = {"rope": "FUSED_ROPE", "norm": "FUSED_NORM"}  # modeling_bam's switches of its Triton kernels
-
-
 @contextlib.contextmanager
 def torch_ops(kernels):
     """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm), for one row."""
-    switches = [KERNEL_SWITCHES[k] for k in kernels]
-    for name in switches:
-        setattr(modeling_bam, name, False)
+    for k in kernels:
+        modeling_bam.FUSED[k] = False
     try:
         yield
     finally:
-        for name in switches:
-            setattr(modeling_bam, name, True)
+        for k in kernels:
+            modeling_bam.FUSED[k] = True
 
 
 def run_row(name, spec, path, args, ctx, amp, shared):

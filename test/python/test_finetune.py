@@ -900,6 +900,24 @@ class TestSpeedDefaults(unittest.TestCase):
             "finetune.py: error: --compile-mode max-autotune: the blocks are not compiled here; add --compile",
         )
 
+    def test_fused_kernels_flag_reaches_the_model(self):
+        """--no-fused-kernels turns modeling_bam's Triton kernels off for the run (the torch ops), the default
+        on: what every norm of the model sees when it decides (on CPU both are the torch ops)."""
+        seen = []
+        fused = mb.Norm.fused
+        spy = lambda norm, x: seen.append(dict(mb.FUSED)) or fused(norm, x)  # noqa: E731
+        out = os.path.join(TMP, "fused-kernels")
+        try:
+            for flag, want in (("--no-fused-kernels", False), ("--fused-kernels", True), (None, True)):
+                seen.clear()
+                with mock.patch.object(mb.Norm, "fused", spy):
+                    code, _, err = run_main(out, *SHORT, "--overwrite", *([flag] if flag else []))
+                self.assertEqual(code, 0, err)
+                self.assertGreater(len(seen), 0)
+                self.assertEqual(seen, [{"rope": want, "norm": want}] * len(seen), flag)
+        finally:
+            mb.FUSED.update(rope=True, norm=True)
+
     def test_logged_mfu_is_the_benchmarks(self):
         """finetune.py and bench/train/bench_train.py count the same FLOPs per token for a folder and turn
         tokens/s into MFU by one formula (metrics.mfu), checked here against tokens/s x FLOPs / peak."""

@@ -112,7 +112,7 @@ class TestNormKernelCuda(unittest.TestCase):
                 dy = torch.randn(x0.shape, device="cuda", generator=g).to(dtype)
                 outs = []
                 for fused in (True, False):
-                    mb.FUSED_NORM = fused
+                    mb.FUSED["norm"] = fused
                     try:
                         self.assertEqual(norm.fused(x0), fused)
                         x = x0.clone().requires_grad_()
@@ -121,7 +121,7 @@ class TestNormKernelCuda(unittest.TestCase):
                         y.backward(dy.to(y.dtype))
                         outs.append([t.double() for t in (y.detach(), x.grad, norm.weight.grad)])
                     finally:
-                        mb.FUSED_NORM = True
+                        mb.FUSED["norm"] = True
                 for name, a, b in zip(("y", "dx", "dw"), *outs):
                     tol = 4 * torch.finfo(dtype).eps * b.abs().max().item()
                     self.assertLessEqual((a - b).abs().max().item(), tol, name)

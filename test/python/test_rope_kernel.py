@@ -97,14 +97,14 @@ class TestRopeKernelCuda(unittest.TestCase):
                 gy = torch.randn(2, heads, T, D, device="cuda", generator=g).to(x0.dtype)
                 outs = []
                 for fused in (True, False):
-                    mb.FUSED_ROPE = fused
+                    mb.FUSED["rope"] = fused
                     try:
                         x = x0.clone().requires_grad_()
                         y = mb.apply_rope(x.transpose(1, 2), cos, sin, style)
                         y.backward(gy)
                         outs.append((y.detach().double(), x.grad.double().transpose(1, 2)))
                     finally:
-                        mb.FUSED_ROPE = True
+                        mb.FUSED["rope"] = True
                 (y1, g1), (y2, g2) = outs
                 eps = torch.finfo(x0.dtype).eps
                 self.assertLessEqual((y1 - y2).abs().max().item(), eps * y2.abs().max().item())
