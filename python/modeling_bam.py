@@ -326,13 +326,22 @@ def rope_cos_sin(c, position_ids):
         return (emb.cos() * scale)[:, None], (emb.sin() * scale)[:, None]
 
 
+def rope_layout(x):
+    """An empty tensor like x, dense, in x's dim order. For the attention's q and k ([B, heads, T, D] views
+    of the projections' [B, T, heads, D]) that keeps the projections' layout: SDPA (cuDNN) then writes its
+    output in it too, so the heads merge back into [B, T, heads * D] as a view, and in backward the
+    gradients flow back to the projections through views, where a [B, heads, T, D] tensor is copied."""
+    return torch.empty_like(x)  # preserve_format: x's strides, or dense strides in x's dim order
+
+
 def _rope(x, cos, sin, style):
     """The rotation, without autograd: rotated dims x*cos + rotate(x)*sin computed in float32 (float64 for
     float64 x) and written in x's dtype; dims past rotary_dim pass through. Two fused multiply-adds per
     half instead of an upcast copy, a rotated copy, two products and a sum: rope runs on every query and
-    key head of every attention expert, so its memory traffic matters."""
+    key head of every attention expert, so its memory traffic matters. The output is dense in x's dim
+    order (rope_layout)."""
     r = cos.shape[-1]
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = rope_layout(x)
     if style == "half":  # rotate_half of llama / neox: (a, b) -> (a cos - b sin, b cos + a sin)
         h = r // 2
         a, b, oa, ob = x[..., :h], x[..., h:r], out[..., :h], out[..., h:r]
@@ -377,11 +386,12 @@ if triton is not None:
 
 def _rope_triton(x, cos, sin, style, sign):
     """_rope in one Triton kernel (sign -1: the inverse rotation): each element read and written once,
-    where the torch ops take several passes over float32 temporaries. x [B, heads, T, D], last dim dense."""
+    where the torch ops take several passes over float32 temporaries. x [B, heads, T, D], last dim dense;
+    the output as _rope's (rope_layout)."""
     B, heads, T, D = x.shape
     r = cos.shape[-1]
     cos, sin = cos.expand(B, 1, T, r), sin.expand(B, 1, T, r)  # a batch of one broadcasts (stride 0)
-    out = torch.empty((B, heads, T, D), dtype=x.dtype, device=x.device)
+    out = rope_layout(x)
     block_t = 16
     _rope_kernel[(B, triton.cdiv(T, block_t))](
         x, out, cos, sin, T, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1),

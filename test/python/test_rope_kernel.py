@@ -35,15 +35,18 @@ CASES = [
 ]
 
 # In the child: every case, forward (sign 1) and inverse (sign -1), on x laid out as the model's q and k
-# ([B, T, heads, D] transposed to [B, heads, T, D]) and on a contiguous x (a gradient); the kernel's output
-# is poisoned with NaN first (torch.empty filled), so an element it never writes fails the comparison.
+# (a slice of the q/k/v projections' [B, T, ...], as [B, heads, T, D]), as a dense transposed tensor and
+# as a contiguous x (a gradient); the kernel's output is poisoned with NaN first (torch.empty and
+# empty_like filled), so an element it never writes fails the comparison. The output must be dense in
+# x's dim order, as the torch path's.
 CHILD = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import modeling_bam as mb
 from configuration_bam import BamConfig
-empty = torch.empty
+empty, empty_like = torch.empty, torch.empty_like
 torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+torch.empty_like = lambda *a, **k: empty_like(*a, **k).fill_(float("nan"))
 g = torch.Generator().manual_seed(int(sys.argv[2]))
 results = []
 for style, rot, D, heads, T, cb, dtype in json.loads(sys.argv[3]):
@@ -51,16 +54,22 @@ for style, rot, D, heads, T, cb, dtype in json.loads(sys.argv[3]):
     B = 2
     pos = torch.randint(0, 500, (cb, T), generator=g)
     cos, sin = mb.rope_cos_sin(c, pos)
-    for layout in ("transposed", "contiguous"):
+    for layout in ("projection", "transposed", "contiguous"):
         x = torch.randn(B, T, heads, D, generator=g).to(getattr(torch, dtype))
-        x = x.transpose(1, 2) if layout == "transposed" else x.transpose(1, 2).contiguous()
+        if layout == "projection":  # q of [B, T, q | k | v]
+            qkv = torch.randn(B, T, 3 * heads * D, generator=g).to(x.dtype)
+            x = qkv[..., : heads * D].view(B, T, heads, D)
+        x = x.transpose(1, 2) if layout != "contiguous" else x.transpose(1, 2).contiguous()
+        dense_order = sorted(range(4), key=lambda i: -x.stride(i))
         for sign in (1, -1):
             got = mb._rope_triton(x, cos, sin, style, sign)
             want = mb._rope(x, cos.expand(B, -1, -1, -1), sin * sign, style)
             err = (got.double() - want.double()).abs().max().item()
             ulp = torch.finfo(x.dtype).eps * max(got.double().abs().max().item(), want.double().abs().max().item())
             results.append(dict(case=[style, rot, dtype, layout, sign], err=err, ulp=ulp, shape=list(got.shape),
-                                contiguous=got.is_contiguous(), nan=bool(got.isnan().any())))
+                                layout=[sorted(range(4), key=lambda i: -t.stride(i)) == dense_order
+                                        and t.permute(*dense_order).is_contiguous() for t in (got, want)],
+                                nan=bool(got.isnan().any())))
 print(json.dumps(results))
 """
 
@@ -74,11 +83,11 @@ class TestRopeKernelInterpreted(unittest.TestCase):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
         results = json.loads(proc.stdout)
-        self.assertEqual(len(results), len(CASES) * 4)
+        self.assertEqual(len(results), len(CASES) * 6)
         for r in results:
             with self.subTest(case=r["case"], seed=seed):
                 self.assertFalse(r["nan"], "an output element was never written")
-                self.assertTrue(r["contiguous"])
+                self.assertEqual(r["layout"], [True, True])  # dense in x's dim order, kernel and torch ops
                 # the same float32 products; a fused multiply-add may round once less, and the output's
                 # rounding may then go the other way: one ulp of the output dtype, at most eps * |output|
                 self.assertLessEqual(r["err"], r["ulp"])
