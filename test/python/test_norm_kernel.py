@@ -1,29 +1,21 @@
 """RMSNorm's Triton kernels (modeling_bam._rms_norm_triton_fwd / _bwd) against norm_fn's torch ops.
 
-As test_rope_kernel.py: on CPU through Triton's interpreter in a child process (TRITON_INTERPRET=1 must
-be set before modeling_bam imports Triton), on CUDA the compiled kernels through Norm, forward and
-backward. Each kernel output is compared with a float64 reference and must be as close to it as the
+As test_rope_kernel.py: on CPU through Triton's interpreter (interpreted.py), on CUDA the compiled kernels
+through Norm, forward and backward. Each kernel output is compared with a float64 reference and must be as close to it as the
 torch path in the same dtypes is (twice its error, plus one ulp of the output dtype; for the weight's
 gradient, plus the ulps of the normalised x that both round).
 """
 
-import importlib.util
-import json
 import os
-import subprocess
 import sys
 import unittest
 
 import torch
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, run_interpreted
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PYTHON_DIR = os.path.join(HERE, "..", "..", "python")
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
 from configuration_bam import BamConfig  # noqa: E402
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-REQUIRED = bool(os.environ.get("BAM_REQUIRE_PYTHON"))
 
 # Each case: (rows as [B, T], D, x dtype, weight dtype, unit offset). 96 and 1000 are not powers of two
 # (masked lanes); 37 * 2 rows are not a multiple of a block of rows, nor of the backward's 8 blocks.
@@ -36,17 +28,11 @@ CASES = [
     ([4, 300], 128, "float32", "float32", False),
 ]
 
-# In the child: the kernels' outputs (poisoned with NaN first) and the torch path's, each as its error
-# against norm_fn in float64; dy is a transposed view, as a gradient may be.
+# In the child: the kernels' outputs and the torch path's, each as its error against norm_fn in float64;
+# dy is a transposed view, as a gradient may be.
 CHILD = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-import modeling_bam as mb
-empty = torch.empty
-torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
-g = torch.Generator().manual_seed(int(sys.argv[2]))
 results = []
-for rows, D, xd, wd, offset in json.loads(sys.argv[3]):
+for rows, D, xd, wd, offset in CASES:
     xdt, wdt = getattr(torch, xd), getattr(torch, wd)
     eps = float(torch.empty(1).uniform_(1e-6, 1e-2, generator=g))
     x = (torch.randn(*rows, D, generator=g) * torch.rand(*rows, 1, generator=g) * 4).to(xdt)
@@ -81,12 +67,7 @@ print(json.dumps(results))
 @unittest.skipUnless(HAS_TRITON or REQUIRED, "needs triton (requirements-dev.txt)")
 class TestNormKernelInterpreted(unittest.TestCase):
     def test_kernels_are_as_close_as_the_torch_ops(self):
-        seed = int.from_bytes(os.urandom(4), "little")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-c", CHILD, PYTHON_DIR, str(seed), json.dumps(CASES)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
-        results = json.loads(proc.stdout)
+        seed, results = run_interpreted(self, CHILD, CASES)
         self.assertEqual(len(results), len(CASES) * 3)
         for r in results:
             with self.subTest(case=r["case"], seed=seed):

@@ -1,28 +1,19 @@
 """Rope's Triton kernel (modeling_bam._rope_triton) against rope's torch ops (modeling_bam._rope).
 
-On CPU, through Triton's interpreter (TRITON_INTERPRET=1, set before modeling_bam is imported, so in a
-child process): the kernel's indexing, masks and strides on every layout the model hands it. On CUDA, the
-compiled kernel, forward and backward, through apply_rope. Triton comes with CUDA builds of torch; on CPU
-it is a test requirement (requirements-dev.txt): in CI (BAM_REQUIRE_PYTHON set) a missing Triton fails.
+On CPU, through Triton's interpreter (interpreted.py): the kernel's indexing, masks and strides on every
+layout the model hands it. On CUDA, the compiled kernel, forward and backward, through apply_rope.
 """
 
-import importlib.util
-import json
 import os
-import subprocess
 import sys
 import unittest
 
 import torch
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, run_interpreted
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PYTHON_DIR = os.path.join(HERE, "..", "..", "python")
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
 from configuration_bam import BamConfig  # noqa: E402
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-REQUIRED = bool(os.environ.get("BAM_REQUIRE_PYTHON"))
 
 # Each case: (style, rotary_dim, head_dim, heads, T, cos batch, dtype). Partial rotary dims pass the rest
 # through; 12 and 6 are not powers of two (masked lanes); T = 37 is not a multiple of the position block.
@@ -36,20 +27,11 @@ CASES = [
 
 # In the child: every case, forward (sign 1) and inverse (sign -1), on x laid out as the model's q and k
 # (a slice of the q/k/v projections' [B, T, ...], as [B, heads, T, D]), as a dense transposed tensor and
-# as a contiguous x (a gradient); the kernel's output is poisoned with NaN first (torch.empty and
-# empty_like filled), so an element it never writes fails the comparison. The output must be dense in
-# x's dim order, as the torch path's.
+# as a contiguous x (a gradient). The output must be dense in x's dim order, as the torch path's.
 CHILD = r"""
-import json, sys, torch
-sys.path.insert(0, sys.argv[1])
-import modeling_bam as mb
 from configuration_bam import BamConfig
-empty, empty_like = torch.empty, torch.empty_like
-torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
-torch.empty_like = lambda *a, **k: empty_like(*a, **k).fill_(float("nan"))
-g = torch.Generator().manual_seed(int(sys.argv[2]))
 results = []
-for style, rot, D, heads, T, cb, dtype in json.loads(sys.argv[3]):
+for style, rot, D, heads, T, cb, dtype in CASES:
     c = BamConfig(hidden_size=heads * D, num_attention_heads=heads, head_dim=D, rotary_dim=rot, rope_style=style)
     B = 2
     pos = torch.randint(0, 500, (cb, T), generator=g)
@@ -77,12 +59,7 @@ print(json.dumps(results))
 @unittest.skipUnless(HAS_TRITON or REQUIRED, "needs triton (requirements-dev.txt)")
 class TestRopeKernelInterpreted(unittest.TestCase):
     def test_kernel_equals_the_torch_rotation(self):
-        seed = int.from_bytes(os.urandom(4), "little")
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        cmd = [sys.executable, "-c", CHILD, PYTHON_DIR, str(seed), json.dumps(CASES)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
-        results = json.loads(proc.stdout)
+        seed, results = run_interpreted(self, CHILD, CASES)
         self.assertEqual(len(results), len(CASES) * 6)
         for r in results:
             with self.subTest(case=r["case"], seed=seed):

@@ -1,0 +1,39 @@
+"""Runs a Triton kernel test's child script through Triton's interpreter, on CPU.
+
+TRITON_INTERPRET=1 must be set before modeling_bam imports Triton, so the script runs in a child process.
+There torch.empty and torch.empty_like fill with NaN, so an element a kernel never writes fails the
+comparison. The child gets `mb` (modeling_bam), a seeded generator `g` and the cases as `CASES`, and prints
+its results as JSON. Triton comes with CUDA builds of torch; on CPU it is a test requirement
+(requirements-dev.txt): in CI (BAM_REQUIRE_PYTHON set) a missing Triton fails instead of skipping.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+REQUIRED = bool(os.environ.get("BAM_REQUIRE_PYTHON"))
+PYTHON_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python")
+
+PRELUDE = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import modeling_bam as mb
+empty, empty_like = torch.empty, torch.empty_like
+torch.empty = lambda *a, **k: empty(*a, **k).fill_(float("nan"))
+torch.empty_like = lambda *a, **k: empty_like(*a, **k).fill_(float("nan"))
+g = torch.Generator().manual_seed(int(sys.argv[2]))
+CASES = json.loads(sys.argv[3])
+"""
+
+
+def run_interpreted(test, body, cases):
+    """Runs PRELUDE + body with a fresh random seed. -> (seed, the child's JSON results)"""
+    seed = int.from_bytes(os.urandom(4), "little")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-c", PRELUDE + body, PYTHON_DIR, str(seed), json.dumps(cases)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    test.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
+    return seed, json.loads(proc.stdout)
