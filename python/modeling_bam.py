@@ -244,6 +244,7 @@ class Norm(nn.Module):
             and fits
             and dtypes
             and x.is_contiguous()
+            and x.numel() > 0  # a grid of no programs is no launch
             and not _compiling()
         )
 
@@ -403,7 +404,7 @@ def _rope_triton(x, cos, sin, style, sign):
 
 
 def _rope_any(x, cos, sin, style, sign):
-    kernel_fits = x.is_cuda and x.dtype != torch.float64 and cos.dtype == torch.float32
+    kernel_fits = x.is_cuda and x.dtype != torch.float64 and cos.dtype == torch.float32 and x.numel() > 0
     if FUSED["rope"] and triton is not None and kernel_fits and x.stride(-1) == 1 and cos.stride(-1) == 1:
         return _rope_triton(x, cos, sin, style, sign)
     return _rope(x, cos, -sin if sign < 0 else sin, style)
