@@ -23,6 +23,10 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   bam-compile    the same with torch.compile on every block (as finetune.py --compile)
   bam-logits     bam with the head's [tokens, vocab] logits, then cross-entropy (finetune.py --no-fused-loss):
                  the baseline of the fused loss every other row of ours trains with (also btx-logits)
+  bam-torch-rope, bam-torch-norm, bam-torch-kernels   bam with rope, RMSNorm or both as torch ops instead
+                 of modeling_bam's Triton kernels (finetune.py --no-fused-kernels: both); eager only
+  bam-heads-copied   bam with rope's output in the [B, heads, T, D] layout (rope_layout as before 2cab35c:
+                 the heads' copies forward and backward that the projections' layout avoids)
   bam-loop       the same weights, experts run one at a time (bench/train/loop_experts.py: per-expert
                  projections and attention, FFN by torch.where / index_add_, as transformers' eager MoE)
   dense          the dense seed (E = 1, merged attention, sequential block) through the same code
@@ -91,6 +95,7 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
     "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
     "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
+    "bam-heads-copied": dict(model="bam", impl="fused", heads_copied=True),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
@@ -108,11 +113,11 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    # (no compile rows of loop or torch-ops rows: the kernels serve eager mode only)
+    # (no compile rows of loop, torch-ops or heads-copied rows: compiled, rope is inductor's own kernel)
     **{
         f"{name}-compile": dict(spec, compile=True)
         for name, spec in ROWS.items()
-        if spec["impl"] != "loop" and "torch_ops" not in spec
+        if spec["impl"] != "loop" and "torch_ops" not in spec and "heads_copied" not in spec
     },
     # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
     **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
@@ -370,12 +375,25 @@ def torch_ops(kernels):
             modeling_bam.FUSED[k] = True
 
 
+@contextlib.contextmanager
+def heads_copied():
+    """Rope's output contiguous in [B, heads, T, D] (modeling_bam.rope_layout's alternative), for one row."""
+    layout = modeling_bam.rope_layout
+    modeling_bam.rope_layout = lambda x: torch.empty_like(x, memory_format=torch.contiguous_format)
+    try:
+        yield
+    finally:
+        modeling_bam.rope_layout = layout
+
+
 def run_row(name, spec, path, args, ctx, amp, shared):
     """Runs one row with its expert implementation (bench/train/loop_experts.py for "loop") and kernels."""
     with contextlib.ExitStack() as stack:
         if spec["impl"] == "loop":
             stack.enter_context(loop_experts())
         stack.enter_context(torch_ops(spec.get("torch_ops", ())))
+        if spec.get("heads_copied"):
+            stack.enter_context(heads_copied())
         return run_row_impl(name, spec, path, args, ctx, amp, shared)
 
 
@@ -389,6 +407,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_loss,
         fsdp,
         spec.get("torch_ops", ()),
+        spec.get("heads_copied", False),
     )  # a compile row starts from its eager row's micro-batch
     if spec["compile"] and shared["micro_batch"].get(eager_row, 0) is None:
         return dict(row=name, skipped="its eager row ran out of memory at every micro-batch")
@@ -464,6 +483,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_loss=fused_loss and "family" not in spec,
         fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
         fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
+        heads_layout="copied" if spec.get("heads_copied") else "projections",
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
@@ -671,6 +691,7 @@ def main(argv=None):
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
     pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels")]  # the Triton kernels (eager only)
+    pairs += [("bam", "bam-heads-copied")]  # rope_layout
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
