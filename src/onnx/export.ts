@@ -11,7 +11,8 @@
  * model folder, which may be read-only, under version control or a Hugging
  * Face cache snapshot. A folder whose key matches is reused; a model whose
  * key changed gets a new folder, and the folders of its earlier keys (their
- * stamps name the same model folder) are removed once the new one is complete.
+ * stamps name the same model folder) are removed once the new one is complete,
+ * as are the exports of model folders that no longer exist.
  *
  * The key hashes this engine's version, config.json, each weight file's
  * name, size, modification time and safetensors header (as the validating
@@ -114,7 +115,7 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
       await target.discard();
       throw error;
     }
-    if (options.output === undefined) await removeEarlierExports(folder, await realSource(modelDir), key);
+    if (options.output === undefined) await removeStaleExports(folder, await realSource(modelDir), key);
     return { folder, modelFile, scoreFile, built: true, key };
   } finally {
     await model.close();
@@ -255,18 +256,32 @@ async function cacheFolder(modelDir: string, key: string, cacheDir: string | und
 }
 
 /**
- * Removes the cache's other exports of the same model folder (earlier keys):
- * only siblings of `folder` named like it whose stamp names `source`, so
- * nothing but exports this cache made for this model is touched.
+ * Removes the cache's stale exports: siblings of `folder` named like an
+ * export (`<name>-<16 hex digits>`) holding our stamp, that are either this
+ * model folder's earlier keys or of a model folder that no longer exists (its
+ * exports could never be used again). Nothing without a stamp is touched, nor
+ * the export of a folder that exists but cannot be read.
  */
-async function removeEarlierExports(folder: string, source: string, key: string): Promise<void> {
+async function removeStaleExports(folder: string, source: string, key: string): Promise<void> {
   const parent = dirname(folder);
-  const prefix = `${basename(source)}-`;
   for (const entry of await readdir(parent).catch(() => [] as string[])) {
     const other = join(parent, entry);
-    if (other === folder || !entry.startsWith(prefix) || !/^[0-9a-f]{16}$/.test(entry.slice(prefix.length))) continue;
+    if (other === folder || !/^.+-[0-9a-f]{16}$/.test(entry)) continue;
     const stamp = await readStamp(other);
-    if (stamp !== null && stamp.source === source && stamp.key !== key)
+    if (stamp?.source === undefined) continue;
+    const earlierKey = stamp.source === source && stamp.key !== key && entry.startsWith(`${basename(source)}-`);
+    if (earlierKey || (stamp.source !== source && (await isGone(stamp.source))))
       await rm(other, { recursive: true, force: true });
+  }
+}
+
+/** Whether nothing is at `path` (as opposed to something this process cannot read). */
+async function isGone(path: string): Promise<boolean> {
+  try {
+    await stat(path);
+    return false;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    return code === "ENOENT" || code === "ENOTDIR";
   }
 }

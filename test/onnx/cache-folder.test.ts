@@ -3,11 +3,11 @@
  * as BAM_CACHE_DIR), named by the model's content, never inside the model
  * folder. A read-only model folder evaluates and is left exactly as it was;
  * a second eval reuses the build; a changed weight file gets a new build and
- * the old one is removed.
+ * the old one is removed, as are the builds of model folders deleted since.
  */
 import assert from "node:assert/strict";
-import { chmod, copyFile, cp, readdir, stat, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { chmod, copyFile, cp, mkdir, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { basename, join } from "node:path";
 import { test } from "node:test";
 import { evaluatePerplexity, prepareOnnx } from "../../src/onnx/index.js";
 import { fixture, withTempDir } from "../helpers.js";
@@ -67,4 +67,31 @@ test("eval of a read-only model folder builds into cacheDir, writes nothing in t
     const changed = await evaluatePerplexity(model, [text], { cacheDir });
     assert.notEqual(changed.overall.nll, first.overall.nll, "the new build runs the new weights");
     await chmod(model, 0o755); // withTempDir removes it
+  }));
+
+test("a new build removes the exports of model folders that no longer exist, and nothing else", () =>
+  withTempDir(async (dir) => {
+    const cacheDir = join(dir, "cache");
+    const [gone, kept, current] = ["gone", "kept", "current"].map((name) => join(dir, name));
+    await cp(fixture("llama", "base"), gone, { recursive: true });
+    await cp(fixture("llama", "code"), kept, { recursive: true });
+    await cp(fixture("llama", "math"), current, { recursive: true });
+    const goneExport = (await prepareOnnx(gone, { cacheDir })).folder;
+    const keptExport = (await prepareOnnx(kept, { cacheDir })).folder;
+    // a folder named like an export without our stamp: the user's, whatever it is
+    const foreign = join(cacheDir, "onnx", "notes-0123456789abcdef");
+    await mkdir(foreign);
+    await writeFile(join(foreign, "bam-onnx.txt"), "the user's");
+    await rm(gone, { recursive: true });
+
+    const built = await prepareOnnx(current, { cacheDir });
+    assert.equal(built.built, true);
+    assert.deepEqual(
+      (await readdir(join(cacheDir, "onnx"))).sort(),
+      [basename(built.folder), basename(keptExport), basename(foreign)].sort(),
+      "the deleted folder's export goes; the existing folder's and the unstamped one stay",
+    );
+    assert.ok(!(await readdir(join(cacheDir, "onnx"))).includes(basename(goneExport)));
+    assert.equal(await readFile(join(foreign, "bam-onnx.txt"), "utf8"), "the user's");
+    assert.equal((await prepareOnnx(kept, { cacheDir })).built, false, "the kept export is reused");
   }));
