@@ -106,10 +106,14 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
         onProgress: options.onProgress,
       });
       await writeFolderFiles(model, side, target.path);
-      await writeFile(
-        join(target.path, STAMP_FILE),
-        `${JSON.stringify({ key, engine: ENGINE_VERSION, source: await realSource(modelDir) }, null, 2)}\n`,
-      );
+      // cached: a build of the cache, which removeStaleExports may remove once its model folder is gone
+      const stamp = {
+        key,
+        engine: ENGINE_VERSION,
+        source: await realSource(modelDir),
+        cached: options.output === undefined,
+      };
+      await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify(stamp, null, 2)}\n`);
       await target.commit();
     } catch (error) {
       await target.discard();
@@ -229,11 +233,19 @@ async function headerKey(file: string): Promise<string> {
   }
 }
 
-async function readStamp(folder: string): Promise<{ key: string; source?: string } | null> {
+async function readStamp(folder: string): Promise<{ key: string; source?: string; cached: boolean } | null> {
   try {
-    const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as { key?: unknown; source?: unknown };
+    const stamp = JSON.parse(await readFile(join(folder, STAMP_FILE), "utf8")) as {
+      key?: unknown;
+      source?: unknown;
+      cached?: unknown;
+    };
     return typeof stamp.key === "string"
-      ? { key: stamp.key, ...(typeof stamp.source === "string" ? { source: stamp.source } : {}) }
+      ? {
+          key: stamp.key,
+          ...(typeof stamp.source === "string" ? { source: stamp.source } : {}),
+          cached: stamp.cached === true,
+        }
       : null;
   } catch {
     return null; // no export there (or a broken one): build
@@ -258,9 +270,10 @@ async function cacheFolder(modelDir: string, key: string, cacheDir: string | und
 /**
  * Removes the cache's stale exports: siblings of `folder` named like an
  * export (`<name>-<16 hex digits>`) holding our stamp, that are either this
- * model folder's earlier keys or of a model folder that no longer exists (its
- * exports could never be used again). Nothing without a stamp is touched, nor
- * the export of a folder that exists but cannot be read.
+ * model folder's earlier keys or cache builds (not `bam export-onnx -o`
+ * folders, which may be all a user keeps) of a model folder that no longer
+ * exists. Nothing without a stamp is touched, nor the export of a folder that
+ * exists but cannot be read.
  */
 async function removeStaleExports(folder: string, source: string, key: string): Promise<void> {
   const parent = dirname(folder);
@@ -270,7 +283,7 @@ async function removeStaleExports(folder: string, source: string, key: string): 
     const stamp = await readStamp(other);
     if (stamp?.source === undefined) continue;
     const earlierKey = stamp.source === source && stamp.key !== key && entry.startsWith(`${basename(source)}-`);
-    if (earlierKey || (stamp.source !== source && (await isGone(stamp.source))))
+    if (earlierKey || (stamp.cached && stamp.source !== source && (await isGone(stamp.source))))
       await rm(other, { recursive: true, force: true });
   }
 }

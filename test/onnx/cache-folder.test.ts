@@ -77,6 +77,9 @@ test("a new build removes the exports of model folders that no longer exist, and
     await cp(fixture("llama", "code"), kept, { recursive: true });
     await cp(fixture("llama", "math"), current, { recursive: true });
     const goneExport = (await prepareOnnx(gone, { cacheDir })).folder;
+    // `bam export-onnx -o` into the cache folder, named like a build: the user's export, kept with its source gone
+    const chosen = join(cacheDir, "onnx", "gone-fedcba9876543210");
+    await prepareOnnx(gone, { cacheDir, output: chosen });
     const keptExport = (await prepareOnnx(kept, { cacheDir })).folder;
     // a folder named like an export without our stamp: the user's, whatever it is
     const foreign = join(cacheDir, "onnx", "notes-0123456789abcdef");
@@ -88,8 +91,8 @@ test("a new build removes the exports of model folders that no longer exist, and
     assert.equal(built.built, true);
     assert.deepEqual(
       (await readdir(join(cacheDir, "onnx"))).sort(),
-      [basename(built.folder), basename(keptExport), basename(foreign)].sort(),
-      "the deleted folder's export goes; the existing folder's and the unstamped one stay",
+      [basename(built.folder), basename(keptExport), basename(foreign), basename(chosen)].sort(),
+      "the deleted folder's build goes; the existing folder's, the unstamped one and an -o export stay",
     );
     assert.ok(!(await readdir(join(cacheDir, "onnx"))).includes(basename(goneExport)));
     assert.equal(await readFile(join(foreign, "bam-onnx.txt"), "utf8"), "the user's");
