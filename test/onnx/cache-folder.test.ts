@@ -72,7 +72,9 @@ test("eval of a read-only model folder builds into cacheDir, writes nothing in t
 test("a new build removes the exports of model folders that no longer exist, and nothing else", () =>
   withTempDir(async (dir) => {
     const cacheDir = join(dir, "cache");
-    const [gone, kept, current] = ["gone", "kept", "current"].map((name) => join(dir, name));
+    const gone = join(dir, "gone");
+    const kept = join(dir, "kept");
+    const current = join(dir, "current");
     await cp(fixture("llama", "base"), gone, { recursive: true });
     await cp(fixture("llama", "code"), kept, { recursive: true });
     await cp(fixture("llama", "math"), current, { recursive: true });
