@@ -38,15 +38,24 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
-try:  # CUDA builds of torch ship Triton: rope's fused kernel (_rope_triton)
+try:  # CUDA builds of torch ship Triton: the rope and RMSNorm kernels (_rope_triton, _RmsNormFn)
     import triton
     import triton.language as tl
-except ImportError:  # CPU builds: rope runs as torch ops
+except ImportError:  # CPU builds: rope and the norms run as torch ops
     triton = None
 
 # The Triton kernels (rope, RMSNorm) run eager on CUDA where Triton imports and they apply; False: the torch
 # ops (finetune.py --no-fused-kernels; bench_train's bam-torch-* rows)
 FUSED = {"rope": True, "norm": True}
+
+
+def kernel_takes(name, x):
+    """Whether Triton kernel `name` of FUSED may run on x: switched on, Triton importable, x on CUDA, not
+    float64 (the torch ops keep float64 exact), not empty (a grid of no programs is no launch). Each
+    kernel adds its own layout conditions."""
+    return FUSED[name] and triton is not None and x.is_cuda and x.dtype != torch.float64 and x.numel() > 0
+
+
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
 GROUP_ALIGN = 16  # rows per grouped_mm group are padded to a multiple of this
 
@@ -236,17 +245,7 @@ class Norm(nn.Module):
     def fused(self, x):
         w = self.weight
         fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_FUSED_NORM_DIM
-        dtypes = x.dtype != torch.float64 and w.dtype != torch.float64
-        return (
-            FUSED["norm"]
-            and triton is not None
-            and x.is_cuda
-            and fits
-            and dtypes
-            and x.is_contiguous()
-            and x.numel() > 0  # a grid of no programs is no launch
-            and not _compiling()
-        )
+        return kernel_takes("norm", x) and fits and w.dtype != torch.float64 and x.is_contiguous() and not _compiling()
 
 
 def stacked_norm(x, norms):
@@ -404,8 +403,8 @@ def _rope_triton(x, cos, sin, style, sign):
 
 
 def _rope_any(x, cos, sin, style, sign):
-    kernel_fits = x.is_cuda and x.dtype != torch.float64 and cos.dtype == torch.float32 and x.numel() > 0
-    if FUSED["rope"] and triton is not None and kernel_fits and x.stride(-1) == 1 and cos.stride(-1) == 1:
+    layout = x.stride(-1) == 1 and cos.stride(-1) == 1 and cos.dtype == torch.float32
+    if kernel_takes("rope", x) and layout:
         return _rope_triton(x, cos, sin, style, sign)
     return _rope(x, cos, -sin if sign < 0 else sin, style)
 
