@@ -81,7 +81,8 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
   try {
     const side = await sideFiles(model.dir);
     const key = await sourceKey(model, side);
-    const folder = resolve(options.output ?? (await cacheFolder(modelDir, key, options.cacheDir)));
+    const realDir = await realSource(modelDir); // the stamp's source: exports name the folder, not a link to it
+    const folder = resolve(options.output ?? cacheFolder(realDir, key, options.cacheDir));
     const source = resolve(modelDir);
     if (source === folder || source.startsWith(`${folder}${sep}`)) {
       throw new BamError(
@@ -107,19 +108,14 @@ export async function prepareOnnx(modelDir: string, options: PrepareOptions = {}
       });
       await writeFolderFiles(model, side, target.path);
       // cached: a build of the cache, which removeStaleExports may remove once its model folder is gone
-      const stamp = {
-        key,
-        engine: ENGINE_VERSION,
-        source: await realSource(modelDir),
-        cached: options.output === undefined,
-      };
+      const stamp = { key, engine: ENGINE_VERSION, source: realDir, cached: options.output === undefined };
       await writeFile(join(target.path, STAMP_FILE), `${JSON.stringify(stamp, null, 2)}\n`);
       await target.commit();
     } catch (error) {
       await target.discard();
       throw error;
     }
-    if (options.output === undefined) await removeStaleExports(folder, await realSource(modelDir), key);
+    if (options.output === undefined) await removeStaleExports(folder, realDir, key);
     return { folder, modelFile, scoreFile, built: true, key };
   } finally {
     await model.close();
@@ -258,13 +254,9 @@ async function realSource(modelDir: string): Promise<string> {
   });
 }
 
-/** `<cache>/onnx/<model folder name>-<key>`: the model's content names its export. */
-async function cacheFolder(modelDir: string, key: string, cacheDir: string | undefined): Promise<string> {
-  return join(
-    cacheDir ?? userCacheDir(),
-    EXPORTS_SUBFOLDER,
-    `${basename(await realSource(modelDir))}-${key.slice(0, 16)}`,
-  );
+/** `<cache>/onnx/<model folder name>-<key>` (of the folder's real path): the model's content names its export. */
+function cacheFolder(realDir: string, key: string, cacheDir: string | undefined): string {
+  return join(cacheDir ?? userCacheDir(), EXPORTS_SUBFOLDER, `${basename(realDir)}-${key.slice(0, 16)}`);
 }
 
 /**
