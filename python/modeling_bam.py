@@ -38,15 +38,15 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
-try:  # CUDA builds of torch ship Triton: the rope and RMSNorm kernels (_rope_triton, _RmsNormFn)
+try:  # CUDA builds of torch ship Triton: the rope, RMSNorm and cross-entropy kernels
     import triton
     import triton.language as tl
-except ImportError:  # CPU builds: rope and the norms run as torch ops
+except ImportError:  # CPU builds: all of them run as torch ops
     triton = None
 
-# The Triton kernels (rope, RMSNorm) run eager on CUDA where Triton imports and they apply; False: the torch
-# ops (finetune.py --no-fused-kernels; bench_train's bam-torch-* rows)
-FUSED = {"rope": True, "norm": True}
+# The Triton kernels (rope, RMSNorm, the loss's cross-entropy) run eager on CUDA where Triton imports and
+# they apply; False: the torch ops (finetune.py --no-fused-kernels; bench_train's *-torch-* rows)
+FUSED = {"rope": True, "norm": True, "loss": True}
 
 
 def kernel_takes(name, x):
@@ -736,15 +736,65 @@ def chunk_rows(vocab):
     return max(1, CHUNK_LOGITS // vocab)
 
 
-def _logit_chunks(h, w, b, scale):
-    """(rows, hc, z) for each chunk of h [N, H]: its row slice, its hidden states in w's dtype and its
-    float32 logits scale * (hc @ w^T + b), so no more than chunk_rows of them are in memory at once."""
+def _logit_chunks(h, w, b):
+    """(rows, hc, z) for each chunk of h [N, H]: its row slice, its hidden states in w's dtype and its logits
+    hc @ w^T + b in w's dtype, so no more than chunk_rows of them are in memory at once."""
     step = chunk_rows(w.shape[0])
     for start in range(0, h.shape[0], step):
         rows = slice(start, start + step)
         hc = h[rows].to(w.dtype)
-        z = F.linear(hc, w, b).float()
-        yield rows, hc, (z * scale if scale != 1.0 else z)
+        yield rows, hc, F.linear(hc, w, b)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_kernel(z, labels, loss, V, scale, BLOCK_V: tl.constexpr):
+        """One row of z [rows, V] (logits in the head's dtype): loss[row] = lse(s z) - s z[label] in float32, and
+        z overwritten by the loss's gradient s (softmax(s z) - onehot(label)); zero for an ignored row (-100)."""
+        row = tl.program_id(0).to(tl.int64)
+        zr = z + row * V
+        label = tl.load(labels + row)
+        valid = label != -100
+        m = tl.full([], float("-inf"), tl.float32)  # running max and sum of exp(s z - m): one read of the row
+        total = tl.zeros([], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            v = tl.load(zr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * scale
+            m_new = tl.maximum(m, tl.max(v, 0))
+            total = total * tl.exp(m - m_new) + tl.sum(tl.exp(v - m_new), 0)
+            m = m_new
+        lse = m + tl.log(total)
+        target = tl.where(valid, label, 0)
+        tl.store(loss + row, tl.where(valid, lse - tl.load(zr + target).to(tl.float32) * scale, 0.0))
+        for start in range(0, V, BLOCK_V):  # the gradient, over the same row (from L2 where it stayed)
+            cols = start + tl.arange(0, BLOCK_V)
+            v = tl.load(zr + cols, mask=cols < V, other=0.0).to(tl.float32) * scale
+            g = tl.exp(v - lse) - tl.where(cols == target, 1.0, 0.0)
+            g = tl.where(valid, g * scale, 0.0)
+            tl.store(zr + cols, g.to(z.dtype.element_ty), mask=cols < V)
+
+
+def _cross_entropy_triton(z, labels, scale):
+    """_cross_entropy_kernel over contiguous logits z [rows, V]: z becomes the gradient. -> loss [rows] float32"""
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    _cross_entropy_kernel[(z.shape[0],)](z, labels, loss, z.shape[1], scale, BLOCK_V=4096, num_warps=8)
+    return loss
+
+
+def _cross_entropy_and_grad(z, labels, scale):
+    """z [rows, V] logits, labels [rows] (-100: ignored) -> (summed cross-entropy of scale * z in float32, its
+    gradient with respect to z in z's dtype). The kernel writes the gradient over z; the torch ops in float32."""
+    if kernel_takes("loss", z) and z.is_contiguous() and not _compiling():
+        return _cross_entropy_triton(z, labels.contiguous(), scale).sum(), z
+    z = z.float() * scale if scale != 1.0 else z.float()
+    valid = labels != -100
+    target = labels.clamp(min=0)[:, None]
+    lse = torch.logsumexp(z, -1)
+    total = ((lse - z.gather(-1, target)[:, 0]) * valid).sum()
+    g = torch.exp(z - lse[:, None])  # softmax; minus one at the label, zero on ignored rows
+    g.scatter_add_(-1, target, torch.full_like(g[:, :1], -1.0))
+    return total, g * (valid[:, None] * scale)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -760,15 +810,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
             grad_b = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
             total = torch.zeros((), dtype=torch.float32, device=h.device)
-            for rows, hc, z in _logit_chunks(h, w, None if bias is None else bias.to(dtype), scale):
-                yc = labels[rows]
-                valid = yc != -100
-                target = yc.clamp(min=0)[:, None]
-                lse = torch.logsumexp(z, -1)
-                total += ((lse - z.gather(-1, target)[:, 0]) * valid).sum()
-                g = torch.exp(z - lse[:, None])  # softmax; minus one at the label, zero on ignored rows
-                g.scatter_add_(-1, target, torch.full_like(g[:, :1], -1.0))
-                g = (g * (valid[:, None] * scale)).to(dtype)
+            for rows, hc, z in _logit_chunks(h, w, None if bias is None else bias.to(dtype)):
+                loss, g = _cross_entropy_and_grad(z, labels[rows], scale)
+                total += loss
+                g = g.to(dtype)
                 grad_h[rows] = (g @ w).to(h.dtype)
                 grad_w += (g.t() @ hc).float()
                 if grad_b is not None:
@@ -796,7 +841,8 @@ def linear_cross_entropy(h, weight, bias, labels, scale=None):
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):  # evaluation: the loss alone
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for rows, _, z in _logit_chunks(h, w, b, scale):
+        for rows, _, z in _logit_chunks(h, w, b):
+            z = z.float() * scale if scale != 1.0 else z.float()
             total += F.cross_entropy(z, labels[rows], ignore_index=-100, reduction="sum")
         return total
 

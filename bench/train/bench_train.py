@@ -95,10 +95,12 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
     "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
     "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
+    "bam-torch-loss": dict(model="bam", impl="fused", torch_ops=("loss",)),
     "bam-heads-copied": dict(model="bam", impl="fused", heads_copied=True),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
+    "btx-torch-loss": dict(model="btx", impl="fused", torch_ops=("loss",)),
     # bf16 parameters, float32 master weights: FSDP2's mixed precision in a group of one (finetune.py
     # --fsdp on --fsdp-param-dtype bf16) instead of autocast's casts of every weight at every step
     "bam-fsdp-bf16": dict(model="bam", impl="fused", fsdp_param_dtype=torch.bfloat16),
@@ -113,11 +115,12 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    # (no compile rows of loop, torch-ops or heads-copied rows: compiled, rope is inductor's own kernel)
+    # (no compile rows of loop, heads-copied, rope or norm torch-ops rows: compiled, those are inductor's own
+    # kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too)
     **{
         f"{name}-compile": dict(spec, compile=True)
         for name, spec in ROWS.items()
-        if spec["impl"] != "loop" and "torch_ops" not in spec and "heads_copied" not in spec
+        if spec["impl"] != "loop" and set(spec.get("torch_ops", ())) <= {"loss"} and "heads_copied" not in spec
     },
     # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
     **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
@@ -365,7 +368,7 @@ def load_peer(path, spec, device):
 
 @contextlib.contextmanager
 def torch_ops(kernels):
-    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm), for one row."""
+    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, loss), for one row."""
     for k in kernels:
         modeling_bam.FUSED[k] = False
     try:
@@ -483,6 +486,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_loss=fused_loss and "family" not in spec,
         fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
         fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
+        loss_kernel="loss" not in spec.get("torch_ops", ()) and fused_loss and "family" not in spec,
         heads_layout="copied" if spec.get("heads_copied") else "projections",
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),

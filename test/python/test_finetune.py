@@ -914,9 +914,9 @@ class TestSpeedDefaults(unittest.TestCase):
                     code, _, err = run_main(out, *SHORT, "--overwrite", *([flag] if flag else []))
                 self.assertEqual(code, 0, err)
                 self.assertGreater(len(seen), 0)
-                self.assertEqual(seen, [{"rope": want, "norm": want}] * len(seen), flag)
+                self.assertEqual(seen, [dict.fromkeys(mb.FUSED, want)] * len(seen), flag)
         finally:
-            mb.FUSED.update(rope=True, norm=True)
+            mb.FUSED.update(dict.fromkeys(mb.FUSED, True))
 
     def test_logged_mfu_is_the_benchmarks(self):
         """finetune.py and bench/train/bench_train.py count the same FLOPs per token for a folder and turn
