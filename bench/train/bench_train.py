@@ -128,7 +128,7 @@ ROWS = {
 # native folder -> the BAM folder it is written from (the same weights)
 EXPORTS = {spec["fmt"]: spec["ours"] for spec in peer.FAMILIES.values()}
 DEFAULT_ROWS = ["bam", "bam-loop", "dense", "bam-compile"]
-MIN_SECONDS = {False: 45, True: 200}  # a row starts only with this much of --time-budget left (compile: compiling)
+MIN_SECONDS = {False: 30, True: 75}  # a row starts only with this much of --time-budget left (rows measured 10-40 s)
 CATEGORIES = [  # kernel name fragments (lower case) -> category, first match wins
     ("attention (SDPA)", ("flash", "fmha", "attention", "cudnn", "sdpa", "mem_eff")),
     ("grouped GEMM (FFN experts)", ("grouped", "groupmm", "group_mm", "ptr_array")),
