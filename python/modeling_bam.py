@@ -797,6 +797,17 @@ def _cross_entropy_and_grad(z, labels, scale):
     return total, g * (valid[:, None] * scale)
 
 
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype")  # torch >= 2.8: bf16 operands, float32 out (CUDA)
+
+
+def _add_product(acc, a, b):
+    """acc + a @ b in acc's dtype. On CUDA with a and b in a narrower dtype, one GEMM accumulating in float32
+    into acc's values (addmm's out_dtype), where the product would be rounded to bf16, cast and added."""
+    if acc.is_cuda and a.dtype != acc.dtype and _HAS_MM_OUT_DTYPE:
+        return torch.addmm(acc, a, b, out_dtype=acc.dtype)
+    return acc + (a @ b).to(acc.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of scale * (h @ W^T + b) against labels (-100: ignored), chunk by chunk, so the
     [N, V] logits are never whole in memory. The loss ends the graph, so its gradients are computed in
@@ -815,7 +826,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total += loss
                 g = g.to(dtype)
                 grad_h[rows] = (g @ w).to(h.dtype)
-                grad_w += (g.t() @ hc).float()
+                grad_w = _add_product(grad_w, g.t(), hc)
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
