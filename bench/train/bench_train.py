@@ -266,6 +266,8 @@ def profile_steps(step, device, steps):
     events = prof.key_averages()
     kernels = []
     for e in events:
+        if getattr(e, "is_user_annotation", False):  # ranges such as "## Call CompiledFxGraph ##": not kernels
+            continue
         if cuda:
             if "cuda" not in str(getattr(e, "device_type", "")).lower():
                 continue
