@@ -732,10 +732,9 @@ class Builder {
       : this.model.moe.normTopkProb
         ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })])
         : top!;
-    const outs: string[] = [];
-    const tokenLists: string[] = [];
+    let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
     for (let e = 0; e < E; e++) {
-      g.scope(`expert${e}`, () => {
+      y = g.scope(`expert${e}`, () => {
         const hit = g.op("Equal", [chosen!, g.int64([e], [])]); // [N, k]
         // top-1: a token's one choice is this expert or not, and its weight is that choice's; top-k: summed over k
         const hitWeights = k === 1 ? "" : g.op("Cast", [hit], { to: DataType.FLOAT });
@@ -743,30 +742,18 @@ class Builder {
           k === 1
             ? g.op("Reshape", [hit, g.int64([-1])])
             : g.op("Greater", [g.op("ReduceSum", [hitWeights, g.int64([1])], { keepdims: 0 }), g.scalar(0.5)]);
-        const tokens = g.op("Reshape", [g.op("NonZero", [picked]), g.int64([-1])]); // [M]: this expert's tokens
+        const rows = g.op("NonZero", [picked]); // [1, M]: this expert's tokens
+        const tokens = g.op("Reshape", [rows, g.int64([-1])]);
         let out = this.expert(expertModule(l, "mlp", e), g.op("Gather", [x, tokens], { axis: 0 }));
         if (!unweighted) {
           const weight =
             k === 1 ? weights : g.op("ReduceSum", [g.op("Mul", [hitWeights, weights]), g.int64([1])], { keepdims: 1 });
           out = g.op("Mul", [out, g.op("Gather", [weight, tokens], { axis: 0 })]); // [M, H] x [M, 1]
         }
-        outs.push(out);
-        tokenLists.push(tokens);
+        return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), out], { reduction: "add" });
       });
     }
-    // the experts' rows side by side, [N x k, H], and the token of each row
-    const rows = g.op("Concat", outs, { axis: 0 });
-    const rowTokens = g.op("Concat", tokenLists, { axis: 0 });
-    if (k > 1) {
-      // a token's k rows added: ScatterND sums repeated indices
-      const zeros = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
-      return g.op("ScatterND", [zeros, g.op("Unsqueeze", [rowTokens, g.int64([1])]), rows], { reduction: "add" });
-    }
-    // top-1: the rows are a permutation of the tokens; gather them back in token order by its inverse
-    const count = g.op("Shape", [rowTokens]); // [1]: N
-    const index = g.op("Range", [g.int64([0], []), g.op("Squeeze", [count, g.int64([0])]), g.int64([1], [])]);
-    const rowOf = g.op("ScatterElements", [index, rowTokens, index], { axis: 0 }); // rowOf[token] = its row
-    return g.op("Gather", [rows, rowOf], { axis: 0 });
+    return y;
   }
 
   /** One FFN: down(act(gate x) * up x), or down(act(up x)); gate and up in one Gemm. */
