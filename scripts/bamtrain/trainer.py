@@ -81,23 +81,13 @@ class Trainer:
             (out["loss"] / n).backward()
             with torch.no_grad():
                 acc = self._accumulate(acc, out)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
+            gnorm = gnorm.full_tensor()
         # A NaN or Inf gradient would spread into every weight: that update is skipped (the norm is global,
         # so every rank skips the same steps; finetune.py stops after --max-nonfinite-steps in a row).
-        clip = self.grad_clip if self.grad_clip > 0 else float("inf")
-        if self.optimizer.defaults.get("fused") and not ctx.fsdp:
-            # fused AdamW divides every gradient by grad_scale and skips the update where found_inf is 1 (the
-            # hooks GradScaler uses): clipping and the skip ride on its pass over the weights, with no pass of
-            # their own and no wait for the host
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-            self.optimizer.grad_scale = ((gnorm + 1e-6) / clip).clamp(min=1.0).float()
-            self.optimizer.found_inf = (~torch.isfinite(gnorm)).float()
+        if bool(torch.isfinite(gnorm)):
             self.optimizer.step()
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-            if hasattr(gnorm, "full_tensor"):  # DTensor under FSDP2
-                gnorm = gnorm.full_tensor()
-            if bool(torch.isfinite(gnorm)):
-                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         flat = torch.cat([acc / n, gnorm.detach().float().reshape(1).to(acc.device)])
         flat[:-1] = parallel.all_reduce_mean(flat[:-1].clone(), ctx)
