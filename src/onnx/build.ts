@@ -724,33 +724,24 @@ class Builder {
     const k = this.model.moe.expertsPerToken;
     const probs = this.routerProbabilities(l, "mlp.router", x); // [N, E]
     const [top, chosen] = g.opN("TopK", [probs, g.int64([k])], 2, { axis: -1, largest: 1, sorted: 1 });
-    // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch);
-    // top-1 renormalised is p / p = 1 exactly: no weights at all
-    const unweighted = k === 1 && this.model.moe.normTopkProb;
-    const weights = unweighted
-      ? ""
-      : this.model.moe.normTopkProb
-        ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })])
-        : top!;
+    // [N, k]: renormalised to sum 1 (Mixtral), or each chosen expert's probability over all E (BAM, Switch)
+    const weights = this.model.moe.normTopkProb
+      ? g.op("Div", [top!, g.op("ReduceSum", [top!, g.int64([1])], { keepdims: 1 })])
+      : top!;
     let y = g.op("Expand", [g.scalar(0), g.op("Shape", [x])]);
     for (let e = 0; e < E; e++) {
       y = g.scope(`expert${e}`, () => {
-        const hit = g.op("Equal", [chosen!, g.int64([e], [])]); // [N, k]
-        // top-1: a token's one choice is this expert or not, and its weight is that choice's; top-k: summed over k
-        const hitWeights = k === 1 ? "" : g.op("Cast", [hit], { to: DataType.FLOAT });
-        const picked =
-          k === 1
-            ? g.op("Reshape", [hit, g.int64([-1])])
-            : g.op("Greater", [g.op("ReduceSum", [hitWeights, g.int64([1])], { keepdims: 0 }), g.scalar(0.5)]);
+        const hit = g.op("Cast", [g.op("Equal", [chosen!, g.int64([e], [])])], { to: DataType.FLOAT }); // [N, k]
+        const weight = g.op("ReduceSum", [g.op("Mul", [hit, weights]), g.int64([1])], { keepdims: 0 }); // [N]
+        const picked = g.op("Greater", [g.op("ReduceSum", [hit, g.int64([1])], { keepdims: 0 }), g.scalar(0.5)]);
         const rows = g.op("NonZero", [picked]); // [1, M]: this expert's tokens
         const tokens = g.op("Reshape", [rows, g.int64([-1])]);
-        let out = this.expert(expertModule(l, "mlp", e), g.op("Gather", [x, tokens], { axis: 0 }));
-        if (!unweighted) {
-          const weight =
-            k === 1 ? weights : g.op("ReduceSum", [g.op("Mul", [hitWeights, weights]), g.int64([1])], { keepdims: 1 });
-          out = g.op("Mul", [out, g.op("Gather", [weight, tokens], { axis: 0 })]); // [M, H] x [M, 1]
-        }
-        return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), out], { reduction: "add" });
+        const out = this.expert(expertModule(l, "mlp", e), g.op("Gather", [x, tokens], { axis: 0 }));
+        const weighted = g.op("Mul", [
+          out,
+          g.op("Unsqueeze", [g.op("Gather", [weight, tokens], { axis: 0 }), g.int64([1])]),
+        ]);
+        return g.op("ScatterND", [y, g.op("Transpose", [rows], { perm: [1, 0] }), weighted], { reduction: "add" });
       });
     }
     return y;
