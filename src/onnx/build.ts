@@ -470,37 +470,28 @@ class Builder {
     };
     const qkv = this.derived(`${at}.qkv.weight`, [qkvOut, H], () => fused("weight"));
     const qkvBias = f.qkvBias ? this.derived(`${at}.qkv.bias`, [qkvOut], () => fused("bias")) : "";
-    const projected = g.op("Gemm", [h, qkv, qkvBias], { transB: 1 }); // [N, q | k | v]
-    const scale = f.attentionScale ?? 1 / Math.sqrt(D);
-    let y: string;
-    if (this.scoring && this.attentionRotates && f.qkNorm === "none") {
-      // nothing between the projection and the attention: GroupQueryAttention reads q, k and v packed
-      // side by side, so no Split or per-chunk Slices copy them apart
-      y = this.chunkedAttention([this.unflatten(projected, qkvOut)], scale);
-    } else {
-      const [q, k, v] = g.opN("Split", [projected, g.int64([queryHeads * D, kvHeads * D, kvHeads * D])], 3, {
-        axis: 1,
-      });
-      let q4 = g.op("Reshape", [q!, this.queryShape]); // [B, T, heads, D]
-      let k4 = g.op("Reshape", [k!, this.kvShape]);
-      if (f.qkNorm !== "none") {
-        q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
-        k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
-      }
-      if (f.rope && !this.attentionRotates) {
-        q4 = this.applyRotary(q4);
-        k4 = this.applyRotary(k4);
-      }
-      const flat = (x: string, width: number) => g.op("Reshape", [x, g.int64([0, 0, width])]);
-      y = this.slots
-        ? this.slotAttention(l, q4, k4, g.op("Reshape", [v!, this.kvShape]), pastKey, pastValue, scale)
-        : this.scoring
-          ? this.chunkedAttention(
-              [flat(q4, queryHeads * D), flat(k4, kvHeads * D), this.unflatten(v!, kvHeads * D)],
-              scale,
-            )
-          : this.fusedAttention(l, q4, k4, v!, pastKey, pastValue, scale);
+    const [q, k, v] = g.opN(
+      "Split",
+      [g.op("Gemm", [h, qkv, qkvBias], { transB: 1 }), g.int64([queryHeads * D, kvHeads * D, kvHeads * D])],
+      3,
+      { axis: 1 },
+    );
+    let q4 = g.op("Reshape", [q!, this.queryShape]); // [B, T, heads, D]
+    let k4 = g.op("Reshape", [k!, this.kvShape]);
+    if (f.qkNorm !== "none") {
+      q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
+      k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
     }
+    if (f.rope && !this.attentionRotates) {
+      q4 = this.applyRotary(q4);
+      k4 = this.applyRotary(k4);
+    }
+    const scale = f.attentionScale ?? 1 / Math.sqrt(D);
+    let y = this.slots
+      ? this.slotAttention(l, q4, k4, g.op("Reshape", [v!, this.kvShape]), pastKey, pastValue, scale)
+      : this.scoring
+        ? this.chunkedAttention(q4, k4, v!, scale)
+        : this.fusedAttention(l, q4, k4, v!, pastKey, pastValue, scale);
 
     // every expert's o_proj side by side, columns in graph head order: one Gemm
     const o = this.derived(`${at}.o.weight`, [H, queryHeads * D], async () => {
@@ -576,15 +567,16 @@ class Builder {
 
   /**
    * Causal attention of a scoring graph (batch 1, T a multiple of
-   * SCORE_CHUNKS) on `qkv`: q, k, v [B, T, heads x D] apart, or the three
-   * packed in one [B, T, (heads + 2 kvHeads) x D], by GroupQueryAttention over
-   * SCORE_CHUNKS query chunks: chunk i gets the keys of chunks 0..i as the
-   * previous call's cache plus its own (the causal mask and the sliding window
-   * are GroupQueryAttention's own). Returns [N, heads, D].
+   * SCORE_CHUNKS) on q, k [B, T, heads, D] and v [N, kvHeads x D], by
+   * GroupQueryAttention over SCORE_CHUNKS query chunks: chunk i gets the keys
+   * of chunks 0..i as the previous call's cache plus its own (the causal mask
+   * and the sliding window are GroupQueryAttention's own). Returns [N, heads, D].
    */
-  private chunkedAttention(qkv: [string] | [string, string, string], scale: number): string {
+  private chunkedAttention(q: string, k: string, v: string, scale: number): string {
     const g = this.g;
     const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
+    const flat = (x: string, width: number) => g.op("Reshape", [x, g.int64([0, 0, width])]);
+    const [q3, k3, v3] = [flat(q, queryHeads * D), flat(k, kvHeads * D), this.unflatten(v, kvHeads * D)];
     const chunk = g.op("Div", [this.tokens, g.int64([SCORE_CHUNKS])]); // [1]
     // onnxruntime 1.30's window of W keeps the keys at q - k < W, as transformers' sliding mask and our
     // bias do (test/onnx/score.test.ts compares the two graphs where the window bites)
@@ -605,8 +597,9 @@ class Builder {
       const [context, key, value] = g.contribOpN(
         "GroupQueryAttention",
         [
-          ...qkv.map(part),
-          ...(qkv.length === 1 ? ["", ""] : []), // packed: no separate key and value
+          part(q3),
+          part(k3),
+          part(v3),
           pastKey,
           pastValue,
           g.op("Cast", [g.op("Sub", [end, g.int64([1])])], { to: DataType.INT32 }), // [B = 1]: last key index
