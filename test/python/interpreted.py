@@ -37,3 +37,11 @@ def run_interpreted(test, body, cases):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     test.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
     return seed, json.loads(proc.stdout)
+
+
+def assert_as_close_as_torch(test, result):
+    """One output of a child's results: every element written, the torch path's dtype, and at most twice the
+    torch path's error against float64 plus one ulp (`ulp`) of the output."""
+    test.assertFalse(result["nan"], "an output element was never written")
+    test.assertEqual(result["dtype"], result["want_dtype"])
+    test.assertLessEqual(result["err"], 2 * result["torch_err"] + result["ulp"])

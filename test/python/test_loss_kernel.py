@@ -10,7 +10,7 @@ import sys
 import unittest
 
 import torch
-from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, run_interpreted
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, assert_as_close_as_torch, run_interpreted
 
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
@@ -56,10 +56,8 @@ class TestLossKernelInterpreted(unittest.TestCase):
         self.assertEqual(len(results), len(CASES) * 2)
         for r in results:
             with self.subTest(case=r["case"], seed=seed):
-                self.assertFalse(r["nan"], "an element was never written")
-                self.assertEqual(r["dtype"], r["want_dtype"])
+                assert_as_close_as_torch(self, r)
                 self.assertTrue(r["ignored_zero"], "an ignored row's gradient is not zero")
-                self.assertLessEqual(r["err"], 2 * r["torch_err"] + r["ulp"])
 
 
 @unittest.skipUnless(torch.cuda.is_available() and HAS_TRITON, "needs CUDA and triton")
