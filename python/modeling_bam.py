@@ -38,15 +38,16 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
-try:  # CUDA builds of torch ship Triton: the rope, RMSNorm and cross-entropy kernels
+try:  # CUDA builds of torch ship Triton: the rope, RMSNorm, SwiGLU and cross-entropy kernels
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds: all of them run as torch ops
     triton = None
 
-# The Triton kernels (rope, RMSNorm, the loss's cross-entropy) run eager on CUDA where Triton imports and
-# they apply; False: the torch ops (finetune.py --no-fused-kernels; bench_train's *-torch-* rows)
-FUSED = {"rope": True, "norm": True, "loss": True}
+# The Triton kernels (rope, RMSNorm, the experts' SwiGLU, the loss's cross-entropy) run eager on CUDA where
+# Triton imports and they apply; False: the torch ops (finetune.py --no-fused-kernels; bench_train's
+# *-torch-* rows)
+FUSED = {"rope": True, "norm": True, "swiglu": True, "loss": True}
 
 
 def kernel_takes(name, x):
@@ -584,6 +585,84 @@ class Expert(nn.Module):
         return self.down_proj(self.drop(h))
 
 
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(gu, out, n, I, BLOCK: tl.constexpr):
+        """out [R, I] = silu(gate) * up of gu [R, 2I] (gate | up side by side), rounded as the torch ops round:
+        silu(gate) to gu's dtype, then the product."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        r, c = i // I, i % I
+        g = tl.load(gu + r * 2 * I + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu + r * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        a = (g * tl.sigmoid(g)).to(gu.dtype.element_ty).to(tl.float32)
+        tl.store(out + i, (a * u).to(out.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(gu, dout, dgu, n, I, BLOCK: tl.constexpr):
+        """dgu [R, 2I] = (d gate | d up) of _swiglu_fwd_kernel for dout [R, I], rounded as silu_backward and the
+        product's backward round: d up = dout silu(gate), d gate = (dout up) silu'(gate)."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        r, c = i // I, i % I
+        g = tl.load(gu + r * 2 * I + c, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu + r * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(dout + i, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(g)
+        a = (g * s).to(gu.dtype.element_ty).to(tl.float32)
+        da = (d * u).to(gu.dtype.element_ty).to(tl.float32)
+        tl.store(dgu + r * 2 * I + c, (da * s * (1.0 + g * (1.0 - s))).to(dgu.dtype.element_ty), mask=m)
+        tl.store(dgu + r * 2 * I + I + c, (d * a).to(dgu.dtype.element_ty), mask=m)
+
+
+SWIGLU_BLOCK = 2048  # elements of out per program
+
+
+def _swiglu_triton_fwd(gu):
+    """silu(gate) * up of contiguous gu [R, 2I] in one kernel. -> [R, I] in gu's dtype"""
+    I = gu.shape[-1] // 2
+    out = torch.empty((*gu.shape[:-1], I), dtype=gu.dtype, device=gu.device)
+    n = out.numel()
+    _swiglu_fwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](gu, out, n, I, BLOCK=SWIGLU_BLOCK, num_warps=8)
+    return out
+
+
+def _swiglu_triton_bwd(gu, dout):
+    """The gradient of _swiglu_triton_fwd with respect to gu, [R, 2I], in one kernel."""
+    I = gu.shape[-1] // 2
+    dgu = torch.empty_like(gu)
+    n = dout.numel()
+    _swiglu_bwd_kernel[(triton.cdiv(n, SWIGLU_BLOCK),)](
+        gu, dout.contiguous(), dgu, n, I, BLOCK=SWIGLU_BLOCK, num_warps=8
+    )
+    return dgu
+
+
+class _SwigluFn(torch.autograd.Function):
+    """silu(gate) * up from the experts' side-by-side gate and up outputs: one kernel each way, reading gu
+    once and writing the [R, I] product forward and the [R, 2I] gradient backward; saves gu only."""
+
+    @staticmethod
+    def forward(ctx, gu):
+        ctx.save_for_backward(gu)
+        return _swiglu_triton_fwd(gu)
+
+    @staticmethod
+    def backward(ctx, dout):
+        (gu,) = ctx.saved_tensors
+        return _swiglu_triton_bwd(gu, dout)
+
+
+def gated_activation(gu, act):
+    """act(gate) * up of gu [..., 2I] (gate | up side by side): the SwiGLU kernel for silu (eager, CUDA,
+    contiguous), else the torch ops."""
+    if act is F.silu and kernel_takes("swiglu", gu) and gu.is_contiguous() and not _compiling():
+        return _SwigluFn.apply(gu)
+    g, u = gu.chunk(2, -1)
+    return act(g) * u
+
+
 class MoE(nn.Module):
     """Token-choice top-k MoE over E FFN experts (E == 1: a dense FFN, no router).
 
@@ -681,8 +760,7 @@ class MoE(nn.Module):
         es = self.experts
         with torch.autocast("cuda", enabled=False):
             if ex.gated:
-                g, u = gmm(buf, [e.gate_proj for e in es], [e.up_proj for e in es]).chunk(2, -1)
-                hid = ex.act(g) * u
+                hid = gated_activation(gmm(buf, [e.gate_proj for e in es], [e.up_proj for e in es]), ex.act)
             else:
                 hid = ex.act(gmm(buf, [e.up_proj for e in es]))
             out = gmm(ex.drop(hid), [e.down_proj for e in es])  # [rows, H]
