@@ -191,7 +191,7 @@ def parse_args(argv=None):
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on CUDA, rope and RMSNorm as one Triton kernel each way in eager blocks (compiled blocks use "
+        help="on CUDA, rope, RMSNorm and the experts' SwiGLU as one Triton kernel each way in eager blocks (compiled blocks use "
         "inductor's kernels), and the fused loss's cross-entropy as one kernel that writes its gradient over "
         "the logits (bench/train measures what each buys); --no-fused-kernels: the torch ops",
     )

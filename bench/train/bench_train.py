@@ -95,11 +95,13 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
     "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
     "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
+    "bam-torch-swiglu": dict(model="bam", impl="fused", torch_ops=("swiglu",)),
     "bam-torch-loss": dict(model="bam", impl="fused", torch_ops=("loss",)),
     "bam-heads-copied": dict(model="bam", impl="fused", heads_copied=True),
     "dense": dict(model="dense", impl="fused"),
     "btx": dict(model="btx", impl="fused"),
     "btx-logits": dict(model="btx", impl="fused", fused_loss=False),
+    "btx-torch-swiglu": dict(model="btx", impl="fused", torch_ops=("swiglu",)),
     "btx-torch-loss": dict(model="btx", impl="fused", torch_ops=("loss",)),
     # bf16 parameters, float32 master weights: FSDP2's mixed precision in a group of one (finetune.py
     # --fsdp on --fsdp-param-dtype bf16) instead of autocast's casts of every weight at every step
@@ -115,7 +117,7 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    # (no compile rows of loop, heads-copied, rope or norm torch-ops rows: compiled, those are inductor's own
+    # (no compile rows of loop, heads-copied, rope, norm or swiglu torch-ops rows: compiled, those are inductor's own
     # kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too)
     **{
         f"{name}-compile": dict(spec, compile=True)
@@ -370,7 +372,7 @@ def load_peer(path, spec, device):
 
 @contextlib.contextmanager
 def torch_ops(kernels):
-    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, loss), for one row."""
+    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, swiglu, loss), for one row."""
     for k in kernels:
         modeling_bam.FUSED[k] = False
     try:
@@ -488,6 +490,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_loss=fused_loss and "family" not in spec,
         fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
         fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
+        fused_swiglu="swiglu" not in spec.get("torch_ops", ()) and "family" not in spec,
         loss_kernel="loss" not in spec.get("torch_ops", ()) and fused_loss and "family" not in spec,
         heads_layout="copied" if spec.get("heads_copied") else "projections",
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
