@@ -50,11 +50,23 @@ except ImportError:  # CPU builds: all of them run as torch ops
 FUSED = {"rope": True, "norm": True, "swiglu": True, "loss": True}
 
 
+def _compiling():
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
 def kernel_takes(name, x):
     """Whether Triton kernel `name` of FUSED may run on x: switched on, Triton importable, x on CUDA, not
-    float64 (the torch ops keep float64 exact), not empty (a grid of no programs is no launch). Each
-    kernel adds its own layout conditions."""
-    return FUSED[name] and triton is not None and x.is_cuda and x.dtype != torch.float64 and x.numel() > 0
+    float64 (the torch ops keep float64 exact), not empty (a grid of no programs is no launch), not inside
+    torch.compile (inductor fuses the torch ops itself). Each kernel adds its own layout conditions."""
+    return (
+        FUSED[name]
+        and triton is not None
+        and x.is_cuda
+        and x.dtype != torch.float64
+        and x.numel() > 0
+        and not _compiling()
+    )
 
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # torch >= 2.9
@@ -246,7 +258,7 @@ class Norm(nn.Module):
     def fused(self, x):
         w = self.weight
         fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_FUSED_NORM_DIM
-        return kernel_takes("norm", x) and fits and w.dtype != torch.float64 and x.is_contiguous() and not _compiling()
+        return kernel_takes("norm", x) and fits and w.dtype != torch.float64 and x.is_contiguous()
 
 
 def stacked_norm(x, norms):
@@ -424,11 +436,6 @@ class _RopeFn(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         return _rope_any(grad, cos, sin, ctx.style, -1), None, None, None
-
-
-def _compiling():
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
 
 
 def apply_rope(x, cos, sin, style):
@@ -657,7 +664,7 @@ class _SwigluFn(torch.autograd.Function):
 def gated_activation(gu, act):
     """act(gate) * up of gu [..., 2I] (gate | up side by side): the SwiGLU kernel for silu (eager, CUDA,
     contiguous), else the torch ops."""
-    if act is F.silu and kernel_takes("swiglu", gu) and gu.is_contiguous() and not _compiling():
+    if act is F.silu and kernel_takes("swiglu", gu) and gu.is_contiguous():
         return _SwigluFn.apply(gu)
     g, u = gu.chunk(2, -1)
     return act(g) * u
@@ -863,7 +870,7 @@ def _cross_entropy_triton(z, labels, scale):
 def _cross_entropy_and_grad(z, labels, scale):
     """z [rows, V] logits, labels [rows] (-100: ignored) -> (summed cross-entropy of scale * z in float32, its
     gradient with respect to z in z's dtype). The kernel writes the gradient over z; the torch ops in float32."""
-    if kernel_takes("loss", z) and z.is_contiguous() and not _compiling():
+    if kernel_takes("loss", z) and z.is_contiguous():
         return _cross_entropy_triton(z, labels.contiguous(), scale).sum(), z
     z = z.float() * scale if scale != 1.0 else z.float()
     valid = labels != -100
