@@ -821,6 +821,11 @@ def chunk_rows(vocab):
     return max(1, CHUNK_LOGITS // vocab)
 
 
+def _float_logits(z, scale):
+    """Logits z in float32, times the model's logit scale."""
+    return z.float() * scale if scale != 1.0 else z.float()
+
+
 def _logit_chunks(h, w, b):
     """(rows, hc, z) for each chunk of h [N, H]: its row slice, its hidden states in w's dtype and its logits
     hc @ w^T + b in w's dtype, so no more than chunk_rows of them are in memory at once."""
@@ -872,7 +877,7 @@ def _cross_entropy_and_grad(z, labels, scale):
     gradient with respect to z in z's dtype). The kernel writes the gradient over z; the torch ops in float32."""
     if kernel_takes("loss", z) and z.is_contiguous():
         return _cross_entropy_triton(z, labels.contiguous(), scale).sum(), z
-    z = z.float() * scale if scale != 1.0 else z.float()
+    z = _float_logits(z, scale)
     valid = labels != -100
     target = labels.clamp(min=0)[:, None]
     lse = torch.logsumexp(z, -1)
@@ -938,8 +943,7 @@ def linear_cross_entropy(h, weight, bias, labels, scale=None):
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for rows, _, z in _logit_chunks(h, w, b):
-            z = z.float() * scale if scale != 1.0 else z.float()
-            total += F.cross_entropy(z, labels[rows], ignore_index=-100, reduction="sum")
+            total += F.cross_entropy(_float_logits(z, scale), labels[rows], ignore_index=-100, reduction="sum")
         return total
 
 
