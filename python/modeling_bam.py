@@ -595,14 +595,21 @@ class Expert(nn.Module):
 if triton is not None:
 
     @triton.jit
-    def _swiglu_fwd_kernel(gu, out, n, I, BLOCK: tl.constexpr):
-        """out [R, I] = silu(gate) * up of gu [R, 2I] (gate | up side by side), rounded as the torch ops round:
-        silu(gate) to gu's dtype, then the product."""
+    def _swiglu_block(gu, n, I, BLOCK: tl.constexpr):
+        """This program's BLOCK elements i of the [R, I] product (mask m), their gate and up offsets in gu
+        [R, 2I] (gate | up side by side) and values in float32. -> (i, m, gate offset, g, u)"""
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
-        r, c = i // I, i % I
-        g = tl.load(gu + r * 2 * I + c, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu + r * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        at = i // I * 2 * I + i % I
+        g = tl.load(gu + at, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu + at + I, mask=m, other=0.0).to(tl.float32)
+        return i, m, at, g, u
+
+    @triton.jit
+    def _swiglu_fwd_kernel(gu, out, n, I, BLOCK: tl.constexpr):
+        """out [R, I] = silu(gate) * up of gu [R, 2I], rounded as the torch ops round: silu(gate) to gu's
+        dtype, then the product."""
+        i, m, at, g, u = _swiglu_block(gu, n, I, BLOCK)
         a = (g * tl.sigmoid(g)).to(gu.dtype.element_ty).to(tl.float32)
         tl.store(out + i, (a * u).to(out.dtype.element_ty), mask=m)
 
@@ -610,17 +617,13 @@ if triton is not None:
     def _swiglu_bwd_kernel(gu, dout, dgu, n, I, BLOCK: tl.constexpr):
         """dgu [R, 2I] = (d gate | d up) of _swiglu_fwd_kernel for dout [R, I], rounded as silu_backward and the
         product's backward round: d up = dout silu(gate), d gate = (dout up) silu'(gate)."""
-        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        m = i < n
-        r, c = i // I, i % I
-        g = tl.load(gu + r * 2 * I + c, mask=m, other=0.0).to(tl.float32)
-        u = tl.load(gu + r * 2 * I + I + c, mask=m, other=0.0).to(tl.float32)
+        i, m, at, g, u = _swiglu_block(gu, n, I, BLOCK)
         d = tl.load(dout + i, mask=m, other=0.0).to(tl.float32)
         s = tl.sigmoid(g)
         a = (g * s).to(gu.dtype.element_ty).to(tl.float32)
         da = (d * u).to(gu.dtype.element_ty).to(tl.float32)
-        tl.store(dgu + r * 2 * I + c, (da * s * (1.0 + g * (1.0 - s))).to(dgu.dtype.element_ty), mask=m)
-        tl.store(dgu + r * 2 * I + I + c, (d * a).to(dgu.dtype.element_ty), mask=m)
+        tl.store(dgu + at, (da * s * (1.0 + g * (1.0 - s))).to(dgu.dtype.element_ty), mask=m)
+        tl.store(dgu + at + I, (d * a).to(dgu.dtype.element_ty), mask=m)
 
 
 SWIGLU_BLOCK = 2048  # elements of out per program
