@@ -24,6 +24,7 @@ import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { CLI, folderBytes } from "../../test/reliability/synth.js";
 import { measuredTree, machineInfo, argOption } from "../provenance.js";
+import { median } from "../stats.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "../upcycle/synthetic.js";
 
 const args = process.argv.slice(2);
@@ -38,8 +39,6 @@ const sizes = argOption("--sizes", "small,1b").split(",");
 for (const size of sizes) if (!(size in SHAPES)) throw new Error(`--sizes: unknown size "${size}" (small, 1b)`);
 if (!existsSync(mergekit))
   throw new Error(`${mergekit}: not found; install the peer as this file's header says, or pass --mergekit`);
-
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 
 interface Run {
   seconds: number;

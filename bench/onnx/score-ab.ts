@@ -6,6 +6,7 @@
  * this one's. Not a test: `npm run build && node dist/bench/onnx/score-ab.js A/onnx/score.onnx B/onnx/score.onnx`.
  */
 import { OnnxSession } from "../../src/onnx/session.js";
+import { median } from "../stats.js";
 
 const files = process.argv.slice(2);
 const sessions = await Promise.all(files.map((file) => OnnxSession.open(file)));
@@ -18,9 +19,7 @@ for (let round = 0; round < 14; round++)
     times[i]!.push(performance.now() - start);
   }
 for (const [i, file] of files.entries()) {
-  const sorted = times[i]!.slice(2).sort((a, b) => a - b);
-  console.log(
-    `${file}: median ${sorted[sorted.length >> 1]!.toFixed(1)} ms, min ${sorted[0]!.toFixed(1)} ms per window`,
-  );
+  const kept = times[i]!.slice(2);
+  console.log(`${file}: median ${median(kept).toFixed(1)} ms, min ${Math.min(...kept).toFixed(1)} ms per window`);
 }
 await Promise.all(sessions.map((session) => session.close()));

@@ -6,6 +6,7 @@
  */
 import { cpus } from "node:os";
 import * as ort from "onnxruntime-node";
+import { median } from "../stats.js";
 
 const [file, ...counts] = process.argv.slice(2);
 if (file === undefined) throw new Error("usage: threads.js SCORE.onnx THREADS...");
@@ -43,8 +44,8 @@ for (let round = 0; round < 12; round++)
   }
 console.log(`cpus ${cpus().length}`);
 for (const [i, c] of configs.entries()) {
-  const sorted = times[i]!.slice(2).sort((a, b) => a - b);
+  const kept = times[i]!.slice(2);
   console.log(
-    `threads ${c.threads} spinning ${c.spin}: median ${sorted[sorted.length >> 1]!.toFixed(1)} ms, min ${sorted[0]!.toFixed(1)} ms per 512-token window`,
+    `threads ${c.threads} spinning ${c.spin}: median ${median(kept).toFixed(1)} ms, min ${Math.min(...kept).toFixed(1)} ms per 512-token window`,
   );
 }

@@ -17,6 +17,7 @@ import { parseArgs } from "node:util";
 import { BATCHES_IN_FLIGHT, EARLY_BATCHES_IN_FLIGHT, WRITE_BATCH_BYTES } from "../../src/safetensors/index.js";
 import { CLI, folderBytes, type LlamaSeed, RSS_PROBE, writeSeed } from "../../test/reliability/synth.js";
 import { measuredTree, machineInfo } from "../provenance.js";
+import { median } from "../stats.js";
 
 const { values } = parseArgs({
   options: { work: { type: "string", default: "/tmp/bam-rss" }, repeats: { type: "string", default: "3" } },
@@ -48,7 +49,6 @@ interface SizeResult {
 const tree = measuredTree();
 const loadBefore = loadavg();
 
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 const mib = (bytes: number) => (bytes / 2 ** 20).toFixed(0);
 const results: Record<string, SizeResult> = {};
 for (const [name, shape] of Object.entries(SIZES)) {

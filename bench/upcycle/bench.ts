@@ -28,6 +28,7 @@ import { loadavg } from "node:os";
 import { join, resolve } from "node:path";
 import { CLI, folderBytes, RSS_PROBE } from "../../test/reliability/synth.js";
 import { measuredTree, machineInfo, argOption } from "../provenance.js";
+import { median } from "../stats.js";
 import { HASH_THREADS } from "../../src/upcycle/hash-seeds.js";
 import { ONE_BILLION, writeLlamaSeed, type LlamaShape } from "./synthetic.js";
 
@@ -38,7 +39,6 @@ const shape: LlamaShape = args.includes("--small")
   ? { layers: 4, hidden: 1024, intermediate: 2816, heads: 16, kvHeads: 16, vocab: 32000 }
   : ONE_BILLION;
 
-const median = (values: number[]) => [...values].sort((a, b) => a - b)[Math.floor(values.length / 2)]!;
 const min = (values: number[]) => Math.min(...values);
 const ratioOf = (values: number[], baseline: number[]) => ({
   median: median(values) / median(baseline),
