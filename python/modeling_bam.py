@@ -38,16 +38,16 @@ try:
 except ImportError:  # imported as a top-level module (tests, scripts)
     from configuration_bam import BamConfig
 
-try:  # CUDA builds of torch ship Triton: the rope, RMSNorm, SwiGLU and cross-entropy kernels
+try:  # CUDA builds of torch ship Triton: the rope, RMSNorm, gate, SwiGLU and cross-entropy kernels
     import triton
     import triton.language as tl
 except ImportError:  # CPU builds: all of them run as torch ops
     triton = None
 
-# The Triton kernels (rope, RMSNorm, the experts' SwiGLU, the loss's cross-entropy) run eager on CUDA where
-# Triton imports and they apply; False: the torch ops (finetune.py --no-fused-kernels; bench_train's
-# *-torch-* rows)
-FUSED = {"rope": True, "norm": True, "swiglu": True, "loss": True}
+# The Triton kernels (rope, RMSNorm, the attention experts' gate weighting, the experts' SwiGLU, the loss's
+# cross-entropy) run eager on CUDA where Triton imports and they apply; False: the torch ops
+# (finetune.py --no-fused-kernels; bench_train's *-torch-* rows)
+FUSED = {"rope": True, "norm": True, "gate": True, "swiglu": True, "loss": True}
 
 
 def _compiling():
@@ -184,9 +184,10 @@ if triton is not None:
         tl.store(dw_part + pid * D + d, tl.sum(acc, axis=0)[None, :], mask=d < D)
 
 
-def _rms_blocks(D):
-    """(BLOCK_D, BLOCK_R): a power-of-two row width and about 4K elements per block of rows (8 warps: 16 to
-    32 float32 values per thread for each of the backward's five arrays, well within the registers)."""
+def _row_blocks(D):
+    """(BLOCK_D, BLOCK_R) of the row kernels (RMSNorm, the gate weighting): a power-of-two row width and about
+    4K elements per block of rows (8 warps: 16 to 32 float32 values per thread for each of the norm backward's
+    five arrays, well within the registers)."""
     block_d = triton.next_power_of_2(D)
     return block_d, max(1, 4096 // block_d)
 
@@ -198,7 +199,7 @@ def _rms_norm_triton_fwd(x, w, eps, unit_offset):
     dtype = x.dtype if unit_offset else torch.promote_types(w.dtype, x.dtype)
     out = torch.empty(x.shape, dtype=dtype, device=x.device)
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-    block_d, block_r = _rms_blocks(D)
+    block_d, block_r = _row_blocks(D)
     _rms_norm_fwd_kernel[(triton.cdiv(R, block_r),)](
         x, w, out, rstd, R, D, eps, OFFSET=unit_offset, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8
     )
@@ -209,7 +210,7 @@ def _rms_norm_triton_bwd(x, w, rstd, dy, unit_offset):
     """Gradients of _rms_norm_triton_fwd. -> (dx in x's dtype, dw in w's dtype)"""
     D = x.shape[-1]
     R = x.numel() // D
-    block_d, block_r = _rms_blocks(D)
+    block_d, block_r = _row_blocks(D)
     blocks = 8  # blocks of rows per program: fewer partial weight gradients to sum
     programs = triton.cdiv(R, block_r * blocks)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -238,7 +239,7 @@ class _RmsNormFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
-MAX_FUSED_NORM_DIM = 8192  # a row is one block of registers (_rms_blocks)
+MAX_FUSED_NORM_DIM = 8192  # a row is one block of registers (_row_blocks)
 
 
 class Norm(nn.Module):
@@ -504,6 +505,80 @@ def attend(q, k, v, mask, causal, scale):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _gate_fwd_kernel(y, g, out, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out = y * g of BLOCK_R rows of y [R, C] and g [R] float32, g rounded to y's dtype first (as the torch
+        ops' g.to(y.dtype))."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        c = tl.arange(0, BLOCK_C)[None, :]
+        m = (r < R) & (c < C)
+        gv = tl.load(g + r, mask=r < R, other=0.0).to(y.dtype.element_ty).to(tl.float32)
+        yv = tl.load(y + r * C + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(out + r * C + c, (yv * gv).to(out.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _gate_bwd_kernel(y, g, dout, dy, dg, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The gradients of _gate_fwd_kernel in one pass: dy = dout * g, dg = sum over C of dout * y in float32
+        (the torch ops round each product to y's dtype before the sum)."""
+        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+        c = tl.arange(0, BLOCK_C)[None, :]
+        m = (r < R) & (c < C)
+        gv = tl.load(g + r, mask=r < R, other=0.0).to(y.dtype.element_ty).to(tl.float32)
+        yv = tl.load(y + r * C + c, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(dout + r * C + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(dy + r * C + c, (d * gv).to(dy.dtype.element_ty), mask=m)
+        tl.store(dg + r, tl.sum(d * yv, axis=1)[:, None], mask=r < R)
+
+
+def _gate_triton_fwd(y, g):
+    """y [..., E, C] * g [..., E] (float32) of contiguous y and g in one kernel. -> y's shape and dtype"""
+    C = y.shape[-1]
+    R = g.numel()
+    out = torch.empty_like(y)
+    block_c, block_r = _row_blocks(C)
+    _gate_fwd_kernel[(triton.cdiv(R, block_r),)](y, g, out, R, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+    return out
+
+
+def _gate_triton_bwd(y, g, dout):
+    """The gradients of _gate_triton_fwd. -> (dy in y's dtype, dg float32 in g's shape)"""
+    C = y.shape[-1]
+    R = g.numel()
+    dy = torch.empty_like(y)
+    dg = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    block_c, block_r = _row_blocks(C)
+    _gate_bwd_kernel[(triton.cdiv(R, block_r),)](
+        y, g, dout.contiguous(), dy, dg, R, C, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8
+    )
+    return dy, dg
+
+
+class _GateFn(torch.autograd.Function):
+    """The attention experts' outputs weighted by their gates: one kernel each way, where the torch ops take a
+    broadcast product forward and two products and a sum backward. Saves y (SDPA keeps it anyway) and g."""
+
+    @staticmethod
+    def forward(ctx, y, g):
+        ctx.save_for_backward(y, g)
+        return _gate_triton_fwd(y, g)
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, g = ctx.saved_tensors
+        return _gate_triton_bwd(y, g, dout)
+
+
+def weigh_by_gate(y, g):
+    """y [..., E, C] weighted by g [..., E] float32 (g rounded to y's dtype): the gate kernel (eager, CUDA,
+    contiguous, rows up to MAX_FUSED_NORM_DIM wide), else the torch ops."""
+    fits = g.dtype == torch.float32 and y.shape[:-1] == g.shape and y.shape[-1] <= MAX_FUSED_NORM_DIM
+    if kernel_takes("gate", y) and fits and y.is_contiguous() and g.is_contiguous():
+        return _GateFn.apply(y, g)
+    return y * g[..., None].to(y.dtype)
+
+
 class Attention(nn.Module):
     """Soft mixture of attention experts ("moa", "shared-kv") or one attention ("merged").
 
@@ -563,7 +638,7 @@ class Attention(nn.Module):
         if self.router is not None:
             logits = self.router(h)  # [B, T, E]
             g = logits.softmax(-1)
-            y = y * g[..., None].to(y.dtype)
+            y = weigh_by_gate(y, g)
         out = F.linear(y.reshape(B, T, Eq * nh * D), cat_weights([m.o_proj.weight for m in qs], 1))
         if c.attn_out_bias:
             bo = torch.stack([m.o_proj.bias for m in qs])  # [Eq, H]

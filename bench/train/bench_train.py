@@ -23,8 +23,9 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   bam-compile    the same with torch.compile on every block (as finetune.py --compile)
   bam-logits     bam with the head's [tokens, vocab] logits, then cross-entropy (finetune.py --no-fused-loss):
                  the baseline of the fused loss every other row of ours trains with (also btx-logits)
-  bam-torch-rope, bam-torch-norm, bam-torch-kernels   bam with rope, RMSNorm or both as torch ops instead
-                 of modeling_bam's Triton kernels (finetune.py --no-fused-kernels: both); eager only
+  bam-torch-rope, bam-torch-norm, bam-torch-kernels, bam-torch-gate, bam-torch-swiglu   bam with rope, RMSNorm,
+                 both, the attention gate weighting or the experts' SwiGLU as torch ops instead
+                 of modeling_bam's Triton kernels (finetune.py --no-fused-kernels: all); eager only
   bam-heads-copied   bam with rope's output in the [B, heads, T, D] layout (rope_layout as before 2cab35c:
                  the heads' copies forward and backward that the projections' layout avoids)
   bam-loop       the same weights, experts run one at a time (bench/train/loop_experts.py: per-expert
@@ -95,6 +96,7 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
     "bam-torch-rope": dict(model="bam", impl="fused", torch_ops=("rope",)),
     "bam-torch-norm": dict(model="bam", impl="fused", torch_ops=("norm",)),
     "bam-torch-kernels": dict(model="bam", impl="fused", torch_ops=("rope", "norm")),
+    "bam-torch-gate": dict(model="bam", impl="fused", torch_ops=("gate",)),
     "bam-torch-swiglu": dict(model="bam", impl="fused", torch_ops=("swiglu",)),
     "bam-torch-loss": dict(model="bam", impl="fused", torch_ops=("loss",)),
     "bam-heads-copied": dict(model="bam", impl="fused", heads_copied=True),
@@ -117,8 +119,8 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    # (no compile rows of loop, heads-copied, rope, norm or swiglu torch-ops rows: compiled, those are inductor's own
-    # kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too)
+    # (no compile rows of loop, heads-copied, rope, norm, gate or swiglu torch-ops rows: compiled, those are
+    # inductor's own kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too)
     **{
         f"{name}-compile": dict(spec, compile=True)
         for name, spec in ROWS.items()
@@ -372,7 +374,7 @@ def load_peer(path, spec, device):
 
 @contextlib.contextmanager
 def torch_ops(kernels):
-    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, swiglu, loss), for one row."""
+    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, gate, swiglu, loss), for one row."""
     for k in kernels:
         modeling_bam.FUSED[k] = False
     try:
@@ -490,6 +492,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_loss=fused_loss and "family" not in spec,
         fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
         fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
+        fused_gate="gate" not in spec.get("torch_ops", ()) and "family" not in spec,
         fused_swiglu="swiglu" not in spec.get("torch_ops", ()) and "family" not in spec,
         loss_kernel="loss" not in spec.get("torch_ops", ()) and fused_loss and "family" not in spec,
         heads_layout="copied" if spec.get("heads_copied") else "projections",
@@ -699,8 +702,11 @@ def main(argv=None):
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
-    pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels")]  # the Triton kernels (eager only)
+    pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels", "gate")]  # the Triton kernels (eager only)
     pairs += [("bam", "bam-heads-copied")]  # rope_layout
+    pairs += [
+        (f"{m}{c}", f"{m}-torch-{k}{c}") for m in ("bam", "btx") for k in ("swiglu", "loss") for c in ("", "-compile")
+    ]
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
