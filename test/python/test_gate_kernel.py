@@ -10,7 +10,7 @@ import sys
 import unittest
 
 import torch
-from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, assert_as_close_as_torch, run_interpreted
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, check_interpreted
 
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
@@ -46,10 +46,7 @@ for shape, C, dt in CASES:
     out = mb._gate_triton_fwd(y, gate)
     dy, dg = mb._gate_triton_bwd(y, gate, dout)
     for name, k, t, r in zip(("out", "dy", "dg"), (out, dy, dg), mine, ref):
-        results.append(dict(case=[shape, C, dt, name], dtype=str(k.dtype), want_dtype=str(t.dtype),
-                            nan=bool(k.isnan().any()), err=(k.double() - r).abs().max().item(),
-                            torch_err=(t.double() - r).abs().max().item(),
-                            ulp=torch.finfo(k.dtype).eps * r.abs().max().item()))
+        results.append(compared([shape, C, dt, name], k, t, r, torch.finfo(k.dtype).eps * r.abs().max().item()))
 print(json.dumps(results))
 """
 
@@ -57,11 +54,7 @@ print(json.dumps(results))
 @unittest.skipUnless(HAS_TRITON or REQUIRED, "needs triton (requirements-dev.txt)")
 class TestGateKernelInterpreted(unittest.TestCase):
     def test_kernels_are_as_close_as_the_torch_ops(self):
-        seed, results = run_interpreted(self, CHILD, CASES)
-        self.assertEqual(len(results), len(CASES) * 3)
-        for r in results:
-            with self.subTest(case=r["case"], seed=seed):
-                assert_as_close_as_torch(self, r)
+        check_interpreted(self, CHILD, CASES, 3)
 
 
 @unittest.skipUnless(torch.cuda.is_available() and HAS_TRITON, "needs CUDA and triton")

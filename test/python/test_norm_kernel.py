@@ -11,7 +11,7 @@ import sys
 import unittest
 
 import torch
-from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, assert_as_close_as_torch, run_interpreted
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, check_interpreted
 
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
@@ -57,9 +57,7 @@ for rows, D, xd, wd, offset in CASES:
     rounding = dict(y=(n * w.double().abs()).max().item(), dx=0.0, dw=(n * dy.double().abs()).sum((0, 1)).max().item())
     for name, k, t, r in zip(("y", "dx", "dw"), (y, dx, dw), mine, ref):
         ulp = max(torch.finfo(k.dtype).eps * r.abs().max().item(), rounding[name])
-        results.append(dict(case=[rows, D, xd, wd, offset, name], dtype=str(k.dtype), want_dtype=str(t.dtype),
-                            nan=bool(k.isnan().any()), err=(k.double() - r).abs().max().item(),
-                            torch_err=(t.double() - r).abs().max().item(), ulp=ulp))
+        results.append(compared([rows, D, xd, wd, offset, name], k, t, r, ulp))
 print(json.dumps(results))
 """
 
@@ -67,11 +65,7 @@ print(json.dumps(results))
 @unittest.skipUnless(HAS_TRITON or REQUIRED, "needs triton (requirements-dev.txt)")
 class TestNormKernelInterpreted(unittest.TestCase):
     def test_kernels_are_as_close_as_the_torch_ops(self):
-        seed, results = run_interpreted(self, CHILD, CASES)
-        self.assertEqual(len(results), len(CASES) * 3)
-        for r in results:
-            with self.subTest(case=r["case"], seed=seed):
-                assert_as_close_as_torch(self, r)
+        check_interpreted(self, CHILD, CASES, 3)
 
 
 @unittest.skipUnless(torch.cuda.is_available() and HAS_TRITON, "needs CUDA and triton")

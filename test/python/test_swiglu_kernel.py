@@ -10,7 +10,7 @@ import unittest
 
 import torch
 import torch.nn.functional as F
-from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, assert_as_close_as_torch, run_interpreted
+from interpreted import HAS_TRITON, PYTHON_DIR, REQUIRED, check_interpreted
 
 sys.path.insert(0, PYTHON_DIR)
 import modeling_bam as mb  # noqa: E402
@@ -48,10 +48,7 @@ for rows, I, dt in CASES:
     y = mb._swiglu_triton_fwd(gu)
     dgu = mb._swiglu_triton_bwd(gu, dout)
     for name, k, t, r in zip(("y", "dgu"), (y, dgu), mine, ref):
-        results.append(dict(case=[rows, I, dt, name], dtype=str(k.dtype), want_dtype=str(t.dtype),
-                            nan=bool(k.isnan().any()), err=(k.double() - r).abs().max().item(),
-                            torch_err=(t.double() - r).abs().max().item(),
-                            ulp=2 * torch.finfo(k.dtype).eps * r.abs().max().item()))
+        results.append(compared([rows, I, dt, name], k, t, r, 2 * torch.finfo(k.dtype).eps * r.abs().max().item()))
 print(json.dumps(results))
 """
 
@@ -59,11 +56,7 @@ print(json.dumps(results))
 @unittest.skipUnless(HAS_TRITON or REQUIRED, "needs triton (requirements-dev.txt)")
 class TestSwigluKernelInterpreted(unittest.TestCase):
     def test_kernels_are_as_close_as_the_torch_ops(self):
-        seed, results = run_interpreted(self, CHILD, CASES)
-        self.assertEqual(len(results), len(CASES) * 2)
-        for r in results:
-            with self.subTest(case=r["case"], seed=seed):
-                assert_as_close_as_torch(self, r)
+        check_interpreted(self, CHILD, CASES, 2)
 
 
 @unittest.skipUnless(torch.cuda.is_available() and HAS_TRITON, "needs CUDA and triton")
