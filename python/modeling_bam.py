@@ -446,7 +446,7 @@ class _RopeFn(torch.autograd.Function):
 
 def apply_rope(x, cos, sin, style):
     """x [B, heads, T, D]: rotate the first rotary_dim dims (in float32), pass the rest."""
-    if not _compiling() or "rope" in COMPILED_KERNELS:
+    if not _compiling():
         return _RopeFn.apply(x, cos, sin, style)
     r = cos.shape[-1]  # under torch.compile: the plain formula, which inductor fuses into one kernel
     xr = hi(x[..., :r])

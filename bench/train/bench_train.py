@@ -41,8 +41,6 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
   any row + "-compile" (but bam-loop): with torch.compile on every decoder block
   bam-cudagraphs, btx-cudagraphs   compiled with mode="reduce-overhead" (CUDA graphs; finetune.py
                  --compile-mode reduce-overhead)
-  bam-compile-rope-kernel, btx-compile-rope-kernel   compiled with rope's Triton kernel traced into the graph
-                 (modeling_bam.COMPILED_KERNELS) instead of inductor's fusion of the torch ops
   bam-fsdp-bf16, btx-fsdp-bf16 (and -compile)   bf16 parameters with float32 master weights: FSDP2's mixed
                  precision in a process group of one (finetune.py --fsdp on --fsdp-param-dtype bf16)
 --rows takes names and shell patterns ('hf-mixtral-*'). A row that fails (or runs out of memory at every
@@ -131,12 +129,6 @@ ROWS = {
         if spec["impl"] != "loop"
         and set(spec.get("torch_ops", ())) <= {"loss", "swiglu"}
         and "heads_copied" not in spec
-    },
-    # rope's Triton kernel traced into the compiled graph (modeling_bam.COMPILED_KERNELS) instead of inductor's
-    # fusion of the torch ops
-    **{
-        f"{name}-compile-rope-kernel": dict(ROWS[name], compile=True, compiled_kernels=("rope",))
-        for name in ("bam", "btx")
     },
     # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
     **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
@@ -397,17 +389,6 @@ def torch_ops(kernels):
 
 
 @contextlib.contextmanager
-def compiled_kernels(kernels):
-    """modeling_bam's Triton kernels `kernels` traced into torch.compile's graph too, for one row."""
-    added = set(kernels) - modeling_bam.COMPILED_KERNELS
-    modeling_bam.COMPILED_KERNELS.update(added)
-    try:
-        yield
-    finally:
-        modeling_bam.COMPILED_KERNELS.difference_update(added)
-
-
-@contextlib.contextmanager
 def heads_copied():
     """Rope's output contiguous in [B, heads, T, D] (modeling_bam.rope_layout's alternative), for one row."""
     layout = modeling_bam.rope_layout
@@ -424,7 +405,6 @@ def run_row(name, spec, path, args, ctx, amp, shared):
         if spec["impl"] == "loop":
             stack.enter_context(loop_experts())
         stack.enter_context(torch_ops(spec.get("torch_ops", ())))
-        stack.enter_context(compiled_kernels(spec.get("compiled_kernels", ())))
         if spec.get("heads_copied"):
             stack.enter_context(heads_copied())
         return run_row_impl(name, spec, path, args, ctx, amp, shared)
@@ -520,7 +500,6 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         fused_swiglu="swiglu" not in spec.get("torch_ops", ()) and "family" not in spec,
         loss_kernel="loss" not in spec.get("torch_ops", ()) and fused_loss and "family" not in spec,
         heads_layout="copied" if spec.get("heads_copied") else "projections",
-        compiled_kernels=sorted(modeling_bam.COMPILED_KERNELS) if spec["compile"] and "family" not in spec else None,
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
         micro_batch=chosen,
@@ -734,7 +713,6 @@ def main(argv=None):
     ]
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
-    pairs += [(f"{m}-compile-rope-kernel", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
     for a, b in pairs:
         if a in got and b in got:
