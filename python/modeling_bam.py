@@ -48,10 +48,6 @@ except ImportError:  # CPU builds: all of them run as torch ops
 # cross-entropy) run eager on CUDA where Triton imports and they apply; False: the torch ops
 # (finetune.py --no-fused-kernels; bench_train's *-torch-* rows)
 FUSED = {"rope": True, "norm": True, "gate": True, "swiglu": True, "loss": True}
-# The kernels torch.compile traces into its graph instead of fusing the torch ops: inductor's SwiGLU backward
-# reads the gate, up and gradient twice to write its two halves (half the bandwidth of its forward in
-# bench/results/train/peer-mixtral-2x/run2/profile_btx-compile.txt), where the kernel reads each once
-COMPILED_KERNELS = {"swiglu"}
 
 
 def _compiling():
@@ -62,15 +58,14 @@ def _compiling():
 def kernel_takes(name, x):
     """Whether Triton kernel `name` of FUSED may run on x: switched on, Triton importable, x on CUDA, not
     float64 (the torch ops keep float64 exact), not empty (a grid of no programs is no launch), not inside
-    torch.compile unless COMPILED_KERNELS has it (inductor fuses the torch ops itself). Each kernel adds its own
-    layout conditions."""
+    torch.compile (inductor fuses the torch ops itself). Each kernel adds its own layout conditions."""
     return (
         FUSED[name]
         and triton is not None
         and x.is_cuda
         and x.dtype != torch.float64
         and x.numel() > 0
-        and (name in COMPILED_KERNELS or not _compiling())
+        and not _compiling()
     )
 
 

@@ -25,8 +25,7 @@ scripts/finetune.py: bf16 autocast, fused AdamW, grad clipping, the model's own 
                  the baseline of the fused loss every other row of ours trains with (also btx-logits)
   bam-torch-rope, bam-torch-norm, bam-torch-kernels, bam-torch-gate, bam-torch-swiglu   bam with rope, RMSNorm,
                  both, the attention gate weighting or the experts' SwiGLU as torch ops instead
-                 of modeling_bam's Triton kernels (finetune.py --no-fused-kernels: all); eager only, but for
-                 the SwiGLU (its kernel runs compiled too: modeling_bam.COMPILED_KERNELS)
+                 of modeling_bam's Triton kernels (finetune.py --no-fused-kernels: all); eager only
   bam-heads-copied   bam with rope's output in the [B, heads, T, D] layout (rope_layout as before 2cab35c:
                  the heads' copies forward and backward that the projections' layout avoids)
   bam-loop       the same weights, experts run one at a time (bench/train/loop_experts.py: per-expert
@@ -120,15 +119,12 @@ ROWS = {  # model: the folder (write_folders); impl: how the experts run; family
 # in the order they run: the compile rows last (they take longest, and start from their eager row's micro-batch)
 ROWS = {
     **{name: dict(spec, compile=False) for name, spec in ROWS.items()},
-    # (no compile rows of loop, heads-copied, rope or norm torch-ops rows: compiled, those are inductor's own
-    # kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too, and torch.compile
-    # traces the SwiGLU kernel into its graph: modeling_bam.COMPILED_KERNELS)
+    # (no compile rows of loop, heads-copied, rope, norm, gate or swiglu torch-ops rows: compiled, those are
+    # inductor's own kernels; the loss runs after the compiled blocks, so its kernel serves compiled rows too)
     **{
         f"{name}-compile": dict(spec, compile=True)
         for name, spec in ROWS.items()
-        if spec["impl"] != "loop"
-        and set(spec.get("torch_ops", ())) <= {"loss", "swiglu"}
-        and "heads_copied" not in spec
+        if spec["impl"] != "loop" and set(spec.get("torch_ops", ())) <= {"loss"} and "heads_copied" not in spec
     },
     # CUDA graphs (finetune.py --compile-mode reduce-overhead): the host launches each block's kernels at once
     **{f"{name}-cudagraphs": dict(ROWS[name], compile=True, compile_mode="reduce-overhead") for name in ("bam", "btx")},
@@ -708,6 +704,9 @@ def main(argv=None):
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
     pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels", "gate")]  # the Triton kernels (eager only)
     pairs += [("bam", "bam-heads-copied")]  # rope_layout
+    pairs += [
+        (f"{m}{c}", f"{m}-torch-{k}{c}") for m in ("bam", "btx") for k in ("swiglu", "loss") for c in ("", "-compile")
+    ]
     pairs += [
         (f"{m}{c}", f"{m}-torch-{k}{c}") for m in ("bam", "btx") for k in ("swiglu", "loss") for c in ("", "-compile")
     ]
