@@ -74,8 +74,10 @@ class TestGateKernelCuda(unittest.TestCase):
         mb.FUSED["gate"] = True
         self.assertTrue(torch.equal(outs[True][0], outs[False][0]))  # the same roundings forward
         self.assertTrue(torch.equal(outs[True][1], outs[False][1]))
-        # dg: the kernel sums float32 products, the torch ops products rounded to bf16
-        torch.testing.assert_close(outs[True][2], outs[False][2], rtol=2e-2, atol=2e-2)
+        # the gate's gradient: the kernel sums float32 products, the torch ops sum products rounded to bf16 and
+        # round the sum to bf16 (the cast's gradient), so the kernel's must be the closer to float64's
+        ref = (dout.double() * y.double()).sum(-1)
+        self.assertLessEqual((outs[True][2] - ref).abs().max().item(), (outs[False][2] - ref).abs().max().item())
 
 
 if __name__ == "__main__":
