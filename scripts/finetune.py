@@ -191,9 +191,10 @@ def parse_args(argv=None):
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="on CUDA, rope, RMSNorm and the experts' SwiGLU as one Triton kernel each way in eager blocks (compiled blocks use "
-        "inductor's kernels), and the fused loss's cross-entropy as one kernel that writes its gradient over "
-        "the logits (bench/train measures what each buys); --no-fused-kernels: the torch ops",
+        help="on CUDA, rope, RMSNorm, the attention experts' gate weighting and the experts' SwiGLU as one Triton "
+        "kernel each way in eager blocks (compiled blocks use inductor's kernels), and the fused loss's "
+        "cross-entropy as one kernel that writes its gradient over the logits (bench/train measures what each "
+        "buys); --no-fused-kernels: the torch ops",
     )
     a.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     a.add_argument("--fsdp", choices=["auto", "on", "off"], default="auto", help="FSDP2 (auto: with several processes)")
