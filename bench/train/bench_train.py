@@ -702,14 +702,11 @@ def main(argv=None):
     got = {r["row"]: r for r in result["rows"] if "tokens_per_s" in r}
     ratios = {}
     pairs = [("bam", "bam-loop"), ("bam-compile", "bam-loop"), ("bam", "dense"), ("bam-compile", "dense-compile")]
-    pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels", "gate")]  # the Triton kernels (eager only)
+    # the Triton kernels: eager only, but for the loss's
+    pairs += [("bam", f"bam-torch-{k}") for k in ("rope", "norm", "kernels", "gate")]
+    pairs += [(m, f"{m}-torch-swiglu") for m in ("bam", "btx")]
+    pairs += [(f"{m}{c}", f"{m}-torch-loss{c}") for m in ("bam", "btx") for c in ("", "-compile")]
     pairs += [("bam", "bam-heads-copied")]  # rope_layout
-    pairs += [
-        (f"{m}{c}", f"{m}-torch-{k}{c}") for m in ("bam", "btx") for k in ("swiglu", "loss") for c in ("", "-compile")
-    ]
-    pairs += [
-        (f"{m}{c}", f"{m}-torch-{k}{c}") for m in ("bam", "btx") for k in ("swiglu", "loss") for c in ("", "-compile")
-    ]
     pairs += [(f"{m}{c}", f"{m}-logits{c}") for m in ("bam", "btx") for c in ("", "-compile")]  # the fused loss
     pairs += [(f"{m}-cudagraphs", f"{m}-compile") for m in ("bam", "btx")]
     pairs += [(f"{m}-fsdp-bf16{c}", f"{m}{c}") for m in ("bam", "btx") for c in ("", "-compile")]
