@@ -228,14 +228,18 @@ function withPerplexity(sum: { tokens: number; predicted: number; nll: number })
   return { ...sum, perplexity: sum.predicted > 0 ? Math.exp(sum.nll / sum.predicted) : NaN };
 }
 
-export interface SaveLogitsOptions extends Omit<EvalOptions, "context" | "onProgress"> {
-  /** Replace an existing file at the output path; a path that is or lies inside the model folder, or is the ids file, is refused whatever this says. */
-  overwrite?: boolean;
+export interface SaveLogitsOptions extends Omit<EvalOptions, "context" | "onProgress" | "force"> {
+  /**
+   * Replace an existing file at the output path (`bam eval --force`, which OUTPUT_EXISTS names); a path that is or
+   * lies inside the model folder, or is the ids file, is refused whatever this says. The ONNX export is rebuilt
+   * when it is stale, as for evaluatePerplexity.
+   */
+  force?: boolean;
 }
 
 /**
  * Runs `input_ids` (int64 [batch, seq]) of `idsFile` and writes `logits` (f32 [batch, seq, vocab]) to `outFile`,
- * which may not be an existing file (unless `overwrite`) nor one of the model's or the ids file: checked first.
+ * which may not be an existing file (unless `force`) nor one of the model's or the ids file: checked first.
  */
 export async function saveLogits(
   modelDir: string,
@@ -246,7 +250,7 @@ export async function saveLogits(
   /** Shape of the logits written: [batch, seq, vocab]. */
   shape: number[];
 }> {
-  await checkOutputFile(outFile, { force: options.overwrite ?? false, inputs: [modelDir, idsFile] });
+  await checkOutputFile(outFile, { force: options.force ?? false, inputs: [modelDir, idsFile] });
   const { ids, batch, seq } = await readInputIds(idsFile);
   const model = await openModel(modelDir);
   await model.close();
@@ -255,7 +259,6 @@ export async function saveLogits(
   if (bad !== undefined)
     throw new BamError("TENSOR_INVALID", `${idsFile}: input_ids holds ${bad}, outside the vocabulary [0, ${vocab})`);
   const prepared = await prepareOnnx(modelDir, {
-    force: options.force,
     cacheDir: options.cacheDir,
     signal: options.signal,
     onProgress: options.onBuild,
@@ -268,7 +271,7 @@ export async function saveLogits(
     await session.close();
   }
   const shape = [batch, seq, vocab];
-  await writeFileAtomically(outFile, options.overwrite ?? false, (path) =>
+  await writeFileAtomically(outFile, options.force ?? false, (path) =>
     writeSafetensors(
       path,
       [

@@ -68,26 +68,25 @@ describe("bam eval, generate, export-onnx", () => {
   test("eval --ids --save-logits writes transformers' logits", () =>
     withTempDir(async (dir) => {
       const out = join(dir, "logits.safetensors");
-      const run = bam(
-        [
-          "eval",
-          fixture("qwen3", "base"),
-          "--ids",
-          join(FIXTURES, "qwen3", "reference.safetensors"),
-          "--save-logits",
-          out,
-        ],
-        dir,
-      );
+      const [model, ids] = [fixture("qwen3", "base"), join(FIXTURES, "qwen3", "reference.safetensors")];
+      const run = bam(["eval", model, "--ids", ids, "--save-logits", out], dir);
       assert.equal(run.status, 0, run.stderr);
       const { tensors } = await readTensors(out);
-      const { tensors: reference } = await readTensors(join(FIXTURES, "qwen3", "reference.safetensors"));
+      const { tensors: reference } = await readTensors(ids);
       assert.deepEqual(tensors.get("logits")!.shape, [2, 12, 320]);
       const error = maxAbsDiff(
         tensors.get("logits")!.data as Float32Array,
         reference.get("logits_base")!.data as Float32Array,
       );
       assert.ok(error <= TOLERANCE, `max |saved - transformers| = ${error}`);
+      // the API replaces the file only with force, the option OUTPUT_EXISTS names (as the CLI's --force)
+      await assert.rejects(
+        saveLogits(model, ids, out, { cacheDir: dir }),
+        (e: BamError) => e.code === "OUTPUT_EXISTS" && /--force/.test(e.message),
+      );
+      await writeFile(out, "not logits");
+      await saveLogits(model, ids, out, { force: true, cacheDir: dir });
+      assert.deepEqual((await readTensors(out)).tensors.get("logits")!.data, tensors.get("logits")!.data);
     }));
 
   test("eval --text: perplexity is exp(mean NLL) of the model's logits on the tokenised file", () =>

@@ -117,13 +117,13 @@ test("every command's refusals are the library's: the API refuses the same with 
     ],
     [
       ["eval", model, "--ids", ids, "--save-logits", join(model, "model.safetensors"), "--force"],
-      () => saveLogits(model, ids, join(model, "model.safetensors"), { overwrite: true }),
+      () => saveLogits(model, ids, join(model, "model.safetensors"), { force: true }),
       "OUTPUT_UNSAFE",
       /lies inside the input/,
     ],
     [
       ["eval", model, "--ids", ids, "--save-logits", ids, "--force"],
-      () => saveLogits(model, ids, ids, { overwrite: true }),
+      () => saveLogits(model, ids, ids, { force: true }),
       "OUTPUT_UNSAFE",
       /is the input/,
     ],

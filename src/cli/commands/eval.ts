@@ -57,7 +57,7 @@ export const evalCommand = defineCommand({
             if (args.saveLogits === undefined)
               throw new BamError("OPTIONS_INVALID", "--ids needs --save-logits OUT.safetensors");
             const { shape } = await saveLogits(args.dir, args.ids, args.saveLogits, {
-              overwrite: args.force,
+              force: args.force,
               signal,
               onBuild: build.update,
             });
