@@ -208,9 +208,15 @@ def parse_args(argv=None):
         "--time-budget",
         type=float,
         default=540.0,
-        help="seconds; a row starts only with 45 s (compile rows: 200 s) of it left",
+        help=f"seconds; a row starts only with {MIN_SECONDS[False]} s (compile rows: {MIN_SECONDS[True]} s) of it left",
     )
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each row in a fresh Python process: a row can measure slower after other rows in one process "
+        "(bench/train/README.md)",
+    )
     return p.parse_args(argv)
 
 
@@ -485,6 +491,7 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
     peak = metrics.peak_flops(device, args.peak_flops)
     row = dict(
         row=name,
+        process=os.getpid(),
         model=spec["model"],
         expert_impl=spec["impl"],
         compiled=spec["compile"],
@@ -559,6 +566,41 @@ def git_commit():
         return None
 
 
+def without_options(argv, valued, flags=()):
+    """argv without the options `valued`, each with its value ("--out DIR" or "--out=DIR"), and the `flags`."""
+    kept, skip = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in valued:
+            skip = "=" not in arg
+        elif arg not in flags:
+            kept.append(arg)
+    return kept
+
+
+def run_isolated(name, argv, args, budget):
+    """Runs row `name` in a fresh Python process (--isolate) with this run's arguments but --rows, --out and
+    --time-budget; its profile lands in --out as an in-process row's does. -> the row's dict"""
+    child_out = os.path.join(args.out, "rows", name)
+    rest = without_options(argv, {"--rows", "--out", "--time-budget"}, {"--isolate"})  # the child runs its row itself
+    cmd = [sys.executable, os.path.abspath(__file__), *rest]
+    cmd += ["--rows", name, "--out", child_out, "--time-budget", str(budget)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(proc.stdout, end="", flush=True)
+    try:
+        with open(os.path.join(child_out, "train_bench.json")) as f:
+            (row,) = json.load(f)["rows"]
+    except (OSError, ValueError) as e:
+        last = (proc.stdout.strip().splitlines() or [""])[-1][:300]
+        return dict(row=name, error=f"its process exited {proc.returncode} without a result ({e}): {last}")
+    profile = os.path.join(child_out, f"profile_{name}.txt")
+    if os.path.exists(profile):
+        os.replace(profile, os.path.join(args.out, f"profile_{name}.txt"))
+    return row
+
+
 def select_rows(text):
     """--rows: names and shell patterns, in the order given (a pattern's rows in ROWS order), each once."""
     rows = []
@@ -622,6 +664,7 @@ def describe(path, seq_len):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     started = time.perf_counter()
     cuda = torch.cuda.is_available() and args.device != "cpu" and not args.tiny
@@ -680,7 +723,10 @@ def main(argv=None):
             continue
         print(f"{name}: ...", flush=True)
         try:
-            r = run_row(name, spec, paths[spec["model"]], args, ctx, amp, shared)
+            if args.isolate:
+                r = run_isolated(name, argv, args, args.time_budget - elapsed)
+            else:
+                r = run_row(name, spec, paths[spec["model"]], args, ctx, amp, shared)
         except Exception as e:  # noqa: BLE001  (a row that fails is reported, the others still run)
             r = dict(row=name, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")  # one line
         free(device)  # after run_row returned: its model, optimiser and activations are gone

@@ -51,5 +51,32 @@ class TestLeverRows(unittest.TestCase):
         self.assertFalse(dist.is_initialized())  # the rows' process group is shut down with the run
 
 
+class TestIsolatedRows(unittest.TestCase):
+    def test_each_row_runs_in_its_own_process(self):
+        """--isolate: every row in a fresh process (not this one), its result and profile where an in-process
+        row's go, and the ratios over them as in-process."""
+        tmp = tempfile.mkdtemp(prefix="bam-isolate-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        out = os.path.join(tmp, "out")
+        argv = ["--out", out, "--tiny", "--cache-dir", os.path.join(tmp, "cache"), "--isolate", "--profile", "bam"]
+        argv += ["--rows=bam,dense", "--seq-len", "32", "--steps", "1"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = bench_train.main(argv)
+        rows = {r["row"]: r for r in res["rows"]}
+        self.assertEqual(set(rows), {"bam", "dense"})
+        processes = {rows[n]["process"] for n in rows}
+        self.assertEqual(len(processes), 2)
+        self.assertNotIn(os.getpid(), processes)
+        self.assertTrue(os.path.exists(os.path.join(out, "profile_bam.txt")))
+        self.assertAlmostEqual(
+            res["ratios"]["bam / dense tokens/s"], rows["bam"]["tokens_per_s"] / rows["dense"]["tokens_per_s"]
+        )
+
+    def test_the_child_gets_its_row_and_no_isolate(self):
+        argv = ["--out", "o", "--rows", "a,b", "--isolate", "--tiny", "--time-budget=9", "--seq-len", "32"]
+        rest = bench_train.without_options(argv, {"--rows", "--out", "--time-budget"}, {"--isolate"})
+        self.assertEqual(rest, ["--tiny", "--seq-len", "32"])
+
+
 if __name__ == "__main__":
     unittest.main()
