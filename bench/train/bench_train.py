@@ -587,7 +587,10 @@ def run_isolated(name, argv, args, budget):
     rest = without_options(argv, {"--rows", "--out", "--time-budget"}, {"--isolate"})  # the child runs its row itself
     cmd = [sys.executable, os.path.abspath(__file__), *rest]
     cmd += ["--rows", name, "--out", child_out, "--time-budget", str(budget)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:  # the child keeps to the budget itself; this bounds a child that hangs
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=budget + 60)
+    except subprocess.TimeoutExpired:
+        return dict(row=name, error=f"its process ran past the {budget:.0f} s left of --time-budget and was stopped")
     print(proc.stdout, end="", flush=True)
     try:
         with open(os.path.join(child_out, "train_bench.json")) as f:
