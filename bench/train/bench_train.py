@@ -165,7 +165,9 @@ CATEGORIES = [  # kernel name fragments (lower case) -> category, first match wi
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: --isolate's children get this run's arguments with --rows, --out, --time-budget and
+    # --isolate taken out by their full names (an abbreviated --isolate would make each child isolate again)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", required=True, help="folder for train_bench.json and the profiles")
     p.add_argument("--model", help="a BAM folder to measure instead of the synthetic one")
     p.add_argument("--dense", help="its dense seed as a BAM folder (E = 1); default: none when --model is given")
