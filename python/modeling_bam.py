@@ -239,7 +239,7 @@ class _RmsNormFn(torch.autograd.Function):
         return dx, dw, None, None
 
 
-MAX_FUSED_NORM_DIM = 8192  # a row is one block of registers (_row_blocks)
+MAX_ROW_KERNEL_DIM = 8192  # the row kernels (RMSNorm, gate): a row is one block of registers (_row_blocks)
 
 
 class Norm(nn.Module):
@@ -258,7 +258,7 @@ class Norm(nn.Module):
 
     def fused(self, x):
         w = self.weight
-        fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_FUSED_NORM_DIM
+        fits = self.kind == "rms" and w.dim() == 1 and x.shape[-1] == w.shape[0] <= MAX_ROW_KERNEL_DIM
         return kernel_takes("norm", x) and fits and w.dtype != torch.float64 and x.is_contiguous()
 
 
@@ -508,27 +508,30 @@ def attend(q, k, v, mask, causal, scale):
 if triton is not None:
 
     @triton.jit
-    def _gate_fwd_kernel(y, g, out, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        """out = y * g of BLOCK_R rows of y [R, C] and g [R] float32, g rounded to y's dtype first (as the torch
-        ops' g.to(y.dtype))."""
+    def _gate_block(y, g, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's BLOCK_R rows of y [R, C] and g [R] float32: rows r, element offsets at, mask m, the
+        gates rounded to y's dtype first (as the torch ops' g.to(y.dtype)) and y, in float32.
+        -> (r, at, m, gv, yv)"""
         r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
         c = tl.arange(0, BLOCK_C)[None, :]
         m = (r < R) & (c < C)
         gv = tl.load(g + r, mask=r < R, other=0.0).to(y.dtype.element_ty).to(tl.float32)
         yv = tl.load(y + r * C + c, mask=m, other=0.0).to(tl.float32)
-        tl.store(out + r * C + c, (yv * gv).to(out.dtype.element_ty), mask=m)
+        return r, r * C + c, m, gv, yv
+
+    @triton.jit
+    def _gate_fwd_kernel(y, g, out, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """out = y * g of BLOCK_R rows of y [R, C] and g [R] float32, g rounded to y's dtype first."""
+        _, at, m, gv, yv = _gate_block(y, g, R, C, BLOCK_R, BLOCK_C)
+        tl.store(out + at, (yv * gv).to(out.dtype.element_ty), mask=m)
 
     @triton.jit
     def _gate_bwd_kernel(y, g, dout, dy, dg, R, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """The gradients of _gate_fwd_kernel in one pass: dy = dout * g, dg = sum over C of dout * y in float32
         (the torch ops round each product to y's dtype before the sum)."""
-        r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
-        c = tl.arange(0, BLOCK_C)[None, :]
-        m = (r < R) & (c < C)
-        gv = tl.load(g + r, mask=r < R, other=0.0).to(y.dtype.element_ty).to(tl.float32)
-        yv = tl.load(y + r * C + c, mask=m, other=0.0).to(tl.float32)
-        d = tl.load(dout + r * C + c, mask=m, other=0.0).to(tl.float32)
-        tl.store(dy + r * C + c, (d * gv).to(dy.dtype.element_ty), mask=m)
+        r, at, m, gv, yv = _gate_block(y, g, R, C, BLOCK_R, BLOCK_C)
+        d = tl.load(dout + at, mask=m, other=0.0).to(tl.float32)
+        tl.store(dy + at, (d * gv).to(dy.dtype.element_ty), mask=m)
         tl.store(dg + r, tl.sum(d * yv, axis=1)[:, None], mask=r < R)
 
 
@@ -572,8 +575,8 @@ class _GateFn(torch.autograd.Function):
 
 def weigh_by_gate(y, g):
     """y [..., E, C] weighted by g [..., E] float32 (g rounded to y's dtype): the gate kernel (eager, CUDA,
-    contiguous, rows up to MAX_FUSED_NORM_DIM wide), else the torch ops."""
-    fits = g.dtype == torch.float32 and y.shape[:-1] == g.shape and y.shape[-1] <= MAX_FUSED_NORM_DIM
+    contiguous, rows up to MAX_ROW_KERNEL_DIM wide), else the torch ops."""
+    fits = g.dtype == torch.float32 and y.shape[:-1] == g.shape and y.shape[-1] <= MAX_ROW_KERNEL_DIM
     if kernel_takes("gate", y) and fits and y.is_contiguous() and g.is_contiguous():
         return _GateFn.apply(y, g)
     return y * g[..., None].to(y.dtype)
