@@ -382,7 +382,7 @@ def load_peer(path, spec, device):
 
 @contextlib.contextmanager
 def torch_ops(kernels):
-    """The torch ops instead of modeling_bam's Triton kernels for `kernels` (rope, norm, gate, swiglu, loss), for one row."""
+    """The torch ops instead of modeling_bam's Triton kernels `kernels` (keys of modeling_bam.FUSED), for one row."""
     for k in kernels:
         modeling_bam.FUSED[k] = False
     try:
@@ -499,11 +499,13 @@ def run_row_impl(name, spec, path, args, ctx, amp, shared):
         compiled=spec["compile"],
         compile_mode=spec.get("compile_mode", "default") if spec["compile"] else None,
         fused_loss=fused_loss and "family" not in spec,
-        fused_rope="rope" not in spec.get("torch_ops", ()) and "family" not in spec,
-        fused_norm="norm" not in spec.get("torch_ops", ()) and "family" not in spec,
-        fused_gate="gate" not in spec.get("torch_ops", ()) and "family" not in spec,
-        fused_swiglu="swiglu" not in spec.get("torch_ops", ()) and "family" not in spec,
-        loss_kernel="loss" not in spec.get("torch_ops", ()) and fused_loss and "family" not in spec,
+        # which of modeling_bam's Triton kernels the row ran (a peer row runs none; the loss's needs the fused loss)
+        **{
+            ("loss_kernel" if k == "loss" else f"fused_{k}"): k not in spec.get("torch_ops", ())
+            and "family" not in spec
+            and (fused_loss or k != "loss")
+            for k in modeling_bam.FUSED
+        },
         heads_layout="copied" if spec.get("heads_copied") else "projections",
         fsdp_param_dtype=str(spec["fsdp_param_dtype"]) if fsdp else None,
         family=spec.get("family", "ours"),
