@@ -3,8 +3,9 @@
 TRITON_INTERPRET=1 must be set before modeling_bam imports Triton, so the script runs in a child process.
 There torch.empty and torch.empty_like fill with NaN, so an element a kernel never writes fails the
 comparison. The child gets `mb` (modeling_bam), a seeded generator `g`, the cases as `CASES` and `compared`
-(one output's record), and prints its results as JSON. Triton comes with CUDA builds of torch; on CPU it is a test requirement
-(requirements-dev.txt): in CI (BAM_REQUIRE_PYTHON set) a missing Triton fails instead of skipping.
+(one output's record), and prints its results as JSON. Triton comes with CUDA builds of torch; on CPU it is
+a test requirement (requirements-dev.txt): in CI (BAM_REQUIRE_PYTHON set) a missing Triton fails instead of
+skipping.
 """
 
 import importlib.util
