@@ -7,8 +7,8 @@
  * projection is one Gemm on the stored [out, in] weights (transB). Per layer:
  *   attention: one Gemm for every expert's q, k and v (their rows stacked),
  *     heads [B, T, heads, D], rotary, grouped-query attention with the cache
- *     (onnxruntime's GroupQueryAttention, or for generation's "slots" graph
- *     MatMuls over [B, kv_heads, group x T, ...]), the soft router's weights
+ *     (onnxruntime's GroupQueryAttention; for generation's "slots" graph and
+ *     for scoring, MatMuls over [B, kv_heads, group x T, ...]), the soft router's weights
  *     applied per head, one Gemm over every expert's o rows;
  *   FFN: dense, or top-k routing that is sparse in compute: per expert,
  *     NonZero finds its tokens, Gather takes them, its MLP runs on them
@@ -44,10 +44,9 @@ import { gatherColumns, gatherRows, WeightSource } from "./weights.js";
 export const OPSET = 18;
 /**
  * A scoring graph's causal attention runs in this many query chunks, chunk i
- * attending to the keys of chunks 0..i only: onnxruntime's GroupQueryAttention
- * computes every query's scores against all keys of its call before masking,
- * so one call over T tokens does twice the work causality needs; four chunks
- * do 5/8 of it, in score matrices a quarter as large.
+ * attending to the keys of chunks 0..i only: scores of every query against
+ * every key, then masked, would be twice the work causality needs; four
+ * chunks do 5/8 of it.
  */
 export const SCORE_CHUNKS = 4;
 /** Fills masked attention scores: finite, so a fully masked row (left padding) stays finite and uniform. */
@@ -163,12 +162,8 @@ class Builder {
   private readonly declared = new Set<string>();
   private readonly slots: boolean;
   private readonly scoring: boolean;
-  /**
-   * A scoring graph's GroupQueryAttention applies rotary itself (its do_rotary), saving the
-   * separate split, multiplies and concat of applyRotary: where rotary spans the whole head and
-   * head_dim is a multiple of 16, as onnxruntime requires (the fixtures' qwen3 and gemma).
-   */
-  private readonly attentionRotates: boolean;
+  /** A scoring graph's causal masks, one per query chunk (see chunkedAttention), shared by every layer. */
+  private chunkBiases: string[] = [];
 
   constructor(
     private readonly model: OpenedModel,
@@ -181,8 +176,6 @@ class Builder {
     this.dimOrder = rotaryDimOrder(this.f);
     this.slots = options.cache === "slots";
     this.scoring = options.cache === "none";
-    const rope = this.f.rope;
-    this.attentionRotates = this.scoring && rope !== null && rope.dim === this.f.headDim && this.f.headDim % 16 === 0;
   }
 
   build(): Graph {
@@ -231,6 +224,7 @@ class Builder {
       });
     }
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
+    if (this.scoring) this.chunkBiases = this.scoreBiases(tokens);
 
     let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], {
       axis: 0,
@@ -286,6 +280,30 @@ class Builder {
     const notPadding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1, 2])]); // [B, 1, 1, Tk]
     const mask = g.op("And", [allowed, notPadding]); // [B, 1, T, Tk]
     return g.op("Where", [mask, g.scalar(0), g.scalar(MASKED)]);
+  }
+
+  /**
+   * A scoring graph's masks, added to the scores of each query chunk: [T/SCORE_CHUNKS, keys] for chunk i,
+   * over the keys of chunks 0..i (one sequence from position 0), 0 where the query may see the key (causal,
+   * within the sliding window) and MASKED elsewhere.
+   */
+  private scoreBiases(tokens: string): string[] {
+    const g = this.g;
+    const scalar = (v: string) => g.op("Squeeze", [v, g.int64([0])]);
+    const chunk = g.op("Div", [tokens, g.int64([SCORE_CHUNKS])]);
+    return Array.from({ length: SCORE_CHUNKS }, (_, i) => {
+      const [start, end] = [i, i + 1].map((j) => scalar(g.op("Mul", [chunk, g.int64([j])])));
+      const queryPos = g.op("Unsqueeze", [g.op("Range", [start!, end!, g.int64([1], [])]), g.int64([1])]);
+      const keyPos = g.op("Range", [g.int64([0], []), end!, g.int64([1], [])]);
+      let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [chunk, keys]
+      if (this.f.slidingWindow !== null) {
+        allowed = g.op("And", [
+          allowed,
+          g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
+        ]);
+      }
+      return g.op("Where", [allowed, g.scalar(0), g.scalar(MASKED)]);
+    });
   }
 
   /**
@@ -482,9 +500,9 @@ class Builder {
       q4 = this.qkNorm(q4, `${at}.q_norm`, this.heads.query, (e) => `${qOwner(e)}.q_norm`);
       k4 = this.qkNorm(k4, `${at}.k_norm`, this.heads.kv, (e) => `${kvOwner(e)}.k_norm`);
     }
-    if (f.rope && !this.attentionRotates) {
-      q4 = this.applyRotary(q4);
-      k4 = this.applyRotary(k4);
+    if (f.rope) {
+      q4 = this.scoring ? this.rotaryKernel(q4, queryHeads) : this.applyRotary(q4);
+      k4 = this.scoring ? this.rotaryKernel(k4, kvHeads) : this.applyRotary(k4);
     }
     const scale = f.attentionScale ?? 1 / Math.sqrt(D);
     let y = this.slots
@@ -566,54 +584,38 @@ class Builder {
   }
 
   /**
-   * Causal attention of a scoring graph (batch 1, T a multiple of
-   * SCORE_CHUNKS) on q, k [B, T, heads, D] and v [N, kvHeads x D], by
-   * GroupQueryAttention over SCORE_CHUNKS query chunks: chunk i gets the keys
-   * of chunks 0..i as the previous call's cache plus its own (the causal mask
-   * and the sliding window are GroupQueryAttention's own). Returns [N, heads, D].
+   * Causal attention of a scoring graph (batch 1, T a multiple of SCORE_CHUNKS) on
+   * q, k [B, T, heads, D] and v [N, kvHeads x D], over SCORE_CHUNKS query chunks:
+   * chunk i's scores [B, kvHeads, group, T/SCORE_CHUNKS, keys] against the keys of
+   * chunks 0..i, plus its mask (scoreBiases), softmax, times their values. MatMuls,
+   * not GroupQueryAttention, whose CPU kernel gives each head one thread: on 16
+   * cores they score a BAM window 1.17x faster, on 2 as fast (bench/results/onnx-ab-16core/).
+   * Returns [N, heads, D].
    */
   private chunkedAttention(q: string, k: string, v: string, scale: number): string {
     const g = this.g;
     const { heads: kvHeads, queryHeads, headDim: D } = this.layout;
-    const flat = (x: string, width: number) => g.op("Reshape", [x, g.int64([0, 0, width])]);
-    const [q3, k3, v3] = [flat(q, queryHeads * D), flat(k, kvHeads * D), this.unflatten(v, kvHeads * D)];
+    // [B, kvHeads, group, T, D] for the queries (those of one kv head together), [B, kvHeads, 1, T, D] for
+    // keys and values: a chunk's queries and the keys before its end are contiguous rows of each head
+    const headsFirst = (x: string) => g.op("Transpose", [x], { perm: [0, 2, 1, 3] });
+    const queries = g.op("Reshape", [headsFirst(q), g.int64([0, kvHeads, queryHeads / kvHeads, -1, D])]);
+    const keys = g.op("Unsqueeze", [headsFirst(k), g.int64([2])]);
+    const values = g.op("Unsqueeze", [headsFirst(g.op("Reshape", [v, this.kvShape])), g.int64([2])]);
     const chunk = g.op("Div", [this.tokens, g.int64([SCORE_CHUNKS])]); // [1]
-    // onnxruntime 1.30's window of W keeps the keys at q - k < W, as transformers' sliding mask and our
-    // bias do (test/onnx/score.test.ts compares the two graphs where the window bites)
-    const window: Record<string, number> =
-      this.f.slidingWindow === null ? {} : { local_window_size: this.f.slidingWindow };
-    // rotary inside the attention (attentionRotates): cos/sin caches [positions, head_dim/2], row p for
-    // position p (one sequence from position 0; chunk i's queries follow the i chunks in its cache)
-    const rotary: Record<string, number> = this.attentionRotates ? { do_rotary: 1 } : {};
-    const [cos, sin] = this.attentionRotates
-      ? [this.cos, this.sin].map((w) => g.op("Reshape", [w, g.int64([-1, D / 2])]))
-      : ["", ""];
-    let [pastKey, pastValue] = [g.float32([], [1, kvHeads, 0, D]), g.float32([], [1, kvHeads, 0, D])];
+    const rows = (x: string, from: string, to: string) => g.op("Slice", [x, from, to, g.int64([3])]);
     const outputs: string[] = [];
     for (let i = 0; i < SCORE_CHUNKS; i++) {
-      const start = g.op("Mul", [chunk, g.int64([i])]);
-      const end = g.op("Mul", [chunk, g.int64([i + 1])]);
-      const part = (x: string) => g.op("Slice", [x, start, end, g.int64([1])]);
-      const [context, key, value] = g.contribOpN(
-        "GroupQueryAttention",
-        [
-          part(q3),
-          part(k3),
-          part(v3),
-          pastKey,
-          pastValue,
-          g.op("Cast", [g.op("Sub", [end, g.int64([1])])], { to: DataType.INT32 }), // [B = 1]: last key index
-          g.op("Cast", [g.op("Squeeze", [end, g.int64([0])])], { to: DataType.INT32 }),
-          cos!,
-          sin!,
-        ],
-        3,
-        { num_heads: queryHeads, kv_num_heads: kvHeads, scale: float(scale), ...window, ...rotary },
-      );
-      outputs.push(context!);
-      [pastKey, pastValue] = [key!, value!];
+      const [start, end] = [i, i + 1].map((j) => g.op("Mul", [chunk, g.int64([j])]));
+      // scale x q k^T by onnxruntime's FusedMatMul: the keys' transpose and the scale ride on the product
+      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start!, end!), rows(keys, g.int64([0]), end!)], 1, {
+        alpha: float(scale),
+        transB: 1,
+      });
+      const probs = g.op("Softmax", [g.op("Add", [scores!, this.chunkBiases[i]!])], { axis: -1 });
+      outputs.push(g.op("MatMul", [probs, rows(values, g.int64([0]), end!)])); // [B, kvHeads, group, chunk, D]
     }
-    return g.op("Reshape", [g.op("Concat", outputs, { axis: 1 }), g.int64([-1, queryHeads, D])]);
+    const context = g.op("Reshape", [g.op("Concat", outputs, { axis: 3 }), g.int64([0, queryHeads, -1, D])]);
+    return g.op("Reshape", [headsFirst(context), g.int64([-1, queryHeads, D])]);
   }
 
   /**
@@ -706,6 +708,25 @@ class Builder {
     const first = g.op("Sub", [g.op("Mul", [x1, this.cos]), g.op("Mul", [x2, this.sin])]);
     const second = g.op("Add", [g.op("Mul", [x2, this.cos]), g.op("Mul", [x1, this.sin])]);
     return g.op("Concat", pass > 0 ? [first, second, parts[2]!] : [first, second], { axis: -1 });
+  }
+
+  /**
+   * Rotary of a scoring graph (batch 1) on x [B, T, heads, D] by onnxruntime's RotaryEmbedding, one
+   * kernel instead of applyRotary's split, products and concat; its cos/sin caches are rotary()'s rows,
+   * row t for the sequence's token t.
+   */
+  private rotaryKernel(x: string, heads: number): string {
+    const g = this.g;
+    const half = this.f.rope!.dim / 2;
+    const rows = g.op("Range", [g.int64([0], []), g.op("Squeeze", [this.tokens, g.int64([0])]), g.int64([1], [])]);
+    const [cos, sin] = [this.cos, this.sin].map((w) => g.op("Reshape", [w, g.int64([-1, half])]));
+    const [rotated] = g.contribOpN(
+      "RotaryEmbedding",
+      [g.op("Reshape", [x, g.int64([0, 0, -1])]), g.op("Unsqueeze", [rows, g.int64([0])]), cos!, sin!],
+      1,
+      { interleaved: 0, num_heads: heads, rotary_embedding_dim: 2 * half },
+    );
+    return g.op("Reshape", [rotated!, g.op("Shape", [x])]);
   }
 
   // ------------------------------------------------------------------ FFN

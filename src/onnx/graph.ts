@@ -37,7 +37,7 @@ export interface GraphIO {
   shape: Dim[];
 }
 
-/** onnxruntime's own operators (GroupQueryAttention); version 1 is the only one. */
+/** onnxruntime's own operators (GroupQueryAttention, FusedMatMul, RotaryEmbedding); version 1 is the only one. */
 export const CONTRIB_DOMAIN = "com.microsoft";
 
 export class Graph {

@@ -4,7 +4,7 @@
  * `bam eval` runs: every family's seed gives transformers' own logits
  * (fixtures/<family>/reference.safetensors) on whole rows and on prefixes whose
  * length needs padding; with a sliding window shorter than the window (the
- * chunks' GroupQueryAttention window), the logits of model.onnx, whose mask
+ * chunks' own masks), the logits of model.onnx, whose mask
  * applies the window as a bias; with dynamic rope past the learned positions,
  * model.onnx's logits of the unpadded window.
  */
