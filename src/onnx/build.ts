@@ -606,13 +606,15 @@ class Builder {
     const outputs: string[] = [];
     for (let i = 0; i < SCORE_CHUNKS; i++) {
       const [start, end] = [i, i + 1].map((j) => g.op("Mul", [chunk, g.int64([j])]));
+      // the keys and values before the chunk's end (Slice copies: the last chunk takes them whole)
+      const seen = (x: string) => (i === SCORE_CHUNKS - 1 ? x : rows(x, g.int64([0]), end!));
       // scale x q k^T by onnxruntime's FusedMatMul: the keys' transpose and the scale ride on the product
-      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start!, end!), rows(keys, g.int64([0]), end!)], 1, {
+      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start!, end!), seen(keys)], 1, {
         alpha: float(scale),
         transB: 1,
       });
       const probs = g.op("Softmax", [g.op("Add", [scores!, this.chunkBiases[i]!])], { axis: -1 });
-      outputs.push(g.op("MatMul", [probs, rows(values, g.int64([0]), end!)])); // [B, kvHeads, group, chunk, D]
+      outputs.push(g.op("MatMul", [probs, seen(values)])); // [B, kvHeads, group, chunk, D]
     }
     const context = g.op("Reshape", [g.op("Concat", outputs, { axis: 3 }), g.int64([0, queryHeads, -1, D])]);
     return g.op("Reshape", [headsFirst(context), g.int64([-1, queryHeads, D])]);
