@@ -164,6 +164,8 @@ class Builder {
   private readonly scoring: boolean;
   /** A scoring graph's causal masks, one per query chunk (see chunkedAttention), shared by every layer. */
   private chunkBiases: string[] = [];
+  /** A scoring graph's RotaryEmbedding inputs, shared by every layer: position ids [1, T], cos and sin [T, rotary/2]. */
+  private scoreRotary: [string, string, string] = ["", "", ""];
 
   constructor(
     private readonly model: OpenedModel,
@@ -225,6 +227,12 @@ class Builder {
     }
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
     if (this.scoring) this.chunkBiases = this.scoreBiases(tokens);
+    if (this.scoring && f.rope) {
+      // RotaryEmbedding's caches are rotary()'s rows, row t for the sequence's token t
+      const rows = g.op("Range", [g.int64([0], []), g.op("Squeeze", [tokens, g.int64([0])]), g.int64([1], [])]);
+      const [cos, sin] = [this.cos, this.sin].map((w) => g.op("Reshape", [w, g.int64([-1, f.rope!.dim / 2])]));
+      this.scoreRotary = [g.op("Unsqueeze", [rows, g.int64([0])]), cos!, sin!];
+    }
 
     let x = g.op("Gather", [this.weight(globalWeight("embed_tokens")), g.op("Reshape", [ids, g.int64([-1])])], {
       axis: 0,
@@ -588,8 +596,8 @@ class Builder {
    * q, k [B, T, heads, D] and v [N, kvHeads x D], over SCORE_CHUNKS query chunks:
    * chunk i's scores [B, kvHeads, group, T/SCORE_CHUNKS, keys] against the keys of
    * chunks 0..i, plus its mask (scoreBiases), softmax, times their values. MatMuls,
-   * not GroupQueryAttention, whose CPU kernel gives each head one thread: on 16
-   * cores they score a BAM window 1.17x faster, on 2 as fast (bench/results/onnx-ab-16core/).
+   * not GroupQueryAttention, whose CPU kernel gives each head one thread: bam eval
+   * went from 0.97x to 1.03x PyTorch on 16 cores, 1.11x faster on 2 (bench/results/onnx-matmul/).
    * Returns [N, heads, D].
    */
   private chunkedAttention(q: string, k: string, v: string, scale: number): string {
@@ -713,20 +721,20 @@ class Builder {
   }
 
   /**
-   * Rotary of a scoring graph (batch 1) on x [B, T, heads, D] by onnxruntime's RotaryEmbedding, one
-   * kernel instead of applyRotary's split, products and concat; its cos/sin caches are rotary()'s rows,
-   * row t for the sequence's token t.
+   * Rotary of a scoring graph on x [B, T, heads, D] by onnxruntime's RotaryEmbedding: one kernel
+   * instead of applyRotary's split, products and concat.
    */
   private rotaryKernel(x: string, heads: number): string {
     const g = this.g;
-    const half = this.f.rope!.dim / 2;
-    const rows = g.op("Range", [g.int64([0], []), g.op("Squeeze", [this.tokens, g.int64([0])]), g.int64([1], [])]);
-    const [cos, sin] = [this.cos, this.sin].map((w) => g.op("Reshape", [w, g.int64([-1, half])]));
     const [rotated] = g.contribOpN(
       "RotaryEmbedding",
-      [g.op("Reshape", [x, g.int64([0, 0, -1])]), g.op("Unsqueeze", [rows, g.int64([0])]), cos!, sin!],
+      [g.op("Reshape", [x, g.int64([0, 0, -1])]), ...this.scoreRotary],
       1,
-      { interleaved: 0, num_heads: heads, rotary_embedding_dim: 2 * half },
+      {
+        interleaved: 0,
+        num_heads: heads,
+        rotary_embedding_dim: this.f.rope!.dim,
+      },
     );
     return g.op("Reshape", [rotated!, g.op("Shape", [x])]);
   }
