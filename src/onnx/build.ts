@@ -264,6 +264,14 @@ class Builder {
     return this.g.op("Reshape", [value, shape]);
   }
 
+  /** Bool: a query at queryPos may see the key at keyPos (causal, and within the sliding window). */
+  private visible(keyPos: string, queryPos: string): string {
+    const g = this.g;
+    const causal = g.op("LessOrEqual", [keyPos, queryPos]);
+    if (this.f.slidingWindow === null) return causal;
+    return g.op("And", [causal, g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])])]);
+  }
+
   /**
    * Added to the attention scores, [B, 1, T, Tk]: 0 where query i (at cache
    * slot Tk - T + i) may see a slot (causal, within the sliding window, not
@@ -278,13 +286,7 @@ class Builder {
       g.int64([1]),
     ]);
     const keyPos = g.op("Range", [g.int64([0], []), scalar(total), g.int64([1], [])]);
-    let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [T, Tk]
-    if (this.f.slidingWindow !== null) {
-      allowed = g.op("And", [
-        allowed,
-        g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
-      ]);
-    }
+    const allowed = this.visible(keyPos, queryPos); // [T, Tk]
     const notPadding = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1, 2])]); // [B, 1, 1, Tk]
     const mask = g.op("And", [allowed, notPadding]); // [B, 1, T, Tk]
     return g.op("Where", [mask, g.scalar(0), g.scalar(MASKED)]);
@@ -303,13 +305,7 @@ class Builder {
       const [start, end] = [i, i + 1].map((j) => scalar(g.op("Mul", [chunk, g.int64([j])])));
       const queryPos = g.op("Unsqueeze", [g.op("Range", [start!, end!, g.int64([1], [])]), g.int64([1])]);
       const keyPos = g.op("Range", [g.int64([0], []), end!, g.int64([1], [])]);
-      let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [chunk, keys]
-      if (this.f.slidingWindow !== null) {
-        allowed = g.op("And", [
-          allowed,
-          g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
-        ]);
-      }
+      const allowed = this.visible(keyPos, queryPos); // [chunk, keys]
       return g.op("Where", [allowed, g.scalar(0), g.scalar(MASKED)]);
     });
   }
@@ -331,13 +327,7 @@ class Builder {
     ]);
     const keyPos = g.op("Unsqueeze", [g.op("Concat", [slotPositions, positions], { axis: 1 }), g.int64([1])]); // [B, 1, slots + T]
     const queryPos = g.op("Unsqueeze", [positions, g.int64([2])]); // [B, T, 1]
-    let allowed = g.op("LessOrEqual", [keyPos, queryPos]); // [B, T, slots + T]
-    if (this.f.slidingWindow !== null) {
-      allowed = g.op("And", [
-        allowed,
-        g.op("Less", [g.op("Sub", [queryPos, keyPos]), g.int64([this.f.slidingWindow], [])]),
-      ]);
-    }
+    const allowed = this.visible(keyPos, queryPos); // [B, T, slots + T]
     const filled = g.op("Unsqueeze", [g.op("Cast", [attentionMask], { to: DataType.BOOL }), g.int64([1])]); // [B, 1, slots + T]
     const mask = g.op("Unsqueeze", [g.op("And", [allowed, filled]), g.int64([1])]); // [B, 1, T, slots + T]
     const group = this.layout.queryHeads / this.layout.heads;
