@@ -43,7 +43,7 @@ import { buildGraph, cacheLayout, OPSET, type BuildOptions } from "./build.js";
 import { GENERATE_FILE, MODEL_FILE, SCORE_FILE, writeModel } from "./write.js";
 
 /** Bump when the graph a model produces changes: every cached export is rebuilt. */
-export const ENGINE_VERSION = 4;
+export const ENGINE_VERSION = 5;
 export const STAMP_FILE = "bam-onnx.json";
 const ONNX_SUBFOLDER = "onnx";
 /** The exports' folder inside the user cache. */
