@@ -139,6 +139,13 @@ function checkSupported(model: OpenedModel): void {
   }
 }
 
+/** One query chunk of a scoring graph: its token bounds [start, end) as int64 [1], and its mask. */
+interface ScoreChunk {
+  start: string;
+  end: string;
+  mask: string;
+}
+
 class Builder {
   private readonly g = new Graph();
   private readonly f: ArchFeatures;
@@ -158,12 +165,11 @@ class Builder {
   private totalLength = "";
   private queryShape = "";
   private kvShape = "";
-  private tokens = "";
   private readonly declared = new Set<string>();
   private readonly slots: boolean;
   private readonly scoring: boolean;
-  /** A scoring graph's causal masks, one per query chunk (see chunkedAttention), shared by every layer. */
-  private chunkBiases: string[] = [];
+  /** A scoring graph's query chunks (see chunkedAttention), shared by every layer. */
+  private scoreChunks: ScoreChunk[] = [];
   /** A scoring graph's RotaryEmbedding inputs, shared by every layer: position ids [1, T], cos and sin [T, rotary/2]. */
   private scoreRotary: [string, string, string] = ["", "", ""];
 
@@ -210,7 +216,6 @@ class Builder {
     const idsShape = g.op("Shape", [ids]);
     this.batch = g.op("Gather", [idsShape, g.int64([0])]);
     const tokens = g.op("Gather", [idsShape, g.int64([1])]);
-    this.tokens = tokens;
     this.queryShape = g.op("Concat", [this.batch, g.int64([-1, this.layout.queryHeads, headDim])], { axis: 0 });
     this.kvShape = g.op("Concat", [this.batch, g.int64([-1, heads, headDim])], { axis: 0 });
     const flatPositions = g.op("Reshape", [positions, g.int64([-1])]);
@@ -226,7 +231,7 @@ class Builder {
       });
     }
     if (f.rope) [this.cos, this.sin] = this.rotary(flatPositions);
-    if (this.scoring) this.chunkBiases = this.scoreBiases(tokens);
+    if (this.scoring) this.scoreChunks = this.chunksOf(tokens);
     if (this.scoring && f.rope) {
       // RotaryEmbedding's caches are rotary()'s rows, row t for the sequence's token t
       const rows = g.op("Range", [g.int64([0], []), g.op("Squeeze", [tokens, g.int64([0])]), g.int64([1], [])]);
@@ -293,20 +298,20 @@ class Builder {
   }
 
   /**
-   * A scoring graph's masks, added to the scores of each query chunk: [T/SCORE_CHUNKS, keys] for chunk i,
-   * over the keys of chunks 0..i (one sequence from position 0), 0 where the query may see the key (causal,
-   * within the sliding window) and MASKED elsewhere.
+   * A scoring graph's SCORE_CHUNKS query chunks of T/SCORE_CHUNKS tokens: chunk i's bounds, and its mask
+   * [T/SCORE_CHUNKS, keys] over the keys of chunks 0..i (one sequence from position 0), added to its scores:
+   * 0 where the query may see the key (causal, within the sliding window), MASKED elsewhere.
    */
-  private scoreBiases(tokens: string): string[] {
+  private chunksOf(tokens: string): ScoreChunk[] {
     const g = this.g;
     const scalar = (v: string) => g.op("Squeeze", [v, g.int64([0])]);
-    const chunk = g.op("Div", [tokens, g.int64([SCORE_CHUNKS])]);
+    const size = g.op("Div", [tokens, g.int64([SCORE_CHUNKS])]); // [1]
     return Array.from({ length: SCORE_CHUNKS }, (_, i) => {
-      const [start, end] = [i, i + 1].map((j) => scalar(g.op("Mul", [chunk, g.int64([j])])));
-      const queryPos = g.op("Unsqueeze", [g.op("Range", [start!, end!, g.int64([1], [])]), g.int64([1])]);
-      const keyPos = g.op("Range", [g.int64([0], []), end!, g.int64([1], [])]);
-      const allowed = this.visible(keyPos, queryPos); // [chunk, keys]
-      return g.op("Where", [allowed, g.scalar(0), g.scalar(MASKED)]);
+      const [start, end] = [i, i + 1].map((j) => g.op("Mul", [size, g.int64([j])])) as [string, string];
+      const queryPos = g.op("Unsqueeze", [g.op("Range", [scalar(start), scalar(end), g.int64([1], [])]), g.int64([1])]);
+      const keyPos = g.op("Range", [g.int64([0], []), scalar(end), g.int64([1], [])]);
+      const mask = g.op("Where", [this.visible(keyPos, queryPos), g.scalar(0), g.scalar(MASKED)]);
+      return { start, end, mask };
     });
   }
 
@@ -585,7 +590,7 @@ class Builder {
    * Causal attention of a scoring graph (batch 1, T a multiple of SCORE_CHUNKS) on
    * q, k [B, T, heads, D] and v [N, kvHeads x D], over SCORE_CHUNKS query chunks:
    * chunk i's scores [B, kvHeads, group, T/SCORE_CHUNKS, keys] against the keys of
-   * chunks 0..i, plus its mask (scoreBiases), softmax, times their values. MatMuls,
+   * chunks 0..i, plus its mask (chunksOf), softmax, times their values. MatMuls,
    * not GroupQueryAttention, whose CPU kernel gives each head one thread: bam eval
    * went from 0.97x to 1.03x PyTorch on 16 cores, 1.11x faster on 2 (bench/results/onnx-matmul/).
    * Returns [N, heads, D].
@@ -599,19 +604,17 @@ class Builder {
     const queries = g.op("Reshape", [headsFirst(q), g.int64([0, kvHeads, queryHeads / kvHeads, -1, D])]);
     const keys = g.op("Unsqueeze", [headsFirst(k), g.int64([2])]);
     const values = g.op("Unsqueeze", [headsFirst(g.op("Reshape", [v, this.kvShape])), g.int64([2])]);
-    const chunk = g.op("Div", [this.tokens, g.int64([SCORE_CHUNKS])]); // [1]
     const rows = (x: string, from: string, to: string) => g.op("Slice", [x, from, to, g.int64([3])]);
     const outputs: string[] = [];
-    for (let i = 0; i < SCORE_CHUNKS; i++) {
-      const [start, end] = [i, i + 1].map((j) => g.op("Mul", [chunk, g.int64([j])]));
+    for (const [i, { start, end, mask }] of this.scoreChunks.entries()) {
       // the keys and values before the chunk's end (Slice copies: the last chunk takes them whole)
-      const seen = (x: string) => (i === SCORE_CHUNKS - 1 ? x : rows(x, g.int64([0]), end!));
+      const seen = (x: string) => (i === SCORE_CHUNKS - 1 ? x : rows(x, g.int64([0]), end));
       // scale x q k^T by onnxruntime's FusedMatMul: the keys' transpose and the scale ride on the product
-      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start!, end!), seen(keys)], 1, {
+      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start, end), seen(keys)], 1, {
         alpha: float(scale),
         transB: 1,
       });
-      const probs = g.op("Softmax", [g.op("Add", [scores!, this.chunkBiases[i]!])], { axis: -1 });
+      const probs = g.op("Softmax", [g.op("Add", [scores!, mask])], { axis: -1 });
       outputs.push(g.op("MatMul", [probs, seen(values)])); // [B, kvHeads, group, chunk, D]
     }
     const context = g.op("Reshape", [g.op("Concat", outputs, { axis: 3 }), g.int64([0, queryHeads, -1, D])]);
