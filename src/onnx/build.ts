@@ -139,10 +139,10 @@ function checkSupported(model: OpenedModel): void {
   }
 }
 
-/** One query chunk of a scoring graph: its token bounds [start, end) as int64 [1], and its mask. */
+/** One query chunk of a scoring graph: its queries' positions, the positions of the keys it sees, and its mask. */
 interface ScoreChunk {
-  start: string;
-  end: string;
+  queryRows: string;
+  keyRows: string;
   mask: string;
 }
 
@@ -308,10 +308,14 @@ class Builder {
     const size = g.op("Div", [tokens, g.int64([SCORE_CHUNKS])]); // [1]
     return Array.from({ length: SCORE_CHUNKS }, (_, i) => {
       const [start, end] = [i, i + 1].map((j) => g.op("Mul", [size, g.int64([j])])) as [string, string];
-      const queryPos = g.op("Unsqueeze", [g.op("Range", [scalar(start), scalar(end), g.int64([1], [])]), g.int64([1])]);
-      const keyPos = g.op("Range", [g.int64([0], []), scalar(end), g.int64([1], [])]);
-      const mask = g.op("Where", [this.visible(keyPos, queryPos), g.scalar(0), g.scalar(MASKED)]);
-      return { start, end, mask };
+      const queryRows = g.op("Range", [scalar(start), scalar(end), g.int64([1], [])]);
+      const keyRows = g.op("Range", [g.int64([0], []), scalar(end), g.int64([1], [])]);
+      const mask = g.op("Where", [
+        this.visible(keyRows, g.op("Unsqueeze", [queryRows, g.int64([1])])),
+        g.scalar(0),
+        g.scalar(MASKED),
+      ]);
+      return { queryRows, keyRows, mask };
     });
   }
 
@@ -604,13 +608,15 @@ class Builder {
     const queries = g.op("Reshape", [headsFirst(q), g.int64([0, kvHeads, queryHeads / kvHeads, -1, D])]);
     const keys = g.op("Unsqueeze", [headsFirst(k), g.int64([2])]);
     const values = g.op("Unsqueeze", [headsFirst(g.op("Reshape", [v, this.kvShape])), g.int64([2])]);
-    const rows = (x: string, from: string, to: string) => g.op("Slice", [x, from, to, g.int64([3])]);
+    // rows by Gather, not Slice: onnxruntime copies a Slice on one thread, a Gather on all of them
+    // (1.02x a window on 16 cores, equal on 2: bench/results/onnx-matmul/)
+    const rows = (x: string, positions: string) => g.op("Gather", [x, positions], { axis: 3 });
     const outputs: string[] = [];
-    for (const [i, { start, end, mask }] of this.scoreChunks.entries()) {
-      // the keys and values before the chunk's end (Slice copies: the last chunk takes them whole)
-      const seen = (x: string) => (i === SCORE_CHUNKS - 1 ? x : rows(x, g.int64([0]), end));
+    for (const [i, { queryRows, keyRows, mask }] of this.scoreChunks.entries()) {
+      // the keys and values before the chunk's end (a copy: the last chunk takes them whole)
+      const seen = (x: string) => (i === SCORE_CHUNKS - 1 ? x : rows(x, keyRows));
       // scale x q k^T by onnxruntime's FusedMatMul: the keys' transpose and the scale ride on the product
-      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, start, end), seen(keys)], 1, {
+      const [scores] = g.contribOpN("FusedMatMul", [rows(queries, queryRows), seen(keys)], 1, {
         alpha: float(scale),
         transB: 1,
       });
