@@ -12,11 +12,11 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 
 import torch
 import torch.nn.functional as F
+from bench_train import git_commit  # this folder is on sys.path: the script's own
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 MAX_RELATIVE_ERROR = 2e-2  # bf16 operands land between 1e-3 and 1e-2 of the float32 reference
@@ -117,9 +117,8 @@ def main():
     for r in rows:
         if base and "ms" in r:
             r["speed_vs_cudnn"] = base / r["ms"]
-    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     result = dict(
-        commit=commit,
+        commit=args.commit or git_commit(),
         gpu=torch.cuda.get_device_name(),
         torch=torch.__version__,
         shape=dict(micro_batch=B, heads=H, seq_len=T, head_dim=D),
