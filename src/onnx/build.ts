@@ -298,9 +298,9 @@ class Builder {
   }
 
   /**
-   * A scoring graph's SCORE_CHUNKS query chunks of T/SCORE_CHUNKS tokens: chunk i's bounds, and its mask
-   * [T/SCORE_CHUNKS, keys] over the keys of chunks 0..i (one sequence from position 0), added to its scores:
-   * 0 where the query may see the key (causal, within the sliding window), MASKED elsewhere.
+   * A scoring graph's SCORE_CHUNKS query chunks of T/SCORE_CHUNKS tokens: chunk i's query positions, the
+   * positions of the keys of chunks 0..i (one sequence from position 0), and its mask [T/SCORE_CHUNKS, keys]
+   * added to its scores: 0 where the query may see the key (causal, within the sliding window), MASKED elsewhere.
    */
   private chunksOf(tokens: string): ScoreChunk[] {
     const g = this.g;
